@@ -1,0 +1,25 @@
+"""Lenses: the shared readout, the lens protocol, the logit lens, and prediction trajectories."""
+
+from tlmicroscope.lenses.base import Lens, LogitLens, lens_logits, load_lens, resolve_lens
+from tlmicroscope.lenses.readout import Readout, ReadoutIdentityError, check_readout_identity
+from tlmicroscope.lenses.trajectory import (
+    STATISTICS,
+    PredictionTrajectory,
+    layer_label,
+    prediction_trajectory,
+)
+
+__all__ = [
+    "Lens",
+    "LogitLens",
+    "Readout",
+    "ReadoutIdentityError",
+    "check_readout_identity",
+    "lens_logits",
+    "load_lens",
+    "resolve_lens",
+    "prediction_trajectory",
+    "PredictionTrajectory",
+    "STATISTICS",
+    "layer_label",
+]

@@ -1,0 +1,135 @@
+"""The lens protocol and the logit lens.
+
+A lens maps the residual stream h^l entering block l to a vector the shared readout turns into
+next-token logits: ``logits_l = readout(lens.transform(h, l))``. The logit lens is the identity
+transform; a tuned lens adds a learned affine translator per layer; causal basis extraction reads
+through either. The model's own output (index ``n_layers``, the last block's ``resid_post``) is
+never lensed.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from jaxtyping import Float
+
+from tlmicroscope.lenses.readout import Readout
+
+__all__ = ["Lens", "LogitLens", "lens_logits", "resolve_lens"]
+
+
+@runtime_checkable
+class Lens(Protocol):
+    """What every lens provides.
+
+    Attributes:
+        name: A short label recorded in results ("logit", "tuned", ...).
+        final_norm: Whether the readout applies the final norm to this lens's output.
+    """
+
+    name: str
+    final_norm: bool
+
+    def transform(
+        self, h: Float[torch.Tensor, "... d_model"], layer: int
+    ) -> Float[torch.Tensor, "... d_model"]:
+        """Map the residual entering block ``layer`` into the space the readout expects."""
+        ...
+
+    def check_model(self, model: Any) -> None:
+        """Raise a ``ValueError`` naming the difference if the lens was made for another model."""
+        ...
+
+
+class LogitLens:
+    """The logit lens: read each layer's residual with the model's own final norm and unembedding.
+
+    Args:
+        final_norm: ``False`` reproduces LLM-Microscope's logit lens, which skips the final norm on
+            intermediate layers (use ``LogitLens.paper()``); the default applies it, recomputing
+            its statistics from each layer's residual.
+
+    Examples:
+        >>> lens = LogitLens()
+        >>> h = torch.randn(3, 8)
+        >>> torch.equal(lens.transform(h, 0), h)
+        True
+        >>> LogitLens.paper().name
+        'logit (paper: no final norm)'
+    """
+
+    def __init__(self, *, final_norm: bool = True):
+        self.final_norm = bool(final_norm)
+        self.name = "logit" if self.final_norm else "logit (paper: no final norm)"
+
+    @classmethod
+    def paper(cls) -> LogitLens:
+        """LLM-Microscope's variant: no final norm on intermediate layers."""
+        return cls(final_norm=False)
+
+    def transform(self, h: torch.Tensor, layer: int) -> torch.Tensor:
+        return h
+
+    def check_model(self, model: Any) -> None:
+        return None
+
+    def __repr__(self) -> str:
+        return f"LogitLens(final_norm={self.final_norm})"
+
+
+def resolve_lens(lens: Any) -> Lens:
+    """``None`` or ``"logit"`` mean the logit lens; anything else must follow the protocol."""
+    if lens is None or lens == "logit":
+        return LogitLens()
+    if lens == "logit-paper":
+        return LogitLens.paper()
+    if not isinstance(lens, Lens):
+        raise TypeError(
+            f"{type(lens).__name__} is not a lens: it needs name, final_norm, transform(h, layer) "
+            "and check_model(model)."
+        )
+    return lens
+
+
+def lens_logits(
+    lens: Lens,
+    readout: Readout,
+    h: Float[torch.Tensor, "... d_model"],
+    layer: int,
+    n_layers: int,
+) -> Float[torch.Tensor, "... d_vocab"]:
+    """Logits of ``lens`` at residual index ``layer`` (0..n_layers); index n_layers is the output."""
+    if layer == n_layers:
+        return readout(h)
+    return readout(lens.transform(h, layer), final_norm=lens.final_norm)
+
+
+# Saved-lens loaders by the ``kind`` in their config.json; lens classes register themselves.
+_LENS_LOADERS: dict[str, str] = {"tuned_lens": "tlmicroscope.lenses.tuned:TunedLens"}
+
+
+def load_lens(path: Any, model: Any) -> Lens:
+    """Load a saved lens folder for ``model``, whatever its kind (refused for another model).
+
+    The folder's ``config.json`` names its kind; the class registered for that kind loads it
+    with ``Class.load(path, model)``.
+    """
+    import importlib
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"No saved lens at {path} (expected {cfg_path}).")
+    try:
+        meta = json.loads(cfg_path.read_text())
+    except ValueError as exc:
+        raise ValueError(f"{cfg_path} is not valid JSON; the lens file is corrupt ({exc}).") from exc
+    kind = meta.get("kind") or ("tuned_lens" if "lens_type" in meta else None)
+    if kind not in _LENS_LOADERS:
+        raise ValueError(f"{path} holds a {kind!r}, which is not a lens tlmicroscope can load.")
+    module, cls_name = _LENS_LOADERS[kind].split(":")
+    cls = getattr(importlib.import_module(module), cls_name)
+    return cls.load(path, model)

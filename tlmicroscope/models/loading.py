@@ -1,0 +1,241 @@
+"""``load_model``: the embedded model, a local GGUF or Hugging Face folder, or any TransformerLens name."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from tlmicroscope.models import _compat
+from tlmicroscope.models.embedded import (
+    EMBEDDED_HF_NAME,
+    EMBEDDED_NAMES,
+    embedded_gguf_path,
+    load_gguf_hf_model,
+    load_gguf_tokenizer,
+)
+
+__all__ = ["load_model", "available_models"]
+
+Kind = Literal["auto", "bridge", "hooked"]
+BosPolicy = Literal["tokenizer"] | bool
+
+# HF architectures whose weights tlmicroscope converts to a HookedTransformer by hand
+# (TransformerLens 3 only knows its own list of official names).
+_HOOKED_LLAMA_LIKE = ("LlamaForCausalLM", "MistralForCausalLM")
+
+
+def available_models() -> list[str]:
+    """Model names that load here without a network: the embedded model when it is installed."""
+    names = []
+    try:
+        embedded_gguf_path()
+        names.append(EMBEDDED_NAMES[0])
+    except (ImportError, FileNotFoundError):
+        pass
+    return names
+
+
+def _resolve_kind(kind: Kind) -> str:
+    if kind not in ("auto", "bridge", "hooked"):
+        raise ValueError(f"kind must be 'auto', 'bridge' or 'hooked', got {kind!r}.")
+    if kind == "auto":
+        return "hooked" if _compat.has_hooked_transformer() else "bridge"
+    if kind == "hooked" and not _compat.has_hooked_transformer():
+        raise ValueError(
+            f"kind='hooked' needs HookedTransformer, which TransformerLens {_compat.TL_VERSION} does not "
+            "have (it was removed in 4.0). Use kind='bridge', or install 'transformer-lens>=3.9,<4'."
+        )
+    return kind
+
+
+def _tokenizer_adds_bos(tokenizer: Any) -> bool:
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    ids = tokenizer("a")["input_ids"]
+    return bool(ids) and ids[0] == bos
+
+
+def _rope_base(hf_config: Any) -> float | None:
+    theta = getattr(hf_config, "rope_theta", None)
+    params = getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None)
+    if theta is None and isinstance(params, dict):
+        theta = params.get("rope_theta")
+    return float(theta) if theta is not None else None
+
+
+def _bridge_from_hf(label: str, hf: Any, tok: Any, device: str, dtype: torch.dtype):
+    from transformer_lens.model_bridge import TransformerBridge
+
+    # n_ctx is enforced by tlmicroscope (cfg.n_ctx below); passing it here only makes TL warn
+    # that it cannot resize an already-built HF model.
+    bridge = TransformerBridge.boot_transformers(
+        label, hf_model=hf, tokenizer=tok, device=device, dtype=dtype
+    )
+    # transformers 5 keeps the rotary base in rope_parameters; TL reads only rope_theta and
+    # reports 10000. The numerics use HF's own rotary module, but tools read cfg.rotary_base.
+    base = _rope_base(hf.config)
+    if base is not None and getattr(bridge.cfg, "positional_embedding_type", "") == "rotary":
+        bridge.cfg.rotary_base = base
+    return bridge
+
+
+def _hooked_from_hf(hf: Any, tok: Any, device: str, dtype: torch.dtype, n_ctx: int, process: bool):
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens.pretrained.weight_conversions import convert_llama_weights
+
+    c = hf.config
+    arch = (getattr(c, "architectures", None) or [type(hf).__name__])[0]
+    if arch not in _HOOKED_LLAMA_LIKE:
+        raise ValueError(
+            f"kind='hooked' can build a HookedTransformer from local files only for Llama-architecture "
+            f"models, and this one is {arch}. Use kind='bridge' for it."
+        )
+    d_head = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    cfg = HookedTransformerConfig(
+        d_model=c.hidden_size,
+        d_head=d_head,
+        n_heads=c.num_attention_heads,
+        n_key_value_heads=getattr(c, "num_key_value_heads", None),
+        n_layers=c.num_hidden_layers,
+        n_ctx=n_ctx,
+        d_mlp=c.intermediate_size,
+        d_vocab=c.vocab_size,
+        act_fn=c.hidden_act,
+        gated_mlp=True,
+        normalization_type="RMS",
+        final_rms=True,
+        eps=c.rms_norm_eps,
+        positional_embedding_type="rotary",
+        rotary_base=_rope_base(c) or 10000.0,
+        rotary_dim=d_head,
+        rotary_adjacent_pairs=False,
+        original_architecture="LlamaForCausalLM",
+        tokenizer_prepends_bos=_tokenizer_adds_bos(tok),
+        device=device,
+        dtype=dtype,
+    )
+    state = convert_llama_weights(hf, cfg)
+    model = HookedTransformer(cfg, tokenizer=tok, move_to_device=False)
+    model.load_and_process_state_dict(
+        state,
+        fold_ln=process,
+        center_writing_weights=process,
+        center_unembed=process,
+        fold_value_biases=process,
+    )
+    return model.to(device)
+
+
+def _local_hf_folder(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (path / "config.json").is_file():
+        raise ValueError(
+            f"{path} is a folder but has no config.json, so it is not a Hugging Face model folder. "
+            "Pass a folder saved with `model.save_pretrained(...)` and `tokenizer.save_pretrained(...)`."
+        )
+    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    hf = AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=dtype, attn_implementation="eager", local_files_only=True
+    ).eval()
+    return hf, tok
+
+
+def _hf_label(path: Path) -> str:
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+        return str(cfg.get("_name_or_path") or path.name)
+    except (OSError, ValueError):
+        return path.name
+
+
+def load_model(
+    name: str = "smollm2-135m",
+    *,
+    kind: Kind = "auto",
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    n_ctx: int = 2048,
+    prepend_bos: BosPolicy = "tokenizer",
+    process_weights: bool = False,
+) -> Any:
+    """Load a language model as a TransformerLens model, offline for the embedded one.
+
+    Args:
+        name: ``"smollm2-135m"`` (the embedded SmolLM2-135M-Instruct), a path to a local ``.gguf``
+            file, a path to a local Hugging Face model folder, or any name TransformerLens loads.
+        kind: ``"bridge"`` for a ``TransformerBridge``; ``"hooked"`` for a ``HookedTransformer``
+            (TransformerLens 3 only); ``"auto"`` picks ``HookedTransformer`` where it exists.
+        device: Torch device for the weights.
+        dtype: Weight dtype; analyses are written for float32.
+        n_ctx: Context length the model accepts; longer prompts are refused (or truncated on request).
+        prepend_bos: ``"tokenizer"`` makes ``to_tokens`` add a BOS token exactly when the model's own
+            tokenizer does (SmolLM2's does not); ``True``/``False`` force it.
+        process_weights: Apply TransformerLens's ``fold_ln`` and centring. Off by default, because they
+            change the residual stream's geometry; every result records the choice.
+
+    Returns:
+        A model in ``.eval()`` mode with the standard hook names.
+
+    Raises:
+        ImportError: the embedded model's wheel is missing; the message gives the pip command.
+        ValueError: an unknown ``kind`` or a model this route cannot convert.
+
+    Examples:
+        >>> model = load_model()  # doctest: +SKIP
+        >>> model.to_string(model(model.to_tokens("The capital of France is"))[0, -1].argmax())  # doctest: +SKIP
+        ' Paris'
+    """
+    resolved = _resolve_kind(kind)
+    if n_ctx <= 0:
+        raise ValueError(f"n_ctx must be positive, got {n_ctx}.")
+    path = Path(os.path.expanduser(name))
+    hf = tok = None
+    label = name
+    if name.lower() in EMBEDDED_NAMES:
+        gguf = embedded_gguf_path()
+        tok, hf, label = load_gguf_tokenizer(gguf), load_gguf_hf_model(gguf, dtype), EMBEDDED_HF_NAME
+    elif path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"No GGUF file at {path}.")
+        tok, hf, label = load_gguf_tokenizer(path), load_gguf_hf_model(path, dtype), path.stem
+    elif path.is_dir():
+        hf, tok = _local_hf_folder(path, dtype)
+        label = _hf_label(path)
+
+    if hf is not None:
+        if resolved == "hooked":
+            model = _hooked_from_hf(hf, tok, device, dtype, n_ctx, process_weights)
+        else:
+            model = _bridge_from_hf(label, hf, tok, device, dtype)
+    elif resolved == "hooked":
+        from transformer_lens import HookedTransformer
+
+        loader = (
+            HookedTransformer.from_pretrained
+            if process_weights
+            else HookedTransformer.from_pretrained_no_processing
+        )
+        model = loader(name, device=device, dtype=dtype, n_ctx=n_ctx)
+        tok = model.tokenizer
+    else:
+        from transformer_lens.model_bridge import TransformerBridge
+
+        model = TransformerBridge.boot_transformers(name, device=device, dtype=dtype, n_ctx=n_ctx)
+        tok = model.tokenizer
+
+    if process_weights and _compat.is_bridge(model):
+        model.enable_compatibility_mode(disable_warnings=True)
+    model.cfg.n_ctx = n_ctx
+    if prepend_bos == "tokenizer":
+        model.cfg.default_prepend_bos = _tokenizer_adds_bos(tok) if tok is not None else False
+    else:
+        model.cfg.default_prepend_bos = bool(prepend_bos)
+    model._tlmicroscope_processed = bool(process_weights)
+    model._tlmicroscope_name = label
+    return model.eval()

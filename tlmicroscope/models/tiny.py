@@ -1,0 +1,164 @@
+"""Tiny seeded random models with a byte-level tokenizer, for tests and runnable docstrings.
+
+They need no network and no weights on disk, and exist for both model classes:
+``"llama"`` is RMSNorm + rotary + gated MLP + grouped-query attention, ``"gpt2"`` is LayerNorm +
+learned positions + multi-head attention.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from tlmicroscope.models import _compat
+from tlmicroscope.models.embedded import cache_dir
+
+__all__ = ["tiny_model", "byte_tokenizer", "TINY_VOCAB"]
+
+_SPECIALS = ("<bos>", "<eos>", "<pad>")
+TINY_VOCAB = 256 + len(_SPECIALS)
+
+
+@lru_cache(maxsize=1)
+def byte_tokenizer() -> Any:
+    """A byte-level tokenizer: one token per UTF-8 byte, plus ``<bos>``, ``<eos>`` and ``<pad>``.
+
+    TransformerLens reloads a tokenizer from its ``name_or_path`` to make a BOS-adding twin, so
+    the tokenizer is saved once to the tlmicroscope cache folder and loaded from there.
+    """
+    from transformers import AutoTokenizer
+
+    folder = cache_dir() / "tokenizers" / "tiny-byte-v2"
+    if not (folder / "tokenizer.json").is_file():
+        _save_atomically(_build_byte_tokenizer(), folder)
+    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+
+
+def _build_byte_tokenizer() -> Any:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: byte for byte, ch in _byte_to_unicode().items()}  # token id == byte value
+    for s in _SPECIALS:
+        vocab[s] = len(vocab)
+    inner = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    inner.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    inner.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=inner, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"
+    )
+
+
+def _byte_to_unicode() -> dict[int, str]:
+    """GPT-2's printable stand-in character for each byte, as the ByteLevel pre-tokenizer uses."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    mapping, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            mapping[b] = chr(b)
+        else:
+            mapping[b] = chr(256 + extra)
+            extra += 1
+    return mapping
+
+
+def _save_atomically(tokenizer: Any, folder: Path) -> None:
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tok-", dir=folder.parent))
+    try:
+        tokenizer.save_pretrained(str(tmp))
+        os.replace(tmp, folder)
+    except OSError:  # another process saved it first
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _shape(arch: str, n_layers: int, d_model: int, n_ctx: int) -> dict[str, Any]:
+    common = dict(
+        d_model=d_model,
+        d_head=d_model // 4,
+        n_heads=4,
+        n_layers=n_layers,
+        n_ctx=n_ctx,
+        d_vocab=TINY_VOCAB,
+        d_mlp=2 * d_model,
+    )
+    if arch == "llama":
+        return dict(
+            common,
+            n_key_value_heads=2,
+            act_fn="silu",
+            gated_mlp=True,
+            normalization_type="RMS",
+            final_rms=True,
+            positional_embedding_type="rotary",
+            rotary_dim=d_model // 4,
+        )
+    if arch == "gpt2":
+        return dict(
+            common, act_fn="gelu_new", normalization_type="LN", positional_embedding_type="standard"
+        )
+    raise ValueError(f"arch must be 'llama' or 'gpt2', got {arch!r}.")
+
+
+def tiny_model(
+    arch: Literal["llama", "gpt2"] = "llama",
+    *,
+    kind: Literal["auto", "bridge", "hooked"] = "auto",
+    n_layers: int = 3,
+    d_model: int = 32,
+    n_ctx: int = 128,
+    seed: int = 0,
+) -> Any:
+    """A seeded random model of the chosen architecture, in eval mode, with ``byte_tokenizer()``.
+
+    Examples:
+        >>> model = tiny_model("llama", n_layers=2)
+        >>> model.cfg.n_layers, model.cfg.d_vocab
+        (2, 259)
+        >>> tuple(model(model.to_tokens("hi")).shape)
+        (1, 2, 259)
+    """
+    from tlmicroscope.models.loading import _resolve_kind
+
+    resolved = _resolve_kind(kind)
+    shape = _shape(arch, n_layers, d_model, n_ctx)
+    tok = byte_tokenizer()
+    torch.manual_seed(seed)
+    if resolved == "hooked":
+        from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+        cfg = HookedTransformerConfig(
+            **shape, seed=seed, default_prepend_bos=False, tokenizer_prepends_bos=False
+        )
+        model = HookedTransformer(cfg, tokenizer=tok)
+    else:
+        from transformer_lens import TransformerBridgeConfig
+        from transformer_lens.model_bridge import TransformerBridge
+
+        model = TransformerBridge.boot_native(
+            TransformerBridgeConfig(**shape, seed=seed), tokenizer=tok
+        )
+    # Random init leaves biases (and norm gains) at 0 and 1; perturb them so those paths are tested.
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed + 1)
+        for name, p in model.named_parameters():
+            leaf = name.split(".")[-1]
+            if leaf in ("bias", "b") or leaf.startswith("b_"):
+                p.copy_(0.02 * torch.randn(p.shape, generator=g))
+            elif p.ndim == 1 and leaf in ("weight", "w"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+    model.cfg.default_prepend_bos = False
+    model._tlmicroscope_processed = False
+    model._tlmicroscope_name = f"tiny-{arch}-L{n_layers}-d{d_model}-s{seed}"
+    return model.eval()
+
+
+def model_kind(model: Any) -> str:
+    """``"bridge"`` or ``"hooked"``."""
+    return "bridge" if _compat.is_bridge(model) else "hooked"

@@ -1,0 +1,184 @@
+"""``report``: one offline HTML page of many analyses of one text.
+
+Sections are registered builders. Each gets a shared ``ReportContext`` whose ``memo`` lets
+sections reuse one another's forward passes and results, and returns a ``Section`` (figures,
+views, a caption saying which settings produced it). A builder whose prerequisite is missing
+raises ``MissingPrerequisite`` with the command that fixes it; the report shows that message in
+place and carries on. Any other failure in a section is also shown in place, never failing the
+whole report.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tlmicroscope.inputs import to_tokens
+from tlmicroscope.models import _compat
+from tlmicroscope.viz.html import HtmlPage, escape
+
+__all__ = [
+    "Report",
+    "ReportContext",
+    "Section",
+    "MissingPrerequisite",
+    "register_section",
+    "available_sections",
+    "report",
+]
+
+
+class MissingPrerequisite(Exception):
+    """A section cannot be built here; ``fix`` is the command that makes it possible."""
+
+    def __init__(self, message: str, fix: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.fix = fix
+
+
+@dataclass
+class Section:
+    """What a section builder returns: figures, ``CircuitsVisView``s or HTML strings."""
+
+    items: list[Any]
+    caption: str = ""
+
+
+@dataclass
+class ReportContext:
+    """Shared state for section builders: the model, the text, and memoised results."""
+
+    model: Any
+    text: str
+    tokens: Any
+    lens: Any = None
+    settings: dict[str, Any] = field(default_factory=dict)
+    _memo: dict[str, Any] = field(default_factory=dict)
+
+    def memo(self, key: str, compute: Callable[[], Any]) -> Any:
+        """Compute once per report and share: e.g. the logit-lens trajectory used by two sections."""
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
+
+
+@dataclass(frozen=True)
+class _Spec:
+    name: str
+    title: str
+    build: Callable[[ReportContext], Section]
+    default: bool
+
+
+_SECTIONS: dict[str, _Spec] = {}
+
+
+def register_section(name: str, title: str, *, default: bool = True):
+    """Register a section builder ``f(ctx) -> Section`` under ``name``; order of registration is page order."""
+
+    def deco(fn: Callable[[ReportContext], Section]) -> Callable[[ReportContext], Section]:
+        _SECTIONS[name] = _Spec(name, title, fn, default)
+        return fn
+
+    return deco
+
+
+def available_sections() -> list[str]:
+    _load_builtin_sections()
+    return list(_SECTIONS)
+
+
+# Modules that register report sections when imported; each analysis package adds its own.
+_SECTION_MODULES = ["tlmicroscope.lenses._report"]
+
+
+def _load_builtin_sections() -> None:
+    import importlib
+
+    for mod in _SECTION_MODULES:
+        importlib.import_module(mod)
+
+
+@dataclass
+class Report:
+    """A built report: its page, which sections rendered or were missing, and their timings."""
+
+    page: HtmlPage
+    rendered: list[str]
+    missing: dict[str, str]
+    failed: dict[str, str]
+    seconds: dict[str, float]
+
+    def save(self, path: str | Path) -> Path:
+        """Write the self-contained HTML page atomically."""
+        return self.page.save(path)
+
+    def html(self) -> str:
+        return self.page.render()
+
+    def _repr_html_(self) -> str:
+        return self.page.render()
+
+
+def report(
+    model: Any,
+    text: str,
+    *,
+    lens: Any = None,
+    sections: Sequence[str] | None = None,
+    title: str | None = None,
+    **settings: Any,
+) -> Report:
+    """Build one offline HTML report of ``text`` on ``model``.
+
+    Args:
+        model: A TransformerLens model.
+        text: The text to analyse (validated before any section runs).
+        lens: A trained lens (e.g. a ``TunedLens``) to show beside the logit lens.
+        sections: Section names to include (default: every default section); see
+            ``available_sections()``.
+        **settings: Passed to the sections through ``ctx.settings`` (e.g. ``top_k``).
+
+    Examples:
+        >>> from tlmicroscope.models import tiny_model
+        >>> rep = report(tiny_model(n_layers=2), "hello there", sections=["trajectory"])
+        >>> rep.rendered
+        ['trajectory']
+    """
+    _load_builtin_sections()
+    tokens = to_tokens(model, text, truncate=bool(settings.get("truncate", False)))
+    names = list(sections) if sections is not None else [n for n, s in _SECTIONS.items() if s.default]
+    unknown = [n for n in names if n not in _SECTIONS]
+    if unknown:
+        raise ValueError(f"Unknown report sections {unknown}; available: {list(_SECTIONS)}.")
+    ctx = ReportContext(model=model, text=text, tokens=tokens, lens=lens, settings=dict(settings))
+    processed = "processed (fold_ln/centring)" if _compat.weights_processed(model) else "unprocessed"
+    intro = (
+        f"Model <b>{escape(_compat.model_label(model))}</b> ({escape(type(model).__name__)}, "
+        f"weights {processed}, TransformerLens {escape(_compat.TL_VERSION)}); "
+        f"{tokens.shape[-1]} tokens of text."
+    )
+    page = HtmlPage(title=title or "tlmicroscope report", intro=intro)
+    rendered, missing, failed, seconds = [], {}, {}, {}
+    for name in names:
+        spec = _SECTIONS[name]
+        t0 = time.perf_counter()
+        try:
+            sec = spec.build(ctx)
+        except MissingPrerequisite as exc:
+            page.add_notice(spec.title, exc.message, exc.fix)
+            missing[name] = exc.message
+        except Exception as exc:  # a broken section is reported in place, never fatal
+            detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+            page.add_notice(spec.title, f"This section failed: {detail}")
+            failed[name] = detail
+        else:
+            page.add_section(spec.title, *sec.items, caption=sec.caption)
+            rendered.append(name)
+        seconds[name] = time.perf_counter() - t0
+    return Report(page=page, rendered=rendered, missing=missing, failed=failed, seconds=seconds)
