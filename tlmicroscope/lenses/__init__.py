@@ -8,6 +8,7 @@ from tlmicroscope.lenses.trajectory import (
     layer_label,
     prediction_trajectory,
 )
+from tlmicroscope.lenses.tuned import TunedLens
 
 __all__ = [
     "Lens",
@@ -22,4 +23,5 @@ __all__ = [
     "PredictionTrajectory",
     "STATISTICS",
     "layer_label",
+    "TunedLens",
 ]
