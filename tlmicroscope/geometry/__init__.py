@@ -5,4 +5,45 @@ similarity, shuffling, ID-loss correlation. Latent-space geometry (Ning and Rang
 capture, PCA/UMAP projections, attention-vs-MLP separation, norms, positions, trajectories.
 """
 
+from tlmicroscope.geometry.components import (
+    COMPONENTS,
+    ComponentStates,
+    capture_components,
+    intermediate_layers,
+)
+from tlmicroscope.geometry.norms import NormProfile, norm_profile
+from tlmicroscope.geometry.positions import PositionalGeometry, positional_geometry
+from tlmicroscope.geometry.projection import LatentPCA, Projection, project
+from tlmicroscope.geometry.separation import SeparationResult, component_separation
+from tlmicroscope.geometry.special_inputs import (
+    VocabularyNorms,
+    repeated_token_sequence,
+    single_token_inputs,
+    vocabulary_norms,
+    vocabulary_states,
+)
+from tlmicroscope.geometry.trajectories import TokenTrajectories, token_trajectories
+
 __all__: list[str] = []
+__all__ += [  # latent-space geometry
+    "COMPONENTS",
+    "ComponentStates",
+    "capture_components",
+    "intermediate_layers",
+    "LatentPCA",
+    "Projection",
+    "project",
+    "SeparationResult",
+    "component_separation",
+    "NormProfile",
+    "norm_profile",
+    "PositionalGeometry",
+    "positional_geometry",
+    "TokenTrajectories",
+    "token_trajectories",
+    "VocabularyNorms",
+    "repeated_token_sequence",
+    "single_token_inputs",
+    "vocabulary_norms",
+    "vocabulary_states",
+]

@@ -1,0 +1,599 @@
+"""Capture of every sub-block's output (Ning and Rangaraju's latent states) on TransformerLens hooks.
+
+The paper records, per block, the attention input norm, the attention output, the residual after
+attention, the MLP input norm, the MLP output and the residual after the MLP, plus the embedding and
+the final norm. Here those are the standard hook names:
+
+========== ================================ ===============
+component  hook                             paper's name
+========== ================================ ===============
+embed      ``blocks.0.hook_resid_pre`` (h^0) ``initial``
+ln1        ``blocks.{l}.ln1.hook_normalized`` ``norm_attn``
+attn_out   ``blocks.{l}.hook_attn_out``      ``attn``
+resid_mid  ``blocks.{l}.hook_resid_mid``     ``post_attn``
+ln2        ``blocks.{l}.ln2.hook_normalized`` ``norm_mlp``
+mlp_out    ``blocks.{l}.hook_mlp_out``       ``mlp``
+resid_post ``blocks.{l}.hook_resid_post``    ``post_mlp``
+ln_final   ``ln_final.hook_normalized``      ``norm_f``
+========== ================================ ===============
+
+TransformerLens's ``hook_normalized`` is the normalised vector *before* the norm's gain (and
+bias), while the paper hooks the norm module's output, after the gain; the two differ by a
+per-dimension scale.
+
+Capture streams: each activation is reduced (averaged) or copied into one preallocated
+``[state batch pos d_model]`` buffer while the forward pass runs, windows go through the model a
+batch at a time, and the forward stops right after the last requested hook (the unembedding is
+never computed). Memory is that buffer, plus one batch's forward pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from jaxtyping import Float, Int
+
+from tlmicroscope._vocab import token_strings
+from tlmicroscope.capture import hook_name, stream
+from tlmicroscope.inputs import TextOrTokens, check_layers, resolve_input
+from tlmicroscope.results import Provenance
+
+__all__ = [
+    "COMPONENTS",
+    "PAPER_NAMES",
+    "ATTN_VS_MLP",
+    "POST_ADD",
+    "ComponentStates",
+    "capture_components",
+    "intermediate_layers",
+    "layer_norm_parameter_free",
+    "unit_length",
+    "state_plan",
+    "stream_states",
+]
+
+#: Components in forward order; see the module docstring for their hooks.
+COMPONENTS: tuple[str, ...] = (
+    "embed", "ln1", "attn_out", "resid_mid", "ln2", "mlp_out", "resid_post", "ln_final",
+)
+#: The names the reference code (Vainateya/Feature_Geometry_Visualization) gives them.
+PAPER_NAMES = {
+    "embed": "initial", "ln1": "norm_attn", "attn_out": "attn", "resid_mid": "post_attn",
+    "ln2": "norm_mlp", "mlp_out": "mlp", "resid_post": "post_mlp", "ln_final": "norm_f",
+}
+#: The sub-block outputs before they are added to the residual (the attention-vs-MLP figure).
+ATTN_VS_MLP = ("attn_out", "mlp_out")
+#: The residual-stream states of the layerwise figure (the paper's "not pre_add" states).
+POST_ADD = ("embed", "resid_mid", "resid_post", "ln_final")
+
+_BLOCK_COMPONENTS = ("ln1", "attn_out", "resid_mid", "ln2", "mlp_out", "resid_post")
+_AVERAGE_AXES = ("samples", "positions", "layers")
+_FP16_MAX = float(torch.finfo(torch.float16).max)
+
+
+def intermediate_layers(n_layers: int) -> list[int]:
+    """The "intermediate" blocks the reference singles out, scaled to any depth.
+
+    The reference picks blocks 2-8 of GPT-2's 12 and 6-27 of LLaMA-7B's 32 by eye; this takes
+    blocks from about n/6 up to about 0.8 n (2-9 of 12, 5-23 of 30, 5-25 of 32).
+
+    Examples:
+        >>> intermediate_layers(12)
+        [2, 3, 4, 5, 6, 7, 8, 9]
+        >>> intermediate_layers(2)
+        [0, 1]
+    """
+    if n_layers < 3:
+        return list(range(n_layers))
+    start = max(1, round(n_layers / 6))
+    stop = max(start + 1, round(0.8 * n_layers))
+    return list(range(start, stop))
+
+
+def layer_norm_parameter_free(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """LayerNorm without gain or bias over the last axis: ``(x - mean) / sqrt(var + eps)``.
+
+    Examples:
+        >>> y = layer_norm_parameter_free(torch.tensor([[1.0, 2.0, 3.0]]))
+        >>> round(float(y.mean()), 6), round(float(y.pow(2).mean()), 3)
+        (0.0, 1.0)
+    """
+    x = x.float()
+    centred = x - x.mean(-1, keepdim=True)
+    return centred / torch.sqrt(centred.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def unit_length(x: torch.Tensor) -> torch.Tensor:
+    """Each vector divided by its L2 norm; all-zero vectors stay zero.
+
+    Examples:
+        >>> unit_length(torch.tensor([[3.0, 4.0], [0.0, 0.0]])).tolist()
+        [[0.6000000238418579, 0.800000011920929], [0.0, 0.0]]
+    """
+    x = x.float()
+    norm = x.norm(dim=-1, keepdim=True)
+    return torch.where(norm > 0, x / norm.clamp_min(torch.finfo(x.dtype).tiny), x)
+
+
+@dataclass(frozen=True)
+class _State:
+    component: str
+    layer: int  # block index; -1 for the embedding, n_layers for the final norm
+    hook: str
+
+
+def state_plan(
+    components: Sequence[str], layers: Sequence[int] | None, n_layers: int
+) -> list[_State]:
+    """The requested (component, layer, hook) states in the order the forward pass makes them."""
+    unknown = [c for c in components if c not in COMPONENTS]
+    if unknown:
+        raise ValueError(f"Unknown components {unknown}; choose from {list(COMPONENTS)}.")
+    if not components:
+        raise ValueError(f"Pass at least one component from {list(COMPONENTS)}.")
+    chosen = sorted(set(check_layers(layers, n_layers)))
+    plan: list[_State] = []
+    if "embed" in components:
+        plan.append(_State("embed", -1, hook_name("resid", 0, n_layers=n_layers)))
+    for layer in chosen:
+        for comp in _BLOCK_COMPONENTS:
+            if comp in components:
+                plan.append(_State(comp, layer, hook_name(comp, layer)))
+    if "ln_final" in components:
+        plan.append(_State("ln_final", n_layers, hook_name("ln_final")))
+    return plan
+
+
+class _StopForward(Exception):
+    """Raised from the last needed hook so the rest of the model (and the unembedding) never runs."""
+
+
+def stream_states(
+    model: Any,
+    tokens: torch.Tensor,
+    plan: Sequence[_State],
+    callback: Callable[[int, torch.Tensor], None],
+    *,
+    positions: torch.Tensor | None = None,
+) -> None:
+    """Run one batch and call ``callback(state_index, act[batch pos d_model])`` for each planned state.
+
+    Built on ``tlmicroscope.capture.stream``; the forward pass stops after the last planned hook,
+    and hooks are removed however it ends.
+    """
+    n_layers = model.cfg.n_layers
+    by_hook = {s.hook: i for i, s in enumerate(plan)}
+    last = len(plan) - 1
+    pos_idx = positions
+
+    def deliver(i: int, act: torch.Tensor) -> None:
+        callback(i, act)
+        if i == last:
+            raise _StopForward
+
+    def on_site(site: str, layer: int | None, act: torch.Tensor) -> None:
+        i = by_hook.get(hook_name(site, layer, n_layers=n_layers))
+        if i is not None:  # None: the placeholder site used when only the embedding is wanted
+            deliver(i, act)
+
+    extra = []
+    if plan[0].component == "embed":
+        def on_embed(act: torch.Tensor, hook: Any) -> None:
+            if pos_idx is not None:
+                act = act.index_select(1, pos_idx.to(act.device))
+            deliver(0, act)
+
+        extra.append((plan[0].hook, on_embed))
+    sites = [c for c in (*_BLOCK_COMPONENTS, "ln_final") if any(s.component == c for s in plan)]
+    layers = sorted({s.layer for s in plan if s.component in _BLOCK_COMPONENTS}) or None
+    if not sites:  # only the embedding: stream still needs a site of its own
+        sites, layers = ["resid_pre"], [0]
+    try:
+        stream(model, tokens, on_site, sites=sites, layers=layers, positions=positions,
+               return_logits=False, extra_hooks=extra)
+    except _StopForward:
+        pass
+
+
+@dataclass(frozen=True)
+class ComponentStates:
+    """Activations of chosen components, layers and positions: ``[state batch pos d_model]``.
+
+    One *state* is one (component, layer) pair, in forward order. After averaging, the averaged
+    axis has size 1 and its labels are dropped (``tokens`` after averaging over samples or
+    positions, ``layers`` become ``None`` after averaging over layers).
+
+    Attributes:
+        activations: The states, in ``dtype`` (float32 unless asked otherwise).
+        components: Component name of each state (``COMPONENTS``).
+        layers: Block of each state (-1 the embedding, ``n_layers`` the final norm; ``None`` after
+            averaging over layers).
+        hook_names: Hook each state came from (several, joined by ``+``, after averaging layers).
+        tokens: Input ids ``[batch pos]`` of the kept positions, or ``None`` once averaged away.
+        str_tokens: Text of ``tokens`` (an object array), or ``None``.
+        positions: Original position of each kept position, or ``None`` after averaging positions.
+        n_layers: The model's number of blocks.
+        averaged: Axes averaged over, from ``("samples", "positions", "layers")``.
+        layer_normed, unit: Whether the parameter-free LayerNorm / unit length were applied.
+        provenance: Model, weight processing and capture settings.
+    """
+
+    activations: Float[torch.Tensor, "state batch pos d_model"]
+    components: tuple[str, ...]
+    layers: tuple[int | None, ...]
+    hook_names: tuple[str, ...]
+    tokens: Int[torch.Tensor, "batch pos"] | None
+    str_tokens: np.ndarray | None
+    positions: Int[torch.Tensor, " pos"] | None
+    n_layers: int
+    averaged: tuple[str, ...] = ()
+    layer_normed: bool = False
+    unit: bool = False
+    provenance: Provenance | None = None
+
+    def __post_init__(self) -> None:
+        s = self.activations.shape[0] if self.activations.ndim == 4 else -1
+        if self.activations.ndim != 4:
+            raise ValueError(
+                f"activations must be [state batch pos d_model], got shape {tuple(self.activations.shape)}."
+            )
+        for name in ("components", "layers", "hook_names"):
+            if len(getattr(self, name)) != s:
+                raise ValueError(f"{name} has {len(getattr(self, name))} entries for {s} states.")
+
+    @property
+    def n_states(self) -> int:
+        return int(self.activations.shape[0])
+
+    @property
+    def n_points(self) -> int:
+        """Number of vectors: states × batch × positions."""
+        return int(np.prod(self.activations.shape[:3]))
+
+    @property
+    def d_model(self) -> int:
+        return int(self.activations.shape[-1])
+
+    def layer_labels(self) -> list[str]:
+        """``"embed"``, ``"0"``..``"L-1"``, ``"final"``, or ``"mean"`` after averaging layers."""
+        return [_layer_label(layer, self.n_layers) for layer in self.layers]
+
+    def state_labels(self) -> list[str]:
+        """``"embed"``, ``"attn_out 3"``, ..., ``"final"``: one readable label per state."""
+        return [c if c == "embed" else "final" if c == "ln_final" else f"{c} {lab}"
+                for c, lab in zip(self.components, self.layer_labels())]
+
+    def select(
+        self, components: Sequence[str] | None = None, layers: Sequence[int] | None = None
+    ) -> ComponentStates:
+        """The states of some components and/or blocks (embed and final norm count as blocks -1
+        and ``n_layers``)."""
+        keep = [
+            i for i, (c, lay) in enumerate(zip(self.components, self.layers))
+            if (components is None or c in components) and (layers is None or lay in set(layers))
+        ]
+        if not keep:
+            raise ValueError(
+                f"No state matches components={components} layers={layers}; this object holds "
+                f"{sorted(set(self.components))} for layers {sorted({x for x in self.layers if x is not None})}."
+            )
+        return self._subset_states(keep)
+
+    def _subset_states(self, keep: list[int]) -> ComponentStates:
+        idx = torch.as_tensor(keep)
+        return dataclasses.replace(
+            self,
+            activations=self.activations.index_select(0, idx),
+            components=tuple(self.components[i] for i in keep),
+            layers=tuple(self.layers[i] for i in keep),
+            hook_names=tuple(self.hook_names[i] for i in keep),
+        )
+
+    def drop_first(self) -> ComponentStates:
+        """Drop original position 0 (its norm spike dominates raw projections)."""
+        if self.positions is None:
+            raise ValueError("Positions were averaged over; drop position 0 before averaging.")
+        keep = (self.positions != 0).nonzero().flatten()
+        if keep.numel() == 0:
+            raise ValueError("Only position 0 was captured: dropping it leaves nothing.")
+        return dataclasses.replace(
+            self,
+            activations=self.activations.index_select(2, keep),
+            tokens=None if self.tokens is None else self.tokens[:, keep],
+            str_tokens=None if self.str_tokens is None else self.str_tokens[:, keep.numpy()],
+            positions=self.positions[keep],
+        )
+
+    def mean(self, over: str | Sequence[str]) -> ComponentStates:
+        """Average over ``"samples"``, ``"positions"`` and/or ``"layers"`` (per component)."""
+        axes = _check_axes(over)
+        x = self.activations.float()
+        out = self
+        if "samples" in axes:
+            x = x.mean(1, keepdim=True)
+            out = dataclasses.replace(out, tokens=None, str_tokens=None)
+        if "positions" in axes:
+            x = x.mean(2, keepdim=True)
+            out = dataclasses.replace(out, tokens=None, str_tokens=None, positions=None)
+        comps, layers, hooks = out.components, out.layers, out.hook_names
+        if "layers" in axes:
+            groups = list(dict.fromkeys(comps))
+            x = torch.stack([x[[i for i, c in enumerate(comps) if c == g]].mean(0) for g in groups])
+            hooks = tuple("+".join(h for h, c in zip(hooks, comps) if c == g) for g in groups)
+            comps, layers = tuple(groups), (None,) * len(groups)
+        return dataclasses.replace(
+            out, activations=x.to(self.activations.dtype), components=comps, layers=layers,
+            hook_names=hooks, averaged=tuple(dict.fromkeys((*self.averaged, *axes))),
+        )
+
+    def normalized(self, *, layer_norm: bool = False, unit: bool = False) -> ComponentStates:
+        """Apply the parameter-free LayerNorm and/or unit length (in that order) to every vector."""
+        x = self.activations
+        if layer_norm:
+            x = layer_norm_parameter_free(x)
+        if unit:
+            x = unit_length(x)
+        return dataclasses.replace(
+            self, activations=x.to(self.activations.dtype),
+            layer_normed=self.layer_normed or layer_norm, unit=self.unit or unit,
+        )
+
+    def point_fields(self) -> dict[str, np.ndarray]:
+        """Per-vector labels in ``activations.reshape(-1, d_model)`` order.
+
+        Keys: ``state``, ``component``, ``layer`` (missing after averaging layers), ``layer_label``,
+        ``sample`` (missing after averaging samples), ``position`` (missing after averaging
+        positions) and ``token`` (when token text is known).
+        """
+        s, b, p = self.activations.shape[:3]
+        st, sa, po = (a.reshape(-1) for a in np.indices((s, b, p), dtype=np.int32))
+        comps = np.asarray(self.components, dtype=object)
+        fields: dict[str, np.ndarray] = {
+            "state": st, "component": comps[st],
+            "layer_label": np.asarray(self.layer_labels(), dtype=object)[st],
+        }
+        if all(layer is not None for layer in self.layers):
+            fields["layer"] = np.asarray(self.layers, dtype=np.int32)[st]
+        if "samples" not in self.averaged:
+            fields["sample"] = sa
+        if self.positions is not None:
+            fields["position"] = self.positions.numpy().astype(np.int32)[po]
+        if self.str_tokens is not None:
+            fields["token"] = self.str_tokens[sa, po]
+        return fields
+
+    def flat(self) -> Float[torch.Tensor, "point d_model"]:
+        """All vectors as ``[point d_model]`` (a view when the buffer is contiguous)."""
+        return self.activations.reshape(-1, self.d_model)
+
+
+def _layer_label(layer: int | None, n_layers: int) -> str:
+    if layer is None:
+        return "mean"
+    if layer < 0:
+        return "embed"
+    if layer >= n_layers:
+        return "final"
+    return str(layer)
+
+
+def _check_axes(over: str | Sequence[str]) -> tuple[str, ...]:
+    axes = (over,) if isinstance(over, str) else tuple(over)
+    bad = [a for a in axes if a not in _AVERAGE_AXES]
+    if bad:
+        raise ValueError(f"Cannot average over {bad}; choose from {list(_AVERAGE_AXES)}.")
+    return axes
+
+
+def _select_positions(
+    n_pos: int, positions: Any, drop_first: bool, max_positions: int | None
+) -> torch.Tensor:
+    if positions is None:
+        idx = torch.arange(n_pos)
+    elif isinstance(positions, slice):
+        idx = torch.arange(n_pos)[positions]
+    else:
+        idx = torch.as_tensor(positions, dtype=torch.long).reshape(-1)
+        if idx.numel() and (idx.max() >= n_pos or idx.min() < -n_pos):
+            raise ValueError(f"positions must lie in [-{n_pos}, {n_pos}) for {n_pos} tokens.")
+        idx = idx % n_pos
+    if drop_first:
+        idx = idx[idx != 0]
+    if idx.numel() == 0:
+        raise ValueError(
+            "No positions left to capture" + (" after dropping position 0 (a one-token input?)."
+                                              if drop_first else ".")
+        )
+    if max_positions is not None:
+        if max_positions < 1:
+            raise ValueError(f"max_positions must be at least 1, got {max_positions}.")
+        if idx.numel() > max_positions:  # evenly spaced, so position colour scales stay readable
+            pick = torch.linspace(0, idx.numel() - 1, max_positions).round().long().unique()
+            idx = idx[pick]
+    return idx
+
+
+def capture_components(
+    model_or_cache: Any,
+    tokens: TextOrTokens | None = None,
+    *,
+    components: Sequence[str] = COMPONENTS,
+    layers: Sequence[int] | None = None,
+    positions: Any = None,
+    drop_first: bool = False,
+    max_positions: int | None = None,
+    average: str | Sequence[str] = (),
+    layer_norm: bool = False,
+    unit: bool = False,
+    dtype: torch.dtype = torch.float32,
+    batch_size: int = 8,
+    progress: bool = True,
+    prepend_bos: bool | None = None,
+    truncate: bool = False,
+) -> ComponentStates:
+    """Capture the paper's per-block states for one prompt or a batch of corpus windows.
+
+    Preprocessing follows the reference's order: average, then the parameter-free LayerNorm,
+    then unit length. Averages are accumulated as the forward passes go, so averaging over samples
+    holds ``[state pos d_model]`` however many windows are run.
+
+    Args:
+        model_or_cache: A TransformerLens model, or an ``ActivationCache`` holding the hooks.
+        tokens: Text, a list of equal-length texts, or ids ``[batch pos]`` (e.g. from
+            ``tlmicroscope.corpus.token_windows``).
+        components: Which of ``COMPONENTS`` (default all eight).
+        layers: Blocks to capture (default all); the embedding and final norm are always one state.
+        positions: Positions to keep (indices or a slice; default all).
+        drop_first: Drop position 0, as the reference does for raw (non-unit) projections.
+        max_positions: Keep at most this many positions, evenly spaced: bounds memory.
+        average: Any of ``"samples"``, ``"positions"``, ``"layers"``.
+        layer_norm: Apply a LayerNorm without parameters to each vector (after averaging).
+        unit: Scale each vector to unit length (after the LayerNorm).
+        dtype: Storage dtype. ``torch.float16`` halves memory for large captures (values above
+            65504 are refused); reductions and projections compute in float32 or float64.
+        batch_size: Windows per forward pass.
+        progress: Show a progress bar over batches when there is more than one.
+
+    Returns:
+        A ``ComponentStates`` with ``activations[state batch pos d_model]``.
+
+    Raises:
+        ValueError: an unknown component or averaging axis, bad layers or positions, a cache
+            missing a hook, or float16 storage of values that overflow it.
+
+    Examples:
+        >>> from tlmicroscope.models import tiny_model
+        >>> st = capture_components(tiny_model(n_layers=2), "hello", components=("attn_out", "mlp_out"))
+        >>> tuple(st.activations.shape), st.state_labels()
+        ((4, 1, 5, 32), ['attn_out 0', 'mlp_out 0', 'attn_out 1', 'mlp_out 1'])
+        >>> capture_components(tiny_model(n_layers=2), "hello", average="samples", unit=True,
+        ...                    components=("resid_post",)).activations.norm(dim=-1).round().unique()
+        tensor([1.])
+    """
+    axes = _check_axes(average)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise ValueError(f"dtype must be a floating dtype (float32, float16, bfloat16), got {dtype}.")
+    resolved = resolve_input(model_or_cache, tokens, prepend_bos=prepend_bos, truncate=truncate,
+                             require_tokens=False)
+    model, cache, toks = resolved.model, resolved.cache, resolved.tokens
+    n_layers = model.cfg.n_layers
+    plan = state_plan(components, layers, n_layers)
+    settings = dict(components=list(components), layers=None if layers is None else list(layers),
+                    drop_first=drop_first, max_positions=max_positions, average=list(axes),
+                    layer_norm=layer_norm, unit=unit, dtype=str(dtype).replace("torch.", ""))
+    if cache is not None:
+        raw = _from_cache(cache, plan)
+        n_pos = raw.shape[2]
+    else:
+        n_pos = toks.shape[-1]
+    pos_idx = _select_positions(n_pos, positions, drop_first, max_positions)
+    if cache is not None:
+        acts = raw.index_select(2, pos_idx)
+        n_batch = acts.shape[1]
+        if "positions" in axes:
+            acts = acts.mean(2, keepdim=True)
+        if "samples" in axes:
+            acts = acts.mean(1, keepdim=True)
+    else:
+        acts, n_batch = _capture_streamed(model, toks, plan, pos_idx, axes, dtype, batch_size, progress)
+    if acts.dtype != dtype:
+        acts = _to_storage(acts, dtype)
+    kept_tokens = None if toks is None else toks[:, pos_idx.to(toks.device)].cpu()
+    states = ComponentStates(
+        activations=acts,
+        components=tuple(s.component for s in plan),
+        layers=tuple(s.layer for s in plan),
+        hook_names=tuple(s.hook for s in plan),
+        tokens=kept_tokens,
+        str_tokens=None if kept_tokens is None else token_strings(model, kept_tokens),
+        positions=pos_idx.clone(),
+        n_layers=n_layers,
+        provenance=Provenance.from_model(model, n_sequences=n_batch, **settings),
+    )
+    if "samples" in axes or "positions" in axes:
+        states = dataclasses.replace(
+            states, tokens=None, str_tokens=None,
+            positions=None if "positions" in axes else states.positions,
+            averaged=tuple(a for a in axes if a != "layers"),
+        )
+    if "layers" in axes:
+        states = states.mean("layers")
+    if layer_norm or unit:
+        states = states.normalized(layer_norm=layer_norm, unit=unit)
+    return states
+
+
+def _to_storage(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if dtype == torch.float16:
+        peak = float(x.abs().max()) if x.numel() else 0.0
+        if not math.isfinite(peak) or peak > _FP16_MAX:
+            raise ValueError(
+                f"An activation of magnitude {peak:.3g} does not fit in float16 (max 65504). "
+                "Capture with dtype=torch.bfloat16 or torch.float32."
+            )
+    return x.to(dtype)
+
+
+def _from_cache(cache: Any, plan: Sequence[_State]) -> torch.Tensor:
+    missing = [s.hook for s in plan if s.hook not in cache]
+    if missing:
+        raise ValueError(
+            f"The ActivationCache lacks {len(missing)} of the requested hooks, e.g. {missing[:3]}. "
+            "Run model.run_with_cache(tokens, names_filter=[...]) with those names, or pass the model."
+        )
+    return torch.stack([cache[s.hook].detach() for s in plan]).float().cpu()
+
+
+def _capture_streamed(
+    model: Any,
+    toks: torch.Tensor,
+    plan: Sequence[_State],
+    pos_idx: torch.Tensor,
+    axes: tuple[str, ...],
+    dtype: torch.dtype,
+    batch_size: int,
+    progress: bool,
+) -> tuple[torch.Tensor, int]:
+    from tqdm.auto import tqdm
+
+    n_batch = toks.shape[0]
+    n_pos = 1 if "positions" in axes else pos_idx.numel()
+    out_b = 1 if "samples" in axes else n_batch
+    summed = "samples" in axes
+    # Sums accumulate in float32 whatever the storage dtype; copies go straight to storage.
+    buf_dtype = torch.float32 if summed else dtype
+    # Allocated here, outside the forward's inference mode, so it can be updated in place later.
+    buf = torch.zeros((len(plan), out_b, n_pos, int(model.cfg.d_model)), dtype=buf_dtype)
+    all_pos = pos_idx.numel() == toks.shape[-1] and bool((pos_idx == torch.arange(toks.shape[-1])).all())
+    stream_pos = None if all_pos else pos_idx
+    starts = range(0, n_batch, batch_size)
+    bar = tqdm(starts, desc="capturing", unit="batch", disable=not progress or len(starts) < 2)
+    for start in bar:
+        chunk = toks[start:start + batch_size]
+
+        def on_state(i: int, act: torch.Tensor, start: int = start) -> None:
+            a = act.detach()
+            if "positions" in axes:
+                a = a.float().mean(1, keepdim=True)
+            if summed:
+                buf[i, 0] += a.float().sum(0).cpu()
+            else:
+                if dtype == torch.float16 and a.abs().max() > _FP16_MAX:
+                    raise ValueError(
+                        f"An activation at {plan[i].hook} exceeds float16's range (65504). "
+                        "Capture with dtype=torch.bfloat16 or torch.float32."
+                    )
+                buf[i, start:start + a.shape[0]] = a.to("cpu", buf_dtype)
+
+        stream_states(model, chunk, plan, on_state, positions=stream_pos)
+    if summed:
+        buf /= n_batch
+    return buf, n_batch
