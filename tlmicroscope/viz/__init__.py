@@ -1,6 +1,16 @@
 """Figures built from result objects: plotly for charts, circuitsvis for token views, offline HTML."""
 
 from tlmicroscope.viz.html import CircuitsVisView, HtmlPage, figure_fragment
+from tlmicroscope.viz.latent import (
+    first_token_plot,
+    norm_profile_plot,
+    pca_pair_grid,
+    positional_cosine_heatmap,
+    projection_scatter,
+    separation_plot,
+    trajectory_plot,
+    vocabulary_norm_histogram,
+)
 from tlmicroscope.viz.lens import (
     STAT_TITLES,
     colored_tokens,
@@ -18,4 +28,14 @@ __all__ = [
     "colored_tokens",
     "trajectory_tokens",
     "STAT_TITLES",
+]
+__all__ += [  # latent-space geometry
+    "projection_scatter",
+    "pca_pair_grid",
+    "separation_plot",
+    "norm_profile_plot",
+    "first_token_plot",
+    "trajectory_plot",
+    "positional_cosine_heatmap",
+    "vocabulary_norm_histogram",
 ]
