@@ -6,7 +6,9 @@ model-facing tests on TransformerLens 3.9 with HookedTransformer and with Transf
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 
 import pytest
 import torch
@@ -48,9 +50,32 @@ def tiny(request, tiny_llama, tiny_gpt2):
     return tiny_llama if request.param == "llama" else tiny_gpt2
 
 
+class NetworkAttempt(AssertionError):
+    pass
+
+
+@contextlib.contextmanager
+def no_network():
+    """Fail loudly if anything inside tries to resolve a host name or open a connection."""
+
+    def refuse(*args, **kwargs):
+        raise NetworkAttempt(f"network access attempted: {args[:2]}")
+
+    saved = socket.getaddrinfo, socket.socket.connect, socket.create_connection
+    socket.getaddrinfo = refuse
+    socket.socket.connect = refuse
+    socket.create_connection = refuse
+    try:
+        yield
+    finally:
+        socket.getaddrinfo, socket.socket.connect, socket.create_connection = saved
+
+
 @pytest.fixture(scope="session")
 def embedded_model():
-    """The embedded SmolLM2-135M-Instruct, loaded once per session (about 15 s)."""
+    """The embedded SmolLM2-135M-Instruct, loaded once per session (about 15 s), with the network
+    refused during loading: the embedded model must load fully offline."""
     from tlmicroscope.models import load_model
 
-    return load_model("smollm2-135m", kind=KIND)
+    with no_network():
+        return load_model("smollm2-135m", kind=KIND)

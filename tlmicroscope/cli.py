@@ -57,10 +57,13 @@ def load_from_args(args: argparse.Namespace) -> Any:
 
 
 def read_text_arg(text: str | None, text_file: str | None) -> str:
+    """The text argument or file, checked for emptiness before any model is loaded."""
     if text_file:
-        return Path(text_file).read_text(encoding="utf-8")
+        text = Path(text_file).read_text(encoding="utf-8")
     if text is None:
         raise ValueError("Pass a text, or --text-file PATH.")
+    if not text:
+        raise ValueError("The text is empty: there is nothing to analyse. Pass at least one token of text.")
     return text
 
 

@@ -51,7 +51,7 @@ def _lens(args: argparse.Namespace) -> int:
     from tlmicroscope.lenses import prediction_trajectory
     from tlmicroscope.viz import HtmlPage, logit_lens_table, trajectory_heatmap, trajectory_tokens
 
-    text = read_text_arg(args.text, args.text_file) if (args.text or args.text_file) else DEFAULT_TEXT
+    text = read_text_arg(args.text if args.text is not None else DEFAULT_TEXT, args.text_file)
     model = load_from_args(args)
     lens = _load_lens(args.lens, model)
     traj = prediction_trajectory(model, text, lens=lens, top_k=args.top_k, truncate=args.truncate)

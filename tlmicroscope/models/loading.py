@@ -27,13 +27,16 @@ BosPolicy = Literal["tokenizer"] | bool
 # (TransformerLens 3 only knows its own list of official names).
 _HOOKED_LLAMA_LIKE = ("LlamaForCausalLM", "MistralForCausalLM")
 
+#: Names of the tiny seeded random models (see ``tiny_model``); they carry no knowledge.
+TINY_NAMES = {"tiny-llama": "llama", "tiny-gpt2": "gpt2"}
+
 
 def available_models() -> list[str]:
     """Model names that load here without a network: the embedded model when it is installed."""
-    names = []
+    names = list(TINY_NAMES)
     try:
         embedded_gguf_path()
-        names.append(EMBEDDED_NAMES[0])
+        names.insert(0, EMBEDDED_NAMES[0])
     except (ImportError, FileNotFoundError):
         pass
     return names
@@ -168,7 +171,8 @@ def load_model(
 
     Args:
         name: ``"smollm2-135m"`` (the embedded SmolLM2-135M-Instruct), a path to a local ``.gguf``
-            file, a path to a local Hugging Face model folder, or any name TransformerLens loads.
+            file, a path to a local Hugging Face model folder, any name TransformerLens loads, or
+            ``"tiny-llama"``/``"tiny-gpt2"`` (seeded random 3-layer models for trying things out).
         kind: ``"bridge"`` for a ``TransformerBridge``; ``"hooked"`` for a ``HookedTransformer``
             (TransformerLens 3 only); ``"auto"`` picks ``HookedTransformer`` where it exists.
         device: Torch device for the weights.
@@ -194,6 +198,10 @@ def load_model(
     resolved = _resolve_kind(kind)
     if n_ctx <= 0:
         raise ValueError(f"n_ctx must be positive, got {n_ctx}.")
+    if name in TINY_NAMES:  # seeded random models: for trying the CLI and for tests, not for research
+        from tlmicroscope.models.tiny import tiny_model
+
+        return tiny_model(TINY_NAMES[name], kind=kind, n_ctx=min(n_ctx, 512))
     path = Path(os.path.expanduser(name))
     hf = tok = None
     label = name

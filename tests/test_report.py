@@ -1,0 +1,47 @@
+import pytest
+
+from tlmicroscope.report import MissingPrerequisite, Section, _SECTIONS, register_section, report
+
+pytestmark = pytest.mark.models
+
+
+@pytest.fixture
+def temp_sections():
+    saved = dict(_SECTIONS)
+    yield
+    _SECTIONS.clear()
+    _SECTIONS.update(saved)
+
+
+def test_report_renders_lens_sections(tiny_llama, tmp_path):
+    rep = report(tiny_llama, "Hello there", sections=["trajectory", "logit_lens_table"])
+    assert rep.rendered == ["trajectory", "logit_lens_table"] and not rep.failed
+    html = rep.save(tmp_path / "r.html").read_text()
+    assert 'data-section="prediction-trajectories"' in html and "weights unprocessed" in html
+
+
+def test_missing_and_failing_sections_are_shown_in_place(tiny_llama, temp_sections):
+    @register_section("needs_umap", "Needs UMAP")
+    def _needs(ctx):
+        raise MissingPrerequisite("UMAP is not installed.", fix="pip install 'tlmicroscope[umap]'")
+
+    @register_section("broken", "Broken")
+    def _broken(ctx):
+        raise RuntimeError("kaboom")
+
+    @register_section("fine", "Fine")
+    def _fine(ctx):
+        return Section(["<p>ok</p>"], caption="c")
+
+    rep = report(tiny_llama, "abc", sections=["needs_umap", "broken", "fine"])
+    assert rep.rendered == ["fine"]
+    assert "UMAP" in rep.missing["needs_umap"] and "kaboom" in rep.failed["broken"]
+    html = rep.html()
+    assert "pip install &#x27;tlmicroscope[umap]&#x27;" in html and "kaboom" in html
+
+
+def test_bad_report_input(tiny_llama):
+    with pytest.raises(ValueError, match="empty"):
+        report(tiny_llama, "")
+    with pytest.raises(ValueError, match="Unknown report sections"):
+        report(tiny_llama, "abc", sections=["nope"])
