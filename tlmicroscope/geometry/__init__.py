@@ -5,6 +5,19 @@ similarity, shuffling, ID-loss correlation. Latent-space geometry (Ning and Rang
 capture, PCA/UMAP projections, attention-vs-MLP separation, norms, positions, trajectories.
 """
 
+from tlmicroscope.geometry.anisotropy import AnisotropyResult, anisotropy
+from tlmicroscope.geometry.intrinsic_dimension import (
+    IntrinsicDimensionResult,
+    gride_scales,
+    intrinsic_dimension,
+    remove_duplicates,
+)
+from tlmicroscope.geometry.neighbours import (
+    NearestNeighbours,
+    NeighbourhoodOverlap,
+    nearest_neighbours,
+    neighbourhood_overlap,
+)
 from tlmicroscope.geometry.components import (
     COMPONENTS,
     ComponentStates,
@@ -46,4 +59,16 @@ __all__ += [  # latent-space geometry
     "single_token_inputs",
     "vocabulary_norms",
     "vocabulary_states",
+]
+__all__ += [  # token geometry
+    "AnisotropyResult",
+    "anisotropy",
+    "IntrinsicDimensionResult",
+    "intrinsic_dimension",
+    "gride_scales",
+    "remove_duplicates",
+    "NearestNeighbours",
+    "nearest_neighbours",
+    "NeighbourhoodOverlap",
+    "neighbourhood_overlap",
 ]

@@ -1,0 +1,371 @@
+"""Nearest-neighbour distances of a point cloud, computed in chunks; neighbourhood overlap.
+
+Every token-geometry estimator needs, for each point, the distances to its neighbours at a few
+ranks (TwoNN: 1 and 2; GRIDE: 1, 2, 4, ..., 256; overlap: the identities of the first k). They
+all go through ``nearest_neighbours``:
+
+1. The cloud is centred and rescaled by a power of two. Neither changes a ratio of distances (the
+   rescaling is exact), and centring removes the common offset that would otherwise dominate
+   the rounding error of ``|x_i|^2 + |x_j|^2 - 2 x_i.x_j``.
+2. For a chunk of rows, one float64 GEMM gives every squared distance, with the rounding bound
+   ``c (|x_i| + |x_j|)^2`` (``c ~ d * 2^-53``) of that formula. ``topk`` keeps the smallest.
+   Memory is bounded by ``chunk_bytes`` for any number of points.
+3. A row is accepted when, at every requested rank, the bound is below 1e-8 of the squared
+   distance, and
+   (when the neighbours' identities are wanted) the distance is separated from the previous and
+   next ones by more than the bounds, so no rounding could reorder them.
+4. The other rows (near-duplicates, near-ties, clouds far thinner than their extent) get exact
+   distances to their candidates from coordinate differences, sorted with ties broken by the
+   lower index; this is certified when every non-candidate is provably farther than the largest
+   requested rank. What is left is recomputed directly against all points.
+
+This is what scikit-learn and dadapy compute (float64, the same formula), plus the guarantee of
+step 3, at the speed of one BLAS product.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from jaxtyping import Float, Int
+
+__all__ = [
+    "NearestNeighbours",
+    "nearest_neighbours",
+    "NeighbourhoodOverlap",
+    "neighbourhood_overlap",
+    "overlap_from_indices",
+    "as_points",
+]
+
+#: Default memory for one chunk of the float32 distance block, in bytes.
+_CHUNK_BYTES = 256 * 2**20
+#: Memory for one block of coordinate differences in the direct pass, in bytes.
+_DIRECT_BYTES = 64 * 2**20
+
+
+def as_points(points, *, what: str = "points") -> Float[torch.Tensor, "n d"]:
+    """Validate a point cloud and return it as a float64 ``[n d]`` tensor (same device).
+
+    Raises:
+        ValueError: not two-dimensional, empty, or holding NaN or infinite values.
+    """
+    if isinstance(points, np.ndarray):
+        points = torch.from_numpy(points)
+    if not isinstance(points, torch.Tensor):
+        points = torch.as_tensor(points)
+    if points.ndim != 2:
+        raise ValueError(
+            f"{what} must be a 2-D [n_points d] tensor, got shape {tuple(points.shape)}. "
+            "For one prompt's activations [batch pos d_model], pass acts[0]."
+        )
+    if points.shape[0] == 0 or points.shape[1] == 0:
+        raise ValueError(f"{what} is empty (shape {tuple(points.shape)}); there is nothing to measure.")
+    if points.is_complex():
+        raise ValueError(f"{what} must be real, got dtype {points.dtype}.")
+    x = points.detach().to(torch.float64)
+    bad = ~torch.isfinite(x)
+    if bool(bad.any()):
+        rows = torch.nonzero(bad.any(1)).flatten()
+        raise ValueError(
+            f"{what} hold {int(bad.sum())} NaN or infinite values in {rows.numel()} of "
+            f"{x.shape[0]} rows (first rows {rows[:5].tolist()}). NaN activations usually mean an "
+            "overflow in the model (try float32 instead of float16) or a broken hook; drop those "
+            "rows or fix the input before estimating geometry."
+        )
+    return x
+
+
+@dataclass(frozen=True)
+class NearestNeighbours:
+    """Exact distances and indices of each point's neighbours at chosen ranks.
+
+    Attributes:
+        distances: ``[n rank]`` float64 Euclidean distances, column j at rank ``ranks[j]``.
+        indices: ``[n rank]`` index of that neighbour (the point itself is never its own
+            neighbour; ties are broken by the lower index).
+        ranks: The neighbour ranks (1 = nearest), ascending.
+        n_recomputed: Rows that the float32 pass could not certify and that were redone in
+            float64 (a diagnostic of how close to ties the data are).
+    """
+
+    distances: Float[torch.Tensor, "n rank"]
+    indices: Int[torch.Tensor, "n rank"]
+    ranks: tuple[int, ...]
+    n_recomputed: int = 0
+
+    def at(self, rank: int) -> Float[torch.Tensor, " n"]:
+        """Distances to the ``rank``-th neighbour."""
+        try:
+            return self.distances[:, self.ranks.index(rank)]
+        except ValueError:
+            raise ValueError(f"Rank {rank} was not computed; ranks are {self.ranks}.") from None
+
+    def first(self, k: int) -> Int[torch.Tensor, "n k"]:
+        """Indices of the first ``k`` neighbours (needs ranks 1..k)."""
+        if tuple(self.ranks[:k]) != tuple(range(1, k + 1)):
+            raise ValueError(f"Ranks 1..{k} were not all computed; ranks are {self.ranks}.")
+        return self.indices[:, :k]
+
+
+def _bound_factor(dtype: torch.dtype, d: int) -> float:
+    """``c`` with |computed - exact| <= c (|x_i|+|x_j|)^2 for ``|x_i|^2 + |x_j|^2 - 2 x_i.x_j``."""
+    u = float(torch.finfo(dtype).eps) / 2
+    gamma = d * u / (1 - d * u)
+    return gamma + 4 * u
+
+
+#: Extra candidates kept beyond the largest requested rank, for the exact re-ranking of rows
+#: the GEMM cannot certify.
+_MARGIN = 8
+#: A row is recomputed directly when the bound on a distance's relative error exceeds this.
+_REL_TOL = 1e-8
+
+
+def _pass(
+    x: torch.Tensor,
+    norms: torch.Tensor,
+    rows: torch.Tensor,
+    positions: list[int],
+    need_indices: bool,
+    chunk_bytes: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Squared distances at ``positions`` for ``rows`` from one float64 GEMM per chunk.
+
+    Returns the values, the neighbour indices, and a mask of the rows whose values are certified
+    to ``_REL_TOL`` relative error and whose indices are certified (separated from the next and
+    previous order statistics by more than the rounding bound).
+    """
+    n, d = x.shape
+    n_other = n - 1
+    c = _bound_factor(torch.float64, d)
+    radius = norms.sqrt()
+    m = min(n_other, positions[-1] + 2 + _MARGIN)
+    pos = torch.tensor(positions, dtype=torch.long, device=x.device)
+    out_e = torch.empty((rows.numel(), len(positions)), dtype=torch.float64, device=x.device)
+    out_i = torch.empty((rows.numel(), len(positions)), dtype=torch.long, device=x.device)
+    ok = torch.ones(rows.numel(), dtype=torch.bool, device=x.device)
+    step = max(1, chunk_bytes // max(1, n * 8))
+    for s in range(0, rows.numel(), step):
+        r = rows[s : s + step]
+        block = x[r] @ x.T
+        block.mul_(-2).add_(norms[r].unsqueeze(1)).add_(norms.unsqueeze(0))
+        block[torch.arange(r.numel(), device=x.device), r] = math.inf
+        vals, cand = torch.topk(block, m, dim=1, largest=False, sorted=True)
+        del block
+        # rounding bound of each computed squared distance: c (|x_i| + |x_j|)^2
+        err = c * (radius[r].unsqueeze(1) + radius[cand]) ** 2
+        e, i, b = vals[:, pos], cand[:, pos], err[:, pos]
+        good = b <= _REL_TOL * e.clamp_min(0)
+        if need_indices:
+            # the neighbour at position p is certain when its value is separated from both sides
+            nxt = (pos + 1).clamp_max(m - 1)
+            sep_next = (vals[:, nxt] - err[:, nxt]) > (e + b)
+            sep_next |= (pos + 1 >= n_other).unsqueeze(0)
+            prv = (pos - 1).clamp_min(0)
+            sep_prev = (vals[:, prv] + err[:, prv]) < (e - b)
+            sep_prev |= (pos == 0).unsqueeze(0)
+            good &= sep_next & sep_prev
+        row_ok = good.all(1)
+        e, i = e.clamp_min(0), i
+        unsure = torch.nonzero(~row_ok).flatten()
+        if unsure.numel():
+            # exact distances to all candidates of the uncertain rows; every other point is at
+            # least (last candidate's value - the row's largest bound) away
+            ce, ci = _sort_by_distance(_exact_sq(x, r[unsure], cand[unsure]), cand[unsure])
+            fine = torch.ones(unsure.numel(), dtype=torch.bool, device=x.device)
+            if m < n_other:
+                outside = vals[unsure, -1] - c * (radius[r[unsure]] + radius.max()) ** 2
+                fine = ce[:, positions[-1]] < outside
+            keep = unsure[fine]
+            e[keep], i[keep] = ce[fine][:, pos], ci[fine][:, pos]
+            row_ok[keep] = True
+        ok[s : s + step] = row_ok
+        out_e[s : s + step], out_i[s : s + step] = e, i
+    return out_e, out_i, ok
+
+
+def _exact_sq(x: torch.Tensor, rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Squared distances ``|x[rows[r]] - x[idx[r, j]]|^2`` from coordinate differences."""
+    n_rows, n_cols = idx.shape
+    out = torch.empty((n_rows, n_cols), dtype=torch.float64, device=x.device)
+    step = max(1, _DIRECT_BYTES // max(1, n_cols * x.shape[1] * 8))
+    for s in range(0, n_rows, step):
+        g = x[idx[s : s + step]]
+        g.sub_(x[rows[s : s + step]].unsqueeze(1))
+        out[s : s + step] = torch.linalg.vecdot(g, g)
+    return out
+
+
+def _sort_by_distance(e: torch.Tensor, i: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sort each row by distance, ties by the lower index."""
+    by_index = torch.argsort(i, dim=1)
+    e, i = e.gather(1, by_index), i.gather(1, by_index)
+    order = torch.argsort(e, dim=1, stable=True)
+    return e.gather(1, order), i.gather(1, order)
+
+
+def _direct(x: torch.Tensor, rows: torch.Tensor, positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact squared distances at ``positions`` from coordinate differences (ties by lower index)."""
+    n, d = x.shape
+    pos = torch.tensor(positions, dtype=torch.long, device=x.device)
+    out_e = torch.empty((rows.numel(), len(positions)), dtype=torch.float64, device=x.device)
+    out_i = torch.empty_like(out_e, dtype=torch.long)
+    step = max(1, _DIRECT_BYTES // max(1, n * d * 8))
+    for s in range(0, rows.numel(), step):
+        r = rows[s : s + step]
+        diff = x.unsqueeze(0) - x[r].unsqueeze(1)
+        e = torch.linalg.vecdot(diff, diff)
+        del diff
+        e[torch.arange(r.numel(), device=x.device), r] = math.inf
+        e_sorted, order = torch.sort(e, dim=1, stable=True)
+        out_e[s : s + step], out_i[s : s + step] = e_sorted[:, pos], order[:, pos]
+    return out_e, out_i
+
+
+def nearest_neighbours(
+    points,
+    k: int | None = None,
+    *,
+    ranks: Sequence[int] | None = None,
+    need_indices: bool = True,
+    chunk_bytes: int = _CHUNK_BYTES,
+) -> NearestNeighbours:
+    """Exact distances to each point's neighbours at ranks ``1..k`` (or at chosen ``ranks``).
+
+    Args:
+        points: ``[n d]`` point cloud (any float dtype, any device; computed in float64 exactness).
+        k: Compute ranks 1..k.
+        ranks: Or exactly these ranks (1 = nearest), e.g. ``(1, 2, 4, 8)`` for GRIDE.
+        need_indices: Certify the neighbours' identities too (the overlap needs them; ID
+            estimators need only the distances, which are certified either way).
+        chunk_bytes: Memory for one chunk of the distance block; bounds peak memory.
+
+    Raises:
+        ValueError: too few points for the largest rank (the message names the minimum), NaN
+            values, or a bad rank.
+
+    Examples:
+        >>> x = torch.tensor([[0.0], [1.0], [3.0], [7.0]])
+        >>> nn = nearest_neighbours(x, 2)
+        >>> nn.distances.tolist(), nn.indices.tolist()
+        ([[1.0, 3.0], [1.0, 2.0], [2.0, 3.0], [4.0, 6.0]], [[1, 2], [0, 2], [1, 0], [2, 1]])
+    """
+    x = as_points(points)
+    n, d = x.shape
+    if ranks is None:
+        if k is None:
+            raise ValueError("Pass k (ranks 1..k) or ranks=.")
+        ranks = range(1, int(k) + 1)
+    ranks_t = tuple(sorted({int(r) for r in ranks}))
+    if not ranks_t or ranks_t[0] < 1:
+        raise ValueError(f"Neighbour ranks must be positive integers, got {tuple(ranks)}.")
+    if ranks_t[-1] > n - 1:
+        raise ValueError(
+            f"Neighbour rank {ranks_t[-1]} needs at least {ranks_t[-1] + 1} distinct points, "
+            f"but the cloud has {n}. Use more points (tokens) or a smaller rank."
+        )
+    x = x - x.mean(0, keepdim=True)
+    norms = torch.linalg.vecdot(x, x)
+    r_max = float(norms.max().sqrt())
+    scale = 1.0 if r_max == 0 else 2.0 ** math.floor(math.log2(r_max))
+    x = x / scale
+    norms = norms / (scale * scale)
+    positions = [r - 1 for r in ranks_t]
+    rows = torch.arange(n, device=x.device)
+    e, i, ok = _pass(x, norms, rows, positions, need_indices, chunk_bytes)
+    n_recomputed = int((~ok).sum())
+    if n_recomputed:
+        redo = rows[~ok]
+        e[redo], i[redo] = _direct(x, redo, positions)
+    return NearestNeighbours(
+        distances=e.sqrt() * scale, indices=i, ranks=ranks_t, n_recomputed=n_recomputed
+    )
+
+
+@dataclass(frozen=True)
+class NeighbourhoodOverlap:
+    """Neighbourhood overlap chi_k between two clouds of the same points.
+
+    Attributes:
+        ks: The neighbourhood sizes.
+        overlap: ``[k]`` mean over points of |N_k^A(i) ∩ N_k^B(i)| / k.
+        per_point: ``[n k]`` the per-point fractions (``None`` unless asked for).
+    """
+
+    ks: tuple[int, ...]
+    overlap: Float[torch.Tensor, " k"]
+    per_point: Float[torch.Tensor, "n k"] | None = None
+
+    def at(self, k: int) -> float:
+        return float(self.overlap[self.ks.index(k)])
+
+
+def overlap_from_indices(
+    indices_a: Int[torch.Tensor, "n kmax"],
+    indices_b: Int[torch.Tensor, "n kmax"],
+    ks: Sequence[int],
+    *,
+    per_point: bool = False,
+) -> NeighbourhoodOverlap:
+    """chi_k from two tables of ordered neighbour indices (column j = rank j+1)."""
+    ks_t = tuple(int(k) for k in ks)
+    kmax = max(ks_t)
+    if indices_a.shape != indices_b.shape or indices_a.shape[1] < kmax:
+        raise ValueError(
+            f"Neighbour tables must have equal shapes with at least {kmax} columns, got "
+            f"{tuple(indices_a.shape)} and {tuple(indices_b.shape)}."
+        )
+    a, b = indices_a[:, :kmax], indices_b[:, :kmax]
+    hits = (a.unsqueeze(2) == b.unsqueeze(1)).to(torch.float64)  # [n kmax kmax]
+    # |N_k^A ∩ N_k^B| is the number of equal pairs in the leading k x k block (indices are distinct)
+    cum = hits.cumsum(1).cumsum(2)
+    frac = torch.stack([cum[:, k - 1, k - 1] / k for k in ks_t], 1)
+    return NeighbourhoodOverlap(ks_t, frac.mean(0), frac if per_point else None)
+
+
+def neighbourhood_overlap(
+    a,
+    b,
+    k: int | Sequence[int] = (1, 2, 3, 4, 5, 6),
+    *,
+    per_point: bool = False,
+) -> NeighbourhoodOverlap:
+    """Neighbourhood overlap chi_k = (1/N) sum_i |N_k^A(i) ∩ N_k^B(i)| / k of two clouds.
+
+    Row i of ``a`` and row i of ``b`` must be the same item (a token at two layers). A point is
+    never its own neighbour, and exact ties are broken by the lower index. Duplicates are kept,
+    as in the paper.
+
+    Args:
+        a, b: ``[n d_a]`` and ``[n d_b]`` clouds, or ``NearestNeighbours`` computed with ranks 1..k.
+        k: One neighbourhood size or several (default 1..6, as the paper).
+        per_point: Also return the per-point overlaps.
+
+    Examples:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> x = torch.randn(200, 5, generator=g)
+        >>> neighbourhood_overlap(x, 3 * x + 1, k=2).at(2)
+        1.0
+    """
+    ks = (int(k),) if isinstance(k, (int, np.integer)) else tuple(int(v) for v in k)
+    if not ks or min(ks) < 1:
+        raise ValueError(f"Neighbourhood sizes must be positive, got {ks}.")
+    kmax = max(ks)
+
+    def table(p) -> torch.Tensor:
+        if isinstance(p, NearestNeighbours):
+            return p.first(kmax)
+        return nearest_neighbours(p, kmax).indices
+
+    ta, tb = table(a), table(b)
+    if ta.shape[0] != tb.shape[0]:
+        raise ValueError(
+            f"The two clouds have {ta.shape[0]} and {tb.shape[0]} points; overlap needs the same "
+            "points (rows) in both."
+        )
+    return overlap_from_indices(ta, tb, ks, per_point=per_point)
