@@ -14,6 +14,7 @@ result equals scikit-learn's up to the sign of each component (tested).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -374,7 +375,9 @@ def _fit_umap(
         min_dist=min_dist, metric=metric, n_epochs=n_epochs, random_state=seed,
     )
     data = x_fit[torch.as_tensor(fit_idx)].float().numpy()
-    embedding = reducer.fit_transform(data)
+    with warnings.catch_warnings():  # a seed makes umap-learn single-threaded, and it says so
+        warnings.filterwarnings("ignore", message="n_jobs value", category=UserWarning)
+        embedding = reducer.fit_transform(data)
     if not same:
         return _apply("umap", reducer, x), reducer
     coords = torch.empty(x.shape[0], n_components)
