@@ -89,4 +89,11 @@ def _demo(args: argparse.Namespace) -> int:
     args.text_file = None
     args.sections = None
     args.truncate = False
+    if args.lens is None:  # a tuned lens trained with the default `train-lens` command, if any
+        from tlmicroscope.lenses.train import default_lens_dir
+
+        found = default_lens_dir(args.model)
+        if (found / "config.json").is_file():
+            log(f"showing the tuned lens in {found} beside the logit lens")
+            args.lens = str(found)
     return _report(args)

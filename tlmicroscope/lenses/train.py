@@ -1,0 +1,606 @@
+"""Training a tuned lens: the reference KL objective, two recipes, least-squares init, DDP, checkpoints.
+
+Each step reads ``tokens_per_step`` tokens of fixed-length windows, runs the frozen model once
+under ``torch.inference_mode`` (caching only the ``hook_resid_pre`` of each block and the logits),
+and for each layer ``l`` minimises ``KL(p_final || readout(translator_l(h_l)))`` at the same
+position, averaged over tokens. Gradients are written out by hand one vocabulary chunk at a time
+(``_tuned_kl``), so only one ``[chunk d_vocab]`` buffer is alive at a time. The KL recorded
+for each step is measured before that step's update on windows never seen before (one pass over
+the data), so the history is a held-out learning curve at no extra cost.
+
+Under ``torchrun`` each rank reads its own share of each step's windows; gradients are summed
+across ranks (one all-reduce, as DDP does) and divided by the global token count, so N processes
+give the same lens as one process with the same global batch. Data order depends only on the seed
+and the step, so ``resume=True`` continues from the last checkpoint to the same result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Float, Int
+
+from tlmicroscope.capture import capture
+from tlmicroscope.corpus import CorpusSource, token_stream
+from tlmicroscope.distributed import DistContext, dist_context
+from tlmicroscope.io import FittedFileError, atomic_write_text, load_fitted, save_fitted
+from tlmicroscope.lenses._tuned_kl import FinalDistribution, LensObjective, resolve_compute_dtype
+from tlmicroscope.lenses._tuned_optim import RECIPES, flatten_state, make_optimizers, unflatten_state
+from tlmicroscope.lenses.readout import Readout, check_readout_identity
+from tlmicroscope.lenses.tuned import TunedLens
+from tlmicroscope.models import _compat
+from tlmicroscope.results import Provenance
+
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "TrainingDivergedError",
+    "train_tuned_lens",
+    "lens_token_windows",
+    "default_lens_dir",
+    "CHECKPOINT_DIR",
+]
+
+CHECKPOINT_DIR = "checkpoint"
+_CKPT_KIND = "tuned_lens_checkpoint"
+# Settings that change the result: a checkpoint resumes only under the same values.
+_RESUME_KEYS = ("steps", "tokens_per_step", "seq_len", "recipe", "lr", "bias_lr", "weight_decay",
+                "momentum", "warmup_steps", "clip_grad_norm", "init", "init_tokens", "precision",
+                "holdout", "seed", "bias")
+
+
+class TrainingDivergedError(FloatingPointError):
+    """The loss or the gradients became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of a tuned-lens training run (defaults: the fast recipe, sized for 2 CPU cores).
+
+    Attributes:
+        steps: Optimizer steps. The learning rate decays linearly to zero over them.
+        tokens_per_step: Global batch in tokens (a multiple of ``seq_len``; the reference uses 2^18).
+        seq_len: Tokens per window (at most the model's ``n_ctx``; the reference uses 2048).
+        recipe: ``"muon"`` (Muon on matrices, AdamW on biases), ``"sgd"`` (the reference's
+            SGD-Nesterov recipe, exactly) or ``"adam"``.
+        lr, bias_lr, weight_decay, momentum: ``None`` takes the recipe's value (``RECIPES``).
+        warmup_steps: Linear warmup before the decay (the reference uses none).
+        clip_grad_norm: Global gradient-norm clip over the lens (reference: 1.0); ``None`` disables it.
+        init: ``"zero"`` (the logit lens) or ``"lstsq"`` (each translator fitted in closed form to
+            the normalised last residual, Din et al.'s linear shortcut, then fine-tuned with KL).
+        init_tokens: Tokens (forward passes only) for the least-squares fit.
+        ridge: Ridge penalty of the least-squares fit, relative to the mean input variance.
+        precision: ``"auto"`` (bfloat16 vocabulary GEMMs where the hardware is fast at them),
+            ``"bf16"`` or ``"fp32"``. The model and the translators stay float32.
+        micro_batch_tokens: Tokens per forward pass (bounds memory; does not change the result
+            beyond floating-point summation order).
+        chunk_rows: Rows per ``[rows d_vocab]`` buffer of the objective.
+        holdout: Fraction of the corpus's tokens (its tail) kept out of training for evaluation.
+        seed: Seeds the window order.
+        bias: Learn the translators' biases.
+        out_dir: Folder for the lens, ``checkpoint/`` and ``training.json`` (``None``: keep in memory).
+        checkpoint_every: Steps between checkpoints (and at the end).
+        resume: Continue from ``out_dir/checkpoint`` (same settings required).
+        stop_after: Stop after this many steps in this call (a checkpoint is written); resume later.
+        max_seconds: Stop (with a checkpoint) after the first step that ends past this wall time.
+        progress: Show a tqdm bar with the loss.
+        text_field: Field of JSONL rows and dataset records holding the text.
+    """
+
+    steps: int = 40
+    tokens_per_step: int = 1024
+    seq_len: int = 256
+    recipe: Literal["muon", "sgd", "adam"] = "muon"
+    lr: float | None = None
+    bias_lr: float | None = None
+    weight_decay: float | None = None
+    momentum: float | None = None
+    warmup_steps: int = 0
+    clip_grad_norm: float | None = 1.0
+    init: Literal["zero", "lstsq"] = "lstsq"
+    init_tokens: int = 16384
+    ridge: float = 1e-3
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    micro_batch_tokens: int = 512
+    chunk_rows: int = 128
+    holdout: float = 0.1
+    seed: int = 0
+    bias: bool = True
+    out_dir: str | None = None
+    checkpoint_every: int = 10
+    resume: bool = False
+    stop_after: int | None = None
+    max_seconds: float | None = None
+    progress: bool = True
+    text_field: str = "text"
+
+    def resolved(self) -> TrainConfig:
+        """A copy with the recipe's defaults filled in, after checking every setting."""
+        if self.recipe not in RECIPES:
+            raise ValueError(f"recipe must be one of {sorted(RECIPES)}, got {self.recipe!r}.")
+        if self.init not in ("zero", "lstsq"):
+            raise ValueError(f"init must be 'zero' or 'lstsq', got {self.init!r}.")
+        for name in ("steps", "tokens_per_step", "seq_len", "micro_batch_tokens", "chunk_rows",
+                     "checkpoint_every"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}.")
+        if self.tokens_per_step % self.seq_len:
+            raise ValueError(
+                f"tokens_per_step={self.tokens_per_step} is not a multiple of seq_len={self.seq_len}; "
+                f"use e.g. {max(1, round(self.tokens_per_step / self.seq_len)) * self.seq_len}."
+            )
+        if not 0.0 <= self.holdout < 1.0:
+            raise ValueError(f"holdout must be in [0, 1), got {self.holdout}.")
+        if self.warmup_steps < 0 or self.warmup_steps >= self.steps:
+            raise ValueError(f"warmup_steps must be in 0..steps-1, got {self.warmup_steps}.")
+        r = RECIPES[self.recipe]
+        return dataclasses.replace(
+            self,
+            lr=float(self.lr if self.lr is not None else r.lr),
+            bias_lr=float(self.bias_lr if self.bias_lr is not None else r.bias_lr),
+            weight_decay=float(self.weight_decay if self.weight_decay is not None else r.weight_decay),
+            momentum=float(self.momentum if self.momentum is not None else r.momentum),
+        )
+
+    def lr_factor(self, step: int) -> float:
+        """Linear warmup, then linear decay to zero at ``steps`` (the reference's schedule)."""
+        if step < self.warmup_steps:
+            return (step + 1) / (self.warmup_steps + 1)
+        return max(0.0, (self.steps - step) / (self.steps - self.warmup_steps))
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """A trained lens and its learning curve.
+
+    Attributes:
+        lens: The trained ``TunedLens``.
+        tokens_seen: Tokens consumed before each recorded step, ``[step]``.
+        kl: Mean KL(final || lens) per layer on each step's batch, before its update, nats
+            ``[step layer]``; the batches are unseen, so this is a held-out learning curve.
+        lr: Learning rate used at each step; ``grad_norm``: gradient norm before clipping.
+        seconds: Wall time of each step.
+        init_seconds: Wall time of the least-squares initialisation (0 for ``init="zero"``).
+        tokens_per_second: Training throughput (tokens through all layers per second).
+        config: The resolved settings. ``provenance``: model, lens, settings.
+    """
+
+    lens: TunedLens
+    tokens_seen: Int[torch.Tensor, " step"]
+    kl: Float[torch.Tensor, "step layer"]
+    lr: Float[torch.Tensor, " step"]
+    grad_norm: Float[torch.Tensor, " step"]
+    seconds: Float[torch.Tensor, " step"]
+    init_seconds: float
+    tokens_per_second: float
+    config: TrainConfig
+    provenance: Provenance
+
+    def to_dataframe(self):
+        """One row per (step, layer): tokens seen, KL (nats), lr."""
+        import pandas as pd
+
+        rows = []
+        for i in range(self.kl.shape[0]):
+            for layer in range(self.kl.shape[1]):
+                rows.append({"step": i, "tokens_seen": int(self.tokens_seen[i]), "layer": layer,
+                             "kl": float(self.kl[i, layer]), "lr": float(self.lr[i])})
+        return pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------------------------------- data
+def _corpus_label(corpus: CorpusSource) -> str:
+    if corpus is None or (isinstance(corpus, str) and corpus == "embedded"):
+        return "embedded"
+    if isinstance(corpus, (str, os.PathLike)):
+        return str(Path(corpus).expanduser().resolve())
+    return f"<{type(corpus).__name__}>"
+
+
+def lens_token_windows(
+    model: Any,
+    corpus: CorpusSource = None,
+    *,
+    seq_len: int,
+    split: Literal["train", "heldout", "all"] = "train",
+    holdout: float = 0.1,
+    text_field: str = "text",
+) -> Int[torch.Tensor, "window seq_len"]:
+    """Non-overlapping token windows from the training part or the held-out tail of a corpus.
+
+    The corpus is tokenized into one stream (documents joined by EOS); its last ``holdout``
+    fraction of tokens is the held-out split, the rest the training split, whatever ``seq_len``.
+    Where the model prepends BOS to texts, each window starts with BOS.
+
+    Raises:
+        ValueError: ``seq_len`` over the model's context, or a split too small for one window.
+
+    Examples:
+        >>> from tlmicroscope.models import tiny_model
+        >>> model = tiny_model(n_layers=1)
+        >>> # 10 bytes + EOS (257) = 11 tokens; the last 20% (2 tokens) are held out
+        >>> lens_token_windows(model, ["abcdefghij"], seq_len=3, holdout=0.2).tolist()
+        [[97, 98, 99], [100, 101, 102], [103, 104, 105]]
+        >>> lens_token_windows(model, ["abcdefghij"], seq_len=2, split="heldout", holdout=0.2).tolist()
+        [[106, 257]]
+    """
+    n_ctx = int(model.cfg.n_ctx)
+    if seq_len > n_ctx:
+        raise ValueError(
+            f"seq_len={seq_len} is longer than the model's context of {n_ctx} tokens; use at most {n_ctx}."
+        )
+    if split not in ("train", "heldout", "all"):
+        raise ValueError(f"split must be 'train', 'heldout' or 'all', got {split!r}.")
+    stream = token_stream(model, corpus, text_field=text_field)
+    n_hold = 0 if split == "all" else int(round(stream.numel() * holdout))
+    part = {"train": stream[: stream.numel() - n_hold], "heldout": stream[stream.numel() - n_hold:],
+            "all": stream}[split]
+    tok = getattr(model, "tokenizer", None)
+    bos = getattr(tok, "bos_token_id", None) if getattr(model.cfg, "default_prepend_bos", False) else None
+    body = seq_len - (bos is not None)
+    if body <= 0 or part.numel() < body:
+        raise ValueError(
+            f"The {split} split of the corpus ({_corpus_label(corpus)}) has {part.numel()} tokens, fewer "
+            f"than one window of {seq_len}. Use a larger corpus, a shorter seq_len"
+            + (" or a smaller holdout." if split != "all" else ".")
+        )
+    windows = part[: part.numel() // body * body].view(-1, body)
+    if bos is not None:
+        windows = torch.cat([torch.full((windows.shape[0], 1), bos, dtype=windows.dtype), windows], 1)
+    return windows.contiguous()
+
+
+def _window_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+def _step_windows(n_windows: int, per_step: int, step: int, seed: int, cache: dict) -> list[int]:
+    """Global window indices of ``step``: consecutive slices of a per-epoch permutation."""
+    out = []
+    for k in range(step * per_step, (step + 1) * per_step):
+        epoch, pos = divmod(k, n_windows)
+        if epoch not in cache:
+            cache.clear()
+            cache[epoch] = _window_order(n_windows, seed, epoch)
+        out.append(int(cache[epoch][pos]))
+    return out
+
+
+def _micro_batches(ids: list[int], per_batch: int) -> Iterator[list[int]]:
+    for i in range(0, len(ids), per_batch):
+        yield ids[i: i + per_batch]
+
+
+def _forward(model: Any, toks: torch.Tensor, layers: list[int], logits: bool):
+    """Residual stream ``[layer batch pos d]`` at residual indices ``layers``, and the logits."""
+    with torch.inference_mode():
+        cap = capture(model, toks, sites=("resid",), layers=layers, return_logits=logits)
+    return cap["resid"], cap.logits
+
+
+# ---------------------------------------------------------------------------- initialisation
+def lstsq_init(model: Any, lens: TunedLens, windows: torch.Tensor, ids: list[int], *,
+               micro: int, ridge: float, ctx: DistContext) -> None:
+    """Fit each translator in closed form so that ``translator_l(h_l)`` points along the final residual.
+
+    Minimises ``sum_n ||(A h_n + b) / s_n - norm(h_L,n)||^2`` with ``s_n`` the RMS of ``h_n``: the
+    readout is scale-invariant, so each row counts by direction, and high-norm rows (the
+    attention-sink position) do not dominate. Normal equations in float64, summed over ranks.
+    """
+    readout = Readout(model)
+    L, d = lens.n_layers, lens.d_model
+    G = torch.zeros(L, d + 1, d + 1, dtype=torch.float64)
+    C = torch.zeros(L, d + 1, d, dtype=torch.float64)
+    for batch in _micro_batches(ids, micro):
+        resid, _ = _forward(model, windows[batch], list(range(L + 1)), logits=False)
+        with torch.inference_mode():
+            resid = resid.reshape(L + 1, -1, d).float()
+            target = readout.normalize(resid[L])
+            for layer in range(L):
+                x = resid[layer]
+                w = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-12)
+                xa = torch.cat([x * w, w], 1)
+                G[layer] += (xa.T @ xa).double()
+                C[layer] += (xa.T @ target).double()
+    flat = ctx.all_reduce_sum(torch.cat([G.flatten(), C.flatten()]))
+    G, C = flat[: G.numel()].view_as(G), flat[G.numel():].view_as(C)
+    eye = torch.eye(d, dtype=torch.float64)
+    with torch.no_grad():
+        for layer in range(L):
+            g = G[layer].clone()
+            g[:d, :d] += ridge * torch.diagonal(g[:d, :d]).mean() * eye
+            B = torch.linalg.solve(g, C[layer])  # [d+1 d]: y = x B[:d] + B[d]
+            lens.weight[layer] = (B[:d] - eye).T.to(lens.weight.dtype)
+            if lens.has_bias:
+                lens.bias[layer] = B[d].to(lens.bias.dtype)
+
+
+# ------------------------------------------------------------------------------- checkpoints
+def _train_settings(cfg: TrainConfig) -> dict[str, Any]:
+    return {k: v for k, v in dataclasses.asdict(cfg).items()
+            if k not in ("out_dir", "resume", "progress", "stop_after", "max_seconds")}
+
+
+def _save_lens_into(out: Path, lens: TunedLens) -> None:
+    """Write the lens's two files into ``out`` (which also holds the checkpoint), each atomically."""
+    staging = out / ".lens-staging"
+    lens.save(staging)  # an atomic folder; then move its files in, tensors before config
+    for name in ("tensors.safetensors", "config.json"):
+        os.replace(staging / name, out / name)
+    staging.rmdir()
+
+
+def _save_checkpoint(out: Path, lens, optimizers, step: int, history: dict, cfg: TrainConfig,
+                     data_sig: dict) -> None:
+    tensors, opt_meta = flatten_state(optimizers)
+    tensors = {"lens.weight": lens.weight.detach(), "lens.bias": lens.bias.detach(), **tensors}
+    config = {"step": step, "settings": _train_settings(cfg), "optimizers": opt_meta,
+              "history": history, "data": data_sig}
+    save_fitted(out / CHECKPOINT_DIR, tensors, kind=_CKPT_KIND, config=config, fingerprint=lens.model_info)
+
+
+def _load_checkpoint(out: Path, model: Any, lens, optimizers, cfg: TrainConfig, data_sig: dict):
+    tensors, meta = load_fitted(out / CHECKPOINT_DIR, kind=_CKPT_KIND, model=model)
+    saved = meta["config"]
+    now = _train_settings(cfg)
+    for key in _RESUME_KEYS:
+        if saved["settings"].get(key) != now.get(key):
+            raise ValueError(
+                f"Cannot resume from {out / CHECKPOINT_DIR}: it was trained with {key}="
+                f"{saved['settings'].get(key)!r}, this run asks for {now.get(key)!r}. Use the same "
+                "settings, or a new output folder."
+            )
+    for key in ("corpus", "n_windows", "sha256"):
+        if saved["data"].get(key) != data_sig.get(key):
+            raise ValueError(
+                f"Cannot resume from {out / CHECKPOINT_DIR}: the training data differ ({key}: "
+                f"{saved['data'].get(key)!r} then, {data_sig.get(key)!r} now). Pass the same corpus."
+            )
+    with torch.no_grad():
+        lens.weight.copy_(tensors["lens.weight"])
+        lens.bias.copy_(tensors["lens.bias"])
+    unflatten_state(optimizers, tensors, saved["optimizers"])
+    return int(saved["step"]), saved["history"]
+
+
+def default_lens_dir(model_or_name: Any, root: str | os.PathLike = "out") -> Path:
+    """Where ``train-lens`` writes by default: ``out/tuned-lens-<model>/`` (``smollm2-135m`` for
+    the embedded model), which ``tlmicroscope demo`` also looks at."""
+    from tlmicroscope.models.embedded import EMBEDDED_HF_NAME, EMBEDDED_NAMES
+
+    name = model_or_name if isinstance(model_or_name, str) else _compat.model_label(model_or_name)
+    if name == EMBEDDED_HF_NAME or name.lower() in EMBEDDED_NAMES:
+        slug = EMBEDDED_NAMES[0]
+    else:
+        slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in Path(str(name)).name.lower())
+    return Path(root) / f"tuned-lens-{slug}"
+
+
+# ---------------------------------------------------------------------------------- training
+def _data_signature(corpus: CorpusSource, windows: torch.Tensor) -> dict[str, Any]:
+    digest = hashlib.sha256(windows.numpy().tobytes()).hexdigest()
+    return {"corpus": _corpus_label(corpus), "n_windows": int(windows.shape[0]), "sha256": digest}
+
+
+def _empty_history() -> dict[str, list]:
+    return {"tokens_seen": [], "kl": [], "lr": [], "grad_norm": [], "seconds": [], "init_seconds": 0.0}
+
+
+def train_tuned_lens(
+    model: Any,
+    corpus: CorpusSource = None,
+    config: TrainConfig | None = None,
+    *,
+    lens: TunedLens | None = None,
+    **overrides: Any,
+) -> TrainResult:
+    """Train a tuned lens for ``model`` on ``corpus`` with the KL objective.
+
+    Args:
+        model: A TransformerLens model (kept frozen; run under ``torch.inference_mode``).
+        corpus: ``None``/``"embedded"``, a .txt/.jsonl file or folder, or an iterable of strings.
+        config: A ``TrainConfig``; keyword ``overrides`` replace its fields.
+        lens: A lens to keep training (default: a new zero lens for ``model``).
+
+    Returns:
+        A ``TrainResult`` with the lens and its held-out learning curve. With ``out_dir`` the lens
+        is also saved there (``load_lens(out_dir, model)`` reads it).
+
+    Raises:
+        ValueError: bad settings, ``seq_len`` over ``n_ctx``, a corpus too small for one step, a
+            checkpoint from other settings or another model.
+        TrainingDivergedError: the loss became NaN or infinite (the last checkpoint is kept).
+
+    Examples:
+        >>> from tlmicroscope.models import tiny_model
+        >>> model = tiny_model(n_layers=2)
+        >>> text = ["The tuned lens reads each layer. " * 40]
+        >>> res = train_tuned_lens(model, text, steps=3, tokens_per_step=64, seq_len=32,
+        ...                        init_tokens=128, progress=False, precision="fp32")
+        >>> tuple(res.kl.shape), int(res.tokens_seen[-1])
+        ((3, 2), 128)
+    """
+    cfg = dataclasses.replace(config or TrainConfig(), **overrides).resolved()
+    ctx = dist_context(model.W_U.device)
+    from tlmicroscope.inputs import ensure_eval
+
+    ensure_eval(model)
+    L, d = int(model.cfg.n_layers), int(model.cfg.d_model)
+    lens = lens if lens is not None else TunedLens.for_model(model, bias=cfg.bias)
+    lens.check_model(model)
+    if lens.model_info is None:
+        from tlmicroscope.io import model_fingerprint
+
+        lens.model_info = model_fingerprint(model)
+    readout = Readout(model)
+    compute_dtype = resolve_compute_dtype(cfg.precision, model.W_U.device)
+    objective = LensObjective(readout, compute_dtype=compute_dtype, chunk_rows=cfg.chunk_rows)
+
+    windows = lens_token_windows(model, corpus, seq_len=cfg.seq_len, split="train",
+                                 holdout=cfg.holdout, text_field=cfg.text_field)
+    per_step = cfg.tokens_per_step // cfg.seq_len
+    if windows.shape[0] < per_step:
+        raise ValueError(
+            f"The training split has {windows.shape[0]} windows of {cfg.seq_len} tokens, fewer than one "
+            f"step of {per_step} ({cfg.tokens_per_step} tokens). Use a larger corpus, or a smaller "
+            "tokens_per_step or seq_len."
+        )
+    data_sig = _data_signature(corpus, windows)
+    micro = max(1, cfg.micro_batch_tokens // cfg.seq_len)
+
+    optimizers = make_optimizers(cfg.recipe, lens.weight, lens.bias if lens.has_bias else None,
+                                 lr=cfg.lr, bias_lr=cfg.bias_lr, weight_decay=cfg.weight_decay,
+                                 momentum=cfg.momentum)
+    base_lrs = {name: [g["lr"] for g in opt.param_groups] for name, opt in optimizers.items()}
+    out = Path(cfg.out_dir) if cfg.out_dir else None
+    start, history = 0, _empty_history()
+    if out is not None and (out / CHECKPOINT_DIR).exists():
+        if not cfg.resume:
+            raise ValueError(
+                f"{out} already holds a training checkpoint. Pass resume=True (--resume) to continue "
+                "it, or choose another output folder."
+            )
+        start, history = _load_checkpoint(out, model, lens, optimizers, cfg, data_sig)
+    elif cfg.init == "lstsq":
+        t0 = time.perf_counter()
+        n_init = max(1, min(windows.shape[0], cfg.init_tokens // cfg.seq_len))
+        order = _window_order(windows.shape[0], cfg.seed, -1)[:n_init].tolist()
+        lstsq_init(model, lens, windows, order[ctx.rank:: ctx.world_size], micro=micro,
+                   ridge=cfg.ridge, ctx=ctx)
+        history["init_seconds"] = time.perf_counter() - t0
+
+    weight_grad = torch.zeros_like(lens.weight)
+    bias_grad = torch.zeros_like(lens.bias)
+    n_global = per_step * cfg.seq_len
+    order_cache: dict = {}
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=cfg.steps, initial=start, desc="tuned lens", unit="step",
+               disable=not (cfg.progress and ctx.is_main))
+    t_run = time.perf_counter()
+    step = start
+    identity_checked = False
+    try:
+        while step < cfg.steps:
+            t0 = time.perf_counter()
+            ids = _step_windows(windows.shape[0], per_step, step, cfg.seed, order_cache)
+            weight_grad.zero_()
+            bias_grad.zero_()
+            kl_sum = torch.zeros(L, dtype=torch.float64)
+            W, b = lens.weight.detach(), lens.bias.detach()
+            for batch in _micro_batches(ids[ctx.rank:: ctx.world_size], micro):
+                layers = list(range(L + (not identity_checked)))
+                resid, logits = _forward(model, windows[batch], layers, logits=True)
+                with torch.inference_mode():
+                    logits = logits.reshape(-1, logits.shape[-1])
+                    if not identity_checked:
+                        # The readout of the last residual must give the model's own logits.
+                        check_readout_identity(readout, resid[L].reshape(-1, d)[-8:], logits[-8:])
+                        identity_checked = True
+                    final = FinalDistribution.from_logits(logits)
+                    del logits
+                    for layer in range(L):
+                        kl, gW, gb = objective.layer_loss_and_grads(
+                            resid[layer].reshape(-1, d), W[layer], b[layer], final,
+                            grad_scale=1.0 / n_global)
+                        kl_sum[layer] += float(kl)
+                        weight_grad[layer] += gW
+                        bias_grad[layer] += gb
+                del resid, final
+            flat = ctx.all_reduce_sum(torch.cat([weight_grad.flatten(), bias_grad.flatten(),
+                                                 kl_sum.float()]))
+            weight_grad.copy_(flat[: weight_grad.numel()].view_as(weight_grad))
+            bias_grad.copy_(flat[weight_grad.numel(): weight_grad.numel() + bias_grad.numel()].view_as(bias_grad))
+            kl_mean = flat[-L:].double() / n_global
+            if not lens.has_bias:
+                bias_grad.zero_()
+            grad_norm = float(torch.sqrt(weight_grad.pow(2).sum() + bias_grad.pow(2).sum()))
+            if not (torch.isfinite(kl_mean).all() and math.isfinite(grad_norm)):
+                bad = [i for i in range(L) if not math.isfinite(float(kl_mean[i]))]
+                raise TrainingDivergedError(
+                    f"Step {step}: the KL loss or its gradient is NaN or infinite"
+                    + (f" (layers {bad[:8]})" if bad else "")
+                    + ". Training stopped before applying the update"
+                    + (f"; the last good checkpoint in {out / CHECKPOINT_DIR} is kept" if out else "")
+                    + ". Lower the learning rate (lr=...), or check the model's activations for NaN."
+                )
+            if cfg.clip_grad_norm is not None and grad_norm > cfg.clip_grad_norm:
+                scale = cfg.clip_grad_norm / (grad_norm + 1e-6)
+                weight_grad.mul_(scale)
+                bias_grad.mul_(scale)
+            lens.weight.grad = weight_grad
+            lens.bias.grad = bias_grad if lens.has_bias else None
+            factor = cfg.lr_factor(step)
+            for name, opt in optimizers.items():
+                for group, base in zip(opt.param_groups, base_lrs[name]):
+                    group["lr"] = base * factor
+                opt.step()
+            lens.weight.grad = lens.bias.grad = None
+            if not (torch.isfinite(lens.weight).all() and torch.isfinite(lens.bias).all()):
+                raise TrainingDivergedError(
+                    f"Step {step}: the update made the translators NaN or infinite. Lower the "
+                    "learning rate" + (f"; the last good checkpoint in {out / CHECKPOINT_DIR} is kept." if out else ".")
+                )
+            step += 1
+            history["tokens_seen"].append((step - 1) * n_global)
+            history["kl"].append([float(v) for v in kl_mean])
+            history["lr"].append(cfg.lr * factor)
+            history["grad_norm"].append(grad_norm)
+            history["seconds"].append(time.perf_counter() - t0)
+            bar.update(1)
+            bar.set_postfix(kl=f"{float(kl_mean.mean()):.3f}", lr=f"{cfg.lr * factor:.2g}")
+            done = step >= cfg.steps
+            stopping = (cfg.stop_after is not None and step - start >= cfg.stop_after) or (
+                cfg.max_seconds is not None and time.perf_counter() - t_run > cfg.max_seconds)
+            if out is not None and (done or stopping or step % cfg.checkpoint_every == 0):
+                _record(lens, cfg, history, ctx, step)
+                if ctx.is_main:
+                    _save_checkpoint(out, lens, optimizers, step, history, cfg, data_sig)
+                    _save_lens_into(out, lens)
+                    atomic_write_text(out / "training.json", json.dumps(
+                        {"settings": _train_settings(cfg), "step": step, "history": history}, indent=1))
+                ctx.barrier()
+            if stopping:
+                break
+    finally:
+        bar.close()
+    _record(lens, cfg, history, ctx, step)
+    return _result(model, lens, cfg, history)
+
+
+def _record(lens: TunedLens, cfg: TrainConfig, history: dict, ctx: DistContext, step: int) -> None:
+    seen = (history["tokens_seen"][-1] + cfg.tokens_per_step) if history["tokens_seen"] else 0
+    lens.settings = {
+        "recipe": cfg.recipe, "init": cfg.init, "steps": step, "tokens_seen": seen,
+        "seq_len": cfg.seq_len, "tokens_per_step": cfg.tokens_per_step, "lr": cfg.lr,
+        "precision": cfg.precision, "seed": cfg.seed, "world_size": ctx.world_size,
+        "final_train_kl": history["kl"][-1] if history["kl"] else None,
+    }
+
+
+def _result(model: Any, lens: TunedLens, cfg: TrainConfig, history: dict) -> TrainResult:
+    n = len(history["kl"])
+    secs = torch.tensor(history["seconds"], dtype=torch.float64)
+    tps = (n * cfg.tokens_per_step / float(secs.sum())) if n and float(secs.sum()) > 0 else float("nan")
+    return TrainResult(
+        lens=lens,
+        tokens_seen=torch.tensor(history["tokens_seen"], dtype=torch.long),
+        kl=torch.tensor(history["kl"], dtype=torch.float64).reshape(n, lens.n_layers),
+        lr=torch.tensor(history["lr"], dtype=torch.float64),
+        grad_norm=torch.tensor(history["grad_norm"], dtype=torch.float64),
+        seconds=secs,
+        init_seconds=float(history.get("init_seconds", 0.0)),
+        tokens_per_second=tps,
+        config=cfg,
+        provenance=Provenance.from_model(model, lens=lens, **_train_settings(cfg)),
+    )
