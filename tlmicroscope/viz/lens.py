@@ -106,6 +106,14 @@ def trajectory_heatmap(
             )
     if show_text == "auto":
         show_text = len(pos) <= 48
+    # Early logit-lens layers can reach 100+ nats and would flatten every other cell into one
+    # colour: clip the colour scale at the 98th percentile (hover still shows true values).
+    zmax = None
+    finite = color[np.isfinite(color)]
+    if statistic in ("entropy", "kl", "cross_entropy", "neg_log_top1") and finite.size:
+        cap = float(np.percentile(finite, 98))
+        if finite.max() > 1.5 * cap > 0:
+            zmax = cap
     fig = go.Figure(
         go.Heatmap(
             z=color,
@@ -117,7 +125,10 @@ def trajectory_heatmap(
             customdata=hover,
             hovertemplate="%{customdata}<extra></extra>",
             colorscale="Blues" if statistic == "max_prob" else "Viridis",
-            colorbar={"title": "log10(rank+1)" if statistic == "target_rank" else statistic},
+            zmin=0 if zmax is not None else None,
+            zmax=zmax,
+            colorbar={"title": "log10(rank+1)" if statistic == "target_rank"
+                      else statistic + (" (clipped)" if zmax is not None else "")},
         )
     )
     fig.update_layout(
