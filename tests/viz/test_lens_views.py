@@ -78,11 +78,11 @@ def test_page_is_offline_and_embeds_each_library_once(tmp_path):
     assert 'data-status="missing"' in html and "tlmicroscope train-lens" in html
 
 
-def test_colour_scale_is_clipped_at_the_98th_percentile_when_one_layer_dominates():
-    traj = synthetic_trajectory(n_layers=6, n_pos=10)
+def test_colour_scale_is_clipped_at_the_90th_percentile_when_one_layer_dominates():
+    traj = synthetic_trajectory(n_layers=30, n_pos=4)
     traj.kl[0] = 150.0  # an embedding-layer readout far above the rest
     heat = trajectory_heatmap(traj, "kl").data[0]
     vals = traj.kl[:, 0].numpy()
-    assert heat.zmax == pytest.approx(float(np.percentile(vals, 98)))
+    assert heat.zmax == pytest.approx(float(np.percentile(vals, 90))) and heat.zmax < 1.0
     np.testing.assert_allclose(heat.z, vals, rtol=1e-6)  # the data itself is not clipped
     assert trajectory_heatmap(synthetic_trajectory(), "kl").data[0].zmax is None

@@ -107,11 +107,11 @@ def trajectory_heatmap(
     if show_text == "auto":
         show_text = len(pos) <= 48
     # Early logit-lens layers can reach 100+ nats and would flatten every other cell into one
-    # colour: clip the colour scale at the 98th percentile (hover still shows true values).
+    # colour: clip the colour scale at the 90th percentile (hover still shows true values).
     zmax = None
     finite = color[np.isfinite(color)]
     if statistic in ("entropy", "kl", "cross_entropy", "neg_log_top1") and finite.size:
-        cap = float(np.percentile(finite, 98))
+        cap = float(np.percentile(finite, 90))
         if finite.max() > 1.5 * cap > 0:
             zmax = cap
     fig = go.Figure(
