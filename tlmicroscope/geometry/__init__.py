@@ -6,6 +6,13 @@ capture, PCA/UMAP projections, attention-vs-MLP separation, norms, positions, tr
 """
 
 from tlmicroscope.geometry.anisotropy import AnisotropyResult, anisotropy
+from tlmicroscope.geometry.correlation import (
+    IdLossCorrelation,
+    LogitsEntropyCorrelation,
+    id_loss_correlation,
+    logits_entropy_correlation,
+)
+from tlmicroscope.geometry.cosine import CosineSimilarity, cosine_similarity
 from tlmicroscope.geometry.intrinsic_dimension import (
     IntrinsicDimensionResult,
     gride_scales,
@@ -18,6 +25,9 @@ from tlmicroscope.geometry.neighbours import (
     nearest_neighbours,
     neighbourhood_overlap,
 )
+from tlmicroscope.geometry.layer_geometry import LayerGeometry, layer_geometry
+from tlmicroscope.geometry.shuffle import block_permutation, shuffle_tokens
+from tlmicroscope.geometry.sweep import GeometrySweep, geometry_sweep, load_geometry_sweep
 from tlmicroscope.geometry.components import (
     COMPONENTS,
     ComponentStates,
@@ -71,4 +81,17 @@ __all__ += [  # token geometry
     "nearest_neighbours",
     "NeighbourhoodOverlap",
     "neighbourhood_overlap",
+    "CosineSimilarity",
+    "cosine_similarity",
+    "shuffle_tokens",
+    "block_permutation",
+    "LayerGeometry",
+    "layer_geometry",
+    "GeometrySweep",
+    "geometry_sweep",
+    "load_geometry_sweep",
+    "IdLossCorrelation",
+    "id_loss_correlation",
+    "LogitsEntropyCorrelation",
+    "logits_entropy_correlation",
 ]

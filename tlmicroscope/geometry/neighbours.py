@@ -128,13 +128,17 @@ _REL_TOL = 1e-8
 
 def _pass(
     x: torch.Tensor,
+    raw: torch.Tensor,
     norms: torch.Tensor,
     rows: torch.Tensor,
     positions: list[int],
-    need_indices: bool,
+    index_upto: int,
     chunk_bytes: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Squared distances at ``positions`` for ``rows`` from one float64 GEMM per chunk.
+
+    ``x`` is the centred cloud (for the GEMM), ``raw`` the uncentred one (for exact differences:
+    centring rounds, and would break exact ties between equidistant points).
 
     Returns the values, the neighbour indices, and a mask of the rows whose values are certified
     to ``_REL_TOL`` relative error and whose indices are certified (separated from the next and
@@ -161,7 +165,7 @@ def _pass(
         err = c * (radius[r].unsqueeze(1) + radius[cand]) ** 2
         e, i, b = vals[:, pos], cand[:, pos], err[:, pos]
         good = b <= _REL_TOL * e.clamp_min(0)
-        if need_indices:
+        if index_upto:
             # the neighbour at position p is certain when its value is separated from both sides
             nxt = (pos + 1).clamp_max(m - 1)
             sep_next = (vals[:, nxt] - err[:, nxt]) > (e + b)
@@ -169,14 +173,14 @@ def _pass(
             prv = (pos - 1).clamp_min(0)
             sep_prev = (vals[:, prv] + err[:, prv]) < (e - b)
             sep_prev |= (pos == 0).unsqueeze(0)
-            good &= sep_next & sep_prev
+            good &= sep_next & sep_prev | (pos >= index_upto).unsqueeze(0)
         row_ok = good.all(1)
         e, i = e.clamp_min(0), i
         unsure = torch.nonzero(~row_ok).flatten()
         if unsure.numel():
             # exact distances to all candidates of the uncertain rows; every other point is at
             # least (last candidate's value - the row's largest bound) away
-            ce, ci = _sort_by_distance(_exact_sq(x, r[unsure], cand[unsure]), cand[unsure])
+            ce, ci = _sort_by_distance(_exact_sq(raw, r[unsure], cand[unsure]), cand[unsure])
             fine = torch.ones(unsure.numel(), dtype=torch.bool, device=x.device)
             if m < n_other:
                 outside = vals[unsure, -1] - c * (radius[r[unsure]] + radius.max()) ** 2
@@ -232,7 +236,7 @@ def nearest_neighbours(
     k: int | None = None,
     *,
     ranks: Sequence[int] | None = None,
-    need_indices: bool = True,
+    need_indices: bool | int = True,
     chunk_bytes: int = _CHUNK_BYTES,
 ) -> NearestNeighbours:
     """Exact distances to each point's neighbours at ranks ``1..k`` (or at chosen ``ranks``).
@@ -242,7 +246,8 @@ def nearest_neighbours(
         k: Compute ranks 1..k.
         ranks: Or exactly these ranks (1 = nearest), e.g. ``(1, 2, 4, 8)`` for GRIDE.
         need_indices: Certify the neighbours' identities too (the overlap needs them; ID
-            estimators need only the distances, which are certified either way).
+            estimators need only the distances, which are certified either way). An int k
+            certifies the identities at ranks <= k only.
         chunk_bytes: Memory for one chunk of the distance block; bounds peak memory.
 
     Raises:
@@ -269,19 +274,20 @@ def nearest_neighbours(
             f"Neighbour rank {ranks_t[-1]} needs at least {ranks_t[-1] + 1} distinct points, "
             f"but the cloud has {n}. Use more points (tokens) or a smaller rank."
         )
-    x = x - x.mean(0, keepdim=True)
-    norms = torch.linalg.vecdot(x, x)
-    r_max = float(norms.max().sqrt())
+    centre = x.mean(0, keepdim=True)
+    r_max = float(torch.linalg.vector_norm(x - centre, dim=1).max())
     scale = 1.0 if r_max == 0 else 2.0 ** math.floor(math.log2(r_max))
-    x = x / scale
-    norms = norms / (scale * scale)
+    raw = x / scale  # a power of two: exact, so ties and duplicates survive
+    x = raw - centre / scale
+    norms = torch.linalg.vecdot(x, x)
     positions = [r - 1 for r in ranks_t]
     rows = torch.arange(n, device=x.device)
-    e, i, ok = _pass(x, norms, rows, positions, need_indices, chunk_bytes)
+    index_upto = ranks_t[-1] if need_indices is True else int(need_indices)
+    e, i, ok = _pass(x, raw, norms, rows, positions, index_upto, chunk_bytes)
     n_recomputed = int((~ok).sum())
     if n_recomputed:
         redo = rows[~ok]
-        e[redo], i[redo] = _direct(x, redo, positions)
+        e[redo], i[redo] = _direct(raw, redo, positions)
     return NearestNeighbours(
         distances=e.sqrt() * scale, indices=i, ranks=ranks_t, n_recomputed=n_recomputed
     )
