@@ -21,7 +21,7 @@ __all__ = ["main", "add_model_args", "load_from_args", "log", "read_text_arg"]
 DEFAULT_TEXT = "The capital of France is"
 
 # Modules with ``register(subparsers)``; each analysis package adds its own line.
-_COMMAND_MODULES = ["tlmicroscope.lenses._cli", "tlmicroscope.geometry._latent_cli",
+_COMMAND_MODULES = ["tlmicroscope.lenses._cli", "tlmicroscope._serve_cli", "tlmicroscope.geometry._latent_cli",
                     "tlmicroscope.lenses._tuned_cli"]
 
 

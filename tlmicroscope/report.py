@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ __all__ = [
     "register_section",
     "available_sections",
     "report",
+    "report_steps",
 ]
 
 
@@ -125,6 +126,55 @@ class Report:
         return self.page.render()
 
 
+def report_steps(
+    model: Any,
+    text: str,
+    *,
+    lens: Any = None,
+    sections: Sequence[str] | None = None,
+    title: str | None = None,
+    **settings: Any,
+) -> Iterator[tuple[int, int, str, Report]]:
+    """Build a report section by section, yielding ``(done, total, next_section, report_so_far)``.
+
+    The first yield comes before any section runs; the last has ``done == total``. A caller that
+    stops iterating (a cancelled dashboard run) stops the work between sections.
+    """
+    _load_builtin_sections()
+    tokens = to_tokens(model, text, truncate=bool(settings.get("truncate", False)))
+    names = list(sections) if sections is not None else [n for n, s in _SECTIONS.items() if s.default]
+    unknown = [n for n in names if n not in _SECTIONS]
+    if unknown:
+        raise ValueError(f"Unknown report sections {unknown}; available: {list(_SECTIONS)}.")
+    ctx = ReportContext(model=model, text=text, tokens=tokens, lens=lens, settings=dict(settings))
+    processed = "processed (fold_ln/centring)" if _compat.weights_processed(model) else "unprocessed"
+    intro = (
+        f"Model <b>{escape(_compat.model_label(model))}</b> ({escape(type(model).__name__)}, "
+        f"weights {processed}, TransformerLens {escape(_compat.TL_VERSION)}); "
+        f"{tokens.shape[-1]} tokens of text."
+    )
+    page = HtmlPage(title=title or "tlmicroscope report", intro=intro)
+    rep = Report(page=page, rendered=[], missing={}, failed={}, seconds={})
+    for i, name in enumerate(names):
+        yield i, len(names), name, rep
+        spec = _SECTIONS[name]
+        t0 = time.perf_counter()
+        try:
+            sec = spec.build(ctx)
+        except MissingPrerequisite as exc:
+            page.add_notice(spec.title, exc.message, exc.fix)
+            rep.missing[name] = exc.message
+        except Exception as exc:  # a broken section is reported in place, never fatal
+            detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+            page.add_notice(spec.title, f"This section failed: {detail}")
+            rep.failed[name] = detail
+        else:
+            page.add_section(spec.title, *sec.items, caption=sec.caption)
+            rep.rendered.append(name)
+        rep.seconds[name] = time.perf_counter() - t0
+    yield len(names), len(names), "", rep
+
+
 def report(
     model: Any,
     text: str,
@@ -142,6 +192,7 @@ def report(
         lens: A trained lens (e.g. a ``TunedLens``) to show beside the logit lens.
         sections: Section names to include (default: every default section); see
             ``available_sections()``.
+        title: The page title.
         **settings: Passed to the sections through ``ctx.settings`` (e.g. ``top_k``).
 
     Examples:
@@ -150,35 +201,7 @@ def report(
         >>> rep.rendered
         ['trajectory']
     """
-    _load_builtin_sections()
-    tokens = to_tokens(model, text, truncate=bool(settings.get("truncate", False)))
-    names = list(sections) if sections is not None else [n for n, s in _SECTIONS.items() if s.default]
-    unknown = [n for n in names if n not in _SECTIONS]
-    if unknown:
-        raise ValueError(f"Unknown report sections {unknown}; available: {list(_SECTIONS)}.")
-    ctx = ReportContext(model=model, text=text, tokens=tokens, lens=lens, settings=dict(settings))
-    processed = "processed (fold_ln/centring)" if _compat.weights_processed(model) else "unprocessed"
-    intro = (
-        f"Model <b>{escape(_compat.model_label(model))}</b> ({escape(type(model).__name__)}, "
-        f"weights {processed}, TransformerLens {escape(_compat.TL_VERSION)}); "
-        f"{tokens.shape[-1]} tokens of text."
-    )
-    page = HtmlPage(title=title or "tlmicroscope report", intro=intro)
-    rendered, missing, failed, seconds = [], {}, {}, {}
-    for name in names:
-        spec = _SECTIONS[name]
-        t0 = time.perf_counter()
-        try:
-            sec = spec.build(ctx)
-        except MissingPrerequisite as exc:
-            page.add_notice(spec.title, exc.message, exc.fix)
-            missing[name] = exc.message
-        except Exception as exc:  # a broken section is reported in place, never fatal
-            detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-            page.add_notice(spec.title, f"This section failed: {detail}")
-            failed[name] = detail
-        else:
-            page.add_section(spec.title, *sec.items, caption=sec.caption)
-            rendered.append(name)
-        seconds[name] = time.perf_counter() - t0
-    return Report(page=page, rendered=rendered, missing=missing, failed=failed, seconds=seconds)
+    rep = None
+    for _, _, _, rep in report_steps(model, text, lens=lens, sections=sections, title=title, **settings):
+        pass
+    return rep
