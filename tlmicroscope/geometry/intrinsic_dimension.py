@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from jaxtyping import Float
 
@@ -128,6 +129,11 @@ def remove_duplicates(points) -> tuple[Float[torch.Tensor, "m d"], torch.Tensor,
     """
     x = as_points(points) + 0.0  # + 0.0 turns -0.0 into 0.0
     n = x.shape[0]
+    # equal rows have equal hashes of their bit patterns; distinct hashes prove there is no duplicate
+    weights = torch.randint(1, 2**62, (x.shape[1],), generator=torch.Generator().manual_seed(0)) | 1
+    hashes = (x.view(torch.int64) * weights.to(x.device)).sum(1)
+    if torch.unique(hashes).numel() == n:
+        return x, torch.arange(n, device=x.device), 0
     _, inverse = torch.unique(x, dim=0, return_inverse=True)
     m = int(inverse.max()) + 1
     first = torch.full((m,), n, dtype=torch.long, device=x.device)
@@ -237,12 +243,12 @@ def twonn_from_distances(
     return float((x * y).sum() / (x * x).sum()), math.nan, n - n_eff
 
 
-def _gride_score(d, log_mu, keep, n1, n2, n_kept):
+def _gride_score(d: np.ndarray, log_mu: np.ndarray, keep: np.ndarray, n1, n2, n_kept) -> np.ndarray:
     """dadapy's negative score -l'(d) (the bisection needs only its sign), per scale."""
-    one_m = -torch.expm1(-d.unsqueeze(0) * log_mu)
-    one_m = torch.where(one_m < 2 * _GRIDE_TOL, torch.full_like(one_m, 2 * _GRIDE_TOL), one_m)
+    one_m = -np.expm1(-d[None, :] * log_mu)
+    one_m = np.where(one_m < 2 * _GRIDE_TOL, 2 * _GRIDE_TOL, one_m)
     terms = ((1 - n2 + n1) / one_m + n2 - 1) * log_mu
-    return torch.where(keep, terms, torch.zeros_like(terms)).sum(0) - (n_kept - 1) / d
+    return np.where(keep, terms, 0.0).sum(0) - (n_kept - 1) / d
 
 
 def gride_from_distances(
@@ -250,41 +256,44 @@ def gride_from_distances(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, ...]]:
     """GRIDE at each range scaling n2 in ``scales`` from neighbour distances at ``ranks``.
 
+    The maximisation is numpy on the CPU: a few thousand ratios per scale, where torch's per-op
+    overhead (and thread start-up on a busy machine) would dominate.
+
     Returns:
         ``(ids, errors, radii, n_discarded)``, one entry per scale.
     """
-    ranks = list(ranks)
     col = {r: j for j, r in enumerate(ranks)}
-    n2 = torch.tensor([float(s) for s in scales], dtype=torch.float64, device=distances.device)
+    dist = distances.detach().to("cpu", torch.float64).numpy()
+    n2 = np.array([float(s) for s in scales])
     n1 = n2 / 2
-    r_n1 = torch.stack([distances[:, col[s // 2]] for s in scales], 1)
-    r_n2 = torch.stack([distances[:, col[s]] for s in scales], 1)
+    r_n1 = dist[:, [col[int(s) // 2] for s in scales]]
+    r_n2 = dist[:, [col[int(s)] for s in scales]]
     mus = r_n2 / r_n1
-    mus = torch.where(mus == 1, mus + 10 * _EPS64, mus)  # dadapy nudges exact ties off 1
-    q95, q50 = torch.quantile(mus, torch.tensor([0.95, 0.5], dtype=torch.float64, device=mus.device), dim=0)
+    mus = np.where(mus == 1, mus + 10 * _EPS64, mus)  # dadapy nudges exact ties off 1
+    q95, q50 = np.percentile(mus, [95, 50], axis=0)
     keep = mus < 20 * (q95 - q50) + q50  # dadapy's outlier cut (overlapping points)
-    n_kept = keep.sum(0).to(torch.float64)
-    log_mu = torch.log(mus)
-    d0 = torch.full_like(n2, _GRIDE_D0)
-    d1 = torch.full_like(n2, _GRIDE_D1)
+    n_kept = keep.sum(0).astype(np.float64)
+    log_mu = np.log(mus)
+    d0 = np.full(len(scales), _GRIDE_D0)
+    d1 = np.full(len(scales), _GRIDE_D1)
     s1 = _gride_score(d1, log_mu, keep, n1, n2, n_kept)
-    active = (d0 - d1).abs() > _GRIDE_TOL
-    while bool(active.any()):
+    active = np.abs(d0 - d1) > _GRIDE_TOL
+    while active.any():
         mid = (d0 + d1) / 2
-        s_mid = _gride_score(mid, log_mu, keep, n1, n2, n_kept)
-        same = s_mid * s1 > 0
-        d1 = torch.where(active & same, mid, d1)
-        d0 = torch.where(active & ~same, mid, d0)
-        active = (d0 - d1).abs() > _GRIDE_TOL
+        same = _gride_score(mid, log_mu, keep, n1, n2, n_kept) * s1 > 0
+        d1 = np.where(active & same, mid, d1)
+        d0 = np.where(active & ~same, mid, d0)
+        active = np.abs(d0 - d1) > _GRIDE_TOL
     ids = (d0 + d1) / 2
     # Cramér-Rao error on every (unfiltered) ratio, as dadapy
-    mu_d = torch.exp(-ids.unsqueeze(0) * log_mu)
-    one_m = 1 - mu_d
-    one_m = torch.where(one_m < 5 * _EPS64, torch.full_like(one_m, 5 * _EPS64), one_m)
+    mu_d = np.exp(-ids[None, :] * log_mu)
+    one_m = np.maximum(1 - mu_d, 5 * _EPS64)
     fisher = mus.shape[0] / ids**2 + (n2 - n1 - 1) * ((log_mu / one_m) ** 2 * mu_d).sum(0)
-    errors = 1 / fisher.sqrt()
-    radii = ((r_n1 + r_n2) / 2).mean(0)
-    return ids, errors, radii, tuple(int(mus.shape[0] - k) for k in keep.sum(0).tolist())
+    as_t = lambda a: torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float64)  # noqa: E731
+    return (
+        as_t(ids), as_t(1 / np.sqrt(fisher)), as_t(((r_n1 + r_n2) / 2).mean(0)),
+        tuple(int(mus.shape[0] - k) for k in keep.sum(0)),
+    )
 
 
 def intrinsic_dimension(

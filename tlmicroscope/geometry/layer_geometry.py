@@ -360,7 +360,10 @@ def layer_geometry(
         coords = normed @ _logit_frame(model, readout).to(normed.device)
         lst = cloud_geometry(coords, scales, overlap_k=0, with_cosine=False)
         logits_ids, logits_err = lst.gride, lst.gride_error
-        z = model_logits[0].to(torch.float64) if model_logits is not None else readout(h_last)
+        if model_logits is not None:
+            z = model_logits[0].to(torch.float64)
+        else:  # a cache holds no logits: read them out of the last residual
+            z = readout(state["h_last"].to(readout.W.dtype)).to(torch.float64)
         logp = torch.log_softmax(z, -1)
         entropy = float(-(logp.exp() * logp).sum(-1).mean())
         if toks is not None and n_tokens > 1:

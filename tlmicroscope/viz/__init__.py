@@ -11,6 +11,11 @@ from tlmicroscope.viz.latent import (
     trajectory_plot,
     vocabulary_norm_histogram,
 )
+from tlmicroscope.viz.token_geometry import (
+    id_loss_correlation_figure,
+    layer_geometry_figure,
+    sweep_profile_figure,
+)
 from tlmicroscope.viz.lens import (
     STAT_TITLES,
     colored_tokens,
@@ -38,4 +43,9 @@ __all__ += [  # latent-space geometry
     "trajectory_plot",
     "positional_cosine_heatmap",
     "vocabulary_norm_histogram",
+]
+__all__ += [  # token geometry
+    "layer_geometry_figure",
+    "sweep_profile_figure",
+    "id_loss_correlation_figure",
 ]
