@@ -100,7 +100,7 @@ def _train(args: argparse.Namespace) -> int:
     if steps_done < args.steps:
         log(f"stopped at step {steps_done} of {args.steps}; continue with --resume")
     if args.eval_tokens > 0:
-        _print_eval(_evaluate(model, res.lens, args.corpus, args.eval_tokens, 256, "heldout",
+        _print_eval(_evaluate(model, res.lens, args.corpus, args.eval_tokens, args.seq_len, "heldout",
                               args.holdout, False, False, args.text_field))
     print(out.resolve())
     return 0

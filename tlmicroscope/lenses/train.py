@@ -309,9 +309,9 @@ def lstsq_init(model: Any, lens: TunedLens, windows: torch.Tensor, ids: list[int
             for layer in range(L):
                 x = resid[layer]
                 w = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-12)
-                xa = torch.cat([x * w, w], 1)
-                G[layer] += (xa.T @ xa).double()
-                C[layer] += (xa.T @ target).double()
+                xa = torch.cat([x * w, w], 1).double()  # float64 products: the solve amplifies rounding
+                G[layer] += xa.T @ xa
+                C[layer] += xa.T @ target.double()
     flat = ctx.all_reduce_sum(torch.cat([G.flatten(), C.flatten()]))
     G, C = flat[: G.numel()].view_as(G), flat[G.numel():].view_as(C)
     eye = torch.eye(d, dtype=torch.float64)

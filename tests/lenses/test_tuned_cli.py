@@ -1,0 +1,78 @@
+"""The train-lens and eval-lens subcommands, and the demo picking up a trained lens."""
+
+import json
+
+import pytest
+import torch
+
+import tlmicroscope.lenses._cli as lens_cli
+import tlmicroscope.lenses._tuned_cli as tuned_cli
+from tlmicroscope.cli import main
+from tlmicroscope.lenses import TunedLens, load_lens
+from tlmicroscope.lenses.train import default_lens_dir
+
+pytestmark = pytest.mark.models
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "corpus.jsonl"
+    rows = [{"text": f"Document {i} says the lens reads each layer of the model. " * 6} for i in range(6)]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path
+
+
+@pytest.fixture
+def use_tiny(monkeypatch, tiny_llama):
+    monkeypatch.setattr(tuned_cli, "load_from_args", lambda args: tiny_llama)
+    return tiny_llama
+
+
+def test_train_then_eval(use_tiny, corpus, tmp_path, capsys):
+    out = tmp_path / "lens"
+    args = ["train-lens", "--corpus", str(corpus), "--out", str(out), "--steps", "3",
+            "--tokens-per-step", "128", "--seq-len", "32", "--init-tokens", "128",
+            "--precision", "fp32", "--checkpoint-every", "2", "--eval-tokens", "64"]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert str(out.resolve()) in captured.out
+    assert "tuned KL" in captured.out and "tokens/s" in captured.err
+    lens = load_lens(out, use_tiny)
+    assert isinstance(lens, TunedLens) and lens.settings["steps"] == 3
+    assert (out / "checkpoint" / "config.json").is_file() and (out / "training.json").is_file()
+    # a second run into the same folder needs --resume; with it, there is nothing left to do
+    assert main(args) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main(args + ["--resume"]) == 0
+    assert torch.equal(load_lens(out, use_tiny).weight, lens.weight)
+
+    html, js = tmp_path / "eval.html", tmp_path / "eval.json"
+    assert main(["eval-lens", "--lens", str(out), "--corpus", str(corpus), "--tokens", "64",
+                 "--seq-len", "32", "--bias", "--transfer", "--html", str(html), "--json", str(js)]) == 0
+    rows = json.loads(js.read_text())
+    assert [r["label"] for r in rows] == ["0", "1", "2", "out"] and "logit_kl" in rows[0]
+    assert html.stat().st_size > 10_000
+
+
+def test_cli_errors_are_one_clear_line(use_tiny, corpus, tmp_path, capsys):
+    assert main(["train-lens", "--corpus", str(corpus), "--out", str(tmp_path / "x"),
+                 "--seq-len", "4096", "--tokens-per-step", "4096"]) == 2
+    assert "context" in capsys.readouterr().err
+    assert main(["eval-lens", "--lens", str(tmp_path / "missing")]) == 2
+    assert "train-lens" in capsys.readouterr().err
+
+
+def test_default_location_and_demo_pickup(tiny_llama, tmp_path, monkeypatch):
+    assert default_lens_dir("smollm2-135m") == default_lens_dir("HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert str(default_lens_dir("smollm2-135m")) == "out/tuned-lens-smollm2-135m"
+    assert default_lens_dir(tiny_llama).name == "tuned-lens-tiny-llama-l3-d32-s0"
+    monkeypatch.chdir(tmp_path)
+    seen = {}
+    monkeypatch.setattr(lens_cli, "_report", lambda args: seen.setdefault("lens", args.lens) and 0)
+    args = lens_cli.argparse.Namespace(model="smollm2-135m", lens=None)
+    lens_cli._demo(args)
+    assert seen["lens"] is None  # nothing trained yet: the logit lens only
+    TunedLens.for_model(tiny_llama).save(default_lens_dir("smollm2-135m"))
+    seen.clear()
+    lens_cli._demo(lens_cli.argparse.Namespace(model="smollm2-135m", lens=None))
+    assert seen["lens"] == "out/tuned-lens-smollm2-135m"
