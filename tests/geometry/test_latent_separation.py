@@ -48,6 +48,24 @@ def test_separable_clouds_score_one_and_mixed_clouds_score_chance():
     assert list(df.columns) == ["layer", "accuracy", "accuracy_std", "silhouette", "n_points"]
 
 
+def test_top_pca_components_only():
+    g = torch.Generator().manual_seed(2)
+    n, d = 200, 10
+    # The classes differ only along a low-variance direction: separable in full, not in the top 2 PCs.
+    scale = torch.ones(d)
+    scale[:2] = 20.0
+    a = torch.randn(n, d, generator=g) * scale
+    b = torch.randn(n, d, generator=g) * scale
+    a[:, 9] += 4.0
+    full = component_separation(_states(a, b), metric="euclidean")
+    top2 = component_separation(_states(a, b), metric="euclidean", n_pca=2)
+    assert float(full.accuracy[0]) > 0.95
+    assert abs(float(top2.accuracy[0]) - 0.5) < 0.1
+    assert top2.provenance is None or top2.provenance.settings["separation"]["n_pca"] == 2
+    with pytest.raises(ValueError, match="n_pca"):
+        component_separation(_states(a, b), n_pca=50)
+
+
 def test_euclidean_silhouette_and_unit_vectors():
     g = torch.Generator().manual_seed(1)
     n, d = 200, 8

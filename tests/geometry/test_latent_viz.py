@@ -125,6 +125,8 @@ def test_separation_norms_positions_vocab_plots():
     res = SeparationResult((0, 1, 2), torch.tensor([0.5, 0.8, 0.99]), torch.tensor([0.02, 0.03, 0.01]),
                            torch.tensor([0.0, 0.2, 0.5]), torch.tensor([10, 10, 10]), ("attn_out", "mlp_out"), 0.5)
     fig = separation_plot(res)
+    two = separation_plot(res, also=res)
+    assert len(two.data) == 3 and two.data[1].name == "accuracy (second result)"
     assert list(fig.data[0].y) == pytest.approx([0.5, 0.8, 0.99]) and list(fig.data[0].error_y.array)[2] == pytest.approx(0.01)
     norms = torch.ones(3, 2, 6)
     norms[:, :, 0] = torch.tensor([[5.0], [50.0], [8.0]])

@@ -113,11 +113,15 @@ def _latent(args: argparse.Namespace) -> int:
         projection_scatter(raw.transform(pair.mean("samples")), "component", max_points=mp,
                            title="Sample means, projected with the PCA fitted on every vector"),
         caption="Attention outputs blue, MLP outputs red, darker = earlier block. " + cap)
-    sep = component_separation(states.select(components=ATTN_VS_MLP), progress=False, seed=args.seed)
-    page.add_section("Attention vs MLP: separation by block", separation_plot(sep),
-                     _table(sep.to_dataframe().round(3)),
-                     caption="Cross-validated accuracy of a logistic-regression probe (0.5 = chance) and "
-                             "the cosine silhouette of the two groups. " + sep.provenance.describe())
+    both = states.select(components=ATTN_VS_MLP)
+    sep = component_separation(both, max_points=500, seed=args.seed)
+    sep2 = component_separation(both, max_points=500, n_pca=2, seed=args.seed)
+    table = sep.to_dataframe().round(3)
+    table.insert(2, "accuracy_top2_pcs", sep2.accuracy.numpy().round(3))
+    page.add_section("Attention vs MLP: separation by block", separation_plot(sep, also=sep2), _table(table),
+                     caption="Cross-validated accuracy of a logistic-regression probe (0.5 = chance), in the "
+                             "full space and in each block's top two principal components, and the cosine "
+                             "silhouette of the two groups. " + sep.provenance.describe())
     if args.umap:
         try:
             _import_umap()
@@ -169,7 +173,9 @@ def _latent(args: argparse.Namespace) -> int:
 
 
 def _has_learned_positions(model) -> bool:
-    return str(getattr(model.cfg, "positional_embedding_type", "")) == "standard" and hasattr(model, "W_pos")
+    from tlmicroscope.models import _compat
+
+    return _compat.positional_embedding_weights(model) is not None
 
 
 def _table(df) -> str:

@@ -162,7 +162,7 @@ def stream_states(
     *,
     positions: torch.Tensor | None = None,
 ) -> None:
-    """Run one batch and call ``callback(state_index, act[batch pos d_model])`` for each planned state.
+    """Run one batch and call ``callback(state_index, act[batch pos d_model])`` once per planned state.
 
     Built on ``tlmicroscope.capture.stream``; the forward pass stops after the last planned hook,
     and hooks are removed however it ends.
@@ -172,7 +172,14 @@ def stream_states(
     last = len(plan) - 1
     pos_idx = positions
 
+    delivered: set[int] = set()
+
     def deliver(i: int, act: torch.Tensor) -> None:
+        # HookedTransformer applies ln1 once each for the query, key and value inputs, so its
+        # hook_normalized fires three times per forward; every state is handed over only once.
+        if i in delivered:
+            return
+        delivered.add(i)
         callback(i, act)
         if i == last:
             raise _StopForward

@@ -30,6 +30,7 @@ from tlmicroscope.geometry.components import (
     unit_length,
 )
 from tlmicroscope.geometry.projection import Projection, project
+from tlmicroscope.models import _compat
 from tlmicroscope.results import Provenance
 
 __all__ = ["PositionalGeometry", "positional_geometry", "fit_sinusoid"]
@@ -114,9 +115,7 @@ def fit_sinusoid(series: Any, *, oversample: int = 8) -> tuple[float, float]:
 
 
 def _learned_table(model: Any) -> torch.Tensor | None:
-    if str(getattr(model.cfg, "positional_embedding_type", "")) != "standard":
-        return None
-    w = getattr(model, "W_pos", None)
+    w = _compat.positional_embedding_weights(model)
     return None if w is None else w.detach().float().cpu()
 
 

@@ -89,6 +89,16 @@ def _score_layer(
     return float(scores.mean()), float(scores.std()), float(sil)
 
 
+def _top_components(a: np.ndarray, b: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    both = np.concatenate([a, b]).astype(np.float64)
+    if not 1 <= k <= min(both.shape):
+        raise ValueError(f"n_pca must lie in [1, {min(both.shape)}], got {k}.")
+    centred = both - both.mean(0)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    z = centred @ vt[:k].T
+    return z[: len(a)], z[len(a):]
+
+
 def component_separation(
     model_or_states: Any,
     tokens: TextOrTokens | None = None,
@@ -101,6 +111,7 @@ def component_separation(
     n_folds: int = 5,
     metric: str = "cosine",
     silhouette_size: int = 2000,
+    n_pca: int | None = None,
     seed: int = 0,
     batch_size: int = 8,
     progress: bool = True,
@@ -119,6 +130,9 @@ def component_separation(
         n_folds: Cross-validation folds.
         metric: Silhouette distance, ``"cosine"`` (as the reference's UMAP) or ``"euclidean"``.
         silhouette_size: Points drawn for the silhouette (it is quadratic in the points).
+        n_pca: Score in each block's top ``n_pca`` principal components (fitted with centring on
+            both components' vectors of that block) instead of the full space: ``n_pca=2`` asks
+            whether the separation shows in a 2-D PCA picture like the paper's.
 
     Raises:
         ValueError: fewer vectors than folds, a component missing from the states, or a constant layer.
@@ -172,6 +186,8 @@ def component_separation(
         take = min(n, max_points)
         pick = [rng.choice(len(p), size=take, replace=False) for p in pair]
         a, b = pair[0][pick[0]], pair[1][pick[1]]
+        if n_pca is not None:
+            a, b = _top_components(a, b, n_pca)
         if np.ptp(np.concatenate([a, b]), axis=0).max() == 0:
             raise ValueError(f"Block {layer}'s {components} outputs are constant: nothing to separate.")
         m, s, h = _score_layer(a, b, n_folds, metric, silhouette_size, seed)
@@ -192,5 +208,5 @@ def component_separation(
         provenance=prov.with_settings(
             separation=dict(classifier="standardised logistic regression", n_folds=n_folds,
                             metric=metric, unit=unit, drop_first=drop_first, max_points=max_points,
-                            seed=seed)),
+                            n_pca=n_pca, seed=seed)),
     )

@@ -25,6 +25,7 @@ __all__ = [
     "weights_processed",
     "model_label",
     "expand_kv_heads",
+    "positional_embedding_weights",
 ]
 
 
@@ -143,3 +144,24 @@ def expand_kv_heads(t: torch.Tensor, n_heads: int, head_dim: int = -2) -> torch.
     if n_heads % n_kv:
         raise ValueError(f"{n_heads} query heads cannot share {n_kv} key/value heads evenly.")
     return t.repeat_interleave(n_heads // n_kv, dim=head_dim)
+
+
+def positional_embedding_weights(model: Any) -> torch.Tensor | None:
+    """The learned positional table ``[n_ctx d_model]`` (a live parameter), or ``None`` without one.
+
+    ``model.W_pos`` exists on HookedTransformer and on TransformerLens 4's bridge; TransformerLens
+    3.9's bridge only has it on its ``pos`` component.
+    """
+    if str(getattr(model.cfg, "positional_embedding_type", "")) != "standard":
+        return None
+    for owner, attr in ((model, "W_pos"), (getattr(model, "pos", None), "W_pos"),
+                        (getattr(model, "pos_embed", None), "W_pos"), (getattr(model, "pos", None), "weight")):
+        if owner is None:
+            continue
+        try:
+            w = getattr(owner, attr)
+        except AttributeError:
+            continue
+        if isinstance(w, torch.Tensor) and w.ndim == 2:
+            return w
+    return None

@@ -253,8 +253,11 @@ def pca_pair_grid(
     return fig
 
 
-def separation_plot(result: Any, *, title: str | None = None):
+def separation_plot(result: Any, *, also: Any = None, title: str | None = None):
     """Cross-validated accuracy (with ±1 sd over folds) and silhouette by block, chance marked.
+
+    ``also`` adds the accuracy of a second result, e.g. the same separation scored in the top two
+    principal components (``component_separation(..., n_pca=2)``).
 
     Examples:
         >>> import torch
@@ -273,6 +276,13 @@ def separation_plot(result: Any, *, title: str | None = None):
                              name="linear-probe accuracy (CV)", line={"color": "rgb(80,0,160)"},
                              error_y={"type": "data", "array": result.accuracy_std.numpy()}),
                   secondary_y=False)
+    if also is not None:
+        k = also.provenance.settings.get("separation", {}).get("n_pca") if also.provenance else None
+        fig.add_trace(go.Scatter(x=list(also.layers), y=also.accuracy.numpy(), mode="lines+markers",
+                                 name=f"accuracy in the top {k} PCs" if k else "accuracy (second result)",
+                                 line={"color": "rgb(0,150,90)", "dash": "dash"},
+                                 error_y={"type": "data", "array": also.accuracy_std.numpy()}),
+                      secondary_y=False)
     fig.add_trace(go.Scatter(x=layers, y=result.silhouette.numpy(), mode="lines+markers",
                              name="silhouette", line={"color": "rgb(230,120,0)", "dash": "dot"}),
                   secondary_y=True)
@@ -281,7 +291,8 @@ def separation_plot(result: Any, *, title: str | None = None):
     a, b = result.components
     fig.update_layout(title=title or f"{a} vs {b}: separation by block", template="plotly_white",
                       xaxis_title="block", height=420)
-    fig.update_yaxes(title="accuracy", range=[min(0.4, float(result.accuracy.min()) - 0.05), 1.02],
+    low = min(float(r.accuracy.min()) for r in (result, also) if r is not None)
+    fig.update_yaxes(title="accuracy", range=[min(0.4, low - 0.05), 1.02],
                      secondary_y=False)
     fig.update_yaxes(title="silhouette", range=[-1, 1], secondary_y=True)
     return fig
