@@ -1,4 +1,69 @@
 """LLM-Microscope (Razzhigaev et al.): linearity, token-wise non-linearity, layer contributions,
 contextualization by prefix decoding, token classes, anisotropy and filler-token removal."""
 
-__all__: list[str] = []
+from tlmicroscope.microscope.contextualization import (
+    Contextualization,
+    ContextualizationProbe,
+    contextualization,
+)
+from tlmicroscope.microscope.contributions import (
+    ComponentAttribution,
+    LayerContributions,
+    component_attribution,
+    layer_contributions,
+)
+from tlmicroscope.microscope.linearity import LinearityResult, linearity_score, linearity_scores
+from tlmicroscope.microscope.nonlinearity import (
+    NonlinearityReference,
+    TokenNonlinearity,
+    token_nonlinearity,
+)
+from tlmicroscope.microscope.profiles import LayerProfiles, layer_profiles
+from tlmicroscope.microscope.removal import (
+    REMOVALS,
+    FillerRemovalResult,
+    filler_removal_experiment,
+    remove_filler,
+)
+from tlmicroscope.microscope.token_classes import (
+    ARTICLES,
+    STOP_WORDS,
+    TOKEN_CLASSES,
+    CorrelationResult,
+    TokenClassSummary,
+    classify_tokens,
+    contextuality_nonlinearity_correlation,
+    token_class_summary,
+    token_table,
+)
+
+__all__ = [
+    "linearity_scores",
+    "linearity_score",
+    "LinearityResult",
+    "NonlinearityReference",
+    "token_nonlinearity",
+    "TokenNonlinearity",
+    "layer_contributions",
+    "LayerContributions",
+    "component_attribution",
+    "ComponentAttribution",
+    "ContextualizationProbe",
+    "contextualization",
+    "Contextualization",
+    "TOKEN_CLASSES",
+    "ARTICLES",
+    "STOP_WORDS",
+    "classify_tokens",
+    "token_table",
+    "token_class_summary",
+    "TokenClassSummary",
+    "contextuality_nonlinearity_correlation",
+    "CorrelationResult",
+    "layer_profiles",
+    "LayerProfiles",
+    "REMOVALS",
+    "remove_filler",
+    "filler_removal_experiment",
+    "FillerRemovalResult",
+]

@@ -1,0 +1,411 @@
+"""Contextualization by prefix decoding: how much of its context a token's hidden states keep.
+
+LLM-Microscope §3.2 (no public code). For token i, a learned linear pooling over layers and a
+2-layer MLP turn ``[h_i^1..h_i^L]`` into one soft embedding e_i. A decoder, a copy of the model,
+reads e_i as its first input embedding and must reproduce the prefix before token i under
+teacher forcing. ``C_i = −log P(prefix | e_i)``, by default the mean per prefix token: lower C
+means the token's states carry more of the context.
+
+Choices the paper leaves open, all settings of ``ContextualizationProbe`` and recorded in the
+saved probe:
+
+* the prefix is the ``prefix_length`` tokens right before token i (fewer near the start);
+* layers pooled: the outputs of every block, h^1..h^L (``hook_resid_post``; no embedding layer);
+* the decoder is the model itself frozen (``"frozen"``), a copy whose last ``trainable_blocks``
+  blocks train (``"last_k"``, the default), or a fully trainable copy (``"full"``);
+* position 0 has no prefix: its C is NaN (nothing to reconstruct), and summaries skip it.
+
+Training is seeded and deterministic in the step number, so ``fit`` can checkpoint and resume.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Float, Int
+from tqdm.auto import tqdm
+
+from tlmicroscope import io
+from tlmicroscope.corpus import CorpusSource, token_stream
+from tlmicroscope.inputs import TextOrTokens, ensure_eval, resolve_input
+from tlmicroscope.microscope._forward import str_tokens_of
+from tlmicroscope.microscope._prefix_decoding import (
+    PrefixEncoder,
+    decoder_blocks,
+    examined_states,
+    prefix_examples,
+    prefix_token_loss,
+)
+from tlmicroscope.results import Provenance
+
+__all__ = ["ContextualizationProbe", "Contextualization", "contextualization"]
+
+KIND = "contextualization_probe"
+CHECKPOINT_KIND = "contextualization_checkpoint"
+_SETTINGS = ("prefix_length", "mlp_hidden", "decoder", "trainable_blocks", "steps", "windows_per_step",
+             "positions_per_window", "window_length", "lr", "decoder_lr", "warmup", "seed")
+
+
+class ContextualizationProbe:
+    """The trainable adapter (encoder + decoder choice) that measures contextualization.
+
+    Args:
+        prefix_length: P, how many prefix tokens the decoder reconstructs.
+        mlp_hidden: Width of the 2-layer MLP.
+        decoder: ``"frozen"`` (the model itself, untouched), ``"last_k"`` (a copy whose last
+            ``trainable_blocks`` blocks train) or ``"full"`` (a fully trainable copy).
+        trainable_blocks: k for ``"last_k"``.
+        steps: Optimisation steps.
+        windows_per_step, positions_per_window: Corpus windows drawn per step, and tokens of each
+            whose prefix is decoded (their product is the batch of prefixes).
+        window_length: Length of those windows (the context the examined model sees).
+        lr, decoder_lr: AdamW learning rates of the encoder and of the decoder's trainable blocks.
+        warmup: Linear warm-up steps; the rate then follows a cosine to 10 %.
+        seed: Seeds the encoder's initialisation and the data order.
+
+    Examples:
+        >>> from tlmicroscope.models import tiny_model
+        >>> model = tiny_model(n_layers=2)
+        >>> probe = ContextualizationProbe(prefix_length=4, mlp_hidden=16, decoder="frozen", steps=2,
+        ...                                window_length=16)
+        >>> probe = probe.fit(model, ["a small corpus of text " * 20], progress=False)
+        >>> ctx = contextualization(model, "hello world", probe)
+        >>> tuple(ctx.C.shape), bool(ctx.C[0, 0].isnan()), bool(ctx.C[0, 1:].isfinite().all())
+        ((1, 11), True, True)
+    """
+
+    def __init__(self, *, prefix_length: int = 16, mlp_hidden: int = 1024,
+                 decoder: Literal["frozen", "last_k", "full"] = "last_k", trainable_blocks: int = 2,
+                 steps: int = 500, windows_per_step: int = 4, positions_per_window: int = 4,
+                 window_length: int = 64, lr: float = 1e-3, decoder_lr: float = 5e-5, warmup: int = 25,
+                 seed: int = 0):
+        self.prefix_length = prefix_length
+        self.mlp_hidden = mlp_hidden
+        self.decoder = decoder
+        self.trainable_blocks = trainable_blocks
+        self.steps = steps
+        self.windows_per_step = windows_per_step
+        self.positions_per_window = positions_per_window
+        self.window_length = window_length
+        self.lr = lr
+        self.decoder_lr = decoder_lr
+        self.warmup = warmup
+        self.seed = seed
+
+    def settings(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in _SETTINGS}
+
+    def _validate(self, model: Any) -> None:
+        if self.decoder not in ("frozen", "last_k", "full"):
+            raise ValueError(f"decoder must be 'frozen', 'last_k' or 'full', got {self.decoder!r}.")
+        n_layers = int(model.cfg.n_layers)
+        if self.decoder == "last_k" and not 1 <= self.trainable_blocks <= n_layers:
+            raise ValueError(f"trainable_blocks must be in 1..{n_layers} for decoder='last_k', got {self.trainable_blocks}.")
+        if self.prefix_length < 1 or self.window_length < 2:
+            raise ValueError("prefix_length must be ≥ 1 and window_length ≥ 2.")
+        if self.window_length > model.cfg.n_ctx or self.prefix_length > model.cfg.n_ctx:
+            raise ValueError(f"window_length and prefix_length must fit the model's context of {model.cfg.n_ctx}.")
+
+    # -- building ------------------------------------------------------------------------------
+    def _build(self, model: Any) -> None:
+        d = int(model.cfg.d_model)
+        torch.manual_seed(self.seed)
+        W_E = model.W_E.detach().float()
+        self.encoder_ = PrefixEncoder(int(model.cfg.n_layers), d, int(self.mlp_hidden),
+                                      float(W_E.pow(2).mean().sqrt()))
+        if self.decoder == "frozen":
+            self.decoder_ = None
+        else:
+            dec = copy.deepcopy(model).eval()
+            for p in dec.parameters():
+                p.requires_grad_(False)
+            for _, p in decoder_blocks(dec, self.decoder, int(self.trainable_blocks)):
+                p.requires_grad_(True)
+            self.decoder_ = dec
+        self.model_ = io.model_fingerprint(model)
+        self.model_class_ = type(model).__name__
+
+    def _decoder(self, model: Any) -> Any:
+        return model if self.decoder_ is None else self.decoder_
+
+    def _trained_decoder_params(self) -> list[tuple[str, torch.nn.Parameter]]:
+        if self.decoder_ is None:
+            return []
+        return decoder_blocks(self.decoder_, self.decoder, int(self.trainable_blocks))
+
+    def _lr_factor(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / max(1, self.warmup)
+        frac = (step - self.warmup) / max(1, self.steps - self.warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+
+    # -- fitting -------------------------------------------------------------------------------
+    def fit(self, model: Any, corpus: CorpusSource = None, *, checkpoint_dir: str | Path | None = None,
+            checkpoint_every: int = 50, resume: bool = True, progress: bool = True) -> ContextualizationProbe:
+        """Train the encoder (and the decoder's trainable blocks) on ``corpus`` (default: embedded).
+
+        With ``checkpoint_dir``, the state is saved every ``checkpoint_every`` steps and at the end;
+        calling ``fit`` again with the same settings resumes from the last checkpoint.
+
+        Raises:
+            ValueError: bad settings, a corpus shorter than one window, or a checkpoint made with
+                other settings or for another model.
+        """
+        ensure_eval(model)
+        self._validate(model)
+        stream = token_stream(model, corpus)
+        T = int(self.window_length)
+        if stream.numel() < T + 1:
+            raise ValueError(f"The corpus has {stream.numel()} tokens, fewer than one window of {T}; "
+                             "use a larger corpus or a smaller window_length.")
+        self._build(model)
+        self.corpus_ = "embedded (pydoc_data.topics)" if corpus in (None, "embedded") else str(corpus)[:200]
+        groups = [{"params": list(self.encoder_.parameters()), "lr": self.lr, "base_lr": self.lr}]
+        dec_params = [p for _, p in self._trained_decoder_params()]
+        if dec_params:
+            groups.append({"params": dec_params, "lr": self.decoder_lr, "base_lr": self.decoder_lr})
+        opt = torch.optim.AdamW(groups, weight_decay=0.0)
+        self.history_: list[float] = []
+        start, elapsed = 0, 0.0
+        ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        if ckpt is not None and resume and (ckpt / "config.json").is_file():
+            start, elapsed = self._load_checkpoint(ckpt, model, opt)
+        decoder = self._decoder(model)
+        params = [p for g in groups for p in g["params"]]
+        states = list(range(1, int(model.cfg.n_layers) + 1))
+        bar = tqdm(range(start, self.steps), desc="contextualization probe", disable=not progress,
+                   initial=start, total=self.steps)
+        t0 = time.perf_counter()
+        for step in bar:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+            starts = torch.randint(0, stream.numel() - T + 1, (self.windows_per_step,), generator=g)
+            windows = torch.stack([stream[s : s + T] for s in starts.tolist()])
+            b_idx = torch.arange(self.windows_per_step).repeat_interleave(self.positions_per_window)
+            pos = torch.randint(1, T, (b_idx.numel(),), generator=g)
+            with _no_weight_grads(decoder if self.decoder_ is None else None):
+                loss = self._batch_loss(model, decoder, windows, b_idx, pos, states)
+                grads = torch.autograd.grad(loss, params)
+            for p, gr in zip(params, grads):
+                p.grad = gr
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * self._lr_factor(step)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            self.history_.append(float(loss.detach()))
+            bar.set_postfix(loss=f"{self.history_[-1]:.3f}")
+            if ckpt is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == self.steps):
+                self._save_checkpoint(ckpt, opt, step + 1, elapsed + time.perf_counter() - t0)
+        bar.close()
+        self.steps_done_ = int(self.steps)
+        self.train_seconds_ = elapsed + time.perf_counter() - t0
+        return self
+
+    def _batch_loss(self, model, decoder, windows, b_idx, pos, states) -> torch.Tensor:
+        H = examined_states(model, windows, states)[b_idx, pos]  # [n layer d]
+        soft = self.encoder_(H)
+        pad = int(windows[0, 0])
+        inputs, targets, mask = prefix_examples(windows, b_idx, pos, self.prefix_length, pad)
+        ce = prefix_token_loss(decoder, inputs, soft, targets, mask)
+        return (ce.sum(1) / mask.sum(1)).mean()
+
+    # -- persistence ---------------------------------------------------------------------------
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        out = {f"encoder.{k}": v for k, v in self.encoder_.state_dict().items()}
+        out.update({f"decoder.{name}": p.detach() for name, p in self._trained_decoder_params()})
+        return out
+
+    def _config(self) -> dict[str, Any]:
+        return {
+            "settings": self.settings(),
+            "layers_pooled": "resid_post of every block (h^1..h^L)",
+            "position_0": "NaN (no prefix)",
+            "model_class": self.model_class_,
+            "decoder_parameters": [name for name, _ in self._trained_decoder_params()],
+            "corpus": getattr(self, "corpus_", ""),
+            "history": list(getattr(self, "history_", [])),
+            "steps_done": int(getattr(self, "steps_done_", 0)),
+            "train_seconds": float(getattr(self, "train_seconds_", 0.0)),
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Save the encoder, the decoder's trained parameters and every setting, tied to the model."""
+        if not hasattr(self, "encoder_"):
+            raise ValueError("This probe is not fitted: call .fit(model, corpus) first.")
+        return io.save_fitted(path, self._tensors(), kind=KIND, config=self._config(), fingerprint=self.model_)
+
+    @classmethod
+    def load(cls, path: str | Path, model: Any) -> ContextualizationProbe:
+        """Load a saved probe for ``model`` (refused for another model or model class)."""
+        tensors, meta = io.load_fitted(path, kind=KIND, model=model)
+        probe = cls(**meta["config"]["settings"])
+        probe._restore(tensors, meta["config"], model, path)
+        probe.history_ = list(meta["config"].get("history", []))
+        probe.steps_done_ = int(meta["config"].get("steps_done", 0))
+        probe.train_seconds_ = float(meta["config"].get("train_seconds", 0.0))
+        probe.corpus_ = meta["config"].get("corpus", "")
+        return probe
+
+    def _restore(self, tensors: dict[str, torch.Tensor], config: dict[str, Any], model: Any, path: Any,
+                 *, build: bool = True) -> None:
+        saved_class = config.get("model_class")
+        if self.decoder != "frozen" and saved_class and saved_class != type(model).__name__:
+            raise io.ModelMismatchError(
+                f"The probe at {path} trained decoder blocks of a {saved_class}; this model is a "
+                f"{type(model).__name__}, whose parameters are named differently. Load the model with the same kind.")
+        if build:
+            self._validate(model)
+            self._build(model)
+        enc = {k[len("encoder."):]: v for k, v in tensors.items() if k.startswith("encoder.")}
+        try:
+            self.encoder_.load_state_dict(enc)
+        except RuntimeError as exc:
+            raise io.FittedFileError(f"{path}: the encoder weights do not match its settings ({exc}).") from exc
+        named = dict(self._trained_decoder_params())
+        saved = {k[len("decoder."):]: v for k, v in tensors.items() if k.startswith("decoder.")}
+        if set(saved) != set(named):
+            raise io.FittedFileError(f"{path}: the saved decoder parameters do not match this model's "
+                                     f"{self.decoder!r} blocks ({len(saved)} saved, {len(named)} expected).")
+        with torch.no_grad():
+            for name, p in named.items():
+                p.copy_(saved[name])
+
+    def _save_checkpoint(self, path: Path, opt: torch.optim.Optimizer, step: int, seconds: float) -> None:
+        tensors = self._tensors()
+        state = opt.state_dict()
+        for i, st in state["state"].items():
+            for key, value in st.items():
+                tensors[f"optim.{i}.{key}"] = torch.as_tensor(value)
+        cfg = self._config()
+        cfg.update(step=step, train_seconds=seconds, history=self.history_,
+                   optim_groups=[{k: v for k, v in g.items() if k != "params"} for g in state["param_groups"]])
+        io.save_fitted(path, tensors, kind=CHECKPOINT_KIND, config=cfg, fingerprint=self.model_)
+
+    def _load_checkpoint(self, path: Path, model: Any, opt: torch.optim.Optimizer) -> tuple[int, float]:
+        tensors, meta = io.load_fitted(path, kind=CHECKPOINT_KIND, model=model)
+        cfg = meta["config"]
+        for key, value in cfg["settings"].items():
+            if getattr(self, key) != value:
+                raise ValueError(
+                    f"The checkpoint at {path} was made with {key}={value!r}, but this probe has "
+                    f"{key}={getattr(self, key)!r}. Use the same settings, another checkpoint_dir, or resume=False.")
+        self._restore(tensors, cfg, model, path, build=False)
+        state = opt.state_dict()
+        for i in state["state"].keys() | {int(k.split(".")[1]) for k in tensors if k.startswith("optim.")}:
+            keys = [k for k in tensors if k.startswith(f"optim.{i}.")]
+            state["state"][i] = {k.split(".", 2)[2]: tensors[k] for k in keys}
+        for group, saved in zip(state["param_groups"], cfg["optim_groups"]):
+            group.update(saved)
+        opt.load_state_dict(state)
+        self.history_ = list(cfg.get("history", []))
+        return int(cfg["step"]), float(cfg.get("train_seconds", 0.0))
+
+    def __repr__(self) -> str:
+        state = f"fitted {self.steps_done_} steps" if hasattr(self, "steps_done_") else "unfitted"
+        return (f"ContextualizationProbe(prefix_length={self.prefix_length}, mlp_hidden={self.mlp_hidden}, "
+                f"decoder={self.decoder!r}, trainable_blocks={self.trainable_blocks}; {state})")
+
+
+@contextmanager
+def _no_weight_grads(model: Any):
+    """Switch off ``requires_grad`` on a frozen decoder's weights for one step, then restore it.
+
+    Gradients must flow through the decoder to the soft embedding, but building weight-gradient
+    nodes for 100M frozen parameters makes each step several times slower."""
+    if model is None:
+        yield
+        return
+    saved = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in saved:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)
+
+
+@dataclass(frozen=True)
+class Contextualization:
+    """Per-token contextualization C of one prompt (or batch).
+
+    Attributes:
+        C: ``−log P(prefix | e_i)`` per token ``[batch pos]``, mean (or sum) over the prefix tokens,
+            in nats; NaN at position 0, which has no prefix.
+        prefix_length: How many prefix tokens each C covers (``min(i, P)``).
+        reduction: ``"mean"`` or ``"sum"``.
+    """
+
+    C: Float[torch.Tensor, "batch pos"]
+    prefix_length: Int[torch.Tensor, "batch pos"]
+    tokens: Int[torch.Tensor, "batch pos"]
+    str_tokens: list[list[str]]
+    reduction: str
+    provenance: Provenance
+
+    def to_dataframe(self, batch: int = 0):
+        import pandas as pd
+
+        return pd.DataFrame({"position": range(self.C.shape[1]), "token": self.str_tokens[batch],
+                             "C": self.C[batch].tolist(), "prefix_length": self.prefix_length[batch].tolist()})
+
+
+def contextualization(
+    model_or_cache: Any,
+    tokens: TextOrTokens | None = None,
+    probe: ContextualizationProbe | str | Path | None = None,
+    *,
+    reduction: Literal["mean", "sum"] = "mean",
+    batch_size: int = 64,
+    prepend_bos: bool | None = None,
+    truncate: bool = False,
+) -> Contextualization:
+    """C_i for every token of a prompt with a fitted probe (or the folder of a saved one).
+
+    A cache is not enough here: the decoder runs the model again on each prefix, so pass the model
+    (an ``ActivationCache`` is accepted for its model and tokens).
+
+    Raises:
+        ValueError: no probe, a probe for another model, an unknown reduction.
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}.")
+    resolved = resolve_input(model_or_cache, tokens, prepend_bos=prepend_bos, truncate=truncate)
+    model, toks = resolved.model, resolved.tokens
+    ensure_eval(model)
+    if probe is None:
+        raise ValueError("Pass a fitted ContextualizationProbe (or the folder of a saved one); train one with "
+                         "ContextualizationProbe().fit(model) or `tlmicroscope microscope-train-probe`.")
+    if not isinstance(probe, ContextualizationProbe):
+        probe = ContextualizationProbe.load(probe, model)
+    if not hasattr(probe, "encoder_"):
+        raise ValueError("This probe is not fitted: call .fit(model, corpus) or load a saved one.")
+    io.check_fingerprint(probe.model_, model, what="This contextualization probe")
+    batch, n_pos = toks.shape
+    C = torch.full((batch, n_pos), float("nan"))
+    plen = torch.clamp(torch.arange(n_pos), max=probe.prefix_length).expand(batch, n_pos).clone()
+    cpu_toks = toks.cpu()
+    with torch.inference_mode():
+        H = examined_states(model, toks, list(range(1, int(model.cfg.n_layers) + 1)))
+        pairs = [(b, i) for b in range(batch) for i in range(1, n_pos)]
+        decoder = probe._decoder(model)
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start : start + batch_size]
+            b_idx = torch.tensor([b for b, _ in chunk])
+            pos = torch.tensor([i for _, i in chunk])
+            soft = probe.encoder_(H[b_idx, pos].to(next(probe.encoder_.parameters()).device))
+            inputs, targets, mask = prefix_examples(cpu_toks, b_idx, pos, probe.prefix_length, int(cpu_toks[0, 0]))
+            ce = prefix_token_loss(decoder, inputs, soft, targets, mask).sum(1).cpu()
+            C[b_idx, pos] = ce / mask.sum(1) if reduction == "mean" else ce
+    plen[:, 0] = 0
+    str_tokens = str_tokens_of(model, toks)
+    prov = Provenance.from_model(model, reduction=reduction, probe=repr(probe), **probe.settings())
+    return Contextualization(C=C, prefix_length=plen, tokens=cpu_toks, str_tokens=str_tokens,
+                             reduction=reduction, provenance=prov)
