@@ -24,6 +24,7 @@ DEFAULT_TEXT = "The capital of France is"
 _COMMAND_MODULES = ["tlmicroscope.lenses._cli", "tlmicroscope._serve_cli", "tlmicroscope.geometry._latent_cli",
                     "tlmicroscope.lenses._tuned_cli"]
 _COMMAND_MODULES.append("tlmicroscope.geometry._cli")
+_COMMAND_MODULES.append("tlmicroscope.causal._cli")
 _COMMAND_MODULES.append("tlmicroscope.microscope._cli")
 
 

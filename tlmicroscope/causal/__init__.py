@@ -1,4 +1,67 @@
-"""Causal directions: subspace ablation hooks, causal basis extraction, stimulus-response
-alignment, prompt-injection detection and prediction depth (Belrose et al.)."""
+"""Causal directions: subspace ablation hooks, causal basis extraction, causal fidelity,
+stimulus-response alignment, prompt-injection detection and prediction depth (Belrose et al.)."""
 
-__all__: list[str] = []
+from tlmicroscope.causal.ablation import (
+    ABLATION_MODES,
+    ablate_rows,
+    ablate_subspace,
+    as_orthonormal_basis,
+    derangement,
+    subspace_ablation_hooks,
+)
+from tlmicroscope.causal.basis import (
+    CausalBasis,
+    CBEConvergenceError,
+    CBEConvergenceWarning,
+    extract_causal_basis,
+)
+from tlmicroscope.causal.detector import InjectionDetector, MahalanobisDetector
+from tlmicroscope.causal.fidelity import CausalFidelityResult, causal_fidelity
+from tlmicroscope.causal.injection import (
+    INJECTION_TEMPLATE,
+    InjectionFeatures,
+    InjectionPrompts,
+    InjectionResult,
+    inject,
+    injection_experiment,
+    injection_features,
+    injection_prompts,
+    split_auroc,
+)
+from tlmicroscope.causal.prediction_depth import PredictionDepthResult, prediction_depth
+from tlmicroscope.causal.stimulus_response import (
+    StimulusResponseResult,
+    aitchison_similarity,
+    stimulus_response_alignment,
+)
+
+__all__ = [
+    "ABLATION_MODES",
+    "ablate_rows",
+    "ablate_subspace",
+    "as_orthonormal_basis",
+    "derangement",
+    "subspace_ablation_hooks",
+    "CausalBasis",
+    "CBEConvergenceError",
+    "CBEConvergenceWarning",
+    "extract_causal_basis",
+    "CausalFidelityResult",
+    "causal_fidelity",
+    "StimulusResponseResult",
+    "aitchison_similarity",
+    "stimulus_response_alignment",
+    "INJECTION_TEMPLATE",
+    "InjectionDetector",
+    "MahalanobisDetector",
+    "InjectionFeatures",
+    "InjectionPrompts",
+    "InjectionResult",
+    "inject",
+    "injection_experiment",
+    "injection_features",
+    "injection_prompts",
+    "split_auroc",
+    "PredictionDepthResult",
+    "prediction_depth",
+]

@@ -1,0 +1,128 @@
+"""Subcommands ``cbe`` (causal basis, fidelity, stimulus-response) and ``injection`` (detection AUROCs)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from tlmicroscope.cli import add_model_args, load_from_args, log
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("cbe", help="causal basis extraction at a layer, its causal fidelity, and "
+                                   "stimulus-response alignment, as JSON + HTML")
+    p.add_argument("--layer", type=int, default=None, help="residual layer (default: the middle one)")
+    p.add_argument("--k", type=int, default=10, help="number of directions")
+    p.add_argument("--lens", default="logit", help="'logit' or a saved tuned-lens folder")
+    p.add_argument("--mode", default="mean", choices=["mean", "zero", "resample"])
+    p.add_argument("--corpus", default="embedded", help="'embedded', a .txt/.jsonl file or a folder")
+    p.add_argument("--n-tokens", type=int, default=2048, help="hidden-state rows for the extraction")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--max-iter", type=int, default=100)
+    p.add_argument("--fidelity-windows", type=int, default=2,
+                   help="held-out corpus windows for causal fidelity (0 skips it)")
+    p.add_argument("--stimulus-response", type=int, default=0, metavar="N",
+                   help="also measure stimulus-response alignment with N treated positions per layer "
+                        "(all layers; the lens and the logit lens)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", default="out/cbe")
+    add_model_args(p)
+    p.set_defaults(func=_cbe)
+
+    q = sub.add_parser("injection", help="prompt-injection detection from lens trajectories: AUROCs as JSON + HTML")
+    q.add_argument("--lens", default=None, help="a saved tuned-lens folder (the logit lens is always included)")
+    q.add_argument("--n-items", type=int, default=200, help="items sampled from the task set")
+    q.add_argument("--tasks", default=None, help="an MMLU-format .csv/.jsonl file or folder instead of the shipped set")
+    q.add_argument("--shots", type=int, default=3)
+    q.add_argument("--splits", type=int, default=10)
+    q.add_argument("--detector", default="lof", choices=["lof", "isolation_forest"])
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--out-dir", default="out/injection")
+    add_model_args(q)
+    q.set_defaults(func=_injection)
+
+
+def _lens(spec: str | None, model):
+    if spec in (None, "logit", "logit-paper"):
+        return spec or "logit"
+    from tlmicroscope.lenses import load_lens
+
+    return load_lens(spec, model)
+
+
+def _cbe(args: argparse.Namespace) -> int:
+    from tlmicroscope.causal import causal_fidelity, extract_causal_basis, stimulus_response_alignment
+    from tlmicroscope.corpus import token_windows
+    from tlmicroscope.lenses import resolve_lens
+    from tlmicroscope.viz import HtmlPage
+    from tlmicroscope.viz.causal import cbe_energy_figure, fidelity_scatter, stimulus_response_figure
+
+    out = Path(args.out_dir)
+    model = load_from_args(args)
+    lens = resolve_lens(_lens(args.lens, model))
+    layer = model.cfg.n_layers // 2 if args.layer is None else args.layer
+    seq_len = min(args.seq_len, model.cfg.n_ctx)
+    n_extract = max(1, -(-args.n_tokens // seq_len))
+    windows = token_windows(model, args.corpus, seq_len=seq_len, n_windows=n_extract + args.fidelity_windows,
+                            shuffle=True, seed=args.seed)
+    basis = extract_causal_basis(model, lens, windows[:n_extract], layer, args.k, args.mode,
+                                 max_iter=args.max_iter, seed=args.seed)
+    basis.save(out / "basis")
+    log(f"energies (nats): {[round(float(e), 5) for e in basis.energies]}")
+    results = {"basis": {"layer": basis.layer, "mode": basis.mode, "lens": basis.lens, "n_tokens": basis.n_tokens,
+                         "energies": basis.energies.tolist(), "converged": basis.converged.tolist(),
+                         "n_evals": basis.n_evals.tolist()},
+               "provenance": basis.provenance.to_dict()}
+    page = HtmlPage(title=f"Causal basis extraction at layer {basis.layer}")
+    page.add_section("CBE energies", cbe_energy_figure(basis), caption=basis.provenance.describe())
+    if args.fidelity_windows > 0:
+        fid = causal_fidelity(model, lens, basis, tokens=windows[n_extract:], seed=args.seed)
+        log(f"causal fidelity at layer {layer}: Spearman rho = {fid.spearman:.3f} (p = {fid.p_value:.3g})")
+        results["fidelity"] = {"spearman": fid.spearman, "p_value": fid.p_value, "n_tokens": fid.n_tokens,
+                               "lens_influence": fid.lens_influence.tolist(),
+                               "model_influence": fid.model_influence.tolist()}
+        page.add_section("Causal fidelity", fidelity_scatter(fid), caption=fid.provenance.describe())
+    if args.stimulus_response > 0:
+        lenses = [lens] if lens.name == "logit" else [lens, "logit"]
+        sr = stimulus_response_alignment(model, lenses, windows[n_extract:][:4, :128],
+                                         n_samples=args.stimulus_response, seed=args.seed)
+        results["stimulus_response"] = sr.to_dataframe().to_dict(orient="records")
+        page.add_section("Stimulus-response alignment", stimulus_response_figure(sr), caption=sr.provenance.describe())
+    out.mkdir(parents=True, exist_ok=True)
+    from tlmicroscope.io import atomic_write_text
+
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2))
+    html = page.save(out / "cbe.html")
+    print(Path(html).resolve())
+    return 0
+
+
+def _injection(args: argparse.Namespace) -> int:
+    from tlmicroscope.causal import injection_experiment
+    from tlmicroscope.io import atomic_write_text
+    from tlmicroscope.tasks import load_tasks, read_mmlu
+    from tlmicroscope.viz import HtmlPage
+    from tlmicroscope.viz.causal import injection_auroc_figure
+
+    model = load_from_args(args)
+    lenses = ["logit"] if args.lens in (None, "logit") else [_lens(args.lens, model), "logit"]
+    items = read_mmlu(args.tasks) if args.tasks else load_tasks()
+    res = injection_experiment(model, items, lenses=lenses, n_items=args.n_items, n_shots=args.shots,
+                               n_splits=args.splits, detector=args.detector, seed=args.seed)
+    table = res.summary()
+    for row in table.itertuples():
+        log(f"AUROC {row.features}: {row.auroc_mean:.3f} ± {row.auroc_std:.3f}")
+    log(f"model accuracy clean {res.accuracy_clean:.3f}, injected {res.accuracy_injected:.3f}; "
+        f"follows the injection on {res.follows_injection:.3f}")
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {"auroc": {k: v.tolist() for k, v in res.auroc.items()}, "summary": table.to_dict(orient="records"),
+               "accuracy_clean": res.accuracy_clean, "accuracy_injected": res.accuracy_injected,
+               "follows_injection": res.follows_injection, "n_items": res.n_items, "n_shots": res.n_shots,
+               "detector": res.detector, "provenance": res.provenance.to_dict()}
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2))
+    page = HtmlPage(title="Prompt-injection detection")
+    page.add_section("AUROC by feature set", injection_auroc_figure(res), caption=res.provenance.describe())
+    print(Path(page.save(out / "injection.html")).resolve())
+    return 0

@@ -1,0 +1,191 @@
+"""The CBE objective: expected KL between a lens's clean and direction-ablated predictions.
+
+For a unit direction v, ablation changes every row h of the hidden states by a multiple of v:
+``h' = h + c v`` with ``c = (t - h)·v`` and t the ablation target (0, the mean μ, or a donor row).
+An affine lens maps ``h`` to ``x = h M + b₀`` (``M = Aᵀ``), so ``x' = x + c w`` with ``w = v M``;
+after centring (LayerNorm only) the logits are
+
+    z' = r' (Zc + c u) + b,   Zc = x̃ W,  u = w̃ W,  r' = 1/sqrt(mean((x̃ + c w̃)²) + eps).
+
+``Zc`` (``[N V]``) and the clean probabilities P are computed once, so each evaluation of the
+energy ``E(v) = mean_i KL(P_i || softmax(z'_i))`` costs a few elementwise passes over ``[N V]``
+instead of the ``[N d] @ [d V]`` product, and its backward pass, that the reference implementation
+pays for at every L-BFGS evaluation (a factor of about d fewer multiply-adds). The ``[N V]``
+part and its gradient with respect to (u, c, r) are written by hand in ``_AblatedKL``; the cheap
+``v -> (u, c, r)`` part is left to autograd. Lenses that are not affine fall back to autograd
+through ``lens.transform`` and the readout.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from tlmicroscope.lenses.readout import Readout
+
+__all__ = ["LensAblationObjective", "affine_map"]
+
+_ROW_CHUNK = 256
+
+
+def affine_map(lens: Any, layer: int, d_model: int, probe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(M, b0)`` with ``lens.transform(h, layer) == h @ M + b0``, or ``None`` if it is not affine.
+
+    ``M`` is read off the basis vectors, ``M = transform(I) - transform(0)``, and checked on
+    ``probe`` rows.
+    """
+    with torch.no_grad():
+        eye = torch.eye(d_model, dtype=probe.dtype, device=probe.device)
+        zero = torch.zeros(1, d_model, dtype=probe.dtype, device=probe.device)
+        b0 = lens.transform(zero, layer)[0]
+        M = lens.transform(eye, layer) - b0
+        expect = lens.transform(probe, layer)
+        got = probe @ M + b0
+        scale = float(expect.abs().max()) + 1e-6
+        if not torch.allclose(got, expect, atol=1e-4 * scale, rtol=1e-4):
+            return None
+    return M, b0
+
+
+class _AblatedKL(torch.autograd.Function):
+    """mean_i KL(P_i || softmax(r_i (Zc_i + c_i u) + b)), with its gradient in (u, c, r).
+
+    The gradient is accumulated during the forward pass (every L-BFGS evaluation wants both),
+    one chunk of rows at a time, so no ``[N V]`` temporary is kept between chunks.
+    """
+
+    @staticmethod
+    def forward(ctx, u, c, r, obj: LensAblationObjective):  # type: ignore[override]
+        n = obj.n
+        g_u = torch.zeros_like(u)
+        g_c = torch.empty_like(c)
+        g_r = torch.empty_like(r)
+        total = torch.zeros((), dtype=torch.float64)
+        for lo in range(0, n, obj.chunk):
+            hi = min(lo + obj.chunk, n)
+            Zc, P = obj.Zc[lo:hi], obj.P[lo:hi]
+            rc = r[lo:hi] * c[lo:hi]
+            z = Zc * r[lo:hi, None]
+            z.addr_(rc, u)
+            if obj.b is not None:
+                z += obj.b
+            lse = torch.logsumexp(z, -1)
+            pu = P @ u
+            kl = obj.neg_h[lo:hi] - (r[lo:hi] * obj.pz[lo:hi] + rc * pu + obj.pb[lo:hi]) + lse
+            total += kl.double().sum()
+            q_minus_p = z.sub_(lse[:, None]).exp_().sub_(P)  # reuses z's buffer
+            qpu = q_minus_p @ u
+            g_u.addmv_(q_minus_p.T, rc)
+            g_c[lo:hi] = r[lo:hi] * qpu
+            g_r[lo:hi] = torch.linalg.vecdot(q_minus_p, Zc) + c[lo:hi] * qpu
+        ctx.save_for_backward(g_u / n, g_c / n, g_r / n)
+        return (total / n).to(u.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        g_u, g_c, g_r = ctx.saved_tensors
+        return grad_out * g_u, grad_out * g_c, grad_out * g_r, None
+
+
+class LensAblationObjective:
+    """The energy of ablating a direction at one layer, through one lens, on fixed hidden states.
+
+    Args:
+        readout: The model's readout.
+        lens: The lens whose predictions are compared.
+        layer: Residual index the hidden states come from (the lens translator used).
+        h: Hidden states ``[N d_model]`` (float32).
+        mode: ``"mean"``, ``"zero"`` or ``"resample"``.
+        mean: μ for mean ablation (default: the mean of ``h``).
+        donors: Row indices of the donors for resample ablation (a derangement of ``range(N)``).
+        chunk: Rows per ``[chunk V]`` block.
+    """
+
+    def __init__(self, readout: Readout, lens: Any, layer: int, h: torch.Tensor, mode: str, *,
+                 mean: torch.Tensor | None = None, donors: torch.Tensor | None = None,
+                 chunk: int = _ROW_CHUNK):
+        h = h.detach().float()
+        self.n, self.d = h.shape
+        self.chunk = chunk
+        self.lens, self.layer, self.readout = lens, layer, readout
+        self.mode = mode
+        self.mean = h.mean(0) if mean is None else mean.to(h)
+        if mode == "zero":
+            target = torch.zeros_like(h)
+        elif mode == "mean":
+            target = self.mean.expand_as(h)
+        else:
+            if donors is None:
+                raise ValueError("Resample ablation needs the donor rows.")
+            target = h[donors]
+        self.delta = target - h  # c = delta @ v
+        self.final_norm = bool(getattr(lens, "final_norm", True))
+        self.norm_kind = readout.kind if self.final_norm else None
+        self.eps = readout.eps
+        self.W = readout.W if self.final_norm else readout.W_raw
+        b = readout.b if self.final_norm else readout.b_raw
+        self.b = None if b is None else b.float()
+        self.h = h
+        affine = affine_map(lens, layer, self.d, h[: min(64, self.n)])
+        self.affine = affine is not None
+        if affine is not None:
+            self.M, b0 = affine
+            self._precompute(h @ self.M + b0)
+
+    def _center(self, x: torch.Tensor) -> torch.Tensor:
+        return x - x.mean(-1, keepdim=True) if self.norm_kind == "LN" else x
+
+    @torch.no_grad()
+    def _precompute(self, x: torch.Tensor) -> None:
+        xc = self._center(x)
+        self.xc = xc
+        self.s0 = xc.pow(2).mean(-1)
+        self.Zc = xc @ self.W
+        r0 = torch.rsqrt(self.s0 + self.eps) if self.norm_kind else torch.ones(self.n)
+        self.P = torch.empty_like(self.Zc)
+        self.neg_h = torch.empty(self.n)
+        for lo in range(0, self.n, self.chunk):
+            hi = min(lo + self.chunk, self.n)
+            z = self.Zc[lo:hi] * r0[lo:hi, None]
+            if self.b is not None:
+                z += self.b
+            logp = torch.log_softmax(z, -1)
+            self.P[lo:hi] = logp.exp()
+            self.neg_h[lo:hi] = torch.linalg.vecdot(self.P[lo:hi], logp)
+        self.pz = torch.linalg.vecdot(self.P, self.Zc)
+        self.pb = self.P @ self.b if self.b is not None else torch.zeros(self.n)
+
+    def energy(self, v: torch.Tensor) -> torch.Tensor:
+        """E(v) in nats, differentiable in ``v`` (a unit vector ``[d_model]``)."""
+        c = self.delta @ v
+        if not self.affine:
+            return self._energy_autograd(v, c)
+        w = v @ self.M
+        wc = self._center(w)
+        u = wc @ self.W
+        if self.norm_kind:
+            var = self.s0 + 2 * c * (self.xc @ wc) / self.d + c * c * wc.pow(2).mean()
+            r = torch.rsqrt(var + self.eps)
+        else:
+            r = torch.ones_like(c)
+        return _AblatedKL.apply(u, c, r, self)
+
+    def _energy_autograd(self, v: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """The generic path: the lens and the readout under autograd, ``[chunk V]`` at a time."""
+        total = 0.0
+        with torch.no_grad():
+            if not hasattr(self, "_clean_logp"):
+                self._clean_logp = torch.cat([
+                    torch.log_softmax(self.readout(self.lens.transform(self.h[lo:lo + self.chunk], self.layer),
+                                                   final_norm=self.final_norm), -1)
+                    for lo in range(0, self.n, self.chunk)
+                ])
+        for lo in range(0, self.n, self.chunk):
+            hi = min(lo + self.chunk, self.n)
+            h2 = self.h[lo:hi] + c[lo:hi, None] * v
+            logq = torch.log_softmax(self.readout(self.lens.transform(h2, self.layer),
+                                                  final_norm=self.final_norm), -1)
+            logp = self._clean_logp[lo:hi]
+            total = total + (logp.exp() * (logp - logq)).sum()
+        return total / self.n
