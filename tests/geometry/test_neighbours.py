@@ -40,11 +40,12 @@ CLOUDS = {
 }
 
 
+@pytest.mark.parametrize("precision", ["mixed", "float64"])
 @pytest.mark.parametrize("name", sorted(CLOUDS))
-def test_nearest_neighbours_equal_brute_force(name):
+def test_nearest_neighbours_equal_brute_force(name, precision):
     x = CLOUDS[name](torch.Generator().manual_seed(0))
     ranks = [1, 2, 3, 4, 5, 6, 8, 16, 32, 64, 128, 256]
-    nn = nearest_neighbours(x, ranks=ranks, chunk_bytes=64 * 1024)  # many small chunks
+    nn = nearest_neighbours(x, ranks=ranks, chunk_bytes=64 * 1024, precision=precision)  # many small chunks
     d, i = _brute(x, ranks)
     # the documented guarantee: squared distances to 1e-8 relative (float64 GEMM, certified)
     torch.testing.assert_close(nn.distances, d, rtol=5e-9, atol=0)
@@ -61,6 +62,8 @@ def test_nearest_neighbours_errors():
     bad[2, 1] = math.inf
     with pytest.raises(ValueError, match="NaN or infinite"):
         nearest_neighbours(bad, 2)
+    with pytest.raises(ValueError, match="precision must be"):
+        nearest_neighbours(x, 2, precision="half")
 
 
 def test_overlap_reference_values():
@@ -147,15 +150,16 @@ def test_every_estimator_is_invariant(seed, n, d, k, kind, factor):
 
 
 @settings(max_examples=20, deadline=None)
-@given(seed=st.integers(0, 10_000), n=st.integers(5, 60), d=st.integers(1, 6), dup=st.integers(0, 20))
-def test_nearest_neighbours_property(seed, n, d, dup):
+@given(seed=st.integers(0, 10_000), n=st.integers(5, 60), d=st.integers(1, 6), dup=st.integers(0, 20),
+       precision=st.sampled_from(["mixed", "float64"]))
+def test_nearest_neighbours_property(seed, n, d, dup, precision):
     """Random clouds, with duplicates and integer ties: identical to brute force."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(-3, 4, (n, d), generator=g).double() if seed % 2 else torch.randn(n, d, generator=g)
     if dup:
         x = torch.cat([x, x[torch.randint(0, n, (dup,), generator=g)]])
     k = min(6, x.shape[0] - 1)
-    nn = nearest_neighbours(x, k)
+    nn = nearest_neighbours(x, k, precision=precision)
     dist, idx = _brute(x, list(range(1, k + 1)))
     torch.testing.assert_close(nn.distances, dist, rtol=5e-9, atol=0)
     assert torch.equal(nn.indices, idx)

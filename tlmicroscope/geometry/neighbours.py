@@ -44,6 +44,8 @@ __all__ = [
 
 #: Default memory for one chunk of the float32 distance block, in bytes.
 _CHUNK_BYTES = 256 * 2**20
+#: Memory for one block of gathered candidates in the exact refinement (fits in cache), in bytes.
+_EXACT_BLOCK_BYTES = 2 * 2**20
 #: Memory for one block of coordinate differences in the direct pass, in bytes.
 _DIRECT_BYTES = 64 * 2**20
 
@@ -121,6 +123,8 @@ def _bound_factor(dtype: torch.dtype, d: int) -> float:
     return gamma + 4 * u
 
 
+#: Candidates on each side of a requested rank whose exact distance the float32 search computes.
+_WINDOW = 2
 #: Extra candidates kept beyond the largest requested rank, for the exact re-ranking of rows
 #: the GEMM cannot certify.
 _MARGIN = 8
@@ -195,15 +199,90 @@ def _pass(
     return out_e, out_i, ok
 
 
+def _merge_windows(positions: Sequence[int], n_other: int, w: int) -> list[tuple[int, int, int, int]]:
+    """Merged windows ``(lo, hi, p_min, p_max)`` of 0-based positions around the requested ones."""
+    out: list[list[int]] = []
+    for p in sorted(positions):
+        lo, hi = max(0, p - w), min(n_other - 1, p + w)
+        if out and lo <= out[-1][1] + 1:
+            out[-1][1], out[-1][3] = max(out[-1][1], hi), p
+        else:
+            out.append([lo, hi, p, p])
+    return [(a, b, c, d) for a, b, c, d in out]
+
+
+def _pass32(
+    x: torch.Tensor,
+    raw: torch.Tensor,
+    norms: torch.Tensor,
+    rows: torch.Tensor,
+    positions: list[int],
+    chunk_bytes: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A float32 search with exact float64 refinement; returns values, indices and a certified mask.
+
+    The float32 GEMM yields a guaranteed lower bound ``L`` of every squared distance (the rounding
+    bound ``c (|x_i| + |x_j|)^2`` is folded into the product through one extra coordinate) and an
+    upper bound ``U = L + 2 c (|x_i| + |x_j|)^2``. Around each requested position a window of
+    candidates gets its exact distance; the window holds the exact order statistics when every
+    candidate before it is certainly closer (``max U`` below the window's values) and every point
+    after it certainly farther (``L`` above them), which is checked per row.
+    """
+    n, d = x.shape
+    n_other = n - 1
+    windows = _merge_windows(positions, n_other, _WINDOW)
+    m = min(n_other, max(hi for _, hi, _, _ in windows) + 2)
+    c = 2 * _bound_factor(torch.float32, d + 1)
+    radius = norms.sqrt()
+    xa = torch.cat([x, (math.sqrt(c) * radius).unsqueeze(1)], 1).to(torch.float32)
+    offset = ((1 - c) * norms).to(torch.float32)
+    union = sorted({p for lo, hi, _, _ in windows for p in range(lo, hi + 1)})
+    where = {p: j for j, p in enumerate(union)}
+    col = {p: j for j, p in enumerate(positions)}
+    out_e = torch.empty((rows.numel(), len(positions)), dtype=torch.float64, device=x.device)
+    out_i = torch.empty((rows.numel(), len(positions)), dtype=torch.long, device=x.device)
+    ok = torch.ones(rows.numel(), dtype=torch.bool, device=x.device)
+    step = max(1, chunk_bytes // max(1, n * 4))
+    for s in range(0, rows.numel(), step):
+        r = rows[s : s + step]
+        block = xa[r] @ xa.T
+        block.mul_(-2).add_(offset[r].unsqueeze(1)).add_(offset.unsqueeze(0))
+        block[torch.arange(r.numel(), device=x.device), r] = math.inf
+        low, cand = torch.topk(block, m, dim=1, largest=False, sorted=False)
+        del block
+        low, order = torch.sort(low, dim=1)
+        cand = cand.gather(1, order)
+        low = low.to(torch.float64)
+        upper_max = torch.cummax(low + 2 * c * (radius[r].unsqueeze(1) + radius[cand]) ** 2, dim=1).values
+        ucand = cand[:, union]
+        exact = _exact_sq(raw, r, ucand)
+        good = torch.ones(r.numel(), dtype=torch.bool, device=x.device)
+        for lo, hi, p_min, p_max in windows:
+            cols = [where[p] for p in range(lo, hi + 1)]
+            e, i = _sort_by_distance(exact[:, cols], ucand[:, cols])
+            if lo > 0:
+                good &= upper_max[:, lo - 1] < e[:, p_min - lo]
+            if hi + 1 < n_other:
+                good &= e[:, p_max - lo] < low[:, hi + 1]
+            for p in range(p_min, p_max + 1):
+                if p in col:
+                    out_e[s : s + step, col[p]], out_i[s : s + step, col[p]] = e[:, p - lo], i[:, p - lo]
+        ok[s : s + step] = good
+    return out_e, out_i, ok
+
+
 def _exact_sq(x: torch.Tensor, rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Squared distances ``|x[rows[r]] - x[idx[r, j]]|^2`` from coordinate differences."""
     n_rows, n_cols = idx.shape
     out = torch.empty((n_rows, n_cols), dtype=torch.float64, device=x.device)
-    step = max(1, _DIRECT_BYTES // max(1, n_cols * x.shape[1] * 8))
+    # small blocks stay in cache: the gathered rows are written and read back at once
+    step = max(1, _EXACT_BLOCK_BYTES // max(1, n_cols * x.shape[1] * 8))
+    buf = torch.empty((min(step, n_rows) * n_cols, x.shape[1]), dtype=x.dtype, device=x.device)
     for s in range(0, n_rows, step):
-        g = x[idx[s : s + step]]
-        g.sub_(x[rows[s : s + step]].unsqueeze(1))
-        out[s : s + step] = torch.linalg.vecdot(g, g)
+        k = min(step, n_rows - s)
+        g = torch.index_select(x, 0, idx[s : s + k].reshape(-1), out=buf[: k * n_cols]).view(k, n_cols, -1)
+        g.sub_(x[rows[s : s + k]].unsqueeze(1))
+        torch.linalg.vecdot(g, g, out=out[s : s + k])
     return out
 
 
@@ -233,6 +312,17 @@ def _direct(x: torch.Tensor, rows: torch.Tensor, positions: list[int]) -> tuple[
     return out_e, out_i
 
 
+#: Below this n^2 d the float64 product is as fast as the float32 search plus its refinement.
+_MIXED_MIN_WORK = 4096 * 4096 * 576
+
+
+def _float32_is_exact(device: torch.device) -> bool:
+    """float32 matmuls round as IEEE float32 (no TF32/bfloat16), so the error bound holds."""
+    if torch.get_float32_matmul_precision() != "highest":
+        return False
+    return not (device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32)
+
+
 def nearest_neighbours(
     points,
     k: int | None = None,
@@ -240,6 +330,7 @@ def nearest_neighbours(
     ranks: Sequence[int] | None = None,
     need_indices: bool | int = True,
     chunk_bytes: int = _CHUNK_BYTES,
+    precision: str = "auto",
 ) -> NearestNeighbours:
     """Exact distances to each point's neighbours at ranks ``1..k`` (or at chosen ``ranks``).
 
@@ -251,6 +342,10 @@ def nearest_neighbours(
             estimators need only the distances, which are certified either way). An int k
             certifies the identities at ranks <= k only.
         chunk_bytes: Memory for one chunk of the distance block; bounds peak memory.
+        precision: How the search runs (the answer is the same): ``"mixed"`` (a float32 product
+            with certified bounds, then exact float64 distances around each rank), ``"float64"``
+            (a float64 product), or ``"auto"`` (mixed for large clouds on CPU, where the GEMM
+            dominates; never when float32 matmuls may use TF32 or bfloat16).
 
     Raises:
         ValueError: too few points for the largest rank (the message names the minimum), NaN
@@ -285,7 +380,19 @@ def nearest_neighbours(
     positions = [r - 1 for r in ranks_t]
     rows = torch.arange(n, device=x.device)
     index_upto = ranks_t[-1] if need_indices is True else int(need_indices)
-    e, i, ok = _pass(x, raw, norms, rows, positions, index_upto, chunk_bytes)
+    if precision == "auto":
+        precision = "mixed" if n * n * d >= _MIXED_MIN_WORK else "float64"
+    if precision == "mixed" and not _float32_is_exact(x.device):
+        precision = "float64"  # TF32/bfloat16 matmuls would void the float32 error bound
+    if precision == "mixed":
+        e, i, ok = _pass32(x, raw, norms, rows, positions, chunk_bytes)
+        if not bool(ok.all()):
+            redo = rows[~ok]
+            e[redo], i[redo], ok[redo] = _pass(x, raw, norms, redo, positions, index_upto, chunk_bytes)
+    elif precision == "float64":
+        e, i, ok = _pass(x, raw, norms, rows, positions, index_upto, chunk_bytes)
+    else:
+        raise ValueError(f"precision must be 'auto', 'mixed' or 'float64', got {precision!r}.")
     n_recomputed = int((~ok).sum())
     if n_recomputed:
         redo = rows[~ok]
