@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import tlmicroscope.lenses.train as train_module
+from tlmicroscope.distributed import DistContext
 from tlmicroscope.io import load_fitted
 from tlmicroscope.lenses import Readout, TunedLens
 from tlmicroscope.lenses._tuned_kl import FinalDistribution, LensObjective
@@ -17,7 +18,6 @@ from tlmicroscope.lenses.train import (
     lstsq_init,
     train_tuned_lens,
 )
-from tlmicroscope.distributed import DistContext
 
 pytestmark = pytest.mark.models
 

@@ -70,11 +70,11 @@ class Muon(torch.optim.Optimizer):
                 buf = state["momentum_buffer"]
                 buf.mul_(group["momentum"]).add_(p.grad)
                 update = p.grad.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
-                O = orthogonalize(update.float(), group["ns_steps"]).to(p.dtype)
+                ortho = orthogonalize(update.float(), group["ns_steps"]).to(p.dtype)
                 scale = max(1.0, p.shape[-2] / p.shape[-1]) ** 0.5
                 if group["weight_decay"]:
                     p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(O, alpha=-group["lr"] * scale)
+                p.add_(ortho, alpha=-group["lr"] * scale)
         return None
 
 

@@ -29,8 +29,8 @@ from tlmicroscope.corpus import CorpusSource
 from tlmicroscope.inputs import ensure_eval
 from tlmicroscope.lenses.base import resolve_lens
 from tlmicroscope.lenses.readout import Readout, check_readout_identity
-from tlmicroscope.lenses.trajectory import layer_label
 from tlmicroscope.lenses.train import _forward, lens_token_windows
+from tlmicroscope.lenses.trajectory import layer_label
 from tlmicroscope.results import Provenance
 
 __all__ = ["LensEvaluation", "evaluate_lens", "nats_to_bits_per_byte", "STATISTICS"]

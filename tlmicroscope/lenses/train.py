@@ -17,28 +17,39 @@ and the step, so ``resume=True`` continues from the last checkpoint to the same 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
-import os
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from jaxtyping import Float, Int
 
-from tlmicroscope.capture import capture
-from tlmicroscope.corpus import CorpusSource, token_stream
+from tlmicroscope.corpus import CorpusSource
 from tlmicroscope.distributed import DistContext, dist_context
-from tlmicroscope.io import FittedFileError, atomic_write_text, load_fitted, save_fitted
+from tlmicroscope.io import atomic_write_text
+from tlmicroscope.lenses._tuned_checkpoint import (
+    CHECKPOINT_DIR,
+    _load_checkpoint,
+    _save_checkpoint,
+    _save_lens_into,
+    _train_settings,
+    default_lens_dir,
+)
+from tlmicroscope.lenses._tuned_data import (
+    _data_signature,
+    _forward,
+    _micro_batches,
+    _step_windows,
+    _window_order,
+    lens_token_windows,
+)
 from tlmicroscope.lenses._tuned_kl import FinalDistribution, LensObjective, resolve_compute_dtype
-from tlmicroscope.lenses._tuned_optim import RECIPES, flatten_state, make_optimizers, unflatten_state
+from tlmicroscope.lenses._tuned_optim import RECIPES, make_optimizers
 from tlmicroscope.lenses.readout import Readout, check_readout_identity
 from tlmicroscope.lenses.tuned import TunedLens
-from tlmicroscope.models import _compat
 from tlmicroscope.results import Provenance
 
 __all__ = [
@@ -51,12 +62,6 @@ __all__ = [
     "CHECKPOINT_DIR",
 ]
 
-CHECKPOINT_DIR = "checkpoint"
-_CKPT_KIND = "tuned_lens_checkpoint"
-# Settings that change the result: a checkpoint resumes only under the same values.
-_RESUME_KEYS = ("steps", "tokens_per_step", "seq_len", "recipe", "lr", "bias_lr", "weight_decay",
-                "momentum", "warmup_steps", "clip_grad_norm", "init", "init_tokens", "precision",
-                "holdout", "seed", "bias")
 
 
 class TrainingDivergedError(FloatingPointError):
@@ -198,96 +203,6 @@ class TrainResult:
         return pd.DataFrame(rows)
 
 
-# ------------------------------------------------------------------------------------- data
-def _corpus_label(corpus: CorpusSource) -> str:
-    if corpus is None or (isinstance(corpus, str) and corpus == "embedded"):
-        return "embedded"
-    if isinstance(corpus, (str, os.PathLike)):
-        return str(Path(corpus).expanduser().resolve())
-    return f"<{type(corpus).__name__}>"
-
-
-def lens_token_windows(
-    model: Any,
-    corpus: CorpusSource = None,
-    *,
-    seq_len: int,
-    split: Literal["train", "heldout", "all"] = "train",
-    holdout: float = 0.1,
-    text_field: str = "text",
-) -> Int[torch.Tensor, "window seq_len"]:
-    """Non-overlapping token windows from the training part or the held-out tail of a corpus.
-
-    The corpus is tokenized into one stream (documents joined by EOS); its last ``holdout``
-    fraction of tokens is the held-out split, the rest the training split, whatever ``seq_len``.
-    Where the model prepends BOS to texts, each window starts with BOS.
-
-    Raises:
-        ValueError: ``seq_len`` over the model's context, or a split too small for one window.
-
-    Examples:
-        >>> from tlmicroscope.models import tiny_model
-        >>> model = tiny_model(n_layers=1)
-        >>> # 10 bytes + EOS (257) = 11 tokens; the last 20% (2 tokens) are held out
-        >>> lens_token_windows(model, ["abcdefghij"], seq_len=3, holdout=0.2).tolist()
-        [[97, 98, 99], [100, 101, 102], [103, 104, 105]]
-        >>> lens_token_windows(model, ["abcdefghij"], seq_len=2, split="heldout", holdout=0.2).tolist()
-        [[106, 257]]
-    """
-    n_ctx = int(model.cfg.n_ctx)
-    if seq_len > n_ctx:
-        raise ValueError(
-            f"seq_len={seq_len} is longer than the model's context of {n_ctx} tokens; use at most {n_ctx}."
-        )
-    if split not in ("train", "heldout", "all"):
-        raise ValueError(f"split must be 'train', 'heldout' or 'all', got {split!r}.")
-    stream = token_stream(model, corpus, text_field=text_field)
-    n_hold = 0 if split == "all" else int(round(stream.numel() * holdout))
-    part = {"train": stream[: stream.numel() - n_hold], "heldout": stream[stream.numel() - n_hold:],
-            "all": stream}[split]
-    tok = getattr(model, "tokenizer", None)
-    bos = getattr(tok, "bos_token_id", None) if getattr(model.cfg, "default_prepend_bos", False) else None
-    body = seq_len - (bos is not None)
-    if body <= 0 or part.numel() < body:
-        raise ValueError(
-            f"The {split} split of the corpus ({_corpus_label(corpus)}) has {part.numel()} tokens, fewer "
-            f"than one window of {seq_len}. Use a larger corpus, a shorter seq_len"
-            + (" or a smaller holdout." if split != "all" else ".")
-        )
-    windows = part[: part.numel() // body * body].view(-1, body)
-    if bos is not None:
-        windows = torch.cat([torch.full((windows.shape[0], 1), bos, dtype=windows.dtype), windows], 1)
-    return windows.contiguous()
-
-
-def _window_order(n: int, seed: int, epoch: int) -> torch.Tensor:
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-
-
-def _step_windows(n_windows: int, per_step: int, step: int, seed: int, cache: dict) -> list[int]:
-    """Global window indices of ``step``: consecutive slices of a per-epoch permutation."""
-    out = []
-    for k in range(step * per_step, (step + 1) * per_step):
-        epoch, pos = divmod(k, n_windows)
-        if epoch not in cache:
-            cache.clear()
-            cache[epoch] = _window_order(n_windows, seed, epoch)
-        out.append(int(cache[epoch][pos]))
-    return out
-
-
-def _micro_batches(ids: list[int], per_batch: int) -> Iterator[list[int]]:
-    for i in range(0, len(ids), per_batch):
-        yield ids[i: i + per_batch]
-
-
-def _forward(model: Any, toks: torch.Tensor, layers: list[int], logits: bool):
-    """Residual stream ``[layer batch pos d]`` at residual indices ``layers``, and the logits."""
-    with torch.inference_mode():
-        cap = capture(model, toks, sites=("resid",), layers=layers, return_logits=logits)
-    return cap["resid"], cap.logits
-
-
 # ---------------------------------------------------------------------------- initialisation
 def lstsq_init(model: Any, lens: TunedLens, windows: torch.Tensor, ids: list[int], *,
                micro: int, ridge: float, ctx: DistContext) -> None:
@@ -325,73 +240,7 @@ def lstsq_init(model: Any, lens: TunedLens, windows: torch.Tensor, ids: list[int
                 lens.bias[layer] = B[d].to(lens.bias.dtype)
 
 
-# ------------------------------------------------------------------------------- checkpoints
-def _train_settings(cfg: TrainConfig) -> dict[str, Any]:
-    return {k: v for k, v in dataclasses.asdict(cfg).items()
-            if k not in ("out_dir", "resume", "progress", "stop_after", "max_seconds")}
-
-
-def _save_lens_into(out: Path, lens: TunedLens) -> None:
-    """Write the lens's two files into ``out`` (which also holds the checkpoint), each atomically."""
-    staging = out / ".lens-staging"
-    lens.save(staging)  # an atomic folder; then move its files in, tensors before config
-    for name in ("tensors.safetensors", "config.json"):
-        os.replace(staging / name, out / name)
-    staging.rmdir()
-
-
-def _save_checkpoint(out: Path, lens, optimizers, step: int, history: dict, cfg: TrainConfig,
-                     data_sig: dict) -> None:
-    tensors, opt_meta = flatten_state(optimizers)
-    tensors = {"lens.weight": lens.weight.detach(), "lens.bias": lens.bias.detach(), **tensors}
-    config = {"step": step, "settings": _train_settings(cfg), "optimizers": opt_meta,
-              "history": history, "data": data_sig}
-    save_fitted(out / CHECKPOINT_DIR, tensors, kind=_CKPT_KIND, config=config, fingerprint=lens.model_info)
-
-
-def _load_checkpoint(out: Path, model: Any, lens, optimizers, cfg: TrainConfig, data_sig: dict):
-    tensors, meta = load_fitted(out / CHECKPOINT_DIR, kind=_CKPT_KIND, model=model)
-    saved = meta["config"]
-    now = _train_settings(cfg)
-    for key in _RESUME_KEYS:
-        if saved["settings"].get(key) != now.get(key):
-            raise ValueError(
-                f"Cannot resume from {out / CHECKPOINT_DIR}: it was trained with {key}="
-                f"{saved['settings'].get(key)!r}, this run asks for {now.get(key)!r}. Use the same "
-                "settings, or a new output folder."
-            )
-    for key in ("corpus", "n_windows", "sha256"):
-        if saved["data"].get(key) != data_sig.get(key):
-            raise ValueError(
-                f"Cannot resume from {out / CHECKPOINT_DIR}: the training data differ ({key}: "
-                f"{saved['data'].get(key)!r} then, {data_sig.get(key)!r} now). Pass the same corpus."
-            )
-    with torch.no_grad():
-        lens.weight.copy_(tensors["lens.weight"])
-        lens.bias.copy_(tensors["lens.bias"])
-    unflatten_state(optimizers, tensors, saved["optimizers"])
-    return int(saved["step"]), saved["history"]
-
-
-def default_lens_dir(model_or_name: Any, root: str | os.PathLike = "out") -> Path:
-    """Where ``train-lens`` writes by default: ``out/tuned-lens-<model>/`` (``smollm2-135m`` for
-    the embedded model), which ``tlmicroscope demo`` also looks at."""
-    from tlmicroscope.models.embedded import EMBEDDED_HF_NAME, EMBEDDED_NAMES
-
-    name = model_or_name if isinstance(model_or_name, str) else _compat.model_label(model_or_name)
-    if name == EMBEDDED_HF_NAME or name.lower() in EMBEDDED_NAMES:
-        slug = EMBEDDED_NAMES[0]
-    else:
-        slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in Path(str(name)).name.lower())
-    return Path(root) / f"tuned-lens-{slug}"
-
-
 # ---------------------------------------------------------------------------------- training
-def _data_signature(corpus: CorpusSource, windows: torch.Tensor) -> dict[str, Any]:
-    digest = hashlib.sha256(windows.numpy().tobytes()).hexdigest()
-    return {"corpus": _corpus_label(corpus), "n_windows": int(windows.shape[0]), "sha256": digest}
-
-
 def _empty_history() -> dict[str, list]:
     return {"tokens_seen": [], "kl": [], "lr": [], "grad_norm": [], "seconds": [], "init_seconds": 0.0}
 

@@ -1,0 +1,90 @@
+"""Checkpoints of tuned-lens training and the output folder's layout.
+
+``out_dir/`` holds the lens itself (``tensors.safetensors`` + ``config.json``, so
+``load_lens(out_dir)`` works), ``out_dir/checkpoint/`` the training state (lens, optimizer state,
+step, history, the settings and a signature of the data) and ``out_dir/training.json`` the learning
+curve. Everything goes through ``tlmicroscope.io``: written atomically, so an interrupted or failed
+save leaves the previous checkpoint whole, and read back without pickle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tlmicroscope.io import load_fitted, save_fitted
+from tlmicroscope.lenses._tuned_optim import flatten_state, unflatten_state
+from tlmicroscope.models import _compat
+
+__all__ = ["CHECKPOINT_DIR", "default_lens_dir"]
+
+CHECKPOINT_DIR = "checkpoint"
+_CKPT_KIND = "tuned_lens_checkpoint"
+# Settings that change the result: a checkpoint resumes only under the same values.
+_RESUME_KEYS = ("steps", "tokens_per_step", "seq_len", "recipe", "lr", "bias_lr", "weight_decay",
+                "momentum", "warmup_steps", "clip_grad_norm", "init", "init_tokens", "precision",
+                "holdout", "seed", "bias")
+
+
+def _train_settings(cfg: Any) -> dict[str, Any]:
+    return {k: v for k, v in dataclasses.asdict(cfg).items()
+            if k not in ("out_dir", "resume", "progress", "stop_after", "max_seconds")}
+
+
+def _save_lens_into(out: Path, lens: Any) -> None:
+    """Write the lens's two files into ``out`` (which also holds the checkpoint), each atomically."""
+    staging = out / ".lens-staging"
+    lens.save(staging)  # an atomic folder; then move its files in, tensors before config
+    for name in ("tensors.safetensors", "config.json"):
+        os.replace(staging / name, out / name)
+    staging.rmdir()
+
+
+def _save_checkpoint(out: Path, lens, optimizers, step: int, history: dict, cfg: Any,
+                     data_sig: dict) -> None:
+    tensors, opt_meta = flatten_state(optimizers)
+    tensors = {"lens.weight": lens.weight.detach(), "lens.bias": lens.bias.detach(), **tensors}
+    config = {"step": step, "settings": _train_settings(cfg), "optimizers": opt_meta,
+              "history": history, "data": data_sig}
+    save_fitted(out / CHECKPOINT_DIR, tensors, kind=_CKPT_KIND, config=config, fingerprint=lens.model_info)
+
+
+def _load_checkpoint(out: Path, model: Any, lens, optimizers, cfg: Any, data_sig: dict):
+    tensors, meta = load_fitted(out / CHECKPOINT_DIR, kind=_CKPT_KIND, model=model)
+    saved = meta["config"]
+    now = _train_settings(cfg)
+    for key in _RESUME_KEYS:
+        if saved["settings"].get(key) != now.get(key):
+            raise ValueError(
+                f"Cannot resume from {out / CHECKPOINT_DIR}: it was trained with {key}="
+                f"{saved['settings'].get(key)!r}, this run asks for {now.get(key)!r}. Use the same "
+                "settings, or a new output folder."
+            )
+    for key in ("corpus", "n_windows", "sha256"):
+        if saved["data"].get(key) != data_sig.get(key):
+            raise ValueError(
+                f"Cannot resume from {out / CHECKPOINT_DIR}: the training data differ ({key}: "
+                f"{saved['data'].get(key)!r} then, {data_sig.get(key)!r} now). Pass the same corpus."
+            )
+    with torch.no_grad():
+        lens.weight.copy_(tensors["lens.weight"])
+        lens.bias.copy_(tensors["lens.bias"])
+    unflatten_state(optimizers, tensors, saved["optimizers"])
+    return int(saved["step"]), saved["history"]
+
+
+def default_lens_dir(model_or_name: Any, root: str | os.PathLike = "out") -> Path:
+    """Where ``train-lens`` writes by default: ``out/tuned-lens-<model>/`` (``smollm2-135m`` for
+    the embedded model), which ``tlmicroscope demo`` also looks at."""
+    from tlmicroscope.models.embedded import EMBEDDED_HF_NAME, EMBEDDED_NAMES
+
+    name = model_or_name if isinstance(model_or_name, str) else _compat.model_label(model_or_name)
+    if name == EMBEDDED_HF_NAME or name.lower() in EMBEDDED_NAMES:
+        slug = EMBEDDED_NAMES[0]
+    else:
+        slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in Path(str(name)).name.lower())
+    return Path(root) / f"tuned-lens-{slug}"
