@@ -165,19 +165,24 @@ def _pass(
         block = x[r] @ x.T
         block.mul_(-2).add_(norms[r].unsqueeze(1)).add_(norms.unsqueeze(0))
         block[torch.arange(r.numel(), device=x.device), r] = math.inf
-        vals, cand = torch.topk(block, m, dim=1, largest=False, sorted=True)
+        vals, cand = torch.topk(block, m, dim=1, largest=False, sorted=False)
         del block
-        # rounding bound of each computed squared distance: c (|x_i| + |x_j|)^2
-        err = c * (radius[r].unsqueeze(1) + radius[cand]) ** 2
-        e, i, b = vals[:, pos], cand[:, pos], err[:, pos]
+        vals, order = torch.sort(vals, dim=1)  # sorting m values is cheaper than a sorted topk
+        cand = cand.gather(1, order)
+
+        def bound(cols: torch.Tensor) -> torch.Tensor:
+            """Rounding bound c (|x_i| + |x_j|)^2 of the computed squared distances at ``cols``."""
+            return c * (radius[r].unsqueeze(1) + radius[cand[:, cols]]) ** 2
+
+        e, i, b = vals[:, pos], cand[:, pos], bound(pos)
         good = b <= _REL_TOL * e.clamp_min(0)
         if index_upto:
             # the neighbour at position p is certain when its value is separated from both sides
             nxt = (pos + 1).clamp_max(m - 1)
-            sep_next = (vals[:, nxt] - err[:, nxt]) > (e + b)
+            sep_next = (vals[:, nxt] - bound(nxt)) > (e + b)
             sep_next |= (pos + 1 >= n_other).unsqueeze(0)
             prv = (pos - 1).clamp_min(0)
-            sep_prev = (vals[:, prv] + err[:, prv]) < (e - b)
+            sep_prev = (vals[:, prv] + bound(prv)) < (e - b)
             sep_prev |= (pos == 0).unsqueeze(0)
             good &= sep_next & sep_prev | (pos >= index_upto).unsqueeze(0)
         row_ok = good.all(1)
