@@ -70,7 +70,11 @@ def run_reference(args) -> dict:
     import torch
     from sklearn.decomposition import PCA
 
-    from tlmicroscope.models.embedded import embedded_gguf_path, load_gguf_hf_model, load_gguf_tokenizer
+    from tlmicroscope.models.embedded import (
+        embedded_gguf_path,
+        load_gguf_hf_model,
+        load_gguf_tokenizer,
+    )
 
     path = embedded_gguf_path()
     model = load_gguf_hf_model(path)
@@ -98,7 +102,7 @@ def run_reference(args) -> dict:
         for h in handles:
             h.remove()
     states = np.stack([np.concatenate(s) for s in stored])  # (state, sample, pos, d_model)
-    del stored
+    stored.clear()  # the lists' arrays are now copied into `states`
     t_capture = time.perf_counter() - t0
     x = states.reshape(-1, states.shape[-1])
     pca = PCA(n_components=args.n_components).fit(x)
@@ -141,7 +145,7 @@ def _child(side: str, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--side", side, "--n-windows", str(args.n_windows),
            "--seq-len", str(args.seq_len), "--n-components", str(args.n_components),
            "--batch-size", str(args.batch_size), "--threads", str(args.threads)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr[-4000:])
         raise SystemExit(f"the {side} run failed (exit {proc.returncode})")

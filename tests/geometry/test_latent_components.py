@@ -54,7 +54,9 @@ def test_residual_pieces_add_up(tiny):
                             progress=False)
     prev = st.select(components=("embed",)).activations[0]
     for layer in range(tiny.cfg.n_layers):
-        get = lambda c: st.select(components=(c,), layers=[layer]).activations[0]  # noqa: E731
+        def get(c, layer=layer):
+            return st.select(components=(c,), layers=[layer]).activations[0]
+
         torch.testing.assert_close(prev + get("attn_out"), get("resid_mid"), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(get("resid_mid") + get("mlp_out"), get("resid_post"), rtol=1e-5, atol=1e-5)
         prev = get("resid_post")

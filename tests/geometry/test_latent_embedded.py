@@ -33,7 +33,9 @@ def test_residual_pieces_add_up(states):
     """The reference's faithfulness check, on the real model."""
     prev = states.select(components=("embed",)).activations[0]
     for layer in range(states.n_layers):
-        get = lambda c: states.select(components=(c,), layers=[layer]).activations[0]  # noqa: E731
+        def get(c, layer=layer):
+            return states.select(components=(c,), layers=[layer]).activations[0]
+
         mid = get("resid_mid")
         torch.testing.assert_close(prev + get("attn_out"), mid, rtol=1e-4, atol=1e-3 * float(mid.abs().max()))
         post = get("resid_post")

@@ -59,7 +59,7 @@ def test_streamed_norms_equal_run_with_cache(tiny):
 def test_bad_input(tiny_llama):
     one = norm_profile(tiny_llama, "h", progress=False)
     with pytest.raises(ValueError, match="position 0 and at least one other"):
-        one.first_token_ratio
+        _ = one.first_token_ratio
     with pytest.raises(ValueError, match="Only position 0"):
         one.by_layer()
     states = capture_components(tiny_llama, "hey", components=("attn_out",), progress=False)

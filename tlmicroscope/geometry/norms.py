@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from jaxtyping import Float
 
+from tlmicroscope.geometry.component_states import _layer_label
 from tlmicroscope.geometry.components import (
     ComponentStates,
     _from_cache,
-    _layer_label,
     state_plan,
     stream_states,
 )

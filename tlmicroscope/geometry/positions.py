@@ -33,7 +33,7 @@ from tlmicroscope.geometry.projection import Projection, project
 from tlmicroscope.models import _compat
 from tlmicroscope.results import Provenance
 
-__all__ = ["PositionalGeometry", "positional_geometry", "fit_sinusoid"]
+__all__ = ["PositionalGeometry", "fit_sinusoid", "positional_geometry"]
 
 
 @dataclass(frozen=True)

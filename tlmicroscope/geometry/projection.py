@@ -25,7 +25,7 @@ from jaxtyping import Float
 
 from tlmicroscope.results import Provenance
 
-__all__ = ["LatentPCA", "Projection", "project", "UMAP_INSTALL", "UMAP_DEFAULTS"]
+__all__ = ["UMAP_DEFAULTS", "UMAP_INSTALL", "LatentPCA", "Projection", "project"]
 
 UMAP_INSTALL = "pip install 'tlmicroscope[umap]'   (or: pip install umap-learn)"
 #: The reference's UMAP settings (n_neighbors and min_dist are umap-learn's defaults there).

@@ -21,10 +21,10 @@ import torch
 from jaxtyping import Float, Int
 
 from tlmicroscope._vocab import token_strings
+from tlmicroscope.geometry.component_states import _layer_label
 from tlmicroscope.geometry.components import (
     COMPONENTS,
     ComponentStates,
-    _layer_label,
     capture_components,
     intermediate_layers,
 )
@@ -32,9 +32,9 @@ from tlmicroscope.geometry.norms import norm_profile
 from tlmicroscope.results import Provenance
 
 __all__ = [
+    "VocabularyNorms",
     "repeated_token_sequence",
     "single_token_inputs",
-    "VocabularyNorms",
     "vocabulary_norms",
     "vocabulary_states",
 ]

@@ -18,13 +18,13 @@ import numpy as np
 __all__ = [
     "COMPONENT_COLORS",
     "component_color",
-    "projection_scatter",
-    "pca_pair_grid",
-    "separation_plot",
-    "norm_profile_plot",
     "first_token_plot",
-    "trajectory_plot",
+    "norm_profile_plot",
+    "pca_pair_grid",
     "positional_cosine_heatmap",
+    "projection_scatter",
+    "separation_plot",
+    "trajectory_plot",
     "vocabulary_norm_histogram",
 ]
 
@@ -231,7 +231,7 @@ def pca_pair_grid(
     if k < 2:
         raise ValueError(f"A pair grid needs at least 2 components; the projection has {projection.n_components}.")
     pairs = list(combinations(range(k), 2))
-    cols = 3 if len(pairs) >= 3 else len(pairs)
+    cols = min(3, len(pairs))
     rows = -(-len(pairs) // cols)
     axes = projection.axis_titles()
     fig = make_subplots(rows=rows, cols=cols, horizontal_spacing=0.06, vertical_spacing=0.08,
@@ -375,8 +375,8 @@ def trajectory_plot(traj: Any, dims: int = 2, *, background: bool = True, max_ba
         >>> [t.name for t in fig.data]
         ['all states', 'h @0', 'y @2']
     """
-    import plotly.graph_objects as go
     import plotly.colors as pc
+    import plotly.graph_objects as go
 
     if dims not in (2, 3) or dims > traj.coords.shape[-1]:
         raise ValueError(f"dims must be 2 or 3 and at most the {traj.coords.shape[-1]} projected components.")
