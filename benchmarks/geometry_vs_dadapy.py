@@ -65,7 +65,10 @@ print(json.dumps(out))
 
 def ensure_venv() -> Path:
     py = VENV / "bin" / "python"
-    if py.exists() and subprocess.run([str(py), "-c", "import dadapy"], capture_output=True).returncode == 0:
+    if (
+        py.exists()
+        and subprocess.run([str(py), "-c", "import dadapy"], capture_output=True).returncode == 0
+    ):
         return py
     print(f"creating {VENV} with {DADAPY} (numpy<2 resolves there) ...", flush=True)
     venv.EnvBuilder(with_pip=True, clear=True).create(VENV)
@@ -76,7 +79,9 @@ def ensure_venv() -> Path:
 def clouds(n: int, d: int = 576, seed: int = 4) -> tuple[np.ndarray, np.ndarray]:
     """A low-rank-plus-noise token-cloud stand-in (rank 40) and a perturbed 'next layer'."""
     rng = np.random.default_rng(seed)
-    a = rng.standard_normal((n, 40)) @ rng.standard_normal((40, d)) + 0.3 * rng.standard_normal((n, d))
+    a = rng.standard_normal((n, 40)) @ rng.standard_normal((40, d)) + 0.3 * rng.standard_normal(
+        (n, d)
+    )
     b = a + 0.5 * rng.standard_normal((n, d))
     return a, b
 
@@ -106,8 +111,14 @@ def ours(a: np.ndarray, b: np.ndarray, reps: int) -> dict:
         dt = time.perf_counter() - t0
         if best is None or dt < best:
             best = dt
-            out = {"gride": ids.tolist(), "gride_error": errs.tolist(), "twonn_base": base, "twonn_ml": ml,
-                   "overlap": overlap.tolist(), "n_duplicates": n_dup}
+            out = {
+                "gride": ids.tolist(),
+                "gride_error": errs.tolist(),
+                "twonn_base": base,
+                "twonn_ml": ml,
+                "overlap": overlap.tolist(),
+                "n_duplicates": n_dup,
+            }
     out["seconds"] = best
     return out
 
@@ -126,18 +137,26 @@ def ours_separate_calls(a: np.ndarray, b: np.ndarray) -> float:
 
 def max_diff(x: dict, y: dict) -> dict[str, float]:
     keys = ("gride", "gride_error", "twonn_base", "twonn_ml", "overlap")
-    return {k: float(np.max(np.abs(np.asarray(x[k], float) - np.asarray(y[k], float)))) for k in keys}
+    return {
+        k: float(np.max(np.abs(np.asarray(x[k], float) - np.asarray(y[k], float)))) for k in keys
+    }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="1024,20000", help="comma-separated cloud sizes N (d = 576)")
+    parser.add_argument(
+        "--sizes", default="1024,20000", help="comma-separated cloud sizes N (d = 576)"
+    )
     parser.add_argument("--reps", type=int, default=5, help="repetitions (best time) for N <= 5000")
     parser.add_argument("--threads", type=int, default=2, help="threads for both sides")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "OPENBLAS_NUM_THREADS": str(args.threads),
-           "MKL_NUM_THREADS": str(args.threads)}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(args.threads),
+        "OPENBLAS_NUM_THREADS": str(args.threads),
+        "MKL_NUM_THREADS": str(args.threads),
+    }
     py = ensure_venv()
     worst = 0.0
     with tempfile.TemporaryDirectory() as tmp:
@@ -147,8 +166,13 @@ def main() -> int:
             np.save(fa, a)
             np.save(fb, b)
             reps = args.reps if n <= 5000 else 1
-            proc = subprocess.run([str(py), "-c", WORKER, str(fa), str(fb), str(reps)], env=env,
-                                  capture_output=True, text=True, check=False)
+            proc = subprocess.run(
+                [str(py), "-c", WORKER, str(fa), str(fb), str(reps)],
+                env=env,
+                capture_output=True,
+                text=True,
+                check=False,
+            )
             if proc.returncode:
                 print(proc.stderr[-2000:], file=sys.stderr)
                 return 1
@@ -157,15 +181,21 @@ def main() -> int:
             sep = ours_separate_calls(a, b) if n <= 5000 else float("nan")
             diff = max_diff(mine, ref)
             worst = max(worst, *diff.values())
-            print(f"\nN = {n}, d = 576 (GRIDE 2..256 + TwoNN base/ml + overlap k=1..6; {args.threads} threads, "
-                  f"best of {reps}; {ref['versions']})")
+            print(
+                f"\nN = {n}, d = 576 (GRIDE 2..256 + TwoNN base/ml + overlap k=1..6; {args.threads} threads, "
+                f"best of {reps}; {ref['versions']})"
+            )
             print(f"  dadapy       {ref['seconds']:8.3f} s")
-            print(f"  tlmicroscope {mine['seconds']:8.3f} s   ratio {ref['seconds'] / mine['seconds']:6.1f}x"
-                  + (f"   (separate public calls: {sep:.3f} s)" if np.isfinite(sep) else ""))
+            print(
+                f"  tlmicroscope {mine['seconds']:8.3f} s   ratio {ref['seconds'] / mine['seconds']:6.1f}x"
+                + (f"   (separate public calls: {sep:.3f} s)" if np.isfinite(sep) else "")
+            )
             print("  max |difference|: " + ", ".join(f"{k} {v:.2e}" for k, v in diff.items()))
             print(f"  GRIDE ids: ours {np.round(mine['gride'], 4).tolist()}")
             print(f"             dadapy {np.round(ref['gride'], 4).tolist()}")
-    print(f"\nlargest difference over all estimates: {worst:.2e} ({'within' if worst <= 1e-6 else 'OVER'} 1e-6)")
+    print(
+        f"\nlargest difference over all estimates: {worst:.2e} ({'within' if worst <= 1e-6 else 'OVER'} 1e-6)"
+    )
     return 0
 
 

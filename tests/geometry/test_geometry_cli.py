@@ -15,8 +15,23 @@ TEXT = " ".join(f"token{i % 41} word{i % 13}" for i in range(20))
 
 def test_geometry_command(tmp_path, capsys):
     out, csv = tmp_path / "g.html", tmp_path / "g.csv"
-    assert main(["geometry", TEXT, "--model", "tiny-llama", "--out", str(out), "--csv", str(csv),
-                 "--max-scale", "16"]) == 0
+    assert (
+        main(
+            [
+                "geometry",
+                TEXT,
+                "--model",
+                "tiny-llama",
+                "--out",
+                str(out),
+                "--csv",
+                str(csv),
+                "--max-scale",
+                "16",
+            ]
+        )
+        == 0
+    )
     assert out.is_file() and "Token geometry per layer" in out.read_text()
     header = csv.read_text().splitlines()[0].split(",")
     assert header[:4] == ["layer", "label", "n_unique", "gride_2"] and "overlap_6" in header
@@ -24,7 +39,21 @@ def test_geometry_command(tmp_path, capsys):
 
 
 def test_geometry_command_bad_input(tmp_path, capsys):
-    assert main(["geometry", "ab", "--model", "tiny-llama", "--out", str(tmp_path / "x.html"), "--max-scale", "8"]) == 2
+    assert (
+        main(
+            [
+                "geometry",
+                "ab",
+                "--model",
+                "tiny-llama",
+                "--out",
+                str(tmp_path / "x.html"),
+                "--max-scale",
+                "8",
+            ]
+        )
+        == 2
+    )
     assert "needs at least 9 tokens" in capsys.readouterr().err
 
 
@@ -32,8 +61,24 @@ def test_geometry_sweep_command(tmp_path):
     corpus = tmp_path / "c.txt"
     corpus.write_text(TEXT * 4)
     out = tmp_path / "s.jsonl"
-    args = ["geometry-sweep", "--model", "tiny-llama", "--corpus", str(corpus), "--out", str(out), "--seq-len", "64",
-            "--n-windows", "3", "--shuffle-levels", "0,2", "--max-scale", "16", "--no-progress"]
+    args = [
+        "geometry-sweep",
+        "--model",
+        "tiny-llama",
+        "--corpus",
+        str(corpus),
+        "--out",
+        str(out),
+        "--seq-len",
+        "64",
+        "--n-windows",
+        "3",
+        "--shuffle-levels",
+        "0,2",
+        "--max-scale",
+        "16",
+        "--no-progress",
+    ]
     assert main(args) == 0
     lines = out.read_text().splitlines()
     assert json.loads(lines[0])["settings"]["n_prompts"] == 3 and len(lines) == 1 + 6

@@ -20,7 +20,9 @@ def test_layer_geometry_on_the_embedded_model(embedded_model):
     assert int(geo.n_unique[0]) == len(set(tokens[0].tolist()))
     assert torch.all(geo.n_unique[1:] == 512)  # positions make every later vector distinct
     with torch.no_grad():
-        assert geo.loss == pytest.approx(float(embedded_model(tokens, return_type="loss")), abs=1e-4)
+        assert geo.loss == pytest.approx(
+            float(embedded_model(tokens, return_type="loss")), abs=1e-4
+        )
     ids = geo.id(2)[1:]
     assert torch.all((ids > 1) & (ids < 60)), ids  # token clouds are low-dimensional (paper: 3-15)
     assert torch.all((geo.overlap >= 0) & (geo.overlap <= 1))

@@ -44,7 +44,9 @@ def test_reference_values(make, ref):
     x = make()
     # the table is printed to 6 decimals, so agreement to 1e-6 means |diff| <= 5e-7 + rounding
     assert intrinsic_dimension(x, "twonn").estimate == pytest.approx(ref["base"], abs=1e-6)
-    assert intrinsic_dimension(x, "twonn", variant="ml").estimate == pytest.approx(ref["ml"], abs=1e-6)
+    assert intrinsic_dimension(x, "twonn", variant="ml").estimate == pytest.approx(
+        ref["ml"], abs=1e-6
+    )
     res = intrinsic_dimension(x, "gride", max_scale=256)
     assert res.scales == (2, 4, 8, 16, 32, 64, 128, 256)
     np.testing.assert_allclose(res.ids.numpy(), ref["gride"], atol=1e-6)
@@ -80,8 +82,10 @@ def test_twonn_and_gride_match_independent_formulas():
         m = m[m < 20 * (q95 - q50) + q50]
         nn = len(m)
 
-        def score(dim):
-            return (nn - 1) / dim + np.sum(((n2 - n1 - 1) / (1 - m ** (-dim)) - (n2 - 1)) * np.log(m))
+        def score(dim, m=m, nn=nn, n1=n1, n2=n2):
+            return (nn - 1) / dim + np.sum(
+                ((n2 - n1 - 1) / (1 - m ** (-dim)) - (n2 - 1)) * np.log(m)
+            )
 
         root = scipy.optimize.brentq(score, 0.01, 100, xtol=1e-12)
         assert float(res.ids[j]) == pytest.approx(root, abs=1e-6)
@@ -131,7 +135,10 @@ def test_microscope_variant_recovers_known_dimensions():
     # ALGORITHMS/llm-microscope notes: the 20% fit over-reads high dimensions somewhat
     g = torch.Generator().manual_seed(2)
     for dim, lo, hi in ((2, 1.8, 2.3), (5, 4.4, 5.6)):
-        x = torch.randn(2000, dim, generator=g) @ torch.linalg.qr(torch.randn(100, dim, generator=g))[0].T
+        x = (
+            torch.randn(2000, dim, generator=g)
+            @ torch.linalg.qr(torch.randn(100, dim, generator=g))[0].T
+        )
         assert lo < intrinsic_dimension(x, "twonn", variant="microscope").estimate < hi
 
 
@@ -163,7 +170,7 @@ def test_duplicates_are_removed_and_reported():
     ref = intrinsic_dimension(x, "gride", max_scale=16)
     assert res.n_duplicates == 110 and res.n_points == 2000 and res.n_input == 2110
     torch.testing.assert_close(res.ids, ref.ids)
-    u, kept, n_dup = remove_duplicates(dup)
+    _, kept, n_dup = remove_duplicates(dup)
     assert n_dup == 110 and kept.tolist() == list(range(2000))
 
 

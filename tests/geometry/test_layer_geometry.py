@@ -45,8 +45,12 @@ def test_matches_estimators_on_captured_activations(tiny):
     for layer, cloud in enumerate(clouds):
         ref = intrinsic_dimension(cloud, "gride", max_scale=64)
         usable = torch.isfinite(geo.gride[layer])
-        np.testing.assert_allclose(geo.gride[layer][usable].numpy(), ref.ids[: int(usable.sum())].numpy(), atol=1e-5)
-        assert geo.twonn[layer] == pytest.approx(intrinsic_dimension(cloud, "twonn").estimate, abs=1e-6)
+        np.testing.assert_allclose(
+            geo.gride[layer][usable].numpy(), ref.ids[: int(usable.sum())].numpy(), atol=1e-5
+        )
+        assert geo.twonn[layer] == pytest.approx(
+            intrinsic_dimension(cloud, "twonn").estimate, abs=1e-6
+        )
         assert geo.cosine[layer] == pytest.approx(cosine_similarity(cloud).mean, abs=1e-6)
         assert int(geo.n_unique[layer]) == ref.n_points
         if layer < len(clouds) - 1:
@@ -56,14 +60,18 @@ def test_matches_estimators_on_captured_activations(tiny):
     ref_logits = intrinsic_dimension(logits[0].double(), "gride", max_scale=64)
     np.testing.assert_allclose(geo.logits_gride.numpy(), ref_logits.ids.numpy(), atol=1e-4)
     logp = torch.log_softmax(logits[0].double(), -1)
-    assert geo.contextual_entropy == pytest.approx(float(-(logp.exp() * logp).sum(-1).mean()), abs=1e-6)
+    assert geo.contextual_entropy == pytest.approx(
+        float(-(logp.exp() * logp).sum(-1).mean()), abs=1e-6
+    )
     with torch.no_grad():
         assert geo.loss == pytest.approx(float(tiny(toks, return_type="loss")), abs=1e-5)
 
 
 def test_cache_input_equals_model_input(tiny_llama):
     toks = _tokens(seed=1)
-    _, cache = tiny_llama.run_with_cache(toks, names_filter=residual_stream_names(tiny_llama.cfg.n_layers))
+    _, cache = tiny_llama.run_with_cache(
+        toks, names_filter=residual_stream_names(tiny_llama.cfg.n_layers)
+    )
     a = layer_geometry(tiny_llama, toks)
     b = layer_geometry(cache, toks)
     torch.testing.assert_close(a.gride, b.gride, equal_nan=True, atol=1e-6, rtol=0)
@@ -74,10 +82,14 @@ def test_cache_input_equals_model_input(tiny_llama):
 
 def test_raw_last_layer_and_records(tiny_llama):
     toks = _tokens(seed=2)
-    geo = layer_geometry(tiny_llama, toks, final_norm=False, logits=False, overlap_k=(1, 2), max_scale=16)
+    geo = layer_geometry(
+        tiny_llama, toks, final_norm=False, logits=False, overlap_k=(1, 2), max_scale=16
+    )
     assert geo.layer_labels[-1] == str(tiny_llama.cfg.n_layers) and geo.logits_gride is None
     with torch.no_grad():
-        last = tiny_llama.run_with_cache(toks)[1][f"blocks.{tiny_llama.cfg.n_layers - 1}.hook_resid_post"][0]
+        last = tiny_llama.run_with_cache(toks)[1][
+            f"blocks.{tiny_llama.cfg.n_layers - 1}.hook_resid_post"
+        ][0]
     assert geo.cosine[-1] == pytest.approx(cosine_similarity(last).mean, abs=1e-6)
     rec = geo.to_record()
     assert len(rec["gride"]) == tiny_llama.cfg.n_layers + 1 and rec["overlap_k"] == [1, 2]
@@ -97,7 +109,9 @@ def test_bad_input(tiny_llama):
 def test_hooks_are_removed_when_a_layer_fails(tiny_llama, monkeypatch):
     import importlib
 
-    lg = importlib.import_module("tlmicroscope.geometry.layer_geometry")  # the module, not the function
+    lg = importlib.import_module(
+        "tlmicroscope.geometry.layer_geometry"
+    )  # the module, not the function
 
     toks = _tokens(seed=3)
     with torch.no_grad():

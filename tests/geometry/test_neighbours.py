@@ -32,9 +32,13 @@ def _brute(x: torch.Tensor, ranks):
 
 CLOUDS = {
     "gauss": lambda g: torch.randn(400, 50, generator=g),
-    "line_offset": lambda g: torch.randn(400, 1, generator=g) @ torch.randn(1, 576, generator=g) + 7,
+    "line_offset": lambda g: (
+        torch.randn(400, 1, generator=g) @ torch.randn(1, 576, generator=g) + 7
+    ),
     "plane": lambda g: torch.randn(400, 2, generator=g) @ torch.randn(2, 576, generator=g),
-    "duplicates": lambda g: torch.randn(100, 8, generator=g)[torch.randint(0, 100, (300,), generator=g)],
+    "duplicates": lambda g: torch.randn(100, 8, generator=g)[
+        torch.randint(0, 100, (300,), generator=g)
+    ],
     "outlier": lambda g: torch.cat([torch.randn(299, 20, generator=g), 1e4 * torch.ones(1, 20)]),
     "float16_grid": lambda g: torch.randint(0, 5, (300, 3), generator=g).half(),
 }
@@ -45,7 +49,9 @@ CLOUDS = {
 def test_nearest_neighbours_equal_brute_force(name, precision):
     x = CLOUDS[name](torch.Generator().manual_seed(0))
     ranks = [1, 2, 3, 4, 5, 6, 8, 16, 32, 64, 128, 256]
-    nn = nearest_neighbours(x, ranks=ranks, chunk_bytes=64 * 1024, precision=precision)  # many small chunks
+    nn = nearest_neighbours(
+        x, ranks=ranks, chunk_bytes=64 * 1024, precision=precision
+    )  # many small chunks
     d, i = _brute(x, ranks)
     # the documented guarantee: squared distances to 1e-8 relative (float64 GEMM, certified)
     torch.testing.assert_close(nn.distances, d, rtol=5e-9, atol=0)
@@ -83,7 +89,9 @@ def test_overlap_with_itself_is_one_and_with_a_permuted_copy_is_chance():
     assert torch.equal(neighbourhood_overlap(x, x).overlap, torch.ones(6, dtype=torch.float64))
     perm = torch.randperm(1000, generator=g)
     chance = neighbourhood_overlap(x, x[perm], k=range(1, 7)).overlap
-    expected = torch.arange(1, 7, dtype=torch.float64) / 999  # k / (N - 1): neighbours drawn at random
+    expected = (
+        torch.arange(1, 7, dtype=torch.float64) / 999
+    )  # k / (N - 1): neighbours drawn at random
     assert torch.all((chance - expected).abs() < 0.004), chance
 
 
@@ -92,7 +100,9 @@ def test_overlap_from_indices_counts_set_intersections():
     b = torch.tensor([[3, 1, 0], [3, 0, 1]])
     res = overlap_from_indices(a, b, (1, 2, 3), per_point=True)
     # row 0: {1}&{3}=0, {1,2}&{3,1}=1, {1,2,3}&{3,1,0}=2; row 1: 0, {0,2}&{3,0}=1, {0,2,3}&{3,0,1}=2
-    torch.testing.assert_close(res.per_point, torch.tensor([[0, 0.5, 2 / 3], [0, 0.5, 2 / 3]], dtype=torch.float64))
+    torch.testing.assert_close(
+        res.per_point, torch.tensor([[0, 0.5, 2 / 3], [0, 0.5, 2 / 3]], dtype=torch.float64)
+    )
     with pytest.raises(ValueError, match="same points"):
         neighbourhood_overlap(torch.randn(10, 2), torch.randn(11, 2), k=2)
 
@@ -100,7 +110,9 @@ def test_overlap_from_indices_counts_set_intersections():
 # ---------------------------------------------------------------------------- invariances
 def _cloud(seed: int, n: int, d: int, k: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, k, generator=g, dtype=torch.float64) @ torch.randn(k, d, generator=g, dtype=torch.float64)
+    return torch.randn(n, k, generator=g, dtype=torch.float64) @ torch.randn(
+        k, d, generator=g, dtype=torch.float64
+    )
 
 
 def _rotation(seed: int, d: int) -> torch.Tensor:
@@ -112,7 +124,9 @@ def _estimates(x: torch.Tensor, other: torch.Tensor) -> dict[str, np.ndarray]:
     return {
         "twonn_base": np.array([intrinsic_dimension(x, "twonn").estimate]),
         "twonn_ml": np.array([intrinsic_dimension(x, "twonn", variant="ml").estimate]),
-        "twonn_microscope": np.array([intrinsic_dimension(x, "twonn", variant="microscope").estimate]),
+        "twonn_microscope": np.array(
+            [intrinsic_dimension(x, "twonn", variant="microscope").estimate]
+        ),
         "gride": intrinsic_dimension(x, "gride", max_scale=32).ids.numpy(),
         "overlap": neighbourhood_overlap(x, other).overlap.numpy(),
         "anisotropy": np.array([anisotropy(x).estimate]),
@@ -139,23 +153,36 @@ def test_every_estimator_is_invariant(seed, n, d, k, kind, factor):
         rot = _rotation(seed, d)
         y, other_y = x @ rot, other @ rot
     elif kind == "translation":
-        shift = (10.0 ** (factor / 2)) * torch.randn(d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        shift = (10.0 ** (factor / 2)) * torch.randn(
+            d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64
+        )
         y, other_y = x + shift, other + shift
     else:
         y, other_y = x * 10.0**factor, other * 10.0**factor
     before, after = _estimates(x, other), _estimates(y, other_y)
     for name in before:
         # GRIDE's bisection stops at 1e-7, so a rounding-level change may move it by that much
-        np.testing.assert_allclose(after[name], before[name], rtol=1e-6, atol=1e-6, err_msg=f"{name} under {kind}")
+        np.testing.assert_allclose(
+            after[name], before[name], rtol=1e-6, atol=1e-6, err_msg=f"{name} under {kind}"
+        )
 
 
 @settings(max_examples=20, deadline=None)
-@given(seed=st.integers(0, 10_000), n=st.integers(5, 60), d=st.integers(1, 6), dup=st.integers(0, 20),
-       precision=st.sampled_from(["mixed", "float64"]))
+@given(
+    seed=st.integers(0, 10_000),
+    n=st.integers(5, 60),
+    d=st.integers(1, 6),
+    dup=st.integers(0, 20),
+    precision=st.sampled_from(["mixed", "float64"]),
+)
 def test_nearest_neighbours_property(seed, n, d, dup, precision):
     """Random clouds, with duplicates and integer ties: identical to brute force."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randint(-3, 4, (n, d), generator=g).double() if seed % 2 else torch.randn(n, d, generator=g)
+    x = (
+        torch.randint(-3, 4, (n, d), generator=g).double()
+        if seed % 2
+        else torch.randn(n, d, generator=g)
+    )
     if dup:
         x = torch.cat([x, x[torch.randint(0, n, (dup,), generator=g)]])
     k = min(6, x.shape[0] - 1)

@@ -36,10 +36,14 @@ def test_sweep_records_and_shuffled_loss(tiny_llama, tmp_path):
     assert [(r["prompt"], r["shuffle"], r["seed"]) for r in sweep.records] == [
         (p, s, seed) for p in range(3) for s in (0, 1, 3) for seed in ((0,) if s == 0 else (0, 1))
     ]
-    rec = next(r for r in sweep.records if r["prompt"] == 1 and r["shuffle"] == 3 and r["seed"] == 1)
+    rec = next(
+        r for r in sweep.records if r["prompt"] == 1 and r["shuffle"] == 3 and r["seed"] == 1
+    )
     shuffled = sweep_module.shuffle_tokens(PROMPTS[1], 3, np.random.default_rng([1, 1, 3]))
     with torch.no_grad():
-        assert rec["loss"] == pytest.approx(float(tiny_llama(shuffled[None], return_type="loss")), abs=1e-5)
+        assert rec["loss"] == pytest.approx(
+            float(tiny_llama(shuffled[None], return_type="loss")), abs=1e-5
+        )
     assert sweep.metric("gride", 1, scale=4).shape == (6, tiny_llama.cfg.n_layers + 1)
     assert sweep.metric("overlap", 0, k=2).shape == (3, tiny_llama.cfg.n_layers)
     lines = (tmp_path / "s.jsonl").read_text().splitlines()
@@ -70,19 +74,29 @@ def test_resumed_sweep_equals_uninterrupted(tiny_llama, tmp_path, monkeypatch):
         f.write(b'{"prompt": 2, "shuffle": 1, "se')
     resumed = geometry_sweep(tiny_llama, PROMPTS, out=path, **SETTINGS)
     assert _strip(resumed) == _strip(full)
-    assert path.read_text().splitlines()[1:] == (tmp_path / "full.jsonl").read_text().splitlines()[1:]
+    assert (
+        path.read_text().splitlines()[1:] == (tmp_path / "full.jsonl").read_text().splitlines()[1:]
+    )
 
 
 @pytest.mark.models
 def test_resume_refuses_other_settings(tiny_llama, tmp_path):
     path = tmp_path / "s.jsonl"
-    geometry_sweep(tiny_llama, PROMPTS[:1], out=path, shuffle_levels=(0,), max_scale=8, progress=False)
+    geometry_sweep(
+        tiny_llama, PROMPTS[:1], out=path, shuffle_levels=(0,), max_scale=8, progress=False
+    )
     with pytest.raises(ValueError, match="max_scale=8, not 16"):
-        geometry_sweep(tiny_llama, PROMPTS[:1], out=path, shuffle_levels=(0,), max_scale=16, progress=False)
+        geometry_sweep(
+            tiny_llama, PROMPTS[:1], out=path, shuffle_levels=(0,), max_scale=16, progress=False
+        )
     with pytest.raises(ValueError, match="prompts_sha256"):
-        geometry_sweep(tiny_llama, PROMPTS[1:2], out=path, shuffle_levels=(0,), max_scale=8, progress=False)
+        geometry_sweep(
+            tiny_llama, PROMPTS[1:2], out=path, shuffle_levels=(0,), max_scale=8, progress=False
+        )
     with pytest.raises(ValueError, match="already exists"):
-        geometry_sweep(tiny_llama, PROMPTS[:1], out=path, shuffle_levels=(0,), max_scale=8, resume=False)
+        geometry_sweep(
+            tiny_llama, PROMPTS[:1], out=path, shuffle_levels=(0,), max_scale=8, resume=False
+        )
     with pytest.raises(ValueError, match="Shuffle levels must lie in 0..3"):
         geometry_sweep(tiny_llama, PROMPTS[:1], out=tmp_path / "x.jsonl", shuffle_levels=(4,))
 
@@ -107,13 +121,29 @@ def test_two_process_sweep_equals_one_process(tmp_path):
     script.write_text(WORKER)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)
-    one = subprocess.run([sys.executable, str(script), str(tmp_path / "one.jsonl")], env=env,
-                         capture_output=True, text=True, timeout=600)
+    one = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "one.jsonl")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(script), str(tmp_path / "two.jsonl")],
-        env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(script),
+            str(tmp_path / "two.jsonl"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = load_geometry_sweep(tmp_path / "one.jsonl"), load_geometry_sweep(tmp_path / "two.jsonl")
@@ -125,8 +155,13 @@ def test_two_process_sweep_equals_one_process(tmp_path):
             if isinstance(ra[key], str):
                 assert ra[key] == rb[key]
                 continue
-            np.testing.assert_allclose(np.asarray(ra[key], dtype=float), np.asarray(rb[key], dtype=float),
-                                       rtol=1e-9, atol=1e-9, err_msg=key)
+            np.testing.assert_allclose(
+                np.asarray(ra[key], dtype=float),
+                np.asarray(rb[key], dtype=float),
+                rtol=1e-9,
+                atol=1e-9,
+                err_msg=key,
+            )
 
 
 def _synthetic_sweep(n=40, seed=0) -> GeometrySweep:
@@ -135,9 +170,23 @@ def _synthetic_sweep(n=40, seed=0) -> GeometrySweep:
     for p in range(n):
         for s, shift in ((0, 0.0), (2, 3.0)):
             loss = shift + rng.normal()
-            ids = [[float(np.exp(0.5 * loss + rng.normal()))], [float(np.exp(-0.5 * loss + rng.normal()))]]
-            recs.append({"prompt": p, "shuffle": s, "seed": 0, "layers": [0, 1], "gride_scales": [2], "gride": ids,
-                         "loss": loss, "contextual_entropy": loss + rng.normal(), "logits_gride": [float(np.exp(loss))]})
+            ids = [
+                [float(np.exp(0.5 * loss + rng.normal()))],
+                [float(np.exp(-0.5 * loss + rng.normal()))],
+            ]
+            recs.append(
+                {
+                    "prompt": p,
+                    "shuffle": s,
+                    "seed": 0,
+                    "layers": [0, 1],
+                    "gride_scales": [2],
+                    "gride": ids,
+                    "loss": loss,
+                    "contextual_entropy": loss + rng.normal(),
+                    "logits_gride": [float(np.exp(loss))],
+                }
+            )
     return GeometrySweep({"settings": {}}, recs)
 
 
@@ -156,12 +205,16 @@ def test_id_loss_correlation_matches_scipy_per_level():
             assert corr.spearman_p[i, layer] == pytest.approx(sr.pvalue)
     assert corr.pearson[0, 0] > 0 > corr.pearson[0, 1]
     # never pooled: a pooled correlation over both levels would differ
-    pooled = stats.pearsonr(np.log(np.concatenate([sweep.metric("gride", s)[:, 0] for s in (0, 2)])),
-                            np.concatenate([sweep.scalar("loss", s) for s in (0, 2)])).statistic
+    pooled = stats.pearsonr(
+        np.log(np.concatenate([sweep.metric("gride", s)[:, 0] for s in (0, 2)])),
+        np.concatenate([sweep.scalar("loss", s) for s in (0, 2)]),
+    ).statistic
     assert all(abs(pooled - r) > 1e-3 for r in corr.pearson[:, 0])
     assert len(corr.to_dataframe()) == 4
     ent = logits_entropy_correlation(sweep)
-    assert ent.pearson[0] == pytest.approx(stats.pearsonr(sweep.scalar("loss", 0), sweep.scalar("contextual_entropy", 0)).statistic)
+    assert ent.pearson[0] == pytest.approx(
+        stats.pearsonr(sweep.scalar("loss", 0), sweep.scalar("contextual_entropy", 0)).statistic
+    )
     with pytest.raises(ValueError, match="at least 3"):
         id_loss_correlation(_synthetic_sweep(n=2))
 

@@ -18,7 +18,12 @@ from scipy import stats
 
 from tlmicroscope.geometry.sweep import GeometrySweep
 
-__all__ = ["IdLossCorrelation", "id_loss_correlation", "LogitsEntropyCorrelation", "logits_entropy_correlation"]
+__all__ = [
+    "IdLossCorrelation",
+    "LogitsEntropyCorrelation",
+    "id_loss_correlation",
+    "logits_entropy_correlation",
+]
 
 
 @dataclass(frozen=True)
@@ -52,12 +57,18 @@ class IdLossCorrelation:
         rows = []
         for i, level in enumerate(self.shuffle_levels):
             for j, layer in enumerate(self.layers):
-                rows.append({
-                    "shuffle": level, "layer": layer, "label": self.layer_labels[j],
-                    "pearson_log_id": self.pearson[i, j], "pearson_p": self.pearson_p[i, j],
-                    "spearman": self.spearman[i, j], "spearman_p": self.spearman_p[i, j],
-                    "n_prompts": self.n_prompts[i],
-                })
+                rows.append(
+                    {
+                        "shuffle": level,
+                        "layer": layer,
+                        "label": self.layer_labels[j],
+                        "pearson_log_id": self.pearson[i, j],
+                        "pearson_p": self.pearson_p[i, j],
+                        "spearman": self.spearman[i, j],
+                        "spearman_p": self.spearman_p[i, j],
+                        "n_prompts": self.n_prompts[i],
+                    }
+                )
         return pd.DataFrame(rows)
 
 
@@ -102,7 +113,9 @@ def id_loss_correlation(
     """
     if estimator not in ("gride", "twonn"):
         raise ValueError(f"estimator must be 'gride' or 'twonn', got {estimator!r}.")
-    levels = sweep.shuffle_levels if shuffle_levels is None else tuple(int(s) for s in shuffle_levels)
+    levels = (
+        sweep.shuffle_levels if shuffle_levels is None else tuple(int(s) for s in shuffle_levels)
+    )
     shape = (len(levels), len(sweep.layers))
     out = {name: np.full(shape, np.nan) for name in ("pr", "pp", "sr", "sp")}
     counts = []
@@ -110,13 +123,25 @@ def id_loss_correlation(
         ids = sweep.metric(estimator, level, scale=scale)
         loss = sweep.scalar("loss", level)
         if len(loss) < 3:
-            raise ValueError(f"Shuffle level {level} has {len(loss)} prompts; a correlation needs at least 3.")
+            raise ValueError(
+                f"Shuffle level {level} has {len(loss)} prompts; a correlation needs at least 3."
+            )
         counts.append(len(loss))
         for j in range(ids.shape[1]):
-            out["pr"][i, j], out["pp"][i, j], out["sr"][i, j], out["sp"][i, j] = _corr(ids[:, j], loss)
+            out["pr"][i, j], out["pp"][i, j], out["sr"][i, j], out["sp"][i, j] = _corr(
+                ids[:, j], loss
+            )
     return IdLossCorrelation(
-        levels, sweep.layers, sweep.layer_labels, estimator, scale,
-        out["pr"], out["pp"], out["sr"], out["sp"], tuple(counts),
+        levels,
+        sweep.layers,
+        sweep.layer_labels,
+        estimator,
+        scale,
+        out["pr"],
+        out["pp"],
+        out["sr"],
+        out["sp"],
+        tuple(counts),
     )
 
 
@@ -137,7 +162,9 @@ def logits_entropy_correlation(
     sweep: GeometrySweep, *, scale: int = 2, shuffle_levels: Iterable[int] | None = None
 ) -> LogitsEntropyCorrelation:
     """Pearson (log logits-ID vs contextual entropy) and Spearman, per shuffle level."""
-    levels = sweep.shuffle_levels if shuffle_levels is None else tuple(int(s) for s in shuffle_levels)
+    levels = (
+        sweep.shuffle_levels if shuffle_levels is None else tuple(int(s) for s in shuffle_levels)
+    )
     vals = np.full((4, len(levels)), np.nan)
     counts = []
     for i, level in enumerate(levels):
@@ -145,4 +172,6 @@ def logits_entropy_correlation(
         y = sweep.scalar("contextual_entropy", level)
         counts.append(len(y))
         vals[:, i] = _corr(x, y)
-    return LogitsEntropyCorrelation(levels, scale, vals[0], vals[1], vals[2], vals[3], tuple(counts))
+    return LogitsEntropyCorrelation(
+        levels, scale, vals[0], vals[1], vals[2], vals[3], tuple(counts)
+    )

@@ -36,13 +36,13 @@ from jaxtyping import Float
 from tlmicroscope.geometry.neighbours import as_points, nearest_neighbours
 
 __all__ = [
+    "TWONN_VARIANTS",
     "IntrinsicDimensionResult",
+    "gride_from_distances",
+    "gride_scales",
     "intrinsic_dimension",
     "remove_duplicates",
-    "gride_scales",
     "twonn_from_distances",
-    "gride_from_distances",
-    "TWONN_VARIANTS",
 ]
 
 TWONN_VARIANTS = ("base", "ml", "microscope")
@@ -142,7 +142,9 @@ def remove_duplicates(points) -> tuple[Float[torch.Tensor, "m d"], torch.Tensor,
     return x[kept], kept, n - m
 
 
-def gride_scales(max_scale: int | None = None, n_points: int | None = None, *, cap: int = 256) -> tuple[int, ...]:
+def gride_scales(
+    max_scale: int | None = None, n_points: int | None = None, *, cap: int = 256
+) -> tuple[int, ...]:
     """Range scalings 2, 4, ..., ``max_scale`` (a power of two).
 
     With ``max_scale=None`` the scales run up to ``cap`` or the largest power of two that
@@ -156,7 +158,7 @@ def gride_scales(max_scale: int | None = None, n_points: int | None = None, *, c
     """
     if max_scale is None:
         top = cap if n_points is None else min(cap, max(2, n_points - 1))
-        max_scale = 2 ** int(math.floor(math.log2(top)))
+        max_scale = 2 ** math.floor(math.log2(top))
     max_scale = int(max_scale)
     if max_scale < 2 or max_scale & (max_scale - 1):
         raise ValueError(f"max_scale must be a power of two >= 2 (2, 4, 8, ...), got {max_scale}.")
@@ -167,7 +169,9 @@ def _check_scales(scales: Sequence[int]) -> tuple[int, ...]:
     out = tuple(sorted({int(s) for s in scales}))
     bad = [s for s in out if s < 2 or s & (s - 1)]
     if not out or bad:
-        raise ValueError(f"GRIDE scales are range scalings n2 = 2, 4, 8, ... (powers of two); got {tuple(scales)}.")
+        raise ValueError(
+            f"GRIDE scales are range scalings n2 = 2, 4, 8, ... (powers of two); got {tuple(scales)}."
+        )
     return out
 
 
@@ -212,7 +216,9 @@ def twonn_from_distances(
     n = r1.numel()
     if variant == "microscope":
         bad = r1 / scale < 1e-8
-        mu = torch.where(bad, torch.full_like(r1, -1.0), r2 / torch.where(bad, torch.ones_like(r1), r1))
+        mu = torch.where(
+            bad, torch.full_like(r1, -1.0), r2 / torch.where(bad, torch.ones_like(r1), r1)
+        )
         mu = torch.sort(mu).values
         useless = int((mu <= 1 + 1e-8).sum())
         kept = n - useless
@@ -223,7 +229,9 @@ def twonn_from_distances(
                 f"a tie) and fits the smallest 1/{reduction_factor} of them: none is left. "
                 f"Use at least {2 * reduction_factor + 1} distinct points."
             )
-        f_emp = torch.arange(useless + 1, useless + num + 1, dtype=torch.float64, device=r1.device) / n
+        f_emp = (
+            torch.arange(useless + 1, useless + num + 1, dtype=torch.float64, device=r1.device) / n
+        )
         x = torch.log(mu[useless : useless + num])
         y = -torch.log1p(-f_emp)
         return float((x * y).sum() / (x * x).sum()), math.nan, n - num
@@ -237,10 +245,16 @@ def twonn_from_distances(
         raise ValueError(f"fraction must lie in (0, 1], got {fraction}.")
     n_eff = int(n * fraction)
     if n_eff < 1:
-        raise ValueError(f"fraction={fraction} of {n} points keeps none; use more points or a larger fraction.")
+        raise ValueError(
+            f"fraction={fraction} of {n} points keeps none; use more points or a larger fraction."
+        )
     x = torch.sort(log_mu).values[:n_eff]
     y = -torch.log1p(-torch.arange(1, n_eff + 1, dtype=torch.float64, device=r1.device) / n)
     return float((x * y).sum() / (x * x).sum()), math.nan, n - n_eff
+
+
+def _tensor(a: np.ndarray) -> torch.Tensor:
+    return torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float64)
 
 
 def _gride_score(d: np.ndarray, log_mu: np.ndarray, keep: np.ndarray, n1, n2, n_kept) -> np.ndarray:
@@ -289,9 +303,10 @@ def gride_from_distances(
     mu_d = np.exp(-ids[None, :] * log_mu)
     one_m = np.maximum(1 - mu_d, 5 * _EPS64)
     fisher = mus.shape[0] / ids**2 + (n2 - n1 - 1) * ((log_mu / one_m) ** 2 * mu_d).sum(0)
-    as_t = lambda a: torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float64)  # noqa: E731
     return (
-        as_t(ids), as_t(1 / np.sqrt(fisher)), as_t(((r_n1 + r_n2) / 2).mean(0)),
+        _tensor(ids),
+        _tensor(1 / np.sqrt(fisher)),
+        _tensor(((r_n1 + r_n2) / 2).mean(0)),
         tuple(int(mus.shape[0] - k) for k in keep.sum(0)),
     )
 
@@ -358,12 +373,25 @@ def intrinsic_dimension(
             raise ValueError(f"TwoNN needs at least 3 points, but the cloud has {n_input}.")
         nn = nearest_neighbours(x, ranks=(1, 2), need_indices=False)
         d, err, n_disc = twonn_from_distances(
-            nn.at(1), nn.at(2), variant="microscope", reduction_factor=reduction_factor, scale=mean_norm
+            nn.at(1),
+            nn.at(2),
+            variant="microscope",
+            reduction_factor=reduction_factor,
+            scale=mean_norm,
         )
         settings.update(variant="microscope", reduction_factor=reduction_factor)
         return IntrinsicDimensionResult(
-            "twonn", "microscope", torch.tensor([d], dtype=torch.float64), torch.tensor([err], dtype=torch.float64),
-            (2,), ((nn.at(1) + nn.at(2)) / 2).mean().reshape(1), n_input, n_input, n_dup, (n_disc,), settings,
+            "twonn",
+            "microscope",
+            torch.tensor([d], dtype=torch.float64),
+            torch.tensor([err], dtype=torch.float64),
+            (2,),
+            ((nn.at(1) + nn.at(2)) / 2).mean().reshape(1),
+            n_input,
+            n_input,
+            n_dup,
+            (n_disc,),
+            settings,
         )
     if deduplicate:
         x, _, n_dup = remove_duplicates(x)
@@ -374,12 +402,23 @@ def intrinsic_dimension(
         _need_points(n, 3, "TwoNN", n_input, n_dup, "Pass more points (tokens).")
         nn = nearest_neighbours(x, ranks=(1, 2), need_indices=False)
         _check_nonzero(nn.at(1))
-        d, err, n_disc = twonn_from_distances(nn.at(1), nn.at(2), variant=variant, fraction=fraction)
+        d, err, n_disc = twonn_from_distances(
+            nn.at(1), nn.at(2), variant=variant, fraction=fraction
+        )
         used = "ml" if variant == "base" and math.isclose(fraction, 1.0) else variant
         settings.update(variant=used, fraction=fraction)
         return IntrinsicDimensionResult(
-            "twonn", used, torch.tensor([d], dtype=torch.float64), torch.tensor([err], dtype=torch.float64),
-            (2,), ((nn.at(1) + nn.at(2)) / 2).mean().reshape(1), n, n_input, n_dup, (n_disc,), settings,
+            "twonn",
+            used,
+            torch.tensor([d], dtype=torch.float64),
+            torch.tensor([err], dtype=torch.float64),
+            (2,),
+            ((nn.at(1) + nn.at(2)) / 2).mean().reshape(1),
+            n,
+            n_input,
+            n_dup,
+            (n_disc,),
+            settings,
         )
     if scales is not None:
         sc = _check_scales(scales)
@@ -389,13 +428,20 @@ def intrinsic_dimension(
         _need_points(n, 3, "GRIDE", n_input, n_dup, "Pass more points (tokens).")
         sc = gride_scales(None, n)
     _need_points(
-        n, sc[-1] + 1, f"GRIDE at scale {sc[-1]}", n_input, n_dup,
+        n,
+        sc[-1] + 1,
+        f"GRIDE at scale {sc[-1]}",
+        n_input,
+        n_dup,
         f"Pass more points, or a max_scale of at most {2 ** int(math.log2(max(2, n - 1)))}."
-        if n > 2 else "Pass more points (tokens).",
+        if n > 2
+        else "Pass more points (tokens).",
     )
     ranks = sorted({1} | {r for s in sc for r in (s // 2, s)})
     nn = nearest_neighbours(x, ranks=ranks, need_indices=False)
     _check_nonzero(nn.at(1))
     ids, errors, radii, n_disc = gride_from_distances(nn.distances, nn.ranks, sc)
     settings.update(scales=list(sc))
-    return IntrinsicDimensionResult("gride", None, ids, errors, sc, radii, n, n_input, n_dup, n_disc, settings)
+    return IntrinsicDimensionResult(
+        "gride", None, ids, errors, sc, radii, n, n_input, n_dup, n_disc, settings
+    )

@@ -43,7 +43,7 @@ from tlmicroscope.lenses.readout import Readout
 from tlmicroscope.models import _compat
 from tlmicroscope.results import Provenance
 
-__all__ = ["LayerGeometry", "layer_geometry", "cloud_geometry"]
+__all__ = ["LayerGeometry", "cloud_geometry", "layer_geometry"]
 
 _NAN = float("nan")
 
@@ -144,11 +144,19 @@ class LayerGeometry:
 
         rows = []
         for li, layer in enumerate(self.layers):
-            row = {"layer": layer, "label": self.layer_labels[li], "n_unique": int(self.n_unique[li])}
-            row.update({f"gride_{s}": float(self.gride[li, j]) for j, s in enumerate(self.gride_scales)})
+            row = {
+                "layer": layer,
+                "label": self.layer_labels[li],
+                "n_unique": int(self.n_unique[li]),
+            }
+            row.update(
+                {f"gride_{s}": float(self.gride[li, j]) for j, s in enumerate(self.gride_scales)}
+            )
             row["twonn"] = float(self.twonn[li])
             for j, k in enumerate(self.overlap_k):
-                row[f"overlap_{k}"] = float(self.overlap[li, j]) if li < len(self.layers) - 1 else _NAN
+                row[f"overlap_{k}"] = (
+                    float(self.overlap[li, j]) if li < len(self.layers) - 1 else _NAN
+                )
             row["cosine"] = float(self.cosine[li])
             row["cosine_with_diagonal"] = float(self.cosine_with_diagonal[li])
             rows.append(row)
@@ -192,8 +200,9 @@ def cloud_geometry(
     id_ranks = sorted({1, 2} | {r for s in usable for r in (s // 2, s)})
     first_k = None
     if n_dup == 0:
-        nn = nearest_neighbours(x, ranks=sorted(set(id_ranks) | set(range(1, overlap_k + 1))),
-                                need_indices=overlap_k)
+        nn = nearest_neighbours(
+            x, ranks=sorted(set(id_ranks) | set(range(1, overlap_k + 1))), need_indices=overlap_k
+        )
         if overlap_k:
             first_k = nn.first(overlap_k)
     else:
@@ -201,7 +210,9 @@ def cloud_geometry(
         if overlap_k:
             first_k = nearest_neighbours(x, overlap_k).indices
     if bool((nn.at(1) <= 0).any()):
-        raise ValueError("Distinct token vectors at zero distance (float64 underflow); rescale the activations.")
+        raise ValueError(
+            "Distinct token vectors at zero distance (float64 underflow); rescale the activations."
+        )
     ids = torch.full((len(scales),), _NAN, dtype=torch.float64)
     errors = ids.clone()
     if usable:
@@ -213,7 +224,9 @@ def cloud_geometry(
         r = nearest_neighbours(x, ranks=(1, 2), need_indices=False)
         twonn, _, _ = twonn_from_distances(r.at(1), r.at(2), variant="microscope", scale=scale)
     else:
-        twonn, _, _ = twonn_from_distances(nn.at(1), nn.at(2), variant=twonn_variant, fraction=fraction)
+        twonn, _, _ = twonn_from_distances(
+            nn.at(1), nn.at(2), variant=twonn_variant, fraction=fraction
+        )
     cos = cosine_similarity(x) if with_cosine else None
     return _CloudStats(ids, errors, twonn, n, first_k, cos)
 
@@ -309,14 +322,13 @@ def layer_geometry(
     if toks is not None:
         n_pos = int(toks.shape[1])
     else:
-        first = cache["blocks.0.hook_resid_pre"] if "blocks.0.hook_resid_pre" in cache else None
-        if first is None:
+        if "blocks.0.hook_resid_pre" not in cache:
             raise ValueError(
                 "The ActivationCache lacks blocks.0.hook_resid_pre. Run model.run_with_cache(tokens, "
                 "names_filter=lambda n: n.endswith('hook_resid_pre') or n == "
                 f"'blocks.{n_layers - 1}.hook_resid_post') or pass the model."
             )
-        n_pos = int(first.shape[-2])
+        n_pos = int(cache["blocks.0.hook_resid_pre"].shape[-2])
     if max_scale is not None and n_pos < int(max_scale) + 1:
         raise ValueError(
             f"GRIDE at scale {max_scale} needs at least {int(max_scale) + 1} tokens, but the prompt has "
@@ -324,7 +336,9 @@ def layer_geometry(
             f"{gride_scales(None, max(3, n_pos))[-1]}."
         )
     if n_pos < 3:
-        raise ValueError(f"The intrinsic dimension needs a prompt of at least 3 tokens, got {n_pos}.")
+        raise ValueError(
+            f"The intrinsic dimension needs a prompt of at least 3 tokens, got {n_pos}."
+        )
     scales = gride_scales(max_scale, n_pos)
     readout = Readout(model)
     stats: dict[int, _CloudStats] = {}
@@ -337,7 +351,9 @@ def layer_geometry(
             state["h_last"] = h
             if final_norm:
                 h = _final_normed(readout, model, h.to(torch.float64))
-        st = cloud_geometry(h, scales, overlap_k=kmax, twonn_variant=twonn_variant, fraction=fraction)
+        st = cloud_geometry(
+            h, scales, overlap_k=kmax, twonn_variant=twonn_variant, fraction=fraction
+        )
         if layer - 1 in stats and kmax:
             prev = stats[layer - 1].first_k
             overlaps[layer - 1] = overlap_from_indices(prev, st.first_k, ks).overlap
@@ -350,7 +366,9 @@ def layer_geometry(
         for layer in range(n_layers + 1):
             measure(layer, cap["resid"][layer])
     else:
-        model_logits = stream(model, toks, lambda site, layer, act: measure(layer, act), sites=("resid",))
+        model_logits = stream(
+            model, toks, lambda site, layer, act: measure(layer, act), sites=("resid",)
+        )
     n_tokens = int(state["h_last"].shape[0])
     logits_ids = logits_err = None
     entropy = loss = _NAN
@@ -374,12 +392,18 @@ def layer_geometry(
         loss = float(-logp[:-1].gather(1, toks[0, 1:].unsqueeze(1).to(logp.device)).mean())
     layers = tuple(range(n_layers + 1))
     labels = tuple(
-        "embed" if l == 0 else (f"{l}+norm" if l == n_layers and final_norm else str(l)) for l in layers
+        "embed" if l == 0 else (f"{l}+norm" if l == n_layers and final_norm else str(l))
+        for l in layers
     )
     nan_pairs = torch.full((len(ks),), _NAN, dtype=torch.float64)
     prov = Provenance.from_model(
-        model, geometry="token cloud", max_scale=max(scales), twonn_variant=twonn_variant,
-        final_norm=final_norm, prepend_bos=prepend_bos, overlap_k=list(ks),
+        model,
+        geometry="token cloud",
+        max_scale=max(scales),
+        twonn_variant=twonn_variant,
+        final_norm=final_norm,
+        prepend_bos=prepend_bos,
+        overlap_k=list(ks),
     )
     return LayerGeometry(
         layers=layers,
@@ -389,11 +413,14 @@ def layer_geometry(
         gride_scales=tuple(scales),
         twonn=torch.tensor([stats[l].twonn for l in layers], dtype=torch.float64),
         twonn_variant=twonn_variant,
-        overlap=torch.stack([overlaps.get(l, nan_pairs) for l in range(n_layers)]) if ks
+        overlap=torch.stack([overlaps.get(l, nan_pairs) for l in range(n_layers)])
+        if ks
         else torch.empty((n_layers, 0), dtype=torch.float64),
         overlap_k=ks,
         cosine=torch.tensor([stats[l].cosine.mean for l in layers], dtype=torch.float64),
-        cosine_with_diagonal=torch.tensor([stats[l].cosine.mean_with_diagonal for l in layers], dtype=torch.float64),
+        cosine_with_diagonal=torch.tensor(
+            [stats[l].cosine.mean_with_diagonal for l in layers], dtype=torch.float64
+        ),
         n_unique=torch.tensor([stats[l].n_unique for l in layers]),
         logits_gride=logits_ids,
         logits_gride_error=logits_err,

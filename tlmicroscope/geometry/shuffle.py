@@ -18,14 +18,14 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["shuffle_tokens", "block_permutation", "max_shuffle_level"]
+__all__ = ["block_permutation", "max_shuffle_level", "shuffle_tokens"]
 
 
 def max_shuffle_level(n_tokens: int) -> int:
     """The largest S with 4^S <= n_tokens (single-token blocks when n_tokens is a power of 4)."""
     if n_tokens < 1:
         raise ValueError(f"n_tokens must be positive, got {n_tokens}.")
-    return int(math.floor(math.log(n_tokens, 4) + 1e-12))
+    return math.floor(math.log(n_tokens, 4) + 1e-12)
 
 
 def _generator(seed: Any) -> np.random.Generator:
@@ -101,7 +101,10 @@ def shuffle_tokens(
         raise ValueError(f"tokens must be [pos] or [batch pos], got shape {tuple(t.shape)}.")
     rows = t.unsqueeze(0) if t.ndim == 1 else t
     rng = _generator(seed)
-    perms = [block_permutation(rows.shape[1], level, rng, remainder=remainder) for _ in range(rows.shape[0])]
+    perms = [
+        block_permutation(rows.shape[1], level, rng, remainder=remainder)
+        for _ in range(rows.shape[0])
+    ]
     perm = torch.as_tensor(np.stack(perms), dtype=torch.long, device=rows.device)
     out = rows.gather(1, perm)
     if t.ndim == 1:

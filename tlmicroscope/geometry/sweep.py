@@ -33,7 +33,7 @@ from tlmicroscope.geometry.layer_geometry import layer_geometry
 from tlmicroscope.geometry.shuffle import max_shuffle_level, shuffle_tokens
 from tlmicroscope.io import atomic_write_text, check_fingerprint, model_fingerprint
 
-__all__ = ["GeometrySweep", "geometry_sweep", "load_geometry_sweep", "SWEEP_FORMAT"]
+__all__ = ["SWEEP_FORMAT", "GeometrySweep", "geometry_sweep", "load_geometry_sweep"]
 
 SWEEP_FORMAT = "tlmicroscope.geometry_sweep/1"
 
@@ -74,13 +74,17 @@ class GeometrySweep:
     def layer_labels(self) -> tuple[str, ...]:
         n = len(self.layers) - 1
         norm = self.header.get("settings", {}).get("final_norm", True)
-        return tuple("embed" if l == 0 else (f"{l}+norm" if l == n and norm else str(l)) for l in self.layers)
+        return tuple(
+            "embed" if l == 0 else (f"{l}+norm" if l == n and norm else str(l)) for l in self.layers
+        )
 
     def select(self, shuffle: int = 0) -> list[dict[str, Any]]:
         """The records at one shuffle level (all seeds), in prompt order."""
         rows = [r for r in self.records if r["shuffle"] == shuffle]
         if not rows:
-            raise ValueError(f"No records at shuffle level {shuffle}; levels are {self.shuffle_levels}.")
+            raise ValueError(
+                f"No records at shuffle level {shuffle}; levels are {self.shuffle_levels}."
+            )
         return rows
 
     def metric(self, name: str, shuffle: int = 0, *, scale: int = 2, k: int = 2) -> np.ndarray:
@@ -121,12 +125,22 @@ class GeometrySweep:
         rows = []
         for r in self.records:
             for li, layer in enumerate(r["layers"]):
-                row = {"prompt": r["prompt"], "shuffle": r["shuffle"], "seed": r["seed"], "layer": layer,
-                       "loss": r["loss"], "contextual_entropy": r["contextual_entropy"]}
-                row.update({f"gride_{s}": r["gride"][li][j] for j, s in enumerate(r["gride_scales"])})
+                row = {
+                    "prompt": r["prompt"],
+                    "shuffle": r["shuffle"],
+                    "seed": r["seed"],
+                    "layer": layer,
+                    "loss": r["loss"],
+                    "contextual_entropy": r["contextual_entropy"],
+                }
+                row.update(
+                    {f"gride_{s}": r["gride"][li][j] for j, s in enumerate(r["gride_scales"])}
+                )
                 row["twonn"] = r["twonn"][li]
                 for j, k in enumerate(r["overlap_k"]):
-                    row[f"overlap_{k}"] = r["overlap"][li][j] if li < len(r["overlap"]) else float("nan")
+                    row[f"overlap_{k}"] = (
+                        r["overlap"][li][j] if li < len(r["overlap"]) else float("nan")
+                    )
                 row["cosine"] = r["cosine"][li]
                 row["cosine_with_diagonal"] = r["cosine_with_diagonal"][li]
                 rows.append(row)
@@ -153,10 +167,14 @@ def _read_jsonl(path: Path) -> tuple[dict[str, Any] | None, list[dict[str, Any]]
         except ValueError:
             if end == len(data):
                 break
-            raise ValueError(f"{path} is corrupt at byte {pos}: a line is not JSON. Move it away to start over.") from None
+            raise ValueError(
+                f"{path} is corrupt at byte {pos}: a line is not JSON. Move it away to start over."
+            ) from None
         if header is None:
             if obj.get("format") != SWEEP_FORMAT:
-                raise ValueError(f"{path} is not a tlmicroscope geometry sweep (no {SWEEP_FORMAT!r} header).")
+                raise ValueError(
+                    f"{path} is not a tlmicroscope geometry sweep (no {SWEEP_FORMAT!r} header)."
+                )
             header = obj
         else:
             records.append(obj)
@@ -182,7 +200,9 @@ def _prompt_hash(prompts: torch.Tensor) -> str:
     return hashlib.sha256(prompts.to(torch.int64).cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
-def _prompts(model: Any, prompts: Any, seq_len: int, n_windows: int, window_seed: int) -> torch.Tensor:
+def _prompts(
+    model: Any, prompts: Any, seq_len: int, n_windows: int, window_seed: int
+) -> torch.Tensor:
     if isinstance(prompts, torch.Tensor):
         t = prompts if prompts.ndim == 2 else prompts.unsqueeze(0)
     elif isinstance(prompts, np.ndarray):
@@ -190,18 +210,29 @@ def _prompts(model: Any, prompts: Any, seq_len: int, n_windows: int, window_seed
     elif isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], torch.Tensor):
         lengths = {len(p.reshape(-1)) for p in prompts}
         if len(lengths) > 1:
-            raise ValueError(f"Token prompts must have equal lengths for a sweep, got {sorted(lengths)}.")
+            raise ValueError(
+                f"Token prompts must have equal lengths for a sweep, got {sorted(lengths)}."
+            )
         t = torch.stack([p.reshape(-1) for p in prompts])
     else:
-        t = token_windows(model, prompts, seq_len=seq_len, n_windows=n_windows, shuffle=True, seed=window_seed)
+        t = token_windows(
+            model, prompts, seq_len=seq_len, n_windows=n_windows, shuffle=True, seed=window_seed
+        )
     if t.is_floating_point():
         raise ValueError("Prompts must be token ids (integers) or a corpus source.")
     return t.long().cpu()
 
 
-def _work(n_prompts: int, levels: Sequence[int], seeds: Sequence[int]) -> list[tuple[int, int, int]]:
+def _work(
+    n_prompts: int, levels: Sequence[int], seeds: Sequence[int]
+) -> list[tuple[int, int, int]]:
     """(prompt, S, seed); S = 0 is the unshuffled prompt and runs once (with the first seed)."""
-    return [(p, s, seed) for p in range(n_prompts) for s in levels for seed in (seeds[:1] if s == 0 else seeds)]
+    return [
+        (p, s, seed)
+        for p in range(n_prompts)
+        for s in levels
+        for seed in (seeds[:1] if s == 0 else seeds)
+    ]
 
 
 def _append(path: Path, obj: dict[str, Any]) -> None:
@@ -262,7 +293,11 @@ def geometry_sweep(
     ctx = dist_context()
     toks = _prompts(model, prompts, seq_len, n_windows, window_seed)
     n_pos = toks.shape[1]
-    levels = tuple(range(max_shuffle_level(n_pos) + 1)) if shuffle_levels is None else tuple(int(s) for s in shuffle_levels)
+    levels = (
+        tuple(range(max_shuffle_level(n_pos) + 1))
+        if shuffle_levels is None
+        else tuple(int(s) for s in shuffle_levels)
+    )
     if not levels or min(levels) < 0 or max(levels) > max_shuffle_level(n_pos):
         raise ValueError(
             f"Shuffle levels must lie in 0..{max_shuffle_level(n_pos)} for {n_pos}-token prompts, got {levels}."
@@ -271,15 +306,27 @@ def geometry_sweep(
     if not seeds:
         raise ValueError("Pass at least one shuffle seed.")
     settings = {
-        "n_prompts": int(toks.shape[0]), "seq_len": int(n_pos), "shuffle_levels": list(levels),
-        "seeds": list(seeds), "max_scale": max_scale, "overlap_k": [int(k) for k in overlap_k],
-        "twonn_variant": twonn_variant, "final_norm": final_norm, "prompts_sha256": _prompt_hash(toks),
+        "n_prompts": int(toks.shape[0]),
+        "seq_len": int(n_pos),
+        "shuffle_levels": list(levels),
+        "seeds": list(seeds),
+        "max_scale": max_scale,
+        "overlap_k": [int(k) for k in overlap_k],
+        "twonn_variant": twonn_variant,
+        "final_norm": final_norm,
+        "prompts_sha256": _prompt_hash(toks),
     }
     header = {"format": SWEEP_FORMAT, "settings": settings, "model": model_fingerprint(model)}
-    existing = load_geometry_sweep(out) if (out.exists() or any(out.parent.glob(out.name + ".rank*"))) else None
+    existing = (
+        load_geometry_sweep(out)
+        if (out.exists() or any(out.parent.glob(out.name + ".rank*")))
+        else None
+    )
     if existing is not None:
         if not resume:
-            raise ValueError(f"{out} already exists; pass resume=True to continue it, or another path.")
+            raise ValueError(
+                f"{out} already exists; pass resume=True to continue it, or another path."
+            )
         old = existing.header.get("settings", {})
         for key, val in settings.items():
             if old.get(key) != val:
@@ -310,7 +357,11 @@ def geometry_sweep(
         if level:
             ids = shuffle_tokens(ids, level, np.random.default_rng([seed, prompt, level]))
         geo = layer_geometry(
-            model, ids, max_scale=max_scale, overlap_k=overlap_k, twonn_variant=twonn_variant,
+            model,
+            ids,
+            max_scale=max_scale,
+            overlap_k=overlap_k,
+            twonn_variant=twonn_variant,
             final_norm=final_norm,
         )
         _append(target, {"prompt": prompt, "shuffle": level, "seed": seed, **geo.to_record()})
@@ -318,7 +369,11 @@ def geometry_sweep(
     ctx.barrier()
     if ctx.is_main:
         merged = load_geometry_sweep(out)
-        text = json.dumps(merged.header) + "\n" + "".join(json.dumps(r, allow_nan=True) + "\n" for r in merged.records)
+        text = (
+            json.dumps(merged.header)
+            + "\n"
+            + "".join(json.dumps(r, allow_nan=True) + "\n" for r in merged.records)
+        )
         atomic_write_text(out, text)
         for part in out.parent.glob(out.name + ".rank*"):
             part.unlink()

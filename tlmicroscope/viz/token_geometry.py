@@ -5,15 +5,16 @@ objects and never run a model."""
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import numpy as np
 
 __all__ = [
+    "SHUFFLE_COLOURS",
+    "id_loss_correlation_figure",
     "layer_geometry_figure",
     "sweep_profile_figure",
-    "id_loss_correlation_figure",
-    "SHUFFLE_COLOURS",
 ]
 
 #: One colour per shuffle level: structured text dark blue, then towards red as blocks shrink.
@@ -41,29 +42,78 @@ def layer_geometry_figure(geo: Any, *, title: str | None = None):
     from plotly.subplots import make_subplots
 
     fig = make_subplots(
-        rows=1, cols=3, horizontal_spacing=0.07,
+        rows=1,
+        cols=3,
+        horizontal_spacing=0.07,
         subplot_titles=("Intrinsic dimension", "Overlap with the next layer", "Cosine similarity"),
     )
     x = list(geo.layer_labels)
     for j, scale in enumerate(geo.gride_scales):
-        fig.add_trace(go.Scatter(
-            x=x, y=geo.gride[:, j].tolist(), mode="lines+markers", name=f"GRIDE n2={scale}",
-            error_y={"type": "data", "array": geo.gride_error[:, j].tolist(), "visible": True},
-            legendgroup="id", visible=True if scale in (2, 4, 8) else "legendonly",
-        ), row=1, col=1)
-    fig.add_trace(go.Scatter(x=x, y=geo.twonn.tolist(), mode="lines", name=f"TwoNN {geo.twonn_variant}",
-                             line={"dash": "dot"}, legendgroup="id"), row=1, col=1)
-    pairs = [f"{a}→{b}" for a, b in zip(x[:-1], x[1:])]
+        fig.add_trace(
+            go.Scatter(
+                x=x,
+                y=geo.gride[:, j].tolist(),
+                mode="lines+markers",
+                name=f"GRIDE n2={scale}",
+                error_y={"type": "data", "array": geo.gride_error[:, j].tolist(), "visible": True},
+                legendgroup="id",
+                visible=True if scale in (2, 4, 8) else "legendonly",
+            ),
+            row=1,
+            col=1,
+        )
+    fig.add_trace(
+        go.Scatter(
+            x=x,
+            y=geo.twonn.tolist(),
+            mode="lines",
+            name=f"TwoNN {geo.twonn_variant}",
+            line={"dash": "dot"},
+            legendgroup="id",
+        ),
+        row=1,
+        col=1,
+    )
+    pairs = [f"{a}→{b}" for a, b in itertools.pairwise(x)]
     for j, k in enumerate(geo.overlap_k):
-        fig.add_trace(go.Scatter(x=pairs, y=geo.overlap[:, j].tolist(), mode="lines", name=f"overlap k={k}",
-                                 legendgroup="overlap", visible=True if k in (1, 2, 6) else "legendonly"),
-                      row=1, col=2)
-    fig.add_trace(go.Scatter(x=x, y=geo.cosine.tolist(), mode="lines+markers", name="cosine (i≠j)"), row=1, col=3)
-    fig.add_trace(go.Scatter(x=x, y=geo.cosine_with_diagonal.tolist(), mode="lines", name="cosine (all N², paper)",
-                             line={"dash": "dot"}), row=1, col=3)
-    loss = "" if not np.isfinite(geo.loss) else f" — loss {geo.loss:.3f} nats, contextual entropy {geo.contextual_entropy:.3f}"
-    fig.update_layout(title=title or f"Token geometry of a {geo.n_tokens}-token prompt{loss}",
-                      height=430, legend={"font": {"size": 10}})
+        fig.add_trace(
+            go.Scatter(
+                x=pairs,
+                y=geo.overlap[:, j].tolist(),
+                mode="lines",
+                name=f"overlap k={k}",
+                legendgroup="overlap",
+                visible=True if k in (1, 2, 6) else "legendonly",
+            ),
+            row=1,
+            col=2,
+        )
+    fig.add_trace(
+        go.Scatter(x=x, y=geo.cosine.tolist(), mode="lines+markers", name="cosine (i≠j)"),
+        row=1,
+        col=3,
+    )
+    fig.add_trace(
+        go.Scatter(
+            x=x,
+            y=geo.cosine_with_diagonal.tolist(),
+            mode="lines",
+            name="cosine (all N², paper)",
+            line={"dash": "dot"},
+        ),
+        row=1,
+        col=3,
+    )
+    loss = (
+        ""
+        if not np.isfinite(geo.loss)
+        else f" — loss {geo.loss:.3f} nats, contextual entropy {geo.contextual_entropy:.3f}"
+    )
+    fig.update_layout(
+        title=title or f"Token geometry of a {geo.n_tokens}-token prompt{loss}",
+        height=430,
+        legend={"font": {"size": 10}},
+    )
     fig.update_xaxes(title_text="layer")
     return fig
 
@@ -115,23 +165,49 @@ def sweep_profile_figure(
     fig = go.Figure()
     for level in levels:
         vals = sweep.metric(metric, level, scale=scale, k=k)
-        x = labels[: vals.shape[1]] if metric != "overlap" else [f"{a}→{b}" for a, b in zip(labels[:-1], labels[1:])]
+        if metric == "overlap":
+            x = [f"{a}→{b}" for a, b in itertools.pairwise(labels)]
+        else:
+            x = labels[: vals.shape[1]]
         start = 1 if skip_embedding else 0
         vals, x = vals[:, start:], x[start:]
         mean, lo, hi = _band(vals, band)
         colour = SHUFFLE_COLOURS[min(level, len(SHUFFLE_COLOURS) - 1)]
-        fig.add_trace(go.Scatter(x=x + x[::-1], y=np.concatenate([hi, lo[::-1]]).tolist(), fill="toself",
-                                 fillcolor=_rgba(colour, 0.18), line={"width": 0}, hoverinfo="skip",
-                                 showlegend=False, legendgroup=str(level)))
-        fig.add_trace(go.Scatter(x=x, y=mean.tolist(), mode="lines+markers", line={"color": colour},
-                                 name=f"S={level} (n={vals.shape[0]})", legendgroup=str(level)))
-    what = {"gride": f"Intrinsic dimension (GRIDE, n2={scale})", "twonn": "Intrinsic dimension (TwoNN)",
-            "overlap": f"Neighbourhood overlap with the next layer (k={k})",
-            "cosine": "Mean cosine similarity (i≠j)", "cosine_with_diagonal": "Mean cosine similarity (all N²)"}
+        fig.add_trace(
+            go.Scatter(
+                x=x + x[::-1],
+                y=np.concatenate([hi, lo[::-1]]).tolist(),
+                fill="toself",
+                fillcolor=_rgba(colour, 0.18),
+                line={"width": 0},
+                hoverinfo="skip",
+                showlegend=False,
+                legendgroup=str(level),
+            )
+        )
+        fig.add_trace(
+            go.Scatter(
+                x=x,
+                y=mean.tolist(),
+                mode="lines+markers",
+                line={"color": colour},
+                name=f"S={level} (n={vals.shape[0]})",
+                legendgroup=str(level),
+            )
+        )
+    what = {
+        "gride": f"Intrinsic dimension (GRIDE, n2={scale})",
+        "twonn": "Intrinsic dimension (TwoNN)",
+        "overlap": f"Neighbourhood overlap with the next layer (k={k})",
+        "cosine": "Mean cosine similarity (i≠j)",
+        "cosine_with_diagonal": "Mean cosine similarity (all N²)",
+    }
     fig.update_layout(
-        title=title or f"{what.get(metric, metric)} by layer, structured (S=0) vs shuffled; "
+        title=title
+        or f"{what.get(metric, metric)} by layer, structured (S=0) vs shuffled; "
         f"bands: {'95% CI of the mean' if band == 'ci95' else '±1 std over prompts'}",
-        xaxis_title="layer" if metric != "overlap" else "layer pair", yaxis_title=what.get(metric, metric),
+        xaxis_title="layer" if metric != "overlap" else "layer pair",
+        yaxis_title=what.get(metric, metric),
         height=430,
     )
     return fig
@@ -155,19 +231,31 @@ def id_loss_correlation_figure(corr: Any, *, title: str | None = None, alpha: fl
     x = list(corr.layer_labels)
     for i, level in enumerate(corr.shuffle_levels):
         colour = SHUFFLE_COLOURS[min(level, len(SHUFFLE_COLOURS) - 1)]
-        for name, r, p, dash in (("Pearson log ID", corr.pearson[i], corr.pearson_p[i], None),
-                                 ("Spearman", corr.spearman[i], corr.spearman_p[i], "dot")):
+        for name, r, p, dash in (
+            ("Pearson log ID", corr.pearson[i], corr.pearson_p[i], None),
+            ("Spearman", corr.spearman[i], corr.spearman_p[i], "dot"),
+        ):
             sig = np.asarray(p) < alpha
-            fig.add_trace(go.Scatter(
-                x=x, y=np.asarray(r).tolist(), mode="lines+markers", name=f"{name}, S={level} (n={corr.n_prompts[i]})",
-                line={"color": colour, "dash": dash},
-                marker={"symbol": ["circle" if s else "circle-open" for s in sig], "size": 8},
-                customdata=np.asarray(p).tolist(), hovertemplate="layer %{x}<br>r=%{y:.3f}<br>p=%{customdata:.2g}",
-            ))
+            fig.add_trace(
+                go.Scatter(
+                    x=x,
+                    y=np.asarray(r).tolist(),
+                    mode="lines+markers",
+                    name=f"{name}, S={level} (n={corr.n_prompts[i]})",
+                    line={"color": colour, "dash": dash},
+                    marker={"symbol": ["circle" if s else "circle-open" for s in sig], "size": 8},
+                    customdata=np.asarray(p).tolist(),
+                    hovertemplate="layer %{x}<br>r=%{y:.3f}<br>p=%{customdata:.2g}",
+                )
+            )
     fig.add_hline(y=0, line={"color": "grey", "width": 1})
     fig.update_layout(
-        title=title or f"Correlation of intrinsic dimension ({corr.estimator}, n2={corr.scale}) with the "
+        title=title
+        or f"Correlation of intrinsic dimension ({corr.estimator}, n2={corr.scale}) with the "
         f"prompt's loss, per layer (filled: p < {alpha})",
-        xaxis_title="layer", yaxis_title="correlation", yaxis_range=[-1, 1], height=430,
+        xaxis_title="layer",
+        yaxis_title="correlation",
+        yaxis_range=[-1, 1],
+        height=430,
     )
     return fig
