@@ -26,7 +26,7 @@ from tlmicroscope.lenses.readout import Readout
 
 __all__ = ["LensAblationObjective", "affine_map"]
 
-_ROW_CHUNK = 256
+_ROW_CHUNK = 128  # rows per [rows d_vocab] work buffer
 
 
 def affine_map(lens: Any, layer: int, d_model: int, probe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -49,10 +49,17 @@ def affine_map(lens: Any, layer: int, d_model: int, probe: torch.Tensor) -> tupl
 
 
 class _AblatedKL(torch.autograd.Function):
-    """mean_i KL(P_i || softmax(r_i (Zc_i + c_i u) + b)), with its gradient in (u, c, r).
+    """mean_i KL(P_i || softmax(z_i)), z_i = r_i (Zc_i + c_i u) + b, with its gradient in (u, c, r).
 
-    The gradient is accumulated during the forward pass (every L-BFGS evaluation wants both),
-    one chunk of rows at a time, so no ``[N V]`` temporary is kept between chunks.
+    The gradient is accumulated during the forward pass (every L-BFGS evaluation wants both), a
+    few rows at a time in two preallocated buffers sized to stay in cache. With t = z - max(z),
+    e = exp(t), s = sum(e) and q = e / s, only one exponential per logit is needed:
+
+    * KL_i = sum(P log P) - P·z + max + log s, where P·z = r (P·Zc + c P·u) + P·b is cheap;
+    * dKL/du = sum_i r_i c_i (q_i - P_i), two matrix-vector products;
+    * dKL/dc_i = r_i (q_i - P_i)·u;
+    * dKL/dr_i = (q_i - P_i)·(Zc_i + c_i u) = ((q_i - P_i)·z_i - (q_i - P_i)·b) / r_i, with
+      q·z = (e·t) / s + max.
     """
 
     @staticmethod
@@ -62,23 +69,31 @@ class _AblatedKL(torch.autograd.Function):
         g_c = torch.empty_like(c)
         g_r = torch.empty_like(r)
         total = torch.zeros((), dtype=torch.float64)
+        Pu = obj.P @ u
+        pz = r * (obj.pz + c * Pu) + obj.pb  # P·z for every row
+        rc = r * c
+        g_u.addmv_(obj.P.T, rc, alpha=-1.0)
         for lo in range(0, n, obj.chunk):
             hi = min(lo + obj.chunk, n)
-            Zc, P = obj.Zc[lo:hi], obj.P[lo:hi]
-            rc = r[lo:hi] * c[lo:hi]
-            z = Zc * r[lo:hi, None]
-            z.addr_(rc, u)
+            t, e = obj.buffers(hi - lo)
+            torch.mul(obj.Zc[lo:hi], r[lo:hi, None], out=t)
+            t.addr_(rc[lo:hi], u)
             if obj.b is not None:
-                z += obj.b
-            lse = torch.logsumexp(z, -1)
-            pu = P @ u
-            kl = obj.neg_h[lo:hi] - (r[lo:hi] * obj.pz[lo:hi] + rc * pu + obj.pb[lo:hi]) + lse
-            total += kl.double().sum()
-            q_minus_p = z.sub_(lse[:, None]).exp_().sub_(P)  # reuses z's buffer
-            qpu = q_minus_p @ u
-            g_u.addmv_(q_minus_p.T, rc)
-            g_c[lo:hi] = r[lo:hi] * qpu
-            g_r[lo:hi] = torch.linalg.vecdot(q_minus_p, Zc) + c[lo:hi] * qpu
+                t += obj.b
+            m = t.amax(-1)
+            t -= m[:, None]
+            torch.exp(t, out=e)
+            s = e.sum(-1)
+            et = torch.bmm(e[:, None, :], t[:, :, None]).reshape(-1)  # rowwise e·t
+            lse = m + torch.log(s)
+            total += (obj.neg_h[lo:hi] - pz[lo:hi] + lse).double().sum()
+            inv_s = 1.0 / s
+            qu = (e @ u) * inv_s
+            g_u.addmv_(e.T, rc[lo:hi] * inv_s)
+            g_c[lo:hi] = r[lo:hi] * (qu - Pu[lo:hi])
+            qz = et * inv_s + m
+            qb_minus_pb = 0.0 if obj.b is None else (e @ obj.b) * inv_s - obj.pb[lo:hi]
+            g_r[lo:hi] = (qz - pz[lo:hi] - qb_minus_pb) / r[lo:hi]
         ctx.save_for_backward(g_u / n, g_c / n, g_r / n)
         return (total / n).to(u.dtype)
 
@@ -132,6 +147,14 @@ class LensAblationObjective:
         if affine is not None:
             self.M, b0 = affine
             self._precompute(h @ self.M + b0)
+
+    def buffers(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two reusable ``[rows d_vocab]`` work buffers (allocating them per call costs page faults)."""
+        buf = getattr(self, "_buf", None)
+        if buf is None or buf.shape[1] < rows:
+            buf = self._buf = torch.empty(2, self.chunk, self.Zc.shape[1], dtype=self.Zc.dtype,
+                                          device=self.Zc.device)
+        return buf[0, :rows], buf[1, :rows]
 
     def _center(self, x: torch.Tensor) -> torch.Tensor:
         return x - x.mean(-1, keepdim=True) if self.norm_kind == "LN" else x

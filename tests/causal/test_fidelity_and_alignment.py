@@ -1,0 +1,128 @@
+"""Causal fidelity and stimulus-response alignment against computations done by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tlmicroscope.causal import (
+    aitchison_similarity,
+    causal_fidelity,
+    derangement,
+    extract_causal_basis,
+    stimulus_response_alignment,
+)
+from tlmicroscope.lenses import LogitLens, Readout
+
+
+def _tokens(batch=2, pos=12, seed=0):
+    return torch.randint(0, 256, (batch, pos), generator=torch.Generator().manual_seed(seed))
+
+
+def _kl_rows(logp, logq):
+    return float((logp.exp() * (logp - logq)).sum(-1).mean())
+
+
+@pytest.mark.models
+@pytest.mark.parametrize("mode", ["mean", "resample"])
+def test_fidelity_influences_match_hand_computation(tiny_gpt2, mode):
+    model = tiny_gpt2
+    toks = _tokens()
+    B = torch.linalg.qr(torch.randn(32, 3, generator=torch.Generator().manual_seed(2))).Q
+    res = causal_fidelity(model, "logit", B, layer=1, tokens=toks, mode=mode, seed=4, progress=False)
+    name = "blocks.1.hook_resid_pre"
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(toks, names_filter=[name])
+    h = cache[name].double()
+    flat = h.reshape(-1, 32)
+    target = flat.mean(0).expand_as(flat) if mode == "mean" else flat[derangement(flat.shape[0], seed=4)]
+    readout = Readout(model)
+    logp_model = torch.log_softmax(logits.double(), -1).reshape(-1, logits.shape[-1])
+    for j in range(3):
+        v = B[:, j].double()
+        ablated = flat + torch.outer((target - flat) @ v, v)
+        lp = torch.log_softmax(readout(flat.float()).double(), -1)
+        lq = torch.log_softmax(readout(ablated.float()).double(), -1)
+        assert float(res.lens_influence[j]) == pytest.approx(_kl_rows(lp, lq), rel=1e-3)
+        with torch.no_grad():
+            out = model.run_with_hooks(toks, fwd_hooks=[(name, lambda a, hook: ablated.reshape(a.shape).to(a.dtype))])
+        lq_model = torch.log_softmax(out.double(), -1).reshape(-1, out.shape[-1])
+        assert float(res.model_influence[j]) == pytest.approx(_kl_rows(logp_model, lq_model), rel=1e-3)
+    ranks = lambda x: np.argsort(np.argsort(x))  # noqa: E731 - Spearman = Pearson of ranks (no ties)
+    expected = np.corrcoef(ranks(res.lens_influence.numpy()), ranks(res.model_influence.numpy()))[0, 1]
+    assert res.spearman == pytest.approx(expected)
+    assert res.mode == mode and res.layer == 1 and res.n_tokens == 24
+
+
+@pytest.mark.models
+def test_fidelity_takes_the_basis_mode_layer_and_mean(tiny_llama):
+    toks = _tokens(2, 16)
+    basis = extract_causal_basis(tiny_llama, "logit", toks, layer=2, k=3, progress=False)
+    res = causal_fidelity(tiny_llama, "logit", basis, tokens=toks, progress=False)
+    assert res.layer == 2 and res.mode == "mean"
+    # On the extraction tokens with the extraction mean, the lens influence is the CBE energy.
+    torch.testing.assert_close(res.lens_influence, basis.energies, rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match="extracted at layer 2"):
+        causal_fidelity(tiny_llama, "logit", basis, layer=1, tokens=toks)
+    with pytest.raises(ValueError, match="Pass the layer"):
+        causal_fidelity(tiny_llama, "logit", basis.vectors, tokens=toks)
+    with pytest.raises(ValueError, match="d_model is 32"):
+        causal_fidelity(tiny_llama, "logit", torch.randn(16, 2), layer=1, tokens=toks)
+    with pytest.raises(ValueError, match="no lens translator"):
+        causal_fidelity(tiny_llama, "logit", basis.vectors, layer=3, tokens=toks)
+
+
+def test_aitchison_similarity_against_the_dense_clr_formula():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(5, 9, generator=g, dtype=torch.float64), torch.randn(5, 9, generator=g, dtype=torch.float64)
+    w = torch.rand(5, 9, generator=g, dtype=torch.float64)
+    got = aitchison_similarity(x, y, w)
+    for i in range(5):
+        wi = w[i] / w[i].sum()
+        C = torch.eye(9, dtype=torch.float64) - torch.ones(9, 1, dtype=torch.float64) @ wi[None]
+        W = torch.diag(wi)
+        cx, cy = C @ x[i], C @ y[i]
+        expected = (cx @ W @ cy) / torch.sqrt((cx @ W @ cx) * (cy @ W @ cy))
+        assert float(got[i]) == pytest.approx(float(expected), abs=1e-12)
+    # Normalising (log_softmax) either side changes nothing; the score is a cosine.
+    torch.testing.assert_close(aitchison_similarity(torch.log_softmax(x, -1), y + 3.0, w), got)
+    assert (got.abs() <= 1).all()
+
+
+@pytest.mark.models
+def test_stimulus_response_sample_matches_a_hand_intervention(tiny_llama):
+    model = tiny_llama
+    toks = _tokens(2, 10, seed=3)
+    res = stimulus_response_alignment(model, ["logit", LogitLens.paper()], toks, layer=[0, 2], n_samples=5,
+                                      seed=1, progress=False)
+    assert res.alignment.shape == (2, 2, 5) and res.lens_names == ("logit", "logit (paper: no final norm)")
+    readout = Readout(model)
+    names = ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre", "blocks.2.hook_resid_pre"]
+    with torch.no_grad():
+        final, cache = model.run_with_cache(toks, names_filter=names)
+    for ki, layer in enumerate((0, 2)):
+        for s in (0, 4):
+            (b, t), (db, dt) = res.positions[s].tolist(), res.donors[ki, s].tolist()
+            h = cache[names[layer]]
+            prev = torch.zeros_like(h) if layer == 0 else cache[names[layer - 1]]
+            upd = h - prev
+            new = h[b, t] + upd[db, dt] - upd[b, t]
+
+            def patch(act, hook, t=t, new=new):
+                act = act.clone()
+                act[0, t] = new
+                return act
+
+            with torch.no_grad():
+                treated = model.run_with_hooks(toks[b:b + 1], fwd_hooks=[(names[layer], patch)])[0, t]
+            clean = final[b, t]
+            stimulus = readout(new) - readout(h[b, t])
+            w = 0.5 * (torch.softmax(clean, -1) + torch.softmax(treated, -1))
+            expected = aitchison_similarity(stimulus.double(), (treated - clean).double(), w.double())
+            assert float(res.alignment[0, ki, s]) == pytest.approx(float(expected), abs=1e-4)
+            assert (db, dt) != (b, t)
+    df = res.to_dataframe()
+    assert list(df["layer"]) == [0, 2, 0, 2]
+    with pytest.raises(ValueError, match="out of range"):
+        stimulus_response_alignment(model, "logit", toks, layer=3)
