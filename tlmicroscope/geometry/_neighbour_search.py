@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 
 #: Memory for one block of gathered candidates in the exact refinement (fits in cache), in bytes.
-_EXACT_BLOCK_BYTES = 2 * 2**20
+_EXACT_BLOCK_BYTES = 4 * 2**20
 #: Memory for one block of coordinate differences in the direct pass, in bytes.
 _DIRECT_BYTES = 64 * 2**20
 
