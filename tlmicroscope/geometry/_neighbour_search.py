@@ -15,12 +15,31 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 #: Memory for one block of gathered candidates in the exact refinement (fits in cache), in bytes.
 _EXACT_BLOCK_BYTES = 4 * 2**20
 #: Memory for one block of coordinate differences in the direct pass, in bytes.
 _DIRECT_BYTES = 64 * 2**20
+
+
+def gram_block(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b.T``. On the CPU through numpy's OpenBLAS: torch's MKL GEMM runs 1.5-1.8x slower on
+    AMD processors (measured on this project's EPYC machines), and this product is most of the
+    cost of every estimator. Same IEEE arithmetic, so the rounding bounds hold either way."""
+    if a.device.type == "cpu" and not a.requires_grad and not b.requires_grad:
+        return torch.from_numpy(a.numpy() @ b.numpy().T)
+    return a @ b.T
+
+
+def _sort_rows(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sort each row (no stability needed: ties fail certification and are re-ranked exactly).
+    On the CPU numpy's row sort is about 3x faster than torch's for a few hundred columns."""
+    if v.device.type == "cpu":
+        order = torch.from_numpy(np.argsort(v.numpy(), axis=1))
+        return v.gather(1, order), order
+    return torch.sort(v, dim=1)
 
 
 def _bound_factor(dtype: torch.dtype, d: int) -> float:
@@ -69,12 +88,12 @@ def _pass(
     step = max(1, chunk_bytes // max(1, n * 8))
     for s in range(0, rows.numel(), step):
         r = rows[s : s + step]
-        block = x[r] @ x.T
+        block = gram_block(x[r], x)
         block.mul_(-2).add_(norms[r].unsqueeze(1)).add_(norms.unsqueeze(0))
         block[torch.arange(r.numel(), device=x.device), r] = math.inf
         vals, cand = torch.topk(block, m, dim=1, largest=False, sorted=False)
         del block
-        vals, order = torch.sort(vals, dim=1)  # sorting m values is cheaper than a sorted topk
+        vals, order = _sort_rows(vals)  # sorting m values is cheaper than a sorted topk
         cand = cand.gather(1, order)
 
         def bound(
@@ -161,12 +180,12 @@ def _pass32(
     step = max(1, chunk_bytes // max(1, n * 4))
     for s in range(0, rows.numel(), step):
         r = rows[s : s + step]
-        block = xa[r] @ xa.T
+        block = gram_block(xa[r], xa)
         block.mul_(-2).add_(offset[r].unsqueeze(1)).add_(offset.unsqueeze(0))
         block[torch.arange(r.numel(), device=x.device), r] = math.inf
         low, cand = torch.topk(block, m, dim=1, largest=False, sorted=False)
         del block
-        low, order = torch.sort(low, dim=1)
+        low, order = _sort_rows(low)
         cand = cand.gather(1, order)
         low = low.to(torch.float64)
         upper_max = torch.cummax(

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tlmicroscope.geometry._neighbour_search import gram_block
 from tlmicroscope.geometry.neighbours import as_points
 
 __all__ = ["AnisotropyResult", "anisotropy"]
@@ -62,7 +63,7 @@ def anisotropy(points) -> AnisotropyResult:
         raise ValueError(
             f"All {n} points are identical: the cloud has no variance, so anisotropy is undefined."
         )
-    gram = e @ e.T if n <= d else e.T @ e
+    gram = gram_block(e, e) if n <= d else gram_block(e.T, e.T)
     top = float(torch.linalg.eigvalsh(gram)[-1])
     return AnisotropyResult(
         estimate=top / total,

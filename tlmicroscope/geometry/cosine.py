@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tlmicroscope.geometry._neighbour_search import gram_block
 from tlmicroscope.geometry.neighbours import as_points
 
 __all__ = ["CosineSimilarity", "cosine_similarity"]
@@ -61,7 +62,7 @@ def cosine_similarity(points) -> CosineSimilarity:
     s = u.sum(0)
     total = float(s @ s)
     diag = float(self_sim.sum())
-    gram = u.T @ u if d <= n else u @ u.T
+    gram = gram_block(u.T, u.T) if d <= n else gram_block(u, u)
     total_sq = float((gram * gram).sum())
     diag_sq = float((self_sim * self_sim).sum())
     n_all, n_off = n * n, n * (n - 1)
