@@ -156,7 +156,7 @@ def _microscope(args: argparse.Namespace) -> int:
     from tlmicroscope.viz import HtmlPage, logit_lens_table
     from tlmicroscope.viz import microscope as mv
 
-    text = read_text_arg(args.text, args.text_file) if (args.text or args.text_file) else DEFAULT_TEXT
+    text = read_text_arg(args.text if args.text is not None else DEFAULT_TEXT, args.text_file)
     model = load_from_args(args)
     lens = _load_lens(args.lens, model)
     page = HtmlPage(title="LLM-Microscope", intro=f"Model {model.cfg.model_name}; text of "

@@ -12,7 +12,7 @@ from torch import nn
 
 from tlmicroscope.capture import capture
 
-__all__ = ["PrefixEncoder", "examined_states", "prefix_examples", "prefix_token_loss", "decoder_blocks"]
+__all__ = ["PrefixEncoder", "copy_model", "examined_states", "prefix_examples", "prefix_token_loss", "decoder_blocks"]
 
 
 class PrefixEncoder(nn.Module):
@@ -37,6 +37,23 @@ class PrefixEncoder(nn.Module):
         normed = states * torch.rsqrt(states.pow(2).mean(-1, keepdim=True) + 1e-6)
         pooled = torch.einsum("l,nld->nd", self.pool, normed) + self.pool_bias
         return self.mlp(pooled) * self.emb_scale
+
+
+def copy_model(model: Any) -> Any:
+    """A deep copy of a TransformerLens model, for a decoder that trains apart from it.
+
+    ``TransformerBridge`` components keep activations of their last forward pass as plain tensor
+    attributes (e.g. ``_captured_pre_ln_residual``); after a pass with gradients those are graph
+    tensors, which ``copy.deepcopy`` refuses. They are handed over detached instead."""
+    import copy
+
+    owned = {id(p) for p in model.parameters()} | {id(b) for b in model.buffers()}
+    memo: dict[int, Any] = {}
+    for module in model.modules():
+        for value in vars(module).values():
+            if isinstance(value, torch.Tensor) and id(value) not in owned and not value.is_leaf:
+                memo[id(value)] = value.detach()
+    return copy.deepcopy(model, memo)
 
 
 def examined_states(model: Any, windows: torch.Tensor, layers: Sequence[int]) -> torch.Tensor:

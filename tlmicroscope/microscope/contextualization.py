@@ -20,7 +20,6 @@ Training is seeded and deterministic in the step number, so ``fit`` can checkpoi
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from contextlib import contextmanager
@@ -38,6 +37,7 @@ from tlmicroscope.inputs import TextOrTokens, ensure_eval, resolve_input
 from tlmicroscope.microscope._forward import str_tokens_of
 from tlmicroscope.microscope._prefix_decoding import (
     PrefixEncoder,
+    copy_model,
     decoder_blocks,
     examined_states,
     prefix_examples,
@@ -123,7 +123,7 @@ class ContextualizationProbe:
         if self.decoder == "frozen":
             self.decoder_ = None
         else:
-            dec = copy.deepcopy(model).eval()
+            dec = copy_model(model).eval()
             for p in dec.parameters():
                 p.requires_grad_(False)
             for _, p in decoder_blocks(dec, self.decoder, int(self.trainable_blocks)):

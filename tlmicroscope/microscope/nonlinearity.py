@@ -94,9 +94,14 @@ class NonlinearityReference:
             progress: bool = True) -> NonlinearityReference:
         """Fit A*_l for each pair on ``corpus`` (default: the embedded corpus) in one streamed pass.
 
+        ``model`` may also be residual states you already have, a ``[state N d_model]`` tensor of
+        h^0..h^S rows; the reference is then tied to no model.
+
         Raises:
             ValueError: the corpus gives no more token rows than d_model (every fit would be exact).
         """
+        if isinstance(model, torch.Tensor):
+            return self._fit_states(model, layers)
         ensure_eval(model)
         n_layers, d = int(model.cfg.n_layers), int(model.cfg.d_model)
         pairs = check_layers(layers, n_layers, "pair")
@@ -107,18 +112,42 @@ class NonlinearityReference:
         skip = int(self.skip_positions)
         if skip >= windows.shape[1]:
             raise ValueError(f"skip_positions={skip} drops every position of {windows.shape[1]}-token windows.")
-        n_rows = windows.shape[0] * (windows.shape[1] - skip)
-        _check_token_count(n_rows, d, False, "lstsq")
+        _check_token_count(windows.shape[0] * (windows.shape[1] - skip), d, False, "lstsq")
         moments = ResidualMoments(states, pairs, d)
         stream_residual(model, windows, lambda layer, h: moments.add(layer, h[:, skip:].reshape(-1, d)),
                         layers=states, batch_size=self.batch_size, progress=progress, desc="non-linearity reference")
-        n = moments.n
+        prov = Provenance.from_model(model, mode="lstsq", n_tokens=moments.n, seq_len=int(windows.shape[1]),
+                                     skip_positions=skip, rtol=self.rtol, ridge=self.ridge, seed=self.seed)
+        self._solve(moments, pairs, prov)
+        self.model_ = io.model_fingerprint(model)
+        self.model_class_ = type(model).__name__
+        self.corpus_ = _describe_corpus(corpus)
+        return self
+
+    def _fit_states(self, states_t: torch.Tensor, layers: Sequence[int] | None) -> NonlinearityReference:
+        if states_t.ndim != 3 or states_t.shape[0] < 2:
+            raise ValueError(f"Residual states must be [state N d_model] with at least 2 states, got {tuple(states_t.shape)}.")
+        n_states, n, d = states_t.shape
+        pairs = check_layers(layers, n_states - 1, "pair")
+        _check_token_count(n, d, False, "lstsq")
+        states = sorted(set(pairs) | {p + 1 for p in pairs})
+        moments = ResidualMoments(states, pairs, d)
+        for s in states:
+            moments.add(s, states_t[s])
+        self._solve(moments, pairs, Provenance("states", "Tensor", False, "", settings={"rtol": self.rtol,
+                                                                                        "ridge": self.ridge}))
+        self.model_, self.model_class_, self.corpus_ = None, "states", f"states {tuple(states_t.shape)}"
+        return self
+
+    def _solve(self, moments: ResidualMoments, pairs: list[int], prov: Provenance) -> None:
+        n, d = moments.n, moments.d
+        states = moments.states
         scale = {s: math.sqrt(float(torch.trace(moments.gram(s))) / n) for s in states}
         maps, scores, scores_wo, ranks = [], [], [], []
         for layer in pairs:
             fit = fit_pair(moments.gram(layer), float(torch.trace(moments.gram(layer + 1))),
                            moments.cross_moment(layer), rtol=self.rtol, ridge=self.ridge, want_map=True)
-            maps.append((fit.A * (scale[layer] / scale[layer + 1])).float())
+            maps.append((fit.A * (scale[layer] / max(scale[layer + 1], 1e-300))).float())
             scores.append(fit.score)
             scores_wo.append(fit.score_without_residual)
             ranks.append(fit.rank)
@@ -129,13 +158,7 @@ class NonlinearityReference:
         self.scale_ = torch.tensor([scale[s] for s in states], dtype=torch.float64)
         self.n_tokens_ = int(n)
         self.d_model_ = d
-        self.model_ = io.model_fingerprint(model)
-        self.model_class_ = type(model).__name__
-        self.corpus_ = _describe_corpus(corpus)
-        prov = Provenance.from_model(model, mode="lstsq", n_tokens=n, seq_len=int(windows.shape[1]),
-                                     skip_positions=skip, rtol=self.rtol, ridge=self.ridge, seed=self.seed)
         self.linearity_ = _result(pairs, scores, scores_wo, ranks, n, d, "lstsq", prov)
-        return self
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "maps_"):
@@ -144,7 +167,11 @@ class NonlinearityReference:
     def check_model(self, model: Any) -> None:
         """Refuse a model other than the one the maps were fitted on (naming the field that differs)."""
         self._check_fitted()
-        io.check_fingerprint(self.model_, model, what="This non-linearity reference")
+        if self.model_ is not None:
+            io.check_fingerprint(self.model_, model, what="This non-linearity reference")
+        elif int(model.cfg.d_model) != self.d_model_:
+            raise io.ModelMismatchError(f"This non-linearity reference maps d_model={self.d_model_} states; the "
+                                        f"model has d_model={model.cfg.d_model}.")
 
     def state_index(self, layer: int) -> int:
         return self.states_.index(layer)

@@ -9,6 +9,7 @@ per layer. The reference uses about 14k tokens for anisotropy and the first 4,09
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,7 +36,9 @@ class LayerProfiles:
     Attributes:
         layers, layer_labels: Residual indices (0 = embeddings, n_layers = last ``resid_post``).
         anisotropy: λ_max/Σλ per layer, on ``n_tokens`` tokens.
-        intrinsic_dimension: LLM-Microscope TwoNN per layer, on the first ``id_points`` tokens.
+        intrinsic_dimension: LLM-Microscope TwoNN per layer, on the first ``id_points`` tokens (NaN,
+            with a warning, where too few distinct points remain, as in an embedding layer of
+            repeated tokens).
     """
 
     layers: tuple[int, ...]
@@ -103,8 +106,12 @@ def layer_profiles(
         cloud = torch.cat(held.pop(s))[:n_tokens]
         n_used = cloud.shape[0]
         aniso.append(anisotropy(cloud).estimate)
-        ids.append(float(intrinsic_dimension(cloud[:id_points], "twonn", variant="microscope",
-                                             reduction_factor=reduction_factor).estimate))
+        try:
+            ids.append(float(intrinsic_dimension(cloud[:id_points], "twonn", variant="microscope",
+                                                 reduction_factor=reduction_factor).estimate))
+        except ValueError as exc:  # e.g. the embedding layer of a short corpus: mostly repeated tokens
+            warnings.warn(f"No intrinsic dimension at layer {s}: {exc}", UserWarning, stacklevel=2)
+            ids.append(float("nan"))
     prov = Provenance.from_model(model, n_tokens=n_used, id_points=min(id_points, n_used), seq_len=int(windows.shape[1]),
                                  skip_positions=skip_positions, id_estimator="twonn (LLM-Microscope variant)",
                                  reduction_factor=reduction_factor, seed=seed)

@@ -176,15 +176,16 @@ def _load_items(dataset: Any) -> tuple[list[Any], str]:
     return items, "items"
 
 
-def _mc_correct(model, items, removal, n_shots, seed, style, batch_size, progress) -> np.ndarray:
+def _mc_correct(model, items, pool, removal, n_shots, seed, style, batch_size, progress) -> np.ndarray:
+    """Correctness per item; the question of each item and of its shots (drawn, seeded, from the
+    same category of the whole ``pool``) is filtered, the choices are not."""
     from tlmicroscope import tasks
 
     def strip(item):
         return item if removal == "original" else replace(item, question=remove_filler(item.question, removal))
 
-    shots = tasks.few_shot_prompts  # same seeded shot choice for every condition
-    filtered = [strip(i) for i in items]
-    prompts = shots(filtered, n_shots=n_shots, seed=seed, style=style, pool=filtered)
+    prompts = tasks.few_shot_prompts([strip(i) for i in items], n_shots=n_shots, seed=seed, style=style,
+                                     pool=[strip(i) for i in pool])
     conts = [tasks.continuations(i, style=style) for i in items]
     lp = tasks.choice_logprobs(model, prompts, conts, batch_size=batch_size, progress=progress)
     return (lp.argmax(-1) == torch.tensor([i.answer for i in items])).numpy().astype(float)
@@ -252,13 +253,15 @@ def filler_removal_experiment(
     correct = np.zeros((n_cond, 0))
     kind = "none"
     if dataset is not False:
-        items, kind = _load_items(dataset)
+        pool, kind = _load_items(dataset)
+        items = pool
         if max_items is not None and len(items) > max_items:
             keep = np.sort(np.random.default_rng(seed).permutation(len(items))[:max_items])
-            items = [items[i] for i in keep]
+            items = [pool[i] for i in keep]
         shots = n_shots if n_shots is not None else (0 if kind == "mmlu" else 3)
         sty = style or ("letter" if kind == "mmlu" else "text")
-        correct = np.stack([_mc_correct(model, items, c, shots, seed, sty, batch_size, progress) for c in conditions])
+        correct = np.stack([_mc_correct(model, items, pool, c, shots, seed, sty, batch_size, progress)
+                            for c in conditions])
     losses = np.zeros((n_cond, 0))
     passages: list[tuple[str, str]] = []
     if corpus is not False:
