@@ -15,6 +15,8 @@ from tlmicroscope.causal import (
 )
 from tlmicroscope.lenses import LogitLens, Readout
 
+pytestmark = pytest.mark.filterwarnings("ignore:CBE on only")
+
 
 def _tokens(batch=2, pos=12, seed=0):
     return torch.randint(0, 256, (batch, pos), generator=torch.Generator().manual_seed(seed))

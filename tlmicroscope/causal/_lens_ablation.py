@@ -26,7 +26,9 @@ from tlmicroscope.lenses.readout import Readout
 
 __all__ = ["LensAblationObjective", "affine_map"]
 
-_ROW_CHUNK = 128  # rows per [rows d_vocab] work buffer
+# The two [rows d_vocab] work buffers share this budget. Large blocks are faster on the CPU (each
+# elementwise pass is one big parallel kernel); 256 MiB is about 650 rows of a 49k vocabulary.
+_BUFFER_BYTES = 256 * 2**20
 
 
 def affine_map(lens: Any, layer: int, d_model: int, probe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -114,15 +116,15 @@ class LensAblationObjective:
         mode: ``"mean"``, ``"zero"`` or ``"resample"``.
         mean: μ for mean ablation (default: the mean of ``h``).
         donors: Row indices of the donors for resample ablation (a derangement of ``range(N)``).
-        chunk: Rows per ``[chunk V]`` block.
+        chunk: Rows per ``[chunk V]`` work buffer (default: two buffers within 256 MiB).
     """
 
     def __init__(self, readout: Readout, lens: Any, layer: int, h: torch.Tensor, mode: str, *,
                  mean: torch.Tensor | None = None, donors: torch.Tensor | None = None,
-                 chunk: int = _ROW_CHUNK):
+                 chunk: int | None = None):
         h = h.detach().float()
         self.n, self.d = h.shape
-        self.chunk = chunk
+        self.chunk = chunk or max(16, _BUFFER_BYTES // (2 * 4 * readout.W.shape[1]))
         self.lens, self.layer, self.readout = lens, layer, readout
         self.mode = mode
         self.mean = h.mean(0) if mean is None else mean.to(h)
@@ -152,7 +154,7 @@ class LensAblationObjective:
         """Two reusable ``[rows d_vocab]`` work buffers (allocating them per call costs page faults)."""
         buf = getattr(self, "_buf", None)
         if buf is None or buf.shape[1] < rows:
-            buf = self._buf = torch.empty(2, self.chunk, self.Zc.shape[1], dtype=self.Zc.dtype,
+            buf = self._buf = torch.empty(2, min(self.chunk, self.n), self.Zc.shape[1], dtype=self.Zc.dtype,
                                           device=self.Zc.device)
         return buf[0, :rows], buf[1, :rows]
 
