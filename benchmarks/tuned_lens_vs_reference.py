@@ -136,8 +136,13 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-reference", action="store_true")
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--curves", action="store_true",
+                    help="instead: KL against tokens seen for zero/least-squares init x SGD/Muon (ours only)")
+    ap.add_argument("--html", default=None, help="with --curves: write the learning curves here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.curves:
+        return curves(args)
 
     from tlmicroscope.lenses import load_lens
     from tlmicroscope.lenses.evaluate import evaluate_lens
@@ -220,6 +225,47 @@ def main() -> int:
         out = {"settings": vars(args), "throughput": results,
                "kl": {lab: ev.kl.tolist() for lab, ev in evals.items()}, "logit_kl": logit.kl.tolist()}
         Path(args.json).write_text(json.dumps(out, indent=1))
+    return 0
+
+
+def curves(args) -> int:
+    """KL on unseen batches against tokens seen, for each initialisation and recipe."""
+    from tlmicroscope.lenses.train import train_tuned_lens
+    from tlmicroscope.models import load_model
+
+    model = load_model()
+    runs = {}
+    for recipe in ("sgd", "muon"):
+        for init in ("zero", "lstsq"):
+            label = f"{recipe}, {init} init"
+            res = train_tuned_lens(model, None, steps=args.steps, tokens_per_step=args.tokens_per_step,
+                                   seq_len=args.seq_len, recipe=recipe, init=init, progress=True)
+            runs[label] = res
+            print(f"{label}: {res.tokens_per_second:.1f} tokens/s, init {res.init_seconds:.0f} s",
+                  file=sys.stderr, flush=True)
+    L = next(iter(runs.values())).kl.shape[1]
+    print(f"\n== mean KL(final || lens) over the {L} layers on each step's unseen batch (nats) ==")
+    print(f"{'tokens seen':>12} " + " ".join(f"{k:>18s}" for k in runs))
+    n = next(iter(runs.values())).kl.shape[0]
+    for i in sorted(set([0, 1, 2] + list(range(0, n, max(1, n // 8))) + [n - 1])):
+        toks = int(next(iter(runs.values())).tokens_seen[i])
+        print(f"{toks:12d} " + " ".join(f"{float(r.kl[i].mean()):18.3f}" for r in runs.values()))
+    print("\nlast step's KL per layer (nats):")
+    print("layer " + " ".join(f"{k:>18s}" for k in runs))
+    for j in range(L):
+        print(f"{j:5d} " + " ".join(f"{float(r.kl[-1, j]):18.3f}" for r in runs.values()))
+    if args.html:
+        from tlmicroscope.viz import HtmlPage
+        from tlmicroscope.viz.tuned import training_curve_figure
+
+        page = HtmlPage(title="Tuned-lens learning curves")
+        page.add_section("KL against tokens seen", training_curve_figure(runs, layers=[0, L // 2, L - 1]))
+        page.save(args.html)
+    if args.json:
+        Path(args.json).write_text(json.dumps({k: {"tokens_seen": r.tokens_seen.tolist(), "kl": r.kl.tolist(),
+                                                   "tokens_per_second": r.tokens_per_second,
+                                                   "init_seconds": r.init_seconds}
+                                               for k, r in runs.items()}, indent=1))
     return 0
 
 

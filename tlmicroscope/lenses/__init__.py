@@ -9,6 +9,8 @@ from tlmicroscope.lenses.trajectory import (
     prediction_trajectory,
 )
 from tlmicroscope.lenses.tuned import TunedLens
+from tlmicroscope.lenses.train import TrainConfig, TrainResult, train_tuned_lens
+from tlmicroscope.lenses.evaluate import LensEvaluation, evaluate_lens
 
 __all__ = [
     "Lens",
@@ -24,4 +26,9 @@ __all__ = [
     "STATISTICS",
     "layer_label",
     "TunedLens",
+    "TrainConfig",
+    "TrainResult",
+    "train_tuned_lens",
+    "LensEvaluation",
+    "evaluate_lens",
 ]

@@ -16,6 +16,12 @@ from tlmicroscope.viz.token_geometry import (
     layer_geometry_figure,
     sweep_profile_figure,
 )
+from tlmicroscope.viz.tuned import (
+    lens_comparison_figure,
+    training_curve_figure,
+    trajectory_comparison,
+    transfer_heatmap,
+)
 from tlmicroscope.viz.lens import (
     STAT_TITLES,
     colored_tokens,
@@ -48,4 +54,10 @@ __all__ += [  # token geometry
     "layer_geometry_figure",
     "sweep_profile_figure",
     "id_loss_correlation_figure",
+]
+__all__ += [  # tuned lens
+    "lens_comparison_figure",
+    "training_curve_figure",
+    "transfer_heatmap",
+    "trajectory_comparison",
 ]
