@@ -261,6 +261,21 @@ def _final_normed(readout: Readout, model: Any, h: torch.Tensor) -> torch.Tensor
     return out
 
 
+def _entropy_and_loss(z: torch.Tensor, tokens: torch.Tensor | None) -> tuple[float, float]:
+    """Mean softmax entropy and mean next-token cross-entropy, float64, 128 rows at a time."""
+    n = z.shape[0]
+    ent, nll = 0.0, 0.0
+    for s in range(0, n, 128):
+        logp = torch.log_softmax(z[s : s + 128].to(torch.float64), -1)
+        ent -= float((logp.exp() * logp).sum())
+        if tokens is not None:
+            rows = torch.arange(s, min(s + 128, n - 1), device=logp.device)
+            tgt = tokens[rows + 1].to(logp.device)
+            nll -= float(logp[rows - s].gather(1, tgt.unsqueeze(1)).sum())
+    loss = nll / (n - 1) if tokens is not None and n > 1 else _NAN
+    return ent / n, loss
+
+
 def layer_geometry(
     model_or_cache: Any,
     tokens: TextOrTokens | None = None,
@@ -378,18 +393,13 @@ def layer_geometry(
         coords = normed @ _logit_frame(model, readout).to(normed.device)
         lst = cloud_geometry(coords, scales, overlap_k=0, with_cosine=False)
         logits_ids, logits_err = lst.gride, lst.gride_error
+    if logits or (toks is not None and model_logits is not None):
         if model_logits is not None:
-            z = model_logits[0].to(torch.float64)
+            z = model_logits[0]
         else:  # a cache holds no logits: read them out of the last residual
-            z = readout(state["h_last"].to(readout.W.dtype)).to(torch.float64)
-        logp = torch.log_softmax(z, -1)
-        entropy = float(-(logp.exp() * logp).sum(-1).mean())
-        if toks is not None and n_tokens > 1:
-            tgt = toks[0, 1:].to(logp.device)
-            loss = float(-logp[:-1].gather(1, tgt.unsqueeze(1)).mean())
-    elif toks is not None and model_logits is not None and n_tokens > 1:
-        logp = torch.log_softmax(model_logits[0].to(torch.float64), -1)
-        loss = float(-logp[:-1].gather(1, toks[0, 1:].unsqueeze(1).to(logp.device)).mean())
+            z = readout(state["h_last"].to(readout.W.dtype))
+        entropy, loss = _entropy_and_loss(z, None if toks is None else toks[0])
+        entropy = entropy if logits else _NAN
     layers = tuple(range(n_layers + 1))
     labels = tuple(
         "embed" if l == 0 else (f"{l}+norm" if l == n_layers and final_norm else str(l))
