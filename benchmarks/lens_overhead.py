@@ -48,8 +48,12 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--memory-tokens", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--memory-child", choices=["forward", "trajectory"], default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.memory_child:
+        memory_child(args.memory_child, args.memory_tokens)
+        return
 
     model = load_model()
     cfg = model.cfg
@@ -85,19 +89,41 @@ def main() -> None:
     print(f"ratio TransformerLens / tlmicroscope: {t_tl / t_ours:.2f}x (target >= 1.3)")
     print(f"ratio tlmicroscope / floor:           {t_ours / t_floor:.2f}x (target <= 1.3)")
 
-    long = token_windows(model, seq_len=args.memory_tokens, n_windows=1)
+    # Memory in fresh processes: freed memory is not returned to the OS, so a process that already
+    # ran the timings would report their high-water mark.
+    res = {what: _memory_child(what, args.memory_tokens, args.threads) for what in ("forward", "trajectory")}
+    (pf, bf), (pt, bt) = res["forward"], res["trajectory"]
+    print(f"peak RSS at {args.memory_tokens} tokens, each in a fresh process (model loaded: {bf:.0f} MiB):")
+    print(f"  forward pass:           {pf:7.0f} MiB (+{pf - bf:.0f} MiB over the loaded model)")
+    print(f"  prediction_trajectory:  {pt:7.0f} MiB (+{pt - bt:.0f} MiB)")
+    print(f"  ratio trajectory / forward: {pt / pf:.2f}x total, "
+          f"{(pt - bt) / max(pf - bf, 1):.2f}x over the loaded model (target < 2)")
 
-    def forward_long():
+
+def _memory_child(what: str, n_tokens: int, threads: int) -> tuple[float, float]:
+    import subprocess
+
+    out = subprocess.run(
+        [sys.executable, __file__, "--memory-child", what, "--memory-tokens", str(n_tokens),
+         "--threads", str(threads)],
+        capture_output=True, text=True, check=True,
+    ).stdout.split()
+    return float(out[-2]), float(out[-1])
+
+
+def memory_child(what: str, n_tokens: int) -> None:
+    model = load_model()
+    toks = token_windows(model, seq_len=n_tokens, n_windows=1)
+
+    def forward():
         with torch.inference_mode():
-            return model(long).shape
+            return model(toks).shape
 
-    _, peak_fwd, base = peak_rss_during(forward_long)
-    _, peak_ours, base2 = peak_rss_during(lambda: prediction_trajectory(model, long, top_k=10).kl.shape)
-    print(f"peak RSS at {args.memory_tokens} tokens (model loaded: {base:.0f} MiB):")
-    print(f"  forward pass:           {peak_fwd:7.0f} MiB (+{peak_fwd - base:.0f} MiB over the loaded model)")
-    print(f"  prediction_trajectory:  {peak_ours:7.0f} MiB (+{peak_ours - base2:.0f} MiB)")
-    print(f"  ratio trajectory / forward: {peak_ours / peak_fwd:.2f}x total, "
-          f"{(peak_ours - base2) / max(peak_fwd - base, 1):.2f}x over the model (target < 2)")
+    def trajectory():
+        return prediction_trajectory(model, toks, top_k=10).kl.shape
+
+    _, peak, before = peak_rss_during(forward if what == "forward" else trajectory)
+    print(peak, before)
 
 
 if __name__ == "__main__":
