@@ -94,6 +94,9 @@ def test_save_and_load(tmp_path, tiny_llama, tiny_gpt2):
     back = LatentPCA.load(tmp_path / "pca", model=tiny_llama)
     x = torch.from_numpy(_cloud(d=32, seed=5))
     torch.testing.assert_close(back.transform(x), pca.transform(x))
+    reused = project(x, reducer=back)
+    torch.testing.assert_close(reused.coords, x @ pca.components_.T)
+    assert reused.method == "pca" and reused.explained_variance_ratio is not None
     assert back.n_samples_seen_ == 400
     from tlmicroscope.io import ModelMismatchError
 

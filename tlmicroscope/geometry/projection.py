@@ -295,6 +295,7 @@ def project(
     n_epochs: int | None = None,
     fit_size: int = 100_000,
     seed: int = 0,
+    reducer: Any = None,
 ) -> Projection:
     """Project activations to ``n_components`` dimensions with PCA or UMAP.
 
@@ -311,6 +312,8 @@ def project(
         fit_size: UMAP is fitted on at most this many random points (the reference uses 100k)
             and transforms the rest.
         seed: UMAP's ``random_state`` and the fit subset's draw.
+        reducer: An already fitted ``LatentPCA`` (e.g. from ``LatentPCA.load``) or ``umap.UMAP``
+            to apply instead of fitting one.
 
     Raises:
         ImportError: UMAP requested without umap-learn (the message gives the install command).
@@ -331,7 +334,14 @@ def project(
     if x_fit.shape[1] != x.shape[1]:
         raise ValueError(f"fit_on has {x_fit.shape[1]} features but activations have {x.shape[1]}.")
     settings: dict[str, Any] = {"method": method, "n_components": n_components}
-    if method == "pca":
+    if reducer is not None:
+        method = "pca" if isinstance(reducer, LatentPCA) else "umap"
+        if method == "pca":
+            reducer._check_fitted()
+        coords = _apply(method, reducer, x)
+        evr = reducer.explained_variance_ratio_.float() if method == "pca" else None
+        settings.update(method=method, n_components=int(coords.shape[1]), reused=True)
+    elif method == "pca":
         reducer = LatentPCA(n_components, center=center).fit(x_fit)
         coords = reducer.transform(x)
         evr = reducer.explained_variance_ratio_.float()
