@@ -1,6 +1,14 @@
 """Figures built from result objects: plotly for charts, circuitsvis for token views, offline HTML."""
 
 from tlmicroscope.viz.html import CircuitsVisView, HtmlPage, figure_fragment
+from tlmicroscope.viz.causal import (
+    cbe_energy_figure,
+    fidelity_scatter,
+    injection_auroc_figure,
+    prediction_depth_figure,
+    prediction_depth_tokens,
+    stimulus_response_figure,
+)
 from tlmicroscope.viz.latent import (
     first_token_plot,
     norm_profile_plot,
@@ -60,4 +68,12 @@ __all__ += [  # tuned lens
     "training_curve_figure",
     "transfer_heatmap",
     "trajectory_comparison",
+]
+__all__ += [  # causal directions
+    "cbe_energy_figure",
+    "fidelity_scatter",
+    "stimulus_response_figure",
+    "injection_auroc_figure",
+    "prediction_depth_figure",
+    "prediction_depth_tokens",
 ]
