@@ -27,7 +27,7 @@ _CKPT_KIND = "tuned_lens_checkpoint"
 # Settings that change the result: a checkpoint resumes only under the same values.
 _RESUME_KEYS = ("steps", "tokens_per_step", "seq_len", "recipe", "lr", "bias_lr", "weight_decay",
                 "momentum", "warmup_steps", "clip_grad_norm", "init", "init_tokens", "precision",
-                "holdout", "seed", "bias", "backward", "keep_columns", "tail_samples")
+                "holdout", "seed", "bias")
 
 
 def _train_settings(cfg: Any) -> dict[str, Any]:

@@ -60,10 +60,8 @@ class LensObjective:
     """
 
     def __init__(self, readout: Readout, *, compute_dtype: torch.dtype = torch.float32,
-                 chunk_rows: int = 128, keep_columns: int | None = None, tail_samples: int = 1024):
+                 chunk_rows: int = 256):
         self.readout = readout
-        self.keep_columns = keep_columns
-        self.tail_samples = int(tail_samples)
         self.kind = readout.kind
         self.eps = readout.eps
         self.compute_dtype = compute_dtype
@@ -91,36 +89,8 @@ class LensObjective:
         return r * (g - x * gx)
 
     # ------------------------------------------------------------------------- vocabulary part
-    def _grad_x(self, g: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """``g @ W_f^T`` for ``g = q - p`` ``[rows d_vocab]``: exactly, or as an unbiased estimate.
-
-        With ``keep_columns = K`` the K vocabulary columns with the largest gradient mass
-        ``c_v = sum_rows |g_rv|`` are kept exactly; the rest (the tail, whose entries are tiny but
-        many) is estimated from ``tail_samples`` columns drawn with probability ``pi_v ~ c_v``,
-        each weighted by ``1 / (m pi_v)``, so the expectation is the exact product. The backward
-        GEMM then touches ``K + m`` columns instead of ``d_vocab``.
-        """
-        K = self.keep_columns
-        if K is None or K >= g.shape[1]:
-            return (g.to(self.compute_dtype) @ self.WT).float()
-        mass = torch.linalg.vector_norm(g, ord=1, dim=0)
-        top = torch.topk(mass, K, sorted=False).indices
-        tail = mass.index_fill(0, top, 0.0)
-        total = float(tail.sum())
-        cols, coef = top, None
-        if total > 0 and self.tail_samples > 0:
-            m = self.tail_samples
-            drawn = torch.multinomial(tail, m, replacement=True, generator=generator)
-            cols = torch.cat([top, drawn])
-            coef = torch.cat([torch.ones(K, device=g.device), total / (m * tail[drawn])])
-        gs = g.index_select(1, cols)
-        if coef is not None:
-            gs *= coef
-        return (gs.to(self.compute_dtype) @ self.WT.index_select(0, cols)).float()
-
     def kl_and_grad_x(
-        self, x: torch.Tensor, final: FinalDistribution, *, need_grad: bool = True,
-        generator: torch.Generator | None = None,
+        self, x: torch.Tensor, final: FinalDistribution, *, need_grad: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per-row ``KL(p || softmax(x W_f + b_f))`` and its gradient with respect to ``x``."""
         n = x.shape[0]
@@ -143,7 +113,7 @@ class LensObjective:
             if need_grad:
                 z /= s.unsqueeze(-1)  # q
                 z -= p  # q - p
-                gx[sl] = self._grad_x(z, generator)
+                gx[sl] = (z.to(self.compute_dtype) @ self.WT).float()
         return kl, gx
 
     # ----------------------------------------------------------------------------- one layer
@@ -156,14 +126,13 @@ class LensObjective:
         *,
         grad_scale: float,
         need_grad: bool = True,
-        generator: torch.Generator | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Summed KL over the rows of ``h`` for translator ``(weight, bias)``, and
         ``grad_scale`` times its gradients with respect to ``weight`` and ``bias``."""
         h = h.float()
         y = torch.addmm(bias, h, weight.T).add_(h)
         x, r = self.normalize(y)
-        kl, gx = self.kl_and_grad_x(x, final, need_grad=need_grad, generator=generator)
+        kl, gx = self.kl_and_grad_x(x, final, need_grad=need_grad)
         if not need_grad:
             return kl.sum(), None, None
         gy = self.norm_backward(gx, x, r)

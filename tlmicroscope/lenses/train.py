@@ -17,7 +17,6 @@ and the step, so ``resume=True`` continues from the last checkpoint to the same 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import time
@@ -88,13 +87,6 @@ class TrainConfig:
         ridge: Ridge penalty of the least-squares fit, relative to the mean input variance.
         precision: ``"auto"`` (bfloat16 vocabulary GEMMs where the hardware is fast at them),
             ``"bf16"`` or ``"fp32"``. The model and the translators stay float32.
-        backward: ``"exact"`` computes the gradient through the unembedding over the whole
-            vocabulary; ``"sampled"`` keeps the ``keep_columns`` vocabulary columns with the
-            largest gradient mass exactly and estimates the rest from ``tail_samples`` columns
-            drawn by importance sampling: an unbiased estimate of the same gradient at about half
-            the cost (the forward pass and the recorded KL stay exact). With ``"sampled"``,
-            N processes draw other samples than one process, so their lenses agree in
-            distribution only.
         micro_batch_tokens: Tokens per forward pass (bounds memory; does not change the result
             beyond floating-point summation order).
         chunk_rows: Rows per ``[rows d_vocab]`` buffer of the objective.
@@ -124,11 +116,8 @@ class TrainConfig:
     init_tokens: int = 16384
     ridge: float = 1e-3
     precision: Literal["auto", "bf16", "fp32"] = "auto"
-    backward: Literal["exact", "sampled"] = "exact"
-    keep_columns: int = 4096
-    tail_samples: int = 1024
     micro_batch_tokens: int = 512
-    chunk_rows: int = 128
+    chunk_rows: int = 256
     holdout: float = 0.1
     seed: int = 0
     bias: bool = True
@@ -144,8 +133,6 @@ class TrainConfig:
         """A copy with the recipe's defaults filled in, after checking every setting."""
         if self.recipe not in RECIPES:
             raise ValueError(f"recipe must be one of {sorted(RECIPES)}, got {self.recipe!r}.")
-        if self.backward not in ("exact", "sampled"):
-            raise ValueError(f"backward must be 'exact' or 'sampled', got {self.backward!r}.")
         if self.init not in ("zero", "lstsq"):
             raise ValueError(f"init must be 'zero' or 'lstsq', got {self.init!r}.")
         for name in ("steps", "tokens_per_step", "seq_len", "micro_batch_tokens", "chunk_rows",
@@ -306,10 +293,7 @@ def train_tuned_lens(
         lens.model_info = model_fingerprint(model)
     readout = Readout(model)
     compute_dtype = resolve_compute_dtype(cfg.precision, model.W_U.device)
-    objective = LensObjective(
-        readout, compute_dtype=compute_dtype, chunk_rows=cfg.chunk_rows,
-        keep_columns=cfg.keep_columns if cfg.backward == "sampled" else None,
-        tail_samples=cfg.tail_samples)
+    objective = LensObjective(readout, compute_dtype=compute_dtype, chunk_rows=cfg.chunk_rows)
 
     windows = lens_token_windows(model, corpus, seq_len=cfg.seq_len, split="train",
                                  holdout=cfg.holdout, text_field=cfg.text_field)
@@ -363,7 +347,7 @@ def train_tuned_lens(
             bias_grad.zero_()
             kl_sum = torch.zeros(L, dtype=torch.float64)
             W, b = lens.weight.detach(), lens.bias.detach()
-            for mb, batch in enumerate(_micro_batches(ids[ctx.rank:: ctx.world_size], micro)):
+            for batch in _micro_batches(ids[ctx.rank:: ctx.world_size], micro):
                 layers = list(range(L + (not identity_checked)))
                 resid, logits = _forward(model, windows[batch], layers, logits=True)
                 with torch.inference_mode():
@@ -375,11 +359,9 @@ def train_tuned_lens(
                     final = FinalDistribution.from_logits(logits)
                     del logits
                     for layer in range(L):
-                        gen = (_generator(cfg.seed, step, ctx.rank, mb, layer)
-                               if cfg.backward == "sampled" else None)
                         kl, gW, gb = objective.layer_loss_and_grads(
                             resid[layer].reshape(-1, d), W[layer], b[layer], final,
-                            grad_scale=1.0 / n_global, generator=gen)
+                            grad_scale=1.0 / n_global)
                         kl_sum[layer] += float(kl)
                         weight_grad[layer] += gW
                         bias_grad[layer] += gb
@@ -443,12 +425,6 @@ def train_tuned_lens(
         bar.close()
     _record(lens, cfg, history, ctx, step)
     return _result(model, lens, cfg, history)
-
-
-def _generator(*keys: int) -> torch.Generator:
-    """A generator seeded from (seed, step, rank, micro-batch, layer): resumable sampling."""
-    digest = hashlib.sha256(",".join(map(str, keys)).encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
 def _record(lens: TunedLens, cfg: TrainConfig, history: dict, ctx: DistContext, step: int) -> None:
