@@ -58,6 +58,30 @@ th.save({"energies": basis.energies, "vectors": basis.vectors, "probe": probe, "
 """
 
 
+def export_hf_folder(folder: Path) -> Path:
+    """The embedded model as a plain float32 Hugging Face folder that transformers 4 reads.
+
+    The GGUF-loaded model refuses ``save_pretrained`` ("quantized with gguf and is not
+    serializable"), so its dequantized weights are copied into a model built from its config.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from tlmicroscope.models.embedded import embedded_gguf_path, load_gguf_hf_model
+
+    hf = load_gguf_hf_model(embedded_gguf_path())
+    cfg = hf.config
+    cfg.__dict__.pop("quantization_config", None)
+    plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    plain.load_state_dict(hf.state_dict())
+    plain.save_pretrained(folder)
+    meta = json.loads((folder / "config.json").read_text())
+    meta.pop("quantization_config", None)
+    theta = (meta.get("rope_parameters") or {}).get("rope_theta") or meta.get("rope_theta")
+    meta["rope_theta"] = theta  # transformers 4 reads rope_theta; 5 moved it into rope_parameters
+    (folder / "config.json").write_text(json.dumps(meta, indent=1))
+    return folder
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--layer", type=int, default=15)
@@ -69,7 +93,7 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from tuned_lens_vs_reference import ensure_reference_venv, export_hf_folder  # shared venv + export
+    from tuned_lens_vs_reference import ensure_reference_venv  # the venv is shared with that benchmark
 
     from tlmicroscope.causal import extract_causal_basis
     from tlmicroscope.corpus import token_windows

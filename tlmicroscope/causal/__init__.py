@@ -26,6 +26,7 @@ from tlmicroscope.causal.injection import (
     injection_experiment,
     injection_features,
     injection_prompts,
+    order_choices,
     split_auroc,
 )
 from tlmicroscope.causal.prediction_depth import PredictionDepthResult, prediction_depth
@@ -61,6 +62,7 @@ __all__ = [
     "injection_experiment",
     "injection_features",
     "injection_prompts",
+    "order_choices",
     "split_auroc",
     "PredictionDepthResult",
     "prediction_depth",

@@ -37,6 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--shots", type=int, default=3)
     q.add_argument("--splits", type=int, default=10)
     q.add_argument("--detector", default="lof", choices=["lof", "isolation_forest"])
+    q.add_argument("--choice-order", default="model", choices=["model", "given"],
+                   help="order each prompt's choices by the model's final preference, or keep the item order")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--out-dir", default="out/injection")
     add_model_args(q)
@@ -109,7 +111,8 @@ def _injection(args: argparse.Namespace) -> int:
     lenses = ["logit"] if args.lens in (None, "logit") else [_lens(args.lens, model), "logit"]
     items = read_mmlu(args.tasks) if args.tasks else load_tasks()
     res = injection_experiment(model, items, lenses=lenses, n_items=args.n_items, n_shots=args.shots,
-                               n_splits=args.splits, detector=args.detector, seed=args.seed)
+                               n_splits=args.splits, detector=args.detector,
+                               choice_order=args.choice_order, seed=args.seed)
     table = res.summary()
     for row in table.itertuples():
         log(f"AUROC {row.features}: {row.auroc_mean:.3f} ± {row.auroc_std:.3f}")

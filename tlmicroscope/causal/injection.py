@@ -35,7 +35,7 @@ from tlmicroscope.tasks import (
 )
 
 __all__ = ["INJECTION_TEMPLATE", "inject", "InjectionPrompts", "injection_prompts",
-           "InjectionFeatures", "injection_features", "split_auroc", "InjectionResult",
+           "InjectionFeatures", "injection_features", "order_choices", "split_auroc", "InjectionResult",
            "injection_experiment"]
 
 #: The reference's injection string; ``{wrong}`` is a randomly chosen incorrect answer.
@@ -147,6 +147,27 @@ def injection_features(
     return InjectionFeatures(loglik, hidden)
 
 
+def order_choices(loglik: torch.Tensor, by: str = "model") -> torch.Tensor:
+    """Put each prompt's choices in a label-free canonical order, the same at every layer.
+
+    ``"model"`` sorts them by the model's own final log-likelihood (last layer row), so feature j
+    means "the model's j-th preferred answer" for every prompt; ``"given"`` keeps the item's order,
+    as the reference does (its tasks had fixed label sets such as yes/no, where position carries
+    meaning; in the shipped task set it does not).
+
+    Examples:
+        >>> ll = torch.tensor([[[0.0, -1.0, -2.0], [-3.0, -1.0, -2.0]]])  # [prompt layer choice]
+        >>> order_choices(ll).tolist()
+        [[[-1.0, -2.0, 0.0], [-1.0, -2.0, -3.0]]]
+    """
+    if by == "given":
+        return loglik
+    if by != "model":
+        raise ValueError(f"choice order must be 'model' or 'given', got {by!r}.")
+    perm = loglik[:, -1].argsort(-1, descending=True)
+    return loglik.gather(2, perm[:, None, :].expand_as(loglik))
+
+
 def split_auroc(
     score_fn: Any, clean: Any, injected: Any, *, n_splits: int = 10, train_fraction: float = 0.75, seed: int = 0,
 ) -> np.ndarray:
@@ -216,6 +237,7 @@ def injection_experiment(
     n_shots: int = 3,
     n_splits: int = 10,
     detector: str = "lof",
+    choice_order: str = "model",
     seed: int = 0,
     batch_size: int = 8,
     progress: bool = True,
@@ -230,6 +252,9 @@ def injection_experiment(
         n_shots: Solved examples per prompt.
         n_splits: Random train/test splits for the AUROC.
         detector: ``"lof"`` or ``"isolation_forest"`` for the lens features.
+        choice_order: ``"model"`` (default) orders each prompt's choices by the model's final
+            preference before they become features; ``"given"`` keeps the item order (see
+            ``order_choices``).
 
     Examples:
         >>> from tlmicroscope.models import tiny_model
@@ -261,9 +286,12 @@ def injection_experiment(
 
     auroc: dict[str, np.ndarray] = {}
     for ln in lens_list:
-        c, i = (feats[k].loglik[ln.name].reshape(len(chosen), -1).numpy() for k in ("clean", "injected"))
+        c, i = (order_choices(feats[k].loglik[ln.name], choice_order).reshape(len(chosen), -1).numpy()
+                for k in ("clean", "injected"))
         auroc[ln.name] = split_auroc(detector_fit, c, i, n_splits=n_splits, seed=seed)
-    auroc["output"] = split_auroc(detector_fit, out_clean.numpy(), out_inj.numpy(), n_splits=n_splits, seed=seed)
+    out_c, out_i = (order_choices(feats[k].loglik[lens_list[0].name], choice_order)[:, L].numpy()
+                    for k in ("clean", "injected"))
+    auroc["output"] = split_auroc(detector_fit, out_c, out_i, n_splits=n_splits, seed=seed)
     auroc["mahalanobis"] = split_auroc(lambda tr: MahalanobisDetector().fit(tr).score,
                                        feats["clean"].hidden.numpy(), feats["injected"].hidden.numpy(),
                                        n_splits=n_splits, seed=seed)
@@ -274,6 +302,7 @@ def injection_experiment(
         follows_injection=float((out_inj.argmax(-1) == torch.tensor(prompts.wrong)).float().mean()),
         n_items=len(chosen), n_shots=n_shots, detector=detector,
         provenance=Provenance.from_model(model, lens=",".join(ln.name for ln in lens_list), n_items=len(chosen),
-                                         n_shots=n_shots, n_splits=n_splits, detector=detector, seed=seed),
+                                         n_shots=n_shots, n_splits=n_splits, detector=detector,
+                                         choice_order=choice_order, seed=seed),
         features=feats,
     )
