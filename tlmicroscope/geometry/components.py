@@ -366,7 +366,8 @@ def _capture_streamed(
     # Sums accumulate in float32 whatever the storage dtype; copies go straight to storage.
     buf_dtype = torch.float32 if summed else dtype
     # Allocated here, outside the forward's inference mode, so it can be updated in place later.
-    buf = torch.zeros((len(plan), out_b, n_pos, int(model.cfg.d_model)), dtype=buf_dtype)
+    alloc = torch.zeros if summed else torch.empty  # every copied slot gets written
+    buf = alloc((len(plan), out_b, n_pos, int(model.cfg.d_model)), dtype=buf_dtype)
     all_pos = pos_idx.numel() == toks.shape[-1] and bool((pos_idx == torch.arange(toks.shape[-1])).all())
     stream_pos = None if all_pos else pos_idx
     starts = range(0, n_batch, batch_size)
