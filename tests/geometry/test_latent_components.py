@@ -93,6 +93,26 @@ def test_streamed_averages_equal_means_of_the_full_capture(tiny_llama):
     assert lay.layer_labels() == ["mean", "mean"]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_mean_and_normalized_methods(tiny_gpt2, dtype):
+    st = capture_components(tiny_gpt2, _windows(3, 7), components=("attn_out", "mlp_out"), dtype=dtype,
+                            progress=False)
+    full = st.activations.float()
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-3, "atol": 2e-3}
+    m = st.mean("samples")
+    assert m.activations.dtype == dtype and m.tokens is None and m.averaged == ("samples",)
+    torch.testing.assert_close(m.activations.float(), full.mean(1, keepdim=True), **tol)
+    torch.testing.assert_close(st.mean("positions").activations.float(), full.mean(2, keepdim=True), **tol)
+    both = st.mean(("samples", "positions", "layers"))
+    expected = torch.stack([full[0::2].mean(0), full[1::2].mean(0)]).mean((1, 2), keepdim=True)
+    torch.testing.assert_close(both.activations.float(), expected, **tol)
+    assert both.activations.shape == (2, 1, 1, 32) and both.components == ("attn_out", "mlp_out")
+    u = st.normalized(layer_norm=True, unit=True)
+    ln = torch.nn.functional.layer_norm(full, (32,), eps=1e-5)
+    torch.testing.assert_close(u.activations.float(), ln / ln.norm(dim=-1, keepdim=True), **tol)
+    assert u.activations.dtype == dtype and u.unit and u.layer_normed
+
+
 def test_preprocessing_order_and_formulas(tiny_llama):
     toks = _windows(3, 8)
     raw = capture_components(tiny_llama, toks, components=("resid_post",), progress=False).activations

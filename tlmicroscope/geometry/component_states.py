@@ -160,18 +160,21 @@ class ComponentStates:
     def mean(self, over: str | Sequence[str]) -> ComponentStates:
         """Average over ``"samples"``, ``"positions"`` and/or ``"layers"`` (per component)."""
         axes = _check_axes(over)
-        x = self.activations.float()
         out = self
+        dims = tuple(d for d, a in ((0, "samples"), (1, "positions")) if a in axes)  # within a state
         if "samples" in axes:
-            x = x.mean(1, keepdim=True)
             out = dataclasses.replace(out, tokens=None, str_tokens=None)
         if "positions" in axes:
-            x = x.mean(2, keepdim=True)
             out = dataclasses.replace(out, tokens=None, str_tokens=None, positions=None)
+        # One state at a time in float32, so a float16 capture is never copied whole in float32.
+        x = torch.stack([s.float().mean(dims, keepdim=True) for s in self.activations]) if dims \
+            else self.activations
         comps, layers, hooks = out.components, out.layers, out.hook_names
         if "layers" in axes:
             groups = list(dict.fromkeys(comps))
-            x = torch.stack([x[[i for i, c in enumerate(comps) if c == g]].mean(0) for g in groups])
+            x = torch.stack([
+                sum(x[i].float() for i, c in enumerate(comps) if c == g) / comps.count(g) for g in groups
+            ])
             hooks = tuple("+".join(h for h, c in zip(hooks, comps) if c == g) for g in groups)
             comps, layers = tuple(groups), (None,) * len(groups)
         return dataclasses.replace(
@@ -181,13 +184,15 @@ class ComponentStates:
 
     def normalized(self, *, layer_norm: bool = False, unit: bool = False) -> ComponentStates:
         """Apply the parameter-free LayerNorm and/or unit length (in that order) to every vector."""
-        x = self.activations
-        if layer_norm:
-            x = layer_norm_parameter_free(x)
-        if unit:
-            x = unit_length(x)
+        out = torch.empty_like(self.activations)
+        for i, x in enumerate(self.activations):  # state by state: bounded float32 temporaries
+            if layer_norm:
+                x = layer_norm_parameter_free(x)
+            if unit:
+                x = unit_length(x)
+            out[i] = x
         return dataclasses.replace(
-            self, activations=x.to(self.activations.dtype),
+            self, activations=out,
             layer_normed=self.layer_normed or layer_norm, unit=self.unit or unit,
         )
 
