@@ -26,8 +26,12 @@ import time
 import venv
 from pathlib import Path
 
-import numpy as np
-import torch
+# libgomp's threads spin after each parallel region; on a shared machine that steals the cores
+# from the next operation (measured 5x slower per layer with 2 threads). Must precede `import torch`.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 VENV = HERE / ".venv-dadapy"

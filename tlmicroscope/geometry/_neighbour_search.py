@@ -25,11 +25,12 @@ _DIRECT_BYTES = 64 * 2**20
 
 
 def gram_block(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b.T``. On the CPU through numpy's OpenBLAS: torch's MKL GEMM runs 1.5-1.8x slower on
-    AMD processors (measured on this project's EPYC machines), and this product is most of the
-    cost of every estimator. Same IEEE arithmetic, so the rounding bounds hold either way."""
-    if a.device.type == "cpu" and not a.requires_grad and not b.requires_grad:
-        return torch.from_numpy(a.numpy() @ b.numpy().T)
+    """``a @ b.T``: the product that is most of every estimator's cost.
+
+    It stays in torch's own BLAS and thread pool. (numpy's OpenBLAS is faster single-threaded on
+    AMD CPUs, but two thread pools on one machine oversubscribe it: measured 5x slower with two
+    threads each.)
+    """
     return a @ b.T
 
 
