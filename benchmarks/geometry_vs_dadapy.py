@@ -30,8 +30,8 @@ from pathlib import Path
 # from the next operation (measured 5x slower per layer with 2 threads). Must precede `import torch`.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
 HERE = Path(__file__).resolve().parent
 VENV = HERE / ".venv-dadapy"
@@ -86,7 +86,10 @@ def ensure_venv() -> Path:
     py = VENV / "bin" / "python"
     if (
         py.exists()
-        and subprocess.run([str(py), "-c", "import dadapy"], capture_output=True).returncode == 0
+        and subprocess.run(
+            [str(py), "-c", "import dadapy"], check=False, capture_output=True
+        ).returncode
+        == 0
     ):
         return py
     print(f"creating {VENV} with {DADAPY} (numpy<2 resolves there) ...", flush=True)
@@ -208,7 +211,9 @@ def main() -> int:
                 f"\nN = {n}, d = 576 (GRIDE 2..256 + TwoNN base/ml + overlap k=1..6; {args.threads} threads, "
                 f"best of {reps}; {ref['versions']})"
             )
-            print(f"  dadapy       {ref['seconds']:8.3f} s   (efficient use: one Data object, B's neighbours once)")
+            print(
+                f"  dadapy       {ref['seconds']:8.3f} s   (efficient use: one Data object, B's neighbours once)"
+            )
             if "seconds_paper_path" in ref:
                 print(
                     f"  dadapy       {ref['seconds_paper_path']:8.3f} s   (the paper's call path: full distance "
