@@ -28,7 +28,7 @@ def _ctx(tokens, C):
 
 
 def _nl(tokens, per_layer):
-    e = torch.tensor(per_layer, dtype=torch.float32)[:, None, :]
+    e = torch.tensor(np.asarray(per_layer, dtype=np.float32))[:, None, :]
     n = len(tokens)
     return TokenNonlinearity(pairs=tuple(range(e.shape[0])), pair_labels=tuple(f"{i}" for i in range(e.shape[0])),
                              error=e, relative_error=e, tokens=torch.arange(n)[None], str_tokens=[list(tokens)],

@@ -374,6 +374,15 @@ def contextualization(
 
     Raises:
         ValueError: no probe, a probe for another model, an unknown reduction.
+
+    Examples:
+        >>> from tlmicroscope.models import tiny_model
+        >>> model = tiny_model(n_layers=2)
+        >>> probe = ContextualizationProbe(prefix_length=3, mlp_hidden=8, decoder="frozen", steps=1,
+        ...                                window_length=8).fit(model, ["some text to train on " * 5], progress=False)
+        >>> ctx = contextualization(model, "abcde", probe, reduction="sum")
+        >>> ctx.prefix_length.tolist()
+        [[0, 1, 2, 3, 3]]
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}.")

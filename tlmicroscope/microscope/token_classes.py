@@ -240,6 +240,20 @@ def contextuality_nonlinearity_correlation(contextualization: Any, nonlinearity:
 
     Raises:
         ValueError: fewer than three tokens with both values, or constant values.
+
+    Examples:
+        >>> import torch
+        >>> from tlmicroscope.microscope.contextualization import Contextualization
+        >>> from tlmicroscope.microscope.nonlinearity import TokenNonlinearity
+        >>> from tlmicroscope.results import Provenance
+        >>> prov, toks = Provenance("m", "M", False, ""), [["a", " b", " c", " d", " e"]]
+        >>> ctx = Contextualization(torch.tensor([[float("nan"), 1.0, 2.0, 3.0, 5.0]]), torch.arange(5)[None],
+        ...                         torch.arange(5)[None], toks, "mean", prov)
+        >>> e = torch.tensor([[[0.0, 1.0, 2.0, 4.0, 4.0]]])
+        >>> nl = TokenNonlinearity((0,), ("0→1",), e, e, torch.arange(5)[None], toks, 100, "reference", prov)
+        >>> corr = contextuality_nonlinearity_correlation(ctx, nl)
+        >>> corr.n, round(corr.pearson_r, 3)
+        (4, 0.878)
     """
     from scipy import stats
 
