@@ -1,7 +1,12 @@
-"""tlmicroscope: look inside language models layer by layer, on TransformerLens."""
+"""tlmicroscope: look inside language models layer by layer, on TransformerLens.
 
-from tlmicroscope.models import load_model, tiny_model
+The top level holds the entry points; each analysis lives in its package: ``lenses``,
+``causal``, ``microscope``, ``geometry``, with figures in ``viz``.
+"""
 
 __version__ = "0.1.0"
 
-__all__ = ["load_model", "tiny_model", "__version__"]
+from tlmicroscope.models import load_model, tiny_model  # noqa: E402
+from tlmicroscope.report import Report, report  # noqa: E402  (the function shadows the module name)
+
+__all__ = ["load_model", "tiny_model", "report", "Report", "__version__"]
