@@ -49,7 +49,7 @@ def test_C_is_the_prefix_cross_entropy_from_the_soft_embedding(tiny_gpt2):
             x = torch.cat([e, emb], 0)[None]
             logits = tiny_gpt2.run_with_hooks(
                 torch.cat([toks[:1], prefix[:-1]])[None],
-                fwd_hooks=[("hook_embed", lambda act, hook: x.to(act.dtype))])
+                fwd_hooks=[("hook_embed", lambda act, hook, x=x: x.to(act.dtype))])
             ce = F.cross_entropy(logits[0], prefix)
         assert float(ctx.C[0, i]) == pytest.approx(float(ce), abs=1e-4)
         assert int(ctx.prefix_length[0, i]) == m

@@ -152,7 +152,12 @@ def _probe(model: Any, path: str | None):
 def _microscope(args: argparse.Namespace) -> int:
     from tlmicroscope.lenses import prediction_trajectory
     from tlmicroscope.lenses._cli import _load_lens
-    from tlmicroscope.microscope import component_attribution, contextualization, layer_contributions, token_nonlinearity
+    from tlmicroscope.microscope import (
+        component_attribution,
+        contextualization,
+        layer_contributions,
+        token_nonlinearity,
+    )
     from tlmicroscope.viz import HtmlPage, logit_lens_table
     from tlmicroscope.viz import microscope as mv
 
@@ -242,8 +247,8 @@ def _train(args: argparse.Namespace) -> int:
 def _classes(args: argparse.Namespace) -> int:
     from tlmicroscope.corpus import token_windows
     from tlmicroscope.microscope import (
-        contextualization,
         contextuality_nonlinearity_correlation,
+        contextualization,
         token_class_summary,
         token_nonlinearity,
     )

@@ -69,8 +69,7 @@ def corpus_windows(
             f"{what} needs at least {min_tokens} tokens but the corpus has only {total}. "
             "Pass a larger corpus (a folder of text files, a JSONL file, or the embedded corpus)."
         )
-    if total < seq_len:
-        seq_len = total
+    seq_len = min(seq_len, total)
     available = total // seq_len
     n_windows = max(1, min(available, -(-int(n_tokens) // seq_len)))
     return token_windows(model, corpus, seq_len=seq_len, n_windows=n_windows, shuffle=True, seed=seed)

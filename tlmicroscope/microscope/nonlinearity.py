@@ -30,15 +30,12 @@ from tlmicroscope.capture import residual_stream_names, stream
 from tlmicroscope.corpus import CorpusSource
 from tlmicroscope.inputs import TextOrTokens, check_layers, ensure_eval, resolve_input
 from tlmicroscope.microscope._forward import corpus_windows, str_tokens_of, stream_residual
+from tlmicroscope.microscope._moments import DEFAULT_RTOL, ResidualMoments, fit_pair, paper_fit
 from tlmicroscope.microscope.linearity import (
-    DEFAULT_RTOL,
     LinearityResult,
-    ResidualMoments,
     _check_token_count,
     _result,
-    fit_pair,
     pair_label,
-    paper_fit,
 )
 from tlmicroscope.results import Provenance
 

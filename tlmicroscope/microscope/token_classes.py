@@ -266,5 +266,5 @@ def contextuality_nonlinearity_correlation(contextualization: Any, nonlinearity:
         raise ValueError("C or the non-linearity is constant over these tokens: the correlation is undefined.")
     r, p = stats.pearsonr(c, e)
     rs, ps = stats.spearmanr(c, e)
-    return CorrelationResult(float(r), float(p), float(rs), float(ps), int(len(table)), c, e,
+    return CorrelationResult(float(r), float(p), float(rs), float(ps), len(table), c, e,
                              table["class"].to_numpy(object), table["token"].to_numpy(object))

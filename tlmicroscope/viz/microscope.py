@@ -7,7 +7,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import torch
 
 from tlmicroscope.viz.html import CircuitsVisView
 from tlmicroscope.viz.lens import colored_tokens, trajectory_heatmap
@@ -94,6 +93,7 @@ def nonlinearity_heatmap(result: Any, *, batch: int = 0, value: str = "error", n
         normalization: ``"global"``, ``"layer"`` (each row min-max), ``"token"`` (each column) or ``"none"``.
 
     Examples:
+        >>> import torch
         >>> from types import SimpleNamespace
         >>> r = SimpleNamespace(error=torch.rand(3, 1, 4), relative_error=torch.rand(3, 1, 4),
         ...     pair_labels=("0→1", "1→2", "2→3"), str_tokens=[["a", "b", "c", "d"]], mode="reference", n_fit=100)
@@ -115,6 +115,7 @@ def linearity_plot(result: Any, *, prompt: Any = None, title: str | None = None)
     mean non-linearity (``prompt``: a ``TokenNonlinearity``) on a second axis.
 
     Examples:
+        >>> import torch
         >>> from types import SimpleNamespace
         >>> lin = SimpleNamespace(pair_labels=("0→1", "1→2"), score=torch.tensor([0.99, 0.98]),
         ...     score_without_residual=torch.tensor([0.6, 0.5]), chance_floor=torch.tensor([0.03, 0.03]),
