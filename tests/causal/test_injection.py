@@ -128,16 +128,21 @@ def test_injection_pipeline_end_to_end_on_a_tiny_model():
 @pytest.mark.embedded
 @pytest.mark.slow
 def test_injection_detection_on_the_embedded_model(embedded_model):
-    """The lens trajectories separate injected from clean prompts on SmolLM2-135M.
+    """Tuned-lens trajectories separate injected from clean prompts on SmolLM2-135M.
 
-    A lens trained for this test would dominate its cost, so it uses the logit lens (the
-    "without tuned lens" arm); the tuned-lens arm is measured by ``tlmicroscope injection
-    --lens``. With 40 held-out items per split, a detector at chance has an AUROC standard error
-    of about 0.065; requiring a mean over 5 splits above 0.65 is more than 2 standard errors of
-    one split above chance, so it fails only if the features carry little signal.
+    The tuned lens is trained here, quickly (least-squares initialisation on 4096 tokens and one
+    KL step; about half a minute), so the test does not depend on a saved lens. With 10 held-out
+    items per split (20 scored prompts), an AUROC at chance has a standard deviation of about
+    0.13 per split, so the mean over 10 splits has a standard error of about 0.04 (less, since
+    the splits share items, is not assumed): requiring a mean above 0.62 is three standard errors
+    above chance.
     """
-    items = load_tasks()
-    res = injection_experiment(embedded_model, items, lenses=["logit"], n_items=40, n_shots=1, n_splits=5,
-                               progress=False, batch_size=16)
+    from tlmicroscope.lenses.train import train_tuned_lens
+
+    lens = train_tuned_lens(embedded_model, "embedded", steps=1, tokens_per_step=256, seq_len=256,
+                            init="lstsq", init_tokens=4096, progress=False).lens
+    res = injection_experiment(embedded_model, load_tasks(), lenses=[lens, "logit"], n_items=40, n_shots=1,
+                               n_splits=10, progress=False, batch_size=16)
     assert res.accuracy_clean >= 0.7  # the shipped task set is mostly answered
-    assert res.auroc["logit"].mean() > 0.65
+    assert res.follows_injection > 0.3  # and the injection does change the model's answers
+    assert res.auroc["tuned"].mean() > 0.62

@@ -51,30 +51,31 @@ def affine_map(lens: Any, layer: int, d_model: int, probe: torch.Tensor) -> tupl
 
 
 class _AblatedKL(torch.autograd.Function):
-    """mean_i KL(P_i || softmax(z_i)), z_i = r_i (Zc_i + c_i u) + b, with its gradient in (u, c, r).
+    """mean_i KL(P_i || softmax(z_i)), z_i = r_i (Zc_i + c_i u) + b, u = w̃ W; gradient in (w̃, c, r).
 
     The gradient is accumulated during the forward pass (every L-BFGS evaluation wants both), a
-    few rows at a time in two preallocated buffers sized to stay in cache. With t = z - max(z),
+    block of rows at a time in two preallocated buffers. With t = z - max(z),
     e = exp(t), s = sum(e) and q = e / s, only one exponential per logit is needed:
 
     * KL_i = sum(P log P) - P·z + max + log s, where P·z = r (P·Zc + c P·u) + P·b is cheap;
-    * dKL/du = sum_i r_i c_i (q_i - P_i), two matrix-vector products;
+    * dKL/du = sum_i r_i c_i (q_i - P_i); its P-part reaches w̃ as -(P Wᵀ)ᵀ (r c), precomputed;
     * dKL/dc_i = r_i (q_i - P_i)·u;
     * dKL/dr_i = (q_i - P_i)·(Zc_i + c_i u) = ((q_i - P_i)·z_i - (q_i - P_i)·b) / r_i, with
       q·z = (e·t) / s + max.
     """
 
     @staticmethod
-    def forward(ctx, u, c, r, obj: LensAblationObjective):  # type: ignore[override]
+    def forward(ctx, wc, c, r, obj: LensAblationObjective):  # type: ignore[override]
         n = obj.n
-        g_u = torch.zeros_like(u)
+        u = wc @ obj.W
+        # The P-terms need no [N V] pass: P u = (P Wᵀ) w̃, and Wᵀ's share of dKL/dw̃ is -(P Wᵀ)ᵀ (r c).
+        Pu = obj.PW @ wc
+        pz = r * (obj.pz + c * Pu) + obj.pb  # P·z for every row
+        rc = r * c
+        g_u = torch.zeros_like(u)  # the q-part of dKL/du; the P-part is added in d dimensions below
         g_c = torch.empty_like(c)
         g_r = torch.empty_like(r)
         total = torch.zeros((), dtype=torch.float64)
-        Pu = obj.P @ u
-        pz = r * (obj.pz + c * Pu) + obj.pb  # P·z for every row
-        rc = r * c
-        g_u.addmv_(obj.P.T, rc, alpha=-1.0)
         for lo in range(0, n, obj.chunk):
             hi = min(lo + obj.chunk, n)
             t, e = obj.buffers(hi - lo)
@@ -86,23 +87,23 @@ class _AblatedKL(torch.autograd.Function):
             t -= m[:, None]
             torch.exp(t, out=e)
             s = e.sum(-1)
-            et = torch.bmm(e[:, None, :], t[:, :, None]).reshape(-1)  # rowwise e·t
-            lse = m + torch.log(s)
-            total += (obj.neg_h[lo:hi] - pz[lo:hi] + lse).double().sum()
             inv_s = 1.0 / s
             qu = (e @ u) * inv_s
-            g_u.addmv_(e.T, rc[lo:hi] * inv_s)
-            g_c[lo:hi] = r[lo:hi] * (qu - Pu[lo:hi])
-            qz = et * inv_s + m
             qb_minus_pb = 0.0 if obj.b is None else (e @ obj.b) * inv_s - obj.pb[lo:hi]
-            g_r[lo:hi] = (qz - pz[lo:hi] - qb_minus_pb) / r[lo:hi]
-        ctx.save_for_backward(g_u / n, g_c / n, g_r / n)
-        return (total / n).to(u.dtype)
+            g_u.addmv_(e.T, rc[lo:hi] * inv_s)
+            et = t.mul_(e).sum(-1)  # rowwise e·t, reusing t's buffer
+            lse = m + torch.log(s)
+            total += (obj.neg_h[lo:hi] - pz[lo:hi] + lse).double().sum()
+            g_c[lo:hi] = r[lo:hi] * (qu - Pu[lo:hi])
+            g_r[lo:hi] = (et * inv_s + m - pz[lo:hi] - qb_minus_pb) / r[lo:hi]
+        g_wc = obj.W @ g_u - obj.PW.T @ rc
+        ctx.save_for_backward(g_wc / n, g_c / n, g_r / n)
+        return (total / n).to(wc.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        g_u, g_c, g_r = ctx.saved_tensors
-        return grad_out * g_u, grad_out * g_c, grad_out * g_r, None
+        g_wc, g_c, g_r = ctx.saved_tensors
+        return grad_out * g_wc, grad_out * g_c, grad_out * g_r, None
 
 
 class LensAblationObjective:
@@ -179,6 +180,7 @@ class LensAblationObjective:
             self.P[lo:hi] = logp.exp()
             self.neg_h[lo:hi] = torch.linalg.vecdot(self.P[lo:hi], logp)
         self.pz = torch.linalg.vecdot(self.P, self.Zc)
+        self.PW = self.P @ self.W.T  # [N d]: the clean distributions pulled back to the residual
         self.pb = self.P @ self.b if self.b is not None else torch.zeros(self.n)
 
     def energy(self, v: torch.Tensor) -> torch.Tensor:
@@ -188,13 +190,12 @@ class LensAblationObjective:
             return self._energy_autograd(v, c)
         w = v @ self.M
         wc = self._center(w)
-        u = wc @ self.W
         if self.norm_kind:
             var = self.s0 + 2 * c * (self.xc @ wc) / self.d + c * c * wc.pow(2).mean()
             r = torch.rsqrt(var + self.eps)
         else:
             r = torch.ones_like(c)
-        return _AblatedKL.apply(u, c, r, self)
+        return _AblatedKL.apply(wc, c, r, self)
 
     def _energy_autograd(self, v: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """The generic path: the lens and the readout under autograd, ``[chunk V]`` at a time."""
