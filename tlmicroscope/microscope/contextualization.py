@@ -83,8 +83,8 @@ class ContextualizationProbe:
 
     def __init__(self, *, prefix_length: int = 16, mlp_hidden: int = 1024,
                  decoder: Literal["frozen", "last_k", "full"] = "last_k", trainable_blocks: int = 2,
-                 steps: int = 500, windows_per_step: int = 4, positions_per_window: int = 4,
-                 window_length: int = 64, lr: float = 1e-3, decoder_lr: float = 5e-5, warmup: int = 25,
+                 steps: int = 400, windows_per_step: int = 4, positions_per_window: int = 4,
+                 window_length: int = 64, lr: float = 1e-3, decoder_lr: float = 5e-5, warmup: int = 20,
                  seed: int = 0):
         self.prefix_length = prefix_length
         self.mlp_hidden = mlp_hidden
