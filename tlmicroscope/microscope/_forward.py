@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tlmicroscope.capture import stream
-from tlmicroscope.corpus import CorpusSource, token_stream, token_windows
+from tlmicroscope.corpus import CorpusSource, token_stream
 
 __all__ = ["corpus_windows", "stream_residual", "str_tokens_of", "StopForward"]
 
@@ -63,16 +63,21 @@ def corpus_windows(
             )
         return toks
     seq_len = int(min(seq_len, model.cfg.n_ctx))
-    total = int(token_stream(model, corpus).numel())
+    stream = token_stream(model, corpus)  # tokenized once (the embedded corpus is cached)
+    total = int(stream.numel())
     if min_tokens is not None and total < min_tokens:
         raise ValueError(
             f"{what} needs at least {min_tokens} tokens but the corpus has only {total}. "
             "Pass a larger corpus (a folder of text files, a JSONL file, or the embedded corpus)."
         )
+    if total == 0:
+        raise ValueError("The corpus holds no tokens.")
     seq_len = min(seq_len, total)
-    available = total // seq_len
-    n_windows = max(1, min(available, -(-int(n_tokens) // seq_len)))
-    return token_windows(model, corpus, seq_len=seq_len, n_windows=n_windows, shuffle=True, seed=seed)
+    n_windows = max(1, min(total // seq_len, -(-int(n_tokens) // seq_len)))
+    # the same windows as token_windows(model, corpus, seq_len=, n_windows=, shuffle=True, seed=)
+    windows = stream.unfold(0, seq_len, seq_len)
+    order = torch.randperm(windows.shape[0], generator=torch.Generator().manual_seed(seed))
+    return windows[order[:n_windows]].contiguous()
 
 
 def stream_residual(
