@@ -45,3 +45,23 @@ def test_bad_report_input(tiny_llama):
         report(tiny_llama, "")
     with pytest.raises(ValueError, match="Unknown report sections"):
         report(tiny_llama, "abc", sections=["nope"])
+
+
+def test_sections_share_one_forward_pass(tiny_llama, temp_sections):
+    """Every section reads the shared capture: the model runs once for the whole report."""
+    from tlmicroscope.lenses import prediction_trajectory
+
+    @register_section("second_reader", "Second reader", needs=("resid", "mlp_out"))
+    def _second(ctx):
+        assert "blocks.2.hook_mlp_out" in ctx.cache
+        traj = prediction_trajectory(ctx.cache, ctx.tokens, logits=ctx.logits)
+        return Section([f"<p>{float(traj.kl.mean()):.3f}</p>"])
+
+    calls = []
+    tiny_llama.add_hook("blocks.0.hook_resid_pre", lambda act, hook: calls.append(1), is_permanent=True)
+    try:
+        rep = report(tiny_llama, "shared pass", sections=["trajectory", "logit_lens_table", "second_reader"])
+    finally:
+        tiny_llama.reset_hooks(including_permanent=True)
+    assert rep.rendered == ["trajectory", "logit_lens_table", "second_reader"]
+    assert len(calls) == 1

@@ -52,13 +52,21 @@ class Section:
 
 @dataclass
 class ReportContext:
-    """Shared state for section builders: the model, the text, and memoised results."""
+    """Shared state for section builders: the model, the text, one shared capture, memoised results.
+
+    Before any section runs, the report makes **one** forward pass that captures the union of the
+    sites every chosen section declared in ``needs`` (plus the logits). Sections read it as
+    ``ctx.cache``, an ``ActivationCache`` with the standard hook names, so any analysis that takes
+    ``model_or_cache`` runs on it without another forward pass; ``ctx.logits`` holds the output.
+    """
 
     model: Any
     text: str
     tokens: Any
     lens: Any = None
     settings: dict[str, Any] = field(default_factory=dict)
+    cache: Any = None
+    logits: Any = None
     _memo: dict[str, Any] = field(default_factory=dict)
 
     def memo(self, key: str, compute: Callable[[], Any]) -> Any:
@@ -68,22 +76,42 @@ class ReportContext:
         return self._memo[key]
 
 
+def _shared_capture(model: Any, tokens: Any, sites: Sequence[str]) -> tuple[Any, Any]:
+    """One forward pass capturing ``sites`` for every layer, as an ``ActivationCache`` and logits."""
+    from transformer_lens import ActivationCache
+
+    from tlmicroscope.capture import capture
+
+    cap = capture(model, tokens, sites=tuple(sites), return_logits=True)
+    entries: dict[str, Any] = {}
+    for site in cap.activations:
+        for i, name in enumerate(cap.hook_names[site]):
+            entries[name] = cap.activations[site][i]
+    return ActivationCache(entries, model), cap.logits
+
+
 @dataclass(frozen=True)
 class _Spec:
     name: str
     title: str
     build: Callable[[ReportContext], Section]
     default: bool
+    needs: tuple[str, ...] = ()
 
 
 _SECTIONS: dict[str, _Spec] = {}
 
 
-def register_section(name: str, title: str, *, default: bool = True):
-    """Register a section builder ``f(ctx) -> Section`` under ``name``; order of registration is page order."""
+def register_section(name: str, title: str, *, default: bool = True, needs: Sequence[str] = ()):
+    """Register a section builder ``f(ctx) -> Section`` under ``name``; registration order is page order.
+
+    ``needs`` names the capture sites (``tlmicroscope.capture`` names: ``"resid"``, ``"attn_out"``,
+    ``"mlp_out"``, ...) the section reads from ``ctx.cache``; the report captures the union of
+    all chosen sections' needs in one forward pass.
+    """
 
     def deco(fn: Callable[[ReportContext], Section]) -> Callable[[ReportContext], Section]:
-        _SECTIONS[name] = _Spec(name, title, fn, default)
+        _SECTIONS[name] = _Spec(name, title, fn, default, tuple(needs))
         return fn
 
     return deco
@@ -147,6 +175,9 @@ def report_steps(
     if unknown:
         raise ValueError(f"Unknown report sections {unknown}; available: {list(_SECTIONS)}.")
     ctx = ReportContext(model=model, text=text, tokens=tokens, lens=lens, settings=dict(settings))
+    needs = sorted({site for n in names for site in _SECTIONS[n].needs})
+    if needs:
+        ctx.cache, ctx.logits = _shared_capture(model, tokens, needs)
     processed = "processed (fold_ln/centring)" if _compat.weights_processed(model) else "unprocessed"
     intro = (
         f"Model <b>{escape(_compat.model_label(model))}</b> ({escape(type(model).__name__)}, "

@@ -132,3 +132,16 @@ def test_to_dataframe_rows(tiny_llama):
     row = df[(df.layer == 1) & (df.position == 2)].iloc[0]
     assert row.kl == pytest.approx(float(traj.kl[1, 0, 2]))
     assert row.top1 == traj.top_strings[1, 0, 2, 0]
+
+
+def test_cache_with_logits_checks_the_identity_and_matches(tiny_gpt2):
+    toks = to_tokens(tiny_gpt2, "Logits ride along.")
+    n = tiny_gpt2.cfg.n_layers
+    names = [f"blocks.{i}.hook_resid_pre" for i in range(n)] + [f"blocks.{n - 1}.hook_resid_post"]
+    logits, cache = tiny_gpt2.run_with_cache(toks, names_filter=names)
+    from_cache = prediction_trajectory(cache, toks, logits=logits)
+    from_model = prediction_trajectory(tiny_gpt2, toks)
+    assert from_cache.provenance.settings["readout_identity_checked"] is True
+    torch.testing.assert_close(from_cache.kl, from_model.kl, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="logits have shape"):
+        prediction_trajectory(cache, toks, logits=logits[:, :-1])

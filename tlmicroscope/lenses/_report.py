@@ -9,11 +9,17 @@ from tlmicroscope.report import ReportContext, Section, register_section
 from tlmicroscope.viz.lens import logit_lens_table, trajectory_heatmap, trajectory_tokens
 
 
+def _trajectory_of(ctx: ReportContext, lens: Any, top_k: int) -> Any:
+    """A trajectory from the report's shared capture when it has the residual stream."""
+    if ctx.cache is not None and "blocks.0.hook_resid_pre" in ctx.cache:
+        return prediction_trajectory(ctx.cache, ctx.tokens, lens=lens, top_k=top_k, logits=ctx.logits)
+    return prediction_trajectory(ctx.model, ctx.tokens, lens=lens, top_k=top_k)
+
+
 def logit_trajectory(ctx: ReportContext) -> Any:
     """The logit-lens trajectory of the report's text, computed once per report."""
     return ctx.memo(
-        "trajectory:logit",
-        lambda: prediction_trajectory(ctx.model, ctx.tokens, top_k=int(ctx.settings.get("top_k", 10))),
+        "trajectory:logit", lambda: _trajectory_of(ctx, None, int(ctx.settings.get("top_k", 10)))
     )
 
 
@@ -23,13 +29,11 @@ def lens_trajectory(ctx: ReportContext) -> Any:
         return None
     return ctx.memo(
         f"trajectory:{ctx.lens.name}",
-        lambda: prediction_trajectory(
-            ctx.model, ctx.tokens, lens=ctx.lens, top_k=int(ctx.settings.get("top_k", 10))
-        ),
+        lambda: _trajectory_of(ctx, ctx.lens, int(ctx.settings.get("top_k", 10))),
     )
 
 
-@register_section("trajectory", "Prediction trajectories")
+@register_section("trajectory", "Prediction trajectories", needs=("resid",))
 def _trajectory(ctx: ReportContext) -> Section:
     traj = logit_trajectory(ctx)
     items: list[Any] = []
@@ -51,11 +55,11 @@ def _trajectory(ctx: ReportContext) -> Section:
     return Section(items, caption)
 
 
-@register_section("logit_lens_table", "Logit lens, LLM-Microscope style")
+@register_section("logit_lens_table", "Logit lens, LLM-Microscope style", needs=("resid",))
 def _logit_lens_table(ctx: ReportContext) -> Section:
     traj = ctx.memo(
         "trajectory:logit-paper",
-        lambda: prediction_trajectory(ctx.model, ctx.tokens, lens="logit-paper", top_k=1),
+        lambda: _trajectory_of(ctx, "logit-paper", 1),
     )
     positions = None if traj.tokens.shape[1] <= 64 else slice(-64, None)
     caption = (

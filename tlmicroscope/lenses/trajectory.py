@@ -233,6 +233,7 @@ def prediction_trajectory(
     prepend_bos: bool | None = None,
     truncate: bool = False,
     chunk_size: int | None = None,
+    logits: torch.Tensor | None = None,
 ) -> PredictionTrajectory:
     """Read every layer's prediction at every position through a lens, with its statistics.
 
@@ -245,6 +246,8 @@ def prediction_trajectory(
         layers: Residual indices in 0..n_layers (default all); n_layers is the model's output.
         top_k: How many top tokens to keep per cell.
         chunk_size: Rows (positions) read out together (default 512); smaller saves memory.
+        logits: With a cache, the model's logits for the same tokens: they serve as the output
+            layer and let the readout identity be checked (otherwise the output is re-read).
 
     Returns:
         A ``PredictionTrajectory``.
@@ -282,7 +285,10 @@ def prediction_trajectory(
     flat = resid.reshape(len(needed), n_rows, -1)
     readout = Readout(model)
 
-    final_logits = None if cap.logits is None else cap.logits.reshape(n_rows, -1)
+    given = cap.logits if cap.logits is not None else logits
+    if given is not None and tuple(given.shape[:2]) != (batch, n_pos):
+        raise ValueError(f"logits have shape {tuple(given.shape)}, but the tokens are {batch} x {n_pos}.")
+    final_logits = None if given is None else given.reshape(n_rows, -1)
     identity_diff = None
     if final_logits is not None:
         probe = slice(max(0, n_rows - 8), n_rows)
