@@ -104,3 +104,16 @@ def test_next_token_target_and_bad_targets(tiny_llama):
     _, partial = tiny_llama.run_with_cache(toks, names_filter=["hook_embed"])
     with pytest.raises(ValueError, match="lacks"):
         component_attribution(partial, toks)
+
+
+def test_tuned_lens_through_the_shared_readout(tiny_llama):
+    from tlmicroscope.lenses.tuned import TunedLens
+
+    lens = TunedLens.for_model(tiny_llama)
+    with torch.no_grad():
+        lens.weight.add_(0.05 * torch.randn_like(lens.weight))
+        lens.bias.add_(0.05 * torch.randn_like(lens.bias))
+    text = "A tuned lens reads this."
+    lc = layer_contributions(tiny_llama, text, lens=lens)
+    expected = _brute_force_losses(tiny_llama, text, lambda h, layer: lens.transform(h, layer))
+    assert torch.allclose(lc.loss[:, 0, :-1], expected, atol=1e-4)
