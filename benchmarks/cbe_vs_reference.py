@@ -121,7 +121,7 @@ def main() -> int:
         return 0
 
     python = ensure_reference_venv()
-    with tempfile.TemporaryDirectory(dir=HERE) as tmp:
+    with tempfile.TemporaryDirectory(prefix="cbe-bench-") as tmp:
         work = Path(tmp)
         model_dir = export_hf_folder(work / "smollm2-135m-hf")
         torch.save(hidden, work / "hidden.pt")
