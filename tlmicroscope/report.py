@@ -124,6 +124,7 @@ def available_sections() -> list[str]:
 
 # Modules that register report sections when imported; each analysis package adds its own.
 _SECTION_MODULES = ["tlmicroscope.lenses._report"]
+_SECTION_MODULES.append("tlmicroscope.geometry._token_report")
 
 
 def _load_builtin_sections() -> None:

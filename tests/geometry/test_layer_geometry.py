@@ -128,3 +128,34 @@ def test_hooks_are_removed_when_a_layer_fails(tiny_llama, monkeypatch):
         torch.testing.assert_close(tiny_llama(toks), before)  # no hook left behind
     geo = lg.layer_geometry(tiny_llama, toks)
     assert torch.isfinite(geo.gride[1:, 0]).all()
+
+
+def test_cache_with_the_models_logits(tiny_llama):
+    """With the logits of the cached run, entropy and loss come from them, not from a readout."""
+    toks = _tokens(seed=4)
+    names = residual_stream_names(tiny_llama.cfg.n_layers)
+    with torch.no_grad():
+        logits, cache = tiny_llama.run_with_cache(toks, names_filter=names)
+    geo = layer_geometry(cache, toks, output_logits=logits)
+    logp = torch.log_softmax(logits[0].double(), -1)
+    assert geo.contextual_entropy == pytest.approx(
+        float(-(logp.exp() * logp).sum(-1).mean()), abs=1e-9
+    )
+    nll = -logp[:-1].gather(1, toks[0, 1:, None]).mean()
+    assert geo.loss == pytest.approx(float(nll), abs=1e-9)
+    # the given logits are used as they are (a sharper copy has a lower entropy)
+    doubled = layer_geometry(cache, toks, output_logits=2 * logits)
+    assert doubled.contextual_entropy < geo.contextual_entropy
+    torch.testing.assert_close(doubled.gride, geo.gride, equal_nan=True)
+    with pytest.raises(ValueError, match="output_logits must be the"):
+        layer_geometry(cache, toks, output_logits=logits[:, :-1])
+
+
+def test_too_few_tokens_for_the_overlap(tiny_llama):
+    from tlmicroscope.geometry.layer_geometry import min_tokens
+
+    with pytest.raises(ValueError, match="overlap at k=6 needs at least 7 tokens"):
+        layer_geometry(tiny_llama, _tokens(5))
+    assert min_tokens(overlap_k=(1, 2, 3, 4)) == 5
+    geo = layer_geometry(tiny_llama, _tokens(5), overlap_k=(1, 2, 3, 4))
+    assert geo.overlap.shape == (tiny_llama.cfg.n_layers, 4)

@@ -43,7 +43,7 @@ from tlmicroscope.lenses.readout import Readout
 from tlmicroscope.models import _compat
 from tlmicroscope.results import Provenance
 
-__all__ = ["LayerGeometry", "cloud_geometry", "layer_geometry"]
+__all__ = ["LayerGeometry", "cloud_geometry", "layer_geometry", "min_tokens"]
 
 _NAN = float("nan")
 
@@ -276,6 +276,21 @@ def _entropy_and_loss(z: torch.Tensor, tokens: torch.Tensor | None) -> tuple[flo
     return ent / n, loss
 
 
+def min_tokens(max_scale: int | None = None, overlap_k: Sequence[int] = (1, 2, 3, 4, 5, 6)) -> int:
+    """The fewest tokens ``layer_geometry`` accepts with these settings.
+
+    TwoNN and GRIDE at n2 = 2 need 3 points, GRIDE at ``max_scale`` needs ``max_scale + 1`` and
+    the overlap at the largest k needs k + 1. (Every layer also needs 3 distinct token vectors;
+    the paper's authors trust token-cloud IDs from about 500 tokens.)
+
+    Examples:
+        >>> min_tokens(), min_tokens(max_scale=16), min_tokens(overlap_k=(1, 2))
+        (7, 17, 3)
+    """
+    ks = [int(k) for k in overlap_k]
+    return max(3, max(ks, default=0) + 1, 0 if max_scale is None else int(max_scale) + 1)
+
+
 def layer_geometry(
     model_or_cache: Any,
     tokens: TextOrTokens | None = None,
@@ -286,6 +301,7 @@ def layer_geometry(
     fraction: float = 0.9,
     final_norm: bool = True,
     logits: bool = True,
+    output_logits: Float[torch.Tensor, "batch pos d_vocab"] | None = None,
     prepend_bos: bool | None = False,
     truncate: bool = False,
 ) -> LayerGeometry:
@@ -305,12 +321,18 @@ def layer_geometry(
         final_norm: Apply the model's final norm to the last layer, as Hugging Face's
             ``hidden_states[L]`` (the paper's setting); ``False`` keeps the raw residual.
         logits: Also compute the logits' ID and the contextual entropy.
+        output_logits: With a cache, the model's logits from the same run (``[1 pos d_vocab]``
+            or ``[pos d_vocab]``, e.g. what ``run_with_cache`` returned) for the contextual
+            entropy and the loss; without them they are read out of the last residual.
+            Ignored for a model input, whose own forward pass gives them.
         prepend_bos: BOS policy for text; the paper uses no BOS (default ``False``).
         truncate: Keep the first ``n_ctx`` tokens of a longer text.
 
     Raises:
-        ValueError: a batch of several prompts, too few distinct tokens for ``max_scale`` (the
-            message names the minimum), NaN activations, or a cache missing a residual hook.
+        ValueError: a batch of several prompts, too few tokens for ``max_scale`` or the largest
+            ``overlap_k`` (the message names the minimum; see ``min_tokens``), too few distinct
+            token vectors in a layer, NaN activations, a cache missing a residual hook, or
+            ``output_logits`` of the wrong shape.
 
     Examples:
         >>> from tlmicroscope.models import tiny_model
@@ -354,6 +376,21 @@ def layer_geometry(
         raise ValueError(
             f"The intrinsic dimension needs a prompt of at least 3 tokens, got {n_pos}."
         )
+    if n_pos < kmax + 1:
+        raise ValueError(
+            f"The neighbourhood overlap at k={kmax} needs at least {kmax + 1} tokens, but the prompt "
+            f"has {n_pos}. Use a longer prompt or overlap_k up to {n_pos - 1}."
+        )
+    if output_logits is not None and cache is not None:
+        z_out = output_logits.detach()
+        z_out = z_out[0] if z_out.ndim == 3 and z_out.shape[0] == 1 else z_out
+        if z_out.ndim != 2 or tuple(z_out.shape) != (n_pos, model.cfg.d_vocab):
+            raise ValueError(
+                f"output_logits must be the [1 {n_pos} {model.cfg.d_vocab}] logits of the cached "
+                f"run, got shape {tuple(output_logits.shape)}."
+            )
+    else:
+        z_out = None
     scales = gride_scales(max_scale, n_pos)
     readout = Readout(model)
     stats: dict[int, _CloudStats] = {}
@@ -396,6 +433,8 @@ def layer_geometry(
     if logits or (toks is not None and model_logits is not None):
         if model_logits is not None:
             z = model_logits[0]
+        elif z_out is not None:
+            z = z_out
         else:  # a cache holds no logits: read them out of the last residual
             z = readout(state["h_last"].to(readout.W.dtype))
         entropy, loss = _entropy_and_loss(z, None if toks is None else toks[0])
