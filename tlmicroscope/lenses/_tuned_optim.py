@@ -70,7 +70,8 @@ class Muon(torch.optim.Optimizer):
                 buf = state["momentum_buffer"]
                 buf.mul_(group["momentum"]).add_(p.grad)
                 update = p.grad.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
-                ortho = orthogonalize(update.float(), group["ns_steps"]).to(p.dtype)
+                # bfloat16 iterations, as Muon's authors run them: the map is built to tolerate it
+                ortho = orthogonalize(update.to(torch.bfloat16), group["ns_steps"]).to(p.dtype)
                 scale = max(1.0, p.shape[-2] / p.shape[-1]) ** 0.5
                 if group["weight_decay"]:
                     p.mul_(1 - group["lr"] * group["weight_decay"])
@@ -96,7 +97,7 @@ class Recipe:
 #: ``adam`` is the reference's Adam option (amsgrad, lr 1e-3) with its warmup actually applied.
 RECIPES: dict[str, Recipe] = {
     "sgd": Recipe("sgd", 0.1, 0.1, 1e-3, 0.9, "SGD + Nesterov 0.9, lr 0.1, wd 1e-3 (reference)"),
-    "muon": Recipe("muon", 0.01, 0.01, 0.01, 0.9, "Muon on matrices + AdamW on biases (PR #141)"),
+    "muon": Recipe("muon", 0.03, 0.01, 0.01, 0.9, "Muon on matrices + AdamW on biases (PR #141)"),
     "adam": Recipe("adam", 1e-3, 1e-3, 0.0, 0.9, "Adam (amsgrad), lr 1e-3"),
 }
 

@@ -103,7 +103,7 @@ class TrainConfig:
     """
 
     steps: int = 40
-    tokens_per_step: int = 1024
+    tokens_per_step: int = 512
     seq_len: int = 256
     recipe: Literal["muon", "sgd", "adam"] = "muon"
     lr: float | None = None
@@ -113,7 +113,7 @@ class TrainConfig:
     warmup_steps: int = 0
     clip_grad_norm: float | None = 1.0
     init: Literal["zero", "lstsq"] = "lstsq"
-    init_tokens: int = 16384
+    init_tokens: int = 8192
     ridge: float = 1e-3
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     micro_batch_tokens: int = 512
