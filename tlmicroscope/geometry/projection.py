@@ -97,13 +97,20 @@ class LatentPCA:
                 "or ask for fewer components."
             )
         count, mean, scatter = 0, torch.zeros(d, dtype=torch.float64), torch.zeros(d, d, dtype=torch.float64)
-        for chunk in _chunks(x):
-            if not torch.isfinite(chunk).all():
-                raise ValueError("The activations contain NaN or infinite values; PCA cannot fit them.")
+        # One reused float32 buffer for the centred chunk: fresh large allocations page-fault.
+        scratch = torch.empty(min(_CHUNK, n), d)
+        for start in range(0, n, _CHUNK):
+            chunk = x[start:start + _CHUNK]
             m = chunk.shape[0]
-            c_mean = chunk.mean(0, dtype=torch.float64)
-            centred = chunk - c_mean.float()
-            c_scatter = (centred.T @ centred).double()
+            c_mean32 = chunk.float().mean(0) if chunk.dtype != torch.float32 else chunk.mean(0)
+            if not torch.isfinite(c_mean32).all():  # any NaN or inf in the chunk reaches its mean
+                raise ValueError("The activations contain NaN or infinite values; PCA cannot fit them.")
+            centred = torch.sub(chunk, c_mean32, out=scratch[:m])
+            # The float32 mean is slightly off for large offsets; take what it missed from the
+            # (now small) centred values and move the scatter to the exact chunk mean.
+            missed = centred.mean(0).double()
+            c_mean = c_mean32.double() + missed
+            c_scatter = torch.mm(centred.T, centred).double() - m * torch.outer(missed, missed)
             # Chan et al.'s pairwise update: combines centred moments without cancellation.
             delta = c_mean - mean
             total = count + m
