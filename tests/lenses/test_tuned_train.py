@@ -43,13 +43,14 @@ def test_objective_gradients_match_autograd(tiny):
     logq = torch.log_softmax(tiny.unembed(tiny.ln_final(h + h @ W.T + b)), -1)
     logp = torch.log_softmax(final_logits, -1)
     loss = (logp.exp() * (logp - logq)).sum()
-    loss.backward()
+    # autograd.grad, not backward(): the session-wide model's parameters must not collect .grad
+    W_grad, b_grad = torch.autograd.grad(loss, [W, b])
     obj = LensObjective(readout, chunk_rows=8)
     kl, gW, gb = obj.layer_loss_and_grads(h, W.detach(), b.detach(),
                                           FinalDistribution.from_logits(final_logits), grad_scale=0.5)
     torch.testing.assert_close(kl, loss.detach(), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(gW, 0.5 * W.grad, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(gb, 0.5 * b.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(gW, 0.5 * W_grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(gb, 0.5 * b_grad, rtol=1e-4, atol=1e-6)
     # bfloat16 GEMMs: same loss to about 1e-2 relative
     kl16, gW16, _ = LensObjective(readout, compute_dtype=torch.bfloat16).layer_loss_and_grads(
         h, W.detach(), b.detach(), FinalDistribution.from_logits(final_logits), grad_scale=0.5)
