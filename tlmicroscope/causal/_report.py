@@ -1,0 +1,1 @@
+"""Report sections: causal basis energies."""

@@ -1,0 +1,1 @@
+"""Report sections: latent projections and the norm profile."""
