@@ -123,8 +123,15 @@ def available_sections() -> list[str]:
 
 
 # Modules that register report sections when imported; each analysis package adds its own.
-_SECTION_MODULES = ["tlmicroscope.lenses._report"]
-_SECTION_MODULES.append("tlmicroscope.geometry._token_report")
+# Page order: trajectories, LLM-Microscope panels, token geometry, latent projections and norm
+# profile, causal basis energies.
+_SECTION_MODULES = [
+    "tlmicroscope.lenses._report",
+    "tlmicroscope.microscope._report",
+    "tlmicroscope.geometry._token_report",
+    "tlmicroscope.geometry._latent_report",
+    "tlmicroscope.causal._report",
+]
 
 
 def _load_builtin_sections() -> None:
