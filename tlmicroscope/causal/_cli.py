@@ -26,7 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also measure stimulus-response alignment with N treated positions per layer "
                         "(all layers; the lens and the logit lens)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out-dir", default="out/cbe")
+    p.add_argument("--out-dir", default=None,
+                   help="output folder (default out/cbe-<model>-<lens>/, where the report's causal "
+                        "basis section looks for the basis)")
     add_model_args(p)
     p.set_defaults(func=_cbe)
 
@@ -55,14 +57,15 @@ def _lens(spec: str | None, model):
 
 def _cbe(args: argparse.Namespace) -> int:
     from tlmicroscope.causal import causal_fidelity, extract_causal_basis, stimulus_response_alignment
+    from tlmicroscope.causal.basis import default_cbe_dir
     from tlmicroscope.corpus import token_windows
     from tlmicroscope.lenses import resolve_lens
     from tlmicroscope.viz import HtmlPage
     from tlmicroscope.viz.causal import cbe_energy_figure, fidelity_scatter, stimulus_response_figure
 
-    out = Path(args.out_dir)
     model = load_from_args(args)
     lens = resolve_lens(_lens(args.lens, model))
+    out = Path(args.out_dir) if args.out_dir else default_cbe_dir(model, lens)
     layer = model.cfg.n_layers // 2 if args.layer is None else args.layer
     seq_len = min(args.seq_len, model.cfg.n_ctx)
     n_extract = max(1, -(-args.n_tokens // seq_len))

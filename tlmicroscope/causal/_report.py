@@ -1,1 +1,158 @@
-"""Report sections: causal basis energies."""
+"""Report section: causal basis energies of the report's lens.
+
+Causal basis extraction is training-like (L-BFGS over thousands of corpus tokens), so this section
+never extracts a basis. It loads the one ``tlmicroscope cbe`` saved at the default location,
+``default_cbe_dir(model, lens) / "basis"`` (``out/cbe-<model>-<lens>/basis``, beside the default
+tuned-lens folder ``out/tuned-lens-<model>/``), or the folder given by the report setting
+``causal_basis``. It shows
+
+* the basis's energies (the expected KL of the lens when each direction is mean/zero/resample
+  ablated, measured on the extraction corpus), and
+* each direction's lens influence on the report's own text: the same KL, with the basis's mode
+  and mean, on this text's hidden states at the basis's layer. These come from the report's shared
+  capture (``needs=("resid",)``), so the section makes no forward pass of its own.
+
+Without a lens, a saved basis, or with a basis made for another model or another lens, the section
+is shown as missing with the command that extracts the right one.
+
+Examples:
+    >>> from tlmicroscope.models import tiny_model
+    >>> from tlmicroscope.report import report
+    >>> rep = report(tiny_model(n_layers=2), "hello there", sections=["causal_basis"])
+    >>> rep.missing["causal_basis"][:44]
+    'The causal basis energies are shown for the '
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tlmicroscope.causal.basis import CausalBasis, default_cbe_dir, lens_digest
+from tlmicroscope.report import MissingPrerequisite, ReportContext, Section, register_section
+
+__all__ = ["default_basis_path", "text_lens_influence"]
+
+
+def default_basis_path(model: Any, lens: Any, root: str | Path = "out") -> Path:
+    """The folder the section loads a ``CausalBasis`` from: ``out/cbe-<model>-<lens>/basis``."""
+    return default_cbe_dir(model, lens, root=root) / "basis"
+
+
+def _model_arg(model: Any) -> str:
+    """The ``--model`` value that loads this model again (the embedded and the default tiny models
+    by their short names, others by their label)."""
+    from tlmicroscope.models import _compat
+    from tlmicroscope.models.embedded import EMBEDDED_HF_NAME, EMBEDDED_NAMES
+    from tlmicroscope.models.loading import TINY_NAMES
+
+    label = _compat.model_label(model)
+    if label == EMBEDDED_HF_NAME or label.lower() in EMBEDDED_NAMES:
+        return EMBEDDED_NAMES[0]
+    for name in TINY_NAMES:
+        if label == f"{name}-L3-d32-s0":  # what load_model(name) builds
+            return name
+    return label
+
+
+def _extract_command(model: Any, lens_name: str, out_dir: Path) -> str:
+    """The ``tlmicroscope cbe`` command that writes the basis this section looks for (a trained
+    lens is assumed to be in the default ``train-lens`` folder)."""
+    from tlmicroscope.lenses.train import default_lens_dir
+    from tlmicroscope.models import _compat
+
+    lens_arg = lens_name if lens_name in ("logit", "logit-paper") else str(default_lens_dir(model))
+    parts = ["tlmicroscope", "cbe", "--model", _model_arg(model), "--lens", lens_arg, "--k", "10",
+             "--out-dir", str(out_dir)]
+    if _compat.weights_processed(model):
+        parts.append("--process-weights")
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def _load_basis(ctx: ReportContext, lens: Any) -> tuple[CausalBasis, Path]:
+    from tlmicroscope.io import FittedFileError
+
+    given = ctx.settings.get("causal_basis")
+    path = Path(given) if given else default_basis_path(ctx.model, lens)
+    out_dir = path.parent if path.name == "basis" else path
+    fix = _extract_command(ctx.model, lens.name, out_dir)
+    if not (path / "config.json").is_file():
+        raise MissingPrerequisite(
+            f"No causal basis is saved at {path} for the {lens.name} lens. Extracting one runs "
+            "L-BFGS over a corpus (a few minutes), which a report never does.", fix=fix)
+    try:
+        basis = CausalBasis.load(path, ctx.model)
+    except (ValueError, FittedFileError) as exc:  # saved for another model, or corrupt
+        raise MissingPrerequisite(f"The causal basis at {path} cannot be used here: {exc}", fix=fix) from None
+    if basis.lens != lens.name:
+        raise MissingPrerequisite(
+            f"The causal basis at {path} was extracted through the {basis.lens} lens, but this report's "
+            f"lens is {lens.name}.", fix=fix)
+    saved_digest = (basis.provenance.settings.get("lens_digest") if basis.provenance else None)
+    if saved_digest is not None and saved_digest != lens_digest(lens):
+        raise MissingPrerequisite(
+            f"The causal basis at {path} was extracted through another {lens.name} lens (its "
+            f"fingerprint {saved_digest} differs from this lens's {lens_digest(lens)}); re-extract it.",
+            fix=fix)
+    return basis, path
+
+
+def text_lens_influence(basis: CausalBasis, lens: Any, model: Any, hidden: torch.Tensor,
+                        *, seed: int = 0) -> torch.Tensor:
+    """``[k]`` KL (nats) of the lens's prediction on ``hidden`` (``[N d_model]`` rows at the basis's
+    layer) when each direction is ablated with the basis's mode and mean."""
+    from tlmicroscope.causal._lens_ablation import LensAblationObjective
+    from tlmicroscope.causal.ablation import derangement
+    from tlmicroscope.lenses.readout import Readout
+
+    h = hidden.reshape(-1, basis.d_model).float()
+    donors = derangement(h.shape[0], seed=seed) if basis.mode == "resample" else None
+    objective = LensAblationObjective(Readout(model), lens, basis.layer, h, basis.mode,
+                                      mean=basis.mean.float(), donors=donors)
+    with torch.no_grad():
+        return torch.tensor([float(objective.energy(basis.vectors[:, j].float())) for j in range(basis.k)])
+
+
+@register_section("causal_basis", "Causal basis energies", needs=("resid",))
+def _causal_basis(ctx: ReportContext) -> Section:
+    from scipy.stats import spearmanr
+
+    from tlmicroscope.lenses.base import resolve_lens
+    from tlmicroscope.lenses.train import default_lens_dir
+    from tlmicroscope.viz.causal import cbe_energy_figure, cbe_text_influence_figure
+
+    if ctx.lens is None:
+        lens_dir = default_lens_dir(ctx.model)
+        raise MissingPrerequisite(
+            "The causal basis energies are shown for the report's lens, and this report has none. "
+            "Train a tuned lens, extract its causal basis, and pass the lens to the report.",
+            fix=(f"tlmicroscope train-lens --model {shlex.quote(_model_arg(ctx.model))} && "
+                 f"{_extract_command(ctx.model, 'tuned', default_cbe_dir(ctx.model, 'tuned'))} && "
+                 f"tlmicroscope report --lens {shlex.quote(str(lens_dir))} --text-file TEXT.txt"))
+    lens = resolve_lens(ctx.lens)
+    basis, path = _load_basis(ctx, lens)
+
+    items: list[Any] = [cbe_energy_figure(basis)]
+    n_conv = int(basis.converged.sum())
+    caption = (
+        (basis.provenance.describe() if basis.provenance else f"lens {basis.lens}")
+        + f" | Loaded from {path}: {basis.k} directions at blocks.{basis.layer}.hook_resid_pre, "
+        f"{basis.mode} ablation, extracted on {basis.n_tokens} tokens; {n_conv}/{basis.k} converged "
+        "(orange bars did not, their energies are lower bounds)."
+    )
+    hook = basis.hook_name
+    resample_too_short = basis.mode == "resample" and int(ctx.tokens.numel()) < 2
+    if ctx.cache is not None and hook in ctx.cache and not resample_too_short:
+        seed = int(ctx.settings.get("seed", 0))
+        influence = ctx.memo(f"causal_basis:influence:{path}",
+                             lambda: text_lens_influence(basis, lens, ctx.model, ctx.cache[hook], seed=seed))
+        items.append(cbe_text_influence_figure(basis, influence))
+        caption += (f" The second chart ablates each direction on this text's {int(ctx.tokens.shape[-1])} "
+                    "tokens (same layer, mode and mean), from the report's shared capture.")
+        if basis.k >= 3 and float(influence.std()) > 0:
+            rho = float(spearmanr(basis.energies.numpy(), influence.numpy()).statistic)
+            caption += f" Spearman ρ between the corpus energies and this text's influences: {rho:.2f}."
+    return Section(items, caption)

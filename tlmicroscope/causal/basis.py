@@ -29,9 +29,44 @@ from tlmicroscope.lenses.base import resolve_lens
 from tlmicroscope.lenses.readout import Readout
 from tlmicroscope.results import Provenance
 
-__all__ = ["CausalBasis", "CBEConvergenceWarning", "CBEConvergenceError", "extract_causal_basis"]
+__all__ = ["CausalBasis", "CBEConvergenceWarning", "CBEConvergenceError", "extract_causal_basis",
+           "default_cbe_dir", "lens_digest"]
 
 _KIND = "causal_basis"
+
+
+def default_cbe_dir(model_or_name: Any, lens: Any = "logit", root: str | Path = "out") -> Path:
+    """Where ``tlmicroscope cbe`` writes by default: ``out/cbe-<model>-<lens>/`` (the basis in its
+    ``basis/`` subfolder), beside the default tuned-lens folder ``out/tuned-lens-<model>/``.
+
+    The report's "causal basis energies" section looks for a saved basis there.
+
+    Examples:
+        >>> default_cbe_dir("smollm2-135m", "tuned").as_posix()
+        'out/cbe-smollm2-135m-tuned'
+    """
+    from tlmicroscope.lenses.train import default_lens_dir
+
+    slug = default_lens_dir(model_or_name, root=root).name.removeprefix("tuned-lens-")
+    name = lens if isinstance(lens, str) else str(getattr(lens, "name", type(lens).__name__))
+    name = "".join(c if c.isalnum() or c in "-_." else "-" for c in name.lower())
+    return Path(root) / f"cbe-{slug}-{name}"
+
+
+def lens_digest(lens: Any) -> str:
+    """A short fingerprint of a lens: its name, plus a hash of its tensors for a trained lens.
+
+    A saved basis records it (``provenance.settings["lens_digest"]``) so a report can tell whether
+    the basis was extracted through the very lens it shows.
+    """
+    import hashlib
+
+    h = hashlib.sha256(f"{getattr(lens, 'name', type(lens).__name__)}|{getattr(lens, 'final_norm', True)}".encode())
+    state = lens.state_dict() if isinstance(lens, torch.nn.Module) else {}
+    for key in sorted(state):
+        h.update(key.encode())
+        h.update(state[key].detach().cpu().contiguous().float().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 class CBEConvergenceWarning(UserWarning):
@@ -290,7 +325,8 @@ def extract_causal_basis(
         layer=layer, mode=mode, converged=converged[order], n_evals=n_evals[order], n_tokens=n,
         lens=lens.name, model_fingerprint=model_fingerprint(model),
         provenance=Provenance.from_model(model, lens=lens, layer=layer, k=k, mode=mode, max_iter=max_iter,
-                                         tol=tol, n_tokens=n, seed=seed, method="cbe-lbfgs"),
+                                         tol=tol, n_tokens=n, seed=seed, method="cbe-lbfgs",
+                                         lens_digest=lens_digest(lens)),
     )
     if not bool(converged.all()) and on_nonconvergence != "ignore":
         bad = torch.nonzero(~converged).flatten().tolist()

@@ -11,6 +11,7 @@ from tlmicroscope.viz.html import CircuitsVisView
 
 __all__ = [
     "cbe_energy_figure",
+    "cbe_text_influence_figure",
     "fidelity_scatter",
     "stimulus_response_figure",
     "injection_auroc_figure",
@@ -55,6 +56,42 @@ def cbe_energy_figure(basis: Any, *, log_y: bool = True, title: str | None = Non
         template="plotly_white",
     )
     if log_y and (e > 0).all():
+        fig.update_yaxes(type="log")
+    return fig
+
+
+def cbe_text_influence_figure(basis: Any, influence: Any, *, log_y: bool = True, title: str | None = None):
+    """Each direction's energy on the extraction corpus beside its lens influence on one text.
+
+    ``influence`` is ``[k]`` nats: the lens's KL when the direction is ablated on the text's
+    hidden states (same layer, mode and mean as the basis).
+
+    Examples:
+        >>> import torch
+        >>> from types import SimpleNamespace
+        >>> b = SimpleNamespace(energies=torch.tensor([0.3, 0.1]), layer=4, lens="logit", mode="mean")
+        >>> fig = cbe_text_influence_figure(b, torch.tensor([0.2, 0.15]))
+        >>> [t.name for t in fig.data], [round(float(v), 2) for v in fig.data[1].y]
+        (['extraction corpus (saved energies)', 'this text'], [0.2, 0.15])
+    """
+    import plotly.graph_objects as go
+
+    e = basis.energies.double().numpy()
+    x = np.asarray(influence, dtype=float)
+    idx = list(range(len(e)))
+    fig = go.Figure([
+        go.Bar(x=idx, y=e, name="extraction corpus (saved energies)", marker_color="#1f77b4",
+               hovertemplate="direction %{x}<br>corpus %{y:.4g} nats<extra></extra>"),
+        go.Bar(x=idx, y=x, name="this text", marker_color="#d62728",
+               hovertemplate="direction %{x}<br>this text %{y:.4g} nats<extra></extra>"),
+    ])
+    fig.update_layout(
+        title=title or f"Lens influence of each direction at layer {basis.layer}: corpus vs this text "
+                       f"({basis.lens} lens, {basis.mode} ablation)",
+        xaxis_title="direction (by corpus energy)", yaxis_title="E[KL(lens ‖ ablated lens)] (nats)",
+        barmode="group", template="plotly_white", legend=dict(orientation="h", y=-0.2),
+    )
+    if log_y and (e > 0).all() and (x > 0).all():
         fig.update_yaxes(type="log")
     return fig
 
