@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ from jaxtyping import Float, Int
 from tqdm.auto import tqdm
 
 from tlmicroscope import io
+from tlmicroscope.capture import residual_stream_names
 from tlmicroscope.corpus import CorpusSource, token_stream
 from tlmicroscope.inputs import TextOrTokens, ensure_eval, resolve_input
 from tlmicroscope.microscope._forward import str_tokens_of
@@ -363,17 +365,24 @@ def contextualization(
     probe: ContextualizationProbe | str | Path | None = None,
     *,
     reduction: Literal["mean", "sum"] = "mean",
+    positions: slice | Sequence[int] | None = None,
     batch_size: int = 64,
     prepend_bos: bool | None = None,
     truncate: bool = False,
 ) -> Contextualization:
     """C_i for every token of a prompt with a fitted probe (or the folder of a saved one).
 
-    A cache is not enough here: the decoder runs the model again on each prefix, so pass the model
-    (an ``ActivationCache`` is accepted for its model and tokens).
+    With an ``ActivationCache`` holding the residual stream (h^1..h^L, as ``run_with_cache`` or
+    the report's shared capture gives), the examined states come from the cache; the decoder
+    still runs the model on each prefix (one short forward pass per decoded token).
+
+    Args:
+        positions: Decode only these positions (a slice or indices; default every position ≥ 1);
+            C is NaN elsewhere. Decoding costs about ``P`` tokens of forward pass per position,
+            so a long text is cheaper on a window of it.
 
     Raises:
-        ValueError: no probe, a probe for another model, an unknown reduction.
+        ValueError: no probe, a probe for another model, an unknown reduction, positions out of range.
 
     Examples:
         >>> from tlmicroscope.models import tiny_model
@@ -387,7 +396,7 @@ def contextualization(
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}.")
     resolved = resolve_input(model_or_cache, tokens, prepend_bos=prepend_bos, truncate=truncate)
-    model, toks = resolved.model, resolved.tokens
+    model, cache, toks = resolved.model, resolved.cache, resolved.tokens
     ensure_eval(model)
     if probe is None:
         raise ValueError("Pass a fitted ContextualizationProbe (or the folder of a saved one); train one with "
@@ -398,12 +407,14 @@ def contextualization(
         raise ValueError("This probe is not fitted: call .fit(model, corpus) or load a saved one.")
     io.check_fingerprint(probe.model_, model, what="This contextualization probe")
     batch, n_pos = toks.shape
+    wanted = _positions(positions, n_pos)
     C = torch.full((batch, n_pos), float("nan"))
     plen = torch.clamp(torch.arange(n_pos), max=probe.prefix_length).expand(batch, n_pos).clone()
     cpu_toks = toks.cpu()
+    states = list(range(1, int(model.cfg.n_layers) + 1))
     with torch.inference_mode():
-        H = examined_states(model, toks, list(range(1, int(model.cfg.n_layers) + 1)))
-        pairs = [(b, i) for b in range(batch) for i in range(1, n_pos)]
+        H = examined_states(model, toks, states) if cache is None else _cached_states(cache, model, states, toks)
+        pairs = [(b, i) for b in range(batch) for i in wanted]
         decoder = probe._decoder(model)
         for start in range(0, len(pairs), batch_size):
             chunk = pairs[start : start + batch_size]
@@ -415,6 +426,35 @@ def contextualization(
             C[b_idx, pos] = ce / mask.sum(1) if reduction == "mean" else ce
     plen[:, 0] = 0
     str_tokens = str_tokens_of(model, toks)
-    prov = Provenance.from_model(model, reduction=reduction, probe=repr(probe), **probe.settings())
+    decoded = "all" if positions is None else f"{len(wanted)} of {n_pos} ({wanted[0] if wanted else '-'}..{wanted[-1] if wanted else '-'})"
+    prov = Provenance.from_model(model, reduction=reduction, probe=repr(probe), positions=decoded, **probe.settings())
     return Contextualization(C=C, prefix_length=plen, tokens=cpu_toks, str_tokens=str_tokens,
                              reduction=reduction, provenance=prov)
+
+
+def _positions(positions: slice | Sequence[int] | None, n_pos: int) -> list[int]:
+    """The positions to decode (≥ 1, sorted, unique); position 0 has no prefix and is skipped."""
+    if positions is None:
+        return list(range(1, n_pos))
+    if isinstance(positions, slice):
+        idx = list(range(n_pos))[positions]
+    else:
+        idx = [int(i) for i in torch.as_tensor(positions).reshape(-1).tolist()]
+        bad = [i for i in idx if not -n_pos <= i < n_pos]
+        if bad:
+            raise ValueError(f"positions {bad[:3]} are outside the {n_pos} tokens of the text.")
+        idx = [i % n_pos for i in idx]
+    return sorted({i for i in idx if i >= 1})
+
+
+def _cached_states(cache: Any, model: Any, states: list[int], toks: torch.Tensor) -> torch.Tensor:
+    """h^1..h^L ``[batch pos layer d_model]`` from an ``ActivationCache`` of the residual stream."""
+    names = residual_stream_names(int(model.cfg.n_layers))
+    lacking = [names[s] for s in states if names[s] not in cache]
+    if lacking:
+        raise ValueError(f"The ActivationCache lacks {lacking[:3]}; cache the residual stream "
+                         "(blocks.{l}.hook_resid_pre and the last hook_resid_post), or pass the model.")
+    H = torch.stack([cache[names[s]] for s in states], dim=2)
+    if tuple(H.shape[:2]) != tuple(toks.shape):
+        raise ValueError(f"Cache activations {tuple(H.shape[:2])} do not match the tokens {tuple(toks.shape)}.")
+    return H

@@ -52,6 +52,14 @@ class LayerContributions:
     trajectory: PredictionTrajectory
     provenance: Provenance
 
+    @classmethod
+    def from_trajectory(cls, traj: PredictionTrajectory) -> LayerContributions:
+        """The contributions read off a ``PredictionTrajectory`` already computed (no forward pass)."""
+        loss = traj.cross_entropy
+        prov = traj.provenance.with_settings(quantity="next-token cross-entropy per layer")
+        return cls(layers=traj.layers, layer_labels=traj.layer_labels, loss=loss, delta=loss[:-1] - loss[1:],
+                   tokens=traj.tokens, str_tokens=traj.str_tokens, trajectory=traj, provenance=prov)
+
     def mean_loss(self) -> Float[torch.Tensor, " layer"]:
         """Mean next-token loss per layer over positions that have a next token."""
         return torch.nanmean(self.loss.flatten(1), dim=1)
@@ -82,12 +90,7 @@ def layer_contributions(
     """
     traj = prediction_trajectory(model_or_cache, tokens, lens=lens, top_k=top_k, prepend_bos=prepend_bos,
                                  truncate=truncate)
-    loss = traj.cross_entropy
-    prov = traj.provenance.with_settings(quantity="next-token cross-entropy per layer")
-    return LayerContributions(
-        layers=traj.layers, layer_labels=traj.layer_labels, loss=loss, delta=loss[:-1] - loss[1:],
-        tokens=traj.tokens, str_tokens=traj.str_tokens, trajectory=traj, provenance=prov,
-    )
+    return LayerContributions.from_trajectory(traj)
 
 
 @dataclass(frozen=True)
