@@ -65,3 +65,26 @@ def test_sections_share_one_forward_pass(tiny_llama, temp_sections):
         tiny_llama.reset_hooks(including_permanent=True)
     assert rep.rendered == ["trajectory", "logit_lens_table", "second_reader"]
     assert len(calls) == 1
+
+
+def test_logit_lens_table_reads_out_only_the_shown_positions(tiny_llama):
+    """The table of a long text equals the full paper-mode trajectory's last 64 positions."""
+    import torch
+
+    from tlmicroscope.inputs import to_tokens
+    from tlmicroscope.lenses import prediction_trajectory
+    from tlmicroscope.lenses._report import _logit_lens_table
+    from tlmicroscope.report import ReportContext, _shared_capture
+    from tlmicroscope.viz import logit_lens_table
+
+    text = "A long text: the table shows only its tail. " * 2
+    toks = to_tokens(tiny_llama, text)
+    assert toks.shape[-1] > 64
+    cache, logits = _shared_capture(tiny_llama, toks, ["resid"])
+    ctx = ReportContext(model=tiny_llama, text=text, tokens=toks, cache=cache, logits=logits)
+    fig = _logit_lens_table(ctx).items[0]
+    full = prediction_trajectory(tiny_llama, toks, lens="logit-paper", top_k=1)
+    want = logit_lens_table(full, positions=slice(-64, None))
+    torch.testing.assert_close(torch.as_tensor(fig.data[0].z), torch.as_tensor(want.data[0].z),
+                               rtol=1e-4, atol=1e-5)
+    assert [list(r) for r in fig.data[0].text] == [list(r) for r in want.data[0].text]

@@ -150,6 +150,8 @@ class Report:
     missing: dict[str, str]
     failed: dict[str, str]
     seconds: dict[str, float]
+    #: Wall time of the one shared forward pass and capture that every section reads.
+    capture_seconds: float = 0.0
 
     def save(self, path: str | Path) -> Path:
         """Write the self-contained HTML page atomically."""
@@ -184,8 +186,10 @@ def report_steps(
         raise ValueError(f"Unknown report sections {unknown}; available: {list(_SECTIONS)}.")
     ctx = ReportContext(model=model, text=text, tokens=tokens, lens=lens, settings=dict(settings))
     needs = sorted({site for n in names for site in _SECTIONS[n].needs})
+    t_capture = time.perf_counter()
     if needs:
         ctx.cache, ctx.logits = _shared_capture(model, tokens, needs)
+    t_capture = time.perf_counter() - t_capture
     processed = "processed (fold_ln/centring)" if _compat.weights_processed(model) else "unprocessed"
     intro = (
         f"Model <b>{escape(_compat.model_label(model))}</b> ({escape(type(model).__name__)}, "
@@ -193,7 +197,7 @@ def report_steps(
         f"{tokens.shape[-1]} tokens of text."
     )
     page = HtmlPage(title=title or "tlmicroscope report", intro=intro)
-    rep = Report(page=page, rendered=[], missing={}, failed={}, seconds={})
+    rep = Report(page=page, rendered=[], missing={}, failed={}, seconds={}, capture_seconds=t_capture)
     for i, name in enumerate(names):
         yield i, len(names), name, rep
         spec = _SECTIONS[name]

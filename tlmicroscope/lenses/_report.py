@@ -55,16 +55,39 @@ def _trajectory(ctx: ReportContext) -> Section:
     return Section(items, caption)
 
 
+_TABLE_POSITIONS = 64
+
+
+def _last_positions(ctx: ReportContext, n: int) -> tuple[Any, Any, Any]:
+    """The shared capture's residuals, tokens and logits cut to the last ``n`` positions.
+
+    Every position is read out on its own (the final norm and the unembedding act row by row),
+    so reading out only the positions a view shows gives the same cells for a fraction of the cost.
+    """
+    from transformer_lens import ActivationCache
+
+    L = int(ctx.model.cfg.n_layers)
+    names = [f"blocks.{i}.hook_resid_pre" for i in range(L)] + [f"blocks.{L - 1}.hook_resid_post"]
+    sliced = {name: ctx.cache[name][:, -n:] for name in names}
+    return ActivationCache(sliced, ctx.model), ctx.tokens[:, -n:], ctx.logits[:, -n:]
+
+
 @register_section("logit_lens_table", "Logit lens, LLM-Microscope style", needs=("resid",))
 def _logit_lens_table(ctx: ReportContext) -> Section:
-    traj = ctx.memo(
-        "trajectory:logit-paper",
-        lambda: _trajectory_of(ctx, "logit-paper", 1),
-    )
-    positions = None if traj.tokens.shape[1] <= 64 else slice(-64, None)
+    n_pos = int(ctx.tokens.shape[-1])
+    shown = min(n_pos, _TABLE_POSITIONS)
+
+    def compute() -> Any:
+        if ctx.cache is not None and "blocks.0.hook_resid_pre" in ctx.cache and ctx.logits is not None:
+            cache, tokens, logits = _last_positions(ctx, shown)
+            return prediction_trajectory(cache, tokens, lens="logit-paper", top_k=1, logits=logits)
+        return prediction_trajectory(ctx.model, ctx.tokens, lens="logit-paper", top_k=1)
+
+    traj = ctx.memo(f"trajectory:logit-paper:last{shown}", compute)
+    positions = None if traj.tokens.shape[1] <= shown else slice(-shown, None)
     caption = (
         traj.provenance.describe()
         + " | As in LLM-Microscope: no final norm on intermediate layers, colour −log p(top-1)."
-        + (" Last 64 positions shown." if positions is not None else "")
+        + (f" Last {shown} of {n_pos} positions shown." if shown < n_pos else "")
     )
     return Section([logit_lens_table(traj, positions=positions)], caption)

@@ -1,0 +1,172 @@
+"""Cost of the full report against the sum of its sections, each run on its own by its public function.
+
+On the embedded SmolLM2-135M, for texts of 128, 512 and 1024 tokens from the embedded corpus, in
+one process:
+
+* ``tlmicroscope.report(model, text)`` with every default section (no training: sections whose
+  fitted prerequisite is absent show their notice, and the standalone side skips them too);
+* each of those sections' analyses called on its own through its public function, as a user in a
+  notebook would (each makes its own forward pass: that is what the report saves).
+
+Target: the report takes at most 0.7x the sum of the standalone calls.
+
+Then the peak resident memory, each in a fresh process after loading the model: the full report,
+and one ``model.run_with_cache(tokens)`` on the same text (every hook). Target: the report's peak
+is at or below that of the full ``run_with_cache``.
+
+Usage: python benchmarks/report_cost.py [--tokens 128,512,1024] [--repeat 2] [--lens DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _measure import peak_rss_during  # noqa: E402
+
+import tlmicroscope  # noqa: E402
+from tlmicroscope.inputs import to_tokens  # noqa: E402
+from tlmicroscope import load_model  # noqa: E402
+from tlmicroscope.corpus import token_windows  # noqa: E402
+
+
+# --- the standalone form of each section: public functions only, each with its own forward pass ---
+
+
+def _trajectory(model: Any, tokens: torch.Tensor, lens: Any) -> None:
+    from tlmicroscope.lenses import prediction_trajectory
+
+    prediction_trajectory(model, tokens, top_k=10)
+    if lens is not None:
+        prediction_trajectory(model, tokens, lens=lens, top_k=10)
+
+
+def _logit_lens_table(model: Any, tokens: torch.Tensor, lens: Any) -> None:
+    from tlmicroscope.lenses import prediction_trajectory
+
+    prediction_trajectory(model, tokens, lens="logit-paper", top_k=1)
+
+
+def _token_geometry(model: Any, tokens: torch.Tensor, lens: Any) -> None:
+    from tlmicroscope.geometry import layer_geometry
+
+    layer_geometry(model, tokens, prepend_bos=None)
+
+
+STANDALONE: dict[str, Callable[[Any, torch.Tensor, Any], None]] = {
+    "trajectory": _trajectory,
+    "logit_lens_table": _logit_lens_table,
+    "token_geometry": _token_geometry,
+}
+
+
+def _load_lens(model: Any, path: str | None) -> Any:
+    if not path:
+        return None
+    from tlmicroscope.lenses import load_lens
+
+    return load_lens(path, model)
+
+
+def time_one(fn: Callable[[], Any], repeat: int) -> tuple[Any, float]:
+    """Best wall time over ``repeat`` runs (the first run also warms up the kernels)."""
+    best, out = float("inf"), None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return out, best
+
+
+def memory_child(what: str, n_tokens: int, lens_dir: str | None) -> None:
+    model = load_model()
+    tokens = token_windows(model, seq_len=n_tokens, n_windows=1)
+    text = model.tokenizer.decode(tokens[0])
+    lens = _load_lens(model, lens_dir)
+    if what == "report":
+        run = lambda t: tlmicroscope.report(model, t, lens=lens)  # noqa: E731
+    else:
+        run = lambda t: model.run_with_cache(to_tokens(model, t))  # noqa: E731
+    with torch.inference_mode():
+        # One warm-up on a short text first: imports (plotly, scikit-learn, numba for UMAP) and
+        # one-off kernel set-up are code, not the activations this compares.
+        run(model.tokenizer.decode(tokens[0, :64]))
+        _, peak, before = peak_rss_during(lambda: run(text))
+    print(json.dumps({"peak": peak, "before": before}))
+
+
+def measure_memory(what: str, n_tokens: int, lens_dir: str | None) -> dict[str, float]:
+    cmd = [sys.executable, __file__, "--memory-child", what, "--tokens", str(n_tokens)]
+    if lens_dir:
+        cmd += ["--lens", lens_dir]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", default="128,512,1024")
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--lens", default=None, help="a saved lens folder to pass to the report")
+    ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--memory-child", choices=["report", "run_with_cache"], help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    sizes = [int(t) for t in str(args.tokens).split(",")]
+    if args.memory_child:
+        memory_child(args.memory_child, sizes[0], args.lens)
+        return
+
+    model = load_model()
+    lens = _load_lens(model, args.lens)
+    print(f"SmolLM2-135M, {args.threads} threads, torch {torch.__version__}, lens: {args.lens or 'none'}")
+    summary = []
+    for n in sizes:
+        tokens = token_windows(model, seq_len=n, n_windows=1)
+        text = model.tokenizer.decode(tokens[0])
+        toks = to_tokens(model, text)
+        rep, t_report = time_one(lambda: tlmicroscope.report(model, text, lens=lens), args.repeat)
+        print(f"\n{toks.shape[-1]} tokens: report {t_report:.2f} s "
+              f"(shared capture {rep.capture_seconds:.2f} s; rendered {rep.rendered}; "
+              f"missing {list(rep.missing)}; failed {list(rep.failed)})")
+        total = 0.0
+        for name in rep.rendered:
+            fn = STANDALONE.get(name)
+            if fn is None:
+                print(f"  {name:<22} no standalone form in this script: counted as 0 s (conservative)")
+                continue
+            with torch.inference_mode():
+                _, t = time_one(lambda fn=fn: fn(model, toks, lens), args.repeat)
+            total += t
+            print(f"  {name:<22} in report {rep.seconds[name]:6.2f} s | on its own {t:6.2f} s")
+        ratio = t_report / total if total else float("nan")
+        print(f"  sum of sections on their own: {total:.2f} s; report / sum = {ratio:.2f} (target <= 0.7)")
+        summary.append((int(toks.shape[-1]), t_report, total, ratio))
+
+    if not args.no_memory:
+        print("\npeak RSS, each in a fresh process after loading the model (MiB):")
+        for n in sizes:
+            r = measure_memory("report", n, args.lens)
+            c = measure_memory("run_with_cache", n, args.lens)
+            dr, dc = r["peak"] - r["before"], c["peak"] - c["before"]
+            print(f"  {n:5d} tokens: report {r['peak']:.0f} (+{dr:.0f}) | full run_with_cache "
+                  f"{c['peak']:.0f} (+{dc:.0f}) | ratio {r['peak'] / c['peak']:.2f} total, "
+                  f"{dr / dc:.2f} over the loaded model (target <= 1)")
+    print("\nsummary (tokens, report s, sum of sections s, ratio):")
+    for row in summary:
+        print("  %5d  %7.2f  %7.2f  %.2f" % row)
+
+
+if __name__ == "__main__":
+    main()
