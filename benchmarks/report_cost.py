@@ -32,13 +32,12 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _measure import peak_rss_during  # noqa: E402
+from _measure import peak_rss_during
 
-import tlmicroscope  # noqa: E402
-from tlmicroscope.inputs import to_tokens  # noqa: E402
-from tlmicroscope import load_model  # noqa: E402
-from tlmicroscope.corpus import token_windows  # noqa: E402
-
+import tlmicroscope
+from tlmicroscope import load_model
+from tlmicroscope.corpus import token_windows
+from tlmicroscope.inputs import to_tokens
 
 # --- the standalone form of each section: public functions only, each with its own forward pass ---
 
@@ -94,9 +93,9 @@ def memory_child(what: str, n_tokens: int, lens_dir: str | None) -> None:
     text = model.tokenizer.decode(tokens[0])
     lens = _load_lens(model, lens_dir)
     if what == "report":
-        run = lambda t: tlmicroscope.report(model, t, lens=lens)  # noqa: E731
+        run = lambda t: tlmicroscope.report(model, t, lens=lens)
     else:
-        run = lambda t: model.run_with_cache(to_tokens(model, t))  # noqa: E731
+        run = lambda t: model.run_with_cache(to_tokens(model, t))
     with torch.inference_mode():
         # One warm-up on a short text first: imports (plotly, scikit-learn, numba for UMAP) and
         # one-off kernel set-up are code, not the activations this compares.
@@ -136,7 +135,7 @@ def main() -> None:
         tokens = token_windows(model, seq_len=n, n_windows=1)
         text = model.tokenizer.decode(tokens[0])
         toks = to_tokens(model, text)
-        rep, t_report = time_one(lambda: tlmicroscope.report(model, text, lens=lens), args.repeat)
+        rep, t_report = time_one(lambda text=text: tlmicroscope.report(model, text, lens=lens), args.repeat)
         print(f"\n{toks.shape[-1]} tokens: report {t_report:.2f} s "
               f"(shared capture {rep.capture_seconds:.2f} s; rendered {rep.rendered}; "
               f"missing {list(rep.missing)}; failed {list(rep.failed)})")
@@ -147,7 +146,7 @@ def main() -> None:
                 print(f"  {name:<22} no standalone form in this script: counted as 0 s (conservative)")
                 continue
             with torch.inference_mode():
-                _, t = time_one(lambda fn=fn: fn(model, toks, lens), args.repeat)
+                _, t = time_one(lambda fn=fn, toks=toks: fn(model, toks, lens), args.repeat)
             total += t
             print(f"  {name:<22} in report {rep.seconds[name]:6.2f} s | on its own {t:6.2f} s")
         ratio = t_report / total if total else float("nan")
@@ -165,7 +164,7 @@ def main() -> None:
                   f"{dr / dc:.2f} over the loaded model (target <= 1)")
     print("\nsummary (tokens, report s, sum of sections s, ratio):")
     for row in summary:
-        print("  %5d  %7.2f  %7.2f  %.2f" % row)
+        print(f"  {row[0]:5d}  {row[1]:7.2f}  {row[2]:7.2f}  {row[3]:.2f}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 import pytest
 
-from tlmicroscope.report import MissingPrerequisite, Section, _SECTIONS, register_section, report
+from tlmicroscope.report import _SECTIONS, MissingPrerequisite, Section, register_section, report
 
 pytestmark = pytest.mark.models
 

@@ -22,12 +22,12 @@ from tlmicroscope.models import _compat
 from tlmicroscope.viz.html import HtmlPage, escape
 
 __all__ = [
+    "MissingPrerequisite",
     "Report",
     "ReportContext",
     "Section",
-    "MissingPrerequisite",
-    "register_section",
     "available_sections",
+    "register_section",
     "report",
     "report_steps",
 ]
@@ -207,7 +207,7 @@ def report_steps(
         except MissingPrerequisite as exc:
             page.add_notice(spec.title, exc.message, exc.fix)
             rep.missing[name] = exc.message
-        except Exception as exc:  # a broken section is reported in place, never fatal
+        except Exception as exc:  # noqa: BLE001  (a broken section is reported in place, never fatal)
             detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
             page.add_notice(spec.title, f"This section failed: {detail}")
             rep.failed[name] = detail
