@@ -152,6 +152,8 @@ class Report:
     seconds: dict[str, float]
     #: Wall time of the one shared forward pass and capture that every section reads.
     capture_seconds: float = 0.0
+    #: For each missing section, the command that makes it possible (``None`` when there is none).
+    fixes: dict[str, str | None] = field(default_factory=dict)
 
     def save(self, path: str | Path) -> Path:
         """Write the self-contained HTML page atomically."""
@@ -207,6 +209,7 @@ def report_steps(
         except MissingPrerequisite as exc:
             page.add_notice(spec.title, exc.message, exc.fix)
             rep.missing[name] = exc.message
+            rep.fixes[name] = exc.fix
         except Exception as exc:  # noqa: BLE001  (a broken section is reported in place, never fatal)
             detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
             page.add_notice(spec.title, f"This section failed: {detail}")
