@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -337,14 +338,29 @@ def _to_storage(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x.to(dtype)
 
 
+def _cache_name(cache: Any, hook: str) -> str | None:
+    """The cache entry holding ``hook``'s activation: the hook itself, or for
+    ``blocks.{l}.hook_resid_post`` the identical ``blocks.{l+1}.hook_resid_pre`` (a cache of the
+    residual stream h^0..h^L holds only the latter for every block but the last)."""
+    if hook in cache:
+        return hook
+    m = re.fullmatch(r"blocks\.(\d+)\.hook_resid_post", hook)
+    if m is not None:
+        alias = f"blocks.{int(m.group(1)) + 1}.hook_resid_pre"
+        if alias in cache:
+            return alias
+    return None
+
+
 def _from_cache(cache: Any, plan: Sequence[_State]) -> torch.Tensor:
-    missing = [s.hook for s in plan if s.hook not in cache]
+    names = [_cache_name(cache, s.hook) for s in plan]
+    missing = [s.hook for s, n in zip(plan, names) if n is None]
     if missing:
         raise ValueError(
             f"The ActivationCache lacks {len(missing)} of the requested hooks, e.g. {missing[:3]}. "
             "Run model.run_with_cache(tokens, names_filter=[...]) with those names, or pass the model."
         )
-    return torch.stack([cache[s.hook].detach() for s in plan]).float().cpu()
+    return torch.stack([cache[n].detach() for n in names]).float().cpu()
 
 
 def _capture_streamed(

@@ -53,8 +53,12 @@ class NormProfile:
     provenance: Provenance | None = None
 
     def layer_labels(self) -> list[str]:
-        return [f"{c} {_layer_label(lay, self.n_layers)}" if len(set(self.components)) > 1
-                else _layer_label(lay, self.n_layers) for c, lay in zip(self.components, self.layers)]
+        """One label per state: the layer, prefixed by the component when there are several
+        (the embedding and final norm are ``"embed"`` and ``"final"`` either way)."""
+        several = len(set(self.components)) > 1
+        return [_layer_label(lay, self.n_layers) if not several or c in ("embed", "ln_final")
+                else f"{c} {_layer_label(lay, self.n_layers)}"
+                for c, lay in zip(self.components, self.layers)]
 
     @property
     def by_position(self) -> Float[torch.Tensor, "state pos"]:

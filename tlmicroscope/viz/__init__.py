@@ -11,6 +11,7 @@ from tlmicroscope.viz.causal import (
 )
 from tlmicroscope.viz.latent import (
     first_token_plot,
+    norm_heatmap,
     norm_profile_plot,
     pca_pair_grid,
     positional_cosine_heatmap,
@@ -53,6 +54,7 @@ __all__ += [  # latent-space geometry
     "pca_pair_grid",
     "separation_plot",
     "norm_profile_plot",
+    "norm_heatmap",
     "first_token_plot",
     "trajectory_plot",
     "positional_cosine_heatmap",

@@ -19,6 +19,7 @@ __all__ = [
     "COMPONENT_COLORS",
     "component_color",
     "first_token_plot",
+    "norm_heatmap",
     "norm_profile_plot",
     "pca_pair_grid",
     "positional_cosine_heatmap",
@@ -336,6 +337,38 @@ def norm_profile_plot(profile: Any, *, states: Sequence[int] | None = None, max_
                       xaxis_title="position", yaxis_title="L2 norm", height=450)
     if log:
         fig.update_yaxes(type="log")
+    return fig
+
+
+def norm_heatmap(profile: Any, *, title: str | None = None):
+    """Mean norm over samples by state (rows) and position (columns), coloured on a log10 scale.
+
+    Hover shows the norm itself, the position and its token (sample 0).
+
+    Examples:
+        >>> import torch
+        >>> from tlmicroscope.geometry.norms import NormProfile
+        >>> p = NormProfile(torch.rand(3, 2, 5) + 1, ("resid_post",) * 3, (0, 1, 2), torch.arange(5), None, 3)
+        >>> norm_heatmap(p).data[0].z.shape
+        (3, 5)
+    """
+    import plotly.graph_objects as go
+
+    prof = profile.by_position.double().numpy()
+    labels = profile.layer_labels()
+    pos = profile.positions.numpy()
+    tokens = (np.array([repr(str(t))[1:-1] for t in profile.str_tokens[0]], dtype=object)
+              if profile.str_tokens is not None else np.array([""] * len(pos), dtype=object))
+    custom = np.stack([prof, np.broadcast_to(tokens, prof.shape)], -1)
+    log = np.log10(np.clip(prof, np.finfo(float).tiny, None))
+    fig = go.Figure(go.Heatmap(
+        z=log, x=pos, y=labels, customdata=custom, colorscale="Viridis",
+        colorbar={"title": "log10 norm"},
+        hovertemplate="layer %{y}, position %{x}<br>token %{customdata[1]}<br>"
+                      "norm %{customdata[0]:.4g}<extra></extra>"))
+    fig.update_layout(title=title or "Norm by layer and position (log10 colour scale)",
+                      template="plotly_white", xaxis_title="position", yaxis_title="layer",
+                      height=max(320, 16 * len(labels) + 140))
     return fig
 
 
