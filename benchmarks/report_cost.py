@@ -62,10 +62,52 @@ def _token_geometry(model: Any, tokens: torch.Tensor, lens: Any) -> None:
     layer_geometry(model, tokens, prepend_bos=None)
 
 
+def _microscope_nonlinearity(model: Any, tokens: torch.Tensor, lens: Any) -> None:
+    # No saved reference: the maps fitted on the text's own tokens, as the report does.
+    from tlmicroscope.microscope import NonlinearityReference, token_nonlinearity
+
+    ref = NonlinearityReference().fit(model, tokens, progress=False)
+    token_nonlinearity(model, tokens, reference=ref)
+
+
+def _microscope_linearity(model: Any, tokens: torch.Tensor, lens: Any) -> None:
+    from tlmicroscope.microscope import linearity_scores
+
+    linearity_scores(model, tokens)
+
+
+def _microscope_contributions(model: Any, tokens: torch.Tensor, lens: Any) -> None:
+    from tlmicroscope.microscope import layer_contributions
+
+    layer_contributions(model, tokens, lens=lens)
+
+
+def _latent_projections(model: Any, tokens: torch.Tensor, lens: Any) -> None:
+    from tlmicroscope.geometry import capture_components, component_separation, project
+    from tlmicroscope.geometry.components import ATTN_VS_MLP
+
+    states = capture_components(model, tokens, components=ATTN_VS_MLP, progress=False)
+    project(states, "pca", n_components=2)
+    resid = capture_components(model, tokens, components=("embed", "resid_post"), progress=False)
+    project(resid.normalized(unit=True), "pca", n_components=2)
+    component_separation(states, n_folds=5, max_points=256, progress=False)
+
+
+def _norm_profile(model: Any, tokens: torch.Tensor, lens: Any) -> None:
+    from tlmicroscope.geometry import norm_profile
+
+    norm_profile(model, tokens, components=("embed", "resid_post"), progress=False)
+
+
 STANDALONE: dict[str, Callable[[Any, torch.Tensor, Any], None]] = {
     "trajectory": _trajectory,
     "logit_lens_table": _logit_lens_table,
+    "microscope_nonlinearity": _microscope_nonlinearity,
+    "microscope_linearity": _microscope_linearity,
+    "microscope_contributions": _microscope_contributions,
     "token_geometry": _token_geometry,
+    "latent_projections": _latent_projections,
+    "norm_profile": _norm_profile,
 }
 
 
