@@ -114,9 +114,16 @@ def export_hf_folder(folder: Path) -> Path:
     from tlmicroscope.models.embedded import embedded_gguf_path, load_gguf_hf_model, load_gguf_tokenizer
 
     gguf = embedded_gguf_path()
+    from transformers import AutoModelForCausalLM
+
     hf = load_gguf_hf_model(gguf)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".hf-"))
-    hf.save_pretrained(tmp)
+    # The GGUF-loaded model refuses save_pretrained ("quantized with gguf and is not
+    # serializable"): copy its dequantized float32 weights into a plain model built from its config.
+    hf.config.__dict__.pop("quantization_config", None)
+    plain = AutoModelForCausalLM.from_config(hf.config, dtype=torch.float32)
+    plain.load_state_dict(hf.state_dict())
+    plain.save_pretrained(tmp)
     load_gguf_tokenizer(gguf).save_pretrained(tmp)
     cfg = json.loads((tmp / "config.json").read_text())
     cfg.pop("quantization_config", None)  # the weights are plain float32 after dequantizing
