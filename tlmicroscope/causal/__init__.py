@@ -13,6 +13,7 @@ from tlmicroscope.causal.basis import (
     CausalBasis,
     CBEConvergenceError,
     CBEConvergenceWarning,
+    default_cbe_dir,
     extract_causal_basis,
 )
 from tlmicroscope.causal.detector import InjectionDetector, MahalanobisDetector
@@ -47,6 +48,7 @@ __all__ = [
     "CBEConvergenceError",
     "CBEConvergenceWarning",
     "extract_causal_basis",
+    "default_cbe_dir",
     "CausalFidelityResult",
     "causal_fidelity",
     "StimulusResponseResult",
