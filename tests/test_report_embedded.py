@@ -4,7 +4,7 @@ import pytest
 
 from tlmicroscope.corpus import text_windows
 from tlmicroscope.lenses import TunedLens
-from tlmicroscope.report import available_sections, report
+from tlmicroscope.report import _SECTIONS, available_sections, report
 
 pytestmark = [pytest.mark.embedded, pytest.mark.models]
 
@@ -16,12 +16,13 @@ def test_full_report_has_every_section(embedded_model, tmp_path):
     lens = TunedLens.for_model(embedded_model)
     rep = report(embedded_model, text, lens=lens)
     assert rep.failed == {}, rep.failed
-    assert sorted(rep.rendered + list(rep.missing)) == sorted(available_sections())
+    defaults = [name for name in available_sections() if _SECTIONS[name].default]
+    assert sorted(rep.rendered + list(rep.missing)) == sorted(defaults)
     # What needs nothing but the text renders; what is missing names the command that fixes it.
     for name in ("trajectory", "logit_lens_table", "token_geometry"):
         assert name in rep.rendered, (name, rep.missing.get(name))
     html = rep.save(tmp_path / "report.html").read_text()
-    assert html.count("<section ") >= len(available_sections())
+    assert html.count("<section ") >= len(defaults)
     for name in rep.missing:  # each says in place which command fixes it
         fix = rep.fixes[name]
         assert fix and ("tlmicroscope" in fix or "pip install" in fix), (name, fix)
