@@ -47,12 +47,15 @@ class Muon(torch.optim.Optimizer):
         nesterov: Use the Nesterov look-ahead ``g + momentum * buf``.
         weight_decay: Decoupled decay ``p *= 1 - lr * weight_decay``.
         ns_steps: Newton-Schulz iterations.
+        ns_dtype: Dtype of the Newton-Schulz iterations (bfloat16, as Muon's authors run them;
+            float32 when a run asks for full precision, e.g. to compare runs bit for bit).
     """
 
     def __init__(self, params, lr: float = 0.01, momentum: float = 0.9, nesterov: bool = True,
-                 weight_decay: float = 0.0, ns_steps: int = 5):
+                 weight_decay: float = 0.0, ns_steps: int = 5, ns_dtype: torch.dtype = torch.bfloat16):
         if lr <= 0:
             raise ValueError(f"lr must be positive, got {lr}.")
+        self.ns_dtype = ns_dtype
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov,
                                       weight_decay=weight_decay, ns_steps=ns_steps))
 
@@ -70,8 +73,8 @@ class Muon(torch.optim.Optimizer):
                 buf = state["momentum_buffer"]
                 buf.mul_(group["momentum"]).add_(p.grad)
                 update = p.grad.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
-                # bfloat16 iterations, as Muon's authors run them: the map is built to tolerate it
-                ortho = orthogonalize(update.to(torch.bfloat16), group["ns_steps"]).to(p.dtype)
+                # bfloat16 iterations by default, as Muon's authors run them: the map tolerates it
+                ortho = orthogonalize(update.to(self.ns_dtype), group["ns_steps"]).to(p.dtype)
                 scale = max(1.0, p.shape[-2] / p.shape[-1]) ** 0.5
                 if group["weight_decay"]:
                     p.mul_(1 - group["lr"] * group["weight_decay"])
@@ -104,7 +107,7 @@ RECIPES: dict[str, Recipe] = {
 
 def make_optimizers(
     recipe: str, weight: torch.nn.Parameter, bias: torch.nn.Parameter | None, *, lr: float,
-    bias_lr: float, weight_decay: float, momentum: float
+    bias_lr: float, weight_decay: float, momentum: float, ns_dtype: torch.dtype = torch.bfloat16
 ) -> dict[str, torch.optim.Optimizer]:
     """The optimizers of a recipe, by name (their order is the order they step in)."""
     params = [weight] + ([bias] if bias is not None else [])
@@ -116,7 +119,7 @@ def make_optimizers(
                                          weight_decay=weight_decay)}
     if recipe == "muon":
         opts: dict[str, torch.optim.Optimizer] = {
-            "muon": Muon([weight], lr=lr, momentum=momentum, weight_decay=weight_decay)
+            "muon": Muon([weight], lr=lr, momentum=momentum, weight_decay=weight_decay, ns_dtype=ns_dtype)
         }
         if bias is not None:
             opts["adamw"] = torch.optim.AdamW([bias], lr=bias_lr, betas=(momentum, 0.999),

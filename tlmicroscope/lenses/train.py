@@ -309,7 +309,8 @@ def train_tuned_lens(
 
     optimizers = make_optimizers(cfg.recipe, lens.weight, lens.bias if lens.has_bias else None,
                                  lr=cfg.lr, bias_lr=cfg.bias_lr, weight_decay=cfg.weight_decay,
-                                 momentum=cfg.momentum)
+                                 momentum=cfg.momentum,
+                                 ns_dtype=torch.float32 if cfg.precision == "fp32" else torch.bfloat16)
     base_lrs = {name: [g["lr"] for g in opt.param_groups] for name, opt in optimizers.items()}
     out = Path(cfg.out_dir) if cfg.out_dir else None
     start, history = 0, _empty_history()
