@@ -100,6 +100,7 @@ def test_section_plots_the_saved_basis_and_its_influence_on_the_text(tiny_llama,
 def test_missing_basis_names_the_command_that_extracts_it(tiny_llama, tmp_path, monkeypatch):
     """Without a saved basis the section gives the cbe command; running it makes the section render."""
     from tlmicroscope.cli import main
+    from tlmicroscope.models import _compat
     from tlmicroscope.lenses.train import default_lens_dir
 
     monkeypatch.chdir(tmp_path)
@@ -110,6 +111,8 @@ def test_missing_basis_names_the_command_that_extracts_it(tiny_llama, tmp_path, 
     html = rep.html()
     fix = ("tlmicroscope cbe --model tiny-llama --lens out/tuned-lens-tiny-llama-l3-d32-s0 --k 10 "
            "--out-dir out/cbe-tiny-llama-l3-d32-s0-tuned")
+    if _compat.is_bridge(tiny_llama) and _compat.has_hooked_transformer():
+        fix += " --kind bridge"  # the command must load the same class of model again
     assert fix in html
 
     argv = shlex.split(fix)[1:] + ["--n-tokens", "256", "--seq-len", "64", "--max-iter", "20",
