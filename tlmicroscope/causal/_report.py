@@ -69,8 +69,7 @@ def _extract_command(model: Any, lens_name: str, out_dir: Path) -> str:
              "--out-dir", str(out_dir)]
     if _compat.weights_processed(model):
         parts.append("--process-weights")
-    if _compat.is_bridge(model) and _compat.has_hooked_transformer():
-        parts += ["--kind", "bridge"]  # "auto" would load a HookedTransformer on TransformerLens 3
+    parts += _compat.cli_kind_args(model)
     return " ".join(shlex.quote(p) for p in parts)
 
 

@@ -91,8 +91,7 @@ def _model_flags(model: Any) -> str:
     """The ``--model``/``--process-weights`` options that load this model from the command line."""
     label = _compat.model_label(model)
     flags = "" if label == EMBEDDED_HF_NAME else f" --model {label}"
-    if _compat.is_bridge(model) and _compat.has_hooked_transformer():
-        flags += " --kind bridge"  # "auto" would load a HookedTransformer on TransformerLens 3
+    flags += "".join(f" {a}" for a in _compat.cli_kind_args(model))
     return flags + (" --process-weights" if _compat.weights_processed(model) else "")
 
 

@@ -51,6 +51,15 @@ def has_hooked_transformer() -> bool:
     return True
 
 
+def cli_kind_args(model: Any) -> list[str]:
+    """The ``--kind`` option a command line needs to load ``model``'s class again.
+
+    ``kind="auto"`` picks HookedTransformer where it exists, so a bridge on TransformerLens 3
+    needs ``--kind bridge``; everywhere else the default already gives the same class.
+    """
+    return ["--kind", "bridge"] if is_bridge(model) and has_hooked_transformer() else []
+
+
 def is_bridge(model: Any) -> bool:
     """True for a ``TransformerBridge``, judged by class name so it works on every TL line."""
     return any(cls.__name__ == "TransformerBridge" for cls in type(model).__mro__)
