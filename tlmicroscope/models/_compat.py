@@ -21,6 +21,9 @@ __all__ = [
     "is_activation_cache",
     "FinalNorm",
     "final_norm",
+    "OutputTransform",
+    "output_transform",
+    "model_family",
     "unembed_weights",
     "weights_processed",
     "model_label",
@@ -113,9 +116,145 @@ def final_norm(model: Any) -> FinalNorm:
         if inner is not None and isinstance(getattr(inner, attr, None), float):
             eps = float(getattr(inner, attr))
             break
-    if weight is not None and getattr(cfg, "rmsnorm_uses_offset", False):
+    if weight is not None and _norm_uses_offset(ln_final, cfg):
         weight = weight + 1.0
     return FinalNorm(kind, weight, bias, eps)
+
+
+def _norm_uses_offset(ln_final: torch.nn.Module, cfg: Any) -> bool:
+    """Whether the norm multiplies by ``1 + weight`` (Gemma's RMSNorm) rather than ``weight``.
+
+    TransformerLens 4's bridge says so per norm (``uses_weight_offset``, which also covers
+    LayerNorm1P slots); 3.9's bridge only has ``cfg.rmsnorm_uses_offset``. HookedTransformer has
+    neither: its Gemma weight conversion already added the 1 to the stored weight.
+    """
+    flag = getattr(ln_final, "uses_weight_offset", None)
+    if isinstance(flag, bool):
+        return flag
+    return bool(getattr(cfg, "rmsnorm_uses_offset", False))
+
+
+def model_family(model: Any) -> str:
+    """The model's architecture as its config names it (``Gemma2ForCausalLM``, ``gemma2``, ...).
+
+    Read from ``cfg.architecture``, ``cfg.original_architecture`` or the wrapped Hugging Face
+    config's ``architectures``/``model_type``, whichever exists first; the class name otherwise.
+    """
+    cfg = model.cfg
+    for attr in ("architecture", "original_architecture"):
+        value = getattr(cfg, attr, None)
+        if value:
+            return str(value)
+    hf_cfg = _hf_config(model)
+    if hf_cfg is not None:
+        archs = getattr(hf_cfg, "architectures", None) or []
+        if archs:
+            return str(archs[0])
+        if getattr(hf_cfg, "model_type", None):
+            return str(hf_cfg.model_type)
+    return type(model).__name__
+
+
+def _hf_config(model: Any) -> Any:
+    inner = getattr(model, "original_model", None)
+    return getattr(inner, "config", None)
+
+
+@dataclass(frozen=True)
+class OutputTransform:
+    """What the model does to ``W_U · final_norm(h) + b_U`` before its logits come out.
+
+    ``logits = softcap * tanh(scale * z / softcap)``, or ``scale * z`` without a soft cap: Gemma 2
+    caps its final logits (``final_logit_softcapping``), Cohere multiplies them by
+    ``logit_scale`` and Granite divides them by ``logits_scaling`` before any cap. Every known
+    transform has this form; ``source`` says where it was read from, for error messages.
+    """
+
+    scale: float = 1.0
+    softcap: float | None = None
+    source: str = "none"
+
+    @property
+    def is_identity(self) -> bool:
+        return self.scale == 1.0 and self.softcap is None
+
+    def describe(self) -> str:
+        parts = []
+        if self.scale != 1.0:
+            parts.append(f"logits x {self.scale:g}")
+        if self.softcap is not None:
+            parts.append(f"soft cap {self.softcap:g} * tanh(logits / {self.softcap:g})")
+        return ", then ".join(parts) if parts else "none"
+
+
+def _positive(x: Any) -> float | None:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v if v > 0 and v == v and v != float("inf") else None
+
+
+def _probe_transform(fn: Any, source: str) -> OutputTransform:
+    """Read scale and soft cap off an elementwise logits transform by evaluating it."""
+    delta, big = 1e-4, 1e12
+    with torch.no_grad():
+        y = fn(torch.tensor([delta, big], dtype=torch.float64)).double()
+    scale = float(y[0]) / delta
+    cap = None if abs(float(y[1]) - scale * big) <= 1e-6 * abs(scale * big) else float(y[1])
+    found = OutputTransform(scale=scale, softcap=cap, source=source)
+    grid = torch.linspace(-60.0, 60.0, 241, dtype=torch.float64) / max(abs(scale), 1e-12)
+    with torch.no_grad():
+        expect = fn(grid.clone()).double()
+    ours = _apply_output_transform(grid, found)
+    if not torch.allclose(ours, expect, rtol=1e-6, atol=1e-9):
+        raise ValueError(
+            f"{source} applies an output transform tlmicroscope cannot express as "
+            "softcap * tanh(scale * logits / softcap), so no lens readout can reproduce this model's logits."
+        )
+    if abs(scale - 1.0) < 1e-9:
+        found = OutputTransform(scale=1.0, softcap=cap, source=source)
+    return found
+
+
+def _apply_output_transform(z: torch.Tensor, t: OutputTransform) -> torch.Tensor:
+    if t.scale != 1.0:
+        z = z * t.scale
+    if t.softcap is not None:
+        z = t.softcap * torch.tanh(z / t.softcap)
+    return z
+
+
+def output_transform(model: Any) -> OutputTransform:
+    """The transform the model applies after its unembedding, on either model class.
+
+    A bridge declares it through its architecture adapter's ``apply_output_logits_transform``
+    (both TransformerLens lines; Cohere's adapter knows whether the scale was folded into
+    ``W_U`` already), which is evaluated on a probe grid. HookedTransformer only has
+    ``cfg.output_logits_soft_cap``. A bridge without that method falls back to the Hugging Face
+    config's ``final_logit_softcapping``, ``logit_scale`` (Cohere) and ``logits_scaling`` (Granite).
+
+    Examples:
+        >>> from tlmicroscope.models import tiny_model
+        >>> output_transform(tiny_model(n_layers=1)).is_identity
+        True
+    """
+    adapter = getattr(model, "adapter", None)
+    fn = getattr(adapter, "apply_output_logits_transform", None)
+    if callable(fn):
+        return _probe_transform(fn, f"{type(adapter).__name__}.apply_output_logits_transform")
+    cap = _positive(getattr(model.cfg, "output_logits_soft_cap", None))
+    scale, source = 1.0, "cfg.output_logits_soft_cap" if cap else "none"
+    hf_cfg = _hf_config(model) if is_bridge(model) else None
+    if hf_cfg is not None:
+        model_type = str(getattr(hf_cfg, "model_type", ""))
+        cap = cap or _positive(getattr(hf_cfg, "final_logit_softcapping", None))
+        if model_type.startswith("cohere") and _positive(getattr(hf_cfg, "logit_scale", None)):
+            scale = float(hf_cfg.logit_scale)
+        if model_type.startswith("granite") and _positive(getattr(hf_cfg, "logits_scaling", None)):
+            scale = 1.0 / float(hf_cfg.logits_scaling)
+        source = f"Hugging Face config ({model_type})"
+    return OutputTransform(scale=scale, softcap=cap, source=source)
 
 
 def unembed_weights(model: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
