@@ -62,6 +62,10 @@ class _AblatedKL(torch.autograd.Function):
     * dKL/dc_i = r_i (q_i - P_i)·u;
     * dKL/dr_i = (q_i - P_i)·(Zc_i + c_i u) = ((q_i - P_i)·z_i - (q_i - P_i)·b) / r_i, with
       q·z = (e·t) / s + max.
+
+    With a final-logit soft cap (Gemma 2) the logits are ``cap tanh(y / cap)`` of the pre-cap
+    ``y = r (Zc + c u) + b``; the P-terms are no longer linear in u, so ``_capped_block`` makes
+    one more pass per block with ``G = (q - P)(1 - (z / cap)^2)`` in place of ``q - P``.
     """
 
     @staticmethod
@@ -75,10 +79,13 @@ class _AblatedKL(torch.autograd.Function):
         g_u = torch.zeros_like(u)  # the q-part of dKL/du; the P-part is added in d dimensions below
         g_c = torch.empty_like(c)
         g_r = torch.empty_like(r)
-        total = torch.zeros((), dtype=torch.float64)
+        total = torch.zeros((), dtype=torch.float64, device=u.device)
         for lo in range(0, n, obj.chunk):
             hi = min(lo + obj.chunk, n)
             t, e = obj.buffers(hi - lo)
+            if obj.softcap is not None:
+                total += _capped_block(obj, lo, hi, t, e, u, c, r, rc, g_u, g_c, g_r)
+                continue
             torch.mul(obj.Zc[lo:hi], r[lo:hi, None], out=t)
             t.addr_(rc[lo:hi], u)
             if obj.b is not None:
@@ -96,7 +103,7 @@ class _AblatedKL(torch.autograd.Function):
             total += (obj.neg_h[lo:hi] - pz[lo:hi] + lse).double().sum()
             g_c[lo:hi] = r[lo:hi] * (qu - Pu[lo:hi])
             g_r[lo:hi] = (et * inv_s + m - pz[lo:hi] - qb_minus_pb) / r[lo:hi]
-        g_wc = obj.W @ g_u - obj.PW.T @ rc
+        g_wc = obj.W @ g_u if obj.softcap is not None else obj.W @ g_u - obj.PW.T @ rc
         ctx.save_for_backward(g_wc / n, g_c / n, g_r / n)
         return (total / n).to(wc.dtype)
 
@@ -104,6 +111,34 @@ class _AblatedKL(torch.autograd.Function):
     def backward(ctx, grad_out):  # type: ignore[override]
         g_wc, g_c, g_r = ctx.saved_tensors
         return grad_out * g_wc, grad_out * g_c, grad_out * g_r, None
+
+
+def _capped_block(obj: LensAblationObjective, lo: int, hi: int, t: torch.Tensor, e: torch.Tensor,
+                  u: torch.Tensor, c: torch.Tensor, r: torch.Tensor, rc: torch.Tensor, g_u: torch.Tensor,
+                  g_c: torch.Tensor, g_r: torch.Tensor) -> torch.Tensor:
+    """Rows lo:hi of the energy through a soft cap; accumulates the gradients, returns the KL sum."""
+    cap = obj.softcap
+    d = obj.cap_buffer(hi - lo)
+    P = obj.P[lo:hi]
+    torch.mul(obj.Zc[lo:hi], r[lo:hi, None], out=t)
+    t.addr_(rc[lo:hi], u)
+    if obj.b is not None:
+        t += obj.b  # y, the pre-cap logits
+    torch.div(t, cap, out=e).tanh_()
+    torch.mul(e, e, out=d).neg_().add_(1.0)  # dz/dy = 1 - tanh^2
+    e.mul_(cap)  # z
+    pz = torch.linalg.vecdot(P, e)
+    m = e.amax(-1)
+    e.sub_(m[:, None]).exp_()
+    s = e.sum(-1)
+    e.div_(s[:, None]).sub_(P).mul_(d)  # G = (q - P) dz/dy = dKL/dy
+    g_u.addmv_(e.T, rc[lo:hi])
+    g_c[lo:hi] = r[lo:hi] * (e @ u)
+    gy = torch.linalg.vecdot(e, t)
+    if obj.b is not None:
+        gy = gy - e @ obj.b
+    g_r[lo:hi] = gy / r[lo:hi]
+    return (obj.neg_h[lo:hi] - pz + m + torch.log(s)).double().sum()
 
 
 class LensAblationObjective:
@@ -141,9 +176,10 @@ class LensAblationObjective:
         self.final_norm = bool(getattr(lens, "final_norm", True))
         self.norm_kind = readout.kind if self.final_norm else None
         self.eps = readout.eps
-        self.W = readout.W if self.final_norm else readout.W_raw
-        b = readout.b if self.final_norm else readout.b_raw
-        self.b = None if b is None else b.float()
+        self.softcap = readout.softcap
+        W, b = readout.weights(self.final_norm)
+        self.W = W.to(h.device, torch.float32)
+        self.b = None if b is None else b.to(h.device, torch.float32)
         self.h = h
         affine = affine_map(lens, layer, self.d, h[: min(64, self.n)])
         self.affine = affine is not None
@@ -159,6 +195,14 @@ class LensAblationObjective:
                                           device=self.Zc.device)
         return buf[0, :rows], buf[1, :rows]
 
+    def cap_buffer(self, rows: int) -> torch.Tensor:
+        """A third ``[rows d_vocab]`` work buffer, for the soft cap's derivative."""
+        buf = getattr(self, "_cap_buf", None)
+        if buf is None or buf.shape[0] < rows:
+            buf = self._cap_buf = torch.empty(min(self.chunk, self.n), self.Zc.shape[1], dtype=self.Zc.dtype,
+                                              device=self.Zc.device)
+        return buf[:rows]
+
     def _center(self, x: torch.Tensor) -> torch.Tensor:
         return x - x.mean(-1, keepdim=True) if self.norm_kind == "LN" else x
 
@@ -168,20 +212,23 @@ class LensAblationObjective:
         self.xc = xc
         self.s0 = xc.pow(2).mean(-1)
         self.Zc = xc @ self.W
-        r0 = torch.rsqrt(self.s0 + self.eps) if self.norm_kind else torch.ones(self.n)
+        dev = self.Zc.device
+        r0 = torch.rsqrt(self.s0 + self.eps) if self.norm_kind else torch.ones(self.n, device=dev)
         self.P = torch.empty_like(self.Zc)
-        self.neg_h = torch.empty(self.n)
+        self.neg_h = torch.empty(self.n, device=dev)
         for lo in range(0, self.n, self.chunk):
             hi = min(lo + self.chunk, self.n)
             z = self.Zc[lo:hi] * r0[lo:hi, None]
             if self.b is not None:
                 z += self.b
+            if self.softcap is not None:
+                z = self.readout.finish(z)
             logp = torch.log_softmax(z, -1)
             self.P[lo:hi] = logp.exp()
             self.neg_h[lo:hi] = torch.linalg.vecdot(self.P[lo:hi], logp)
         self.pz = torch.linalg.vecdot(self.P, self.Zc)
         self.PW = self.P @ self.W.T  # [N d]: the clean distributions pulled back to the residual
-        self.pb = self.P @ self.b if self.b is not None else torch.zeros(self.n)
+        self.pb = self.P @ self.b if self.b is not None else torch.zeros(self.n, device=dev)
 
     def energy(self, v: torch.Tensor) -> torch.Tensor:
         """E(v) in nats, differentiable in ``v`` (a unit vector ``[d_model]``)."""

@@ -111,7 +111,7 @@ def text_lens_influence(basis: CausalBasis, lens: Any, model: Any, hidden: torch
 
     h = hidden.reshape(-1, basis.d_model).float()
     donors = derangement(h.shape[0], seed=seed) if basis.mode == "resample" else None
-    objective = LensAblationObjective(Readout(model), lens, basis.layer, h, basis.mode,
+    objective = LensAblationObjective(Readout.for_model(model), lens, basis.layer, h, basis.mode,
                                       mean=basis.mean.float(), donors=donors)
     with torch.no_grad():
         return torch.tensor([float(objective.energy(basis.vectors[:, j].float())) for j in range(basis.k)])

@@ -264,7 +264,7 @@ def extract_causal_basis(
         warnings.warn(f"CBE on only {n} tokens: the energies and directions will be noisy.", UserWarning,
                       stacklevel=2)
 
-    readout = Readout(model)
+    readout = Readout.for_model(model)
     donors = derangement(n, seed=seed) if mode == "resample" else None
     objective = LensAblationObjective(readout, lens, layer, h, mode, donors=donors)
     if not objective.affine:

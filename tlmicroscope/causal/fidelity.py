@@ -149,7 +149,7 @@ def causal_fidelity(
     if mode != "zero" and n < 2 and mean is None:
         raise ValueError(f"{mode.capitalize()} ablation needs at least 2 token positions, got {n}.")
     donors = derangement(n, seed=seed) if mode == "resample" else None
-    objective = LensAblationObjective(Readout(model), lens, layer, h, mode,
+    objective = LensAblationObjective(Readout.for_model(model), lens, layer, h, mode,
                                       mean=None if mean is None else torch.as_tensor(mean).float(),
                                       donors=donors)
     mu = objective.mean

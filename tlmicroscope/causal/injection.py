@@ -121,7 +121,7 @@ def injection_features(
     n_choices = max(len(c) for c in choices)
     runs, targets = _scoring_plan(model, prompts, choices)
     by_run = _targets_by_run(targets)
-    readout = Readout(model)
+    readout = Readout.for_model(model)
     loglik = {n: torch.full((len(prompts), L + 1, n_choices), -torch.inf) for n in names}
     hidden = torch.empty(len(prompts), L + 1, d)
     batches = list(_padded_batches(runs, batch_size, _pad_id(model)))

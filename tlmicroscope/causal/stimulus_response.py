@@ -152,7 +152,7 @@ def stimulus_response_alignment(
     row = {x: i for i, x in enumerate(needed)}
     resid = cap["resid"].float().reshape(len(needed), n_rows, -1)
     final = cap.logits.float().reshape(n_rows, -1)
-    readout = Readout(model)
+    readout = Readout.for_model(model)
     t_b, t_p = treated // n_pos, treated % n_pos
 
     out = torch.full((len(lenses), len(layers), m), torch.nan)

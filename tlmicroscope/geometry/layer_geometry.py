@@ -392,7 +392,7 @@ def layer_geometry(
     else:
         z_out = None
     scales = gride_scales(max_scale, n_pos)
-    readout = Readout(model)
+    readout = Readout.for_model(model)
     stats: dict[int, _CloudStats] = {}
     overlaps: dict[int, torch.Tensor] = {}
     state: dict[str, Any] = {}

@@ -6,6 +6,8 @@ distribution ``p``:
 
 * ``KL(p || q) = sum p log p - sum p (z - m) + log sum exp(z - m)`` with ``m = max z``;
 * ``dKL/dz = q - p``, ``dKL/dx = (q - p) W_f^T``;
+* with a final-logit soft cap ``z = c tanh(u / c)`` (Gemma 2) on the pre-cap logits
+  ``u = x W_f + b_f``, ``dKL/du = (q - p) (1 - (z / c)^2)`` (a logit scale is folded into ``W_f``);
 * through the norm (RMS: ``x = y r``, ``r = (mean y^2 + eps)^-1/2``):
   ``dKL/dy = r (g - x mean(g x))``; LayerNorm also subtracts ``mean(g)``;
 * ``dKL/dW = (dKL/dy)^T h``, ``dKL/db = sum_rows dKL/dy``.
@@ -69,6 +71,7 @@ class LensObjective:
         self.W = readout.W.to(compute_dtype).contiguous()  # [d_model d_vocab]
         self.WT = self.W.T.contiguous()  # [d_vocab d_model], for the backward GEMM
         self.b = None if readout.b is None else readout.b.float()
+        self.softcap = readout.softcap
 
     # ------------------------------------------------------------------------------ the norm
     def normalize(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -104,6 +107,11 @@ class LensObjective:
                 z = z.float()
             if self.b is not None:
                 z += self.b
+            dz = None
+            if self.softcap is not None:
+                z = self.readout.finish(z)
+                if need_grad:
+                    dz = self.readout.finish_derivative(z)
             z -= z.amax(-1, keepdim=True)
             p = final.p[sl]
             pz = torch.linalg.vecdot(p, z)
@@ -113,6 +121,8 @@ class LensObjective:
             if need_grad:
                 z /= s.unsqueeze(-1)  # q
                 z -= p  # q - p
+                if dz is not None:
+                    z *= dz  # through the soft cap
                 gx[sl] = (z.to(self.compute_dtype) @ self.WT).float()
         return kl, gx
 

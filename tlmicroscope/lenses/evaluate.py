@@ -139,7 +139,7 @@ def _row_stats(z: torch.Tensor, p: torch.Tensor, neg_h_p: torch.Tensor, tgt: tor
     kl = (neg_h_p - pz + log_s).clamp_min(0)
     ce = ((log_s - z_t) * has_tgt).sum()
     if marginal is not None:
-        marginal += (ez / s.unsqueeze(1)).sum(0).double()
+        marginal += (ez / s.unsqueeze(1)).sum(0).double().to(marginal.device)
     return kl.sum(), ce, (log_s - qz).sum()
 
 
@@ -208,7 +208,7 @@ def evaluate_lens(
                                  text_field=text_field)
     n_win = max(1, min(windows.shape[0], -(-int(tokens) // seq_len)))
     windows = windows[:n_win]
-    readout = Readout(model)
+    readout = Readout.for_model(model)
     accs = [_Accumulator(L + 1, V, bias) for _ in lenses]
     final_marginal = torch.zeros(V, dtype=torch.float64) if bias else None
     transfer_sum = torch.zeros(L, L, dtype=torch.float64) if transfer else None
@@ -225,9 +225,10 @@ def evaluate_lens(
             logits = logits.reshape(-1, V).float()
             if bi == 0:
                 check_readout_identity(readout, resid[L][-8:], logits[-8:])
-            tgt = torch.zeros(toks.shape, dtype=torch.long)
-            tgt[:, :-1] = toks[:, 1:]
-            has = torch.zeros(toks.shape)
+            dev = logits.device
+            tgt = torch.zeros(toks.shape, dtype=torch.long, device=dev)
+            tgt[:, :-1] = toks[:, 1:].to(dev)
+            has = torch.zeros(toks.shape, device=dev)
             has[:, :-1] = 1
             tgt, has = tgt.reshape(-1), has.reshape(-1)
             n_ce += int(has.sum())
@@ -238,7 +239,7 @@ def evaluate_lens(
                 p = logp.exp()
                 neg_h_p = torch.linalg.vecdot(p, logp)
                 if final_marginal is not None:
-                    final_marginal += p.sum(0).double()
+                    final_marginal += p.sum(0).double().cpu()
                 for lens_i, acc in zip(lenses, accs):
                     for layer in range(L + 1):
                         if layer == L:

@@ -264,8 +264,8 @@ def check_readout_identity(
             atol = identity_tolerance(coarse, float(logits.float().abs().max()) if logits.numel() else 0.0)
     if not diff <= atol:
         flat = int(gap.reshape(-1, gap.shape[-1]).max(-1).values.argmax()) if gap.numel() else 0
-        row_ours = z.float().reshape(-1, z.shape[-1])[flat]
-        row_theirs = logits.float().reshape(-1, logits.shape[-1])[flat]
+        row_ours = z.detach().float().reshape(-1, z.shape[-1])[flat]
+        row_theirs = logits.detach().float().reshape(-1, logits.shape[-1])[flat]
         raise ReadoutIdentityError(
             f"For this {readout.family} model, the lens readout of the last block's hook_resid_post "
             f"differs from the model's own log-probabilities by up to {diff:.3g} (tolerance {atol:.3g}). "

@@ -212,7 +212,7 @@ def lstsq_init(model: Any, lens: TunedLens, windows: torch.Tensor, ids: list[int
     readout is scale-invariant, so each row counts by direction, and high-norm rows (the
     attention-sink position) do not dominate. Normal equations in float64, summed over ranks.
     """
-    readout = Readout(model)
+    readout = Readout.for_model(model)
     L, d = lens.n_layers, lens.d_model
     G = torch.zeros(L, d + 1, d + 1, dtype=torch.float64)
     C = torch.zeros(L, d + 1, d, dtype=torch.float64)
@@ -291,7 +291,7 @@ def train_tuned_lens(
         from tlmicroscope.io import model_fingerprint
 
         lens.model_info = model_fingerprint(model)
-    readout = Readout(model)
+    readout = Readout.for_model(model)
     compute_dtype = resolve_compute_dtype(cfg.precision, model.W_U.device)
     objective = LensObjective(readout, compute_dtype=compute_dtype, chunk_rows=cfg.chunk_rows)
 

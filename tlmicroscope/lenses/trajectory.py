@@ -154,7 +154,7 @@ def _final_blocks(p_f: torch.Tensor, col: int) -> tuple[list[torch.Tensor], list
 
 def _blocked_stats(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None,
                    p_blocks: list[torch.Tensor], p_sums: list[torch.Tensor], neg_h_f: torch.Tensor,
-                   tgt: torch.Tensor, k: int) -> _RowStats:
+                   tgt: torch.Tensor, k: int, finish: Any = None) -> _RowStats:
     """Statistics of ``x @ W + b`` computed one vocabulary block at a time.
 
     Each ``[rows col]`` block of logits z is reduced while it is still in cache. With ``m`` the
@@ -162,7 +162,8 @@ def _blocked_stats(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None,
     ``a = sum exp(z') z'`` are re-expressed when ``m`` grows (an online log-sum-exp);
     ``sum p z`` is linear and needs no rescaling. The count of logits above the target's and a
     running top-k finish the block. (Boolean reductions are slow on the CPU, so the count is
-    ``sum(clamp(sign(z - z_t), 0))`` in float, exact below 2^24.)
+    ``sum(clamp(sign(z - z_t), 0))`` in float, exact below 2^24.) ``finish`` is the readout's
+    output soft cap, applied in place to each float32 block and to the target's logit.
     """
     n = x.shape[0]
     dev = x.device
@@ -172,9 +173,11 @@ def _blocked_stats(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None,
     above = torch.zeros(n, device=dev)
     top_v = torch.full((n, k), -torch.inf, device=dev)
     top_i = torch.zeros((n, k), dtype=torch.long, device=dev)
-    z_t = (x * W[:, tgt].T).sum(-1)
+    z_t = (x * W[:, tgt].T).sum(-1).float()
     if b is not None:
         z_t = z_t + b[tgt]
+    if finish is not None:
+        z_t = finish(z_t)
     e_buf = torch.empty((n, p_blocks[0].shape[1]), device=dev)
     tmp = torch.empty_like(e_buf)
     m = torch.zeros(n, device=dev)
@@ -183,8 +186,12 @@ def _blocked_stats(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None,
         width = p.shape[1]
         e, t = e_buf[:, :width], tmp[:, :width]
         z = x @ W[:, lo : lo + width]
+        if z.dtype != torch.float32:
+            z = z.float()
         if b is not None:
             z += b[lo : lo + width]
+        if finish is not None:
+            z = finish(z)
         bv, bi = z.topk(min(k, width), dim=-1)
         if lo == 0:
             m = bv[:, 0].clone()
@@ -283,7 +290,7 @@ def prediction_trajectory(
     batch, n_pos = toks.shape
     n_rows = batch * n_pos
     flat = resid.reshape(len(needed), n_rows, -1)
-    readout = Readout(model)
+    readout = Readout.for_model(model)
 
     given = cap.logits if cap.logits is not None else logits
     if given is not None and tuple(given.shape[:2]) != (batch, n_pos):
@@ -331,11 +338,9 @@ def prediction_trajectory(
                     st = _dense_stats(zf, neg_h_f, tgt, k)
                 else:
                     h = lens.transform(flat[row_of[layer], rows], layer)
-                    if lens.final_norm:
-                        x, W, b = readout.normalize(h), readout.W, readout.b
-                    else:
-                        x, W, b = h, readout.W_raw, readout.b_raw
-                    st = _blocked_stats(x, W, b, p_blocks, p_sums, neg_h_f, tgt, k)
+                    W, b = readout.weights(lens.final_norm)
+                    x = (readout.normalize(h) if lens.final_norm else h).to(W.dtype)
+                    st = _blocked_stats(x, W, b, p_blocks, p_sums, neg_h_f, tgt, k, readout.finish)
                 entropy[li, rows] = st.entropy
                 kl[li, rows] = st.kl
                 ce[li, rows] = st.ce

@@ -188,11 +188,13 @@ def component_attribution(
         stack, labels = cache.decompose_resid(layer=-1, mode="all", apply_ln=False, incl_embeds=True,
                                               return_labels=True)
         stack = stack.float()
-        readout = Readout(model)
+        readout = Readout.for_model(model)
         h_final = cache[f"blocks.{int(model.cfg.n_layers) - 1}.hook_resid_post"].float()
         if tuple(stack.shape[1:]) != tuple(h_final.shape):
             raise ValueError(f"Cache activations {tuple(h_final.shape)} do not match the tokens {tuple(toks.shape)}.")
-        full_logits = readout(h_final)
+        # The attribution is linear, so it explains the logits before any soft cap (a logit
+        # scale is folded into W); the cap is monotone, so the ranking of targets is the same.
+        full_logits = readout.linear(h_final, final_norm=readout.kind is not None)
         batch, n_pos = toks.shape
         kind, tgt = _targets(target, toks, full_logits)
         safe = tgt.clamp_min(0)
@@ -203,14 +205,14 @@ def component_attribution(
         else:
             h_c = h_final
         scale = torch.rsqrt(h_c.pow(2).mean(-1, keepdim=True) + readout.eps) if readout.kind else torch.ones_like(h_c[..., :1])
-        W = readout.W if readout.kind else readout.W_raw
-        b = readout.b if readout.kind else readout.b_raw
+        W, b = readout.weights(readout.kind is not None)
+        W = W.float()
         if center:
             W = W - W.mean(1, keepdim=True)
             b = None if b is None else b - b.mean()
         w_t = W[:, safe.reshape(-1)].T.reshape(batch, n_pos, -1)  # [batch pos d_model]
         attribution = ((stack * scale) * w_t).sum(-1)
-        bias = b[safe] if b is not None else torch.zeros(batch, n_pos)
+        bias = b[safe] if b is not None else torch.zeros(batch, n_pos, device=full_logits.device)
         logit = full_logits.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
         if center:
             logit = logit - full_logits.mean(-1)
