@@ -1,36 +1,98 @@
-"""Readable strings for token ids, decoded once per tokenizer."""
+"""Readable strings for token ids, decoded on demand and remembered per tokenizer.
+
+Only the ids a result shows are decoded: a 262k-token vocabulary (Gemma 3) takes about 25 s to
+decode whole, while the few hundred ids of a trajectory's top-k take milliseconds. Each
+tokenizer keeps its own table of the ids decoded so far, held weakly (it goes with the
+tokenizer) and emptied when the tokenizer's length changes (tokens added).
+"""
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["vocab_strings", "token_strings"]
-
-_TABLES: dict[int, tuple[Any, np.ndarray]] = {}
+__all__ = ["token_strings", "decode_ids", "vocab_strings"]
 
 
-def vocab_strings(tokenizer: Any, d_vocab: int) -> np.ndarray:
-    """``decode([i])`` for every id below ``d_vocab`` (ids the tokenizer lacks give ``"<i>"``)."""
-    key = id(tokenizer)
-    hit = _TABLES.get(key)
-    if hit is not None and hit[0] is tokenizer and len(hit[1]) >= d_vocab:
-        return hit[1]
+class _Table:
+    """Decoded strings of one tokenizer, by id; ids at or past its length read ``"<i>"``."""
+
+    def __init__(self, n_tok: int):
+        self.n_tok = n_tok
+        self.strings: dict[int, str] = {}
+
+
+_TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_STRONG: dict[int, tuple[Any, _Table]] = {}  # tokenizers that cannot be weakly referenced
+
+
+def _table(tokenizer: Any) -> _Table:
     n_tok = len(tokenizer)
-    decoded = tokenizer.batch_decode([[i] for i in range(min(n_tok, d_vocab))])
-    table = np.array(decoded + [f"<{i}>" for i in range(n_tok, d_vocab)], dtype=object)
-    _TABLES[key] = (tokenizer, table)
+    try:
+        table = _TABLES.get(tokenizer)
+    except TypeError:
+        hit = _STRONG.get(id(tokenizer))
+        table = hit[1] if hit is not None and hit[0] is tokenizer else None
+    if table is None or table.n_tok != n_tok:
+        table = _Table(n_tok)
+        try:
+            _TABLES[tokenizer] = table
+        except TypeError:
+            _STRONG[id(tokenizer)] = (tokenizer, table)
     return table
+
+
+def decode_ids(tokenizer: Any, ids: Any) -> list[str]:
+    """``decode([i])`` for each id in ``ids``, decoding each distinct id at most once per tokenizer.
+
+    Ids the tokenizer lacks (at or past ``len(tokenizer)``, e.g. padding rows of an unembedding)
+    read ``"<i>"``.
+
+    Examples:
+        >>> from tlmicroscope.models.tiny import byte_tokenizer
+        >>> decode_ids(byte_tokenizer(), [104, 105, 104, 9999])
+        ['h', 'i', 'h', '<9999>']
+    """
+    flat = [int(i) for i in ids]
+    table = _table(tokenizer)
+    strings = table.strings
+    missing = sorted({i for i in flat if i not in strings})
+    if missing:
+        known = [i for i in missing if 0 <= i < table.n_tok]
+        if known:
+            for i, s in zip(known, tokenizer.batch_decode([[i] for i in known])):
+                strings[i] = s
+        for i in missing:
+            if not 0 <= i < table.n_tok:
+                strings[i] = f"<{i}>"
+    return [strings[i] for i in flat]
 
 
 def token_strings(model: Any, ids: torch.Tensor) -> np.ndarray:
     """An object array of the same shape as ``ids`` holding each token's text."""
     tok = getattr(model, "tokenizer", None)
-    flat = ids.detach().cpu().reshape(-1).numpy()
+    arr = np.asarray(ids.detach().cpu() if isinstance(ids, torch.Tensor) else ids, dtype=np.int64)
+    flat = arr.reshape(-1)
     if tok is None:
         out = np.array([f"<{i}>" for i in flat], dtype=object)
     else:
-        out = vocab_strings(tok, int(model.cfg.d_vocab))[flat]
-    return out.reshape(tuple(ids.shape))
+        uniq, inverse = np.unique(flat, return_inverse=True)
+        out = _objects(decode_ids(tok, uniq.tolist()))[inverse]
+    return out.reshape(arr.shape)
+
+
+def vocab_strings(tokenizer: Any, d_vocab: int) -> np.ndarray:
+    """``decode([i])`` for every id below ``d_vocab``: the whole vocabulary (slow on large ones).
+
+    Prefer ``token_strings``/``decode_ids``, which decode only the ids asked for.
+    """
+    return _objects(decode_ids(tokenizer, range(d_vocab)))
+
+
+def _objects(strings: list[str]) -> np.ndarray:
+    out = np.empty(len(strings), dtype=object)
+    out[:] = strings
+    return out
