@@ -38,7 +38,11 @@ _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def _tensor_key(t: torch.Tensor | None) -> tuple:
     if t is None:
         return (None,)
-    return (t.data_ptr(), t._version, tuple(t.shape), t.dtype, str(t.device))
+    try:
+        version = t._version
+    except RuntimeError:  # an inference tensor keeps no version counter
+        version = -1
+    return (t.data_ptr(), version, tuple(t.shape), t.dtype, str(t.device))
 
 
 class Readout:
