@@ -31,6 +31,9 @@ BosPolicy = Literal["tokenizer"] | bool
 # (TransformerLens 3 only knows its own list of official names).
 _HOOKED_LLAMA_LIKE = ("LlamaForCausalLM", "MistralForCausalLM")
 
+# Gemma 3 text models TransformerLens 3 has configs for: (d_model, n_layers, n_heads, d_mlp).
+_HOOKED_GEMMA3 = {"google/gemma-3-270m": (640, 18, 4, 2048), "google/gemma-3-1b-pt": (1152, 26, 4, 6912)}
+
 #: Names of the tiny seeded random models (see ``tiny_model``); they carry no knowledge.
 TINY_NAMES = {"tiny-llama": "llama", "tiny-gpt2": "gpt2"}
 
@@ -130,10 +133,13 @@ def _hooked_from_hf(hf: Any, tok: Any, device: str, dtype: torch.dtype, n_ctx: i
 
     c = hf.config
     arch = (getattr(c, "architectures", None) or [type(hf).__name__])[0]
+    if arch == "Gemma3ForCausalLM":
+        return _hooked_gemma3(hf, tok, device, dtype, n_ctx, process)
     if arch not in _HOOKED_LLAMA_LIKE:
         raise ValueError(
             f"kind='hooked' can build a HookedTransformer from local files only for Llama-architecture "
-            f"models, and this one is {arch}. Use kind='bridge' for it."
+            f"models and Gemma 3 text models ({', '.join(_HOOKED_GEMMA3)}), and this one is {arch}. "
+            "Use kind='bridge' for it."
         )
     d_head = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     cfg = HookedTransformerConfig(
@@ -160,6 +166,38 @@ def _hooked_from_hf(hf: Any, tok: Any, device: str, dtype: torch.dtype, n_ctx: i
         dtype=dtype,
     )
     state = convert_llama_weights(hf, cfg)
+    model = HookedTransformer(cfg, tokenizer=tok, move_to_device=False)
+    model.load_and_process_state_dict(
+        state,
+        fold_ln=process,
+        center_writing_weights=process,
+        center_unembed=process,
+        fold_value_biases=process,
+    )
+    return model.to(device)
+
+
+def _hooked_gemma3(hf: Any, tok: Any, device: str, dtype: torch.dtype, n_ctx: int, process: bool):
+    # TransformerLens 3 knows Gemma 3's local/global layers, two rotary bases, qk-norm and (1 + w)
+    # norms only through its official configs; take the one whose shape matches these weights.
+    from transformer_lens import HookedTransformer
+    from transformer_lens.loading_from_pretrained import get_pretrained_model_config
+    from transformer_lens.pretrained.weight_conversions import convert_gemma_weights
+
+    c = hf.config
+    shape = (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.intermediate_size)
+    name = next((n for n, s in _HOOKED_GEMMA3.items() if s == shape), None)
+    if name is None:
+        raise ValueError(
+            f"kind='hooked' builds a Gemma 3 HookedTransformer only for the shapes of "
+            f"{', '.join(_HOOKED_GEMMA3)} (d_model, layers, heads, d_mlp), and this model has "
+            f"{shape}. Use kind='bridge' for it."
+        )
+    cfg = get_pretrained_model_config(name, device=device, dtype=dtype, n_ctx=n_ctx)
+    cfg.d_vocab = cfg.d_vocab_out = c.vocab_size
+    cfg.tokenizer_prepends_bos = _tokenizer_adds_bos(tok)
+    _mark_bos(tok)
+    state = convert_gemma_weights(hf, cfg)
     model = HookedTransformer(cfg, tokenizer=tok, move_to_device=False)
     model.load_and_process_state_dict(
         state,
