@@ -10,12 +10,17 @@ the model's own forward pass or autograd, never against the readout's own output
 from __future__ import annotations
 
 import os
-from functools import lru_cache
+from functools import cache
 
 import pytest
 import torch
 
-from tlmicroscope.lenses import Readout, ReadoutIdentityError, check_readout_identity, prediction_trajectory
+from tlmicroscope.lenses import (
+    Readout,
+    ReadoutIdentityError,
+    check_readout_identity,
+    prediction_trajectory,
+)
 from tlmicroscope.models import _compat
 from tlmicroscope.models.tiny import byte_tokenizer
 
@@ -26,8 +31,8 @@ RUN_BRIDGE = KIND in ("auto", "bridge")
 RUN_HOOKED = KIND == "hooked" or (KIND == "auto" and _compat.has_hooked_transformer())
 V = 259  # the byte tokenizer's vocabulary
 TARGET_LOGIT = 40.0  # largest |logit| after scaling the unembedding: tens of nats, past any soft cap
-COMMON = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64)
+COMMON = {"vocab_size": V, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+          "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "max_position_embeddings": 64}
 
 
 def _families() -> dict:
@@ -42,11 +47,11 @@ def _families() -> dict:
         "cohere": (tf.CohereConfig, tf.CohereForCausalLM, dict(COMMON, logit_scale=0.25)),
         "granite": (tf.GraniteConfig, tf.GraniteForCausalLM, dict(
             COMMON, logits_scaling=4.0, tie_word_embeddings=False)),
-        "phi": (tf.PhiConfig, tf.PhiForCausalLM, dict(
-            vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, max_position_embeddings=64, partial_rotary_factor=0.5)),
-        "gpt2": (tf.GPT2Config, tf.GPT2LMHeadModel, dict(
-            vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=64)),
+        "phi": (tf.PhiConfig, tf.PhiForCausalLM, {
+            "vocab_size": V, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "max_position_embeddings": 64, "partial_rotary_factor": 0.5}),
+        "gpt2": (tf.GPT2Config, tf.GPT2LMHeadModel, {
+            "vocab_size": V, "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64}),
         "llama-untied": (tf.LlamaConfig, tf.LlamaForCausalLM, dict(COMMON, tie_word_embeddings=False)),
     }
 
@@ -64,7 +69,7 @@ def _hf_output_scale(hf) -> float:
     return 1.0
 
 
-@lru_cache(maxsize=None)
+@cache
 def _hf(family: str, dtype: torch.dtype = torch.float32):
     """The seeded Hugging Face model: perturbed norms and biases, unembedding scaled so the
     largest pre-cap output logit is about ``TARGET_LOGIT``."""
@@ -88,7 +93,7 @@ def _hf(family: str, dtype: torch.dtype = torch.float32):
     return hf.to(dtype)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _bridge(family: str, dtype: torch.dtype = torch.float32):
     from transformer_lens.model_bridge import TransformerBridge
 
@@ -105,8 +110,8 @@ def _hooked(family: str):
     """HookedTransformer families from its own config: a soft-capped RMS model and a biased LN one."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    shape = dict(d_model=32, d_head=8, n_heads=4, n_layers=2, n_ctx=64, d_vocab=V, d_mlp=64, seed=0,
-                 default_prepend_bos=False, tokenizer_prepends_bos=False)
+    shape = {"d_model": 32, "d_head": 8, "n_heads": 4, "n_layers": 2, "n_ctx": 64, "d_vocab": V, "d_mlp": 64, "seed": 0,
+                 "default_prepend_bos": False, "tokenizer_prepends_bos": False}
     if family == "softcap":
         cfg = HookedTransformerConfig(**shape, act_fn="gelu", normalization_type="RMS", final_rms=True,
                                       positional_embedding_type="rotary", rotary_dim=8,

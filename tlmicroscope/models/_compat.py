@@ -8,6 +8,7 @@ Never write ``isinstance(model, HookedTransformer)``: that name does not exist o
 from __future__ import annotations
 
 import importlib.metadata
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -192,7 +193,7 @@ def _positive(x: Any) -> float | None:
         v = float(x)
     except (TypeError, ValueError):
         return None
-    return v if v > 0 and v == v and v != float("inf") else None
+    return v if math.isfinite(v) and v > 0 else None
 
 
 def _probe_transform(fn: Any, source: str) -> OutputTransform:
