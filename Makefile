@@ -11,7 +11,7 @@ PIP_QUIET ?= -q
 BIN := $(VENV)/bin
 OUT ?= out
 
-.PHONY: demo test test-fast test-tl3 bench setup setup-tl3 clean
+.PHONY: demo test test-full test-fast bench setup setup-tl3 clean
 
 $(BIN)/.tlmicroscope-installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,11 +37,14 @@ setup-tl3: $(VENV_TL3)/bin/.tlmicroscope-installed
 demo: setup
 	$(BIN)/tlmicroscope demo --out $(OUT)/demo-report.html
 
-## test: the full suite on TransformerLens 4, then the model-facing tests on 3.9 with both classes.
-test: setup setup-tl3
-	$(BIN)/python -m pytest
-	TLMICROSCOPE_TEST_KIND=hooked $(VENV_TL3)/bin/python -m pytest -m "models and not browser" -p no:cacheprovider
-	TLMICROSCOPE_TEST_KIND=bridge $(VENV_TL3)/bin/python -m pytest -m "models and not browser" -p no:cacheprovider
+## test: set-up, the suite on TransformerLens 4 (tutorials in smoke mode), then what differs between
+## the model classes on TransformerLens 3.9 with both classes; prints each phase's time (.ci/test-phases).
+test:
+	PYTHON_TL4=$(BIN)/python PYTHON_TL3=$(VENV_TL3)/bin/python bash .ci/test-phases
+
+## test-full: `make test`, then everything marked slow (the tutorials in quick mode, long checks).
+test-full: test
+	$(BIN)/python -m pytest -m slow --durations=25
 
 ## test-fast: the suite without the embedded model, on TransformerLens 4 only.
 test-fast: setup

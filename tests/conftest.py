@@ -16,10 +16,15 @@ import torch
 KIND = os.environ.get("TLMICROSCOPE_TEST_KIND", "auto")
 
 
+# Under pytest-xdist each worker process keeps one torch thread, so two workers share the two
+# cores instead of four threads fighting for them; alone, a run keeps up to two threads.
+_THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
     torch.manual_seed(0)
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    torch.set_num_threads(min(_THREADS, torch.get_num_threads()))
     yield
 
 
