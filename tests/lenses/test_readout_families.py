@@ -338,6 +338,34 @@ def test_bfloat16_model_gets_float32_statistics(family):
     assert check_readout_identity(readout, h[0], logits[0]) < 1.0
 
 
+def test_bfloat16_model_runs_the_lens_and_causal_analyses():
+    """Tuned-lens evaluation and training, CBE and attribution on a soft-capped bfloat16 model:
+    finite float32 results close to the same model in float32."""
+    if not RUN_BRIDGE:
+        pytest.skip("bridge families run under TLMICROSCOPE_TEST_KIND=bridge/auto")
+    from tlmicroscope.causal import extract_causal_basis
+    from tlmicroscope.lenses import TunedLens, evaluate_lens, train_tuned_lens
+    from tlmicroscope.microscope import component_attribution
+
+    text = ["the quick brown fox jumps over the lazy dog " * 8]
+    results = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        model, _ = _bridge("gemma2", dtype)
+        ev = evaluate_lens(model, TunedLens.for_model(model), text, tokens=64, seq_len=32, holdout=0.3,
+                           progress=False)
+        trained = train_tuned_lens(model, text, steps=1, tokens_per_step=32, seq_len=32, progress=False)
+        basis = extract_causal_basis(model, "logit", TOKENS, layer=1, k=2, max_iter=8, progress=False,
+                                     on_nonconvergence="ignore")
+        attr = component_attribution(model, TOKENS)
+        results[dtype] = (ev.kl, attr.attribution)
+        assert float(basis.energies[0]) > 0
+        for t in (ev.kl, ev.entropy, basis.energies, attr.attribution):
+            assert t.dtype == torch.float32 and bool(torch.isfinite(t).all())
+        assert bool(torch.isfinite(trained.lens.weight).all())
+    for a, b in zip(results[torch.bfloat16], results[torch.float32]):
+        assert float((a - b).abs().max()) < 0.1 * float(b.abs().max()) + 0.05
+
+
 def test_float16_logits_past_its_range_stay_finite():
     """Logits beyond float16's range overflow in the model's dtype; the readout's do not."""
     if not RUN_BRIDGE:

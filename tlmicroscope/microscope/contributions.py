@@ -187,6 +187,10 @@ def component_attribution(
     with torch.inference_mode():
         stack, labels = cache.decompose_resid(layer=-1, mode="all", apply_ln=False, incl_embeds=True,
                                               return_labels=True)
+        # Half-precision activations round each piece: widen the check by the dtype's precision.
+        act_dtype = stack.dtype
+        if act_dtype in (torch.float16, torch.bfloat16):
+            atol = max(atol, 4.0 * torch.finfo(act_dtype).eps)
         stack = stack.float()
         readout = Readout.for_model(model)
         h_final = cache[f"blocks.{int(model.cfg.n_layers) - 1}.hook_resid_post"].float()
