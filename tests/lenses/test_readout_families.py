@@ -106,12 +106,39 @@ def _bridge(family: str, dtype: torch.dtype = torch.float32):
     return bridge.eval(), hf
 
 
+def _hooked_gemma2():
+    """The Hugging Face Gemma 2 converted by TransformerLens 3's own ``convert_gemma_weights``,
+    which stores the final norm's gain as ``1 + w``."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens.pretrained.weight_conversions import convert_gemma_weights
+
+    hf = _hf("gemma2")
+    c = hf.config
+    rope = (getattr(c, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
+    cfg = HookedTransformerConfig(
+        d_model=32, d_head=8, n_heads=4, d_mlp=64, n_layers=2, n_ctx=64, eps=c.rms_norm_eps, d_vocab=V,
+        act_fn="gelu_pytorch_tanh", normalization_type="RMS", rotary_base=rope, rotary_dim=8,
+        positional_embedding_type="rotary", use_attn_scale=True, n_key_value_heads=2, window_size=16,
+        use_local_attn=True, attn_types=["local", "global"], attn_scores_soft_cap=50.0,
+        output_logits_soft_cap=c.final_logit_softcapping, gated_mlp=True, final_rms=True,
+        use_normalization_before_and_after=True, original_architecture="Gemma2ForCausalLM",
+        default_prepend_bos=False, tokenizer_prepends_bos=False)
+    model = HookedTransformer(cfg, tokenizer=byte_tokenizer())
+    model.load_state_dict(convert_gemma_weights(hf, cfg), strict=False)
+    model._tlmicroscope_processed = False
+    return model.eval()
+
+
+@cache
 def _hooked(family: str):
-    """HookedTransformer families from its own config: a soft-capped RMS model and a biased LN one."""
+    """HookedTransformer families from its own config: a soft-capped RMS model, a biased LN one,
+    and Gemma 2 converted from Hugging Face."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+    if family == "gemma2":
+        return _hooked_gemma2()
     shape = {"d_model": 32, "d_head": 8, "n_heads": 4, "n_layers": 2, "n_ctx": 64, "d_vocab": V, "d_mlp": 64, "seed": 0,
-                 "default_prepend_bos": False, "tokenizer_prepends_bos": False}
+             "default_prepend_bos": False, "tokenizer_prepends_bos": False}
     if family == "softcap":
         cfg = HookedTransformerConfig(**shape, act_fn="gelu", normalization_type="RMS", final_rms=True,
                                       positional_embedding_type="rotary", rotary_dim=8,
@@ -144,7 +171,7 @@ def _model(spec: str):
     return _hooked(family)
 
 
-SPECS = [f"bridge:{f}" for f in FAMILIES] + ["hooked:softcap", "hooked:biased"]
+SPECS = [f"bridge:{f}" for f in FAMILIES] + ["hooked:softcap", "hooked:biased", "hooked:gemma2"]
 
 
 def _last_resid(model, toks):
@@ -162,9 +189,9 @@ def test_readout_reproduces_the_models_log_probs(spec):
         readout = Readout.for_model(model)
         ours = torch.log_softmax(readout(h), -1)
     theirs = torch.log_softmax(logits.float(), -1)
-    if spec.startswith("bridge:"):  # the Hugging Face model itself, not through the bridge
+    if spec.startswith("bridge:") or spec == "hooked:gemma2":  # the Hugging Face model itself
         with torch.no_grad():
-            hf_logits = _bridge(spec.split(":")[1])[1](TOKENS).logits
+            hf_logits = _hf(spec.split(":")[1])(TOKENS).logits
         theirs = torch.log_softmax(hf_logits.float(), -1)
     assert ours.dtype == torch.float32
     torch.testing.assert_close(ours, theirs, atol=2e-4, rtol=0)
@@ -173,7 +200,7 @@ def test_readout_reproduces_the_models_log_probs(spec):
     assert float(logits.abs().max()) > 5.0
 
 
-@pytest.mark.parametrize("spec", ["bridge:gemma2", "hooked:softcap"])
+@pytest.mark.parametrize("spec", ["bridge:gemma2", "hooked:softcap", "hooked:gemma2"])
 def test_soft_cap_bites_and_bounds_the_logits(spec):
     model = _model(spec)
     readout = Readout.for_model(model)
@@ -214,6 +241,27 @@ def test_a_readout_without_the_transform_is_refused_naming_the_family(spec, attr
         check_readout_identity(readout, h[0], logits[0])
 
 
+@pytest.mark.parametrize("family", ["gemma2", "cohere"])
+def test_processed_weights_keep_the_identity(family):
+    """After fold_ln/centring (Cohere's adapter then folds logit_scale into W_U itself)."""
+    if not RUN_BRIDGE:
+        pytest.skip("bridge families run under TLMICROSCOPE_TEST_KIND=bridge/auto")
+    from transformer_lens.model_bridge import TransformerBridge
+
+    cfg_cls, model_cls, kw = _families()[family]
+    hf = model_cls(cfg_cls(**kw)).eval()
+    hf.load_state_dict(_hf(family).state_dict())
+    hf.config.architectures = [model_cls.__name__]
+    with torch.no_grad():
+        expect = torch.log_softmax(hf(TOKENS).logits, -1)
+    model = TransformerBridge.boot_transformers(f"tiny-{family}", hf_model=hf, tokenizer=byte_tokenizer())
+    model.enable_compatibility_mode(disable_warnings=True)
+    with torch.no_grad():
+        h, _ = _last_resid(model, TOKENS)
+        ours = torch.log_softmax(Readout.for_model(model)(h), -1)
+    torch.testing.assert_close(ours, expect, atol=2e-4, rtol=0)
+
+
 def test_bias_and_tying_are_what_the_model_has():
     if not RUN_BRIDGE:
         pytest.skip("bridge families run under TLMICROSCOPE_TEST_KIND=bridge/auto")
@@ -227,7 +275,7 @@ def test_bias_and_tying_are_what_the_model_has():
 
 # ------------------------------------------------------------------------------- gradients
 @pytest.mark.parametrize("spec", ["bridge:gemma2", "bridge:cohere", "bridge:granite", "bridge:phi",
-                                  "hooked:softcap"])
+                                  "hooked:softcap", "hooked:gemma2"])
 def test_gradient_through_the_readout_is_the_models(spec):
     """d log p(target) / d h at the last residual: autograd through the readout against autograd
     through the model's own final norm, head and output transform."""
