@@ -25,6 +25,7 @@ __all__ = [
     "hook_name",
     "site_hooks",
     "residual_stream_names",
+    "site_exists",
     "Captured",
     "capture",
     "stream",
@@ -51,6 +52,48 @@ GLOBAL_SITES: dict[str, str] = {
     "pos_embed": "hook_pos_embed",
     "ln_final": "ln_final.hook_normalized",
 }
+
+def site_exists(model: Any, site: str) -> bool:
+    """Whether ``model`` has ``site`` (judged by its ``hook_dict`` at block 0).
+
+    Not every family has every site: blocks that run attention and MLP in parallel (GPT-NeoX,
+    Cohere) have no ``resid_mid``, Cohere's and OLMo-2's no ``ln2`` (or ``ln1``), rotary models
+    no ``pos_embed``.
+    """
+    hooks = getattr(model, "hook_dict", None)
+    if hooks is None or (site not in GLOBAL_SITES and site not in BLOCK_SITES):
+        return True  # "resid" and unknown names: site_hooks judges those
+    name = GLOBAL_SITES[site] if site in GLOBAL_SITES else BLOCK_SITES[site].format(layer=0)
+    return name in hooks
+
+
+def _why_absent(model: Any, site: str) -> str:
+    cfg = model.cfg
+    if site == "pos_embed":
+        return f"it has no learned positional embedding ({cfg.positional_embedding_type} positions)"
+    if getattr(cfg, "parallel_attn_mlp", False) and site in ("resid_mid", "ln2"):
+        shared = " and both read one shared norm" if site == "ln2" else ""
+        return (f"its blocks run attention and MLP in parallel on the same input{shared}, so there "
+                "is no residual state between them")
+    if site in ("ln1", "ln2"):
+        return "its blocks normalise the attention and MLP outputs, not their inputs (no pre-norm)"
+    if site == "mlp_post":
+        return "its MLP is a mixture of experts, with no single hidden activation"
+    return "TransformerLens exposes no such hook for it"
+
+
+def _refuse_absent_sites(model: Any, sites: Sequence[str]) -> None:
+    absent = [s for s in sites if not site_exists(model, s)]
+    if not absent:
+        return
+    cfg = model.cfg
+    arch = getattr(cfg, "original_architecture", None) or getattr(cfg, "architecture", None)
+    label = str(getattr(model, "_tlmicroscope_name", None) or getattr(cfg, "model_name", "this model"))
+    reasons = "; ".join(f"no {s}: {_why_absent(model, s)}" for s in absent)
+    raise ValueError(
+        f"{label} ({arch or type(model).__name__}) lacks a site asked for: {reasons}. "
+        f"Leave {absent} out of the sites or components."
+    )
 
 
 def hook_name(site: str, layer: int | None = None, *, n_layers: int | None = None) -> str:
@@ -191,6 +234,7 @@ def stream(
     resolved = resolve_input(model, tokens, prepend_bos=prepend_bos, truncate=truncate)
     model, toks = resolved.model, resolved.tokens
     n_layers = model.cfg.n_layers
+    _refuse_absent_sites(model, sites)
     pos_idx = _positions_index(positions, toks.shape[-1])
     plan = {site: site_hooks(site, layers, n_layers) for site in sites}
 

@@ -58,6 +58,7 @@ __all__ = [
     "capture_components",
     "intermediate_layers",
     "layer_norm_parameter_free",
+    "default_components",
     "state_plan",
     "stream_states",
     "unit_length",
@@ -79,6 +80,13 @@ POST_ADD = ("embed", "resid_mid", "resid_post", "ln_final")
 
 _BLOCK_COMPONENTS = ("ln1", "attn_out", "resid_mid", "ln2", "mlp_out", "resid_post")
 _FP16_MAX = float(torch.finfo(torch.float16).max)
+
+
+def default_components(model: Any, wanted: Sequence[str] = COMPONENTS) -> tuple[str, ...]:
+    """``wanted`` less the sites the model lacks (``resid_mid``/``ln2`` of parallel blocks)."""
+    from tlmicroscope.capture import site_exists
+
+    return tuple(c for c in wanted if site_exists(model, c))
 
 
 def intermediate_layers(n_layers: int) -> list[int]:
@@ -219,7 +227,7 @@ def capture_components(
     model_or_cache: Any,
     tokens: TextOrTokens | None = None,
     *,
-    components: Sequence[str] = COMPONENTS,
+    components: Sequence[str] | None = None,
     layers: Sequence[int] | None = None,
     positions: Any = None,
     drop_first: bool = False,
@@ -243,7 +251,8 @@ def capture_components(
         model_or_cache: A TransformerLens model, or an ``ActivationCache`` holding the hooks.
         tokens: Text, a list of equal-length texts, or ids ``[batch pos]`` (e.g. from
             ``tlmicroscope.corpus.token_windows``).
-        components: Which of ``COMPONENTS`` (default all eight).
+        components: Which of ``COMPONENTS`` (default all eight, less ``resid_mid``/``ln2`` on
+            models whose blocks run attention and MLP in parallel and so lack them).
         layers: Blocks to capture (default all); the embedding and final norm are always one state.
         positions: Positions to keep (indices or a slice; default all).
         drop_first: Drop position 0, as the reference does for raw (non-unit) projections.
@@ -281,6 +290,8 @@ def capture_components(
                              require_tokens=False)
     model, cache, toks = resolved.model, resolved.cache, resolved.tokens
     n_layers = model.cfg.n_layers
+    if components is None:
+        components = COMPONENTS if cache is not None else default_components(model)
     plan = state_plan(components, layers, n_layers)
     settings = dict(components=list(components), layers=None if layers is None else list(layers),
                     drop_first=drop_first, max_positions=max_positions, average=list(axes),

@@ -26,6 +26,7 @@ from jaxtyping import Float
 from tlmicroscope.geometry.components import (
     ComponentStates,
     capture_components,
+    default_components,
     intermediate_layers,
     unit_length,
 )
@@ -142,7 +143,7 @@ def positional_geometry(
     n_windows: int = 32,
     seq_len: int = 256,
     layers: Sequence[int] | None = None,
-    components: Sequence[str] = ("resid_mid", "resid_post"),
+    components: Sequence[str] | None = None,
     unit: bool = True,
     batch_size: int = 8,
     progress: bool = True,
@@ -157,7 +158,9 @@ def positional_geometry(
         n_positions: Learned case: rows of ``W_pos`` to use (default all ``n_ctx``).
         corpus: Rotary case: corpus source for the windows (default the embedded corpus).
         layers: Rotary case: blocks to average (default ``intermediate_layers``).
-        components: Rotary case: the post-add states averaged (the reference's choice).
+        components: Rotary case: the post-add states averaged (default ``resid_mid`` and
+            ``resid_post``, the reference's choice; only ``resid_post`` where parallel attention
+            and MLP leave no ``resid_mid``).
         unit: Rotary case: unit-length mean vectors, keeping position 0 (the reference's variant).
 
     Examples:
@@ -181,6 +184,8 @@ def positional_geometry(
             pc_frequency=freq, pc_sinusoid_r2=r2, convergence=conv,
             provenance=Provenance.from_model(model, source="W_pos", n_components=n_components),
         )
+    if model is not None and components is None:
+        components = default_components(model, ("resid_mid", "resid_post"))
     states = model_or_states if model is None else _capture_windows(
         model, tokens, corpus, n_windows, seq_len, layers, components, batch_size, progress)
     if states.positions is None or states.positions.numel() < 4:

@@ -23,7 +23,6 @@ from jaxtyping import Float, Int
 from tlmicroscope._vocab import token_strings
 from tlmicroscope.geometry.component_states import _layer_label
 from tlmicroscope.geometry.components import (
-    COMPONENTS,
     ComponentStates,
     capture_components,
     intermediate_layers,
@@ -189,7 +188,7 @@ def vocabulary_states(
     model: Any,
     token_ids: Sequence[int] | torch.Tensor | None = None,
     *,
-    components: Sequence[str] = COMPONENTS,
+    components: Sequence[str] | None = None,
     layers: Sequence[int] | None = None,
     prepend_bos: bool = False,
     dtype: torch.dtype = torch.float32,
@@ -200,6 +199,7 @@ def vocabulary_states(
 
     Memory is states × tokens × d_model: choose ``token_ids``, ``layers`` and ``dtype`` accordingly
     (the full SmolLM2 vocabulary at one layer is 49152 × 576 floats, 113 MB in float32).
+    ``components`` defaults to every one of ``COMPONENTS`` the model has.
     """
     inputs = single_token_inputs(model, token_ids, prepend_bos=prepend_bos)
     return capture_components(model, inputs, components=components, layers=layers,

@@ -193,7 +193,9 @@ class ContextualizationProbe:
             pos = torch.randint(1, T, (b_idx.numel(),), generator=g)
             with _no_weight_grads(decoder if self.decoder_ is None else None):
                 loss = self._batch_loss(model, decoder, windows, b_idx, pos, states)
-                grads = torch.autograd.grad(loss, params)
+                # A bridge over fused-QKV models (GPT-2, GPT-NeoX, Phi-3) keeps the fused weight
+                # beside the split q/k/v it computes with; the unused copy gets no gradient.
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
             for p, gr in zip(params, grads):
                 p.grad = gr
             torch.nn.utils.clip_grad_norm_(params, 1.0)

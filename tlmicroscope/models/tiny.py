@@ -2,7 +2,9 @@
 
 They need no network and no weights on disk, and exist for both model classes:
 ``"llama"`` is RMSNorm + rotary + gated MLP + grouped-query attention, ``"gpt2"`` is LayerNorm +
-learned positions + multi-head attention.
+learned positions + multi-head attention, both built natively by TransformerLens. Every family
+of ``tlmicroscope.models.families.FAMILIES`` (Gemma 2 and 3, Mixtral, Cohere, ...) is built as a
+random transformers model instead and booted from it, as a real checkpoint would be.
 """
 
 from __future__ import annotations
@@ -103,19 +105,37 @@ def _shape(arch: str, n_layers: int, d_model: int, n_ctx: int) -> dict[str, Any]
         return dict(
             common, act_fn="gelu_new", normalization_type="LN", positional_embedding_type="standard"
         )
-    raise ValueError(f"arch must be 'llama' or 'gpt2', got {arch!r}.")
+    from tlmicroscope.models.families import FAMILIES
+
+    raise ValueError(
+        f"arch must be 'llama' or 'gpt2' for a native tiny model, or one of the families "
+        f"{sorted(FAMILIES)}; got {arch!r}."
+    )
 
 
 def tiny_model(
-    arch: Literal["llama", "gpt2"] = "llama",
+    arch: str = "llama",
     *,
     kind: Literal["auto", "bridge", "hooked"] = "auto",
     n_layers: int = 3,
     d_model: int = 32,
     n_ctx: int = 128,
     seed: int = 0,
+    source: Literal["native", "transformers"] | None = None,
 ) -> Any:
     """A seeded random model of the chosen architecture, in eval mode, with ``byte_tokenizer()``.
+
+    Args:
+        arch: ``"llama"`` or ``"gpt2"`` (built natively by TransformerLens unless ``source`` says
+            otherwise), or any family in ``tlmicroscope.models.families.FAMILIES``.
+        kind: ``"bridge"``, ``"hooked"`` (TransformerLens 3 only) or ``"auto"``.
+        source: ``"native"`` builds the model from a TransformerLens config (``llama``/``gpt2``
+            only); ``"transformers"`` builds a random transformers model of the family and boots
+            TransformerLens from it. ``None`` picks native for ``llama``/``gpt2``.
+
+    Raises:
+        ValueError: an unknown architecture, or ``kind="hooked"`` for a family HookedTransformer
+            cannot hold (the message says why).
 
     Examples:
         >>> model = tiny_model("llama", n_layers=2)
@@ -127,6 +147,16 @@ def tiny_model(
     from tlmicroscope.models.loading import _resolve_kind
 
     resolved = _resolve_kind(kind)
+    if source is None:
+        source = "native" if arch in ("llama", "gpt2") else "transformers"
+    if source == "transformers":
+        from tlmicroscope.models.families import tiny_family_model
+
+        return tiny_family_model(
+            arch, kind=resolved, n_layers=n_layers, d_model=d_model, n_ctx=n_ctx, seed=seed
+        )
+    if source != "native":
+        raise ValueError(f"source must be 'native', 'transformers' or None, got {source!r}.")
     shape = _shape(arch, n_layers, d_model, n_ctx)
     tok = byte_tokenizer()
     torch.manual_seed(seed)
