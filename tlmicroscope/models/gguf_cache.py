@@ -5,7 +5,7 @@ the vocabulary arrays in Python. For a 262k-token vocabulary (Gemma 3) that walk
 seconds, and one ``from_pretrained`` call does it twice (config, then weights) and the tokenizer
 twice more. Within one load tlmicroscope shares one parse among these calls; after the first load
 it reads a float32 safetensors copy of the dequantized weights (plus ``config.json``) instead,
-keyed by the file's content, so later loads take seconds.
+keyed by the file's sha256 and the transformers version, so later loads take seconds.
 """
 
 from __future__ import annotations
@@ -31,27 +31,41 @@ _CHUNK = 4 << 20
 
 
 def gguf_file_key(path: str | Path) -> str:
-    """A short key for a file's content: size, modification time and hashes of its first and last 4 MiB.
+    """A short key for a file's content: the start of its sha256, remembered per path and mtime.
 
-    A full sha256 would read the whole file on every load; this changes whenever the file is
-    replaced or rewritten, which is what a cache key needs.
+    The full hash (about a second for 250 MB) is computed once per path, size and modification
+    time and kept under ``cache_dir() / "file-hashes"``; so the same file installed in two
+    virtual environments shares one cache entry, and a rewritten file never reuses a stale one.
 
     Examples:
-        >>> import tempfile, pathlib
+        >>> import hashlib, tempfile, pathlib
         >>> p = pathlib.Path(tempfile.mkdtemp()) / "x.gguf"
         >>> _ = p.write_bytes(b"GGUF" * 10)
-        >>> len(gguf_file_key(p))
-        16
+        >>> gguf_file_key(p) == hashlib.sha256(b"GGUF" * 10).hexdigest()[:16]
+        True
     """
     path = Path(path)
     st = path.stat()
-    h = hashlib.sha256(f"{st.st_size}|{st.st_mtime_ns}".encode())
+    stamp = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()
+    memo = cache_dir() / "file-hashes" / hashlib.sha256(stamp).hexdigest()[:24]
+    try:
+        return memo.read_text().strip()
+    except OSError:
+        pass
+    h = hashlib.sha256()
     with path.open("rb") as f:
-        h.update(f.read(_CHUNK))
-        if st.st_size > _CHUNK:
-            f.seek(max(_CHUNK, st.st_size - _CHUNK))
-            h.update(f.read(_CHUNK))
-    return h.hexdigest()[:16]
+        while block := f.read(_CHUNK):
+            h.update(block)
+    key = h.hexdigest()[:16]
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".hash-", dir=memo.parent)
+        with os.fdopen(fd, "w") as f:
+            f.write(key)
+        os.replace(tmp, memo)
+    except OSError:  # a read-only cache only costs the hash next time
+        pass
+    return key
 
 
 def _weights_dir(path: Path) -> Path:
