@@ -223,6 +223,12 @@ def identity_tolerance(dtype: torch.dtype, logit_scale: float = 0.0) -> float:
     (each of the two logit roundings and the ``W`` rounding shift a log-probability by a few
     units of 2^-8 of the logit). Dropping a soft cap, a logit scale or Gemma's ``1 + w`` moves
     log-probabilities by far more than that.
+
+    Examples:
+        >>> identity_tolerance(torch.float32, 30.0)
+        0.002
+        >>> round(identity_tolerance(torch.bfloat16, 30.0), 3)
+        1.877
     """
     eps = torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
     if dtype in (torch.float32, torch.float64):

@@ -140,6 +140,11 @@ def model_family(model: Any) -> str:
 
     Read from ``cfg.architecture``, ``cfg.original_architecture`` or the wrapped Hugging Face
     config's ``architectures``/``model_type``, whichever exists first; the class name otherwise.
+
+    Examples:
+        >>> from tlmicroscope.models import tiny_model
+        >>> isinstance(model_family(tiny_model(n_layers=1)), str)
+        True
     """
     cfg = model.cfg
     for attr in ("architecture", "original_architecture"):
@@ -169,6 +174,10 @@ class OutputTransform:
     caps its final logits (``final_logit_softcapping``), Cohere multiplies them by
     ``logit_scale`` and Granite divides them by ``logits_scaling`` before any cap. Every known
     transform has this form; ``source`` says where it was read from, for error messages.
+
+    Examples:
+        >>> OutputTransform(scale=0.25, softcap=30.0).describe()
+        'logits x 0.25, then soft cap 30 * tanh(logits / 30)'
     """
 
     scale: float = 1.0
