@@ -35,7 +35,8 @@ def log(msg: str) -> None:
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """The options every model-facing command shares."""
     p.add_argument("--model", default="smollm2-135m",
-                   help="embedded 'smollm2-135m', a local .gguf or HF folder, or a TransformerLens name")
+                   help="embedded 'smollm2-135m' or 'gemma3-270m', a local .gguf or HF folder, "
+                   "or a TransformerLens name")
     p.add_argument("--kind", default="auto", choices=["auto", "bridge", "hooked"],
                    help="TransformerBridge or HookedTransformer (TransformerLens 3 only)")
     p.add_argument("--device", default="cpu")

