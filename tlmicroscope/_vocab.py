@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["token_strings", "decode_ids", "vocab_strings"]
+__all__ = ["decode_ids", "token_strings", "vocab_strings"]
 
 
 class _Table:

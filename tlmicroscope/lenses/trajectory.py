@@ -1,16 +1,19 @@
 """``prediction_trajectory``: what each layer predicts at each position, through a lens.
 
-Cost model: reading out every layer is about ``n_layers`` unembeddings on top of the forward pass
-(the model's own output supplies the last one). The statistics come from identities that need
-only a few passes over each ``[rows d_vocab]`` logit chunk:
+Cost model: reading out every layer is ``n_layers`` unembeddings on top of the forward pass (the
+model's own output supplies the last one); everything else must cost little next to them. The
+statistics come from identities that need only a few passes over each block of logits:
 
 * ``lse = logsumexp(z)``; ``entropy = lse - E_q[z]``;
 * ``KL(p_final || q) = -H(p_final) - E_p[z] + lse``, since ``sum(p_final) = 1``;
-* ``cross_entropy = lse - z[target]``; ``rank = #{z > z[target]}``; top-k from ``topk(z)``.
+* ``cross_entropy = lse - z[target]``; ``rank = #{z > z[target]}``; the top-k from the k
+  vocabulary groups with the largest maxima.
 
-Rows are read out 512 at a time, and each layer's logits are produced in vocabulary blocks of
-4096 that are reduced (online log-sum-exp, running top-k) while still in cache, so neither a
-``[layer pos d_vocab]`` nor even a full ``[pos d_vocab]`` tensor is built for any layer.
+The rows of every layer at a few positions are read out together (512 rows by default), so the
+unembedding streams through the cache once per chunk, not once per layer, and each ``[rows 1024]``
+block of logits is reduced while still in cache (``_readout_stats``): no ``[layer pos d_vocab]``
+nor even a ``[rows d_vocab]`` tensor is built for any layer. Statistics are float32 whatever the
+model's dtype. Token strings are decoded only for the ids shown (``top_strings``).
 """
 
 from __future__ import annotations
@@ -27,11 +30,12 @@ from jaxtyping import Float, Int
 from tlmicroscope._vocab import token_strings
 from tlmicroscope.capture import capture
 from tlmicroscope.inputs import TextOrTokens, check_layers, resolve_input
-from tlmicroscope.lenses.base import lens_logits, resolve_lens
+from tlmicroscope.lenses import _readout_stats
+from tlmicroscope.lenses.base import resolve_lens
 from tlmicroscope.lenses.readout import Readout, check_readout_identity
 from tlmicroscope.results import Provenance
 
-__all__ = ["PredictionTrajectory", "prediction_trajectory", "STATISTICS", "layer_label"]
+__all__ = ["STATISTICS", "PredictionTrajectory", "layer_label", "prediction_trajectory"]
 
 #: Per-layer, per-position statistics of a trajectory (all natural-log units).
 STATISTICS = ("entropy", "kl", "cross_entropy", "target_rank", "max_prob")
@@ -112,122 +116,21 @@ class PredictionTrajectory:
         return pd.DataFrame(rows)
 
 
-_ROW_CHUNK = 512
-_COL_BLOCK = 4096
+_ROW_CHUNK = 512  # (layer, position) rows read out together
+_COL_BLOCK = _readout_stats._COL_BLOCK
 
 
-def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.vecdot(a, b)
-
-
-@dataclass
-class _RowStats:
-    entropy: torch.Tensor
-    kl: torch.Tensor
-    ce: torch.Tensor
-    rank: torch.Tensor
-    top_v: torch.Tensor  # log-probabilities of the top k
-    top_i: torch.Tensor
-
-
-def _dense_stats(z: torch.Tensor, neg_h_f: torch.Tensor, tgt: torch.Tensor, k: int) -> _RowStats:
-    """Statistics of the model's own output distribution (its KL to itself is 0)."""
-    lse = torch.logsumexp(z, -1)
-    q = torch.exp(z - lse.unsqueeze(1))
-    z_t = z.gather(1, tgt.unsqueeze(1)).squeeze(1)
-    tv, ti = z.topk(k, dim=-1)
-    return _RowStats(
-        entropy=-neg_h_f,
-        kl=torch.zeros_like(lse),
-        ce=lse - z_t,
-        rank=torch.count_nonzero(z > z_t.unsqueeze(1), dim=-1),
-        top_v=tv - lse.unsqueeze(1),
-        top_i=ti,
-    )
-
-
-def _final_blocks(p_f: torch.Tensor, col: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """The final distribution cut into contiguous vocabulary blocks, and each block's row sums."""
-    blocks = [p_f[:, lo : lo + col].contiguous() for lo in range(0, p_f.shape[1], col)]
-    return blocks, [p.sum(-1) for p in blocks]
-
-
-def _blocked_stats(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None,
-                   p_blocks: list[torch.Tensor], p_sums: list[torch.Tensor], neg_h_f: torch.Tensor,
-                   tgt: torch.Tensor, k: int, finish: Any = None) -> _RowStats:
-    """Statistics of ``x @ W + b`` computed one vocabulary block at a time.
-
-    Each ``[rows col]`` block of logits z is reduced while it is still in cache. With ``m`` the
-    running maximum and ``z' = z - m`` (shifted in place), ``s = sum exp(z')`` and
-    ``a = sum exp(z') z'`` are re-expressed when ``m`` grows (an online log-sum-exp);
-    ``sum p z`` is linear and needs no rescaling. The count of logits above the target's and a
-    running top-k finish the block. (Boolean reductions are slow on the CPU, so the count is
-    ``sum(clamp(sign(z - z_t), 0))`` in float, exact below 2^24.) ``finish`` is the readout's
-    output soft cap, applied in place to each float32 block and to the target's logit.
-    """
-    n = x.shape[0]
-    dev = x.device
-    s = torch.zeros(n, device=dev)
-    a = torch.zeros(n, device=dev)
-    pz = torch.zeros(n, device=dev)
-    above = torch.zeros(n, device=dev)
-    top_v = torch.full((n, k), -torch.inf, device=dev)
-    top_i = torch.zeros((n, k), dtype=torch.long, device=dev)
-    z_t = (x * W[:, tgt].T).sum(-1).float()
-    if b is not None:
-        z_t = z_t + b[tgt]
-    if finish is not None:
-        z_t = finish(z_t)
-    e_buf = torch.empty((n, p_blocks[0].shape[1]), device=dev)
-    tmp = torch.empty_like(e_buf)
-    m = torch.zeros(n, device=dev)
-    lo = 0
-    for p, p_sum in zip(p_blocks, p_sums):
-        width = p.shape[1]
-        e, t = e_buf[:, :width], tmp[:, :width]
-        z = x @ W[:, lo : lo + width]
-        if z.dtype != torch.float32:
-            z = z.float()
-        if b is not None:
-            z += b[lo : lo + width]
-        if finish is not None:
-            z = finish(z)
-        bv, bi = z.topk(min(k, width), dim=-1)
-        if lo == 0:
-            m = bv[:, 0].clone()
-        else:
-            new_m = torch.maximum(m, bv[:, 0])
-            shift = m - new_m  # <= 0: re-express the sums so far relative to the new maximum
-            scale = torch.exp(shift)
-            a = (a + shift * s) * scale  # sum e (z - m_old)  ->  sum e' (z - m_new)
-            s = s * scale
-            m = new_m
-        above += torch.sub(z, z_t.unsqueeze(1), out=t).sign_().clamp_(min=0).sum(-1)
-        local = tgt - lo
-        inside = (local >= 0) & (local < width)
-        if inside.any():  # the target never counts as above itself, whatever the rounding
-            self_v = z.gather(1, local.clamp(0, width - 1).unsqueeze(1)).squeeze(1)
-            above -= (inside & (self_v > z_t)).float()
-        pz += torch.linalg.vecdot(p, z)
-        z.sub_(m.unsqueeze(1))
-        torch.exp(z, out=e)
-        s += e.sum(-1)
-        a += torch.linalg.vecdot(e, z)
-        cat_v = torch.cat([top_v, bv], 1)
-        cat_i = torch.cat([top_i, bi + lo], 1)
-        top_v, idx = cat_v.topk(k, dim=-1)
-        top_i = cat_i.gather(1, idx)
-        lo += width
-    lse = m + torch.log(s)
-    neg_h = a / s - torch.log(s)  # E_q[z - m] - log s = sum q log q
-    return _RowStats(
-        entropy=-neg_h,
-        kl=(neg_h_f - pz + lse).clamp_min(0.0),
-        ce=lse - z_t,
-        rank=above.round().long(),
-        top_v=top_v - lse.unsqueeze(1),
-        top_i=top_i,
-    )
+def _store(out: dict[str, torch.Tensor], li: int, rows: slice, st: _readout_stats.RowStats,
+           kl: torch.Tensor, every: tuple[int, int] = (0, 1)) -> None:
+    """Write rows ``j::n`` of ``st`` (position-major: layer j of each position) as layer ``li``."""
+    j, n = every
+    pick = slice(j, None, n)
+    out["entropy"][li, rows] = st.entropy[pick]
+    out["kl"][li, rows] = kl[pick]
+    out["ce"][li, rows] = st.ce[pick]
+    out["rank"][li, rows] = st.rank[pick]
+    out["top_p"][li, rows] = st.top_v[pick].exp()
+    out["top_i"][li, rows] = st.top_i[pick]
 
 
 def prediction_trajectory(
@@ -291,6 +194,7 @@ def prediction_trajectory(
     n_rows = batch * n_pos
     flat = resid.reshape(len(needed), n_rows, -1)
     readout = Readout.for_model(model)
+    dev = resid.device
 
     given = cap.logits if cap.logits is not None else logits
     if given is not None and tuple(given.shape[:2]) != (batch, n_pos):
@@ -304,50 +208,61 @@ def prediction_trajectory(
 
     targets = torch.full((batch, n_pos), -1, dtype=torch.long, device=toks.device)
     targets[:, :-1] = toks[:, 1:]
-    flat_targets = targets.reshape(-1)
+    flat_targets = targets.reshape(-1).to(dev)
     has_target = flat_targets >= 0
     safe_targets = flat_targets.clamp_min(0)
 
     n_l = len(layer_list)
-    dev = resid.device
-    entropy = torch.empty(n_l, n_rows, device=dev)
-    kl = torch.empty(n_l, n_rows, device=dev)
-    ce = torch.empty(n_l, n_rows, device=dev)
-    rank = torch.empty(n_l, n_rows, dtype=torch.long, device=dev)
-    top_p = torch.empty(n_l, n_rows, k, device=dev)
-    top_i = torch.empty(n_l, n_rows, k, dtype=torch.long, device=dev)
+    out = {
+        "entropy": torch.empty(n_l, n_rows, device=dev),
+        "kl": torch.empty(n_l, n_rows, device=dev),
+        "ce": torch.empty(n_l, n_rows, device=dev),
+        "rank": torch.empty(n_l, n_rows, dtype=torch.long, device=dev),
+        "top_p": torch.empty(n_l, n_rows, k, device=dev),
+        "top_i": torch.empty(n_l, n_rows, k, dtype=torch.long, device=dev),
+    }
 
-    row_chunk = chunk_size or _ROW_CHUNK
-    col = _COL_BLOCK
+    # Rows of every intermediate layer at a few positions are read out together, so the
+    # unembedding streams through the cache once per chunk rather than once per layer.
+    inner = [(li, layer) for li, layer in enumerate(layer_list) if layer != n_layers]
+    out_li = layer_list.index(n_layers) if n_layers in layer_list else None
+    n_in = len(inner)
+    per_chunk = max(1, (chunk_size or _ROW_CHUNK) // max(n_in, 1))
+    n_chunks = -(-n_rows // per_chunk)
+    per_chunk = -(-n_rows // n_chunks)
+    col = min(_COL_BLOCK, d_vocab)
+    W_rows, b = _readout_stats.unembed_rows(readout, lens.final_norm)
+    finish = readout.finish if readout.softcap is not None else None
     with torch.inference_mode():
-        for start in range(0, n_rows, row_chunk):
-            rows = slice(start, min(start + row_chunk, n_rows))
+        for start in range(0, n_rows, per_chunk):
+            rows = slice(start, min(start + per_chunk, n_rows))
             tgt = safe_targets[rows]
             if final_logits is not None:
                 zf = final_logits[rows].float()
             else:
-                zf = readout(flat[row_of[n_layers], rows]).float()
-            lse_f = torch.logsumexp(zf, -1)
-            p_f = torch.exp(zf - lse_f.unsqueeze(1))
-            neg_h_f = _row_dot(p_f, zf) - lse_f  # sum p log p
-            # The final distribution, cut once into per-block work buffers shared by every layer.
-            p_blocks, p_sums = _final_blocks(p_f, col)
+                zf = readout(flat[row_of[n_layers], rows])
+            fin, p_f, p_sums = _readout_stats.final_stats(zf, tgt, k, col)
+            del zf
+            if out_li is not None:
+                _store(out, out_li, rows, fin, torch.zeros_like(fin.lse))
+            if not inner:
+                continue
+            hs = []
+            for _, layer in inner:
+                h = lens.transform(flat[row_of[layer], rows], layer)
+                hs.append(readout.normalize(h) if lens.final_norm else h.float())
+            x = torch.stack(hs, 1).reshape(-1, hs[0].shape[-1])  # position-major rows
+            del hs
+            st = _readout_stats.blocked_stats(
+                x, W_rows, b, finish, tgt.repeat_interleave(n_in), p_f, p_sums, n_in, k, col
+            )
             del p_f
-            for li, layer in enumerate(layer_list):
-                if layer == n_layers:
-                    st = _dense_stats(zf, neg_h_f, tgt, k)
-                else:
-                    h = lens.transform(flat[row_of[layer], rows], layer)
-                    W, b = readout.weights(lens.final_norm)
-                    x = (readout.normalize(h) if lens.final_norm else h).to(W.dtype)
-                    st = _blocked_stats(x, W, b, p_blocks, p_sums, neg_h_f, tgt, k, readout.finish)
-                entropy[li, rows] = st.entropy
-                kl[li, rows] = st.kl
-                ce[li, rows] = st.ce
-                rank[li, rows] = st.rank
-                top_p[li, rows] = st.top_v.exp()
-                top_i[li, rows] = st.top_i
+            neg_h_f = (fin.pz - fin.lse).repeat_interleave(n_in)  # sum p log p of the final
+            kl_rows = (neg_h_f - st.pz + st.lse).clamp_min(0.0)  # KL(p_final || q)
+            for j, (li, _) in enumerate(inner):
+                _store(out, li, rows, st, kl_rows, every=(j, n_in))
 
+    entropy, kl, ce, rank, top_p, top_i = (out[key] for key in ("entropy", "kl", "ce", "rank", "top_p", "top_i"))
     ce[:, ~has_target] = math.nan
     rank[:, ~has_target] = -1
     shape = (n_l, batch, n_pos)

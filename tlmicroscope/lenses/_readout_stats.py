@@ -1,0 +1,267 @@
+"""Per-row statistics of readout logits without a ``[rows d_vocab]`` tensor: the kernel of trajectories.
+
+Reading out every layer costs one unembedding per layer; everything else must cost little next
+to it. For rows ``x`` (normalised residuals, many layers of a few positions stacked) the logits
+are made one vocabulary block of ``[rows col]`` at a time and reduced while the block is in
+cache, in a handful of vectorised passes:
+
+* the matrix product, with the running maximum already subtracted (``addmm`` with a column);
+  logits are in log2 units (``x`` is pre-scaled by log2 e) so ``exp2`` gives the softmax
+  numerators, which is about twice as fast as ``exp`` on the CPU;
+* maxima over strided groups of ``_GROUP`` columns (kept for the top-k, below), whose maximum
+  updates the running one (an online log-sum-exp, re-expressed only when it grows);
+* ``exp2`` into a second buffer, its row sum and its row dot with the block (entropy);
+* the count of logits above the target's (rank) as the sum of a float ``>`` (boolean
+  reductions are slow on the CPU);
+* the dot with the final distribution (KL), batched per position.
+
+The top-k is found without a ``topk`` over the vocabulary: every one of a row's k largest logits
+lies in one of the k groups with the largest maxima, so those k groups' logits are recomputed from
+their rows of the unembedding and ranked. Everything is float32, whatever the model's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+_COL_BLOCK = 1024  # vocabulary columns per block: a [512 1024] float32 block is 2 MiB
+_GROUP = 16  # columns per group of the top-k search
+_LOG2E = 1.0 / math.log(2.0)
+_LN2 = math.log(2.0)
+_RESCALE_AT = 64.0  # log2 units: shift a block again before exp2 when its max is this far above
+
+_ROWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def unembed_rows(readout: Any, final_norm: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(W.T, b)`` of the readout with ``W.T`` contiguous ``[d_vocab d_model]``, kept per readout.
+
+    Blocks of the vocabulary and single tokens are then contiguous rows. ``Readout.for_model``
+    makes a new readout when the weights change, so the copy goes with the readout it came from.
+    """
+    W, b = readout.weights(final_norm)
+    WT = W.T
+    if WT.is_contiguous():
+        return WT, b
+    try:
+        kept = _ROWS.setdefault(readout, {})
+    except TypeError:  # not weakly referenceable: no cache
+        return WT.contiguous(), b
+    hit = kept.get(final_norm)
+    if hit is None or hit[0] is not W:
+        with torch.inference_mode(False), torch.no_grad():
+            hit = (W, W.detach().T.contiguous())
+        kept[final_norm] = hit
+    return hit[1], b
+
+
+@dataclass
+class RowStats:
+    """Statistics of a set of rows, natural-log units. ``pz`` is ``sum_j p_final_j z_j``."""
+
+    entropy: torch.Tensor
+    lse: torch.Tensor
+    ce: torch.Tensor
+    rank: torch.Tensor
+    top_v: torch.Tensor  # log-probabilities of the top k
+    top_i: torch.Tensor
+    pz: torch.Tensor | None = None
+
+
+def final_stats(zf: torch.Tensor, tgt: torch.Tensor, k: int, col: int) -> tuple[RowStats, torch.Tensor, torch.Tensor]:
+    """Statistics of the model's own logits ``zf`` ``[pos d_vocab]``, its distribution and block sums.
+
+    Returns the statistics (``entropy`` is the final entropy, ``pz`` is ``sum p z``), the
+    distribution ``p`` and ``p``'s sums over each vocabulary block of width ``col``.
+    """
+    zf = zf.float()
+    lse = torch.logsumexp(zf, -1)
+    p = torch.exp(zf - lse.unsqueeze(1))
+    pz = torch.linalg.vecdot(p, zf)
+    z_t = zf.gather(1, tgt.unsqueeze(1)).squeeze(1)
+    above = torch.empty_like(zf)
+    rank = torch.gt(zf, z_t.unsqueeze(1), out=above).sum(-1)
+    del above
+    tv, ti = zf.topk(k, dim=-1)
+    V = zf.shape[1]
+    full = V - V % col
+    sums = [p[:, :full].reshape(p.shape[0], -1, col).sum(-1)] if full else []
+    if full < V:
+        sums.append(p[:, full:].sum(-1, keepdim=True))
+    stats = RowStats(entropy=lse - pz, lse=lse, ce=lse - z_t, rank=rank.round().long(),
+                     top_v=tv - lse.unsqueeze(1), top_i=ti, pz=pz)
+    return stats, p, torch.cat(sums, 1)
+
+
+def _group_layout(V: int, col: int, g: int) -> tuple[list[tuple[int, int, int, int]], torch.Tensor, ...]:
+    """Per block ``(lo, width, padded width, group offset)``, and per group its first column,
+    column stride and end (one past the block's last column)."""
+    blocks, base, stride, end = [], [], [], []
+    off = 0
+    for lo in range(0, V, col):
+        w = min(col, V - lo)
+        wp = -(-w // g) * g
+        n = wp // g
+        blocks.append((lo, w, wp, off))
+        base.append(torch.arange(lo, lo + n))
+        stride.append(torch.full((n,), n))
+        end.append(torch.full((n,), lo + w))
+        off += n
+    return blocks, torch.cat(base), torch.cat(stride), torch.cat(end)
+
+
+def blocked_stats(
+    x: torch.Tensor,
+    WT: torch.Tensor,
+    b: torch.Tensor | None,
+    finish: Any,
+    tgt: torch.Tensor,
+    p_f: torch.Tensor,
+    p_sums: torch.Tensor,
+    n_per_pos: int,
+    k: int,
+    col: int = _COL_BLOCK,
+) -> RowStats:
+    """Statistics of ``finish(x @ WT.T + b)`` for rows ``x`` ``[pos*n_per_pos d_model]``.
+
+    Rows are position-major: row ``r`` belongs to position ``r // n_per_pos`` of ``p_f``
+    ``[pos d_vocab]`` (the final distribution, for the KL), whose block sums are ``p_sums``.
+    ``finish`` is the readout's output soft cap, or ``None``; ``col`` the block width, a
+    multiple of ``_GROUP`` (as ``p_sums``'s blocks).
+    """
+    R = x.shape[0]
+    V = WT.shape[0]
+    P = p_f.shape[0]
+    dev = x.device
+    col = min(col, V)
+    g = _GROUP
+    blocks, g_base, g_stride, g_end = _group_layout(V, col, g)
+    fused = finish is None and WT.dtype == torch.float32
+    x = x.float()
+    xs = x * _LOG2E if fused else x.to(WT.dtype)
+    b2 = None if b is None else (b.float() * _LOG2E if fused else b.float())
+
+    z_t = (x * WT[tgt].float()).sum(-1)
+    if b is not None:
+        z_t = z_t + b.float()[tgt]
+    if finish is not None:
+        z_t = finish(z_t)
+    zt2 = z_t * _LOG2E
+
+    m = torch.zeros(R, device=dev)
+    s = torch.zeros(R, device=dev)
+    a = torch.zeros(R, device=dev)
+    pz2 = torch.zeros(R, device=dev)
+    above = torch.zeros(R, device=dev)
+    gm_all = torch.empty(R, int(g_base.numel()), device=dev)
+    zbuf = torch.empty(R, col, device=dev)
+    ebuf = torch.empty(R, col, device=dev)
+    t_block = tgt // col
+    for bi, (lo, w, wp, goff) in enumerate(blocks):
+        Wb = WT[lo : lo + w]
+        z = zbuf[:, :w] if w == col else torch.empty(R, w, device=dev)
+        e = ebuf[:, :w] if w == col else torch.empty(R, w, device=dev)
+        if fused and bi > 0:
+            torch.addmm(-m.unsqueeze(1), xs, Wb.T, out=z)
+            if b2 is not None:
+                z.add_(b2[lo : lo + w])
+            c = m
+        else:
+            if fused:
+                torch.mm(xs, Wb.T, out=z)
+                if b2 is not None:
+                    z.add_(b2[lo : lo + w])
+            else:
+                z.copy_(xs @ Wb.T)
+                if b2 is not None:
+                    z.add_(b2[lo : lo + w])
+                if finish is not None:
+                    finish(z)
+                z.mul_(_LOG2E)
+                if bi > 0:
+                    z.sub_(m.unsqueeze(1))
+            c = m if bi > 0 else None
+        if wp == w:
+            gm = z.view(R, g, w // g).amax(1)
+        else:
+            padded = torch.full((R, wp), -torch.inf, device=dev)
+            padded[:, :w] = z
+            gm = padded.view(R, g, wp // g).amax(1)
+        bm = gm.amax(-1)
+        if c is None:  # the first block: shift by its own maximum
+            c = bm
+            m = bm
+            z.sub_(c.unsqueeze(1))
+            gm_all[:, goff : goff + gm.shape[1]] = gm
+            bmax = bm
+        else:
+            gm_all[:, goff : goff + gm.shape[1]] = gm + c.unsqueeze(1)
+            bmax = bm + c
+            if bool((bm > _RESCALE_AT).any()):  # exp2 would overflow: shift by the new maximum
+                delta = bm.clamp_min(0.0)
+                z.sub_(delta.unsqueeze(1))
+                c = c + delta
+        torch.exp2(z, out=e)
+        S = e.sum(-1)
+        A = torch.linalg.vecdot(e, z)
+        thr = zt2 - c
+        above += torch.gt(z, thr.unsqueeze(1), out=e).sum(-1)
+        inside = (t_block == bi).nonzero().squeeze(1)
+        if inside.numel():  # the target never counts as above itself, whatever the rounding
+            self_v = z[inside, tgt[inside] - lo]
+            above[inside] -= (self_v > thr[inside]).float()
+        zp = z.reshape(P, n_per_pos, w)
+        pz2 += torch.bmm(zp, p_f[:, lo : lo + w].unsqueeze(2)).reshape(R)
+        pz2 += c * p_sums[:, bi].repeat_interleave(n_per_pos)
+        M = torch.maximum(m, bmax)
+        fm = torch.exp2(m - M)
+        fc = torch.exp2(c - M)
+        a = fm * (a + (m - M) * s) + fc * (A + (c - M) * S)
+        s = fm * s + fc * S
+        m = M
+    log2s = torch.log2(s)
+    lse = (m + log2s) * _LN2
+    top_v, top_i = _top_k(x, WT, b, finish, gm_all, g_base, g_stride, g_end, k)
+    return RowStats(
+        entropy=(log2s - a / s) * _LN2,
+        lse=lse,
+        ce=lse - z_t,
+        rank=above.round().long(),
+        top_v=top_v - lse.unsqueeze(1),
+        top_i=top_i,
+        pz=pz2 * _LN2,
+    )
+
+
+def _top_k(x, WT, b, finish, gm_all, g_base, g_stride, g_end, k) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest logits of each row and their ids, from the k groups with the largest maxima."""
+    R, d = x.shape
+    dev = x.device
+    kg = min(k, gm_all.shape[1])
+    groups = gm_all.topk(kg, dim=-1).indices  # [R kg]
+    g = _GROUP
+    offs = torch.arange(g, device=dev)
+    g_base, g_stride, g_end = g_base.to(dev), g_stride.to(dev), g_end.to(dev)
+    cols = g_base[groups].unsqueeze(-1) + g_stride[groups].unsqueeze(-1) * offs  # [R kg g]
+    valid = (cols < g_end[groups].unsqueeze(-1)).reshape(R, -1)
+    cols = torch.where(valid, cols.reshape(R, -1), 0)
+    n_c = cols.shape[1]
+    z = torch.empty(R, n_c, device=dev)
+    step = max(1, (1 << 23) // (n_c * d))  # bound the gathered rows to 32 MiB
+    xw = x.to(WT.dtype)
+    for lo in range(0, R, step):
+        hi = min(R, lo + step)
+        rows = WT[cols[lo:hi].reshape(-1)].view(hi - lo, n_c, d)
+        z[lo:hi] = torch.bmm(rows, xw[lo:hi].unsqueeze(2)).squeeze(2).float()
+    if b is not None:
+        z += b.float()[cols]
+    if finish is not None:
+        finish(z)
+    z.masked_fill_(~valid, -torch.inf)
+    tv, ti = z.topk(min(k, n_c), dim=-1)
+    return tv, cols.gather(1, ti)
