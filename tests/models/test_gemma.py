@@ -42,7 +42,9 @@ def test_gemma_logits_match_the_transformers_model(gemma_model):
     from tlmicroscope.models.gemma import gemma_gguf_path
     from tlmicroscope.models.gguf_cache import _load_saved, _weights_dir
 
-    hf = _load_saved(_weights_dir(gemma_gguf_path()), torch.float32)  # the same cached weights
+    folder = _weights_dir(gemma_gguf_path())
+    assert (folder / "model.safetensors").is_file()  # the first load cached the dequantized weights
+    hf = _load_saved(folder, torch.float32)
     toks = gemma_model.to_tokens("def fib(n):\n    return n if n < 2 else fib(n - 1)")
     with torch.inference_mode():
         ours, ref = gemma_model(toks), hf(toks).logits

@@ -154,6 +154,9 @@ def load_gguf_cached(path: str | Path, dtype: torch.dtype = torch.float32) -> tu
         >>> hf.config.architectures  # doctest: +SKIP
         ['LlamaForCausalLM']
     """
+    from tlmicroscope.models.embedded import _require_gguf
+
+    _require_gguf()  # the pip command, before anything imports gguf
     path = Path(path)
     folder = _weights_dir(path)
     with _parse_once(path):
