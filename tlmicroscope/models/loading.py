@@ -194,6 +194,13 @@ def _hooked_gemma3(hf: Any, tok: Any, device: str, dtype: torch.dtype, n_ctx: in
             f"{shape}. Use kind='bridge' for it."
         )
     cfg = get_pretrained_model_config(name, device=device, dtype=dtype, n_ctx=n_ctx)
+    ours = (c.sliding_window, _rope_base(c), _rope_base(c, "sliding_attention"))
+    theirs = (cfg.window_size, float(cfg.rotary_base), float(cfg.rotary_base_local))
+    if ours != theirs:
+        raise ValueError(
+            f"This Gemma 3 model's (sliding window, global and local rotary bases) are {ours}, but "
+            f"TransformerLens's {name} config has {theirs}. Use kind='bridge' for it."
+        )
     cfg.d_vocab = cfg.d_vocab_out = c.vocab_size
     cfg.tokenizer_prepends_bos = _tokenizer_adds_bos(tok)
     _mark_bos(tok)
