@@ -31,11 +31,6 @@ CORPUS = [
     "Python's documentation explains modules, functions, classes and the standard library. " * 4,
 ]
 
-#: (family, analysis) -> a pattern the refusal message must match. A family that cannot support
-#: an analysis gets a ValueError that names the family and the reason.
-REFUSALS: dict[tuple[str, str], str] = {}
-
-
 @pytest.fixture(autouse=True)
 def _one_thread():
     """Tiny models run 5-20x faster on one thread than on two busy cores (OpenMP waits).
@@ -73,8 +68,34 @@ def fam(request):
                 L=model.cfg.n_layers)
 
 
-def _refusal(fam, analysis):
-    return REFUSALS.get((fam["name"], analysis))
+@pytest.fixture(scope="module")
+def fitted(fam, tmp_path_factory):
+    """The fitted objects every family gets, with 1-2 steps each, saved where the report reads them:
+    a tuned lens, a non-linearity reference, a contextualization probe, a causal basis through the
+    tuned lens."""
+    from tlmicroscope.causal import extract_causal_basis
+    from tlmicroscope.corpus import token_windows
+    from tlmicroscope.lenses import train_tuned_lens
+    from tlmicroscope.microscope import ContextualizationProbe, NonlinearityReference
+
+    torch.set_num_threads(1)
+    model, folder = fam["model"], tmp_path_factory.mktemp(f"fitted-{fam['name']}")
+    lens = train_tuned_lens(model, CORPUS, steps=2, tokens_per_step=64, seq_len=32, precision="fp32",
+                            progress=False, init_tokens=128, micro_batch_tokens=64).lens
+    windows = token_windows(model, CORPUS, seq_len=48, n_windows=3)
+    reference = NonlinearityReference().fit(model, windows, progress=False)
+    probe = ContextualizationProbe(prefix_length=4, mlp_hidden=16, decoder="last_k", trainable_blocks=1,
+                                   steps=1, window_length=16, windows_per_step=2,
+                                   positions_per_window=2).fit(model, CORPUS, progress=False)
+    tuned_basis = extract_causal_basis(model, lens, fam["tokens"], layer=1, k=2, max_iter=20,
+                                       progress=False)
+    paths = {"microscope_reference": folder / "nonlinearity", "microscope_probe": folder / "probe",
+             "causal_basis": folder / "basis"}
+    for obj, key in ((reference, "microscope_reference"), (probe, "microscope_probe"),
+                     (tuned_basis, "causal_basis")):
+        obj.save(paths[key])
+    return {"lens": lens, "windows": windows, "reference": reference, "probe": probe,
+            "tuned_basis": tuned_basis, "paths": paths}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,24 +103,27 @@ def _refusal(fam, analysis):
 
 
 def test_model_matches_transformers(fam):
-    """The booted model computes what the transformers model does (log-probs, 1e-4)."""
+    """The booted model computes what the transformers model does (log-probs, 3e-4).
+
+    Cohere's logits before its 0.0625 scale reach ~600, where float32 rounds at ~6e-5: an
+    implementation that reorders the final sums differs by ~1e-4 without being wrong.
+    """
     from tlmicroscope.models.families import tiny_hf_model
 
     hf = tiny_hf_model(fam["name"], n_layers=2, d_model=32, seed=0)
     with torch.inference_mode():
         ref = hf(fam["tokens"]).logits
     torch.testing.assert_close(torch.log_softmax(fam["logits"], -1), torch.log_softmax(ref, -1),
-                               atol=1e-4, rtol=0)
+                               atol=3e-4, rtol=0)
     # logits reach tens of nats, so soft caps and logit scales matter
     assert ref.abs().max() > 15
-
-
-def test_soft_cap_bites(fam):
-    cap = getattr(FAMILIES[fam["name"]], "name", None) == "gemma2"
-    if not cap:
-        pytest.skip("only Gemma 2 has a final-logit soft cap")
-    peak = float(fam["logits"].abs().max())
-    assert 15 < peak < 30  # below the cap of 30, but far from linear
+    cap = getattr(hf.config, "final_logit_softcapping", None)
+    if cap:  # Gemma 2: the cap bites, squashing logits that would reach past it
+        hf.config.final_logit_softcapping = None
+        with torch.inference_mode():
+            raw = hf(fam["tokens"]).logits
+        assert raw.abs().max() > cap > ref.abs().max()
+        torch.testing.assert_close(ref, cap * torch.tanh(raw / cap), atol=1e-4, rtol=1e-5)
 
 
 def test_residual_pieces_sum_to_resid_post(fam):
@@ -147,12 +171,10 @@ def test_prediction_depth(fam):
     assert ((res.depth >= 0) & (res.depth <= fam["L"])).all()
 
 
-def test_tuned_lens_training_and_trajectory(fam):
-    from tlmicroscope.lenses import prediction_trajectory, train_tuned_lens
+def test_tuned_lens_training_and_trajectory(fam, fitted):
+    from tlmicroscope.lenses import prediction_trajectory
 
-    res = train_tuned_lens(fam["model"], CORPUS, steps=2, tokens_per_step=64, seq_len=32,
-                           precision="fp32", progress=False, init_tokens=128, micro_batch_tokens=64)
-    traj = prediction_trajectory(fam["model"], fam["tokens"], lens=res.lens, top_k=1)
+    traj = prediction_trajectory(fam["model"], fam["tokens"], lens=fitted["lens"], top_k=1)
     assert torch.isfinite(traj.kl).all() and (traj.kl >= -1e-4).all()
     assert float(traj.kl[-1].abs().max()) < 1e-3  # the last layer is read out as the model does
 
@@ -191,34 +213,26 @@ def test_component_attribution(fam):
     assert res.max_identity_error < 1e-3
 
 
-def test_linearity_scores(fam):
-    from tlmicroscope.corpus import token_windows
+def test_linearity_scores(fam, fitted):
     from tlmicroscope.microscope import linearity_scores
 
-    windows = token_windows(fam["model"], CORPUS, seq_len=48, n_windows=3)
-    res = linearity_scores(fam["model"], windows, progress=False)
+    res = linearity_scores(fam["model"], fitted["windows"], progress=False)
     assert res.score.shape == (fam["L"],)
     assert ((res.score >= -1e-6) & (res.score <= 1 + 1e-6)).all()
 
 
-def test_token_nonlinearity(fam):
-    from tlmicroscope.corpus import token_windows
-    from tlmicroscope.microscope import NonlinearityReference, token_nonlinearity
+def test_token_nonlinearity(fam, fitted):
+    from tlmicroscope.microscope import token_nonlinearity
 
-    windows = token_windows(fam["model"], CORPUS, seq_len=48, n_windows=3)
-    ref = NonlinearityReference().fit(fam["model"], windows, progress=False)
-    res = token_nonlinearity(fam["model"], fam["tokens"], reference=ref)
+    res = token_nonlinearity(fam["model"], fam["tokens"], reference=fitted["reference"])
     assert res.error.shape == (fam["L"], 1, fam["tokens"].shape[-1])
     assert torch.isfinite(res.error).all() and (res.error >= 0).all()
 
 
-def test_contextualization(fam):
-    from tlmicroscope.microscope import ContextualizationProbe, contextualization
+def test_contextualization(fam, fitted):
+    from tlmicroscope.microscope import contextualization
 
-    probe = ContextualizationProbe(prefix_length=4, mlp_hidden=16, decoder="last_k", trainable_blocks=1,
-                                   steps=1, window_length=16, windows_per_step=2,
-                                   positions_per_window=2).fit(fam["model"], CORPUS, progress=False)
-    res = contextualization(fam["model"], fam["tokens"], probe)
+    res = contextualization(fam["model"], fam["tokens"], fitted["probe"])
     C = res.C[~torch.isnan(res.C)]
     assert C.numel() > 0 and (C >= 0).all() and torch.isfinite(C).all()
 
@@ -249,7 +263,7 @@ def test_filler_removal_experiment(fam):
 # geometry
 
 
-def test_capture_components(fam):
+def test_capture_components(fam, record_property):
     from tlmicroscope.geometry import COMPONENTS, capture_components
 
     model = fam["model"]
@@ -264,8 +278,10 @@ def test_capture_components(fam):
     # asked for explicitly, a state the blocks do not have is refused with the reason
     for comp, why in (("resid_mid", "in parallel"), ("ln1", "no pre-norm")):
         if comp not in kept:
-            with pytest.raises(ValueError, match=why):
+            with pytest.raises(ValueError, match=why) as err:
                 capture_components(model, fam["tokens"], components=(comp,))
+            reason = str(err.value).split(f"no {comp}: ", 1)[1].split(". Leave")[0].split(";")[0]
+            record_property("refused", f"{comp} site: {reason}")
 
 
 def test_norm_profile(fam):
@@ -323,7 +339,11 @@ def test_layer_geometry(fam):
 
 
 def test_geometry_sweep_and_correlations(fam, tmp_path):
-    from tlmicroscope.geometry import geometry_sweep, id_loss_correlation, logits_entropy_correlation
+    from tlmicroscope.geometry import (
+        geometry_sweep,
+        id_loss_correlation,
+        logits_entropy_correlation,
+    )
 
     prompts = torch.randint(0, 256, (3, 24), generator=torch.Generator().manual_seed(0))
     sweep = geometry_sweep(fam["model"], prompts, out=tmp_path / "s.jsonl", shuffle_levels=(0, 2),
@@ -347,10 +367,11 @@ def basis(fam):
                                 progress=False)
 
 
-def test_extract_causal_basis(fam, basis):
-    V = basis.vectors.double()
-    torch.testing.assert_close(V.T @ V, torch.eye(2, dtype=torch.float64), atol=1e-5, rtol=0)
-    assert (basis.energies[:-1] >= basis.energies[1:]).all() and (basis.energies >= 0).all()
+def test_extract_causal_basis(fam, basis, fitted):
+    for b in (basis, fitted["tuned_basis"]):  # through the logit lens and a tuned lens
+        V = b.vectors.double()
+        torch.testing.assert_close(V.T @ V, torch.eye(2, dtype=torch.float64), atol=1e-5, rtol=0)
+        assert (b.energies[:-1] >= b.energies[1:]).all() and (b.energies >= 0).all()
 
 
 def test_causal_fidelity(fam, basis):
@@ -400,21 +421,30 @@ def _all_sections():
 
 
 @pytest.fixture(scope="module")
-def built_report(fam):
+def built_report(fam, fitted):
+    """The report with every section, given every fitted object a section may read."""
     import tlmicroscope
 
     torch.set_num_threads(1)
-    return tlmicroscope.report(fam["model"], TEXT, sections=_all_sections())
+    return tlmicroscope.report(fam["model"], TEXT, sections=_all_sections(), lens=fitted["lens"],
+                               **{k: str(v) for k, v in fitted["paths"].items()})
+
+
+def _umap_missing() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("umap") is None
 
 
 @pytest.mark.parametrize("section", _all_sections())
 def test_report_section(fam, built_report, section, record_property):
+    """Each section renders; the only refusal allowed is an optional package that is absent."""
     rep = built_report
     if section in rep.failed:
         pytest.fail(f"section {section} failed on {fam['name']}: {rep.failed[section]}")
     if section in rep.missing:
         message = rep.missing[section]
-        assert len(message) > 20, f"refusal without a reason: {message!r}"
         record_property("refused", message)
+        assert section == "latent_umap" and _umap_missing() and "umap" in message, message
         return
     assert section in rep.rendered
