@@ -105,7 +105,7 @@ def floor_times(model, toks, repeat: int) -> tuple[float, float]:
         with torch.inference_mode():
             stacked_x @ W
 
-    return best_time(per_layer, repeat), best_time(stacked, repeat)
+    return best_time(per_layer, repeat, warmup=0), best_time(stacked, repeat, warmup=0)
 
 
 def time_at(model, name: str, n_tokens: int, repeat: int, with_tl: bool) -> dict[str, float]:
@@ -117,7 +117,8 @@ def time_at(model, name: str, n_tokens: int, repeat: int, with_tl: bool) -> dict
 
     out = {"forward": best_time(forward, repeat)}
     out["floor"], out["floor_stacked"] = floor_times(model, toks, repeat)
-    out["trajectory"] = best_time(lambda: prediction_trajectory(model, toks, top_k=10), repeat)
+    # main() warmed the trajectory's caches and kernels up on a short prompt already.
+    out["trajectory"] = best_time(lambda: prediction_trajectory(model, toks, top_k=10), repeat, warmup=0)
     fits = (model.cfg.n_layers + 1) * n_tokens * model.cfg.d_vocab * 4 * 3 < 2 * 2**30
     if with_tl and fits:
         from transformer_lens.tools.analysis import logit_lens

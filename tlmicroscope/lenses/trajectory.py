@@ -10,7 +10,7 @@ statistics come from identities that need only a few passes over each block of l
   vocabulary groups with the largest maxima.
 
 The rows of every layer at a few positions are read out together (512 rows by default), so the
-unembedding streams through the cache once per chunk, not once per layer, and each ``[rows 1024]``
+unembedding streams through the cache once per chunk, not once per layer, and each ``[rows 2048]``
 block of logits is reduced while still in cache (``_readout_stats``): no ``[layer pos d_vocab]``
 nor even a ``[rows d_vocab]`` tensor is built for any layer. Statistics are float32 whatever the
 model's dtype. Token strings are decoded only for the ids shown (``top_strings``).
