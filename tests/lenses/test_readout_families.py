@@ -189,12 +189,14 @@ def test_readout_reproduces_the_models_log_probs(spec):
         readout = Readout.for_model(model)
         ours = torch.log_softmax(readout(h), -1)
     theirs = torch.log_softmax(logits.float(), -1)
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, theirs, atol=2e-4, rtol=0)
     if spec.startswith("bridge:") or spec == "hooked:gemma2":  # the Hugging Face model itself
         with torch.no_grad():
             hf_logits = _hf(spec.split(":")[1])(TOKENS).logits
-        theirs = torch.log_softmax(hf_logits.float(), -1)
-    assert ours.dtype == torch.float32
-    torch.testing.assert_close(ours, theirs, atol=2e-4, rtol=0)
+        # Its own kernels (attention, norms) may round differently from the model class's.
+        atol = 2e-4 + 5e-5 * float(hf_logits.abs().max())
+        torch.testing.assert_close(ours, torch.log_softmax(hf_logits.float(), -1), atol=atol, rtol=0)
     assert check_readout_identity(readout, h[0], logits[0]) < 2e-4
     # The logits are large enough that every transform matters.
     assert float(logits.abs().max()) > 5.0
@@ -257,9 +259,10 @@ def test_processed_weights_keep_the_identity(family):
     model = TransformerBridge.boot_transformers(f"tiny-{family}", hf_model=hf, tokenizer=byte_tokenizer())
     model.enable_compatibility_mode(disable_warnings=True)
     with torch.no_grad():
-        h, _ = _last_resid(model, TOKENS)
+        h, logits = _last_resid(model, TOKENS)
         ours = torch.log_softmax(Readout.for_model(model)(h), -1)
-    torch.testing.assert_close(ours, expect, atol=2e-4, rtol=0)
+    torch.testing.assert_close(ours, torch.log_softmax(logits, -1), atol=2e-4, rtol=0)
+    torch.testing.assert_close(ours, expect, atol=2e-4 + 5e-5 * float(logits.abs().max()), rtol=0)
 
 
 def test_bias_and_tying_are_what_the_model_has():

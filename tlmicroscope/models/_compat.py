@@ -252,7 +252,15 @@ def output_transform(model: Any) -> OutputTransform:
     adapter = getattr(model, "adapter", None)
     fn = getattr(adapter, "apply_output_logits_transform", None)
     if callable(fn):
-        return _probe_transform(fn, f"{type(adapter).__name__}.apply_output_logits_transform")
+        found = _probe_transform(fn, f"{type(adapter).__name__}.apply_output_logits_transform")
+        # TransformerLens 3.9's Cohere adapter still applies cfg.logit_scale after weight
+        # processing has folded it into W_U (and set the HF model's own scale to 1); 4.x does not.
+        declared = _positive(getattr(model.cfg, "logit_scale", None))
+        if (getattr(adapter, "_logit_scale_already_folded", False) and declared
+                and abs(found.scale - declared) <= 1e-9 * declared):
+            found = OutputTransform(scale=1.0, softcap=found.softcap,
+                                    source=found.source + " (logit_scale already folded into W_U)")
+        return found
     cap = _positive(getattr(model.cfg, "output_logits_soft_cap", None))
     scale, source = 1.0, "cfg.output_logits_soft_cap" if cap else "none"
     hf_cfg = _hf_config(model) if is_bridge(model) else None
