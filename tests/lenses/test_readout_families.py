@@ -455,3 +455,39 @@ def test_for_model_is_cached_until_the_weights_change(tiny_llama):
     x = torch.randn(2, model2.cfg.d_model, requires_grad=True)
     r(x).sum().backward()
     assert x.grad is not None
+
+
+# ------------------------------------------------------------------------------- detection
+def _fake_model(adapter=None, **hf_config):
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(model_name="fake", output_logits_soft_cap=-1.0)
+    inner = SimpleNamespace(config=SimpleNamespace(**hf_config))
+    model = type("TransformerBridge", (), {})()
+    model.cfg, model.original_model = cfg, inner
+    if adapter is not None:
+        model.adapter = adapter
+    return model
+
+
+def test_output_transform_falls_back_to_the_hugging_face_config():
+    """A bridge whose adapter declares no transform: the HF config's fields, in HF's order."""
+    t = _compat.output_transform(_fake_model(model_type="cohere", logit_scale=0.0625))
+    assert (t.scale, t.softcap) == (0.0625, None)
+    t = _compat.output_transform(_fake_model(model_type="granite", logits_scaling=8.0))
+    assert (t.scale, t.softcap) == (0.125, None)
+    t = _compat.output_transform(_fake_model(model_type="gemma2", final_logit_softcapping=30.0))
+    assert (t.scale, t.softcap) == (1.0, 30.0)
+    z = torch.linspace(-100, 100, 9)
+    torch.testing.assert_close(_compat._apply_output_transform(z, t), 30.0 * torch.tanh(z / 30.0))
+
+
+def test_an_inexpressible_adapter_transform_is_refused():
+    from types import SimpleNamespace
+
+    adapter = SimpleNamespace(apply_output_logits_transform=lambda z: z + 0.1 * z.pow(3))
+    with pytest.raises(ValueError, match="cannot express"):
+        _compat.output_transform(_fake_model(adapter=adapter))
+    scaled = SimpleNamespace(apply_output_logits_transform=lambda z: 20.0 * torch.tanh(0.5 * z / 20.0))
+    t = _compat.output_transform(_fake_model(adapter=scaled))
+    assert t.scale == pytest.approx(0.5) and t.softcap == pytest.approx(20.0)
