@@ -114,7 +114,8 @@ def table(results: dict[str, dict[str, dict]]) -> str:
                 if (lab, _first_sentence(msg)) in shared[config]:
                     continue
                 section = lab.split(": ", 1)[1] if lab.startswith("report_section") else None
-                note = f"report `{section}`: {_first_sentence(msg)}" if section else msg
+                note = (f"report `{section}`: {_first_sentence(msg)}" if section
+                        else f"{msg}: refused when asked for, left out of the defaults")
                 if note not in notes:
                     notes.append(note)
             notes += [f"{CONFIGS[config][0]} failed: {lab}" for lab in row["failed"]]

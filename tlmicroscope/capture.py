@@ -71,10 +71,11 @@ def _why_absent(model: Any, site: str) -> str:
     cfg = model.cfg
     if site == "pos_embed":
         return f"it has no learned positional embedding ({cfg.positional_embedding_type} positions)"
-    if getattr(cfg, "parallel_attn_mlp", False) and site in ("resid_mid", "ln2"):
-        shared = " and both read one shared norm" if site == "ln2" else ""
-        return (f"its blocks run attention and MLP in parallel on the same input{shared}, so there "
-                "is no residual state between them")
+    if getattr(cfg, "parallel_attn_mlp", False) and site == "resid_mid":
+        return ("its blocks run attention and MLP in parallel on the same input, so there is no "
+                "residual state between them")
+    if getattr(cfg, "parallel_attn_mlp", False) and site == "ln2":
+        return "its attention and MLP run in parallel and read one shared norm (ln1)"
     if site in ("ln1", "ln2"):
         return "its blocks normalise the attention and MLP outputs, not their inputs (no pre-norm)"
     if site == "mlp_post":

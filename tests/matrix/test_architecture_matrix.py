@@ -276,12 +276,11 @@ def test_capture_components(fam, record_property):
         if comp in ("attn_out", "resid_post", "resid_mid"):
             torch.testing.assert_close(X, fam["cache"][hook], atol=1e-5, rtol=1e-5)
     # asked for explicitly, a state the blocks do not have is refused with the reason
-    for comp, why in (("resid_mid", "in parallel"), ("ln1", "no pre-norm")):
-        if comp not in kept:
-            with pytest.raises(ValueError, match=why) as err:
-                capture_components(model, fam["tokens"], components=(comp,))
-            reason = str(err.value).split(f"no {comp}: ", 1)[1].split(". Leave")[0].split(";")[0]
-            record_property("refused", f"{comp} site: {reason}")
+    for comp in [c for c in COMPONENTS if c not in kept]:
+        with pytest.raises(ValueError, match=f"lacks a site asked for: no {comp}: ") as err:
+            capture_components(model, fam["tokens"], components=(comp,))
+        reason = str(err.value).split(f"no {comp}: ", 1)[1].split(". Leave")[0]
+        record_property("refused", f"no {comp} ({reason})")
 
 
 def test_norm_profile(fam):
