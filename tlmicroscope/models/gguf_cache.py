@@ -81,7 +81,11 @@ def _parse_once(path: Path) -> Iterator[None]:
     import gguf
     import transformers.modeling_gguf_pytorch_utils as mgu
 
-    real_reader, real_load = gguf.GGUFReader, mgu.load_gguf_checkpoint
+    real_reader = getattr(gguf, "GGUFReader", None)
+    real_load = getattr(mgu, "load_gguf_checkpoint", None)
+    if real_reader is None or real_load is None:  # another transformers layout: parse as it does
+        yield
+        return
     readers: dict[str, Any] = {}
     metadata: dict[str, Any] = {}
     target = str(path.resolve())
