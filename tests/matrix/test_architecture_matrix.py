@@ -31,6 +31,16 @@ CORPUS = [
     "Python's documentation explains modules, functions, classes and the standard library. " * 4,
 ]
 
+@pytest.fixture(scope="module", autouse=True)
+def _single_threaded_blas():
+    """One BLAS/OpenMP thread for scikit-learn and numpy too (10x faster on tiny problems on two
+    busy cores); restored for the modules that follow."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1):
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     """Tiny models run 5-20x faster on one thread than on two busy cores (OpenMP waits).
