@@ -91,21 +91,24 @@ class Readout:
         self.d_model, self.d_vocab = W_U.shape
         self._W_U = W_U.detach()
         self._W_raw: torch.Tensor | None = None
-        W32 = self._W_U.float()
-        b32 = None if b_U is None else b_U.detach().float()
-        W, b = W32, b32
-        if norm.weight is not None:
-            W = norm.weight.detach().float()[:, None] * W32
+        # One [d_model d_vocab] buffer, filled (cast and transposed) in one pass and folded in
+        # place: a 262k-token vocabulary makes every extra copy hundreds of megabytes.
+        work = torch.float64 if self.dtype == torch.float64 else torch.float32
+        W = torch.empty((self.d_model, self.d_vocab), dtype=work, device=W_U.device)
+        W.copy_(self._W_U)
+        b = b_raw = None if b_U is None else b_U.detach().to(work)
         if norm.bias is not None:
-            nb = norm.bias.detach().float() @ W32
+            nb = norm.bias.detach().to(work) @ W  # the norm's bias meets W_U before the gain
             b = nb if b is None else b + nb
+        if norm.weight is not None:
+            W.mul_(norm.weight.detach().to(work)[:, None])
         if self.scale != 1.0:
-            W = W * self.scale
+            W.mul_(self.scale)
             b = None if b is None else b * self.scale
-            b32 = None if b32 is None else b32 * self.scale
-        self.W = W.to(self.dtype).contiguous()
+            b_raw = None if b_raw is None else b_raw * self.scale
+        self.W = W if W.dtype == self.dtype else W.to(self.dtype)
         self.b = b
-        self.b_raw = b32
+        self.b_raw = b_raw
 
     @property
     def W_raw(self) -> torch.Tensor:
