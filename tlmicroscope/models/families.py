@@ -193,6 +193,12 @@ def tiny_family_model(
     Raises:
         ValueError: ``kind="hooked"`` for a family HookedTransformer cannot hold; the message
             says why.
+
+    Examples:
+        >>> model = tiny_family_model("gemma2")  # final-logit soft cap 30
+        >>> logits = model(model.to_tokens("The cat sat"))
+        >>> model.cfg.n_layers, 20 < float(logits.abs().max()) < 30
+        (2, True)
     """
     from tlmicroscope.models.tiny import byte_tokenizer
 
