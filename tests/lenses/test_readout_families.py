@@ -389,6 +389,19 @@ def test_bfloat16_model_gets_float32_statistics(family):
     assert check_readout_identity(readout, h[0], logits[0]) < 1.0
 
 
+def test_bfloat16_hooked_transformer_gets_float32_statistics():
+    import copy
+
+    model = _model("hooked:gemma2")
+    model16 = copy.deepcopy(model).to(torch.bfloat16)
+    model16.cfg.dtype = torch.bfloat16
+    traj16 = prediction_trajectory(model16, TOKENS, top_k=3)
+    traj32 = prediction_trajectory(model, TOKENS, top_k=3)
+    assert traj16.kl.dtype == torch.float32 and bool(torch.isfinite(traj16.kl).all())
+    assert traj16.provenance.settings["readout_identity_checked"]
+    assert float((traj16.entropy - traj32.entropy).abs().mean()) < 0.3
+
+
 def test_bfloat16_model_runs_the_lens_and_causal_analyses():
     """Tuned-lens evaluation and training, CBE and attribution on a soft-capped bfloat16 model:
     finite float32 results close to the same model in float32."""
