@@ -26,6 +26,7 @@ __all__ = [
     "site_hooks",
     "residual_stream_names",
     "site_exists",
+    "absent_sites",
     "Captured",
     "capture",
     "stream",
@@ -53,6 +54,10 @@ GLOBAL_SITES: dict[str, str] = {
     "ln_final": "ln_final.hook_normalized",
 }
 
+#: The sites some families lack; every family has the others, so only these are ever looked up.
+_FAMILY_SITES = ("resid_mid", "ln1", "ln2", "pos_embed", "mlp_post")
+
+
 def site_exists(model: Any, site: str) -> bool:
     """Whether ``model`` has ``site`` (judged by its ``hook_dict`` at block 0).
 
@@ -60,11 +65,17 @@ def site_exists(model: Any, site: str) -> bool:
     Cohere) have no ``resid_mid``, Cohere's and OLMo-2's no ``ln2`` (or ``ln1``), rotary models
     no ``pos_embed``.
     """
-    hooks = getattr(model, "hook_dict", None)
-    if hooks is None or (site not in GLOBAL_SITES and site not in BLOCK_SITES):
-        return True  # "resid" and unknown names: site_hooks judges those
-    name = GLOBAL_SITES[site] if site in GLOBAL_SITES else BLOCK_SITES[site].format(layer=0)
-    return name in hooks
+    return not absent_sites(model, [site])
+
+
+def absent_sites(model: Any, sites: Sequence[str]) -> list[str]:
+    """The ``sites`` that ``model`` lacks (see ``site_exists``), looking its hooks up once."""
+    wanted = [s for s in sites if s in _FAMILY_SITES]
+    hooks = getattr(model, "hook_dict", None) if wanted else None  # a walk of the modules: once
+    if hooks is None:
+        return []
+    return [s for s in wanted
+            if (GLOBAL_SITES[s] if s in GLOBAL_SITES else BLOCK_SITES[s].format(layer=0)) not in hooks]
 
 
 def _why_absent(model: Any, site: str) -> str:
@@ -84,7 +95,7 @@ def _why_absent(model: Any, site: str) -> str:
 
 
 def _refuse_absent_sites(model: Any, sites: Sequence[str]) -> None:
-    absent = [s for s in sites if not site_exists(model, s)]
+    absent = absent_sites(model, sites)
     if not absent:
         return
     cfg = model.cfg

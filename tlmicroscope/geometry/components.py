@@ -84,9 +84,10 @@ _FP16_MAX = float(torch.finfo(torch.float16).max)
 
 def default_components(model: Any, wanted: Sequence[str] = COMPONENTS) -> tuple[str, ...]:
     """``wanted`` less the sites the model lacks (``resid_mid``/``ln2`` of parallel blocks)."""
-    from tlmicroscope.capture import site_exists
+    from tlmicroscope.capture import absent_sites
 
-    return tuple(c for c in wanted if site_exists(model, c))
+    absent = set(absent_sites(model, wanted))
+    return tuple(c for c in wanted if c not in absent)
 
 
 def intermediate_layers(n_layers: int) -> list[int]:
