@@ -239,12 +239,22 @@ def test_token_nonlinearity(fam, fitted):
     assert torch.isfinite(res.error).all() and (res.error >= 0).all()
 
 
-def test_contextualization(fam, fitted):
-    from tlmicroscope.microscope import contextualization
+def test_contextualization_and_token_classes(fam, fitted):
+    from tlmicroscope.microscope import (
+        contextualization,
+        contextuality_nonlinearity_correlation,
+        token_class_summary,
+        token_nonlinearity,
+    )
 
     res = contextualization(fam["model"], fam["tokens"], fitted["probe"])
     C = res.C[~torch.isnan(res.C)]
     assert C.numel() > 0 and (C >= 0).all() and torch.isfinite(C).all()
+    tn = token_nonlinearity(fam["model"], fam["tokens"], reference=fitted["reference"])
+    summary = token_class_summary(res, tn)
+    assert summary.count.sum() == C.numel()  # every scored token, in exactly one class
+    corr = contextuality_nonlinearity_correlation(res, tn)
+    assert -1 - 1e-9 <= corr.pearson_r <= 1 + 1e-9 or math.isnan(corr.pearson_r)
 
 
 def test_layer_profiles(fam):
@@ -327,15 +337,19 @@ def test_token_trajectories(fam):
     assert torch.isfinite(res.coords).all() and res.coords.shape[-1] == 2
 
 
-def test_vocabulary_norms(fam):
-    from tlmicroscope.geometry import vocabulary_norms
+def test_vocabulary_norms_and_states(fam):
+    from tlmicroscope.geometry import vocabulary_norms, vocabulary_states
 
     ids = torch.arange(97, 105)
     res = vocabulary_norms(fam["model"], ids, progress=False)
     with torch.inference_mode():
         _, cache = fam["model"].run_with_cache(ids[:, None])
-    direct = cache[f"blocks.{fam['L'] - 1}.hook_resid_post"][:, 0].norm(dim=-1)
-    torch.testing.assert_close(res.norms[-1], direct, atol=1e-4, rtol=1e-4)
+    last = cache[f"blocks.{fam['L'] - 1}.hook_resid_post"][:, 0]
+    torch.testing.assert_close(res.norms[-1], last.norm(dim=-1), atol=1e-4, rtol=1e-4)
+    states = vocabulary_states(fam["model"], ids, progress=False)  # every component it has
+    i = [k for k, (c, layer) in enumerate(zip(states.components, states.layers))
+         if c == "resid_post" and layer == fam["L"] - 1][0]
+    torch.testing.assert_close(states.activations[i, :, 0], last, atol=1e-4, rtol=1e-4)
 
 
 def test_layer_geometry(fam):
@@ -407,6 +421,18 @@ def test_ablate_subspace(fam, basis):
         after = model(tokens)
     torch.testing.assert_close(after, fam["logits"])  # hooks removed
     assert not torch.allclose(ablated, fam["logits"])
+
+
+def test_injection_experiment(fam):
+    from tlmicroscope.causal import injection_experiment
+    from tlmicroscope.tasks import MultipleChoiceItem
+
+    items = [MultipleChoiceItem(f"{a}+{b}?", (str(a + b), str(a + b + 1)), 0, "arithmetic")
+             for a in range(2, 5) for b in range(2, 5)]  # byte tokens: the injected prompt fits n_ctx
+    res = injection_experiment(fam["model"], items, n_items=None, n_shots=0, n_splits=2, progress=False)
+    for v in res.auroc.values():
+        assert v.shape == (2,) and ((0 <= v) & (v <= 1)).all()
+    assert 0 <= res.accuracy_clean <= 1 and 0 <= res.follows_injection <= 1
 
 
 def test_injection_features(fam):
