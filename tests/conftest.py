@@ -28,6 +28,37 @@ def _seed_and_threads():
     yield
 
 
+# What CI repeats on TransformerLens 3.9 with HookedTransformer and with TransformerBridge
+# (`pytest -m tl3`): the code paths that differ between the model classes and TL lines. Loading
+# (both embedded models), capture by hook name, interventions, the readout and lens statistics,
+# the hooks under torch.distributed, the class-specific report fix commands and W_pos access,
+# and every analysis and report section once per tiny family through the architecture matrix.
+# Everything else runs once, on TransformerLens 4.
+TL3_MODULES = (
+    "tests/models/",
+    "tests/matrix/",
+    "tests/test_capture.py",
+    "tests/causal/test_ablation.py",
+    "tests/lenses/test_readout_families.py",
+    "tests/lenses/test_trajectory.py",
+    "tests/lenses/test_tuned_distributed.py",
+)
+TL3_TESTS = (
+    "tests/causal/test_causal_report.py::test_missing_basis_names_the_command_that_extracts_it",
+    "tests/microscope/test_microscope_report.py::test_renders_without_saved_objects_and_names_the_training_command",
+    "tests/geometry/test_latent_positions.py::test_helix_recovered_from_w_pos",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    root = config.rootpath
+    for item in items:
+        path = item.path.relative_to(root).as_posix() if item.path.is_relative_to(root) else ""
+        name = f"{path}::{item.originalname}" if hasattr(item, "originalname") else item.nodeid
+        if path.startswith(TL3_MODULES) or name in TL3_TESTS:
+            item.add_marker(pytest.mark.tl3)
+
+
 @pytest.fixture(scope="session")
 def model_kind() -> str:
     return KIND

@@ -3,7 +3,7 @@ import pytest
 from tlmicroscope.models import _compat
 from tlmicroscope.models.embedded import cache_dir, embedded_gguf_path, load_gguf_tokenizer
 
-pytestmark = [pytest.mark.embedded, pytest.mark.models, pytest.mark.tl3]
+pytestmark = [pytest.mark.embedded, pytest.mark.models]
 
 
 def test_embedded_model_shape_and_policy(embedded_model):
