@@ -241,8 +241,8 @@ def test_token_nonlinearity(fam, fitted):
 
 def test_contextualization_and_token_classes(fam, fitted):
     from tlmicroscope.microscope import (
-        contextualization,
         contextuality_nonlinearity_correlation,
+        contextualization,
         token_class_summary,
         token_nonlinearity,
     )
@@ -347,8 +347,8 @@ def test_vocabulary_norms_and_states(fam):
     last = cache[f"blocks.{fam['L'] - 1}.hook_resid_post"][:, 0]
     torch.testing.assert_close(res.norms[-1], last.norm(dim=-1), atol=1e-4, rtol=1e-4)
     states = vocabulary_states(fam["model"], ids, progress=False)  # every component it has
-    i = [k for k, (c, layer) in enumerate(zip(states.components, states.layers))
-         if c == "resid_post" and layer == fam["L"] - 1][0]
+    i = next(k for k, (c, layer) in enumerate(zip(states.components, states.layers))
+             if c == "resid_post" and layer == fam["L"] - 1)
     torch.testing.assert_close(states.activations[i, :, 0], last, atol=1e-4, rtol=1e-4)
 
 
