@@ -1,5 +1,6 @@
 """The trajectory kernel on large-vocabulary shapes, and the per-model caches large vocabularies need."""
 
+import os
 import types
 
 import numpy as np
@@ -12,6 +13,8 @@ from tlmicroscope.lenses import prediction_trajectory
 from tlmicroscope.lenses._readout_stats import blocked_stats, final_stats, unembed_rows
 from tlmicroscope.lenses.readout import Readout
 from tlmicroscope.models import tiny_model
+
+KIND = os.environ.get("TLMICROSCOPE_TEST_KIND", "auto")  # the model class CI asks for
 
 
 def _reference(z, zf, tgt, k):
@@ -110,8 +113,9 @@ class CountingTokenizer:
         return self._inner.convert_ids_to_tokens(ids, **kwargs)
 
 
+@pytest.mark.models
 def test_trajectory_decodes_only_the_ids_it_shows(monkeypatch):
-    model = tiny_model(n_layers=2, seed=3)
+    model = tiny_model(n_layers=2, seed=3, kind=KIND)
     tok = model.tokenizer
     decoded: list[int] = []
     depth = [0]  # batch_decode calls decode: count the outermost call only
@@ -145,8 +149,9 @@ def test_trajectory_decodes_only_the_ids_it_shows(monkeypatch):
     assert set(decoded) <= set(toks.reshape(-1).tolist())  # top-k ids come from the table
 
 
+@pytest.mark.models
 def test_token_strings_of_a_large_vocabulary_decode_each_id_once():
-    inner = tiny_model(n_layers=1).tokenizer
+    inner = tiny_model(n_layers=1, kind=KIND).tokenizer
     tok = CountingTokenizer(inner, length=262_144)  # as large as Gemma 3's
     tok.batch_decode = lambda seqs, **kw: (tok.decoded.extend(s[0] for s in seqs), [f"t{s[0]}" for s in seqs])[1]
     model = types.SimpleNamespace(tokenizer=tok)
@@ -161,8 +166,9 @@ def test_token_strings_of_a_large_vocabulary_decode_each_id_once():
     assert tok.decoded[-1] == 5 and len(tok.decoded) == 5
 
 
+@pytest.mark.models
 def test_readout_rows_follow_weight_changes():
-    model = tiny_model(n_layers=2, seed=4)
+    model = tiny_model(n_layers=2, seed=4, kind=KIND)
     toks = to_tokens(model, "weights move")
     before = prediction_trajectory(model, toks, top_k=2)
     readout = Readout.for_model(model)
