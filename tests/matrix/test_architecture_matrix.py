@@ -24,6 +24,11 @@ from tlmicroscope.models.families import FAMILIES
 pytestmark = [pytest.mark.models, pytest.mark.matrix]
 
 KIND = os.environ.get("TLMICROSCOPE_TEST_KIND", "auto")
+# TLMICROSCOPE_TEST_DEVICE=cuda runs the whole matrix with each model on the GPU (every analysis
+# must accept a CUDA model and keep its tensors there); it skips where no GPU is present.
+DEVICE = os.environ.get("TLMICROSCOPE_TEST_DEVICE", "cpu")
+if DEVICE.startswith("cuda") and not torch.cuda.is_available():
+    pytest.skip("TLMICROSCOPE_TEST_DEVICE=cuda but no CUDA device is present", allow_module_level=True)
 TEXT = "The cat sat on a"  # 16 byte tokens
 CORPUS = [
     "A lens reads what each layer of a language model would predict, layer after layer. " * 4,
@@ -71,6 +76,8 @@ def fam(request):
     if kind == "hooked" and not family.hooked:
         pytest.skip(f"{family.title}: {family.hooked_note}")
     model = tiny_model(name, kind=kind, n_layers=2, d_model=32, seed=0, source="transformers")
+    if DEVICE != "cpu":
+        model = model.to(DEVICE)
     tokens = model.to_tokens(TEXT)
     with torch.inference_mode():
         logits, cache = model.run_with_cache(tokens)

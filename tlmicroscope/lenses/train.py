@@ -214,8 +214,9 @@ def lstsq_init(model: Any, lens: TunedLens, windows: torch.Tensor, ids: list[int
     """
     readout = Readout.for_model(model)
     L, d = lens.n_layers, lens.d_model
-    G = torch.zeros(L, d + 1, d + 1, dtype=torch.float64)
-    C = torch.zeros(L, d + 1, d, dtype=torch.float64)
+    dev = readout.W.device  # the sums live where the activations are (a CUDA model's GPU)
+    G = torch.zeros(L, d + 1, d + 1, dtype=torch.float64, device=dev)
+    C = torch.zeros(L, d + 1, d, dtype=torch.float64, device=dev)
     for batch in _micro_batches(ids, micro):
         resid, _ = _forward(model, windows[batch], list(range(L + 1)), logits=False)
         with torch.inference_mode():
@@ -229,15 +230,15 @@ def lstsq_init(model: Any, lens: TunedLens, windows: torch.Tensor, ids: list[int
                 C[layer] += xa.T @ target.double()
     flat = ctx.all_reduce_sum(torch.cat([G.flatten(), C.flatten()]))
     G, C = flat[: G.numel()].view_as(G), flat[G.numel():].view_as(C)
-    eye = torch.eye(d, dtype=torch.float64)
+    eye = torch.eye(d, dtype=torch.float64, device=dev)
     with torch.no_grad():
         for layer in range(L):
             g = G[layer].clone()
             g[:d, :d] += ridge * torch.diagonal(g[:d, :d]).mean() * eye
             B = torch.linalg.solve(g, C[layer])  # [d+1 d]: y = x B[:d] + B[d]
-            lens.weight[layer] = (B[:d] - eye).T.to(lens.weight.dtype)
+            lens.weight[layer] = (B[:d] - eye).T.to(lens.weight)
             if lens.has_bias:
-                lens.bias[layer] = B[d].to(lens.bias.dtype)
+                lens.bias[layer] = B[d].to(lens.bias)
 
 
 # ---------------------------------------------------------------------------------- training
@@ -349,7 +350,7 @@ def train_tuned_lens(
             ids = _step_windows(windows.shape[0], per_step, step, cfg.seed, order_cache)
             weight_grad.zero_()
             bias_grad.zero_()
-            kl_sum = torch.zeros(L, dtype=torch.float64)
+            kl_sum = torch.zeros(L, dtype=torch.float64, device=lens.weight.device)
             W, b = lens.weight.detach(), lens.bias.detach()
             for batch in _micro_batches(ids[ctx.rank:: ctx.world_size], micro):
                 layers = list(range(L + (not identity_checked)))
