@@ -65,6 +65,9 @@ def test_cli_errors_are_one_clear_line(use_tiny, corpus, tmp_path, capsys):
 def test_default_location_and_demo_pickup(tiny_llama, tmp_path, monkeypatch):
     assert default_lens_dir("smollm2-135m") == default_lens_dir("HuggingFaceTB/SmolLM2-135M-Instruct")
     assert str(default_lens_dir("smollm2-135m")) == "out/tuned-lens-smollm2-135m"
+    # The second embedded model: its short names and the label a loaded Gemma carries agree.
+    assert {str(default_lens_dir(n)) for n in ("gemma3-270m", "gemma-3-270m", "google/gemma-3-270m")} == {
+        "out/tuned-lens-gemma3-270m"}
     assert default_lens_dir(tiny_llama).name == "tuned-lens-tiny-llama-l3-d32-s0"
     monkeypatch.chdir(tmp_path)
     seen = {}

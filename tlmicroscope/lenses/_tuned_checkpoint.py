@@ -78,13 +78,17 @@ def _load_checkpoint(out: Path, model: Any, lens, optimizers, cfg: Any, data_sig
 
 
 def default_lens_dir(model_or_name: Any, root: str | os.PathLike = "out") -> Path:
-    """Where ``train-lens`` writes by default: ``out/tuned-lens-<model>/`` (``smollm2-135m`` for
-    the embedded model), which ``tlmicroscope demo`` also looks at."""
+    """Where ``train-lens`` writes by default: ``out/tuned-lens-<model>/`` (``smollm2-135m`` and
+    ``gemma3-270m`` for the two embedded models, whichever of their names or hub labels is given),
+    which ``tlmicroscope demo`` and ``report`` also look at."""
     from tlmicroscope.models.embedded import EMBEDDED_HF_NAME, EMBEDDED_NAMES
+    from tlmicroscope.models.gemma import GEMMA_HF_NAME, GEMMA_NAMES
 
     name = model_or_name if isinstance(model_or_name, str) else _compat.model_label(model_or_name)
     if name == EMBEDDED_HF_NAME or name.lower() in EMBEDDED_NAMES:
         slug = EMBEDDED_NAMES[0]
+    elif name == GEMMA_HF_NAME or name.lower() in GEMMA_NAMES:
+        slug = GEMMA_NAMES[0]  # --model gemma3-270m and a loaded Gemma (labelled by its hub name) agree
     else:
         slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in Path(str(name)).name.lower())
     return Path(root) / f"tuned-lens-{slug}"
