@@ -93,8 +93,10 @@ def final_stats(zf: torch.Tensor, tgt: torch.Tensor, k: int, col: int) -> tuple[
     sums = [p[:, :full].reshape(p.shape[0], -1, col).sum(-1)] if full else []
     if full < V:
         sums.append(p[:, full:].sum(-1, keepdim=True))
-    stats = RowStats(entropy=lse - pz, lse=lse, ce=lse - z_t, rank=rank.round().long(),
-                     top_v=tv - lse.unsqueeze(1), top_i=ti, pz=pz)
+    # Entropy >= 0 and log-probabilities <= 0 exactly; float32 rounding at logits of tens of nats
+    # can cross those bounds by ~1e-5, so clamp them.
+    stats = RowStats(entropy=(lse - pz).clamp(min=0), lse=lse, ce=lse - z_t, rank=rank.round().long(),
+                     top_v=(tv - lse.unsqueeze(1)).clamp(max=0), top_i=ti, pz=pz)
     return stats, p, torch.cat(sums, 1)
 
 
@@ -228,11 +230,11 @@ def blocked_stats(
     lse = (m + log2s) * _LN2
     top_v, top_i = _top_k(x, WT, b, finish, gm_all, g_base, g_stride, g_end, k)
     return RowStats(
-        entropy=(log2s - a / s) * _LN2,
+        entropy=((log2s - a / s) * _LN2).clamp(min=0),  # bounds that float32 rounding can cross
         lse=lse,
         ce=lse - z_t,
         rank=above.round().long(),
-        top_v=top_v - lse.unsqueeze(1),
+        top_v=(top_v - lse.unsqueeze(1)).clamp(max=0),
         top_i=top_i,
         pz=pz2 * _LN2,
     )
