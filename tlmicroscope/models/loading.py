@@ -128,7 +128,7 @@ def _bridge_from_hf(label: str, hf: Any, tok: Any, device: str, dtype: torch.dty
 
 
 def _hooked_from_hf(hf: Any, tok: Any, device: str, dtype: torch.dtype, n_ctx: int, process: bool):
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens import HookedTransformerConfig
     from transformer_lens.pretrained.weight_conversions import convert_llama_weights
 
     c = hf.config
@@ -165,7 +165,13 @@ def _hooked_from_hf(hf: Any, tok: Any, device: str, dtype: torch.dtype, n_ctx: i
         device=device,
         dtype=dtype,
     )
-    state = convert_llama_weights(hf, cfg)
+    return _hooked_from_state(cfg, convert_llama_weights(hf, cfg), tok, device, process)
+
+
+def _hooked_from_state(cfg: Any, state: dict, tok: Any, device: str, process: bool):
+    """A HookedTransformer from a converted state dict, weights processed only when asked."""
+    from transformer_lens import HookedTransformer
+
     model = HookedTransformer(cfg, tokenizer=tok, move_to_device=False)
     model.load_and_process_state_dict(
         state,
@@ -180,7 +186,6 @@ def _hooked_from_hf(hf: Any, tok: Any, device: str, dtype: torch.dtype, n_ctx: i
 def _hooked_gemma3(hf: Any, tok: Any, device: str, dtype: torch.dtype, n_ctx: int, process: bool):
     # TransformerLens 3 knows Gemma 3's local/global layers, two rotary bases, qk-norm and (1 + w)
     # norms only through its official configs; take the one whose shape matches these weights.
-    from transformer_lens import HookedTransformer
     from transformer_lens.loading_from_pretrained import get_pretrained_model_config
     from transformer_lens.pretrained.weight_conversions import convert_gemma_weights
 
@@ -204,16 +209,7 @@ def _hooked_gemma3(hf: Any, tok: Any, device: str, dtype: torch.dtype, n_ctx: in
     cfg.d_vocab = cfg.d_vocab_out = c.vocab_size
     cfg.tokenizer_prepends_bos = _tokenizer_adds_bos(tok)
     _mark_bos(tok)
-    state = convert_gemma_weights(hf, cfg)
-    model = HookedTransformer(cfg, tokenizer=tok, move_to_device=False)
-    model.load_and_process_state_dict(
-        state,
-        fold_ln=process,
-        center_writing_weights=process,
-        center_unembed=process,
-        fold_value_biases=process,
-    )
-    return model.to(device)
+    return _hooked_from_state(cfg, convert_gemma_weights(hf, cfg), tok, device, process)
 
 
 def _local_hf_folder(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
