@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["decode_ids", "token_strings", "vocab_strings"]
+__all__ = ["decode_ids", "token_strings"]
 
 
 class _Table:
@@ -82,14 +82,6 @@ def token_strings(model: Any, ids: torch.Tensor) -> np.ndarray:
         uniq, inverse = np.unique(flat, return_inverse=True)
         out = _objects(decode_ids(tok, uniq.tolist()))[inverse]
     return out.reshape(arr.shape)
-
-
-def vocab_strings(tokenizer: Any, d_vocab: int) -> np.ndarray:
-    """``decode([i])`` for every id below ``d_vocab``: the whole vocabulary (slow on large ones).
-
-    Prefer ``token_strings``/``decode_ids``, which decode only the ids asked for.
-    """
-    return _objects(decode_ids(tokenizer, range(d_vocab)))
 
 
 def _objects(strings: list[str]) -> np.ndarray:
