@@ -26,6 +26,7 @@ _COMMAND_MODULES = ["tlmicroscope.lenses._cli", "tlmicroscope._serve_cli", "tlmi
 _COMMAND_MODULES.append("tlmicroscope.geometry._cli")
 _COMMAND_MODULES.append("tlmicroscope.causal._cli")
 _COMMAND_MODULES.append("tlmicroscope.microscope._cli")
+_COMMAND_MODULES.append("tlmicroscope.lenses._bench_cli")
 
 
 def log(msg: str) -> None:
