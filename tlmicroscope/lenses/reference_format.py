@@ -28,7 +28,13 @@ from typing import Any
 
 import torch
 
-from tlmicroscope.io import FittedFileError, ModelMismatchError
+from tlmicroscope.io import (
+    FittedFileError,
+    ModelMismatchError,
+    _config_bool,
+    _config_int,
+    _json_type,
+)
 
 __all__ = ["is_reference_folder", "read_reference_lens", "load_reference_lens", "reference_unembed_hash"]
 
@@ -55,15 +61,9 @@ def reference_unembed_hash(model: Any) -> str:
     return hashlib.sha256(np.array_str(W, precision=1).encode()).hexdigest()
 
 
-def read_reference_lens(path: str | Path) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-    """Read a reference folder into stacked ``weight [L d d]``, ``bias [L d]`` and its config.
-
-    Raises:
-        FittedFileError: a missing, truncated or corrupt file; a pickle that holds code or
-            anything but tensors; missing or misshapen translators.
-    """
-    path = Path(path)
-    params, cfg_path = path / _PARAMS, path / _CONFIG
+def _read_config(path: Path, model: Any) -> tuple[dict[str, Any], int, int, bool]:
+    """The folder's ``config.json``, every field checked for type and value (and against ``model``)."""
+    cfg_path = path / _CONFIG
     if not cfg_path.is_file():
         raise FittedFileError(f"{path} has {_PARAMS} but no {_CONFIG}; a reference lens folder needs both.")
     try:
@@ -71,14 +71,59 @@ def read_reference_lens(path: str | Path) -> tuple[torch.Tensor, torch.Tensor, d
     except (ValueError, UnicodeDecodeError) as exc:
         raise FittedFileError(f"{cfg_path} is not valid JSON ({exc}); the file is corrupt.") from exc
     if not isinstance(cfg, dict):
-        raise FittedFileError(f"{cfg_path} does not hold a JSON object.")
+        raise FittedFileError(
+            f"{cfg_path} holds a JSON {_json_type(cfg)}, not an object; a reference lens config is an "
+            "object with d_model, num_hidden_layers, bias, ..."
+        )
     lens_type = cfg.get("lens_type", "linear_tuned_lens")
     if lens_type != "linear_tuned_lens":
         raise FittedFileError(f"{path} holds a {lens_type!r}; only 'linear_tuned_lens' can be read.")
-    try:
-        d_model, n_layers = int(cfg["d_model"]), int(cfg["num_hidden_layers"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise FittedFileError(f"{cfg_path} lacks d_model or num_hidden_layers ({exc}).") from exc
+    for key in ("base_model_name_or_path", "unembed_hash"):
+        if cfg.get(key) is not None and not isinstance(cfg[key], str):
+            raise FittedFileError(f"{cfg_path}: field {key!r} must be a string, got {_json_type(cfg[key])}.")
+    d_model = _config_int(cfg, "d_model", cfg_path)
+    n_layers = _config_int(cfg, "num_hidden_layers", cfg_path)
+    has_bias = _config_bool(cfg, "bias", cfg_path, default=True)
+    if model is not None:  # before reading params.pt or allocating anything
+        for field, ours, theirs in (
+            ("d_model", d_model, int(model.cfg.d_model)),
+            ("num_hidden_layers", n_layers, int(model.cfg.n_layers)),
+        ):
+            if ours != theirs:
+                raise ModelMismatchError(
+                    f"The reference lens at {path} was saved for another model: field {field!r} is {ours} "
+                    f"in {cfg_path} but {theirs} for this model ({cfg.get('base_model_name_or_path')!r}; "
+                    "load the lens with the model it was trained for)."
+                )
+    return cfg, d_model, n_layers, has_bias
+
+
+def read_reference_lens(
+    path: str | Path, model: Any = None
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """Read a reference folder into stacked ``weight [L d d]``, ``bias [L d]`` and its config.
+
+    ``config.json`` is checked first (field types and values, and ``d_model`` and the layer count
+    against ``model`` when given); nothing is allocated beyond what ``params.pt`` holds.
+
+    Raises:
+        FittedFileError: a missing, truncated or corrupt file; a config field of the wrong type or
+            value (the message names the file and the field); a pickle that holds code or anything
+            but tensors; missing or misshapen translators.
+        ModelMismatchError: ``model`` has another ``d_model`` or layer count than ``config.json``.
+
+    Examples:
+        >>> import json, tempfile, pathlib
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> torch.save({"0.weight": torch.zeros(4, 4), "0.bias": torch.ones(4)}, folder / "params.pt")
+        >>> _ = (folder / "config.json").write_text(json.dumps({"d_model": 4, "num_hidden_layers": 1}))
+        >>> weight, bias, cfg = read_reference_lens(folder)
+        >>> tuple(weight.shape), bias.tolist()
+        ((1, 4, 4), [[1.0, 1.0, 1.0, 1.0]])
+    """
+    path = Path(path)
+    params = path / _PARAMS
+    cfg, d_model, n_layers, has_bias = _read_config(path, model)
     try:
         # weights_only=True: only tensors and plain containers, never code from the file.
         state = torch.load(params, map_location="cpu", weights_only=True)
@@ -92,9 +137,7 @@ def read_reference_lens(path: str | Path) -> tuple[torch.Tensor, torch.Tensor, d
     if not isinstance(state, dict):
         raise FittedFileError(f"{params} holds a {type(state).__name__}, not a state dict.")
 
-    weight = torch.zeros(n_layers, d_model, d_model)
-    bias = torch.zeros(n_layers, d_model)
-    seen: set[tuple[int, str]] = set()
+    found: dict[tuple[int, str], torch.Tensor] = {}
     for key, value in state.items():
         m = _KEY.match(str(key))
         if m is None or not isinstance(value, torch.Tensor):
@@ -107,16 +150,19 @@ def read_reference_lens(path: str | Path) -> tuple[torch.Tensor, torch.Tensor, d
         if not 0 <= i < n_layers or tuple(value.shape) != want:
             raise FittedFileError(
                 f"{params}: {key} has shape {tuple(value.shape)} (layer {i}); expected {want} for "
-                f"layers 0..{n_layers - 1} as config.json says."
+                f"layers 0..{n_layers - 1} as config.json says (d_model={d_model}, "
+                f"num_hidden_layers={n_layers})."
             )
-        (weight if what == "weight" else bias)[i] = value.float()
-        seen.add((i, what))
-    missing = [i for i in range(n_layers) if (i, "weight") not in seen]
+        found[(i, what)] = value
+    missing = [i for i in range(n_layers) if (i, "weight") not in found]
     if missing:
         raise FittedFileError(f"{params} has no weight for layers {missing}; the file is incomplete.")
-    has_bias = bool(cfg.get("bias", True))
-    if has_bias and any((i, "bias") not in seen for i in range(n_layers)):
+    if has_bias and any((i, "bias") not in found for i in range(n_layers)):
         raise FittedFileError(f"{params} lacks some biases although config.json says bias=true.")
+    # Every layer's weight is in the file with the config's shape, so this is the file's own size.
+    weight = torch.stack([found[(i, "weight")].float() for i in range(n_layers)])
+    zero = torch.zeros(d_model)
+    bias = torch.stack([found.get((i, "bias"), zero).float() for i in range(n_layers)])
     if not (torch.isfinite(weight).all() and torch.isfinite(bias).all()):
         raise FittedFileError(f"{params} holds NaN or infinite values; it is corrupt.")
     return weight, bias, cfg
@@ -132,18 +178,9 @@ def load_reference_lens(path: str | Path, model: Any = None):
     from tlmicroscope.lenses.tuned import TunedLens
 
     path = Path(path)
-    weight, bias, cfg = read_reference_lens(path)
+    weight, bias, cfg = read_reference_lens(path, model)
     n_layers, d_model = weight.shape[0], weight.shape[1]
     if model is not None:
-        for field, ours, theirs in (
-            ("d_model", d_model, int(model.cfg.d_model)),
-            ("n_layers", n_layers, int(model.cfg.n_layers)),
-        ):
-            if ours != theirs:
-                raise ModelMismatchError(
-                    f"The reference lens at {path} was saved for another model: {field} is {ours} in "
-                    f"the file but {theirs} for this model ({cfg.get('base_model_name_or_path')!r})."
-                )
         saved_hash = cfg.get("unembed_hash")
         if saved_hash and saved_hash != reference_unembed_hash(model):
             warnings.warn(
@@ -162,7 +199,7 @@ def load_reference_lens(path: str | Path, model: Any = None):
     lens = TunedLens(
         n_layers,
         d_model,
-        bias=bool(cfg.get("bias", True)),
+        bias=_config_bool(cfg, "bias", path / _CONFIG, default=True),
         model_info={"d_model": d_model, "n_layers": n_layers},
         settings=settings,
         device=model.W_U.device if model is not None else None,

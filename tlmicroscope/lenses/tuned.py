@@ -23,6 +23,8 @@ from jaxtyping import Float
 from tlmicroscope.io import (
     FittedFileError,
     ModelMismatchError,
+    _config_bool,
+    _config_int,
     check_fingerprint,
     load_fitted,
     model_fingerprint,
@@ -212,10 +214,14 @@ class TunedLens(torch.nn.Module):
         device = model.W_U.device if model is not None else None
         tensors, meta = load_fitted(path, kind=KIND, model=model, device=device)
         cfg = meta.get("config") or {}
-        try:
-            n_layers, d_model = int(cfg["n_layers"]), int(cfg["d_model"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise FittedFileError(f"{path / 'config.json'} lacks n_layers/d_model ({exc}).") from exc
+        cfg_file = path / "config.json"  # load_fitted made sure the config is an object
+        n_layers, d_model = _config_int(cfg, "n_layers", cfg_file), _config_int(cfg, "d_model", cfg_file)
+        has_bias = _config_bool(cfg, "bias", cfg_file, default=True)
+        settings = cfg.get("settings") or {}
+        if not isinstance(settings, dict):
+            raise FittedFileError(
+                f"{cfg_file}: field 'settings' must be an object, got {type(settings).__name__}."
+            )
         weight, bias = tensors.get("weight"), tensors.get("bias")
         if weight is None or bias is None:
             raise FittedFileError(f"{path} holds tensors {sorted(tensors)}, expected 'weight' and 'bias'.")
@@ -229,9 +235,9 @@ class TunedLens(torch.nn.Module):
         lens = cls(
             n_layers,
             d_model,
-            bias=bool(cfg.get("bias", True)),
+            bias=has_bias,
             model_info=meta.get("model"),
-            settings=cfg.get("settings") or {},
+            settings=settings,
             device=device,
         )
         with torch.no_grad():
