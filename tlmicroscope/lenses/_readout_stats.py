@@ -13,7 +13,9 @@ cache, in a handful of vectorised passes:
 * ``exp2`` into a second buffer, its row sum and its row dot with the block (entropy);
 * the count of logits above the target's (rank) as the sum of a float ``>`` (boolean
   reductions are slow on the CPU);
-* the dot with the final distribution (KL), batched per position.
+* the dot with the final distribution (KL), batched per position;
+* optionally, for a few extra token ids per row (target-token trajectories), their logits and
+  the count of logits above each (one more ``>`` pass per id and block, no second unembedding).
 
 The top-k is found without a ``topk`` over the vocabulary: every one of a row's k largest logits
 lies in one of the k groups with the largest maxima, so those k groups' logits are recomputed from
@@ -71,13 +73,26 @@ class RowStats:
     top_v: torch.Tensor  # log-probabilities of the top k
     top_i: torch.Tensor
     pz: torch.Tensor | None = None
+    extra_z: torch.Tensor | None = None  # [rows m] logits (natural units) of the extra ids
+    extra_rank: torch.Tensor | None = None  # [rows m] logits strictly above each extra id's
 
 
-def final_stats(zf: torch.Tensor, tgt: torch.Tensor, k: int, col: int) -> tuple[RowStats, torch.Tensor, torch.Tensor]:
+def extra_logits(x: torch.Tensor, WT: torch.Tensor, b: torch.Tensor | None, finish: Any,
+                 ids: torch.Tensor) -> torch.Tensor:
+    """Logits ``finish(x @ WT[ids].T + b[ids])`` of ``ids`` ``[rows m]`` for rows ``x``, float32."""
+    z = torch.einsum("rd,rmd->rm", x.float(), WT[ids].float())
+    if b is not None:
+        z = z + b.float()[ids]
+    return finish(z) if finish is not None else z
+
+
+def final_stats(zf: torch.Tensor, tgt: torch.Tensor, k: int, col: int,
+                extra: torch.Tensor | None = None) -> tuple[RowStats, torch.Tensor, torch.Tensor]:
     """Statistics of the model's own logits ``zf`` ``[pos d_vocab]``, its distribution and block sums.
 
-    Returns the statistics (``entropy`` is the final entropy, ``pz`` is ``sum p z``), the
-    distribution ``p`` and ``p``'s sums over each vocabulary block of width ``col``.
+    Returns the statistics (``entropy`` is the final entropy, ``pz`` is ``sum p z``; with
+    ``extra`` ids ``[pos m]``, their logits and ranks), the distribution ``p`` and ``p``'s sums
+    over each vocabulary block of width ``col``.
     """
     zf = zf.float()
     lse = torch.logsumexp(zf, -1)
@@ -86,6 +101,12 @@ def final_stats(zf: torch.Tensor, tgt: torch.Tensor, k: int, col: int) -> tuple[
     z_t = zf.gather(1, tgt.unsqueeze(1)).squeeze(1)
     above = torch.empty_like(zf)
     rank = torch.gt(zf, z_t.unsqueeze(1), out=above).sum(-1)
+    extra_z = extra_rank = None
+    if extra is not None:
+        extra_z = zf.gather(1, extra)
+        extra_rank = torch.stack(
+            [torch.gt(zf, extra_z[:, j : j + 1], out=above).sum(-1) for j in range(extra.shape[1])], 1
+        ).round().long() if extra.shape[1] else extra.new_zeros(extra.shape)
     del above
     tv, ti = zf.topk(k, dim=-1)
     V = zf.shape[1]
@@ -96,7 +117,8 @@ def final_stats(zf: torch.Tensor, tgt: torch.Tensor, k: int, col: int) -> tuple[
     # Entropy >= 0 and log-probabilities <= 0 exactly; float32 rounding at logits of tens of nats
     # can cross those bounds by ~1e-5, so clamp them.
     stats = RowStats(entropy=(lse - pz).clamp(min=0), lse=lse, ce=lse - z_t, rank=rank.round().long(),
-                     top_v=(tv - lse.unsqueeze(1)).clamp(max=0), top_i=ti, pz=pz)
+                     top_v=(tv - lse.unsqueeze(1)).clamp(max=0), top_i=ti, pz=pz,
+                     extra_z=extra_z, extra_rank=extra_rank)
     return stats, p, torch.cat(sums, 1)
 
 
@@ -128,13 +150,15 @@ def blocked_stats(
     n_per_pos: int,
     k: int,
     col: int = _COL_BLOCK,
+    extra: torch.Tensor | None = None,
 ) -> RowStats:
     """Statistics of ``finish(x @ WT.T + b)`` for rows ``x`` ``[pos*n_per_pos d_model]``.
 
     Rows are position-major: row ``r`` belongs to position ``r // n_per_pos`` of ``p_f``
     ``[pos d_vocab]`` (the final distribution, for the KL), whose block sums are ``p_sums``.
     ``finish`` is the readout's output soft cap, or ``None``; ``col`` the block width, a
-    multiple of ``_GROUP`` (as ``p_sums``'s blocks).
+    multiple of ``_GROUP`` (as ``p_sums``'s blocks). ``extra`` ``[rows m]``: token ids whose
+    logits and ranks are wanted too (``extra_z``, ``extra_rank``).
     """
     R = x.shape[0]
     V = WT.shape[0]
@@ -154,6 +178,11 @@ def blocked_stats(
     if finish is not None:
         z_t = finish(z_t)
     zt2 = z_t * _LOG2E
+    if extra is not None:
+        ex_z = extra_logits(x, WT, b, finish, extra)
+        ex_z2 = ex_z * _LOG2E
+        ex_above = torch.zeros(extra.shape, device=dev)
+        ex_block = extra // col
 
     m = torch.zeros(R, device=dev)
     s = torch.zeros(R, device=dev)
@@ -217,6 +246,14 @@ def blocked_stats(
         if inside.numel():  # the target never counts as above itself, whatever the rounding
             self_v = z[inside, tgt[inside] - lo]
             above[inside] -= (self_v > thr[inside]).float()
+        if extra is not None:
+            ex_thr = ex_z2 - c.unsqueeze(1)
+            for j in range(extra.shape[1]):
+                ex_above[:, j] += torch.gt(z, ex_thr[:, j : j + 1], out=e).sum(-1)
+            r_in, j_in = (ex_block == bi).nonzero(as_tuple=True)
+            if r_in.numel():  # an id never counts as above itself
+                self_v = z[r_in, extra[r_in, j_in] - lo]
+                ex_above[r_in, j_in] -= (self_v > ex_thr[r_in, j_in]).float()
         zp = z.reshape(P, n_per_pos, w)
         pz2 += torch.bmm(zp, p_f[:, lo : lo + w].unsqueeze(2)).reshape(R)
         pz2 += c * p_sums[:, bi].repeat_interleave(n_per_pos)
@@ -237,6 +274,8 @@ def blocked_stats(
         top_v=(top_v - lse.unsqueeze(1)).clamp(max=0),
         top_i=top_i,
         pz=pz2 * _LN2,
+        extra_z=None if extra is None else ex_z,
+        extra_rank=None if extra is None else ex_above.round().long(),
     )
 
 

@@ -5,6 +5,11 @@ next-token logits: ``logits_l = readout(lens.transform(h, l))``. The logit lens 
 transform; a tuned lens adds a learned affine translator per layer; causal basis extraction reads
 through either. The model's own output (index ``n_layers``, the last block's ``resid_post``) is
 never lensed.
+
+A lens may also read the residual between a block's attention and its MLP (``resid_mid``): it says
+so with an optional ``readable_sites`` attribute and a ``transform_site(h, layer, site)`` method.
+A lens without them reads only ``resid_pre`` (``lens_sites``), so existing lenses keep working and
+a request it cannot serve gets an error naming the fix (``check_lens_sites``).
 """
 
 from __future__ import annotations
@@ -16,7 +21,13 @@ from jaxtyping import Float
 
 from tlmicroscope.lenses.readout import Readout
 
-__all__ = ["Lens", "LogitLens", "lens_logits", "resolve_lens"]
+__all__ = [
+    "Lens", "LogitLens", "RESIDUAL_SITES", "check_lens_sites", "lens_logits", "lens_sites", "lens_transform",
+    "resolve_lens",
+]
+
+#: The residual sites a lens can be asked to read: the block input and the mid-block residual.
+RESIDUAL_SITES = ("resid_pre", "resid_mid")
 
 
 @runtime_checkable
@@ -26,6 +37,9 @@ class Lens(Protocol):
     Attributes:
         name: A short label recorded in results ("logit", "tuned", ...).
         final_norm: Whether the readout applies the final norm to this lens's output.
+
+    Optional: ``readable_sites`` (default ``("resid_pre",)``) and ``transform_site(h, layer,
+    site)`` for lenses that also read ``resid_mid``; see ``lens_sites``.
     """
 
     name: str
@@ -59,6 +73,8 @@ class LogitLens:
         'logit (paper: no final norm)'
     """
 
+    readable_sites = RESIDUAL_SITES
+
     def __init__(self, *, final_norm: bool = True):
         self.final_norm = bool(final_norm)
         self.name = "logit" if self.final_norm else "logit (paper: no final norm)"
@@ -71,11 +87,59 @@ class LogitLens:
     def transform(self, h: torch.Tensor, layer: int) -> torch.Tensor:
         return h
 
+    def transform_site(self, h: torch.Tensor, layer: int, site: str) -> torch.Tensor:
+        return h
+
     def check_model(self, model: Any) -> None:
         return None
 
     def __repr__(self) -> str:
         return f"LogitLens(final_norm={self.final_norm})"
+
+
+def lens_sites(lens: Any) -> tuple[str, ...]:
+    """The residual sites ``lens`` can read: its ``readable_sites``, or ``("resid_pre",)``.
+
+    Examples:
+        >>> lens_sites(LogitLens())
+        ('resid_pre', 'resid_mid')
+        >>> from tlmicroscope.lenses.tuned import TunedLens
+        >>> lens_sites(TunedLens(n_layers=2, d_model=8))
+        ('resid_pre',)
+    """
+    return tuple(getattr(lens, "readable_sites", ("resid_pre",)))
+
+
+def check_lens_sites(lens: Any, sites: Any) -> None:
+    """Raise a ``ValueError`` naming the fix if ``lens`` cannot read one of ``sites``."""
+    has_method = callable(getattr(lens, "transform_site", None))
+    missing = [s for s in sites if s not in lens_sites(lens) or (s != "resid_pre" and not has_method)]
+    if not missing:
+        return
+    name = getattr(lens, "name", type(lens).__name__)
+    raise ValueError(
+        f"The {name!r} lens ({type(lens).__name__}) has no readout for {', '.join(missing)}: it reads only "
+        f"{lens_sites(lens)} (a tuned lens has one translator per block input, trained on hook_resid_pre). "
+        "Read the mid-block residual through the logit lens (lens='logit'), leave resid_mid out "
+        "(sites='pre'), or give the lens a readable_sites attribute that lists 'resid_mid' and a "
+        "transform_site(h, layer, site) method (a translator trained on blocks.{l}.hook_resid_mid)."
+    )
+
+
+def lens_transform(
+    lens: Any, h: Float[torch.Tensor, "... d_model"], layer: int, site: str = "resid_pre"
+) -> Float[torch.Tensor, "... d_model"]:
+    """``lens.transform(h, layer)`` for ``resid_pre``; ``lens.transform_site(h, layer, site)`` otherwise.
+
+    Examples:
+        >>> h = torch.randn(2, 8)
+        >>> torch.equal(lens_transform(LogitLens(), h, 0, "resid_mid"), h)
+        True
+    """
+    if site == "resid_pre":
+        return lens.transform(h, layer)
+    check_lens_sites(lens, [site])
+    return lens.transform_site(h, layer, site)
 
 
 def resolve_lens(lens: Any) -> Lens:
@@ -106,7 +170,10 @@ def lens_logits(
 
 
 # Saved-lens loaders by the ``kind`` in their config.json; lens classes register themselves.
-_LENS_LOADERS: dict[str, str] = {"tuned_lens": "tlmicroscope.lenses.tuned:TunedLens"}
+_LENS_LOADERS: dict[str, str] = {
+    "tuned_lens": "tlmicroscope.lenses.tuned:TunedLens",
+    "jacobian_lens": "tlmicroscope.lenses.jacobian:JacobianLens",
+}
 
 
 def load_lens(path: Any, model: Any) -> Lens:
@@ -120,6 +187,10 @@ def load_lens(path: Any, model: Any) -> Lens:
     from pathlib import Path
 
     path = Path(path)
+    if path.is_file() and path.suffix == ".pt":  # a bare Jacobian-lens artifact (reference format)
+        from tlmicroscope.lenses.jacobian import JacobianLens
+
+        return JacobianLens.load(path, model)
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"No saved lens at {path} (expected {cfg_path}).")

@@ -14,6 +14,12 @@ unembedding streams through the cache once per chunk, not once per layer, and ea
 block of logits is reduced while still in cache (``_readout_stats``): no ``[layer pos d_vocab]``
 nor even a ``[rows d_vocab]`` tensor is built for any layer. Statistics are float32 whatever the
 model's dtype. Token strings are decoded only for the ids shown (``top_strings``).
+
+``targets=`` tracks given tokens too (probability, log-probability and rank per layer and
+position): their logits come from their rows of the unembedding and their ranks from one more
+comparison pass over each block already in cache, so they cost no second unembedding.
+``sites="pre+mid"`` interleaves readouts of ``resid_mid`` (between attention and MLP) with the
+block inputs, for lenses that can read it (``lenses.base.lens_sites``).
 """
 
 from __future__ import annotations
@@ -31,19 +37,53 @@ from tlmicroscope._vocab import token_strings
 from tlmicroscope.capture import capture
 from tlmicroscope.inputs import TextOrTokens, check_layers, resolve_input
 from tlmicroscope.lenses import _readout_stats
-from tlmicroscope.lenses.base import resolve_lens
+from tlmicroscope.lenses._target_ids import TargetIds, resolve_targets
+from tlmicroscope.lenses.base import check_lens_sites, lens_transform, resolve_lens
 from tlmicroscope.lenses.readout import Readout, check_readout_identity
 from tlmicroscope.results import Provenance
 
-__all__ = ["STATISTICS", "PredictionTrajectory", "layer_label", "prediction_trajectory"]
+__all__ = ["SITE_CHOICES", "STATISTICS", "PredictionTrajectory", "layer_label", "prediction_trajectory", "read_rows",
+           "resolve_sites", "site_label"]
 
 #: Per-layer, per-position statistics of a trajectory (all natural-log units).
 STATISTICS = ("entropy", "kl", "cross_entropy", "target_rank", "max_prob")
 
 
+#: ``sites=`` spellings: which residuals of each block a trajectory reads.
+SITE_CHOICES = {"pre": ("resid_pre",), "mid": ("resid_mid",), "pre+mid": ("resid_pre", "resid_mid")}
+
+
 def layer_label(layer: int, n_layers: int) -> str:
     """``"0"``..``"n_layers-1"`` for the residual entering each block, ``"out"`` for the output."""
     return "out" if layer == n_layers else str(layer)
+
+
+def site_label(layer: int, site: str, n_layers: int, *, named: bool) -> str:
+    """The label of one trajectory row; with ``named`` (mid readouts present) the site is spelled out.
+
+    Examples:
+        >>> [site_label(1, s, 4, named=True) for s in ("resid_pre", "resid_mid")]
+        ['1 pre', '1 mid']
+        >>> site_label(4, "resid_post", 4, named=True), site_label(2, "resid_pre", 4, named=False)
+        ('out', '2')
+    """
+    if layer == n_layers or not named:
+        return layer_label(layer, n_layers)
+    return f"{layer} {site.removeprefix('resid_')}"
+
+
+def resolve_sites(sites: Any) -> tuple[str, ...]:
+    """``"pre"``, ``"mid"``, ``"pre+mid"`` or a tuple of ``resid_pre``/``resid_mid``, in block order."""
+    if isinstance(sites, str):
+        if sites in SITE_CHOICES:
+            return SITE_CHOICES[sites]
+        sites = (sites,)
+    chosen = tuple(sites)
+    bad = [s for s in chosen if s not in ("resid_pre", "resid_mid")]
+    if bad or not chosen:
+        raise ValueError(f"sites must be one of {list(SITE_CHOICES)} or a tuple of 'resid_pre'/'resid_mid'; "
+                         f"got {sites!r}.")
+    return tuple(s for s in ("resid_pre", "resid_mid") if s in chosen)
 
 
 @dataclass(frozen=True)
@@ -65,6 +105,16 @@ class PredictionTrajectory:
         n_layers: The model's number of blocks.
         provenance: Model, weight processing, lens, settings, and whether the readout identity
             was checked against the model's logits.
+        sites: The residual each row reads (``resid_pre``, ``resid_mid``, or ``resid_post`` for
+            the output); with mid readouts ``layers`` repeats a block and the labels say
+            ``"3 pre"``/``"3 mid"``.
+        tracked_prob, tracked_logprob, tracked_rank: With ``targets=``, the probability,
+            log-probability (nats) and rank (0 = top-1) of each tracked target
+            ``[layer batch pos target]``; ``None`` otherwise. (``target_rank`` above is the rank
+            of the next token.)
+        tracked_names: One label per tracked target; ``tracked_read`` the text of the token(s)
+            read, per row (one row when shared); ``tracked_notes`` says which token of a
+            multi-token string is read; ``tracked_ids`` ``[rows target member]`` (-1: no member).
     """
 
     layers: tuple[int, ...]
@@ -82,6 +132,14 @@ class PredictionTrajectory:
     top_strings: np.ndarray
     n_layers: int
     provenance: Provenance
+    sites: tuple[str, ...] = ()
+    tracked_prob: Float[torch.Tensor, "layer batch pos target"] | None = None
+    tracked_logprob: Float[torch.Tensor, "layer batch pos target"] | None = None
+    tracked_rank: Int[torch.Tensor, "layer batch pos target"] | None = None
+    tracked_names: tuple[str, ...] = ()
+    tracked_read: list[list[str]] | None = None
+    tracked_notes: tuple[str, ...] = ()
+    tracked_ids: Int[torch.Tensor, "rows target member"] | None = None
 
     def statistic(self, name: str) -> torch.Tensor:
         """One of ``STATISTICS`` by name, ``[layer batch pos]``."""
@@ -89,12 +147,13 @@ class PredictionTrajectory:
             raise ValueError(f"Unknown statistic {name!r}; choose from {STATISTICS}.")
         return getattr(self, name)
 
-    def layer_index(self, layer: int) -> int:
-        """Row of residual index ``layer`` in this trajectory's tensors."""
-        try:
-            return self.layers.index(layer)
-        except ValueError:
-            raise ValueError(f"Layer {layer} is not in this trajectory (layers {self.layers}).") from None
+    def layer_index(self, layer: int, site: str | None = None) -> int:
+        """Row of residual index ``layer`` (its first row, or the one reading ``site``)."""
+        for i, lay in enumerate(self.layers):
+            if lay == layer and (site is None or not self.sites or self.sites[i] == site):
+                return i
+        raise ValueError(f"Layer {layer}{'' if site is None else ' ' + site} is not in this trajectory "
+                         f"(rows {self.layer_labels}).")
 
     def to_dataframe(self, batch: int = 0):
         """Long format: one row per (layer, position) with every statistic and the top-1 token."""
@@ -111,6 +170,8 @@ class PredictionTrajectory:
                         "token": self.str_tokens[batch][pos],
                         "top1": self.top_strings[li, batch, pos, 0],
                         **{s: float(getattr(self, s)[li, batch, pos]) for s in STATISTICS},
+                        **({f"p({name})": float(self.tracked_prob[li, batch, pos, t])
+                            for t, name in enumerate(self.tracked_names)} if self.tracked_prob is not None else {}),
                     }
                 )
         return pd.DataFrame(rows)
@@ -118,6 +179,8 @@ class PredictionTrajectory:
 
 _ROW_CHUNK = 512  # (layer, position) rows read out together
 _COL_BLOCK = _readout_stats._COL_BLOCK
+
+_KEYS = ("entropy", "kl", "ce", "rank", "top_p", "top_i", "lse")
 
 
 def _store(out: dict[str, torch.Tensor], li: int, rows: slice, st: _readout_stats.RowStats,
@@ -131,6 +194,83 @@ def _store(out: dict[str, torch.Tensor], li: int, rows: slice, st: _readout_stat
     out["rank"][li, rows] = st.rank[pick]
     out["top_p"][li, rows] = st.top_v[pick].exp()
     out["top_i"][li, rows] = st.top_i[pick]
+    out["lse"][li, rows] = st.lse[pick]
+    if st.extra_z is not None:
+        out["ez"][li, rows] = st.extra_z[pick]
+        out["erank"][li, rows] = st.extra_rank[pick]
+
+
+def read_rows(
+    lens: Any,
+    readout: Readout,
+    sources: Sequence[tuple[int, str, torch.Tensor]],
+    final_h: torch.Tensor | None,
+    final_logits: torch.Tensor | None,
+    tgt: torch.Tensor,
+    k: int,
+    *,
+    extra: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Lens statistics of residual rows: the kernel shared by trajectories and target trajectories.
+
+    Args:
+        sources: ``(layer, site, h)`` with ``h`` ``[rows d_model]``, read through ``lens``.
+        final_h, final_logits: The last residual rows, or the model's logits for them (preferred).
+        tgt: ``[rows]`` ids whose cross-entropy and rank are wanted (clamped to >= 0).
+        extra: ``[rows m]`` more ids whose logits (``ez``) and ranks (``erank``) are wanted.
+
+    Returns:
+        ``[len(sources) + 1, rows, ...]`` tensors (the last index is the model's output):
+        ``entropy``, ``kl``, ``ce``, ``rank``, ``top_p``, ``top_i``, ``lse`` and, with ``extra``,
+        ``ez`` and ``erank``.
+    """
+    n_in = len(sources)
+    R = int(tgt.shape[0])
+    dev = tgt.device
+    n_out = n_in + 1
+    out = {key: torch.empty(n_out, R, device=dev) for key in ("entropy", "kl", "ce", "lse")}
+    out["rank"] = torch.empty(n_out, R, dtype=torch.long, device=dev)
+    out["top_p"] = torch.empty(n_out, R, k, device=dev)
+    out["top_i"] = torch.empty(n_out, R, k, dtype=torch.long, device=dev)
+    if extra is not None:
+        out["ez"] = torch.empty(n_out, R, extra.shape[1], device=dev)
+        out["erank"] = torch.empty(n_out, R, extra.shape[1], dtype=torch.long, device=dev)
+    # Rows of every intermediate layer at a few positions are read out together, so the
+    # unembedding streams through the cache once per chunk rather than once per layer.
+    per_chunk = max(1, (chunk_size or _ROW_CHUNK) // max(n_in, 1))
+    n_chunks = max(1, -(-R // per_chunk))
+    per_chunk = max(1, -(-R // n_chunks))
+    col = min(_COL_BLOCK, readout.d_vocab)
+    W_rows, b = _readout_stats.unembed_rows(readout, lens.final_norm)
+    finish = readout.finish if readout.softcap is not None else None
+    with torch.inference_mode():
+        for start in range(0, R, per_chunk):
+            rows = slice(start, min(start + per_chunk, R))
+            t = tgt[rows]
+            ex = None if extra is None else extra[rows]
+            zf = final_logits[rows].float() if final_logits is not None else readout(final_h[rows])
+            fin, p_f, p_sums = _readout_stats.final_stats(zf, t, k, col, ex)
+            del zf
+            _store(out, n_in, rows, fin, torch.zeros_like(fin.lse))
+            if not n_in:
+                continue
+            hs = []
+            for layer, site, h in sources:
+                h = lens_transform(lens, h[rows], layer, site)
+                hs.append(readout.normalize(h) if lens.final_norm else h.float())
+            x = torch.stack(hs, 1).reshape(-1, hs[0].shape[-1])  # position-major rows
+            del hs
+            st = _readout_stats.blocked_stats(
+                x, W_rows, b, finish, t.repeat_interleave(n_in), p_f, p_sums, n_in, k, col,
+                extra=None if ex is None else ex.repeat_interleave(n_in, 0),
+            )
+            del p_f
+            neg_h_f = (fin.pz - fin.lse).repeat_interleave(n_in)  # sum p log p of the final
+            kl_rows = (neg_h_f - st.pz + st.lse).clamp_min(0.0)  # KL(p_final || q)
+            for j in range(n_in):
+                _store(out, j, rows, st, kl_rows, every=(j, n_in))
+    return out
 
 
 def prediction_trajectory(
@@ -144,12 +284,17 @@ def prediction_trajectory(
     truncate: bool = False,
     chunk_size: int | None = None,
     logits: torch.Tensor | None = None,
+    targets: Any = None,
+    per_row: bool = False,
+    target_names: Sequence[str] | None = None,
+    sites: Any = "pre",
 ) -> PredictionTrajectory:
     """Read every layer's prediction at every position through a lens, with its statistics.
 
     Args:
         model_or_cache: A model, or an ``ActivationCache`` holding ``hook_resid_pre`` of the
-            requested blocks and the last block's ``hook_resid_post`` (then pass ``tokens`` too).
+            requested blocks and the last block's ``hook_resid_post`` (then pass ``tokens`` too;
+            with ``sites`` including ``mid``, every ``hook_resid_mid`` and ``hook_resid_pre`` too).
         tokens: Text or token ids.
         lens: ``None``/``"logit"`` for the logit lens, ``"logit-paper"`` for LLM-Microscope's
             variant, or any ``Lens`` (a ``TunedLens``, for instance).
@@ -158,12 +303,22 @@ def prediction_trajectory(
         chunk_size: Rows (positions) read out together (default 512); smaller saves memory.
         logits: With a cache, the model's logits for the same tokens: they serve as the output
             layer and let the readout identity be checked (otherwise the output is re-read).
+        targets: Tokens to track at every layer and position (``tracked_prob``/``_logprob``/
+            ``_rank``): a string (read at its first token, with a warning, when it is several),
+            a token id, a set of them whose probabilities add up, or a list of those.
+        per_row: ``targets`` holds one entry per batch row (a target, or a list of targets of
+            the same length for every row).
+        target_names: Labels for the tracked targets (default: their text).
+        sites: ``"pre"`` (block inputs, the default), ``"pre+mid"`` (also ``resid_mid``, between
+            attention and MLP, interleaved after each block's input) or ``"mid"``.
 
     Returns:
         A ``PredictionTrajectory``.
 
     Raises:
-        ValueError: empty or over-long text, a layer out of range, a lens made for another model.
+        ValueError: empty or over-long text, a layer out of range, a lens made for another model,
+            a lens that cannot read ``resid_mid``, a model without ``resid_mid`` (parallel
+            blocks), an empty target list or a target outside the vocabulary.
         ReadoutIdentityError: the readout of the last residual does not reproduce the logits.
 
     Examples:
@@ -173,26 +328,38 @@ def prediction_trajectory(
         (('0', '1', 'out'), (3, 1, 5), (3, 1, 5, 3))
         >>> float(traj.kl[-1].abs().max()) < 1e-4  # the output row is the model itself
         True
+        >>> traj = prediction_trajectory(tiny_model(n_layers=2), "hello", targets=["o", {"l", "p"}],
+        ...                              sites="pre+mid")
+        >>> traj.layer_labels, traj.tracked_names, tuple(traj.tracked_prob.shape)
+        (('0 pre', '0 mid', '1 pre', '1 mid', 'out'), ("'o'", "{'l' | 'p'}"), (5, 1, 5, 2))
     """
     resolved = resolve_input(model_or_cache, tokens, prepend_bos=prepend_bos, truncate=truncate)
     model, cache, toks = resolved.model, resolved.cache, resolved.tokens
     lens = resolve_lens(lens)
     lens.check_model(model)
+    site_list = resolve_sites(sites)
+    check_lens_sites(lens, site_list)
     n_layers = int(model.cfg.n_layers)
     layer_list = check_layers(layers, n_layers + 1, "residual layer")
     d_vocab = int(model.cfg.d_vocab)
     k = int(top_k)
     if not 1 <= k <= d_vocab:
         raise ValueError(f"top_k must be in 1..{d_vocab}, got {top_k}.")
-
-    needed = sorted(set(layer_list) | {n_layers})
-    cap = capture(cache if cache is not None else model, toks, sites=("resid",), layers=needed,
-                  return_logits=cache is None)
-    resid = cap["resid"]  # [len(needed) batch pos d_model]
-    row_of = {layer: i for i, layer in enumerate(needed)}
     batch, n_pos = toks.shape
+    tracked: TargetIds | None = None
+    if targets is not None:
+        tracked = resolve_targets(model, targets, per_row=per_row, n_rows=batch, names=target_names)
+
+    with_mid = "resid_mid" in site_list
+    needed = sorted(set(layer_list) | {n_layers})
+    cap_sites = ("resid", "resid_mid") if with_mid else ("resid",)
+    cap = capture(cache if cache is not None else model, toks, sites=cap_sites,
+                  layers=None if with_mid else needed, return_logits=cache is None)
+    resid = cap["resid"]  # [len(needed) batch pos d_model]
+    row_of = {layer: i for i, layer in enumerate(cap.layers["resid"])}
     n_rows = batch * n_pos
-    flat = resid.reshape(len(needed), n_rows, -1)
+    flat = resid.reshape(resid.shape[0], n_rows, -1)
+    flat_mid = cap["resid_mid"].reshape(n_layers, n_rows, -1) if with_mid else None
     readout = Readout.for_model(model)
     dev = resid.device
 
@@ -200,87 +367,80 @@ def prediction_trajectory(
     if given is not None and tuple(given.shape[:2]) != (batch, n_pos):
         raise ValueError(f"logits have shape {tuple(given.shape)}, but the tokens are {batch} x {n_pos}.")
     final_logits = None if given is None else given.reshape(n_rows, -1)
+    final_h = flat[row_of[n_layers]]
     identity_diff = None
     if final_logits is not None:
         probe = slice(max(0, n_rows - 8), n_rows)
         with torch.inference_mode():
-            identity_diff = check_readout_identity(readout, flat[row_of[n_layers], probe], final_logits[probe])
+            identity_diff = check_readout_identity(readout, final_h[probe], final_logits[probe])
 
-    targets = torch.full((batch, n_pos), -1, dtype=torch.long, device=toks.device)
-    targets[:, :-1] = toks[:, 1:]
-    flat_targets = targets.reshape(-1).to(dev)
+    next_tok = torch.full((batch, n_pos), -1, dtype=torch.long, device=toks.device)
+    next_tok[:, :-1] = toks[:, 1:]
+    flat_targets = next_tok.reshape(-1).to(dev)
     has_target = flat_targets >= 0
-    safe_targets = flat_targets.clamp_min(0)
 
-    n_l = len(layer_list)
-    out = {
-        "entropy": torch.empty(n_l, n_rows, device=dev),
-        "kl": torch.empty(n_l, n_rows, device=dev),
-        "ce": torch.empty(n_l, n_rows, device=dev),
-        "rank": torch.empty(n_l, n_rows, dtype=torch.long, device=dev),
-        "top_p": torch.empty(n_l, n_rows, k, device=dev),
-        "top_i": torch.empty(n_l, n_rows, k, dtype=torch.long, device=dev),
-    }
-
-    # Rows of every intermediate layer at a few positions are read out together, so the
-    # unembedding streams through the cache once per chunk rather than once per layer.
-    inner = [(li, layer) for li, layer in enumerate(layer_list) if layer != n_layers]
-    out_li = layer_list.index(n_layers) if n_layers in layer_list else None
-    n_in = len(inner)
-    per_chunk = max(1, (chunk_size or _ROW_CHUNK) // max(n_in, 1))
-    n_chunks = -(-n_rows // per_chunk)
-    per_chunk = -(-n_rows // n_chunks)
-    col = min(_COL_BLOCK, d_vocab)
-    W_rows, b = _readout_stats.unembed_rows(readout, lens.final_norm)
-    finish = readout.finish if readout.softcap is not None else None
-    with torch.inference_mode():
-        for start in range(0, n_rows, per_chunk):
-            rows = slice(start, min(start + per_chunk, n_rows))
-            tgt = safe_targets[rows]
-            if final_logits is not None:
-                zf = final_logits[rows].float()
-            else:
-                zf = readout(flat[row_of[n_layers], rows])
-            fin, p_f, p_sums = _readout_stats.final_stats(zf, tgt, k, col)
-            del zf
-            if out_li is not None:
-                _store(out, out_li, rows, fin, torch.zeros_like(fin.lse))
-            if not inner:
-                continue
-            hs = []
-            for _, layer in inner:
-                h = lens.transform(flat[row_of[layer], rows], layer)
-                hs.append(readout.normalize(h) if lens.final_norm else h.float())
-            x = torch.stack(hs, 1).reshape(-1, hs[0].shape[-1])  # position-major rows
-            del hs
-            st = _readout_stats.blocked_stats(
-                x, W_rows, b, finish, tgt.repeat_interleave(n_in), p_f, p_sums, n_in, k, col
-            )
-            del p_f
-            neg_h_f = (fin.pz - fin.lse).repeat_interleave(n_in)  # sum p log p of the final
-            kl_rows = (neg_h_f - st.pz + st.lse).clamp_min(0.0)  # KL(p_final || q)
-            for j, (li, _) in enumerate(inner):
-                _store(out, li, rows, st, kl_rows, every=(j, n_in))
-
-    entropy, kl, ce, rank, top_p, top_i = (out[key] for key in ("entropy", "kl", "ce", "rank", "top_p", "top_i"))
+    # One row per (layer, site): a block's input, then its mid residual; the output last read.
+    plan = []
+    for layer in layer_list:
+        if layer == n_layers:
+            plan.append((layer, "resid_post"))
+        else:
+            plan.extend((layer, site) for site in site_list)
+    sources = []
+    for layer, site in plan:
+        if layer == n_layers:
+            continue
+        h = flat_mid[layer] if site == "resid_mid" else flat[row_of[layer]]
+        sources.append((layer, site, h))
+    extra = None
+    if tracked is not None:
+        extra = tracked.row_ids(batch).to(dev).repeat_interleave(n_pos, 0)
+    out = read_rows(lens, readout, sources, None if final_logits is not None else final_h, final_logits,
+                    flat_targets.clamp_min(0), k, extra=extra, chunk_size=chunk_size)
+    order, j = [], 0
+    for layer, _ in plan:
+        if layer == n_layers:
+            order.append(len(sources))
+        else:
+            order.append(j)
+            j += 1
+    idx = torch.tensor(order, device=dev)
+    entropy, kl, ce, rank, top_p, top_i = (out[key].index_select(0, idx)
+                                           for key in ("entropy", "kl", "ce", "rank", "top_p", "top_i"))
     ce[:, ~has_target] = math.nan
     rank[:, ~has_target] = -1
+    n_l = len(plan)
     shape = (n_l, batch, n_pos)
     str_tokens = cap.str_tokens or [[str(int(t)) for t in row] for row in toks]
     top_tokens = top_i.reshape(*shape, k)
+    tracked_fields: dict[str, Any] = {}
+    if tracked is not None:
+        rows_mask = tracked.mask.to(dev)
+        rows_mask = (rows_mask.expand(batch, -1, -1) if rows_mask.shape[0] == 1 else rows_mask)
+        rows_mask = rows_mask.repeat_interleave(n_pos, 0)
+        prob, logprob, trank = tracked.combine(out["ez"].index_select(0, idx), out["lse"].index_select(0, idx),
+                                               out["erank"].index_select(0, idx), rows_mask)
+        T = tracked.n_targets
+        tracked_fields = dict(
+            tracked_prob=prob.reshape(*shape, T).cpu(), tracked_logprob=logprob.reshape(*shape, T).cpu(),
+            tracked_rank=trank.reshape(*shape, T).cpu(), tracked_names=tracked.names, tracked_read=tracked.read,
+            tracked_notes=tracked.notes, tracked_ids=tracked.ids.masked_fill(~tracked.mask, -1),
+        )
     prov = Provenance.from_model(
         model,
         lens=lens,
         top_k=k,
+        sites=list(site_list),
         readout_identity_max_abs_diff=identity_diff,
         readout_identity_checked=identity_diff is not None,
+        **({"tracked_targets": list(tracked.names), "tracked_notes": list(tracked.notes)} if tracked else {}),
     )
     return PredictionTrajectory(
-        layers=tuple(layer_list),
-        layer_labels=tuple(layer_label(layer, n_layers) for layer in layer_list),
+        layers=tuple(layer for layer, _ in plan),
+        layer_labels=tuple(site_label(layer, site, n_layers, named=with_mid) for layer, site in plan),
         tokens=toks.detach().cpu(),
         str_tokens=str_tokens,
-        targets=targets.cpu(),
+        targets=next_tok.cpu(),
         entropy=entropy.reshape(shape).cpu(),
         kl=kl.reshape(shape).cpu(),
         cross_entropy=ce.reshape(shape).cpu(),
@@ -291,4 +451,6 @@ def prediction_trajectory(
         top_strings=token_strings(model, top_tokens),
         n_layers=n_layers,
         provenance=prov,
+        sites=tuple(site for _, site in plan),
+        **tracked_fields,
     )
