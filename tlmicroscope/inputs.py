@@ -5,6 +5,7 @@ Cheap checks run before any forward pass, and each error names the fix.
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,7 +16,15 @@ from jaxtyping import Int
 
 from tlmicroscope.models import _compat
 
-__all__ = ["TextOrTokens", "to_tokens", "resolve_input", "ResolvedInput", "ensure_eval", "check_layers"]
+__all__ = [
+    "TextOrTokens",
+    "to_tokens",
+    "resolve_input",
+    "ResolvedInput",
+    "ensure_eval",
+    "check_layers",
+    "check_cache",
+]
 
 TextOrTokens = Union[str, Sequence[str], torch.Tensor, Sequence[int]]
 
@@ -67,6 +76,11 @@ def to_tokens(
         isinstance(text_or_tokens, Sequence) and text_or_tokens and isinstance(text_or_tokens[0], int)
     ):
         tokens = torch.as_tensor(text_or_tokens)
+        if tokens.dtype == torch.bool:
+            raise ValueError(
+                "Token ids must be integers, got a boolean tensor (a mask?). Pass the token ids, "
+                "e.g. model.to_tokens(text), or tokens[mask] to keep the masked ones."
+            )
         if tokens.is_floating_point() or tokens.is_complex():
             raise ValueError(f"Token ids must be integers, got dtype {tokens.dtype}.")
         tokens = tokens.long()
@@ -144,8 +158,10 @@ def resolve_input(
                     "With an ActivationCache, also pass the tokens it was computed on "
                     "(the cache does not store them)."
                 )
+            check_cache(cache)
             return ResolvedInput(model, cache, None)
         toks = to_tokens(model, tokens, prepend_bos=prepend_bos, truncate=truncate)
+        check_cache(cache, toks)
         return ResolvedInput(model, cache, toks)
     model = model_or_cache
     if not hasattr(model, "run_with_hooks") or not hasattr(model, "cfg"):
@@ -156,6 +172,106 @@ def resolve_input(
         raise ValueError("Pass the text or tokens to analyse.")
     ensure_eval(model)
     return ResolvedInput(model, None, to_tokens(model, tokens, prepend_bos=prepend_bos, truncate=truncate))
+
+
+_LAYER = re.compile(r"blocks\.(\d+)\.")
+# Hooks of shape [batch pos d_model] (or [pos d_model] without the batch axis).
+_RESIDUAL_LIKE = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_embed", "hook_attn_out",
+                  "hook_mlp_out")
+
+
+def _where(name: str) -> str:
+    m = _LAYER.search(name)
+    return f"{name} (layer {m.group(1)})" if m else f"{name} (outside the blocks)"
+
+
+def check_cache(cache: Any, tokens: torch.Tensor | None = None) -> None:
+    """Refuse an ``ActivationCache`` that holds NaN/inf, or that was computed on other tokens.
+
+    Every analysis that accepts a cache calls this through ``resolve_input``. Masked attention
+    scores (``hook_attn_scores``) may hold ``-inf`` by construction; only NaN is refused there.
+    With ``tokens``, the cache's residual-shaped hooks must be ``[batch pos ...]`` for those
+    tokens, and where the cache holds ``hook_embed`` its rows must be the embeddings of those
+    tokens (up to a scale: direction, cosine > 0.99).
+
+    Raises:
+        ValueError: naming the hook and its layer (NaN/inf), or the two shapes / the first
+            positions whose tokens differ (a cache of another text).
+
+    Examples:
+        >>> from tlmicroscope.models import tiny_model
+        >>> model = tiny_model(n_layers=1)
+        >>> _, cache = model.run_with_cache(model.to_tokens("abc"))
+        >>> check_cache(cache, model.to_tokens("abc"))  # the cache's own tokens: fine
+        >>> check_cache(cache, model.to_tokens("abcd"))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: The ActivationCache was computed on 1 x 3 tokens ... they belong to another text...
+    """
+    has_batch = bool(getattr(cache, "has_batch_dim", True))
+    items = list(cache.cache_dict.items() if hasattr(cache, "cache_dict") else cache.items())
+    # A TransformerBridge cache holds one tensor under several names (blocks.1.hook_resid_pre is
+    # blocks.0.hook_out): check each tensor once and name it by its TransformerLens name.
+    groups: dict[tuple, list[str]] = {}
+    tensors: dict[tuple, torch.Tensor] = {}
+    for name, t in items:
+        if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()):
+            key = (t.data_ptr(), tuple(t.shape), t.stride()) if t.numel() else (name,)
+            groups.setdefault(key, []).append(name)
+            tensors[key] = t
+    for key, names in groups.items():
+        t = tensors[key]
+        scores = all(n.endswith("hook_attn_scores") for n in names)
+        bad = torch.isnan(t) if scores else ~torch.isfinite(t)
+        if bool(bad.any()):
+            names = sorted(names, key=lambda n: not n.endswith(_RESIDUAL_LIKE))
+            also = f"; also named {', '.join(names[1:])}" if len(names) > 1 else ""
+            first = tuple(int(i) for i in bad.nonzero()[0])
+            raise ValueError(
+                f"The ActivationCache holds {int(bad.sum())} NaN or infinite values in "
+                f"{_where(names[0])[:-1]}{also}), the first at index {first}. NaN or inf "
+                "activations usually mean an overflow (e.g. float16) or a broken hook; recompute "
+                "the cache in float32, or fix the hook, before analysing it."
+            )
+    if tokens is None:
+        return
+    batch, n_pos = int(tokens.shape[0]), int(tokens.shape[-1])
+    for name, t in items:
+        if not isinstance(t, torch.Tensor) or not name.endswith(_RESIDUAL_LIKE) or t.ndim < 2:
+            continue
+        shape = tuple(t.shape[:2]) if has_batch else (1, int(t.shape[0]))
+        if shape != (batch, n_pos):
+            raise ValueError(
+                f"The ActivationCache was computed on {shape[0]} x {shape[1]} tokens (batch x "
+                f"positions; {name} has shape {tuple(t.shape)}), but the tokens passed are {batch} x "
+                f"{n_pos}: they belong to another text. Pass the tokens the cache was computed on."
+            )
+    _check_embeddings_match(cache, tokens, has_batch)
+
+
+def _check_embeddings_match(cache: Any, tokens: torch.Tensor, has_batch: bool) -> None:
+    """Same length, other text: ``hook_embed`` rows point away from the given tokens' embeddings."""
+    model = getattr(cache, "model", None)
+    if "hook_embed" not in cache or model is None:
+        return
+    w_e = getattr(model, "W_E", None)
+    if not isinstance(w_e, torch.Tensor) or w_e.ndim != 2:
+        return
+    cached = cache["hook_embed"].detach()
+    cached = cached if has_batch else cached.unsqueeze(0)
+    if cached.shape[-1] != w_e.shape[-1] or tuple(cached.shape[:2]) != tuple(tokens.shape):
+        return
+    with torch.no_grad():
+        expected = w_e.detach()[tokens.to(w_e.device)].to(torch.float32)
+        cos = torch.nn.functional.cosine_similarity(cached.to(expected), expected, dim=-1)
+    off = (cos < 0.99).nonzero()
+    if off.numel():
+        where = ", ".join(f"(batch {int(b)}, position {int(p)})" for b, p in off[:3])
+        raise ValueError(
+            f"The ActivationCache's embeddings (hook_embed) differ from those of the tokens passed at "
+            f"{off.shape[0]} of {tokens.numel()} positions, first at {where}: the tokens belong to "
+            "another text of the same length. Pass the tokens the cache was computed on."
+        )
 
 
 def check_layers(layers: Sequence[int] | None, n_max: int, what: str = "layer") -> list[int]:

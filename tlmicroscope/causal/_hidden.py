@@ -71,7 +71,7 @@ def hidden_states(
     """
     from tlmicroscope.capture import capture
     from tlmicroscope.corpus import token_windows
-    from tlmicroscope.inputs import ensure_eval, to_tokens
+    from tlmicroscope.inputs import check_cache, ensure_eval, to_tokens
 
     d = int(model.cfg.d_model)
     hook = residual_hook(layer)
@@ -83,6 +83,7 @@ def hidden_states(
             )
         h = source.detach().reshape(-1, d).float()
     elif _compat.is_activation_cache(source):
+        check_cache(source)
         if hook not in source:
             raise ValueError(
                 f"The ActivationCache lacks {hook}; run model.run_with_cache(tokens, names_filter=[{hook!r}])."
