@@ -8,6 +8,7 @@ from tlmicroscope.lenses.trajectory import (
     layer_label,
     prediction_trajectory,
 )
+from tlmicroscope.lenses.targets import TARGET_STATISTICS, TargetTrajectories, target_trajectories
 from tlmicroscope.lenses.tuned import TunedLens
 from tlmicroscope.lenses.train import TrainConfig, TrainResult, train_tuned_lens
 from tlmicroscope.lenses.evaluate import LensEvaluation, evaluate_lens
@@ -25,6 +26,9 @@ __all__ = [
     "PredictionTrajectory",
     "STATISTICS",
     "layer_label",
+    "target_trajectories",
+    "TargetTrajectories",
+    "TARGET_STATISTICS",
     "TunedLens",
     "TrainConfig",
     "TrainResult",
