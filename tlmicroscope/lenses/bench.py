@@ -1,0 +1,297 @@
+"""``lens_bench``: every lens compared on the same held-out tokens, the same metrics, the same model.
+
+For each lens (the logit lens, a tuned lens, a Jacobian lens, any ``Lens``) it gathers, from the
+toolkit's own analyses run on one set of held-out windows:
+
+* per layer, ``KL(final || lens)``, the next-token cross-entropy and the bias (KL between the
+  corpus-marginal distributions), in nats and bits per byte (``evaluate_lens``);
+* the prediction depth of every token (``causal.prediction_depth``): the first layer from which
+  the lens's top-1 agrees with the model's output at every later layer;
+* causal fidelity of the lens's own causal basis (``causal.extract_causal_basis`` then
+  ``causal.causal_fidelity``): Spearman's rho between each direction's influence on the lens and
+  on the model, at the chosen layers;
+* stimulus-response alignment (``causal.stimulus_response_alignment``) at every chosen layer.
+
+The result is a ``LensBench``: numbers only, with a summary ``table()`` and an atomic JSON file.
+Its page and figures live in ``tlmicroscope.viz.bench``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float
+
+from tlmicroscope.corpus import CorpusSource
+from tlmicroscope.io import atomic_write_text
+from tlmicroscope.lenses.base import resolve_lens
+from tlmicroscope.results import Provenance
+
+__all__ = ["LensBench", "lens_bench", "METRICS"]
+
+#: Per-layer metrics of a bench (each ``[lens layer]``), in the order the page shows them.
+METRICS = ("kl", "cross_entropy", "bias_kl", "depth_fraction", "fidelity_rho", "sra")
+
+
+@dataclass(frozen=True)
+class LensBench:
+    """The lenses' scores on one model and one set of held-out tokens.
+
+    Attributes:
+        lens_names: The lenses, in the order of every ``[lens ...]`` axis.
+        layer_labels: ``"0".."n_layers-1", "out"`` for the evaluation rows (``kl`` etc.).
+        kl, cross_entropy, entropy, bias_kl: ``[lens layer]`` means over the held-out tokens, nats
+            (the last row is the model's own output).
+        nats_to_bpb: Multiply nats per token by this for bits per byte.
+        depth: ``[lens]`` mean prediction depth (residual index; n_layers = only at the output).
+        depth_fraction: ``[lens layer]`` fraction of tokens whose prediction depth is each residual index.
+        cbe_layers: Layers where each lens's causal basis was extracted and its fidelity measured.
+        fidelity_rho, fidelity_p: ``[lens cbe_layer]`` Spearman's rho (lens vs model influence) and its p-value.
+        fidelity_ci: ``[lens cbe_layer 2]`` confidence interval of rho where ``causal_fidelity`` gives one, else NaN.
+        sra_layers: Layers of the stimulus-response alignment.
+        sra: ``[lens sra_layer]`` mean Aitchison alignment; ``sra_std`` its standard deviation over samples.
+        n_tokens, n_bytes: Held-out tokens evaluated and the bytes they decode to.
+        notes: ``{lens: note}``, e.g. the Jacobian lens's identity at the embeddings.
+        provenance: Model and settings.
+
+    Examples:
+        >>> from tlmicroscope.models import tiny_model
+        >>> model = tiny_model(n_layers=2)
+        >>> bench = lens_bench(model, ["logit"], ["some words to read " * 40], tokens=64, seq_len=32,
+        ...                    holdout=0.5, cbe_k=2, cbe_max_iter=3, sra_samples=4, progress=False)
+        >>> bench.lens_names, tuple(bench.kl.shape), bench.layer_labels
+        (('logit',), (1, 3), ('0', '1', 'out'))
+        >>> list(bench.table().columns[:3])
+        ['lens', 'kl_nats', 'kl_bpb']
+    """
+
+    lens_names: tuple[str, ...]
+    layer_labels: tuple[str, ...]
+    kl: Float[torch.Tensor, "lens layer"]
+    cross_entropy: Float[torch.Tensor, "lens layer"]
+    entropy: Float[torch.Tensor, "lens layer"]
+    bias_kl: Float[torch.Tensor, "lens layer"]
+    nats_to_bpb: float
+    depth: Float[torch.Tensor, " lens"]
+    depth_fraction: Float[torch.Tensor, "lens layer"]
+    cbe_layers: tuple[int, ...]
+    fidelity_rho: Float[torch.Tensor, "lens cbe_layer"]
+    fidelity_p: Float[torch.Tensor, "lens cbe_layer"]
+    fidelity_ci: Float[torch.Tensor, "lens cbe_layer 2"]
+    sra_layers: tuple[int, ...]
+    sra: Float[torch.Tensor, "lens sra_layer"]
+    sra_std: Float[torch.Tensor, "lens sra_layer"]
+    n_tokens: int
+    n_bytes: int
+    provenance: Provenance
+    notes: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layer_labels) - 1
+
+    def table(self):
+        """One row per lens: each metric averaged over the lensed layers (the output row excluded)."""
+        import pandas as pd
+
+        rows = []
+        for i, name in enumerate(self.lens_names):
+            kl = float(self.kl[i, :-1].mean())
+            ce = float(self.cross_entropy[i, :-1].mean())
+            rows.append({
+                "lens": name,
+                "kl_nats": kl,
+                "kl_bpb": kl * self.nats_to_bpb,
+                "ce_nats": ce,
+                "ce_bpb": ce * self.nats_to_bpb,
+                "bias_nats": float(self.bias_kl[i, :-1].mean()),
+                "prediction_depth": float(self.depth[i]),
+                "fidelity_rho": float(self.fidelity_rho[i].nanmean()) if self.cbe_layers else math.nan,
+                "sra": float(self.sra[i].nanmean()) if self.sra_layers else math.nan,
+            })
+        return pd.DataFrame(rows)
+
+    def to_markdown(self, digits: int = 3) -> str:
+        """The summary table as a Markdown table (what the README shows)."""
+        df = self.table()
+        head = ("| lens | KL (nats) | KL (bits/byte) | CE (nats) | CE (bits/byte) | bias (nats) "
+                "| prediction depth | fidelity ρ | SRA |")
+        lines = [head, "|" + " --- |" * 9]
+        for _, r in df.iterrows():
+            cells = [r["lens"]] + [f"{r[c]:.{digits}f}" for c in df.columns[1:]]
+            lines.append("| " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every number as plain JSON types (NaN kept as ``NaN``)."""
+        out: dict[str, Any] = {
+            "lens_names": list(self.lens_names), "layer_labels": list(self.layer_labels),
+            "cbe_layers": list(self.cbe_layers), "sra_layers": list(self.sra_layers),
+            "nats_to_bpb": self.nats_to_bpb, "n_tokens": self.n_tokens, "n_bytes": self.n_bytes,
+            "notes": dict(self.notes), "provenance": self.provenance.to_dict(),
+            "table": self.table().to_dict(orient="records"),
+        }
+        for name in ("kl", "cross_entropy", "entropy", "bias_kl", "depth", "depth_fraction",
+                     "fidelity_rho", "fidelity_p", "fidelity_ci", "sra", "sra_std"):
+            out[name] = getattr(self, name).double().tolist()
+        return out
+
+    def save_json(self, path: str | os.PathLike) -> Path:
+        """Write ``to_dict()`` atomically."""
+        return atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
+
+
+def _named_lenses(lenses: Any) -> list[tuple[str, Any]]:
+    if lenses is None or isinstance(lenses, str) or not isinstance(lenses, (Sequence, Mapping)):
+        lenses = [lenses]
+    items = list(lenses.items()) if isinstance(lenses, Mapping) else [(None, x) for x in lenses]
+    out = []
+    for label, x in items:
+        lens = resolve_lens(x)
+        out.append((str(label) if label is not None else str(lens.name), lens))
+    names = [n for n, _ in out]
+    if not out:
+        raise ValueError("Pass at least one lens (e.g. ['logit', tuned_lens, jacobian_lens]).")
+    if len(set(names)) != len(names):
+        raise ValueError(f"The lenses' names repeat ({names}); pass a mapping {{label: lens}} to tell them apart.")
+    return out
+
+
+def _getattr_float(obj: Any, *names: str) -> float:
+    for n in names:
+        v = getattr(obj, n, None)
+        if v is not None:
+            return float(v)
+    return math.nan
+
+
+def lens_bench(
+    model: Any,
+    lenses: Any = ("logit",),
+    corpus: CorpusSource = None,
+    *,
+    tokens: int = 2048,
+    seq_len: int = 128,
+    holdout: float = 0.1,
+    depth_tokens: int = 512,
+    cbe_layers: Sequence[int] | None = None,
+    cbe_k: int = 4,
+    cbe_tokens: int = 256,
+    cbe_max_iter: int = 30,
+    fidelity_tokens: int = 256,
+    sra_layers: Sequence[int] | None = None,
+    sra_samples: int = 16,
+    seed: int = 0,
+    progress: bool = True,
+) -> LensBench:
+    """Compare lenses on the same held-out tokens of ``corpus``.
+
+    Args:
+        model: A TransformerLens model.
+        lenses: Lenses (``"logit"``, a ``TunedLens``, a ``JacobianLens``, any ``Lens``), or a
+            mapping ``{label: lens}``.
+        corpus: ``None``/``"embedded"``, a text file or folder, or an iterable of strings; the
+            held-out tail (``holdout``) is read, which lens training and J-lens fits never see.
+        tokens, seq_len: Held-out tokens for KL, CE and bias (whole windows of ``seq_len``).
+        depth_tokens: Of these, how many go into the prediction depth (the first windows).
+        cbe_layers: Residual indices where each lens's causal basis is extracted and its fidelity
+            measured (default: the middle layer; ``[]`` skips it).
+        cbe_k, cbe_tokens, cbe_max_iter: Directions per basis, hidden-state rows, L-BFGS budget.
+        fidelity_tokens: Tokens (the first windows) on which lens and model influences are measured.
+        sra_layers: Layers of the stimulus-response alignment (default all; ``[]`` skips it).
+        sra_samples: Treated positions per layer.
+
+    Raises:
+        ValueError: no lens, repeated lens names, a lens for another model, a corpus too small.
+    """
+    from tlmicroscope.causal.basis import extract_causal_basis
+    from tlmicroscope.causal.fidelity import causal_fidelity
+    from tlmicroscope.causal.prediction_depth import prediction_depth
+    from tlmicroscope.causal.stimulus_response import stimulus_response_alignment
+    from tlmicroscope.inputs import ensure_eval
+    from tlmicroscope.lenses._tuned_data import lens_token_windows
+    from tlmicroscope.lenses.evaluate import evaluate_lens
+    from tlmicroscope.lenses.trajectory import prediction_trajectory
+
+    ensure_eval(model)
+    named = _named_lenses(lenses)
+    for _, lens in named:
+        lens.check_model(model)
+    L = int(model.cfg.n_layers)
+    cbe_list = [L // 2] if cbe_layers is None else [int(x) for x in cbe_layers]
+    sra_list = list(range(L)) if sra_layers is None else [int(x) for x in sra_layers]
+    for x in (*cbe_list, *sra_list):
+        if not 0 <= x < L:
+            raise ValueError(f"Bench layers are residual indices 0..{L - 1} (the output has no lens); got {x}.")
+    windows = lens_token_windows(model, corpus, seq_len=seq_len, split="heldout", holdout=holdout)
+    n_win = max(1, min(windows.shape[0], -(-int(tokens) // seq_len)))
+    windows = windows[:n_win]
+
+    def first(n: int) -> torch.Tensor:
+        return windows[: max(1, min(n_win, -(-int(n) // seq_len)))]
+
+    n = len(named)
+    kl, ce, ent, bias = (torch.full((n, L + 1), math.nan) for _ in range(4))
+    depth = torch.full((n,), math.nan)
+    depth_fraction = torch.zeros(n, L + 1)
+    rho, pval = torch.full((n, len(cbe_list)), math.nan), torch.full((n, len(cbe_list)), math.nan)
+    ci = torch.full((n, len(cbe_list), 2), math.nan)
+    n_tok = n_bytes = 0
+    factor = math.nan
+    notes: dict[str, str] = {}
+    for i, (name, lens) in enumerate(named):
+        ev = evaluate_lens(model, lens, corpus, tokens=n_win * seq_len, seq_len=seq_len, split="heldout",
+                           holdout=holdout, baseline=False, bias=True, progress=progress)
+        kl[i], ce[i], ent[i], bias[i] = ev.kl, ev.cross_entropy, ev.entropy, ev.bias_kl
+        n_tok, n_bytes, factor = ev.n_tokens, ev.n_bytes, ev.nats_to_bpb
+        traj = prediction_trajectory(model, first(depth_tokens), lens=lens, top_k=1)
+        d = prediction_depth(traj).depth.reshape(-1)
+        depth[i] = d.double().mean()
+        depth_fraction[i] = torch.bincount(d.long(), minlength=L + 1)[: L + 1].double() / d.numel()
+        for j, layer in enumerate(cbe_list):
+            basis = extract_causal_basis(model, lens, first(cbe_tokens), layer, cbe_k, n_tokens=cbe_tokens,
+                                         seq_len=seq_len, max_iter=cbe_max_iter, seed=seed,
+                                         progress=progress, on_nonconvergence="ignore")
+            fid = causal_fidelity(model, lens, basis, layer=layer, tokens=first(fidelity_tokens),
+                                  seed=seed, progress=progress)
+            rho[i, j], pval[i, j] = fid.spearman, fid.p_value
+            lo_hi = getattr(fid, "spearman_ci", None) or getattr(fid, "ci", None)
+            if lo_hi is not None:
+                ci[i, j] = torch.as_tensor([float(lo_hi[0]), float(lo_hi[1])])
+        identity = getattr(lens, "identity_layers", ())
+        if identity:
+            notes[name] = (f"no fitted matrix at residual index {', '.join(map(str, identity))}: "
+                           "read with the identity there (as the logit lens)")
+    sra = torch.full((n, len(sra_list)), math.nan)
+    sra_std = torch.full((n, len(sra_list)), math.nan)
+    if sra_list:
+        res = stimulus_response_alignment(model, [lens for _, lens in named], first(tokens), sra_list,
+                                          n_samples=sra_samples, seed=seed, progress=progress)
+        sra = res.alignment.nanmean(-1)
+        a = res.alignment
+        valid = (~a.isnan()).sum(-1)
+        mean = a.nanmean(-1, keepdim=True)
+        sra_std = torch.sqrt(((a - mean) ** 2).nansum(-1) / (valid - 1).clamp_min(1))
+    from tlmicroscope.lenses.trajectory import layer_label
+
+    return LensBench(
+        lens_names=tuple(name for name, _ in named),
+        layer_labels=tuple(layer_label(x, L) for x in range(L + 1)),
+        kl=kl, cross_entropy=ce, entropy=ent, bias_kl=bias, nats_to_bpb=factor,
+        depth=depth, depth_fraction=depth_fraction,
+        cbe_layers=tuple(cbe_list), fidelity_rho=rho, fidelity_p=pval, fidelity_ci=ci,
+        sra_layers=tuple(sra_list), sra=sra, sra_std=sra_std,
+        n_tokens=n_tok, n_bytes=n_bytes, notes=notes,
+        provenance=Provenance.from_model(
+            model, lens=",".join(name for name, _ in named), tokens=n_tok, seq_len=seq_len, holdout=holdout,
+            split="heldout", depth_tokens=int(first(depth_tokens).numel()), cbe_k=cbe_k, cbe_tokens=cbe_tokens,
+            cbe_max_iter=cbe_max_iter, fidelity_tokens=int(first(fidelity_tokens).numel()),
+            sra_samples=sra_samples, seed=seed),
+    )

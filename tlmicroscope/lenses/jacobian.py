@@ -1,0 +1,520 @@
+"""The Jacobian lens (Gurnee et al. 2026) as a tlmicroscope lens, wrapping TransformerLens's own.
+
+TransformerLens 4.3 ships ``transformer_lens.tools.analysis.JacobianLens``: one ``d_model x
+d_model`` matrix ``J_k`` per block output ``k`` (``blocks.{k}.hook_out``), the corpus average of
+the Jacobian of the last block's output with respect to that residual, read through the model's
+own final norm and unembedding. Its estimator, its ``merge`` and its file format (Anthropic's
+reference format, a ``.pt`` holding ``J``, ``n_prompts``, ``source_layers`` and ``d_model``) are
+used as they are; this module only adapts the lens to tlmicroscope's protocol:
+
+* **Layers.** tlmicroscope indexes the residual *entering* block ``l`` (``hook_resid_pre``), which
+  is the output of block ``l - 1``; so ``transform(h, l) = h @ J_{l-1}.T`` for ``l = 1..n_layers-1``.
+  The embeddings (``l = 0``) have no fitted matrix in TransformerLens's convention and are read
+  with the identity, i.e. as the logit lens reads them (``identity_layers`` says so).
+* **Readout.** Through tlmicroscope's ``Readout`` (final norm, unembedding, soft caps, logit
+  scales), as every lens is, so the J-lens plugs in wherever a lens is accepted.
+* **Files.** A folder holding ``jacobian_lens.pt`` (the reference format, unchanged, loadable by
+  TransformerLens and the reference package) and ``config.json`` (its kind and the fingerprint of
+  the model it belongs to, so ``load_lens`` finds it and another model is refused). A bare ``.pt``
+  (e.g. a published artifact) loads too, checked by TransformerLens's own ``validate_model``.
+
+The fit (``fit_jacobian_lens``) runs over prompt slices, saves each slice atomically and merges
+them with ``JacobianLens.merge``, so an interrupted fit resumes where it stopped. On TransformerLens
+3.x every entry point raises ``TransformerLensVersionError``: the estimator only exists in 4.x.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import operator
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float
+
+from tlmicroscope.io import (
+    FittedFileError,
+    ModelMismatchError,
+    atomic_write_bytes,
+    atomic_write_text,
+    check_fingerprint,
+    model_fingerprint,
+)
+from tlmicroscope.models import _compat
+
+__all__ = [
+    "JacobianLens",
+    "KIND",
+    "ARTIFACT",
+    "TransformerLensVersionError",
+    "default_jlens_dir",
+    "fit_jacobian_lens",
+    "load_slices",
+    "prompt_curve",
+    "require_jacobian_lens",
+]
+
+#: The ``kind`` recorded in a saved Jacobian lens's ``config.json``.
+KIND = "jacobian_lens"
+#: The reference-format artifact inside a saved lens folder.
+ARTIFACT = "jacobian_lens.pt"
+_STATE = "fit-state.json"
+_SLICES = "slices"
+# Where our fingerprint travels inside the reference artifact's additive ``metadata`` dict.
+_FP_KEY = "tlmicroscope_model"
+
+
+class TransformerLensVersionError(ImportError):
+    """The Jacobian lens needs TransformerLens 4.x, which ships ``JacobianLens``."""
+
+
+def require_jacobian_lens(what: str = "The Jacobian lens") -> Any:
+    """TransformerLens's ``JacobianLens`` class, or a ``TransformerLensVersionError`` naming the fix.
+
+    Examples:
+        >>> require_jacobian_lens().__name__
+        'JacobianLens'
+    """
+    try:
+        from transformer_lens.tools.analysis import JacobianLens as _TLJacobianLens
+    except ImportError:
+        raise TransformerLensVersionError(
+            f"{what} needs TransformerLens 4.x (4.3 or newer ships "
+            f"transformer_lens.tools.analysis.JacobianLens); this environment has TransformerLens "
+            f"{_compat.TL_VERSION}. Install it with: pip install 'transformer-lens>=4.3'."
+        ) from None
+    return _TLJacobianLens
+
+
+def default_jlens_dir(model_or_name: Any, root: str | os.PathLike = "out") -> Path:
+    """Where ``fit-jlens`` writes by default: ``out/jacobian-lens-<model>/``, beside the tuned lens.
+
+    Examples:
+        >>> default_jlens_dir("SmolLM2-135M-Instruct").as_posix()
+        'out/jacobian-lens-smollm2-135m'
+    """
+    from tlmicroscope.lenses._tuned_checkpoint import default_lens_dir
+
+    slug = default_lens_dir(model_or_name, root=root).name.removeprefix("tuned-lens-")
+    return Path(root) / f"jacobian-lens-{slug}"
+
+
+class JacobianLens(torch.nn.Module):
+    """A fitted Jacobian lens, read through tlmicroscope's shared readout.
+
+    Build one with ``JacobianLens.fit(model, prompts)`` (one shot) or ``fit_jacobian_lens``
+    (resumable, over prompt slices), or load one with ``JacobianLens.load(path, model)``. The
+    TransformerLens object is kept as ``inner`` (for its interventions: ``lens_vectors``,
+    ``steering_hooks``, ``swap_hooks``, ...).
+
+    Args:
+        inner: A ``transformer_lens.tools.analysis.JacobianLens``.
+        n_layers: The model's number of blocks.
+        model_info: The fingerprint (``tlmicroscope.io.model_fingerprint``) of its model.
+
+    Attributes:
+        jacobians: ``[n_layers d_model d_model]``: row ``l`` maps the residual entering block ``l``
+            to the last block's output (the identity at ``l = 0`` and for unfitted layers).
+        identity_layers: Residual indices read with the identity (no fitted matrix).
+
+    Examples:
+        >>> from tlmicroscope.models import tiny_model
+        >>> from tlmicroscope.lenses import prediction_trajectory
+        >>> model = tiny_model(n_layers=3)
+        >>> lens = JacobianLens.fit(model, ["a short prompt to fit on"], skip_first_positions=2,
+        ...                         progress=False)
+        >>> lens.name, lens.identity_layers, tuple(lens.jacobians.shape)
+        ('jacobian', (0,), (3, 32, 32))
+        >>> h = torch.randn(4, 32)
+        >>> torch.allclose(lens.transform(h, 2), h @ lens.inner.jacobians[1].T)
+        True
+        >>> prediction_trajectory(model, "hello", lens=lens).provenance.lens
+        'jacobian'
+    """
+
+    name = "jacobian"
+    final_norm = True
+
+    def __init__(self, inner: Any, n_layers: int, *, model_info: Mapping[str, Any] | None = None):
+        super().__init__()
+        require_jacobian_lens()
+        n_layers = int(n_layers)
+        d = int(inner.d_model)
+        bad = [k for k in inner.source_layers if not 0 <= k < n_layers - 1]
+        if bad:
+            raise ModelMismatchError(
+                f"This Jacobian lens has matrices for block outputs {bad}, outside 0..{n_layers - 2} of a "
+                f"{n_layers}-layer model: it belongs to another model (fit one for this model)."
+            )
+        stack = torch.eye(d).repeat(n_layers, 1, 1)
+        for k, J in inner.jacobians.items():
+            stack[k + 1] = J.float()
+        self.register_buffer("jacobians", stack)
+        self.inner = inner
+        self.n_layers = n_layers
+        self.d_model = d
+        self.identity_layers = tuple(l for l in range(n_layers) if l == 0 or (l - 1) not in inner.jacobians)
+        self.model_info: dict[str, Any] | None = dict(model_info) if model_info else None
+        self._checked: tuple | None = None
+
+    @property
+    def n_prompts(self) -> int:
+        return int(self.inner.n_prompts)
+
+    # ---------------------------------------------------------------------------- the protocol
+    def transform(
+        self, h: Float[torch.Tensor, "... d_model"], layer: int
+    ) -> Float[torch.Tensor, "... d_model"]:
+        """Carry the residual entering block ``layer`` to the last block's output: ``h @ J.T``."""
+        if isinstance(layer, bool):
+            raise TypeError("layer must be an int, got bool.")
+        layer = operator.index(layer)
+        if layer == self.n_layers:
+            raise ValueError(
+                f"Layer {layer} is the model's output (residual index n_layers={self.n_layers}); it is "
+                "read without a lens. Jacobian-lens layers are 0..n_layers-1."
+            )
+        if not 0 <= layer < self.n_layers:
+            raise ValueError(f"layer must be in 0..{self.n_layers - 1}, got {layer}.")
+        if h.shape[-1] != self.d_model:
+            raise ValueError(f"Expected vectors of width d_model={self.d_model}, got {h.shape[-1]}.")
+        J = self.jacobians[layer]
+        if J.dtype != h.dtype or J.device != h.device:
+            J = J.to(h.device, h.dtype)
+        return h @ J.T
+
+    def forward(self, h: torch.Tensor, layer: int) -> torch.Tensor:
+        return self.transform(h, layer)
+
+    def check_model(self, model: Any) -> None:
+        """Raise ``ModelMismatchError`` (a ``ValueError``) naming how ``model`` differs from the lens's."""
+        cfg = model.cfg
+        for field, ours in (("d_model", self.d_model), ("n_layers", self.n_layers)):
+            theirs = int(getattr(cfg, field))
+            if theirs != ours:
+                raise ModelMismatchError(
+                    f"This Jacobian lens was made for another model: {field} is {ours} for the lens but "
+                    f"{theirs} for this model (use the model it was fitted for, or fit one with "
+                    "`tlmicroscope fit-jlens`)."
+                )
+        W_U = model.W_U
+        key = (id(model), W_U.data_ptr(), getattr(W_U, "_version", 0))
+        if self._checked == key:
+            return
+        if self.model_info:
+            check_fingerprint(self.model_info, model, what="This Jacobian lens")
+        elif _compat.is_bridge(model):
+            try:  # a published artifact: TransformerLens's own provenance check
+                self.inner.validate_model(model)
+            except (TypeError, ValueError) as exc:
+                raise ModelMismatchError(
+                    f"This Jacobian lens does not fit this model: {exc} (fit one for it with "
+                    "`tlmicroscope fit-jlens`)."
+                ) from None
+        self._checked = key
+
+    # ----------------------------------------------------------------------------- fitting
+    @classmethod
+    def fit(
+        cls,
+        model: Any,
+        prompts: Sequence[str],
+        *,
+        corpus: str = "prompts",
+        max_seq_len: int = 128,
+        skip_first_positions: int = 16,
+        dim_batch: int = 8,
+        progress: bool = True,
+    ) -> JacobianLens:
+        """Fit on ``prompts`` with TransformerLens's estimator (one forward and ``d_model/dim_batch``
+        backward passes per prompt) and tie the lens to ``model``'s fingerprint."""
+        tl_cls = require_jacobian_lens("JacobianLens.fit")
+        fp = model_fingerprint(model)
+        inner = tl_cls.fit(
+            model, list(prompts), corpus=corpus, max_seq_len=int(max_seq_len),
+            skip_first_positions=int(skip_first_positions), dim_batch=int(dim_batch),
+            show_progress=progress, metadata={_FP_KEY: fp},
+        )
+        return cls(inner, int(model.cfg.n_layers), model_info=fp)
+
+    # ------------------------------------------------------------------------------- files
+    def save(self, path: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> Path:
+        """Save as ``path/jacobian_lens.pt`` (reference format) + ``path/config.json``, each atomically.
+
+        ``dtype`` is the storage dtype of the matrices; float32 (the default) keeps merges exact,
+        float16 is the reference's choice for published artifacts.
+        """
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path / ARTIFACT, _artifact_bytes(self.inner, dtype))
+        meta = {
+            "kind": KIND,
+            "format_version": 1,
+            "model": self.model_info,
+            "config": {
+                "artifact": ARTIFACT,
+                "n_layers": self.n_layers,
+                "d_model": self.d_model,
+                "n_prompts": self.n_prompts,
+                "source_layers": list(self.inner.source_layers),
+                "layer_convention": "transform(h, l) = h @ J[l-1].T for hook_resid_pre l >= 1; identity at l = 0",
+                "fit": {k: v for k, v in self.inner.metadata.items() if k != _FP_KEY},
+            },
+        }
+        atomic_write_text(path / "config.json", json.dumps(meta, indent=2, sort_keys=True))
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model: Any = None) -> JacobianLens:
+        """Load a folder saved by ``save``/``fit-jlens``, or a bare reference-format ``.pt``.
+
+        Raises:
+            TransformerLensVersionError: on TransformerLens 3.x.
+            FittedFileError: a missing or corrupt file.
+            ModelMismatchError: ``model`` is not the model the lens was fitted for.
+        """
+        require_jacobian_lens("JacobianLens.load")
+        path = Path(path)
+        artifact = path / ARTIFACT if path.is_dir() else path
+        model_info = None
+        if path.is_dir() and (path / "config.json").is_file():
+            try:
+                meta = json.loads((path / "config.json").read_text())
+            except ValueError as exc:
+                raise FittedFileError(f"{path / 'config.json'} is not valid JSON ({exc}); the file is corrupt.") from exc
+            if meta.get("kind") != KIND:
+                raise FittedFileError(f"{path} holds a {meta.get('kind')!r}, not a {KIND!r}.")
+            model_info = meta.get("model")
+        inner = _load_inner(artifact)
+        model_info = model_info or inner.metadata.get(_FP_KEY)
+        if model is not None:
+            n_layers = int(model.cfg.n_layers)
+        elif model_info:
+            n_layers = int(model_info["n_layers"])
+        else:
+            n_layers = max(inner.source_layers) + 2
+        if model is not None and int(model.cfg.d_model) != int(inner.d_model):
+            raise ModelMismatchError(
+                f"The Jacobian lens at {path} was fitted for d_model={inner.d_model}, but this model has "
+                f"d_model={model.cfg.d_model}: it belongs to another model (fit one with `tlmicroscope fit-jlens`)."
+            )
+        lens = cls(inner, n_layers, model_info=model_info)
+        if model is not None:
+            lens.check_model(model)
+        return lens
+
+    def extra_repr(self) -> str:
+        name = (self.model_info or {}).get("name") or self.inner.metadata.get("model_name")
+        return f"n_layers={self.n_layers}, d_model={self.d_model}, n_prompts={self.n_prompts}, model={name!r}"
+
+    def describe(self) -> str:
+        """One line: the model and how the lens was fitted."""
+        m = self.inner.metadata
+        parts = [f"Jacobian lens for {(self.model_info or {}).get('name', m.get('model_name', '?'))}",
+                 f"n_prompts={self.n_prompts}"]
+        for key in ("max_seq_len", "skip_first_positions", "corpus"):
+            if key in m:
+                parts.append(f"{key}={m[key]}")
+        return ", ".join(parts)
+
+
+def _artifact_bytes(inner: Any, dtype: torch.dtype) -> bytes:
+    buf = io.BytesIO()
+    inner.save(buf, dtype=dtype)  # TransformerLens's writer: torch.save accepts a file object
+    return buf.getvalue()
+
+
+def _load_inner(artifact: Path) -> Any:
+    tl_cls = require_jacobian_lens()
+    if not artifact.is_file():
+        raise FittedFileError(f"No Jacobian lens at {artifact} (fit one with `tlmicroscope fit-jlens`).")
+    try:
+        return tl_cls.load(str(artifact))
+    except (RuntimeError, ValueError, KeyError, EOFError, OSError) as exc:
+        raise FittedFileError(f"{artifact} is not a readable Jacobian-lens artifact ({exc}); it is corrupt.") from exc
+
+
+# ------------------------------------------------------------------------- the resumable fit
+def _prompt_windows(model: Any, corpus: Any, n_prompts: int, prompt_tokens: int, holdout: float) -> list[str]:
+    from tlmicroscope.lenses._tuned_data import lens_token_windows
+
+    windows = lens_token_windows(model, corpus, seq_len=prompt_tokens, split="train", holdout=holdout)
+    if windows.shape[0] < n_prompts:
+        raise ValueError(
+            f"The training split has {windows.shape[0]} windows of {prompt_tokens} tokens, fewer than "
+            f"n_prompts={n_prompts}; use a larger corpus, fewer prompts or shorter prompts."
+        )
+    tok = model.tokenizer
+    return [tok.decode(w.tolist(), skip_special_tokens=True) for w in windows[:n_prompts]]
+
+
+def load_slices(out_dir: str | os.PathLike) -> list[Any]:
+    """The TransformerLens lenses of each saved prompt slice of a fit, in prompt order."""
+    require_jacobian_lens("load_slices")
+    folder = Path(out_dir) / _SLICES
+    return [_load_inner(p) for p in sorted(folder.glob("slice-*.pt"))]
+
+
+def fit_jacobian_lens(
+    model: Any,
+    corpus: Any = None,
+    *,
+    out_dir: str | os.PathLike | None = None,
+    prompts: Sequence[str] | None = None,
+    n_prompts: int = 32,
+    prompt_tokens: int = 32,
+    skip_first_positions: int = 4,
+    dim_batch: int = 32,
+    slice_size: int = 4,
+    holdout: float = 0.1,
+    resume: bool = True,
+    progress: bool = True,
+) -> JacobianLens:
+    """Fit a Jacobian lens slice by slice, saving each slice, and merge them (resumable).
+
+    Prompts are the first ``n_prompts`` windows of ``prompt_tokens`` tokens of the corpus's training
+    split (the held-out tail that ``evaluate_lens`` reads is never used), unless ``prompts`` are
+    given. Every ``slice_size`` prompts are fitted with TransformerLens's ``JacobianLens.fit`` and
+    saved to ``out_dir/slices/``; the merged lens (``JacobianLens.merge``, weighted by prompts) is
+    saved to ``out_dir`` after each slice, so ``load_lens(out_dir)`` always reads the latest merge.
+    With ``resume=True`` slices already on disk for the same prompts and settings are not refitted.
+
+    Args:
+        model: A raw TransformerBridge (TransformerLens 4.x).
+        corpus: ``None``/``"embedded"``, a text file or folder, or an iterable of strings.
+        out_dir: Folder for the lens and its slices (default ``default_jlens_dir(model)``).
+        skip_first_positions: Leading positions left out of the source average (the reference
+            uses 16 with 128-token prompts; short prompts need fewer).
+        dim_batch: Output dimensions per backward pass (memory vs. speed; same result).
+
+    Raises:
+        TransformerLensVersionError: on TransformerLens 3.x.
+        ValueError: ``out_dir`` holds a fit with other prompts or settings (pass ``resume=False``
+            or another folder); prompts too short for ``skip_first_positions``.
+
+    Examples:
+        >>> import tempfile
+        >>> from tlmicroscope.models import tiny_model
+        >>> model = tiny_model(n_layers=2)
+        >>> texts = ["one prompt of text", "another prompt here", "and a third one"]
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     lens = fit_jacobian_lens(model, prompts=texts, out_dir=d, slice_size=2,
+        ...                              skip_first_positions=2, progress=False)
+        ...     (lens.n_prompts, len(load_slices(d)))
+        (3, 2)
+    """
+    from tqdm.auto import tqdm
+
+    tl_cls = require_jacobian_lens("fit_jacobian_lens")
+    if slice_size < 1 or n_prompts < 1:
+        raise ValueError(f"slice_size and n_prompts must be positive, got {slice_size} and {n_prompts}.")
+    if skip_first_positions + 2 > prompt_tokens and prompts is None:
+        raise ValueError(
+            f"prompt_tokens={prompt_tokens} leaves no position after skip_first_positions="
+            f"{skip_first_positions} and the last one; use longer prompts or a smaller skip."
+        )
+    texts = list(prompts) if prompts is not None else _prompt_windows(model, corpus, n_prompts, prompt_tokens, holdout)
+    if not texts:
+        raise ValueError("No prompts to fit on; pass a corpus or a non-empty list of prompts.")
+    out = Path(out_dir) if out_dir is not None else default_jlens_dir(model)
+    fp = model_fingerprint(model)
+    label = corpus if isinstance(corpus, (str, os.PathLike)) else ("embedded" if corpus is None else "texts")
+    corpus_id = "explicit prompts" if prompts is not None else f"{os.fspath(label)}:train:{prompt_tokens}"
+    settings = {"model": fp, "corpus": corpus_id, "max_seq_len": int(prompt_tokens) if prompts is None else 128,
+                "skip_first_positions": int(skip_first_positions), "slice_size": int(slice_size)}
+    slices = [texts[i:i + slice_size] for i in range(0, len(texts), slice_size)]
+    digests = [hashlib.sha256("\x00".join(s).encode()).hexdigest()[:16] for s in slices]
+    state_path = out / _STATE
+    done: list[str] = []
+    if resume and state_path.is_file():
+        state = json.loads(state_path.read_text())
+        if state.get("settings") != settings:
+            raise ValueError(
+                f"{out} holds a Jacobian-lens fit with other settings or another model; pass resume=False "
+                "(--fresh) to start over, or choose another out_dir."
+            )
+        done = [d for d, want in zip(state.get("slices", []), digests) if d == want]
+    elif not resume and (out / _SLICES).is_dir():
+        for p in (out / _SLICES).glob("slice-*.pt"):
+            p.unlink()
+    (out / _SLICES).mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=len(texts), desc="fitting Jacobian lens", unit="prompt", disable=not progress)
+    bar.update(sum(len(s) for s in slices[: len(done)]))
+    lens = None
+    try:
+        for i in range(len(done), len(slices)):
+            part = tl_cls.fit(model, slices[i], corpus=corpus_id, max_seq_len=settings["max_seq_len"],
+                              skip_first_positions=int(skip_first_positions), dim_batch=int(dim_batch),
+                              show_progress=False, metadata={_FP_KEY: fp})
+            atomic_write_bytes(out / _SLICES / f"slice-{i:04d}.pt", _artifact_bytes(part, torch.float32))
+            done.append(digests[i])
+            atomic_write_text(state_path, json.dumps({"settings": settings, "slices": done}, indent=2))
+            bar.update(len(slices[i]))
+            lens = _save_merged(out, n_slices=len(done), n_layers=int(model.cfg.n_layers), fp=fp)
+    finally:
+        bar.close()
+    if lens is None:  # everything was already fitted
+        lens = _save_merged(out, n_slices=len(done), n_layers=int(model.cfg.n_layers), fp=fp)
+    return lens
+
+
+def _save_merged(out: Path, *, n_slices: int, n_layers: int, fp: Mapping[str, Any]) -> JacobianLens:
+    tl_cls = require_jacobian_lens()
+    parts = load_slices(out)[:n_slices]
+    merged = tl_cls.merge(parts) if len(parts) > 1 else parts[0]
+    lens = JacobianLens(merged, n_layers, model_info=fp)
+    lens.save(out)
+    return lens
+
+
+def prompt_curve(
+    model: Any,
+    out_dir: str | os.PathLike,
+    *,
+    corpus: Any = None,
+    tokens: int = 512,
+    seq_len: int = 128,
+    holdout: float = 0.1,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Held-out KL of the merge of a fit's first 1, 2, ... slices: how the lens improves with prompts.
+
+    Each row has ``n_slices``, ``n_prompts``, ``mean_kl`` (nats, over the lensed layers the Jacobian
+    transports, i.e. without the embeddings and the output) and ``kl`` (per residual index).
+
+    Examples:
+        >>> import tempfile
+        >>> from tlmicroscope.models import tiny_model
+        >>> model = tiny_model(n_layers=2)
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     _ = fit_jacobian_lens(model, prompts=["first prompt", "second prompt"], out_dir=d,
+        ...                           slice_size=1, skip_first_positions=2, progress=False)
+        ...     rows = prompt_curve(model, d, corpus=["text to read " * 30], tokens=32, seq_len=16,
+        ...                         holdout=0.5, progress=False)
+        >>> [r["n_prompts"] for r in rows]
+        [1, 2]
+    """
+    from tlmicroscope.lenses.evaluate import evaluate_lens
+
+    tl_cls = require_jacobian_lens("prompt_curve")
+    parts = load_slices(out_dir)
+    if not parts:
+        raise FittedFileError(f"No fitted slices under {Path(out_dir) / _SLICES}; run `tlmicroscope fit-jlens` first.")
+    L = int(model.cfg.n_layers)
+    rows = []
+    for i in range(1, len(parts) + 1):
+        merged = tl_cls.merge(parts[:i]) if i > 1 else parts[0]
+        lens = JacobianLens(merged, L, model_info=merged.metadata.get(_FP_KEY))
+        ev = evaluate_lens(model, lens, corpus, tokens=tokens, seq_len=seq_len, holdout=holdout,
+                           baseline=False, progress=progress)
+        kl = ev.kl.double()
+        fitted = [x for x in range(L) if x not in lens.identity_layers]
+        rows.append({"n_slices": i, "n_prompts": lens.n_prompts,
+                     "mean_kl": float(kl[fitted].mean()) if fitted else float("nan"),
+                     "kl": kl.tolist(), "n_tokens": ev.n_tokens})
+    return rows
