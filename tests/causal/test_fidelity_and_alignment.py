@@ -128,3 +128,101 @@ def test_stimulus_response_sample_matches_a_hand_intervention(tiny_llama):
     assert list(df["layer"]) == [0, 2, 0, 2]
     with pytest.raises(ValueError, match="out of range"):
         stimulus_response_alignment(model, "logit", toks, layer=3)
+
+
+@pytest.mark.models
+def test_fidelity_interval_is_the_percentile_bootstrap_over_tokens(tiny_gpt2):
+    from scipy.stats import spearmanr
+
+    from tlmicroscope.causal._bootstrap import bootstrap_indices
+
+    toks = _tokens(2, 12)
+    B = torch.linalg.qr(torch.randn(32, 5, generator=torch.Generator().manual_seed(3))).Q
+    res = causal_fidelity(tiny_gpt2, "logit", B, layer=1, tokens=toks, seed=2, n_boot=300, progress=False)
+    assert res.n_directions == 5 and res.lens_kl.shape == (5, 24) and res.model_kl.shape == (5, 24)
+    torch.testing.assert_close(res.lens_kl.mean(1), res.lens_influence)
+    torch.testing.assert_close(res.model_kl.mean(1), res.model_influence)
+    # Brute force: the same resamples, scipy's spearmanr on each, numpy percentiles.
+    lk, mk = res.lens_kl.double().numpy(), res.model_kl.double().numpy()
+    rhos = [spearmanr(lk[:, i].mean(1), mk[:, i].mean(1)).statistic for i in bootstrap_indices(24, 300, 2)]
+    lo, hi = np.nanquantile(rhos, [0.025, 0.975])
+    assert res.spearman_ci == pytest.approx((lo, hi), abs=1e-9)
+    assert "k = 5 directions" in res.describe()
+    assert np.isnan(causal_fidelity(tiny_gpt2, "logit", B, layer=1, tokens=toks, n_boot=0,
+                                    progress=False).spearman_ci[0])
+
+
+def test_spearman_bootstrap_covers_a_known_correlation():
+    from tlmicroscope.causal.fidelity import spearman_bootstrap
+
+    rng = np.random.default_rng(1)
+    # Influences whose token means are exactly ordered in both: every resample keeps the order
+    # only when the per-token noise is small against the gaps; here it is, so rho is 1 throughout.
+    lens = np.arange(8.0)[:, None] + rng.normal(0, 0.05, (8, 200))
+    assert spearman_bootstrap(lens, 2 * lens + 1, n_boot=200) == (1.0, 1.0)
+    # Independent influences: the interval straddles 0 and is wide.
+    lo, hi = spearman_bootstrap(rng.normal(size=(8, 200)), rng.normal(size=(8, 200)), n_boot=500)
+    assert lo < 0 < hi and hi - lo > 0.5
+    with pytest.raises(ValueError, match="k n_tokens"):
+        spearman_bootstrap(np.zeros((3, 4)), np.zeros((3, 5)))
+
+
+def test_bootstrap_mean_interval_matches_the_normal_theory_interval():
+    from tlmicroscope.causal._bootstrap import bootstrap_mean_ci
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(2.0, 1.5, size=(3, 400))
+    lo, hi = bootstrap_mean_ci(x, n_boot=4000, seed=1)
+    half = 1.96 * x.std(1, ddof=1) / np.sqrt(400)
+    np.testing.assert_allclose(lo, x.mean(1) - half, atol=0.03)
+    np.testing.assert_allclose(hi, x.mean(1) + half, atol=0.03)
+    # NaN samples are left out of each resample's mean.
+    with_nan = np.concatenate([x, np.full((3, 50), np.nan)], 1)
+    lo2, _ = bootstrap_mean_ci(with_nan, n_boot=4000, seed=1)
+    assert np.all(np.isfinite(lo2)) and np.allclose(lo2, lo, atol=0.05)
+
+
+@pytest.mark.models
+def test_stimulus_response_same_position_donors_and_intervals(tiny_llama):
+    from tlmicroscope.causal._bootstrap import bootstrap_indices
+
+    toks = _tokens(3, 9, seed=5)
+    res = stimulus_response_alignment(tiny_llama, ["logit", LogitLens.paper()], toks, n_samples=12, seed=2,
+                                      progress=False)
+    assert res.donor_mode == "same_position"
+    pos, don = res.positions, res.donors
+    assert (pos[:, 1] != 0).all()  # position 0 is never treated
+    assert (don[..., 1] == pos[None, :, 1]).all() and (don[..., 0] != pos[None, :, 0]).all()
+    # Intervals against a brute-force percentile bootstrap over the samples.
+    lo, hi = res.confidence_intervals(n_boot=500, seed=3)
+    a = res.alignment.double().numpy()
+    idx = bootstrap_indices(12, 500, 3)
+    for li in range(2):
+        for ki in range(len(res.layers)):
+            means = [a[li, ki, i].mean() for i in idx]
+            assert (lo[li, ki], hi[li, ki]) == pytest.approx(tuple(np.quantile(means, [0.025, 0.975])), abs=1e-12)
+    cmp = res.compare("logit", 1, n_boot=500, seed=3)
+    diff = a[0] - a[1]
+    for ki in range(len(res.layers)):
+        q = np.quantile([diff[ki, i].mean() for i in idx], [0.025, 0.975])
+        assert (cmp["ci_low"][ki], cmp["ci_high"][ki]) == pytest.approx(tuple(q), abs=1e-12)
+        assert bool(cmp["higher"][ki]) == (q[0] > 0) and bool(cmp["lower"][ki]) == (q[1] < 0)
+    df = res.to_dataframe(n_boot=500, seed=3)
+    assert {"ci_low", "ci_high"} <= set(df.columns)
+    with pytest.raises(ValueError, match="at least 2 sequences"):
+        stimulus_response_alignment(tiny_llama, "logit", toks[:1], progress=False)
+    with pytest.raises(ValueError, match="donors must be one of"):
+        stimulus_response_alignment(tiny_llama, "logit", toks, donors="near", progress=False)
+    with pytest.raises(ValueError, match="No lens named"):
+        res.compare("tuned")
+
+
+@pytest.mark.models
+def test_stimulus_response_any_donors_keep_the_earlier_draws(tiny_llama):
+    toks = _tokens(1, 10, seed=3)  # one sequence: only the 'any' mode has donors
+    res = stimulus_response_alignment(tiny_llama, "logit", toks, n_samples=6, seed=1, donors="any", progress=False)
+    g = torch.Generator().manual_seed(1)
+    treated = torch.randperm(10, generator=g)[:6]
+    assert res.positions[:, 1].tolist() == treated.tolist()
+    offs = torch.randint(1, 10, (6,), generator=g)
+    assert res.donors[0, :, 1].tolist() == ((treated + offs) % 10).tolist()

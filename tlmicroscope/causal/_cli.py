@@ -25,6 +25,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stimulus-response", type=int, default=0, metavar="N",
                    help="also measure stimulus-response alignment with N treated positions per layer "
                         "(all layers; the lens and the logit lens)")
+    p.add_argument("--sr-donors", default="same_position", choices=["same_position", "any"],
+                   help="stimulus-response donors: the treated position in another window, position 0 "
+                        "left out (the reference's), or any other token")
+    p.add_argument("--sr-windows", type=int, default=None, metavar="N",
+                   help="held-out windows for stimulus-response (default: the fidelity windows)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default=None,
                    help="output folder (default out/cbe-<model>-<lens>/, where the report's causal "
@@ -83,16 +88,26 @@ def _cbe(args: argparse.Namespace) -> int:
     page.add_section("CBE energies", cbe_energy_figure(basis), caption=basis.provenance.describe())
     if args.fidelity_windows > 0:
         fid = causal_fidelity(model, lens, basis, tokens=windows[n_extract:], seed=args.seed)
-        log(f"causal fidelity at layer {layer}: Spearman rho = {fid.spearman:.3f} (p = {fid.p_value:.3g})")
+        log(f"causal fidelity at layer {layer}: {fid.describe()}")
         results["fidelity"] = {"spearman": fid.spearman, "p_value": fid.p_value, "n_tokens": fid.n_tokens,
+                               "spearman_ci": list(fid.spearman_ci), "ci_level": fid.ci_level,
+                               "n_directions": fid.n_directions,
                                "lens_influence": fid.lens_influence.tolist(),
                                "model_influence": fid.model_influence.tolist()}
         page.add_section("Causal fidelity", fidelity_scatter(fid), caption=fid.provenance.describe())
     if args.stimulus_response > 0:
         lenses = [lens] if lens.name == "logit" else [lens, "logit"]
-        sr = stimulus_response_alignment(model, lenses, windows[n_extract:][:4, :128],
-                                         n_samples=args.stimulus_response, seed=args.seed)
+        sr_windows = windows[n_extract:] if args.sr_windows is None else \
+            token_windows(model, args.corpus, seq_len=seq_len, n_windows=n_extract + args.sr_windows,
+                          shuffle=True, seed=args.seed)[n_extract:]
+        sr = stimulus_response_alignment(model, lenses, sr_windows[:, :128], n_samples=args.stimulus_response,
+                                         seed=args.seed, donors=args.sr_donors)
         results["stimulus_response"] = sr.to_dataframe().to_dict(orient="records")
+        if len(lenses) == 2:
+            cmp = sr.compare(0, 1)
+            results["stimulus_response_compare"] = cmp.to_dict(orient="records")
+            log(f"stimulus-response: {sr.lens_names[0]} higher than {sr.lens_names[1]} at {int(cmp.higher.sum())}, "
+                f"lower at {int(cmp.lower.sum())} of {len(cmp)} layers (95% bootstrap intervals)")
         page.add_section("Stimulus-response alignment", stimulus_response_figure(sr), caption=sr.provenance.describe())
     out.mkdir(parents=True, exist_ok=True)
     from tlmicroscope.io import atomic_write_text

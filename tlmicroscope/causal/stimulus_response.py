@@ -1,7 +1,11 @@
 """Stimulus-response alignment: does a lens's reaction to an intervention predict the model's?
 
 At residual layer l a treated position gets the residual update of block l-1 from a donor
-position (a resample ablation of that one update; at l = 0 the embedding itself is swapped):
+(a resample ablation of that one update; at l = 0 the embedding itself is swapped). As in the
+reference, the donor is the same position of another sequence, and position 0 is never treated
+nor a donor (SmolLM2's first-token residual norm is about 90x the others', so a donor or a
+treated token there swamps everything else); ``donors="any"`` draws from every (sequence,
+position) instead, position 0 included:
 ``h̃ = h^l + Δ_donor - Δ``, ``Δ = h^l - h^{l-1}``. Then
 
 * stimulus  s = log_softmax(lens_l(h̃) - lens_l(h^l)), what the lens says changed;
@@ -11,26 +15,35 @@ position (a resample ablation of that one update; at l = 0 the embedding itself 
   with weights ``w = (p_clean + p_treated) / 2`` (the model's output distributions).
 
 Belrose et al. find the alignment rises with depth and is higher for the tuned lens than for the
-logit lens at every layer.
+logit lens at every layer. ``StimulusResponseResult.confidence_intervals`` and ``.compare`` give
+percentile bootstrap intervals over the treated samples, per layer (paired between lenses, which
+share the interventions), so "higher at N layers" counts only layers whose interval excludes 0.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from jaxtyping import Float, Int
 
 from tlmicroscope.capture import capture
+from tlmicroscope.causal._bootstrap import bootstrap_mean_ci
 from tlmicroscope.causal._hidden import residual_hook
 from tlmicroscope.inputs import TextOrTokens, check_layers, resolve_input
 from tlmicroscope.lenses.base import lens_logits, resolve_lens
 from tlmicroscope.lenses.readout import Readout
 from tlmicroscope.results import Provenance
 
-__all__ = ["aitchison_similarity", "StimulusResponseResult", "stimulus_response_alignment"]
+__all__ = ["DONOR_MODES", "StimulusResponseResult", "aitchison_similarity", "stimulus_response_alignment"]
+
+#: ``"same_position"``: the reference's donors (same position, another sequence, never position 0);
+#: ``"any"``: any other (sequence, position), position 0 included (this package's earlier default).
+DONOR_MODES = ("same_position", "any")
 
 
 def aitchison_similarity(
@@ -68,6 +81,7 @@ class StimulusResponseResult:
         positions: ``[sample 2]`` (batch row, position) of each treated token, per layer the same.
         donors: ``[layer sample 2]`` (batch row, position) of each donor.
         provenance: Model, lenses and settings.
+        donor_mode: How donors were drawn (``DONOR_MODES``).
     """
 
     alignment: Float[torch.Tensor, "lens layer sample"]
@@ -76,21 +90,71 @@ class StimulusResponseResult:
     positions: Int[torch.Tensor, "sample 2"]
     donors: Int[torch.Tensor, "layer sample 2"]
     provenance: Provenance
+    donor_mode: str = "any"
 
     @property
     def mean_alignment(self) -> Float[torch.Tensor, "lens layer"]:
         return self.alignment.nanmean(-1)
 
-    def to_dataframe(self):
+    def confidence_intervals(self, *, level: float = 0.95, n_boot: int = 2000,
+                             seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Percentile bootstrap interval of each lens's mean alignment per layer: ``(low, high)``, each
+        ``[lens layer]``, from ``n_boot`` resamples of the treated samples (``_bootstrap.bootstrap_indices``).
+
+        Examples:
+            >>> from tlmicroscope.models import tiny_model
+            >>> toks = torch.randint(0, 256, (3, 8), generator=torch.Generator().manual_seed(0))
+            >>> res = stimulus_response_alignment(tiny_model(n_layers=2), "logit", toks, n_samples=6, progress=False)
+            >>> lo, hi = res.confidence_intervals()
+            >>> lo.shape, bool((lo <= res.mean_alignment.numpy() + 1e-6).all())
+            ((1, 2), True)
+        """
+        return bootstrap_mean_ci(self.alignment.double().numpy(), n_boot=n_boot, level=level, seed=seed)
+
+    def compare(self, a: int | str = 0, b: int | str = 1, *, level: float = 0.95, n_boot: int = 2000,
+                seed: int = 0):
+        """Per layer, lens ``a``'s alignment minus lens ``b``'s: mean and paired bootstrap interval.
+
+        Both lenses saw the same interventions, so the difference is taken per sample and the samples
+        are resampled together. ``higher`` is True where the interval lies above 0, ``lower`` where it
+        lies below; elsewhere the data do not say which lens is higher.
+
+        Returns:
+            A DataFrame with ``layer``, ``difference``, ``ci_low``, ``ci_high``, ``higher``, ``lower``.
+        """
         import pandas as pd
 
+        ia, ib = (self._lens_index(x) for x in (a, b))
+        diff = (self.alignment[ia] - self.alignment[ib]).double().numpy()
+        lo, hi = bootstrap_mean_ci(diff, n_boot=n_boot, level=level, seed=seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mean = np.nanmean(diff, -1)
+        return pd.DataFrame({"layer": list(self.layers), "difference": mean, "ci_low": lo, "ci_high": hi,
+                             "higher": lo > 0, "lower": hi < 0})
+
+    def _lens_index(self, x: int | str) -> int:
+        if isinstance(x, str):
+            if x not in self.lens_names:
+                raise ValueError(f"No lens named {x!r}; this result has {list(self.lens_names)}.")
+            return self.lens_names.index(x)
+        if not -len(self.lens_names) <= x < len(self.lens_names):
+            raise ValueError(f"Lens index {x} is out of range for {len(self.lens_names)} lenses.")
+        return int(x) % len(self.lens_names)
+
+    def to_dataframe(self, *, level: float = 0.95, n_boot: int = 2000, seed: int = 0):
+        """One row per (lens, layer): mean alignment, spread, sample count and bootstrap interval."""
+        import pandas as pd
+
+        lo, hi = self.confidence_intervals(level=level, n_boot=n_boot, seed=seed)
         rows = []
         for li, name in enumerate(self.lens_names):
             for ki, layer in enumerate(self.layers):
                 a = self.alignment[li, ki]
                 rows.append({"lens": name, "layer": layer, "mean_alignment": float(a.nanmean()),
                              "std": float(a[~a.isnan()].std()) if (~a.isnan()).sum() > 1 else float("nan"),
-                             "n_samples": int((~a.isnan()).sum())})
+                             "n_samples": int((~a.isnan()).sum()),
+                             "ci_low": float(lo[li, ki]), "ci_high": float(hi[li, ki])})
         return pd.DataFrame(rows)
 
 
@@ -104,6 +168,7 @@ def stimulus_response_alignment(
     seed: int = 0,
     batch_size: int = 16,
     progress: bool = True,
+    donors: str = "same_position",
 ) -> StimulusResponseResult:
     """Stimulus-response alignment of one or several lenses at each layer.
 
@@ -117,6 +182,9 @@ def stimulus_response_alignment(
         seed: Seed of the positions and donors.
         batch_size: Treated sequences per forward pass.
         progress: Show a tqdm bar over layers.
+        donors: ``"same_position"`` (default, the reference's: the donor is the treated position in
+            another sequence, and position 0 is left out; needs at least 2 sequences of at least 2
+            tokens) or ``"any"`` (any other (sequence, position), position 0 included).
 
     Examples:
         >>> from tlmicroscope.models import tiny_model
@@ -139,12 +207,23 @@ def stimulus_response_alignment(
     layers = check_layers([layer] if isinstance(layer, int) else layer, n_layers, "lens layer")
     batch, n_pos = toks.shape
     n_rows = batch * n_pos
-    if n_rows < 2:
-        raise ValueError("Resampling a residual update needs at least 2 token positions (a donor).")
+    if donors not in DONOR_MODES:
+        raise ValueError(f"donors must be one of {DONOR_MODES}, got {donors!r}.")
     if n_samples < 1:
         raise ValueError(f"n_samples must be positive, got {n_samples}.")
     g = torch.Generator().manual_seed(seed)
-    treated = torch.randperm(n_rows, generator=g)[: min(n_samples, n_rows)]
+    if donors == "any":
+        if n_rows < 2:
+            raise ValueError("Resampling a residual update needs at least 2 token positions (a donor).")
+        candidates = torch.arange(n_rows)
+    else:
+        if batch < 2 or n_pos < 2:
+            raise ValueError(
+                f"Same-position donors need at least 2 sequences of at least 2 tokens, got {batch} of "
+                f"{n_pos}; pass a batch of texts or corpus windows, or donors='any'."
+            )
+        candidates = torch.arange(n_rows).reshape(batch, n_pos)[:, 1:].reshape(-1)  # position 0 left out
+    treated = candidates[torch.randperm(len(candidates), generator=g)[: min(n_samples, len(candidates))]]
     m = len(treated)
 
     needed = sorted(set(layers) | {max(x - 1, 0) for x in layers})
@@ -158,12 +237,16 @@ def stimulus_response_alignment(
     out = torch.full((len(lenses), len(layers), m), torch.nan)
     donor_idx = torch.empty(len(layers), m, 2, dtype=torch.long)
     for ki, lay in enumerate(tqdm(layers, desc="stimulus-response", disable=not progress, unit="layer")):
-        offs = torch.randint(1, n_rows, (m,), generator=g)
-        donors = (treated + offs) % n_rows  # never the treated row itself
-        donor_idx[ki] = torch.stack([donors // n_pos, donors % n_pos], -1)
+        if donors == "any":
+            offs = torch.randint(1, n_rows, (m,), generator=g)
+            donor_rows = (treated + offs) % n_rows  # never the treated row itself
+        else:  # the same position of another sequence
+            other = (t_b + torch.randint(1, batch, (m,), generator=g)) % batch
+            donor_rows = other * n_pos + t_p
+        donor_idx[ki] = torch.stack([donor_rows // n_pos, donor_rows % n_pos], -1)
         h = resid[row[lay]]
         update = h if lay == 0 else h - resid[row[lay - 1]]
-        h_treated = h[treated] + update[donors] - update[treated]
+        h_treated = h[treated] + update[donor_rows] - update[treated]
         response_logits = torch.empty(m, final.shape[-1])
         name = residual_hook(lay)
         for lo in range(0, m, batch_size):
@@ -189,5 +272,6 @@ def stimulus_response_alignment(
         alignment=out, layers=tuple(layers), lens_names=tuple(ln.name for ln in lenses),
         positions=torch.stack([t_b, t_p], -1), donors=donor_idx,
         provenance=Provenance.from_model(model, lens=",".join(ln.name for ln in lenses), n_samples=m,
-                                         seed=seed, intervention="resample one residual update"),
+                                         seed=seed, donors=donors, intervention="resample one residual update"),
+        donor_mode=donors,
     )
