@@ -8,6 +8,7 @@ from tlmicroscope.lenses.trajectory import (
     layer_label,
     prediction_trajectory,
 )
+from tlmicroscope.lenses.components import ComponentLens, component_lens
 from tlmicroscope.lenses.targets import TARGET_STATISTICS, TargetTrajectories, target_trajectories
 from tlmicroscope.lenses.tuned import TunedLens
 from tlmicroscope.lenses.train import TrainConfig, TrainResult, train_tuned_lens
@@ -27,6 +28,8 @@ __all__ = [
     "STATISTICS",
     "layer_label",
     "target_trajectories",
+    "component_lens",
+    "ComponentLens",
     "TargetTrajectories",
     "TARGET_STATISTICS",
     "TunedLens",
