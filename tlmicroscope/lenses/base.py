@@ -191,6 +191,9 @@ def load_lens(path: Any, model: Any) -> Lens:
         from tlmicroscope.lenses.jacobian import JacobianLens
 
         return JacobianLens.load(path, model)
+    from tlmicroscope.io import FittedFileError, recover_dir
+
+    recover_dir(path)  # a save killed half-way: restore the previous copy first
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"No saved lens at {path} (expected {cfg_path}).")
@@ -198,7 +201,11 @@ def load_lens(path: Any, model: Any) -> Lens:
         meta = json.loads(cfg_path.read_text())
     except ValueError as exc:
         raise ValueError(f"{cfg_path} is not valid JSON; the lens file is corrupt ({exc}).") from exc
-    kind = meta.get("kind") or ("tuned_lens" if "lens_type" in meta else None)
+    if not isinstance(meta, dict):
+        raise FittedFileError(f"{cfg_path} holds a JSON {type(meta).__name__}, not an object; the lens "
+                              "file is corrupt.")
+    kind = meta.get("kind") or ("tuned_lens" if "lens_type" in meta or (path / "params.pt").is_file()
+                                else None)
     if kind not in _LENS_LOADERS:
         raise ValueError(f"{path} holds a {kind!r}, which is not a lens tlmicroscope can load.")
     module, cls_name = _LENS_LOADERS[kind].split(":")

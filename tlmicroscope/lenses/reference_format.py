@@ -159,6 +159,11 @@ def read_reference_lens(
         raise FittedFileError(f"{params} has no weight for layers {missing}; the file is incomplete.")
     if has_bias and any((i, "bias") not in found for i in range(n_layers)):
         raise FittedFileError(f"{params} lacks some biases although config.json says bias=true.")
+    if not has_bias and any(what == "bias" for _, what in found):
+        raise FittedFileError(
+            f"{params} holds biases although config.json says bias=false; the two files do not belong "
+            "together (the reference package refuses this folder too)."
+        )
     # Every layer's weight is in the file with the config's shape, so this is the file's own size.
     weight = torch.stack([found[(i, "weight")].float() for i in range(n_layers)])
     zero = torch.zeros(d_model)
