@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -29,7 +31,7 @@ from jaxtyping import Float, Int
 
 from tlmicroscope.corpus import CorpusSource
 from tlmicroscope.distributed import DistContext, dist_context
-from tlmicroscope.io import atomic_write_text
+from tlmicroscope.io import atomic_write_text, recover_dir
 from tlmicroscope.lenses._tuned_checkpoint import (
     CHECKPOINT_DIR,
     _load_checkpoint,
@@ -62,6 +64,7 @@ __all__ = [
     "CHECKPOINT_DIR",
 ]
 
+_log = logging.getLogger(__name__)
 
 
 class TrainingDivergedError(FloatingPointError):
@@ -95,7 +98,9 @@ class TrainConfig:
         bias: Learn the translators' biases.
         out_dir: Folder for the lens, ``checkpoint/`` and ``training.json`` (``None``: keep in memory).
         checkpoint_every: Steps between checkpoints (and at the end).
-        resume: Continue from ``out_dir/checkpoint`` (same settings required).
+        resume: Continue from ``out_dir/checkpoint`` (same settings required). A folder without a
+            checkpoint starts from step 0 with a ``UserWarning`` (and a log line naming it); one
+            that holds a trained lens but lost its checkpoint is refused.
         stop_after: Stop after this many steps in this call (a checkpoint is written); resume later.
         max_seconds: Stop (with a checkpoint) after the first step that ends past this wall time.
         progress: Show a tqdm bar with the loss.
@@ -318,6 +323,10 @@ def train_tuned_lens(
     base_lrs = {name: [g["lr"] for g in opt.param_groups] for name, opt in optimizers.items()}
     out = Path(cfg.out_dir) if cfg.out_dir else None
     start, history = 0, _empty_history()
+    if out is not None:
+        recover_dir(out / CHECKPOINT_DIR)  # a checkpoint save killed half-way: put the previous one back
+        if cfg.resume and not (out / CHECKPOINT_DIR).exists():
+            _no_checkpoint_to_resume(out, ctx)
     if out is not None and (out / CHECKPOINT_DIR).exists():
         if not cfg.resume:
             raise ValueError(
@@ -430,6 +439,31 @@ def train_tuned_lens(
         bar.close()
     _record(lens, cfg, history, ctx, step)
     return _result(model, lens, cfg, history)
+
+
+def _no_checkpoint_to_resume(out: Path, ctx: DistContext) -> None:
+    """``resume=True`` but ``out`` has no checkpoint: refuse where a lens was trained there, else warn.
+
+    A folder holding a trained lens or a learning curve but no ``checkpoint/`` lost its checkpoint
+    (deleted, or moved by hand); starting over would overwrite that lens, so it is refused. A new
+    or empty folder starts from step 0 with a warning and a log line, not an error: scripts that
+    always pass ``--resume`` (so that a rerun after a kill continues) must work on their first
+    run, and the warning makes a mistyped ``--out`` visible.
+    """
+    trained = [name for name in ("training.json", "tensors.safetensors") if (out / name).is_file()]
+    if trained:
+        raise ValueError(
+            f"Cannot resume in {out}: it holds a trained lens ({', '.join(trained)}) but no "
+            f"{CHECKPOINT_DIR}/ folder to continue from. Pass resume=False (no --resume) to train it "
+            "again from step 0, overwriting that lens, or choose another output folder."
+        )
+    if ctx.is_main:
+        message = (
+            f"resume=True, but {out.resolve()} holds no checkpoint ({CHECKPOINT_DIR}/): training starts "
+            "from step 0. If you meant to continue an earlier run, check the output folder (--out)."
+        )
+        _log.warning(message)
+        warnings.warn(message, UserWarning, stacklevel=3)
 
 
 def _record(lens: TunedLens, cfg: TrainConfig, history: dict, ctx: DistContext, step: int) -> None:

@@ -37,9 +37,38 @@ def byte_tokenizer() -> Any:
     from transformers import AutoTokenizer
 
     folder = cache_dir() / "tokenizers" / "tiny-byte-v2"
-    if not (folder / "tokenizer.json").is_file():
-        _save_atomically(_build_byte_tokenizer(), folder)
-    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    if (folder / "tokenizer.json").is_file():
+        try:
+            tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+            if _is_byte_tokenizer(tok):
+                return tok
+        except Exception:  # a damaged cache is rebuilt, never trusted (as the GGUF tokenizer's)
+            pass
+    if folder.exists():  # damaged, or lacking tokenizer.json: move it aside in one step, then delete
+        aside = folder.with_name(f".{folder.name}.damaged-{os.getpid()}")
+        try:
+            os.replace(folder, aside)
+        except OSError:  # another process moved it first
+            pass
+        shutil.rmtree(aside, ignore_errors=True)
+    _save_atomically(_build_byte_tokenizer(), folder)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        problem = None if _is_byte_tokenizer(tok) else "it does not encode bytes as their values"
+    except Exception as exc:
+        problem = str(exc)
+    if problem is not None:
+        raise OSError(
+            f"The tiny models' cached tokenizer at {folder} is damaged and could not be rebuilt "
+            f"({problem}). Delete that folder, or point TLMICROSCOPE_CACHE at a writable folder."
+        )
+    return tok
+
+
+def _is_byte_tokenizer(tok: Any) -> bool:
+    """What a loaded cache must do: the whole vocabulary, one token per byte, ids = byte values."""
+    sample = "Ab \u00e9\n"
+    return len(tok) == TINY_VOCAB and tok(sample)["input_ids"] == list(sample.encode("utf-8"))
 
 
 def _build_byte_tokenizer() -> Any:
