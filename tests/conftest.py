@@ -42,11 +42,14 @@ TL3_MODULES = (
     "tests/lenses/test_readout_families.py",
     "tests/lenses/test_trajectory.py",
     "tests/lenses/test_tuned_distributed.py",
+    "tests/lenses/test_component_lens.py",
+    "tests/lenses/test_mid_readouts.py",
 )
 TL3_TESTS = (
     "tests/causal/test_causal_report.py::test_missing_basis_names_the_command_that_extracts_it",
     "tests/microscope/test_microscope_report.py::test_renders_without_saved_objects_and_names_the_training_command",
     "tests/geometry/test_latent_positions.py::test_helix_recovered_from_w_pos",
+    "tests/lenses/test_targets.py::test_target_trajectories_padding_changes_nothing_and_matches_brute_force",
 )
 
 
