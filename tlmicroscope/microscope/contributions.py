@@ -15,6 +15,7 @@ plus the unembedding bias add up to the model's logit (checked at run time).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -198,9 +199,13 @@ def component_attribution(
             raise ValueError(f"Cache activations {tuple(h_final.shape)} do not match the tokens {tuple(toks.shape)}.")
         # The attribution is linear, so it explains the logits before any soft cap (a logit
         # scale is folded into W); the cap is monotone, so the ranking of targets is the same.
-        full_logits = readout.linear(h_final, final_norm=readout.kind is not None)
+        # Only the target's column of W and W's mean over the vocabulary are needed: the full
+        # [batch pos d_vocab] logits are computed (in row chunks) only for target="predicted".
+        final_norm = readout.kind is not None
+        W, b = readout.weights(final_norm)
+        x = readout.normalize(h_final) if final_norm else h_final
+        kind, tgt = _targets(target, toks, lambda: _argmax_logits(readout, x, final_norm), int(W.shape[1]))
         batch, n_pos = toks.shape
-        kind, tgt = _targets(target, toks, full_logits)
         safe = tgt.clamp_min(0)
         # Frozen final norm: the statistics of the whole residual applied to every (linear) piece.
         if readout.kind == "LN":
@@ -209,17 +214,16 @@ def component_attribution(
         else:
             h_c = h_final
         scale = torch.rsqrt(h_c.pow(2).mean(-1, keepdim=True) + readout.eps) if readout.kind else torch.ones_like(h_c[..., :1])
-        W, b = readout.weights(readout.kind is not None)
-        W = W.float()
+        w_t = W[:, safe.reshape(-1)].T.reshape(batch, n_pos, -1).float()  # [batch pos d_model]
+        b_t = b[safe].float() if b is not None else torch.zeros(batch, n_pos, device=x.device)
         if center:
-            W = W - W.mean(1, keepdim=True)
-            b = None if b is None else b - b.mean()
-        w_t = W[:, safe.reshape(-1)].T.reshape(batch, n_pos, -1)  # [batch pos d_model]
+            w_mean = W.float().mean(1) if W.dtype != torch.float32 else W.mean(1)
+            b_mean = b.float().mean() if b is not None else 0.0
+            w_t = w_t - w_mean
+            b_t = b_t - b_mean
         attribution = ((stack * scale) * w_t).sum(-1)
-        bias = b[safe] if b is not None else torch.zeros(batch, n_pos, device=full_logits.device)
-        logit = full_logits.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
-        if center:
-            logit = logit - full_logits.mean(-1)
+        bias = b_t
+        logit = (x.float() * w_t).sum(-1) + b_t
         err = float((attribution.sum(0) + bias - logit)[tgt >= 0].abs().max()) if (tgt >= 0).any() else 0.0
     if not err <= atol * max(1.0, float(logit.abs().max())):
         raise ValueError(
@@ -238,10 +242,22 @@ def component_attribution(
     )
 
 
-def _targets(target: Any, toks: torch.Tensor, logits: torch.Tensor) -> tuple[str, torch.Tensor]:
+def _argmax_logits(readout: Readout, x: torch.Tensor, final_norm: bool, rows: int = 256) -> torch.Tensor:
+    """The top-1 token of the readout of already-normalised rows ``x``, a few rows at a time."""
+    W, b = readout.weights(final_norm)
+    flat = x.reshape(-1, x.shape[-1])
+    out = torch.empty(flat.shape[0], dtype=torch.long, device=x.device)
+    for i in range(0, flat.shape[0], rows):
+        z = flat[i:i + rows].to(W.dtype) @ W
+        out[i:i + rows] = (z if b is None else z + b.to(z.dtype)).argmax(-1)
+    return out.reshape(x.shape[:-1])
+
+
+def _targets(target: Any, toks: torch.Tensor, predicted: Callable[[], torch.Tensor],
+             d_vocab: int) -> tuple[str, torch.Tensor]:
     if isinstance(target, str):
         if target == "predicted":
-            return "predicted", logits.argmax(-1)
+            return "predicted", predicted()
         if target == "next":
             tgt = torch.full_like(toks, -1)
             tgt[:, :-1] = toks[:, 1:]
@@ -254,6 +270,6 @@ def _targets(target: Any, toks: torch.Tensor, logits: torch.Tensor) -> tuple[str
         tgt = tgt.unsqueeze(0)
     if tuple(tgt.shape) != tuple(toks.shape):
         raise ValueError(f"target ids must have the tokens' shape {tuple(toks.shape)}, got {tuple(tgt.shape)}.")
-    if (tgt >= logits.shape[-1]).any():
-        raise ValueError(f"target ids must be below d_vocab={logits.shape[-1]}.")
+    if (tgt >= d_vocab).any():
+        raise ValueError(f"target ids must be below d_vocab={d_vocab}.")
     return "given", tgt
