@@ -49,6 +49,7 @@ TL3_TESTS = (
     "tests/causal/test_causal_report.py::test_missing_basis_names_the_command_that_extracts_it",
     "tests/microscope/test_microscope_report.py::test_renders_without_saved_objects_and_names_the_training_command",
     "tests/geometry/test_latent_positions.py::test_helix_recovered_from_w_pos",
+    "tests/lenses/test_jacobian.py::test_tl3_entry_points_say_they_need_tl4",
     "tests/lenses/test_targets.py::test_target_trajectories_padding_changes_nothing_and_matches_brute_force",
 )
 

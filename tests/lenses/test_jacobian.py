@@ -35,6 +35,7 @@ def test_tl3_entry_points_say_they_need_tl4(monkeypatch, tmp_path):
 
         monkeypatch.setattr(builtins, "__import__", no_jlens)
         monkeypatch.setattr(_compat, "TL_VERSION", "3.9.0")
+        monkeypatch.setattr(_compat, "TL_MAJOR", 3)
     for call in (lambda: jacobian.JacobianLens.fit(None, ["x"]),
                  lambda: jacobian.JacobianLens.load(tmp_path),
                  lambda: jacobian.fit_jacobian_lens(None, prompts=["x"], out_dir=tmp_path),

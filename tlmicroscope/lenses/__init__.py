@@ -13,6 +13,8 @@ from tlmicroscope.lenses.targets import TARGET_STATISTICS, TargetTrajectories, t
 from tlmicroscope.lenses.tuned import TunedLens
 from tlmicroscope.lenses.train import TrainConfig, TrainResult, train_tuned_lens
 from tlmicroscope.lenses.evaluate import LensEvaluation, evaluate_lens
+from tlmicroscope.lenses.jacobian import JacobianLens, fit_jacobian_lens
+from tlmicroscope.lenses.bench import LensBench, lens_bench
 
 __all__ = [
     "Lens",
@@ -38,4 +40,8 @@ __all__ = [
     "train_tuned_lens",
     "LensEvaluation",
     "evaluate_lens",
+    "JacobianLens",
+    "fit_jacobian_lens",
+    "LensBench",
+    "lens_bench",
 ]

@@ -81,6 +81,8 @@ def require_jacobian_lens(what: str = "The Jacobian lens") -> Any:
         'JacobianLens'
     """
     try:
+        if _compat.TL_MAJOR < 4:  # 3.9 has a JacobianLens too, but only for a bridge we do not load there
+            raise ImportError
         from transformer_lens.tools.analysis import JacobianLens as _TLJacobianLens
     except ImportError:
         raise TransformerLensVersionError(

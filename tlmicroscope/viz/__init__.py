@@ -25,6 +25,7 @@ from tlmicroscope.viz.token_geometry import (
     layer_geometry_figure,
     sweep_profile_figure,
 )
+from tlmicroscope.viz.bench import lens_bench_figure, lens_bench_page, lens_bench_table_html
 from tlmicroscope.viz.tuned import (
     lens_comparison_figure,
     training_curve_figure,
@@ -69,6 +70,9 @@ __all__ += [  # tuned lens
     "lens_comparison_figure",
     "training_curve_figure",
     "transfer_heatmap",
+    "lens_bench_figure",
+    "lens_bench_page",
+    "lens_bench_table_html",
     "trajectory_comparison",
 ]
 __all__ += [  # causal directions
