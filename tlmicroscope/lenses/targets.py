@@ -119,7 +119,9 @@ def _bootstrap(values: torch.Tensor, n_boot: int, confidence: float, seed: int):
 
 
 def _prompt_tokens(model: Any, prompts: Any, prepend_bos: bool | None) -> list[torch.Tensor]:
-    if isinstance(prompts, (str, torch.Tensor)):
+    if isinstance(prompts, torch.Tensor):  # [prompt pos] ids (equal lengths) or one [pos] prompt
+        prompts = list(prompts) if prompts.ndim == 2 else [prompts]
+    elif isinstance(prompts, str):
         prompts = [prompts]
     if not isinstance(prompts, Sequence) or isinstance(prompts, (bytes, bytearray)):
         raise TypeError(f"prompts must be a list of strings or token-id lists, got {type(prompts).__name__}.")
@@ -173,7 +175,7 @@ def target_trajectories(
 
     Args:
         model: A TransformerLens model.
-        prompts: Texts (or token-id lists), of any lengths.
+        prompts: Texts or token-id lists (or a ``[prompt pos]`` tensor), of any lengths.
         targets: A string (read at its first token, with a warning, when it is several), a token
             id, a set of them whose probabilities add up, or a list of those; with
             ``per_prompt=True`` one such entry (or one list, of equal length) per prompt.
