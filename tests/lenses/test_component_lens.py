@@ -45,7 +45,7 @@ def test_a_heads_share_is_its_direct_effect_in_a_patched_run(tiny, layer):
     last = f"blocks.{n - 1}.hook_resid_post"
     with torch.no_grad():
         logits, cache = tiny.run_with_cache(toks)
-        clean = {name: cache[name].clone() for name in cache.keys()
+        clean = {name: cache[name].clone() for name in cache.cache_dict
                  if name.endswith(("attn.hook_z", "hook_mlp_out"))}
         got = {}
 

@@ -15,7 +15,7 @@ def _log_probs(model, toks, *, final_norm=True):
     n = model.cfg.n_layers
     names = [f"blocks.{i}.hook_resid_pre" for i in range(n)] + [f"blocks.{n - 1}.hook_resid_post"]
     with torch.no_grad():
-        logits, cache = model.run_with_cache(toks, names_filter=names)
+        _, cache = model.run_with_cache(toks, names_filter=names)
         out = []
         for i, name in enumerate(names):
             h = cache[name]

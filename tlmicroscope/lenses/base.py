@@ -22,7 +22,7 @@ from jaxtyping import Float
 from tlmicroscope.lenses.readout import Readout
 
 __all__ = [
-    "Lens", "LogitLens", "RESIDUAL_SITES", "check_lens_sites", "lens_logits", "lens_sites", "lens_transform",
+    "RESIDUAL_SITES", "Lens", "LogitLens", "check_lens_sites", "lens_logits", "lens_sites", "lens_transform",
     "resolve_lens",
 ]
 

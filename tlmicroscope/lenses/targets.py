@@ -257,7 +257,7 @@ def target_trajectories(
         p_idx = pos[batch].reshape(-1).to(dev_toks.device)
         got: dict[tuple[str, int | None], torch.Tensor] = {}
 
-        def keep(site: str, layer: int | None, act: torch.Tensor) -> None:
+        def keep(site: str, layer: int | None, act: torch.Tensor, got=got, b_idx=b_idx, p_idx=p_idx) -> None:
             got[(site, layer)] = act[b_idx.to(act.device), p_idx.to(act.device)].clone()
 
         logits = stream(model, dev_toks, keep, sites=cap_sites, layers=None, return_logits=True)

@@ -421,11 +421,12 @@ def prediction_trajectory(
         prob, logprob, trank = tracked.combine(out["ez"].index_select(0, idx), out["lse"].index_select(0, idx),
                                                out["erank"].index_select(0, idx), rows_mask)
         T = tracked.n_targets
-        tracked_fields = dict(
-            tracked_prob=prob.reshape(*shape, T).cpu(), tracked_logprob=logprob.reshape(*shape, T).cpu(),
-            tracked_rank=trank.reshape(*shape, T).cpu(), tracked_names=tracked.names, tracked_read=tracked.read,
-            tracked_notes=tracked.notes, tracked_ids=tracked.ids.masked_fill(~tracked.mask, -1),
-        )
+        tracked_fields = {
+            "tracked_prob": prob.reshape(*shape, T).cpu(), "tracked_logprob": logprob.reshape(*shape, T).cpu(),
+            "tracked_rank": trank.reshape(*shape, T).cpu(), "tracked_names": tracked.names,
+            "tracked_read": tracked.read, "tracked_notes": tracked.notes,
+            "tracked_ids": tracked.ids.masked_fill(~tracked.mask, -1),
+        }
     prov = Provenance.from_model(
         model,
         lens=lens,

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["target_trajectory_figure", "head_logit_heatmap"]
+__all__ = ["head_logit_heatmap", "target_trajectory_figure"]
 
 _COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
 _Y = {"prob": "probability of the target", "logprob": "log-probability of the target (nats)",
@@ -80,7 +80,7 @@ def target_trajectory_figure(tt: Any, statistic: str = "prob", *, lenses: Any = 
                                f"[%{{customdata[0]:.4f}}, %{{customdata[1]:.4f}}]<extra></extra>"),
             ))
     n = tt.prob.shape[2]
-    pct = int(round(100 * tt.confidence))
+    pct = round(100 * tt.confidence)
     fig.update_layout(
         title=title or f"{_Y[statistic]} per layer: mean over {n} prompts, {pct}% bootstrap band",
         xaxis={"title": "layer (residual read; out = model output)", "type": "category"},
