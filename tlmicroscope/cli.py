@@ -1,8 +1,9 @@
 """The ``tlmicroscope`` command.
 
 Each analysis package contributes its subcommands through a module with
-``register(subparsers)`` listed in ``_COMMAND_MODULES``; ``main`` turns the errors tlmicroscope
-raises for bad input into one clear line and exit status 2.
+``register(subparsers)`` listed in ``_COMMAND_MODULES``; ``main`` checks the output path before
+any work, and turns every error (bad input, unreadable or unwritable files, a model that does not
+load) into one clear line and exit status 2; ``TLMICROSCOPE_DEBUG=1`` keeps the traceback.
 """
 
 from __future__ import annotations
@@ -11,12 +12,13 @@ import argparse
 import importlib
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["main", "add_model_args", "load_from_args", "log", "read_text_arg"]
+__all__ = ["add_model_args", "check_output_path", "load_from_args", "log", "main", "read_text_arg"]
 
 DEFAULT_TEXT = "The capital of France is"
 
@@ -52,8 +54,11 @@ def load_from_args(args: argparse.Namespace) -> Any:
 
     from tlmicroscope.models import load_model
 
-    if getattr(args, "threads", None):
-        torch.set_num_threads(args.threads)
+    threads = getattr(args, "threads", None)
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads must be a positive number of CPU threads, got {threads}.")
+        torch.set_num_threads(threads)
     t0 = time.perf_counter()
     log(f"loading {args.model} ...")
     model = load_model(args.model, kind=args.kind, device=args.device, n_ctx=args.n_ctx,
@@ -73,6 +78,75 @@ def read_text_arg(text: str | None, text_file: str | None) -> str:
     return text
 
 
+# A command's ``--out`` names a folder when its help says "folder" (a fitted object: train-lens,
+# microscope-fit, fit-jlens, ...); every other ``--out`` is one file. ``--out-dir`` is a folder.
+_FOLDER_OUT: set[str] = set()
+
+
+def check_output_path(path: str | os.PathLike, *, folder: bool = False, option: str = "--out") -> Path:
+    """Refuse, before any work, an output path that cannot be written.
+
+    A file output must not be an existing folder (and a folder output not an existing file), and
+    the nearest existing folder above it must accept a new file (tried by creating and removing
+    a temporary one, which also catches read-only file systems that permission bits do not show).
+
+    Examples:
+        >>> import tempfile
+        >>> d = tempfile.mkdtemp()
+        >>> check_output_path(d + "/new/page.html").name
+        'page.html'
+        >>> check_output_path(d)
+        Traceback (most recent call last):
+        ...
+        ValueError: --out ... is a folder; give a file name inside it, e.g. .../out.html.
+    """
+    target = Path(os.path.expanduser(str(path)))
+    if folder:
+        if target.exists() and not target.is_dir():
+            raise ValueError(f"{option} {target} is a file, but this command writes a folder there; "
+                             "give a folder path.")
+    elif target.is_dir():
+        raise ValueError(f"{option} {target} is a folder; give a file name inside it, "
+                         f"e.g. {target / 'out.html'}.")
+    parent = target.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{option} {target}: {parent} is a file, so no folder can be made under it.")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".tlm-write-test-", dir=parent)
+    except OSError as exc:
+        raise ValueError(f"{option} {target} cannot be written: {parent} does not accept new files "
+                         f"({exc.strerror or exc}). Choose another path.") from exc
+    os.close(fd)
+    os.unlink(probe)
+    return target
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    out = getattr(args, "out", None)
+    if isinstance(out, (str, os.PathLike)) and str(out):
+        check_output_path(out, folder=args.command in _FOLDER_OUT)
+    out_dir = getattr(args, "out_dir", None)
+    if isinstance(out_dir, (str, os.PathLike)) and str(out_dir):
+        check_output_path(out_dir, folder=True, option="--out-dir")
+
+
+def _one_line(exc: BaseException) -> str:
+    """The exception's message on one line; its type where the message alone would be unclear."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        text = f"{exc.strerror}: {exc.filename}"
+    ours = (ValueError, TypeError, ImportError, FileNotFoundError)
+    if not text:
+        text = type(exc).__name__
+    elif not isinstance(exc, ours):
+        text = f"{type(exc).__name__}: {text}"
+    if not isinstance(exc, ours + (OSError,)):
+        text += " (TLMICROSCOPE_DEBUG=1 shows the traceback)"
+    return text
+
+
 def _build_parser() -> argparse.ArgumentParser:
     from tlmicroscope import __version__
 
@@ -85,6 +159,10 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for mod in _COMMAND_MODULES:
         importlib.import_module(mod).register(sub)
+    for name, command in sub.choices.items():
+        for action in command._actions:
+            if "--out" in action.option_strings and "folder" in (action.help or ""):
+                _FOLDER_OUT.add(name)
     return parser
 
 
@@ -95,11 +173,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
+        _check_outputs(args)
         return int(args.func(args) or 0)
-    except (ValueError, ImportError, FileNotFoundError, TypeError) as exc:
+    except Exception as exc:
         if os.environ.get("TLMICROSCOPE_DEBUG"):
             raise
-        print(f"tlmicroscope {args.command}: error: {exc}", file=sys.stderr)
+        print(f"tlmicroscope {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"tlmicroscope {args.command}: interrupted", file=sys.stderr)

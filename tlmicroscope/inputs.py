@@ -17,13 +17,13 @@ from jaxtyping import Int
 from tlmicroscope.models import _compat
 
 __all__ = [
-    "TextOrTokens",
-    "to_tokens",
-    "resolve_input",
     "ResolvedInput",
-    "ensure_eval",
-    "check_layers",
+    "TextOrTokens",
     "check_cache",
+    "check_layers",
+    "ensure_eval",
+    "resolve_input",
+    "to_tokens",
 ]
 
 TextOrTokens = Union[str, Sequence[str], torch.Tensor, Sequence[int]]

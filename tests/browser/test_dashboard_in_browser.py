@@ -56,7 +56,7 @@ def test_a_run_renders_the_report(page, dashboard_url, screenshots):
 
 @pytest.mark.parametrize("text, model, message", [
     ("", None, "The text is empty"),
-    ("x" * 600, None, "600 tokens long but the model's context is 512"),
+    ("x" * 2100, None, "2100 tokens long but the model's context is 2048"),
     ("hello", "no-such-model-anywhere", "Could not load the model 'no-such-model-anywhere'"),
 ])
 def test_bad_input_is_reported_on_the_page(page, dashboard_url, text, model, message):

@@ -22,7 +22,7 @@ from tlmicroscope.models.gguf_cache import (
     supported_gguf_architectures,
 )
 
-__all__ = ["load_model", "available_models"]
+__all__ = ["available_models", "load_model"]
 
 Kind = Literal["auto", "bridge", "hooked"]
 BosPolicy = Literal["tokenizer"] | bool
@@ -246,6 +246,83 @@ def _hf_label(path: Path) -> str:
         return path.name
 
 
+def _check_local_path(name: str, path: Path) -> None:
+    """A name that is a path must be a .gguf file or a folder; say so before anything guesses."""
+    if path.suffix.lower() == ".gguf":
+        return  # checked where it is loaded
+    if path.is_file():
+        raise ValueError(
+            f"{path} is a file but not a .gguf model file. Pass a .gguf file, a Hugging Face model "
+            f"folder (with config.json), or one of {', '.join(available_models())}."
+        )
+    if name.startswith(("/", ".", "~")) and not path.exists():
+        raise FileNotFoundError(
+            f"No model file or folder at {path}. Pass an existing .gguf file or Hugging Face folder, "
+            f"or one of {', '.join(available_models())}."
+        )
+
+
+def _by_name(name: str, resolved: str, device: str, dtype: torch.dtype, n_ctx: int, process: bool) -> Any:
+    """A TransformerLens or Hugging Face model by name; a name nothing knows is one clear error."""
+    try:
+        if resolved == "hooked":
+            from transformer_lens import HookedTransformer
+
+            loader = (
+                HookedTransformer.from_pretrained
+                if process
+                else HookedTransformer.from_pretrained_no_processing
+            )
+            return loader(name, device=device, dtype=dtype, n_ctx=n_ctx)
+        from transformer_lens.model_bridge import TransformerBridge
+
+        return TransformerBridge.boot_transformers(name, device=device, dtype=dtype, n_ctx=n_ctx)
+    except (OSError, ValueError) as exc:
+        first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+        raise ValueError(
+            f"Could not load the model {name!r}: it is none of the models available here "
+            f"({', '.join(available_models())}), no local .gguf file or Hugging Face folder, and "
+            f"TransformerLens could not load it by name ({first[:300]})."
+        ) from exc
+
+
+def _check_options(device: str, dtype: torch.dtype, prepend_bos: BosPolicy) -> None:
+    """Options checked before any loading, each error naming the accepted values."""
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype such as torch.float32, got {dtype!r}.")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device {device!r} is not a torch device (e.g. 'cpu', 'cuda:0').") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: no CUDA GPU is available here (torch.cuda.is_available() "
+                         "is False). Use device='cpu'.")
+    if prepend_bos != "tokenizer" and not isinstance(prepend_bos, bool):
+        raise ValueError(f"prepend_bos must be 'tokenizer', True or False, got {prepend_bos!r}.")
+
+
+def _tiny(arch: str, kind: Kind, device: str, dtype: torch.dtype, n_ctx: int, prepend_bos: BosPolicy,
+          process_weights: bool) -> Any:
+    """``tiny_model`` with every ``load_model`` option honoured, as a real model would have them."""
+    from tlmicroscope.models.tiny import tiny_model
+
+    dev = torch.device(device)
+    model = tiny_model(arch, kind=kind, n_ctx=n_ctx)
+    if process_weights:
+        if _compat.is_bridge(model):
+            model.enable_compatibility_mode(disable_warnings=True)
+        else:
+            model.process_weights_(fold_ln=True, center_writing_weights=True, center_unembed=True)
+        model._tlmicroscope_processed = True
+    if dtype != torch.float32:
+        model = model.to(dtype)
+    if dev.type != "cpu":
+        model = model.to(dev)
+    if prepend_bos != "tokenizer":  # tiny_model already follows the byte tokenizer, which adds none
+        model.cfg.default_prepend_bos = prepend_bos
+    return model.eval()
+
+
 def load_model(
     name: str = "smollm2-135m",
     *,
@@ -270,6 +347,9 @@ def load_model(
         device: Torch device for the weights.
         dtype: Weight dtype; analyses are written for float32.
         n_ctx: Context length the model accepts; longer prompts are refused (or truncated on request).
+
+    The tiny models honour every option here too (``dtype``, ``device``, ``n_ctx``,
+    ``prepend_bos``, ``process_weights``), as a real model would.
         prepend_bos: ``"tokenizer"`` makes ``to_tokens`` add a BOS token exactly when the model's own
             tokenizer does (SmolLM2's does not); ``True``/``False`` force it.
         process_weights: Apply TransformerLens's ``fold_ln`` and centring. Off by default, because they
@@ -280,8 +360,10 @@ def load_model(
 
     Raises:
         ImportError: an embedded model's package is missing; the message gives the pip command.
-        ValueError: an unknown ``kind``, a model this route cannot convert, or a GGUF file of an
-            architecture transformers cannot dequantize (the message lists the supported ones).
+        ValueError: an unknown ``kind``, a model this route cannot convert, a GGUF file of an
+            architecture transformers cannot dequantize (the message lists the supported ones), a
+            file that is not a model, or a name nothing can load (the message lists what can).
+        FileNotFoundError: a path (``/...``, ``./...``, ``~/...``, ``*.gguf``) with nothing there.
 
     Examples:
         >>> model = load_model()  # doctest: +SKIP
@@ -289,13 +371,13 @@ def load_model(
         ' Paris'
     """
     resolved = _resolve_kind(kind)
-    if n_ctx <= 0:
-        raise ValueError(f"n_ctx must be positive, got {n_ctx}.")
+    if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx <= 0:
+        raise ValueError(f"n_ctx must be positive (a number of tokens), got {n_ctx!r}.")
+    _check_options(device, dtype, prepend_bos)
     if name in TINY_NAMES:  # seeded random models: for trying the CLI and for tests, not for research
-        from tlmicroscope.models.tiny import tiny_model
-
-        return tiny_model(TINY_NAMES[name], kind=kind, n_ctx=min(n_ctx, 512))
+        return _tiny(TINY_NAMES[name], kind, device, dtype, n_ctx, prepend_bos, process_weights)
     path = Path(os.path.expanduser(name))
+    _check_local_path(name, path)
     hf = tok = None
     label = name
     if name.lower() in EMBEDDED_NAMES:
@@ -316,20 +398,8 @@ def load_model(
             model = _hooked_from_hf(hf, tok, device, dtype, n_ctx, process_weights)
         else:
             model = _bridge_from_hf(label, hf, tok, device, dtype)
-    elif resolved == "hooked":
-        from transformer_lens import HookedTransformer
-
-        loader = (
-            HookedTransformer.from_pretrained
-            if process_weights
-            else HookedTransformer.from_pretrained_no_processing
-        )
-        model = loader(name, device=device, dtype=dtype, n_ctx=n_ctx)
-        tok = model.tokenizer
     else:
-        from transformer_lens.model_bridge import TransformerBridge
-
-        model = TransformerBridge.boot_transformers(name, device=device, dtype=dtype, n_ctx=n_ctx)
+        model = _by_name(name, resolved, device, dtype, n_ctx, process_weights)
         tok = model.tokenizer
 
     if process_weights and _compat.is_bridge(model):
