@@ -1,8 +1,10 @@
-"""``resume=True`` without a checkpoint: a new folder starts from step 0 out loud, a trained one is refused."""
+"""``resume=True`` without a checkpoint: a new folder starts from step 0 out loud, a trained one is
+refused; a lens save stopped between its two files is finished on the next load."""
 
 import logging
 
 import pytest
+import torch
 
 from tlmicroscope.lenses.train import CHECKPOINT_DIR, train_tuned_lens
 
@@ -41,3 +43,34 @@ def test_resume_in_a_trained_folder_that_lost_its_checkpoint_is_refused(tiny_lla
                                          r"but no checkpoint/"):
         train_tuned_lens(tiny_llama, TEXT, out_dir=str(out), resume=True, **FAST)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the lens is untouched
+
+
+def test_a_lens_save_stopped_between_its_two_files_is_finished(tiny_llama, tmp_path, monkeypatch):
+    """The lens files in the output folder are moved one by one; a stop in between is completed."""
+    import os
+
+    from tlmicroscope.io import load_fitted
+    from tlmicroscope.lenses import TunedLens
+
+    out = tmp_path / "run"
+    real_replace = os.replace
+    moves = {"config": 0}
+
+    def replace(src, dst):
+        if os.path.basename(dst) == "config.json" and ".lens-staging" in str(src):
+            moves["config"] += 1
+            if moves["config"] == 2:  # the second checkpoint: tensors moved in, config not
+                raise OSError(5, "Input/output error (injected)")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match="injected"):
+        train_tuned_lens(tiny_llama, TEXT, out_dir=str(out), checkpoint_every=1, **{**FAST, "steps": 3})
+    monkeypatch.undo()
+    assert (out / ".lens-staging" / "config.json").is_file()  # the new config, not yet moved
+    ckpt, meta = load_fitted(out / CHECKPOINT_DIR, kind="tuned_lens_checkpoint", model=tiny_llama)
+    assert meta["config"]["step"] == 2
+    lens = TunedLens.load(out, tiny_llama)
+    assert lens.settings["steps"] == 2  # the config now describes the tensors beside it
+    assert torch.equal(lens.weight, ckpt["lens.weight"])
+    assert not (out / ".lens-staging").exists()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +36,38 @@ def _train_settings(cfg: Any) -> dict[str, Any]:
             if k not in ("out_dir", "resume", "progress", "stop_after", "max_seconds")}
 
 
+_STAGING = ".lens-staging"
+_LENS_FILES = ("tensors.safetensors", "config.json")
+
+
+def _finish_lens_move(out: Path) -> None:
+    """Complete a ``_save_lens_into`` that was stopped between moving its two files.
+
+    ``.lens-staging`` is written whole (an atomic folder) before any file leaves it, and the files
+    leave in a fixed order, so what is still in it belongs in ``out``: moving it finishes the save
+    and puts back a config that matches the tensors.
+    """
+    staging = out / _STAGING
+    if not staging.is_dir():
+        return
+    if not (staging / _LENS_FILES[0]).exists():  # the tensors went in: the config follows them
+        for name in _LENS_FILES[1:]:
+            if (staging / name).is_file():
+                os.replace(staging / name, out / name)
+    # else nothing was moved yet and ``out`` still holds the previous, matching pair
+    shutil.rmtree(staging, ignore_errors=True)
+
+
 def _save_lens_into(out: Path, lens: Any) -> None:
-    """Write the lens's two files into ``out`` (which also holds the checkpoint), each atomically."""
-    staging = out / ".lens-staging"
+    """Write the lens's two files into ``out`` (which also holds the checkpoint), each atomically.
+
+    A kill between the two moves leaves the config in ``.lens-staging``; the next save or resume
+    moves it in first (``_finish_lens_move``).
+    """
+    _finish_lens_move(out)
+    staging = out / _STAGING
     lens.save(staging)  # an atomic folder; then move its files in, tensors before config
-    for name in ("tensors.safetensors", "config.json"):
+    for name in _LENS_FILES:
         os.replace(staging / name, out / name)
     staging.rmdir()
 

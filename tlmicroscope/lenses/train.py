@@ -34,6 +34,7 @@ from tlmicroscope.distributed import DistContext, dist_context
 from tlmicroscope.io import atomic_write_text, recover_dir
 from tlmicroscope.lenses._tuned_checkpoint import (
     CHECKPOINT_DIR,
+    _finish_lens_move,
     _load_checkpoint,
     _save_checkpoint,
     _save_lens_into,
@@ -325,6 +326,7 @@ def train_tuned_lens(
     start, history = 0, _empty_history()
     if out is not None:
         recover_dir(out / CHECKPOINT_DIR)  # a checkpoint save killed half-way: put the previous one back
+        _finish_lens_move(out)  # and a lens save stopped between its two files: finish it
         if cfg.resume and not (out / CHECKPOINT_DIR).exists():
             _no_checkpoint_to_resume(out, ctx)
     if out is not None and (out / CHECKPOINT_DIR).exists():

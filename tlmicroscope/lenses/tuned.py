@@ -211,6 +211,12 @@ class TunedLens(torch.nn.Module):
         path = Path(path)
         if reference_format.is_reference_folder(path):
             return reference_format.load_reference_lens(path, model)
+        from tlmicroscope.lenses._tuned_checkpoint import _finish_lens_move
+
+        try:  # a training run killed between writing the lens's two files: finish the move
+            _finish_lens_move(path)
+        except OSError:  # read-only: the pair is still loadable, its config one save behind
+            pass
         device = model.W_U.device if model is not None else None
         tensors, meta = load_fitted(path, kind=KIND, model=model, device=device)
         cfg = meta.get("config") or {}
