@@ -19,7 +19,11 @@ ln_final   ``ln_final.hook_normalized``      ``norm_f``
 
 TransformerLens's ``hook_normalized`` is the normalised vector *before* the norm's gain (and
 bias), while the paper hooks the norm module's output, after the gain; the two differ by a
-per-dimension scale.
+per-dimension scale. ``capture_components`` gives the paper's states by default
+(``norm_gain=True``: the norm's weight, and bias where it has one, applied to ``hook_normalized``,
+so ``ln1``/``ln2``/``ln_final`` are what the norm module returns); ``norm_gain=False`` keeps the
+hook's pre-gain vectors. A norm whose gain was folded into the next weights (``fold_ln``) has no
+weight left, and both give the same vectors.
 
 Capture streams: each activation is reduced (averaged) or copied into one preallocated
 ``[state batch pos d_model]`` buffer while the forward pass runs, windows go through the model a
@@ -52,6 +56,7 @@ from tlmicroscope.results import Provenance
 __all__ = [
     "ATTN_VS_MLP",
     "COMPONENTS",
+    "NORM_COMPONENTS",
     "PAPER_NAMES",
     "POST_ADD",
     "ComponentStates",
@@ -77,6 +82,9 @@ PAPER_NAMES = {
 ATTN_VS_MLP = ("attn_out", "mlp_out")
 #: The residual-stream states of the layerwise figure (the paper's "not pre_add" states).
 POST_ADD = ("embed", "resid_mid", "resid_post", "ln_final")
+
+#: The states read at a norm's ``hook_normalized`` (before its gain unless ``norm_gain``).
+NORM_COMPONENTS = ("ln1", "ln2", "ln_final")
 
 _BLOCK_COMPONENTS = ("ln1", "attn_out", "resid_mid", "ln2", "mlp_out", "resid_post")
 _FP16_MAX = float(torch.finfo(torch.float16).max)
@@ -136,6 +144,42 @@ def state_plan(
     if "ln_final" in components:
         plan.append(_State("ln_final", n_layers, hook_name("ln_final")))
     return plan
+
+
+def _norm_affines(model: Any, plan: Sequence[_State]) -> dict[int, tuple[torch.Tensor, torch.Tensor | None]]:
+    """``{state index: (gain, bias or None)}`` for the planned norm states whose norm has a gain.
+
+    The gain includes Gemma's ``1 + weight`` offset where the model applies one (as
+    ``lenses.readout`` reads the final norm).
+    """
+    from tlmicroscope.models._compat import _named_param, _norm_uses_offset
+
+    out: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+    for i, st in enumerate(plan):
+        if st.component not in NORM_COMPONENTS:
+            continue
+        if st.component == "ln_final":
+            module = getattr(model, "ln_final", None)
+        else:
+            module = getattr(model.blocks[st.layer], st.component, None)
+        if not isinstance(module, torch.nn.Module):
+            raise ValueError(
+                f"The model has no {st.component} norm module at layer {st.layer} to read its gain from; "
+                "pass norm_gain=False for the hook's pre-gain vectors."
+            )
+        weight = _named_param(module, "weight", "w")
+        if weight is None:
+            continue  # LNPre/RMSPre: the hook is already the module's output
+        bias = _named_param(module, "bias", "b")
+        gain = weight.detach().float() + (1.0 if _norm_uses_offset(module, model.cfg) else 0.0)
+        out[i] = (gain, None if bias is None else bias.detach().float())
+    return out
+
+
+def _apply_affine(act: torch.Tensor, affine: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
+    gain, bias = affine
+    out = act.float() * gain.to(act.device)
+    return out if bias is None else out + bias.to(act.device)
 
 
 class _StopForward(Exception):
@@ -241,6 +285,7 @@ def capture_components(
     progress: bool = True,
     prepend_bos: bool | None = None,
     truncate: bool = False,
+    norm_gain: bool = True,
 ) -> ComponentStates:
     """Capture the paper's per-block states for one prompt or a batch of corpus windows.
 
@@ -265,6 +310,9 @@ def capture_components(
             65504 are refused); reductions and projections compute in float32 or float64.
         batch_size: Windows per forward pass.
         progress: Show a progress bar over batches when there is more than one.
+        norm_gain: Give ``ln1``/``ln2``/``ln_final`` after the norm's gain (and bias), as the
+            paper's hooks on the norm modules do (default); ``False`` keeps TransformerLens's
+            ``hook_normalized`` vectors, before the gain.
 
     Returns:
         A ``ComponentStates`` with ``activations[state batch pos d_model]``.
@@ -296,9 +344,13 @@ def capture_components(
     plan = state_plan(components, layers, n_layers)
     settings = dict(components=list(components), layers=None if layers is None else list(layers),
                     drop_first=drop_first, max_positions=max_positions, average=list(axes),
-                    layer_norm=layer_norm, unit=unit, dtype=str(dtype).replace("torch.", ""))
+                    layer_norm=layer_norm, unit=unit, dtype=str(dtype).replace("torch.", ""),
+                    norm_gain=norm_gain)
+    affines = _norm_affines(model, plan) if norm_gain else {}
     if cache is not None:
         raw = _from_cache(cache, plan)
+        for i, affine in affines.items():
+            raw[i] = _apply_affine(raw[i], affine)
         n_pos = raw.shape[2]
     else:
         n_pos = toks.shape[-1]
@@ -311,7 +363,8 @@ def capture_components(
         if "samples" in axes:
             acts = acts.mean(1, keepdim=True)
     else:
-        acts, n_batch = _capture_streamed(model, toks, plan, pos_idx, axes, dtype, batch_size, progress)
+        acts, n_batch = _capture_streamed(model, toks, plan, pos_idx, axes, dtype, batch_size, progress,
+                                          affines=affines)
     if acts.dtype != dtype:
         acts = _to_storage(acts, dtype)
     kept_tokens = None if toks is None else toks[:, pos_idx.to(toks.device)].cpu()
@@ -384,6 +437,7 @@ def _capture_streamed(
     dtype: torch.dtype,
     batch_size: int,
     progress: bool,
+    affines: dict[int, tuple[torch.Tensor, torch.Tensor | None]] | None = None,
 ) -> tuple[torch.Tensor, int]:
     from tqdm.auto import tqdm
 
@@ -405,6 +459,8 @@ def _capture_streamed(
 
         def on_state(i: int, act: torch.Tensor, start: int = start) -> None:
             a = act.detach()
+            if affines and i in affines:
+                a = _apply_affine(a, affines[i])
             if "positions" in axes:
                 a = a.float().mean(1, keepdim=True)
             if summed:
