@@ -38,6 +38,7 @@ TL3_MODULES = (
     "tests/models/",
     "tests/matrix/",
     "tests/test_capture.py",
+    "tests/test_inputs_checks.py",
     "tests/causal/test_ablation.py",
     "tests/lenses/test_readout_families.py",
     "tests/lenses/test_trajectory.py",

@@ -1,21 +1,34 @@
 """``tlmicroscope serve``: a local dashboard, built on Gradio.
 
-Choose a model available offline (or type a path), paste a text, pick report sections, and see
-the report update. Runs show progress section by section and can be stopped between sections;
-bad input (an empty text, a text over the context, an unknown model) is reported on the page.
-Gradio carries the web server, queueing, progress and cancellation, so this module holds only
-the form and one generator.
+Choose a model from the menu (or type a path under a folder the dashboard was started with),
+paste a text, pick report sections, and see the report update. Runs show progress section by
+section and can be stopped between sections; bad input (an empty text, a text over the context,
+a model or lens path it does not offer) is reported on the page. The server never loads a path
+outside the folders it was given (``model_dirs``, ``lens_dirs``), and warns when it listens on
+an address other machines can reach. Gradio carries the web server, queueing, progress and
+cancellation, so this module holds only the form and one generator.
 """
 
 from __future__ import annotations
 
 import html
+import ipaddress
 import os
 import threading
-from collections.abc import Iterator, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
-__all__ = ["build_app", "serve", "DASHBOARD_INSTALL"]
+__all__ = [
+    "DASHBOARD_INSTALL",
+    "build_app",
+    "check_lens_path",
+    "check_model_choice",
+    "host_warning",
+    "make_analyse",
+    "serve",
+]
 
 DASHBOARD_INSTALL = "pip install 'tlmicroscope[dashboard]'"
 _DEFAULT_TEXT = "The capital of France is"
@@ -62,40 +75,148 @@ def _error(message: str) -> str:
     return f'<div class="tlm-error" role="alert"><b>Error:</b> {html.escape(message)}</div>'
 
 
-def build_app(models: Sequence[str] | None = None, *, default_text: str = _DEFAULT_TEXT) -> Any:
-    """The Gradio app (not launched). ``models`` lists the names offered; typed names/paths work too."""
-    gr = _gradio()
-    from tlmicroscope.lenses import load_lens
-    from tlmicroscope.models import available_models
-    from tlmicroscope.report import _SECTIONS, available_sections, report_steps
+def _folders(dirs: Sequence[str | os.PathLike] | None, what: str) -> list[Path]:
+    out = []
+    for d in dirs or ():
+        path = Path(os.path.expanduser(str(d))).resolve()
+        if not path.is_dir():
+            raise ValueError(f"The {what} folder {d} does not exist (or is not a folder).")
+        out.append(path)
+    return out
 
-    choices = list(models) if models else available_models()
-    sections = available_sections()
-    defaults = [n for n in sections if _SECTIONS[n].default]
-    cache = _Models()
+
+def _under(path: str, folders: Sequence[Path]) -> Path | None:
+    """``path`` resolved (symbolic links followed), if it lies inside one of ``folders``."""
+    try:
+        real = Path(os.path.expanduser(path)).resolve()
+    except (OSError, RuntimeError, ValueError):
+        return None
+    return real if any(real == f or real.is_relative_to(f) for f in folders) else None
+
+
+def check_model_choice(name: str, choices: Sequence[str], model_dirs: Sequence[Path] = ()) -> str:
+    """The model ``name`` if the dashboard offers it: one of ``choices``, or a path under ``model_dirs``.
+
+    Raises:
+        ValueError: anything else, with what is offered and how to offer more.
+
+    Examples:
+        >>> check_model_choice("tiny-llama", ["tiny-llama"])
+        'tiny-llama'
+        >>> check_model_choice("/etc/passwd", ["tiny-llama"])
+        Traceback (most recent call last):
+        ...
+        ValueError: This dashboard offers the models tiny-llama, and no model folders; '/etc/passwd' is neither. Start it with --models NAME,... or --model-dir FOLDER to offer more.
+    """
+    name = (name or "").strip()
+    if name in choices:
+        return name
+    real = _under(name, model_dirs) if name else None
+    if real is not None and real.exists():
+        return str(real)
+    folders = (f"paths under {', '.join(str(f) for f in model_dirs)}" if model_dirs else "no model folders")
+    raise ValueError(
+        f"This dashboard offers the models {', '.join(choices)}, and {folders}; {name!r} is neither. "
+        "Start it with --models NAME,... or --model-dir FOLDER to offer more."
+    )
+
+
+def check_lens_path(path: str, lens_dirs: Sequence[Path] = ()) -> Path | None:
+    """The lens folder typed in the form, if it lies under ``lens_dirs``; ``None`` for an empty box.
+
+    Raises:
+        ValueError: a path outside every lens folder (or no lens folder given at start).
+
+    Examples:
+        >>> check_lens_path("") is None
+        True
+        >>> check_lens_path("/etc")
+        Traceback (most recent call last):
+        ...
+        ValueError: Lens folders are limited to those the dashboard was started with (none); '/etc' is not under one. Start it with --lens-dir FOLDER.
+    """
+    path = (path or "").strip()
+    if not path:
+        return None
+    real = _under(path, lens_dirs)
+    if real is None:
+        given = ", ".join(str(f) for f in lens_dirs) or "none"
+        raise ValueError(
+            f"Lens folders are limited to those the dashboard was started with ({given}); {path!r} is "
+            "not under one. Start it with --lens-dir FOLDER."
+        )
+    return real
+
+
+def host_warning(host: str) -> str | None:
+    """A warning when ``host`` is not a loopback address (others could reach the dashboard).
+
+    Examples:
+        >>> host_warning("127.0.0.1") is None, host_warning("localhost") is None, host_warning("::1") is None
+        (True, True, True)
+        >>> host_warning("0.0.0.0")[:46]
+        'The dashboard listens on 0.0.0.0, which is not'
+    """
+    h = host.strip().strip("[]")
+    if h.lower() == "localhost" or h.lower().endswith(".localhost"):
+        return None
+    try:
+        if ipaddress.ip_address(h).is_loopback:
+            return None
+    except ValueError:
+        pass  # a host name: it may be reachable from elsewhere
+    return (
+        f"The dashboard listens on {host}, which is not a loopback address: anyone who can reach this "
+        "machine can run models on it and read the model and lens folders it was given, without a "
+        "password. Use --host 127.0.0.1 unless that is what you want."
+    )
+
+
+def make_analyse(
+    choices: Sequence[str],
+    *,
+    model_dirs: Sequence[Path] = (),
+    lens_dirs: Sequence[Path] = (),
+    cache: _Models | None = None,
+) -> Callable[..., Iterator[tuple[str, str]]]:
+    """The dashboard's run: a generator of ``(status_html, report_html)`` pairs (usable without Gradio)."""
+    from tlmicroscope.lenses import load_lens
+    from tlmicroscope.report import report_steps
+
+    cache = cache or _Models()
 
     def analyse(model_name: str, text: str, chosen: list[str], lens_path: str,
-                progress=gr.Progress()) -> Iterator[tuple[str, str]]:
+                progress: Callable[..., Any] = lambda *a, **k: None) -> Iterator[tuple[str, str]]:
         if not text or not text.strip():
             yield _error("The text is empty: type or paste something to analyse."), ""
             return
         if not chosen:
             yield _error("Pick at least one section."), ""
             return
-        yield f"Loading {html.escape(model_name)} …", ""
         try:
-            model = cache.get(model_name)
-        except Exception as exc:  # unknown names, missing files, missing wheels
+            name = check_model_choice(model_name, choices, model_dirs)
+        except ValueError as exc:
             yield _error(f"Could not load the model {model_name!r}: {exc}"), ""
             return
         try:
-            lens = load_lens(lens_path, model) if lens_path and lens_path.strip() else None
+            lens_dir = check_lens_path(lens_path, lens_dirs)
+        except ValueError as exc:
+            yield _error(str(exc)), ""
+            return
+        yield f"Loading {html.escape(model_name)} …", ""
+        try:
+            model = cache.get(name)
+        except Exception as exc:  # noqa: BLE001  (missing files, missing wheels: shown on the page)
+            yield _error(f"Could not load the model {model_name!r}: {exc}"), ""
+            return
+        try:
+            lens = load_lens(lens_dir, model) if lens_dir is not None else None
             steps = report_steps(model, text, lens=lens, sections=chosen, title=f"tlmicroscope: {model_name}")
-            for done, total, name, rep in steps:
-                progress((done, total), desc=f"section {name}" if name else "done")
-                if name:
-                    yield f"Running section {done + 1} of {total}: {html.escape(name)} …", ""
-        except (ValueError, FileNotFoundError, ImportError) as exc:
+            for done, total, section, rep in steps:
+                progress((done, total), desc=f"section {section}" if section else "done")
+                if section:
+                    yield f"Running section {done + 1} of {total}: {html.escape(section)} …", ""
+        except (ValueError, TypeError, OSError, ImportError) as exc:
             yield _error(str(exc)), ""
             return
         notes = [f"{len(rep.rendered)} sections rendered"]
@@ -105,15 +226,42 @@ def build_app(models: Sequence[str] | None = None, *, default_text: str = _DEFAU
             notes.append(f"failed: {', '.join(rep.failed)}")
         yield "Done: " + "; ".join(notes) + ".", _iframe(rep.html())
 
+    return analyse
+
+
+def build_app(models: Sequence[str] | None = None, *, default_text: str = _DEFAULT_TEXT,
+              model_dirs: Sequence[str | os.PathLike] = (), lens_dirs: Sequence[str | os.PathLike] = ()) -> Any:
+    """The Gradio app (not launched).
+
+    ``models`` lists the names offered (default: those available offline); a typed model path
+    is loaded only under ``model_dirs``, and a lens folder only under ``lens_dirs``.
+    """
+    gr = _gradio()
+    from tlmicroscope.models import available_models
+    from tlmicroscope.report import _SECTIONS, available_sections
+
+    choices = list(models) if models else available_models()
+    model_folders, lens_folders = _folders(model_dirs, "model"), _folders(lens_dirs, "lens")
+    sections = available_sections()
+    defaults = [n for n in sections if _SECTIONS[n].default]
+    run_report = make_analyse(choices, model_dirs=model_folders, lens_dirs=lens_folders)
+
+    def analyse(model_name: str, text: str, chosen: list[str], lens_path: str,
+                progress=gr.Progress()) -> Iterator[tuple[str, str]]:  # noqa: B008  (Gradio reads it)
+        yield from run_report(model_name, text, chosen, lens_path, progress=progress)
+
+    model_label = ("Model" + (f" (or a .gguf file / HF folder under {', '.join(map(str, model_folders))})"
+                              if model_folders else ""))
+    lens_label = ("Tuned lens folder (optional" + (f", under {', '.join(map(str, lens_folders))})"
+                                                   if lens_folders else "; none offered: --lens-dir)"))
     theme = gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["monospace"])
     with gr.Blocks(title="tlmicroscope") as app:
         gr.Markdown("# tlmicroscope\nWhat each layer of a language model knows: pick a model, "
                     "paste a text, choose sections.")
         with gr.Row():
             model_box = gr.Dropdown(choices=choices, value=choices[0] if choices else None,
-                                    allow_custom_value=True, label="Model (or a local .gguf / HF folder)",
-                                    elem_id="tlm-model")
-            lens_box = gr.Textbox(label="Tuned lens folder (optional)", elem_id="tlm-lens")
+                                    allow_custom_value=True, label=model_label, elem_id="tlm-model")
+            lens_box = gr.Textbox(label=lens_label, elem_id="tlm-lens")
         text_box = gr.Textbox(value=default_text, lines=4, label="Text", elem_id="tlm-text")
         section_box = gr.CheckboxGroup(choices=sections, value=defaults, label="Sections",
                                        elem_id="tlm-sections")
@@ -129,9 +277,16 @@ def build_app(models: Sequence[str] | None = None, *, default_text: str = _DEFAU
 
 
 def serve(host: str = "127.0.0.1", port: int = 7860, models: Sequence[str] | None = None,
-          *, block: bool = True) -> Any:
-    """Launch the dashboard on ``host:port`` (loopback by default). Returns the app."""
-    app = build_app(models)
+          *, block: bool = True, model_dirs: Sequence[str | os.PathLike] = (),
+          lens_dirs: Sequence[str | os.PathLike] = (), warn_host: bool = True) -> Any:
+    """Launch the dashboard on ``host:port`` (loopback by default). Returns the app.
+
+    A ``host`` other machines can reach gets a warning (``warn_host=False``: the caller said it).
+    """
+    message = host_warning(host)
+    if message and warn_host:
+        warnings.warn(message, UserWarning, stacklevel=2)
+    app = build_app(models, model_dirs=model_dirs, lens_dirs=lens_dirs)
     app.queue(default_concurrency_limit=1).launch(
         server_name=host, server_port=port, share=False, inbrowser=False, show_error=True,
         prevent_thread_lock=not block, quiet=not block, theme=app._tlm_theme,

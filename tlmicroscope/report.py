@@ -27,9 +27,11 @@ __all__ = [
     "ReportContext",
     "Section",
     "available_sections",
+    "available_settings",
     "register_section",
     "report",
     "report_steps",
+    "require_tokens",
 ]
 
 
@@ -40,6 +42,25 @@ class MissingPrerequisite(Exception):
         super().__init__(message)
         self.message = message
         self.fix = fix
+
+
+def require_tokens(ctx: ReportContext, n_min: int, what: str) -> None:
+    """A section's minimum text length, as a missing prerequisite naming the number of tokens needed.
+
+    Examples:
+        >>> from types import SimpleNamespace
+        >>> import torch
+        >>> require_tokens(SimpleNamespace(tokens=torch.zeros(1, 1)), 2, "the loss")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        tlmicroscope.report.MissingPrerequisite: The text has 1 token; the loss needs at least 2...
+    """
+    n = int(ctx.tokens.shape[-1])
+    if n < n_min:
+        raise MissingPrerequisite(
+            f"The text has {n} token{'s' if n != 1 else ''}; {what} needs at least {n_min}. "
+            "Pass a longer text."
+        )
 
 
 @dataclass
@@ -97,29 +118,119 @@ class _Spec:
     build: Callable[[ReportContext], Section]
     default: bool
     needs: tuple[str, ...] = ()
+    settings: tuple[str, ...] = ()
 
 
 _SECTIONS: dict[str, _Spec] = {}
 
+# Settings the report itself reads (every section's own are declared with register_section).
+_REPORT_SETTINGS = ("truncate",)
 
-def register_section(name: str, title: str, *, default: bool = True, needs: Sequence[str] = ()):
+
+def register_section(name: str, title: str, *, default: bool = True, needs: Sequence[str] = (),
+                     settings: Sequence[str] = ()):
     """Register a section builder ``f(ctx) -> Section`` under ``name``; registration order is page order.
 
     ``needs`` names the capture sites (``tlmicroscope.capture`` names: ``"resid"``, ``"attn_out"``,
     ``"mlp_out"``, ...) the section reads from ``ctx.cache``; the report captures the union of
-    all chosen sections' needs in one forward pass.
+    all chosen sections' needs in one forward pass. ``settings`` names the ``ctx.settings`` keys
+    the section reads: ``report`` refuses any other setting name (a typo such as ``top_kk``).
     """
 
     def deco(fn: Callable[[ReportContext], Section]) -> Callable[[ReportContext], Section]:
-        _SECTIONS[name] = _Spec(name, title, fn, default, tuple(needs))
+        _SECTIONS[name] = _Spec(name, title, fn, default, tuple(needs), tuple(settings))
         return fn
 
     return deco
 
 
 def available_sections() -> list[str]:
+    """Every registered section name, in page order.
+
+    Examples:
+        >>> "trajectory" in available_sections()
+        True
+    """
     _load_builtin_sections()
     return list(_SECTIONS)
+
+
+def available_settings() -> dict[str, list[str]]:
+    """Each setting ``report`` accepts, with the sections that read it (``[]``: the report itself).
+
+    Examples:
+        >>> available_settings()["geometry_overlap_k"]
+        ['token_geometry']
+    """
+    _load_builtin_sections()
+    out: dict[str, list[str]] = {name: [] for name in _REPORT_SETTINGS}
+    for spec in _SECTIONS.values():
+        for name in spec.settings:
+            out.setdefault(name, []).append(spec.name)
+    return out
+
+
+def _unknown(kind: str, given: Sequence[str], valid: Sequence[str]) -> str:
+    import difflib
+
+    parts = []
+    for name in given:
+        close = difflib.get_close_matches(name, valid, n=1)
+        parts.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return f"Unknown report {kind}s {', '.join(parts)}; valid {kind}s: {', '.join(sorted(valid))}."
+
+
+def _check_arguments(
+    model: Any, text: Any, lens: Any, sections: Any, settings: dict[str, Any]
+) -> tuple[Any, list[str]]:
+    """Validate ``report``'s arguments before any work; returns the lens (loaded) and the section names."""
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a string, got {type(text).__name__}; pass the text to analyse.")
+    valid = available_settings()
+    unknown = [k for k in settings if k not in valid]
+    if unknown:
+        raise ValueError(_unknown("setting", unknown, list(valid)))
+    if sections is None:
+        names = [n for n, s in _SECTIONS.items() if s.default]
+    else:
+        if isinstance(sections, str):  # one section, not its letters
+            sections = [sections]
+        try:
+            names = list(sections)
+        except TypeError:
+            raise TypeError(f"sections must be a section name or a list of them, got "
+                            f"{type(sections).__name__}.") from None
+        bad = [n for n in names if not isinstance(n, str)]
+        if bad:
+            raise TypeError(f"sections must be names (strings), got {bad[:3]}; see available_sections().")
+        unknown = [n for n in names if n not in _SECTIONS]
+        if unknown:
+            raise ValueError(_unknown("section", unknown, list(_SECTIONS)))
+    return _resolve_report_lens(lens, model), names
+
+
+def _resolve_report_lens(lens: Any, model: Any) -> Any:
+    """``None``, ``"logit"``, ``"logit-paper"`` as given; a path: load it (or say why not); a lens: check it."""
+    import os
+
+    from tlmicroscope.lenses.base import load_lens, resolve_lens
+
+    if lens is None or (isinstance(lens, str) and lens in ("logit", "logit-paper")):
+        return lens  # the sections read these names as they are (the causal basis of the logit lens)
+    if isinstance(lens, (str, os.PathLike)):
+        path = Path(os.path.expanduser(str(lens)))
+        if not path.exists():
+            raise FileNotFoundError(
+                f"lens={str(lens)!r}: nothing there. Pass the folder of a saved lens (tlmicroscope "
+                "train-lens --out FOLDER makes one), a lens object, or None for the logit lens alone."
+            )
+        try:
+            return load_lens(path, model)
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            raise ValueError(f"lens={str(lens)!r} cannot be loaded for this model: {exc}") from exc
+    lens = resolve_lens(lens)  # TypeError for what is no lens
+    lens.check_model(model)
+    return lens
 
 
 # Modules that register report sections when imported; each analysis package adds its own.
@@ -181,11 +292,8 @@ def report_steps(
     stops iterating (a cancelled dashboard run) stops the work between sections.
     """
     _load_builtin_sections()
+    lens, names = _check_arguments(model, text, lens, sections, settings)
     tokens = to_tokens(model, text, truncate=bool(settings.get("truncate", False)))
-    names = list(sections) if sections is not None else [n for n, s in _SECTIONS.items() if s.default]
-    unknown = [n for n in names if n not in _SECTIONS]
-    if unknown:
-        raise ValueError(f"Unknown report sections {unknown}; available: {list(_SECTIONS)}.")
     ctx = ReportContext(model=model, text=text, tokens=tokens, lens=lens, settings=dict(settings))
     needs = sorted({site for n in names for site in _SECTIONS[n].needs})
     t_capture = time.perf_counter()
@@ -235,11 +343,19 @@ def report(
     Args:
         model: A TransformerLens model.
         text: The text to analyse (validated before any section runs).
-        lens: A trained lens (e.g. a ``TunedLens``) to show beside the logit lens.
-        sections: Section names to include (default: every default section); see
+        lens: A trained lens (e.g. a ``TunedLens``) to show beside the logit lens, or the folder
+            of a saved one (loaded here, or an error saying why not).
+        sections: Section names to include (default: every default section), or one name; see
             ``available_sections()``.
         title: The page title.
-        **settings: Passed to the sections through ``ctx.settings`` (e.g. ``top_k``).
+        **settings: Passed to the sections through ``ctx.settings`` (e.g. ``top_k``); see
+            ``available_settings()``. Any other name is an error listing the valid ones.
+
+    Raises:
+        ValueError: an unknown section or setting (with the closest valid name), or a lens
+            folder that does not load for this model; also what ``to_tokens`` refuses.
+        FileNotFoundError: ``lens`` names a path with nothing there.
+        TypeError: a lens object that is no lens, or sections that are not names.
 
     Examples:
         >>> from tlmicroscope.models import tiny_model

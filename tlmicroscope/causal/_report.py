@@ -120,7 +120,7 @@ def text_lens_influence(basis: CausalBasis, lens: Any, model: Any, hidden: torch
         return torch.tensor([float(objective.energy(basis.vectors[:, j].float())) for j in range(basis.k)])
 
 
-@register_section("causal_basis", "Causal basis energies", needs=("resid",))
+@register_section("causal_basis", "Causal basis energies", needs=("resid",), settings=("causal_basis", "seed"))
 def _causal_basis(ctx: ReportContext) -> Section:
     from scipy.stats import spearmanr
 

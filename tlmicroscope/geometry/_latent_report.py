@@ -176,7 +176,8 @@ def _max_points(ctx: ReportContext) -> int:
     return int(ctx.settings.get("latent_max_points", 6000))
 
 
-@register_section("latent_projections", "Latent projections", needs=NEEDS)
+@register_section("latent_projections", "Latent projections", needs=NEEDS,
+                  settings=("latent_layers", "latent_max_points", "latent_separation"))
 def _latent_projections(ctx: ReportContext) -> Section:
     _check_length(ctx, _MIN_TOKENS, "attention-vs-MLP projection (position 0 is dropped)")
     layers = _layers(ctx)
@@ -214,7 +215,8 @@ def _latent_projections(ctx: ReportContext) -> Section:
     return Section(items, caption)
 
 
-@register_section("latent_umap", "Latent projections (UMAP)", default=False, needs=NEEDS)
+@register_section("latent_umap", "Latent projections (UMAP)", default=False, needs=NEEDS,
+                  settings=("latent_layers", "latent_max_points", "latent_umap_fit_size"))
 def _latent_umap(ctx: ReportContext) -> Section:
     from tlmicroscope.geometry.projection import _import_umap
 

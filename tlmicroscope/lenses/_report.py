@@ -33,7 +33,7 @@ def lens_trajectory(ctx: ReportContext) -> Any:
     )
 
 
-@register_section("trajectory", "Prediction trajectories", needs=("resid",))
+@register_section("trajectory", "Prediction trajectories", needs=("resid",), settings=("top_k",))
 def _trajectory(ctx: ReportContext) -> Section:
     traj = logit_trajectory(ctx)
     items: list[Any] = []
@@ -72,7 +72,8 @@ def _last_positions(ctx: ReportContext, n: int) -> tuple[Any, Any, Any]:
     return ActivationCache(sliced, ctx.model), ctx.tokens[:, -n:], ctx.logits[:, -n:]
 
 
-@register_section("logit_lens_table", "Logit lens, LLM-Microscope style", needs=("resid",))
+@register_section("logit_lens_table", "Logit lens, LLM-Microscope style", needs=("resid",),
+                  settings=("top_k",))
 def _logit_lens_table(ctx: ReportContext) -> Section:
     n_pos = int(ctx.tokens.shape[-1])
     shown = min(n_pos, _TABLE_POSITIONS)

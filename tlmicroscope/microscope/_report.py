@@ -68,7 +68,13 @@ from tlmicroscope.microscope.nonlinearity import (
 from tlmicroscope.microscope.token_classes import token_class_summary
 from tlmicroscope.models import _compat
 from tlmicroscope.models.embedded import EMBEDDED_HF_NAME
-from tlmicroscope.report import MissingPrerequisite, ReportContext, Section, register_section
+from tlmicroscope.report import (
+    MissingPrerequisite,
+    ReportContext,
+    Section,
+    register_section,
+    require_tokens,
+)
 from tlmicroscope.viz import microscope as mv
 
 __all__ = [
@@ -230,6 +236,7 @@ def report_contextualization(ctx: ReportContext) -> tuple[Contextualization, Con
     """
 
     def compute():
+        require_tokens(ctx, 2, "contextualization (C rebuilds the tokens before each one; position 0 has none)")
         probe, path = _probe(ctx)
         if probe is None:
             raise MissingPrerequisite(
@@ -269,7 +276,8 @@ def _nonlinearity_caption(tn: TokenNonlinearity, ctx: ReportContext, normalizati
             f"{tn.provenance.describe()}")
 
 
-@register_section("microscope_nonlinearity", "LLM-Microscope: token-wise non-linearity", needs=("resid",))
+@register_section("microscope_nonlinearity", "LLM-Microscope: token-wise non-linearity", needs=("resid",),
+                  settings=("microscope_reference", "microscope_normalization"))
 def _nonlinearity_section(ctx: ReportContext) -> Section:
     tn = report_nonlinearity(ctx)
     normalization = str(ctx.settings.get("microscope_normalization", "global"))
@@ -277,7 +285,8 @@ def _nonlinearity_section(ctx: ReportContext) -> Section:
     return Section([fig], _nonlinearity_caption(tn, ctx, normalization))
 
 
-@register_section("microscope_linearity", "LLM-Microscope: linearity per layer", needs=("resid",))
+@register_section("microscope_linearity", "LLM-Microscope: linearity per layer", needs=("resid",),
+                  settings=("microscope_reference",))
 def _linearity_section(ctx: ReportContext) -> Section:
     lin = report_linearity(ctx)
     tn = report_nonlinearity(ctx)
@@ -293,8 +302,10 @@ def _linearity_section(ctx: ReportContext) -> Section:
     return Section([mv.linearity_plot(lin, prompt=tn)], caption)
 
 
-@register_section("microscope_contributions", "LLM-Microscope: layer contributions", needs=("resid",))
+@register_section("microscope_contributions", "LLM-Microscope: layer contributions", needs=("resid",),
+                  settings=("top_k",))
 def _contributions_section(ctx: ReportContext) -> Section:
+    require_tokens(ctx, 2, "the layer contributions (each token's loss on the next one)")
     lc = report_contributions(ctx)
     mean = lc.mean_loss().numpy()
     best = int(np.nanargmax(-np.diff(mean))) if len(mean) > 1 else 0
@@ -307,7 +318,8 @@ def _contributions_section(ctx: ReportContext) -> Section:
     return Section([mv.layer_contributions_heatmap(lc), mv.layer_contributions_heatmap(lc, delta=True)], caption)
 
 
-@register_section("microscope_context", "LLM-Microscope: contextualization", needs=("resid",))
+@register_section("microscope_context", "LLM-Microscope: contextualization", needs=("resid",),
+                  settings=("microscope_probe", "microscope_context_positions"))
 def _context_section(ctx: ReportContext) -> Section:
     res, probe, path = report_contextualization(ctx)
     shown = _window(res)
@@ -325,8 +337,10 @@ def _context_section(ctx: ReportContext) -> Section:
     return Section([mv.contextualization_heatmap(shown), mv.contextualization_tokens(shown)], caption)
 
 
-@register_section("microscope_token_classes", "LLM-Microscope: token classes", needs=("resid",))
+@register_section("microscope_token_classes", "LLM-Microscope: token classes", needs=("resid",),
+                  settings=("microscope_reference", "microscope_probe", "microscope_context_positions"))
 def _token_classes_section(ctx: ReportContext) -> Section:
+    require_tokens(ctx, 2, "the token-class summary (position 0 is left out)")
     notes, tn, cres = [], None, None
     fixes = []
     try:
@@ -337,7 +351,8 @@ def _token_classes_section(ctx: ReportContext) -> Section:
     try:
         cres = report_contextualization(ctx)[0]
     except MissingPrerequisite as exc:
-        notes.append("contextualization: no probe")
+        short = int(ctx.tokens.shape[-1]) < 2
+        notes.append("contextualization: text too short" if short else "contextualization: no probe")
         fixes.append(exc.fix)
     if tn is None and cres is None:
         raise MissingPrerequisite("Token classes summarise C and E; neither is available for this model and text "
