@@ -262,3 +262,14 @@ def test_cli_fit_jlens_then_lens_bench(tmp_path, capsys):
     data = json.loads(html.with_suffix(".json").read_text())
     assert data["lens_names"] == ["logit", "jacobian"]
     assert "Plotly.newPlot" in html.read_text()
+
+
+@needs_tl4
+def test_partial_fit_reads_unfitted_layers_with_the_identity(tiny_llama):
+    from tlmicroscope.lenses.jacobian import JacobianLens
+
+    lens = JacobianLens.fit(tiny_llama, PROMPTS[:1], skip_first_positions=2, source_layers=[1], progress=False)
+    assert lens.inner.source_layers == [1] and lens.identity_layers == (0, 1)
+    h = torch.randn(3, 32)
+    assert torch.equal(lens.transform(h, 1), h)
+    assert torch.allclose(lens.transform(h, 2), h @ lens.inner.jacobians[1].T)

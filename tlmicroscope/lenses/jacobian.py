@@ -231,16 +231,22 @@ class JacobianLens(torch.nn.Module):
         max_seq_len: int = 128,
         skip_first_positions: int = 16,
         dim_batch: int = 8,
+        source_layers: Sequence[int] | None = None,
         progress: bool = True,
     ) -> JacobianLens:
         """Fit on ``prompts`` with TransformerLens's estimator (one forward and ``d_model/dim_batch``
-        backward passes per prompt) and tie the lens to ``model``'s fingerprint."""
+        backward passes per prompt) and tie the lens to ``model``'s fingerprint.
+
+        ``source_layers`` are block outputs (TransformerLens's indices, default all but the last);
+        fitting only late ones is much cheaper (the backward passes start there), and the residual
+        indices without a matrix are read with the identity (``identity_layers``)."""
         tl_cls = require_jacobian_lens("JacobianLens.fit")
         fp = model_fingerprint(model)
         inner = tl_cls.fit(
             model, list(prompts), corpus=corpus, max_seq_len=int(max_seq_len),
             skip_first_positions=int(skip_first_positions), dim_batch=int(dim_batch),
             show_progress=progress, metadata={_FP_KEY: fp},
+            source_layers=None if source_layers is None else [int(x) for x in source_layers],
         )
         return cls(inner, int(model.cfg.n_layers), model_info=fp)
 
