@@ -147,7 +147,8 @@ def test_per_prompt_targets_and_several_lenses(tiny_gpt2):
     for i, prompt in enumerate(prompts):
         ref = prediction_trajectory(tiny_gpt2, prompt, lens="logit-paper", targets=[["e", "o", {"e", "x"}][i]])
         torch.testing.assert_close(tt.prob[1, :, i, 0, 0], ref.tracked_prob[:, 0, -1, 0], atol=1e-6, rtol=1e-5)
-        torch.testing.assert_close(tt.kl[1, :, i, 0], ref.kl[:, 0, -1], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(tt.logprob[1, :, i, 0, 0], ref.tracked_logprob[:, 0, -1, 0], atol=1e-5, rtol=1e-5)
+        assert torch.equal(tt.rank[1, :, i, 0, 0], ref.tracked_rank[:, 0, -1, 0])
 
 
 def test_target_trajectories_bad_input(tiny_llama):

@@ -22,7 +22,7 @@ def _tt():
         lens_names=("logit", "tuned"), layers=(0, 1, 2), sites=("resid_pre", "resid_pre", "resid_post"),
         layer_labels=("0", "1", "out"), target_names=("' Paris'", "' London'"), target_read=[["' Paris'", "' London'"]],
         target_notes=("target 'Paris is' is 2 tokens",), prob=prob, logprob=prob.log(),
-        rank=torch.zeros(A, L, N, P, T, dtype=torch.long), kl=torch.zeros(A, L, N, P),
+        rank=torch.zeros(A, L, N, P, T, dtype=torch.long),
         positions=torch.zeros(N, P, dtype=torch.long), read_tokens=[["x"]] * N, n_tokens=(1,) * N,
         mean=mean, low=low, high=high, confidence=0.9, n_bootstrap=10, provenance=_PROV)
 

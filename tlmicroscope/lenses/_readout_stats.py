@@ -15,7 +15,9 @@ cache, in a handful of vectorised passes:
   reductions are slow on the CPU);
 * the dot with the final distribution (KL), batched per position;
 * optionally, for a few extra token ids per row (target-token trajectories), their logits and
-  the count of logits above each (one more ``>`` pass per id and block, no second unembedding).
+  the count of logits above the best of each group of them (one more ``>`` pass per group and
+  block, no second unembedding). ``lean=True`` keeps only the normaliser and those: no entropy,
+  KL, next-token rank or top-k, which target trajectories do not report.
 
 The top-k is found without a ``topk`` over the vocabulary: every one of a row's k largest logits
 lies in one of the k groups with the largest maxima, so those k groups' logits are recomputed from
@@ -74,7 +76,7 @@ class RowStats:
     top_i: torch.Tensor
     pz: torch.Tensor | None = None
     extra_z: torch.Tensor | None = None  # [rows m] logits (natural units) of the extra ids
-    extra_rank: torch.Tensor | None = None  # [rows m] logits strictly above each extra id's
+    extra_rank: torch.Tensor | None = None  # [rows m/group] logits strictly above each group's best
 
 
 def extra_logits(x: torch.Tensor, WT: torch.Tensor, b: torch.Tensor | None, finish: Any,
@@ -87,12 +89,13 @@ def extra_logits(x: torch.Tensor, WT: torch.Tensor, b: torch.Tensor | None, fini
 
 
 def final_stats(zf: torch.Tensor, tgt: torch.Tensor, k: int, col: int,
-                extra: torch.Tensor | None = None) -> tuple[RowStats, torch.Tensor, torch.Tensor]:
+                extra: torch.Tensor | None = None, extra_group: int = 1) -> tuple[RowStats, torch.Tensor, torch.Tensor]:
     """Statistics of the model's own logits ``zf`` ``[pos d_vocab]``, its distribution and block sums.
 
     Returns the statistics (``entropy`` is the final entropy, ``pz`` is ``sum p z``; with
-    ``extra`` ids ``[pos m]``, their logits and ranks), the distribution ``p`` and ``p``'s sums
-    over each vocabulary block of width ``col``.
+    ``extra`` ids ``[pos m]``, their logits and the ranks of the best of each consecutive group
+    of ``extra_group`` of them), the distribution ``p`` and ``p``'s sums over each vocabulary
+    block of width ``col``.
     """
     zf = zf.float()
     lse = torch.logsumexp(zf, -1)
@@ -104,9 +107,10 @@ def final_stats(zf: torch.Tensor, tgt: torch.Tensor, k: int, col: int,
     extra_z = extra_rank = None
     if extra is not None:
         extra_z = zf.gather(1, extra)
+        best = extra_z.view(extra.shape[0], -1, extra_group).amax(-1)
         extra_rank = torch.stack(
-            [torch.gt(zf, extra_z[:, j : j + 1], out=above).sum(-1) for j in range(extra.shape[1])], 1
-        ).round().long() if extra.shape[1] else extra.new_zeros(extra.shape)
+            [torch.gt(zf, best[:, j : j + 1], out=above).sum(-1) for j in range(best.shape[1])], 1
+        ).round().long()
     del above
     tv, ti = zf.topk(k, dim=-1)
     V = zf.shape[1]
@@ -151,6 +155,8 @@ def blocked_stats(
     k: int,
     col: int = _COL_BLOCK,
     extra: torch.Tensor | None = None,
+    extra_group: int = 1,
+    lean: bool = False,
 ) -> RowStats:
     """Statistics of ``finish(x @ WT.T + b)`` for rows ``x`` ``[pos*n_per_pos d_model]``.
 
@@ -158,7 +164,9 @@ def blocked_stats(
     ``[pos d_vocab]`` (the final distribution, for the KL), whose block sums are ``p_sums``.
     ``finish`` is the readout's output soft cap, or ``None``; ``col`` the block width, a
     multiple of ``_GROUP`` (as ``p_sums``'s blocks). ``extra`` ``[rows m]``: token ids whose
-    logits and ranks are wanted too (``extra_z``, ``extra_rank``).
+    logits are wanted too (``extra_z``), in consecutive groups of ``extra_group`` whose best
+    member's rank is wanted (``extra_rank``, ``[rows m/extra_group]``). ``lean``: only ``lse``
+    and the extras (entropy, KL and ranks NaN or -1, no top-k; ``p_f`` is then unused).
     """
     R = x.shape[0]
     V = WT.shape[0]
@@ -180,16 +188,18 @@ def blocked_stats(
     zt2 = z_t * _LOG2E
     if extra is not None:
         ex_z = extra_logits(x, WT, b, finish, extra)
-        ex_z2 = ex_z * _LOG2E
-        ex_above = torch.zeros(extra.shape, device=dev)
-        ex_block = extra // col
+        # Each group's rank is its best member's: one threshold (and one pass) per group.
+        ex_best2, arg = (ex_z * _LOG2E).view(R, -1, extra_group).max(-1)
+        ex_ids = extra.view(R, -1, extra_group).gather(2, arg.unsqueeze(-1)).squeeze(-1)
+        ex_above = torch.zeros(ex_ids.shape, device=dev)
+        ex_block = ex_ids // col
 
     m = torch.zeros(R, device=dev)
     s = torch.zeros(R, device=dev)
     a = torch.zeros(R, device=dev)
     pz2 = torch.zeros(R, device=dev)
     above = torch.zeros(R, device=dev)
-    gm_all = torch.empty(R, int(g_base.numel()), device=dev)
+    gm_all = None if lean else torch.empty(R, int(g_base.numel()), device=dev)
     zbuf = torch.empty(R, col, device=dev)
     ebuf = torch.empty(R, col, device=dev)
     t_block = tgt // col
@@ -217,21 +227,27 @@ def blocked_stats(
                 if bi > 0:
                     z.sub_(m.unsqueeze(1))
             c = m if bi > 0 else None
-        if wp == w:
+        if lean:
+            gm = None
+            bm = z.amax(-1)
+        elif wp == w:
             gm = z.view(R, g, w // g).amax(1)
         else:
             padded = torch.full((R, wp), -torch.inf, device=dev)
             padded[:, :w] = z
             gm = padded.view(R, g, wp // g).amax(1)
-        bm = gm.amax(-1)
+        if gm is not None:
+            bm = gm.amax(-1)
         if c is None:  # the first block: shift by its own maximum
             c = bm
             m = bm
             z.sub_(c.unsqueeze(1))
-            gm_all[:, goff : goff + gm.shape[1]] = gm
+            if gm is not None:
+                gm_all[:, goff : goff + gm.shape[1]] = gm
             bmax = bm
         else:
-            gm_all[:, goff : goff + gm.shape[1]] = gm + c.unsqueeze(1)
+            if gm is not None:
+                gm_all[:, goff : goff + gm.shape[1]] = gm + c.unsqueeze(1)
             bmax = bm + c
             if bool((bm > _RESCALE_AT).any()):  # exp2 would overflow: shift by the new maximum
                 delta = bm.clamp_min(0.0)
@@ -239,32 +255,43 @@ def blocked_stats(
                 c = c + delta
         torch.exp2(z, out=e)
         S = e.sum(-1)
-        A = torch.linalg.vecdot(e, z)
-        thr = zt2 - c
-        above += torch.gt(z, thr.unsqueeze(1), out=e).sum(-1)
-        inside = (t_block == bi).nonzero().squeeze(1)
-        if inside.numel():  # the target never counts as above itself, whatever the rounding
-            self_v = z[inside, tgt[inside] - lo]
-            above[inside] -= (self_v > thr[inside]).float()
+        A = None if lean else torch.linalg.vecdot(e, z)
+        if not lean:
+            thr = zt2 - c
+            above += torch.gt(z, thr.unsqueeze(1), out=e).sum(-1)
+            inside = (t_block == bi).nonzero().squeeze(1)
+            if inside.numel():  # the target never counts as above itself, whatever the rounding
+                self_v = z[inside, tgt[inside] - lo]
+                above[inside] -= (self_v > thr[inside]).float()
         if extra is not None:
-            ex_thr = ex_z2 - c.unsqueeze(1)
-            for j in range(extra.shape[1]):
-                ex_above[:, j] += torch.gt(z, ex_thr[:, j : j + 1], out=e).sum(-1)
+            ex_thr = (ex_best2 - c.unsqueeze(1)).T.contiguous()  # [groups R]: contiguous columns
+            for j in range(ex_thr.shape[0]):
+                ex_above[:, j] += torch.gt(z, ex_thr[j].unsqueeze(1), out=e).sum(-1)
             r_in, j_in = (ex_block == bi).nonzero(as_tuple=True)
             if r_in.numel():  # an id never counts as above itself
-                self_v = z[r_in, extra[r_in, j_in] - lo]
-                ex_above[r_in, j_in] -= (self_v > ex_thr[r_in, j_in]).float()
-        zp = z.reshape(P, n_per_pos, w)
-        pz2 += torch.bmm(zp, p_f[:, lo : lo + w].unsqueeze(2)).reshape(R)
-        pz2 += c * p_sums[:, bi].repeat_interleave(n_per_pos)
+                self_v = z[r_in, ex_ids[r_in, j_in] - lo]
+                ex_above[r_in, j_in] -= (self_v > ex_thr[j_in, r_in]).float()
+        if not lean:
+            zp = z.reshape(P, n_per_pos, w)
+            pz2 += torch.bmm(zp, p_f[:, lo : lo + w].unsqueeze(2)).reshape(R)
+            pz2 += c * p_sums[:, bi].repeat_interleave(n_per_pos)
         M = torch.maximum(m, bmax)
         fm = torch.exp2(m - M)
         fc = torch.exp2(c - M)
-        a = fm * (a + (m - M) * s) + fc * (A + (c - M) * S)
+        if not lean:
+            a = fm * (a + (m - M) * s) + fc * (A + (c - M) * S)
         s = fm * s + fc * S
         m = M
     log2s = torch.log2(s)
     lse = (m + log2s) * _LN2
+    if lean:
+        nan = torch.full((R,), torch.nan, device=dev)
+        return RowStats(
+            entropy=nan, lse=lse, ce=nan, rank=torch.full((R,), -1, dtype=torch.long, device=dev),
+            top_v=torch.full((R, k), torch.nan, device=dev), top_i=torch.full((R, k), -1, dtype=torch.long, device=dev),
+            pz=nan, extra_z=None if extra is None else ex_z,
+            extra_rank=None if extra is None else ex_above.round().long(),
+        )
     top_v, top_i = _top_k(x, WT, b, finish, gm_all, g_base, g_stride, g_end, k)
     return RowStats(
         entropy=((log2s - a / s) * _LN2).clamp(min=0),  # bounds that float32 rounding can cross

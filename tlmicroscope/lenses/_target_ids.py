@@ -48,6 +48,11 @@ class TargetIds:
     def n_targets(self) -> int:
         return int(self.ids.shape[1])
 
+    @property
+    def group_size(self) -> int:
+        """Members per target (padded): the ``extra_group`` of the readout kernel."""
+        return int(self.ids.shape[2])
+
     def row_ids(self, n_rows: int) -> torch.Tensor:
         """``[n_rows target*member]`` ids, the shared ones repeated for every row."""
         flat = self.ids.reshape(self.ids.shape[0], -1)
@@ -55,8 +60,9 @@ class TargetIds:
 
     def combine(self, z: torch.Tensor, lse: torch.Tensor, rank: torch.Tensor,
                 rows_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-target ``(prob, logprob, rank)`` ``[... target]`` from member logits ``z`` and ranks
-        ``[... target*member]`` and the log-normaliser ``lse`` ``[...]``.
+        """Per-target ``(prob, logprob, rank)`` ``[... target]`` from member logits ``z``
+        ``[... target*member]``, the log-normaliser ``lse`` ``[...]`` and the kernel's ranks of
+        each target's best member ``[... target]``.
 
         ``rows_mask`` ``[... target member]`` marks the real members. A set's log-probability is
         the log-sum-exp of its members'; its rank is that of its best member (tokens above it).
@@ -65,9 +71,7 @@ class TargetIds:
         lp = (z - lse.unsqueeze(-1)).reshape(*z.shape[:-1], T, G)
         lp = lp.masked_fill(~rows_mask, -torch.inf)
         logprob = torch.logsumexp(lp, -1).clamp(max=0.0)
-        big = torch.iinfo(torch.long).max
-        r = rank.reshape(*rank.shape[:-1], T, G).masked_fill(~rows_mask, big)
-        return logprob.exp(), logprob, r.amin(-1)
+        return logprob.exp(), logprob, rank
 
 
 def _is_id(item: Any) -> bool:

@@ -47,7 +47,6 @@ class TargetTrajectories:
             row when shared, one per prompt with ``per_prompt``); ``target_notes`` says which
             token of a multi-token string is read.
         prob, logprob, rank: ``[lens layer prompt position target]`` (nats; rank 0 = top-1).
-        kl: KL(final || lens) at the same rows, ``[lens layer prompt position]``.
         positions: The absolute position read in each prompt ``[prompt position]``.
         read_tokens: The token at each position read (the context the prediction follows).
         n_tokens: Each prompt's length in tokens.
@@ -67,7 +66,6 @@ class TargetTrajectories:
     prob: Float[torch.Tensor, "lens layer prompt position target"]
     logprob: Float[torch.Tensor, "lens layer prompt position target"]
     rank: Int[torch.Tensor, "lens layer prompt position target"]
-    kl: Float[torch.Tensor, "lens layer prompt position"]
     positions: Int[torch.Tensor, "prompt position"]
     read_tokens: list[list[str]]
     n_tokens: tuple[int, ...]
@@ -239,7 +237,6 @@ def target_trajectories(
     prob = torch.empty(A, n_plan, n_prompts, n_sel, T)
     logprob = torch.empty_like(prob)
     rank = torch.empty(A, n_plan, n_prompts, n_sel, T, dtype=torch.long)
-    kl = torch.empty(A, n_plan, n_prompts, n_sel)
     read_tokens: list[list[str]] = [[] for _ in range(n_prompts)]
     pad_id = getattr(getattr(model, "tokenizer", None), "pad_token_id", None)
     pad_id = int(pad_id) if pad_id is not None and 0 <= int(pad_id) < int(model.cfg.d_vocab) else 0
@@ -275,12 +272,12 @@ def target_trajectories(
         mask = mask[batch].repeat_interleave(n_sel, 0) if tracked.per_row else mask.expand(len(batch) * n_sel, -1, -1)
         tgt = torch.zeros(len(batch) * n_sel, dtype=torch.long, device=dev)
         for a, x in enumerate(lenses):
-            out = read_rows(x, readout, sources, None, final_logits, tgt, 1, extra=extra, chunk_size=chunk_size)
+            out = read_rows(x, readout, sources, None, final_logits, tgt, 1, extra=extra,
+                            extra_group=tracked.group_size, lean=True, chunk_size=chunk_size)
             p, lp, r = tracked.combine(out["ez"], out["lse"], out["erank"], mask)
             prob[a][:, batch] = p.reshape(n_plan, len(batch), n_sel, T).cpu()
             logprob[a][:, batch] = lp.reshape(n_plan, len(batch), n_sel, T).cpu()
             rank[a][:, batch] = r.reshape(n_plan, len(batch), n_sel, T).cpu()
-            kl[a][:, batch] = out["kl"].reshape(n_plan, len(batch), n_sel).cpu()
         if getattr(model, "tokenizer", None) is not None:
             for b, i in enumerate(batch):
                 strs = model.to_str_tokens(rows[i])
@@ -307,7 +304,7 @@ def target_trajectories(
         lens_names=tuple(names), layers=tuple(layer for layer, _ in plan), sites=tuple(site for _, site in plan),
         layer_labels=tuple(site_label(layer, site, n_layers, named=with_mid) for layer, site in plan),
         target_names=tracked.names, target_read=tracked.read, target_notes=tracked.notes,
-        prob=prob, logprob=logprob, rank=rank, kl=kl, positions=pos, read_tokens=read_tokens,
+        prob=prob, logprob=logprob, rank=rank, positions=pos, read_tokens=read_tokens,
         n_tokens=tuple(lengths), mean=mean, low=low, high=high, confidence=float(confidence),
         n_bootstrap=int(n_bootstrap), provenance=prov,
     )

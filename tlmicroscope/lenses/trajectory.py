@@ -210,6 +210,8 @@ def read_rows(
     k: int,
     *,
     extra: torch.Tensor | None = None,
+    extra_group: int = 1,
+    lean: bool = False,
     chunk_size: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Lens statistics of residual rows: the kernel shared by trajectories and target trajectories.
@@ -218,12 +220,15 @@ def read_rows(
         sources: ``(layer, site, h)`` with ``h`` ``[rows d_model]``, read through ``lens``.
         final_h, final_logits: The last residual rows, or the model's logits for them (preferred).
         tgt: ``[rows]`` ids whose cross-entropy and rank are wanted (clamped to >= 0).
-        extra: ``[rows m]`` more ids whose logits (``ez``) and ranks (``erank``) are wanted.
+        extra: ``[rows m]`` more ids whose logits (``ez``) are wanted, and the ranks of the best
+            of each consecutive group of ``extra_group`` of them (``erank``).
+        lean: Only ``lse`` and the extras for the lensed rows (entropy, KL, ranks and top-k are
+            NaN or -1 there): what target trajectories need, at a lower cost.
 
     Returns:
         ``[len(sources) + 1, rows, ...]`` tensors (the last index is the model's output):
         ``entropy``, ``kl``, ``ce``, ``rank``, ``top_p``, ``top_i``, ``lse`` and, with ``extra``,
-        ``ez`` and ``erank``.
+        ``ez`` ``[.. m]`` and ``erank`` ``[.. m/extra_group]``.
     """
     n_in = len(sources)
     R = int(tgt.shape[0])
@@ -235,7 +240,7 @@ def read_rows(
     out["top_i"] = torch.empty(n_out, R, k, dtype=torch.long, device=dev)
     if extra is not None:
         out["ez"] = torch.empty(n_out, R, extra.shape[1], device=dev)
-        out["erank"] = torch.empty(n_out, R, extra.shape[1], dtype=torch.long, device=dev)
+        out["erank"] = torch.empty(n_out, R, extra.shape[1] // extra_group, dtype=torch.long, device=dev)
     # Rows of every intermediate layer at a few positions are read out together, so the
     # unembedding streams through the cache once per chunk rather than once per layer.
     per_chunk = max(1, (chunk_size or _ROW_CHUNK) // max(n_in, 1))
@@ -250,7 +255,7 @@ def read_rows(
             t = tgt[rows]
             ex = None if extra is None else extra[rows]
             zf = final_logits[rows].float() if final_logits is not None else readout(final_h[rows])
-            fin, p_f, p_sums = _readout_stats.final_stats(zf, t, k, col, ex)
+            fin, p_f, p_sums = _readout_stats.final_stats(zf, t, k, col, ex, extra_group)
             del zf
             _store(out, n_in, rows, fin, torch.zeros_like(fin.lse))
             if not n_in:
@@ -263,7 +268,7 @@ def read_rows(
             del hs
             st = _readout_stats.blocked_stats(
                 x, W_rows, b, finish, t.repeat_interleave(n_in), p_f, p_sums, n_in, k, col,
-                extra=None if ex is None else ex.repeat_interleave(n_in, 0),
+                extra=None if ex is None else ex.repeat_interleave(n_in, 0), extra_group=extra_group, lean=lean,
             )
             del p_f
             neg_h_f = (fin.pz - fin.lse).repeat_interleave(n_in)  # sum p log p of the final
@@ -396,7 +401,8 @@ def prediction_trajectory(
     if tracked is not None:
         extra = tracked.row_ids(batch).to(dev).repeat_interleave(n_pos, 0)
     out = read_rows(lens, readout, sources, None if final_logits is not None else final_h, final_logits,
-                    flat_targets.clamp_min(0), k, extra=extra, chunk_size=chunk_size)
+                    flat_targets.clamp_min(0), k, extra=extra,
+                    extra_group=1 if tracked is None else tracked.group_size, chunk_size=chunk_size)
     order, j = [], 0
     for layer, _ in plan:
         if layer == n_layers:
