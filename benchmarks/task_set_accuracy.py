@@ -12,6 +12,11 @@ category, or an operation within arithmetic, answered below ``--min-accuracy``),
 seeded sample of ``--per-category`` items per category from the rest, whether the model answers
 them or not. The shipped set is therefore mostly, not entirely, answered; the printed accuracy
 says how much. Run it under the shared lock: it loads the embedded model.
+
+The fixed-label categories (``sentiment``, ``yes_no``; for the injection experiment's
+comparison with the paper's fixed-label tasks) are appended whole by ``fixed_label_items``, with
+balanced labels and no filtering: a filter on the model's answers would make a binary task look
+answerable when it is not. Their accuracy is printed with the rest.
 """
 
 from __future__ import annotations
@@ -192,11 +197,72 @@ def candidates(seed: int = 0):
     return items
 
 
+SENTIMENT_POSITIVE = [
+    "wonderful", "great", "excellent", "delightful", "amazing", "lovely", "fantastic", "brilliant",
+    "superb", "enjoyable", "charming", "beautiful",
+]
+SENTIMENT_NEGATIVE = [
+    "terrible", "awful", "boring", "horrible", "dreadful", "disappointing", "bad", "poor", "dull",
+    "painful", "ugly", "miserable",
+]
+SENTIMENT_NOUNS = [
+    "movie", "film", "book", "meal", "food", "hotel", "service", "concert", "show", "album",
+    "game", "trip",
+]
+# Yes/no questions of common knowledge, 40 each way (written for this set).
+YES_QUESTIONS = [
+    "Is fire hot?", "Is ice cold?", "Is the sun bright?", "Is water wet?", "Is snow white?",
+    "Is the sky blue?", "Do birds have wings?", "Do fish live in water?", "Is grass green?",
+    "Do cats have fur?", "Is a lemon sour?", "Is sugar sweet?", "Do people need sleep?",
+    "Is a mountain tall?", "Is the night dark?", "Can birds fly?", "Do cars have wheels?",
+    "Is honey sweet?", "Do trees have leaves?", "Is the ocean salty?", "Can fish swim?",
+    "Do dogs bark?", "Is a giraffe tall?", "Is an elephant big?", "Is a mouse small?",
+    "Do cows give milk?", "Do bees make honey?", "Is a rock hard?", "Is a pillow soft?",
+    "Can people walk?", "Does the sun rise in the morning?", "Is summer warm?", "Is winter cold?",
+    "Do plants need water?", "Is a week seven days long?", "Is a circle round?",
+    "Do spiders have eight legs?", "Is coal black?", "Do humans have two eyes?",
+    "Is a feather light?",
+]
+NO_QUESTIONS = [
+    "Is fire cold?", "Is ice hot?", "Is the sun dark?", "Is water dry?", "Is snow black?",
+    "Is the sky green?", "Do fish have wings?", "Do birds live in water?", "Is grass purple?",
+    "Do snakes have fur?", "Is sugar sour?", "Is a lemon sweet?", "Can rocks talk?",
+    "Is a mountain small?", "Is the night bright?", "Can dogs fly?", "Do cars have legs?",
+    "Is salt sweet?", "Do rocks have leaves?", "Is the ocean dry?",
+    "Can a cat swim underwater for a day?", "Do cats bark?", "Is a giraffe short?",
+    "Is an elephant tiny?", "Is a mouse huge?", "Do chickens give milk?", "Do cows make honey?",
+    "Is a pillow hard?", "Is a rock soft?", "Can fish walk?", "Does the sun rise at midnight?",
+    "Is summer cold?", "Is winter hot?", "Do stones need water?", "Is a week two days long?",
+    "Is a square round?", "Do spiders have two legs?", "Is milk black?",
+    "Do humans have five eyes?", "Is an elephant light?",
+]
+
+
+def fixed_label_items(seed: int = 14):
+    """The ``sentiment`` (negative/positive) and ``yes_no`` (No/Yes) items, in file order."""
+    from tlmicroscope.tasks import MultipleChoiceItem
+
+    rng = random.Random(seed)
+    labels = ("negative", "positive")
+    sentiment = []
+    for noun in SENTIMENT_NOUNS:
+        for words, answer in ((SENTIMENT_POSITIVE, 1), (SENTIMENT_NEGATIVE, 0)):
+            for adj in rng.sample(words, 4):
+                sentiment.append(MultipleChoiceItem(f'Is the review "The {noun} was {adj}." positive or negative?',
+                                                    labels, answer, "sentiment"))
+    yes_no = [MultipleChoiceItem(q, ("No", "Yes"), 1, "yes_no") for q in YES_QUESTIONS] + \
+        [MultipleChoiceItem(q, ("No", "Yes"), 0, "yes_no") for q in NO_QUESTIONS]
+    rng.shuffle(sentiment)
+    rng.shuffle(yes_no)
+    return sentiment + yes_no
+
+
 def main() -> int:
     import torch
 
     from tlmicroscope.models import load_model
     from tlmicroscope.tasks import (
+        ALL_CATEGORIES,
         CATEGORIES,
         accuracy,
         choice_logprobs,
@@ -232,10 +298,12 @@ def main() -> int:
             idx = [i for i, it in enumerate(items) if it.category == cat and kinds[i] in good_kinds]
             kept += sorted(rng.sample(idx, min(len(idx), args.per_category)))
         out = ROOT / "tlmicroscope" / "data" / "tasks.jsonl"
-        out.write_text("".join(json.dumps(items[i].to_dict()) + "\n" for i in kept))
+        fixed = fixed_label_items()
+        out.write_text("".join(json.dumps(items[i].to_dict()) + "\n" for i in kept)
+                       + "".join(json.dumps(it.to_dict()) + "\n" for it in fixed))
         print(f"wrote {len(kept)} items to {out}; their accuracy in this measurement: "
               f"{sum(right[i] for i in kept) / len(kept):.3f}")
-    items = load_tasks()
+    items = load_tasks(ALL_CATEGORIES)
     for shots in (0, 3):
         acc = accuracy(model, items, n_shots=shots, seed=123)
         print(f"{shots}-shot accuracy (shots seed 123) on {len(items)} items: "

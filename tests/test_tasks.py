@@ -52,6 +52,22 @@ def test_shipped_task_set_is_well_formed():
         load_tasks(["capitals", "chess"])
 
 
+def test_fixed_label_categories_are_balanced_and_opt_in():
+    from tlmicroscope.tasks import ALL_CATEGORIES, FIXED_LABEL_CATEGORIES
+
+    assert not {it.category for it in load_tasks()} & set(FIXED_LABEL_CATEGORIES)  # the default is unchanged
+    assert len(load_tasks(ALL_CATEGORIES)) == len(load_tasks()) + sum(len(load_tasks(c)) for c in FIXED_LABEL_CATEGORIES)
+    expected = {"sentiment": ("negative", "positive"), "yes_no": ("No", "Yes")}
+    for cat in FIXED_LABEL_CATEGORIES:
+        items = load_tasks(cat)
+        assert len(items) >= 80 and len({it.question for it in items}) == len(items)
+        assert {it.choices for it in items} == {expected[cat]}  # the same labels for every item
+        answers = [it.answer for it in items]
+        assert answers.count(0) == answers.count(1)  # balanced: a constant guess scores 0.5
+    for it in load_tasks("sentiment"):  # the label is the adjective's polarity, by construction
+        assert it.question.startswith('Is the review "The ') and it.question.endswith('." positive or negative?')
+
+
 def test_read_mmlu_csv_jsonl_and_folder(tmp_path):
     folder = tmp_path / "test"
     folder.mkdir()

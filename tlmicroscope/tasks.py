@@ -7,6 +7,13 @@ measuring the embedded SmolLM2-135M-Instruct with 3-shot prompts (``format_promp
 answer log-likelihoods (``choice_logprobs``); ``benchmarks/task_set_accuracy.py`` rebuilds the
 candidates, re-measures and prints the accuracy per category.
 
+Those answers differ per item. ``FIXED_LABEL_CATEGORIES`` are tasks whose answers are the same
+labels for every item, like the GLUE/SuperGLUE tasks of the tuned-lens paper's injection
+experiment: ``sentiment`` (is a one-sentence review negative or positive, like SST-2) and
+``yes_no`` (yes/no questions of common knowledge, like BoolQ without the passage). They were
+written for that experiment, with balanced labels, and are not loaded unless asked for
+(``load_tasks(ALL_CATEGORIES)`` or by name).
+
 A prompt ends in ``"Answer:"`` and each answer continuation is ``" " + choice`` (or ``" A"`` ...
 in the letter style used for MMLU), so an answer is scored as the summed log-likelihood of its
 continuation tokens given the prompt, as lm-evaluation-harness does.
@@ -28,7 +35,9 @@ from jaxtyping import Float
 
 __all__ = [
     "MultipleChoiceItem",
+    "ALL_CATEGORIES",
     "CATEGORIES",
+    "FIXED_LABEL_CATEGORIES",
     "LETTERS",
     "load_tasks",
     "read_mmlu",
@@ -39,8 +48,12 @@ __all__ = [
     "accuracy",
 ]
 
-#: Categories of the shipped task set.
+#: Categories of the shipped task set whose answers differ per item (``load_tasks()``'s default).
 CATEGORIES = ("capitals", "antonyms", "plurals", "arithmetic")
+#: Shipped categories whose answers are the same labels for every item (binary: no/yes style).
+FIXED_LABEL_CATEGORIES = ("sentiment", "yes_no")
+#: Every shipped category.
+ALL_CATEGORIES = CATEGORIES + FIXED_LABEL_CATEGORIES
 LETTERS = "ABCDEFGHIJ"
 ChoiceStyle = Literal["text", "letter"]
 
@@ -129,7 +142,8 @@ def load_tasks(categories: str | Iterable[str] | None = None) -> list[MultipleCh
     """The shipped multiple-choice task set, optionally restricted to some categories.
 
     Args:
-        categories: One name or several from ``CATEGORIES`` (default: all), in file order.
+        categories: One name or several from ``ALL_CATEGORIES`` (default: the four-choice
+            ``CATEGORIES``; the fixed-label ``FIXED_LABEL_CATEGORIES`` only when named), in file order.
 
     Examples:
         >>> items = load_tasks("capitals")
@@ -138,21 +152,22 @@ def load_tasks(categories: str | Iterable[str] | None = None) -> list[MultipleCh
         >>> load_tasks("poetry")
         Traceback (most recent call last):
         ...
-        ValueError: Unknown task categories ['poetry']; the shipped set has ('capitals', 'antonyms', 'plurals', 'arithmetic').
+        ValueError: Unknown task categories ['poetry']; the shipped set has ('capitals', 'antonyms', 'plurals', 'arithmetic', 'sentiment', 'yes_no').
+        >>> load_tasks("yes_no")[0].choices
+        ('No', 'Yes')
     """
     if isinstance(categories, str):
         categories = [categories]
-    wanted = None if categories is None else list(categories)
-    if wanted is not None:
-        unknown = [c for c in wanted if c not in CATEGORIES]
-        if unknown:
-            raise ValueError(f"Unknown task categories {unknown}; the shipped set has {CATEGORIES}.")
+    wanted = list(CATEGORIES) if categories is None else list(categories)
+    unknown = [c for c in wanted if c not in ALL_CATEGORIES]
+    if unknown:
+        raise ValueError(f"Unknown task categories {unknown}; the shipped set has {ALL_CATEGORIES}.")
     text = resources.files("tlmicroscope").joinpath("data/tasks.jsonl").read_text(encoding="utf-8")
     items = []
     for lineno, line in enumerate(text.splitlines(), 1):
         if line.strip():
             item = _item_from_dict(json.loads(line), f"tasks.jsonl:{lineno}")
-            if wanted is None or item.category in wanted:
+            if item.category in wanted:
                 items.append(item)
     return items
 

@@ -125,6 +125,72 @@ def test_injection_pipeline_end_to_end_on_a_tiny_model():
     assert list(table["features"]) == list(res.auroc)
 
 
+def test_paper_features_and_all_injected_test_sets():
+    from tlmicroscope.causal import paper_features
+
+    ll = torch.randn(5, 4, 2, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(paper_features(ll), ll[..., 1] - ll[..., 0])  # binary: log-odds per layer
+    ll3 = torch.randn(5, 4, 3, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(paper_features(ll3), ll3.reshape(5, 12))  # raw, in the given order
+    with pytest.raises(ValueError, match="n_prompts layer n_choices"):
+        paper_features(ll[0])
+    # test_injected="all": held-out clean prompts against every injected one, by hand.
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(2)
+    clean, injected = rng.normal(size=(20, 3)), rng.normal(size=(20, 3)) + 0.7
+    def fit(train):
+        centre = train.mean(0)
+        return lambda x: np.linalg.norm(x - centre, axis=1)
+
+    got = split_auroc(fit, clean, injected, n_splits=3, seed=5, test_injected="all")
+    perm_rng = np.random.default_rng(5)
+    for s in range(3):
+        perm = perm_rng.permutation(20)
+        train, test = perm[:15], perm[15:]
+        m = clean[train].mean(0)
+        scores = np.concatenate([np.linalg.norm(clean[test] - m, axis=1), np.linalg.norm(injected - m, axis=1)])
+        assert got[s] == pytest.approx(roc_auc_score(np.r_[np.zeros(5), np.ones(20)], scores))
+    with pytest.raises(ValueError, match="test_injected"):
+        split_auroc(lambda tr: None, clean, injected, test_injected="train")
+
+
+@pytest.mark.models
+def test_paper_mode_against_a_hand_built_lof():
+    from sklearn.metrics import roc_auc_score
+    from sklearn.neighbors import LocalOutlierFactor
+
+    from tlmicroscope.causal import injection_by_task
+    from tlmicroscope.models import tiny_model
+
+    model = tiny_model("llama", n_layers=2, n_ctx=512)
+    items = load_tasks("sentiment")[:24]
+    res = injection_experiment(model, items, n_items=None, n_shots=1, n_splits=3, seed=1, mode="paper",
+                               n_boot=200, progress=False)
+    assert res.mode == "paper" and res.task_type == "fixed-label"
+    ll = {k: res.features[k].loglik["logit"] for k in ("clean", "injected")}
+    X = {k: (v[..., 1] - v[..., 0]).double().numpy() for k, v in ll.items()}  # log-odds, [24 layer]
+    rng = np.random.default_rng(1)
+    for s in range(3):
+        perm = rng.permutation(24)
+        train, test = perm[:18], perm[18:]
+        lof = LocalOutlierFactor(n_neighbors=17, novelty=True).fit(X["clean"][train])  # unstandardised
+        scores = -np.concatenate([lof.score_samples(X["clean"][test]), lof.score_samples(X["injected"])])
+        assert res.auroc["logit"][s] == pytest.approx(roc_auc_score(np.r_[np.zeros(6), np.ones(24)], scores))
+    for key, (lo, hi) in res.auroc_ci.items():
+        assert 0 <= lo <= hi <= 1, key
+    assert {"ci_low", "ci_high"} <= set(res.summary().columns)
+    with pytest.raises(ValueError, match="same number of choices"):
+        injection_experiment(model, items + load_tasks("capitals")[:8], n_items=None, mode="paper", progress=False)
+    table, results = injection_by_task(model, items + load_tasks("plurals")[:16], n_items=None, n_shots=1,
+                                       n_splits=2, n_boot=50, progress=False)
+    assert set(results) == {"sentiment", "plurals"}
+    types = dict(zip(table.task, table.task_type))
+    assert types == {"sentiment": "fixed-label", "plurals": "item-specific"}
+    assert set(table[table.task == "sentiment"].paper_low) == {1.0}
+    assert set(table[table.task == "plurals"].paper_low) == {0.46}
+
+
 @pytest.mark.embedded
 @pytest.mark.slow
 def test_injection_pipeline_on_the_embedded_model(embedded_model):

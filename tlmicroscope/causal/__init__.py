@@ -20,15 +20,19 @@ from tlmicroscope.causal.detector import InjectionDetector, MahalanobisDetector
 from tlmicroscope.causal.fidelity import CausalFidelityResult, causal_fidelity
 from tlmicroscope.causal.injection import (
     INJECTION_TEMPLATE,
+    PAPER_AUROC,
     InjectionFeatures,
     InjectionPrompts,
     InjectionResult,
     inject,
+    injection_by_task,
     injection_experiment,
     injection_features,
     injection_prompts,
     order_choices,
+    paper_features,
     split_auroc,
+    task_type,
 )
 from tlmicroscope.causal.prediction_depth import PredictionDepthResult, prediction_depth
 from tlmicroscope.causal.stimulus_response import (
@@ -66,6 +70,10 @@ __all__ = [
     "injection_prompts",
     "order_choices",
     "split_auroc",
+    "PAPER_AUROC",
+    "paper_features",
+    "task_type",
+    "injection_by_task",
     "PredictionDepthResult",
     "prediction_depth",
 ]

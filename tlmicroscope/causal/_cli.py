@@ -46,6 +46,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--detector", default="lof", choices=["lof", "isolation_forest"])
     q.add_argument("--choice-order", default="model", choices=["model", "given"],
                    help="order each prompt's choices by the model's final preference, or keep the item order")
+    q.add_argument("--mode", default="default", choices=["default", "paper"],
+                   help="'paper': the reference's features (log-odds for binary tasks, raw given-order "
+                        "log-likelihoods otherwise), unstandardised LOF, every injected prompt tested")
+    q.add_argument("--by-task", action="store_true",
+                   help="one experiment per task (category), each beside the paper's AUROC for its type; "
+                        "without --tasks: every shipped category, fixed-label ones included")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--out-dir", default="out/injection")
     add_model_args(q)
@@ -127,13 +133,16 @@ def _injection(args: argparse.Namespace) -> int:
 
     model = load_from_args(args)
     lenses = ["logit"] if args.lens in (None, "logit") else [_lens(args.lens, model), "logit"]
+    if args.by_task:
+        return _injection_by_task(args, model, lenses)
     items = read_mmlu(args.tasks) if args.tasks else load_tasks()
     res = injection_experiment(model, items, lenses=lenses, n_items=args.n_items, n_shots=args.shots,
                                n_splits=args.splits, detector=args.detector,
-                               choice_order=args.choice_order, seed=args.seed)
+                               choice_order=args.choice_order, seed=args.seed, mode=args.mode)
     table = res.summary()
     for row in table.itertuples():
-        log(f"AUROC {row.features}: {row.auroc_mean:.3f} ± {row.auroc_std:.3f}")
+        log(f"AUROC {row.features}: {row.auroc_mean:.3f} ± {row.auroc_std:.3f} "
+            f"(95% CI {row.ci_low:.2f}-{row.ci_high:.2f})")
     log(f"model accuracy clean {res.accuracy_clean:.3f}, injected {res.accuracy_injected:.3f}; "
         f"follows the injection on {res.follows_injection:.3f}")
     out = Path(args.out_dir)
@@ -146,4 +155,31 @@ def _injection(args: argparse.Namespace) -> int:
     page = HtmlPage(title="Prompt-injection detection")
     page.add_section("AUROC by feature set", injection_auroc_figure(res), caption=res.provenance.describe())
     print(Path(page.save(out / "injection.html")).resolve())
+    return 0
+
+
+def _injection_by_task(args: argparse.Namespace, model, lenses) -> int:
+    from tlmicroscope.causal import injection_by_task
+    from tlmicroscope.io import atomic_write_text
+    from tlmicroscope.tasks import ALL_CATEGORIES, load_tasks, read_mmlu
+
+    items = read_mmlu(args.tasks) if args.tasks else load_tasks(ALL_CATEGORIES)
+    mode = "paper" if args.mode == "paper" else "default"
+    table, results = injection_by_task(model, items, lenses=lenses, mode=mode, n_items=args.n_items,
+                                       n_shots=args.shots, n_splits=args.splits, detector=args.detector,
+                                       choice_order=args.choice_order, seed=args.seed)
+    for row in table.itertuples():
+        log(f"{row.task} ({row.task_type}, accuracy {row.accuracy_clean:.2f}): AUROC {row.features} "
+            f"{row.auroc_mean:.3f} (95% CI {row.ci_low:.2f}-{row.ci_high:.2f}); paper "
+            f"{row.paper_low:.2f}-{row.paper_high:.2f}")
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    per_task = {t: {"auroc": {k: v.tolist() for k, v in r.auroc.items()}, "auroc_ci": r.auroc_ci,
+                    "accuracy_clean": r.accuracy_clean, "accuracy_injected": r.accuracy_injected,
+                    "follows_injection": r.follows_injection, "n_items": r.n_items, "task_type": r.task_type,
+                    "provenance": r.provenance.to_dict()} for t, r in results.items()}
+    atomic_write_text(out / "results_by_task.json",
+                      json.dumps({"table": table.to_dict(orient="records"), "tasks": per_task, "mode": mode},
+                                 indent=2))
+    print((out / "results_by_task.json").resolve())
     return 0
