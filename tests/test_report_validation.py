@@ -151,3 +151,14 @@ def test_one_token_report_through_the_public_name(tiny_llama):
     rep = tlmicroscope.report(tiny_llama, "P")
     assert rep.failed == {}
     assert "trajectory" in rep.rendered
+
+
+@pytest.mark.embedded
+def test_paris_on_the_embedded_model(embedded_model, tmp_path, monkeypatch):
+    # The case: tlmicroscope.report(model, "Paris") on SmolLM2, one token; no saved artifacts.
+    monkeypatch.setenv("TLMICROSCOPE_CACHE", str(tmp_path))
+    assert embedded_model.to_tokens("Paris").shape[-1] == 1
+    rep = tlmicroscope.report(embedded_model, "Paris")
+    assert rep.failed == {}, rep.failed
+    assert "The text has 1 token; the layer contributions" in rep.missing["microscope_contributions"]
+    assert "needs at least 2" in rep.missing["microscope_contributions"]

@@ -221,7 +221,7 @@ def check_cache(cache: Any, tokens: torch.Tensor | None = None) -> None:
             tensors[key] = t
     for key, names in groups.items():
         t = tensors[key]
-        scores = all(n.endswith("hook_attn_scores") for n in names)
+        scores = any("attn_scores" in n for n in names)
         bad = torch.isnan(t) if scores else ~torch.isfinite(t)
         if bool(bad.any()):
             names = sorted(names, key=lambda n: not n.endswith(_RESIDUAL_LIKE))
