@@ -37,6 +37,8 @@ __all__ = [
     "FittedFileError",
     "ModelMismatchError",
     "atomic_write_text",
+    "config_bool",
+    "config_int",
     "atomic_write_bytes",
     "atomic_dir",
     "recover_dir",
@@ -494,7 +496,7 @@ def _json_type(value: Any) -> str:
 _MISSING = object()
 
 
-def _config_int(cfg: Mapping[str, Any], key: str, file: Any, *, minimum: int = 1,
+def config_int(cfg: Mapping[str, Any], key: str, file: Any, *, minimum: int = 1,
                 maximum: int | None = None, default: Any = _MISSING) -> int:
     """``cfg[key]`` as an int, refused with the file and the field unless it is a JSON integer
     (not a boolean, a fraction or a string) in ``minimum..maximum``."""
@@ -514,7 +516,7 @@ def _config_int(cfg: Mapping[str, Any], key: str, file: Any, *, minimum: int = 1
     return value
 
 
-def _config_bool(cfg: Mapping[str, Any], key: str, file: Any, *, default: bool) -> bool:
+def config_bool(cfg: Mapping[str, Any], key: str, file: Any, *, default: bool) -> bool:
     """``cfg[key]`` as a bool, refused with the file and the field unless it is a JSON boolean
     (``"false"`` is a non-empty string, which Python's ``bool`` reads as True)."""
     value = cfg.get(key, default)
@@ -523,3 +525,6 @@ def _config_bool(cfg: Mapping[str, Any], key: str, file: Any, *, default: bool) 
             f"{file}: field {key!r} must be true or false, got {_json_type(value)} {value!r}."
         )
     return value
+
+
+_config_int, _config_bool = config_int, config_bool  # the names the loaders first used

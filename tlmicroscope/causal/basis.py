@@ -147,7 +147,7 @@ class CausalBasis:
     @classmethod
     def load(cls, path: str | Path, model: Any = None) -> CausalBasis:
         """Load a saved basis; with ``model``, refuse one saved for another model."""
-        from tlmicroscope.io import FittedFileError, load_fitted
+        from tlmicroscope.io import FittedFileError, config_int, load_fitted
 
         tensors, meta = load_fitted(path, kind=_KIND, model=model)
         cfg = meta["config"]
@@ -157,8 +157,9 @@ class CausalBasis:
         prov = cfg.get("provenance")
         return cls(
             energies=tensors["energies"], vectors=tensors["vectors"], mean=tensors["mean"],
-            layer=int(cfg["layer"]), mode=str(cfg["mode"]), converged=tensors["converged"].bool(),
-            n_evals=tensors["n_evals"], n_tokens=int(cfg["n_tokens"]), lens=str(cfg["lens"]),
+            layer=config_int(cfg, "layer", path, minimum=0), mode=str(cfg["mode"]),
+            converged=tensors["converged"].bool(), n_evals=tensors["n_evals"],
+            n_tokens=config_int(cfg, "n_tokens", path), lens=str(cfg["lens"]),
             model_fingerprint=meta.get("model") or {},
             provenance=None if prov is None else Provenance(**prov),
         )

@@ -178,11 +178,11 @@ class LatentPCA:
     @classmethod
     def load(cls, path: Any, *, model: Any = None) -> LatentPCA:
         """Load what ``save`` wrote; refuses a file saved for another model."""
-        from tlmicroscope.io import load_fitted
+        from tlmicroscope.io import config_bool, config_int, load_fitted
 
         tensors, meta = load_fitted(path, kind="latent_pca", model=model)
         cfg = meta["config"]
-        pca = cls(int(cfg["n_components"]), center=bool(cfg["center"]))
+        pca = cls(config_int(cfg, "n_components", path), center=config_bool(cfg, "center", path, default=False))
         pca.components_ = tensors["components"]
         pca.mean_ = tensors["mean"]
         pca.explained_variance_ = tensors["explained_variance"]

@@ -252,7 +252,7 @@ class ContextualizationProbe:
         probe = cls(**meta["config"]["settings"])
         probe._restore(tensors, meta["config"], model, path)
         probe.history_ = list(meta["config"].get("history", []))
-        probe.steps_done_ = int(meta["config"].get("steps_done", 0))
+        probe.steps_done_ = io.config_int(meta["config"], "steps_done", path, minimum=0, default=0)
         probe.train_seconds_ = float(meta["config"].get("train_seconds", 0.0))
         probe.corpus_ = meta["config"].get("corpus", "")
         return probe

@@ -208,8 +208,8 @@ class NonlinearityReference:
         ref.maps_ = tensors["maps"]
         ref.mean_ = tensors["mean"]
         ref.scale_ = tensors["scale"]
-        ref.n_tokens_ = int(cfg["n_tokens_fitted"])
-        ref.d_model_ = int(cfg["d_model"])
+        ref.n_tokens_ = io.config_int(cfg, "n_tokens_fitted", path)
+        ref.d_model_ = io.config_int(cfg, "d_model", path)
         ref.model_ = meta["model"]
         ref.model_class_ = cfg.get("model_class", "")
         ref.corpus_ = cfg.get("corpus", "")
