@@ -48,6 +48,13 @@ def _error_lines(err: str, command: str) -> list[str]:
     return [line for line in err.splitlines() if line.startswith(f"tlmicroscope {command}: error: ")]
 
 
+def _needs_tl4(line: str) -> bool:
+    """fit-jlens on TransformerLens 3 refuses first (one line too), before reading its options."""
+    from tlmicroscope.models import _compat
+
+    return _compat.TL_MAJOR < 4 and "needs TransformerLens 4.x" in line
+
+
 def test_every_model_command_is_covered():
     # The parametrisations below run over these; a new command with --model joins them.
     assert {"lens", "report", "geometry", "microscope", "train-lens", "cbe"} <= set(COMMANDS)
@@ -60,6 +67,8 @@ def test_negative_threads_is_one_line_in_every_command(command, tmp_path, capsys
     argv = [command, *_other_args(command, tmp_path), "--model", "tiny-llama", "--threads", "-1"]
     assert cli.main(argv) == 2
     (line,) = _error_lines(capsys.readouterr().err, command)
+    if _needs_tl4(line):
+        return
     assert "--threads must be a positive number" in line and "got -1" in line
 
 
@@ -70,6 +79,8 @@ def test_a_file_that_is_no_model_is_one_line_in_every_command(command, tmp_path,
     argv = [command, *_other_args(command, tmp_path), "--model", str(bad)]
     assert cli.main(argv) == 2
     (line,) = _error_lines(capsys.readouterr().err, command)
+    if _needs_tl4(line):
+        return
     assert f"{bad} is a file but not a .gguf model file" in line and "tiny-llama" in line
 
 
