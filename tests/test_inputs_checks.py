@@ -120,3 +120,20 @@ def test_boolean_tokens_are_not_token_ids(tiny_llama, bools):
         prediction_trajectory(tiny_llama, bools)
     # Integer ids 1, 0, 1 stay accepted.
     assert to_tokens(tiny_llama, [1, 0, 1]).tolist() == [[1, 0, 1]]
+
+
+@pytest.mark.parametrize("dtype, big", [(torch.float32, 3e38), (torch.float16, 6e4)])
+def test_huge_finite_values_are_not_taken_for_inf(tiny_llama, dtype, big):
+    # In float32 their sum overflows (the fast path's signal), but every element is finite: no
+    # error. float16 is summed in float32, where it cannot overflow.
+    cache, toks = _cache(tiny_llama)
+    name = "blocks.1.hook_resid_pre"
+    t = torch.full_like(cache[name], big, dtype=dtype)
+    assert bool(torch.isfinite(t).all())
+    if dtype == torch.float32:
+        assert not torch.isfinite(t.sum())
+    cache.cache_dict[name] = t
+    check_cache(cache, toks)
+    t[0, 1, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"1 NaN or infinite values .*index \(0, 1, 0\)"):
+        check_cache(cache, toks)
