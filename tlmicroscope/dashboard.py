@@ -179,7 +179,22 @@ def make_analyse(
     lens_dirs: Sequence[Path] = (),
     cache: _Models | None = None,
 ) -> Callable[..., Iterator[tuple[str, str]]]:
-    """The dashboard's run: a generator of ``(status_html, report_html)`` pairs (usable without Gradio)."""
+    """The dashboard's run: a generator of ``(status_html, report_html)`` pairs (usable without Gradio).
+
+    ``cache`` is anything with ``get(name) -> model`` (default: keeps the last two models loaded).
+
+    Examples:
+        >>> from tlmicroscope.models import tiny_model
+        >>> class One:  # a model cache that always gives one tiny model
+        ...     def get(self, name):
+        ...         return tiny_model(n_layers=1)
+        >>> run = make_analyse(["tiny-llama"], cache=One())
+        >>> status, page = list(run("tiny-llama", "hello", ["trajectory"], ""))[-1]
+        >>> status[:5], "report-frame" in page
+        ('Done:', True)
+        >>> list(run("/etc/passwd", "hello", ["trajectory"], ""))[-1][0][:60]
+        '<div class="tlm-error" role="alert"><b>Error:</b> Could not '
+    """
     from tlmicroscope.lenses import load_lens
     from tlmicroscope.report import report_steps
 
