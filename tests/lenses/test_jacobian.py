@@ -168,7 +168,12 @@ def test_corrupt_artifact_names_the_problem(tiny_llama, tmp_path):
 
 @needs_tl4
 def test_resumed_and_extended_fit_equals_one_shot(tiny_llama, tmp_path, monkeypatch):
-    from tlmicroscope.lenses.jacobian import JacobianLens, fit_jacobian_lens, load_slices, require_jacobian_lens
+    from tlmicroscope.lenses.jacobian import (
+        JacobianLens,
+        fit_jacobian_lens,
+        load_slices,
+        require_jacobian_lens,
+    )
 
     tl_cls = require_jacobian_lens()
     real_fit = tl_cls.fit.__func__

@@ -63,7 +63,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _fit_jlens(args: argparse.Namespace) -> int:
-    from tlmicroscope.lenses.jacobian import default_jlens_dir, fit_jacobian_lens, require_jacobian_lens
+    from tlmicroscope.lenses.jacobian import (
+        default_jlens_dir,
+        fit_jacobian_lens,
+        require_jacobian_lens,
+    )
 
     require_jacobian_lens("tlmicroscope fit-jlens")  # before loading a model for nothing
     model = load_from_args(args)
@@ -113,8 +117,8 @@ def _bench(args: argparse.Namespace) -> int:
         cbe_tokens=args.cbe_tokens, cbe_max_iter=args.cbe_max_iter,
         sra_layers=list(range(0, L, max(1, args.sra_every))), sra_samples=args.sra_samples,
     )
-    from tlmicroscope.lenses.train import default_lens_dir
     from tlmicroscope.io import atomic_write_text
+    from tlmicroscope.lenses.train import default_lens_dir
 
     slug = default_lens_dir(args.model).name.removeprefix("tuned-lens-")
     html = Path(args.out) if args.out else Path("out") / f"lens-bench-{slug}.html"

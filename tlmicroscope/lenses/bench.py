@@ -34,7 +34,7 @@ from tlmicroscope.io import atomic_write_text
 from tlmicroscope.lenses.base import resolve_lens
 from tlmicroscope.results import Provenance
 
-__all__ = ["LensBench", "lens_bench", "METRICS"]
+__all__ = ["METRICS", "LensBench", "lens_bench"]
 
 #: Per-layer metrics of a bench (each ``[lens layer]``), in the order the page shows them.
 METRICS = ("kl", "cross_entropy", "bias_kl", "depth_fraction", "fidelity_rho", "sra")

@@ -48,9 +48,9 @@ from tlmicroscope.io import (
 from tlmicroscope.models import _compat
 
 __all__ = [
-    "JacobianLens",
-    "KIND",
     "ARTIFACT",
+    "KIND",
+    "JacobianLens",
     "TransformerLensVersionError",
     "default_jlens_dir",
     "fit_jacobian_lens",
