@@ -163,3 +163,36 @@ def test_target_trajectories_bad_input(tiny_llama):
     with pytest.raises(ValueError, match="no readout for resid_mid.*lens='logit'"):
         target_trajectories(tiny_llama, ["abc"], "a", lens=TunedLens.for_model(tiny_llama), sites="pre+mid",
                             progress=False)
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+@pytest.mark.parametrize("lean", [False, True])
+def test_kernel_extras_equal_brute_force_with_and_without_a_soft_cap(softcap, lean):
+    """The readout kernel's normaliser, target logits and grouped ranks against the full logits."""
+    from tlmicroscope.lenses import _readout_stats
+
+    g = torch.Generator().manual_seed(5)
+    R, d, V, n_per = 12, 16, 300, 3
+    x = torch.randn(R, d, generator=g)
+    WT = torch.randn(V, d, generator=g)
+    b = torch.randn(V, generator=g)
+    finish = None if softcap is None else (lambda z: z.div_(softcap).tanh_().mul_(softcap))
+    extra = torch.randint(0, V, (R, 4), generator=g)  # two groups of two members
+    extra[:, 3] = extra[:, 2]  # a padded group: its member repeated
+    p_f = torch.softmax(torch.randn(R // n_per, V, generator=g), -1)
+    p_sums = torch.stack([p_f[:, lo : lo + 64].sum(-1) for lo in range(0, V, 64)], 1)
+    tgt = torch.randint(0, V, (R,), generator=g)
+    st = _readout_stats.blocked_stats(x, WT, b, finish, tgt, p_f, p_sums, n_per, 2, col=64, extra=extra,
+                                      extra_group=2, lean=lean)
+    z = x @ WT.T + b
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    torch.testing.assert_close(st.lse, torch.logsumexp(z, -1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(st.extra_z, z.gather(1, extra), atol=1e-5, rtol=1e-5)
+    best = z.gather(1, extra).view(R, 2, 2).amax(-1)
+    assert torch.equal(st.extra_rank, (z.unsqueeze(1) > best.unsqueeze(-1)).sum(-1))
+    if lean:
+        assert torch.isnan(st.entropy).all() and bool((st.top_i == -1).all())
+    else:
+        lp = torch.log_softmax(z, -1)
+        torch.testing.assert_close(st.entropy, -(lp.exp() * lp).sum(-1), atol=1e-5, rtol=1e-4)
