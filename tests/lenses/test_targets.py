@@ -122,6 +122,8 @@ def test_target_trajectories_padding_changes_nothing_and_matches_brute_force(tin
             assert torch.equal(batched.rank[0, :, i, j], rank[:, 0, p])
         assert batched.read_tokens[i][0] == tiny.to_str_tokens(toks[0])[-1]
     assert batched.provenance.settings["readout_identity_checked"] is True
+    # Later batches end their forward pass from a hook: no hook may stay attached.
+    assert not [name for name, hp in tiny.hook_dict.items() if hp.fwd_hooks]
 
 
 def test_bootstrap_band_is_a_band_around_the_mean_over_prompts(tiny_llama):

@@ -2,7 +2,8 @@
 
 For each prompt, only the positions asked about are read out (by default the last of each
 prompt): the lens's softmax normaliser needs the whole vocabulary, but only at those rows, so
-over many short prompts the cost is about their forward passes. The rows go through the same
+over many short prompts the cost is about their forward passes (which, after a first batch whose
+logits check the readout identity, stop at the last residual). The rows go through the same
 streaming kernel as ``prediction_trajectory`` (``trajectory.read_rows``), which never builds a
 ``[layer pos d_vocab]`` tensor; tracked tokens cost one extra comparison pass per vocabulary block.
 
@@ -98,6 +99,10 @@ class TargetTrajectories:
                         row[f"{s}_high"] = float(self.high[s][a, li, t])
                     rows.append(row)
         return pd.DataFrame(rows)
+
+
+class _StopForward(Exception):
+    """Raised from a hook to end a forward pass once the last residual is captured."""
 
 
 def _bootstrap(values: torch.Tensor, n_boot: int, confidence: float, seed: int):
@@ -244,7 +249,7 @@ def target_trajectories(
     batches = [order[i : i + int(batch_size)] for i in range(0, n_prompts, int(batch_size))]
     identity_diff = 0.0
     cap_sites = ("resid", "resid_mid") if with_mid else ("resid",)
-    for batch in tqdm(batches, desc="target trajectories", disable=not progress):
+    for bi, batch in enumerate(tqdm(batches, desc="target trajectories", disable=not progress)):
         width = max(lengths[i] for i in batch)
         toks = torch.full((len(batch), width), pad_id, dtype=torch.long)
         for b, i in enumerate(batch):
@@ -254,15 +259,29 @@ def target_trajectories(
         p_idx = pos[batch].reshape(-1).to(dev_toks.device)
         got: dict[tuple[str, int | None], torch.Tensor] = {}
 
-        def keep(site: str, layer: int | None, act: torch.Tensor, got=got, b_idx=b_idx, p_idx=p_idx) -> None:
-            got[(site, layer)] = act[b_idx.to(act.device), p_idx.to(act.device)].clone()
+        # The first batch runs to the logits, which check the readout identity; the others stop at
+        # the last residual, so the model's unembedding of every position is not paid for.
+        check = bi == 0
 
-        logits = stream(model, dev_toks, keep, sites=cap_sites, layers=None, return_logits=True)
-        final_logits = logits[b_idx.to(logits.device), p_idx.to(logits.device)]
-        del logits
+        def keep(site: str, layer: int | None, act: torch.Tensor, got=got, b_idx=b_idx, p_idx=p_idx,
+                 check=check) -> None:
+            got[(site, layer)] = act[b_idx.to(act.device), p_idx.to(act.device)].clone()
+            if not check and site == "resid" and layer == n_layers:
+                raise _StopForward
+
+        final_logits = None
+        try:
+            logits = stream(model, dev_toks, keep, sites=cap_sites, layers=None, return_logits=True)
+            final_logits = logits[b_idx.to(logits.device), p_idx.to(logits.device)]
+            del logits
+        except _StopForward:
+            pass
         final_h = got[("resid", n_layers)]
         with torch.inference_mode():
-            identity_diff = max(identity_diff, check_readout_identity(readout, final_h, final_logits))
+            if final_logits is not None:
+                identity_diff = max(identity_diff, check_readout_identity(readout, final_h, final_logits))
+            else:
+                final_logits = readout(final_h)
         sources = [(layer, site, got[("resid_mid", layer) if site == "resid_mid" else ("resid", layer)])
                    for layer, site in plan[:-1]]
         dev = final_h.device
@@ -298,6 +317,7 @@ def target_trajectories(
         positions=positions if isinstance(positions, int) else list(positions), per_prompt=per_prompt,
         n_prompts=n_prompts, n_bootstrap=int(n_bootstrap), confidence=float(confidence), seed=seed,
         readout_identity_max_abs_diff=identity_diff, readout_identity_checked=True,
+        readout_identity_rows="the first batch (later forward passes stop at the last residual)",
         target_notes=list(tracked.notes),
     )
     return TargetTrajectories(
