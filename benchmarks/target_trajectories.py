@@ -10,7 +10,8 @@ In one process, on ``--prompts`` (64) short prompts from the embedded corpus (``
 * the forward passes alone: the same right-padded batches of ``--batch-size`` prompts that
   ``target_trajectories`` runs, ``model(tokens)`` under ``torch.inference_mode``;
 * ``target_trajectories(model, prompts, targets, lens=...)`` with two targets (one a set), every
-  layer, the logit lens, and a 1000-resample bootstrap;
+  layer, the logit lens, and a 1000-resample bootstrap (its forward passes after the first batch
+  stop at the last residual: the model's own unembedding of every position is not needed);
 * for reference, what it avoids: ``prediction_trajectory(..., targets=...)`` of every layer at
   every position of each prompt, one prompt at a time.
 
