@@ -19,7 +19,7 @@ TUTORIALS = sorted((Path(__file__).parent.parent / "tutorials").glob("*.ipynb"))
 def test_the_six_tutorials_exist():
     names = [p.stem for p in TUTORIALS]
     expected = ["01_first_look", "02_tuned_lens", "03_llm_microscope", "04_token_geometry",
-                "05_latent_geometry", "06_causal"]
+                "05_latent_geometry", "06_causal", "07_lens_bench"]
     missing = [n for n in expected if n not in names]
     assert not missing, f"missing tutorials: {missing}"
 
