@@ -198,10 +198,11 @@ def test_injection_pipeline_on_the_embedded_model(embedded_model):
 
     The injection works on it (the model follows the injected instruction on about 3/4 of the
     prompts) and the hidden-state baseline separates injected from clean prompts perfectly.
-    The paper's claim that lens-trajectory features detect the injection does NOT reproduce here:
-    with a quickly trained tuned lens, 40 items and 1 shot the LOF AUROC was 0.43 ± 0.04 (tuned)
-    and 0.50 ± 0.04 (logit), at or below chance (see the issue report), so no bound above 0.5 is
-    asserted for them; they are checked to be computed over every split.
+    In this default mode on the mixed item-specific set (standardised features ordered by the
+    model's preference) the LOF AUROC was 0.43 ± 0.04 (quick tuned lens) and 0.50 ± 0.04 (logit)
+    with 40 items and 1 shot, so no bound above 0.5 is asserted; they are checked to be computed
+    over every split. The like-for-like comparison with the paper is paper mode per task
+    (``injection_by_task``; the README gives its numbers: 1.00 on fixed-label tasks).
     """
     res = injection_experiment(embedded_model, load_tasks(), lenses=["logit"], n_items=40, n_shots=1,
                                n_splits=5, progress=False, batch_size=16)
