@@ -118,6 +118,9 @@ def test_fidelity_and_sra_are_those_of_the_causal_functions(tiny_llama, bench_an
     sra = stimulus_response_alignment(tiny_llama, lenses, windows, list(range(3)), n_samples=6, progress=False)
     assert torch.allclose(bench.sra, sra.alignment.nanmean(-1), equal_nan=True)
     assert bench.sra_layers == (0, 1, 2) and bool((bench.sra.abs() <= 1 + 1e-5).all())
+    lo, _hi = sra.confidence_intervals()
+    assert torch.allclose(bench.sra_ci[..., 0].double(), torch.as_tensor(lo), equal_nan=True, atol=1e-6)
+    assert bool((bench.sra_ci[..., 0] <= bench.sra + 1e-6).all() and (bench.sra <= bench.sra_ci[..., 1] + 1e-6).all())
 
 
 def test_json_is_written_atomically_and_round_trips(bench_and_windows, tmp_path):

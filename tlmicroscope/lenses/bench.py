@@ -56,7 +56,8 @@ class LensBench:
         fidelity_rho, fidelity_p: ``[lens cbe_layer]`` Spearman's rho (lens vs model influence) and its p-value.
         fidelity_ci: ``[lens cbe_layer 2]`` confidence interval of rho where ``causal_fidelity`` gives one, else NaN.
         sra_layers: Layers of the stimulus-response alignment.
-        sra: ``[lens sra_layer]`` mean Aitchison alignment; ``sra_std`` its standard deviation over samples.
+        sra: ``[lens sra_layer]`` mean Aitchison alignment; ``sra_std`` its standard deviation over samples;
+            ``sra_ci`` ``[lens sra_layer 2]`` its 95% bootstrap interval (where the result offers one).
         n_tokens, n_bytes: Held-out tokens evaluated and the bytes they decode to.
         notes: ``{lens: note}``, e.g. the Jacobian lens's identity at the embeddings.
         provenance: Model and settings.
@@ -92,6 +93,7 @@ class LensBench:
     n_bytes: int
     provenance: Provenance
     notes: dict[str, str] = field(default_factory=dict)
+    sra_ci: Float[torch.Tensor, "lens sra_layer 2"] | None = None
 
     @property
     def n_layers(self) -> int:
@@ -141,6 +143,8 @@ class LensBench:
         for name in ("kl", "cross_entropy", "entropy", "bias_kl", "depth", "depth_fraction",
                      "fidelity_rho", "fidelity_p", "fidelity_ci", "sra", "sra_std"):
             out[name] = getattr(self, name).double().tolist()
+        if self.sra_ci is not None:
+            out["sra_ci"] = self.sra_ci.double().tolist()
         return out
 
     def save_json(self, path: str | os.PathLike) -> Path:
@@ -271,6 +275,7 @@ def lens_bench(
                            "read with the identity there (as the logit lens)")
     sra = torch.full((n, len(sra_list)), math.nan)
     sra_std = torch.full((n, len(sra_list)), math.nan)
+    sra_ci = None
     if sra_list:
         res = stimulus_response_alignment(model, [lens for _, lens in named], first(tokens), sra_list,
                                           n_samples=sra_samples, seed=seed, progress=progress)
@@ -279,6 +284,9 @@ def lens_bench(
         valid = (~a.isnan()).sum(-1)
         mean = a.nanmean(-1, keepdim=True)
         sra_std = torch.sqrt(((a - mean) ** 2).nansum(-1) / (valid - 1).clamp_min(1))
+        if callable(getattr(res, "confidence_intervals", None)):
+            lo, hi = res.confidence_intervals(seed=seed)
+            sra_ci = torch.stack([torch.as_tensor(lo), torch.as_tensor(hi)], -1).float()
     from tlmicroscope.lenses.trajectory import layer_label
 
     return LensBench(
@@ -288,7 +296,7 @@ def lens_bench(
         depth=depth, depth_fraction=depth_fraction,
         cbe_layers=tuple(cbe_list), fidelity_rho=rho, fidelity_p=pval, fidelity_ci=ci,
         sra_layers=tuple(sra_list), sra=sra, sra_std=sra_std,
-        n_tokens=n_tok, n_bytes=n_bytes, notes=notes,
+        n_tokens=n_tok, n_bytes=n_bytes, notes=notes, sra_ci=sra_ci,
         provenance=Provenance.from_model(
             model, lens=",".join(name for name, _ in named), tokens=n_tok, seq_len=seq_len, holdout=holdout,
             split="heldout", depth_tokens=int(first(depth_tokens).numel()), cbe_k=cbe_k, cbe_tokens=cbe_tokens,
