@@ -93,9 +93,10 @@ def test_derived_summaries():
                 paris_top5_from={}, kl={"logit": [3.0, 2.0, 1.0, 0.5], "tuned": [1.0, 2.5, 0.5, 0.1]},
                 kl_tokens=1, linearity_n_tokens=1, id_points=1, norm_tokens=1, provenance=None)
     c = FamilyClaims(**base, linearity_without_residual=[0.9, 0.4, 0.5, 0.8],
-                     intrinsic_dimension=[float("nan"), 5.0, 9.0, 7.0, 6.0],
+                     intrinsic_dimension=[99.0, 5.0, 9.0, 7.0, 6.0],
                      first_token_ratio=[1.0, 30.0, 80.0, 60.0])
     assert c.linearity_min_pair == 1 and c.linearity_u_shape
+    assert c.linearity_thirds == pytest.approx((0.9, 0.45, 0.8))  # thirds of 4 pairs: 1, 2, 1
     assert c.id_peak_layer == 2 and c.spike_layer == 2 and c.tuned_beats_logit() == 3
     flat = FamilyClaims(**base, linearity_without_residual=[0.4, 0.5, 0.6, 0.8],
                         intrinsic_dimension=[float("nan")] * 5, first_token_ratio=[1.0] * 4)

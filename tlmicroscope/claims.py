@@ -21,6 +21,7 @@ Five measurements, each computed by the analysis that owns it (nothing is re-imp
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -80,15 +81,26 @@ class FamilyClaims:
         return min(range(len(vals)), key=vals.__getitem__)
 
     @property
+    def linearity_thirds(self) -> tuple[float, float, float]:
+        """Mean linearity without residual over the first, middle and last third of the pairs."""
+        vals = self.linearity_without_residual
+        n = len(vals)
+        cuts = [0, round(n / 3), round(2 * n / 3), n]
+        return tuple(sum(vals[a:b]) / max(1, b - a) for a, b in zip(cuts, cuts[1:]))
+
+    @property
     def linearity_u_shape(self) -> bool:
-        """True when the minimum is strictly inside and both ends are higher than it by 0.05."""
-        vals, i = self.linearity_without_residual, self.linearity_min_pair
-        return 0 < i < len(vals) - 1 and min(vals[0], vals[-1]) - vals[i] > 0.05
+        """True when the middle third's mean is below both outer thirds' by at least 0.02 (single
+        pairs are too noisy to call a shape from one minimum)."""
+        first, mid, last = self.linearity_thirds
+        return min(first, last) - mid >= 0.02
 
     @property
     def id_peak_layer(self) -> int | None:
-        """The residual index of the largest finite intrinsic dimension."""
-        finite = [(v, i) for i, v in enumerate(self.intrinsic_dimension) if math.isfinite(v)]
+        """The residual index (1..L) of the largest finite intrinsic dimension. h^0 is left out:
+        embedding rows are a lookup table, so their TwoNN estimate (hundreds on SmolLM2) says
+        nothing about what the layers compute, and the papers' peak is about the blocks."""
+        finite = [(v, i) for i, v in enumerate(self.intrinsic_dimension) if i > 0 and math.isfinite(v)]
         return max(finite)[1] if finite else None
 
     @property
@@ -197,8 +209,7 @@ def family_claims(
     from tlmicroscope.microscope import layer_profiles, linearity_scores
 
     ensure_eval(model)
-    if tuned_lens is not None and not hasattr(tuned_lens, "readout_logits") and not callable(
-            getattr(tuned_lens, "transform_hidden", None)):
+    if isinstance(tuned_lens, (str, os.PathLike)):
         tuned_lens = load_lens(tuned_lens, model)
     lenses = {"logit": None} | ({"tuned": tuned_lens} if tuned_lens is not None else {})
 
@@ -274,18 +285,21 @@ def claims_table(claims: Sequence[FamilyClaims]) -> str:
 
     def lin_cell(c: FamilyClaims) -> str:
         v, i = c.linearity_without_residual, c.linearity_min_pair
+        a, b, z = c.linearity_thirds
         shape = "U-shaped" if c.linearity_u_shape else "not U-shaped"
-        return f"{v[0]:.2f} → min {v[i]:.2f} at pair {i}→{i + 1} → {v[-1]:.2f} ({shape})"
+        return f"{a:.2f} / {b:.2f} / {z:.2f} ({shape}); lowest pair {i}→{i + 1}: {v[i]:.2f}"
 
-    lines.append(row("linearity without residual: first → min → last pair", "lowest in the middle",
+    lines.append(row("linearity without residual, mean over the first / middle / last third of the "
+                     "pairs", "lowest in the middle",
                      [lin_cell(c) for c in claims]))
 
     def id_cell(c: FamilyClaims) -> str:
         p = c.id_peak_layer
         return "no finite ID" if p is None else (
-            f"peak {c.intrinsic_dimension[p]:.1f} at h^{p} of {c.n_layers} ({p / c.n_layers:.0%} deep)")
+            f"peak {c.intrinsic_dimension[p]:.1f} at h^{p} of {c.n_layers} ({p / c.n_layers:.0%} deep); "
+            f"{c.intrinsic_dimension[-1]:.1f} at the last")
 
-    lines.append(row("intrinsic-dimension peak (TwoNN)", "early-to-middle layers", [id_cell(c) for c in claims]))
+    lines.append(row("intrinsic-dimension peak over h^1..h^L (TwoNN)", "early-to-middle layers", [id_cell(c) for c in claims]))
 
     def spike_cell(c: FamilyClaims) -> str:
         top = max(c.first_token_ratio)
