@@ -156,3 +156,14 @@ def test_bad_input_names_the_fix(tiny_llama):
         lens_bench(tiny_llama, ["logit"], CORPUS, cbe_layers=[3], progress=False)
     with pytest.raises(ValueError, match="another model"):
         lens_bench(tiny_llama, [RandomLinearLens(5, 32)], CORPUS, progress=False)
+
+
+def test_one_window_bench_falls_back_to_any_donors_and_says_so(tiny_llama):
+    from tlmicroscope.lenses.bench import lens_bench
+
+    """Same-position donors need two sequences; one window uses donors anywhere in it (a note says so)."""
+    bench = lens_bench(tiny_llama, ["logit"], CORPUS, tokens=SEQ, seq_len=SEQ, holdout=0.5, depth_tokens=SEQ,
+                       cbe_layers=[1], cbe_k=2, cbe_tokens=SEQ, cbe_max_iter=2, fidelity_tokens=SEQ,
+                       sra_samples=4, progress=False)
+    assert "same-position" in bench.notes["stimulus-response"]
+    assert torch.isfinite(bench.sra).any()

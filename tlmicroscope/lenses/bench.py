@@ -59,7 +59,7 @@ class LensBench:
         sra: ``[lens sra_layer]`` mean Aitchison alignment; ``sra_std`` its standard deviation over samples;
             ``sra_ci`` ``[lens sra_layer 2]`` its 95% bootstrap interval (where the result offers one).
         n_tokens, n_bytes: Held-out tokens evaluated and the bytes they decode to.
-        notes: ``{lens: note}``, e.g. the Jacobian lens's identity at the embeddings.
+        notes: ``{lens or metric: note}``, e.g. the Jacobian lens's identity at the embeddings.
         provenance: Model and settings.
 
     Examples:
@@ -277,8 +277,15 @@ def lens_bench(
     sra_std = torch.full((n, len(sra_list)), math.nan)
     sra_ci = None
     if sra_list:
-        res = stimulus_response_alignment(model, [lens for _, lens in named], first(tokens), sra_list,
-                                          n_samples=sra_samples, seed=seed, progress=progress)
+        sra_windows = first(tokens)
+        # The reference's donors (same position, another sequence) need two sequences; a bench on
+        # one window falls back to donors anywhere in it and says so.
+        donors = "same_position" if sra_windows.shape[0] >= 2 else "any"
+        if donors == "any":
+            notes["stimulus-response"] = ("one held-out window only: donors drawn from any position of it "
+                                          "(pass tokens >= 2 * seq_len for the reference's same-position donors)")
+        res = stimulus_response_alignment(model, [lens for _, lens in named], sra_windows, sra_list,
+                                          n_samples=sra_samples, seed=seed, progress=progress, donors=donors)
         sra = res.alignment.nanmean(-1)
         a = res.alignment
         valid = (~a.isnan()).sum(-1)
