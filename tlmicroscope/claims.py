@@ -20,6 +20,7 @@ Five measurements, each computed by the analysis that owns it (nothing is re-imp
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from collections.abc import Sequence
@@ -31,7 +32,7 @@ import torch
 from tlmicroscope.corpus import CorpusSource, token_windows
 from tlmicroscope.results import Provenance
 
-__all__ = ["FamilyClaims", "family_claims", "claims_table", "PARIS_PROMPT"]
+__all__ = ["PARIS_PROMPT", "FamilyClaims", "claims_table", "family_claims"]
 
 PARIS_PROMPT = "The capital of France is"
 
@@ -86,7 +87,7 @@ class FamilyClaims:
         vals = self.linearity_without_residual
         n = len(vals)
         cuts = [0, round(n / 3), round(2 * n / 3), n]
-        return tuple(sum(vals[a:b]) / max(1, b - a) for a, b in zip(cuts, cuts[1:]))
+        return tuple(sum(vals[a:b]) / max(1, b - a) for a, b in itertools.pairwise(cuts))
 
     @property
     def linearity_u_shape(self) -> bool:
@@ -276,11 +277,11 @@ def claims_table(claims: Sequence[FamilyClaims]) -> str:
         mid = c.n_layers // 2
         logit = f"logit {c.kl['logit'][0]:.1f} / {c.kl['logit'][mid]:.1f} / {c.kl['logit'][-1]:.2f}"
         if "tuned" not in c.kl:
-            return logit + " (no tuned lens)"
+            return logit + f" (no tuned lens; {c.kl_tokens} tokens)"
         return (f"tuned {c.kl['tuned'][0]:.1f} / {c.kl['tuned'][mid]:.1f} / {c.kl['tuned'][-1]:.2f}; "
-                f"{logit}; tuned lower at {c.tuned_beats_logit()} of {c.n_layers}")
+                f"{logit}; tuned lower at {c.tuned_beats_logit()} of {c.n_layers} ({c.kl_tokens} tokens)")
 
-    lines.append(row(f"held-out KL(final ‖ lens), nats, at layers 0 / L/2 / L−1", "tuned below logit at "
+    lines.append(row("held-out KL(final ‖ lens), nats, at layers 0 / L/2 / L−1", "tuned below logit at "
                      "every layer", [kl_cell(c) for c in claims]))
 
     def lin_cell(c: FamilyClaims) -> str:

@@ -29,7 +29,7 @@ from tlmicroscope.lenses import PredictionTrajectory, Readout, prediction_trajec
 from tlmicroscope.microscope._forward import str_tokens_of
 from tlmicroscope.results import Provenance
 
-__all__ = ["LayerContributions", "layer_contributions", "ComponentAttribution", "component_attribution"]
+__all__ = ["ComponentAttribution", "LayerContributions", "component_attribution", "layer_contributions"]
 
 
 @dataclass(frozen=True)
