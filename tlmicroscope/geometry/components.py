@@ -163,6 +163,8 @@ def _norm_affines(model: Any, plan: Sequence[_State]) -> dict[int, tuple[torch.T
         else:
             module = getattr(model.blocks[st.layer], st.component, None)
         if not isinstance(module, torch.nn.Module):
+            if st.hook not in getattr(model, "hook_dict", {}):
+                continue  # the block has no such norm at all: the capture refuses the site, saying why
             raise ValueError(
                 f"The model has no {st.component} norm module at layer {st.layer} to read its gain from; "
                 "pass norm_gain=False for the hook's pre-gain vectors."
