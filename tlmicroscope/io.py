@@ -61,6 +61,18 @@ class ModelMismatchError(ValueError):
     """A saved object belongs to a different model."""
 
 
+def check_model_shape(model: Any, what: str, fix: str, **expected: int) -> None:
+    """Raise ``ModelMismatchError`` naming the first ``model.cfg`` field (e.g. ``d_model``) that
+    differs from ``expected``; ``what`` names the object and ``fix`` says what to do instead."""
+    for field, ours in expected.items():
+        theirs = int(getattr(model.cfg, field))
+        if theirs != ours:
+            raise ModelMismatchError(
+                f"This {what} was made for another model: {field} is {ours} for the lens but "
+                f"{theirs} for this model ({fix})."
+            )
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)

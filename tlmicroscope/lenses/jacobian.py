@@ -43,6 +43,7 @@ from tlmicroscope.io import (
     atomic_write_bytes,
     atomic_write_text,
     check_fingerprint,
+    check_model_shape,
     model_fingerprint,
 )
 from tlmicroscope.models import _compat
@@ -195,15 +196,8 @@ class JacobianLens(torch.nn.Module):
 
     def check_model(self, model: Any) -> None:
         """Raise ``ModelMismatchError`` (a ``ValueError``) naming how ``model`` differs from the lens's."""
-        cfg = model.cfg
-        for field, ours in (("d_model", self.d_model), ("n_layers", self.n_layers)):
-            theirs = int(getattr(cfg, field))
-            if theirs != ours:
-                raise ModelMismatchError(
-                    f"This Jacobian lens was made for another model: {field} is {ours} for the lens but "
-                    f"{theirs} for this model (use the model it was fitted for, or fit one with "
-                    "`tlmicroscope fit-jlens`)."
-                )
+        check_model_shape(model, "Jacobian lens", "use the model it was fitted for, or fit one with "
+                          "`tlmicroscope fit-jlens`", d_model=self.d_model, n_layers=self.n_layers)
         W_U = model.W_U
         key = (id(model), W_U.data_ptr(), getattr(W_U, "_version", 0))
         if self._checked == key:

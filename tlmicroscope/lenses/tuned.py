@@ -22,10 +22,10 @@ from jaxtyping import Float
 
 from tlmicroscope.io import (
     FittedFileError,
-    ModelMismatchError,
     _config_bool,
     _config_int,
     check_fingerprint,
+    check_model_shape,
     load_fitted,
     model_fingerprint,
     save_fitted,
@@ -153,14 +153,8 @@ class TunedLens(torch.nn.Module):
 
     def check_model(self, model: Any) -> None:
         """Raise ``ModelMismatchError`` (a ``ValueError``) naming the field where ``model`` differs."""
-        cfg = model.cfg
-        for field, ours in (("d_model", self.d_model), ("n_layers", self.n_layers)):
-            theirs = int(getattr(cfg, field))
-            if theirs != ours:
-                raise ModelMismatchError(
-                    f"This tuned lens was made for another model: {field} is {ours} for the lens but "
-                    f"{theirs} for this model (use the model it was trained for, or train a new lens)."
-                )
+        check_model_shape(model, "tuned lens", "use the model it was trained for, or train a new lens",
+                          d_model=self.d_model, n_layers=self.n_layers)
         if not self.model_info:
             return
         W_U = model.W_U
