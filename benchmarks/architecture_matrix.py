@@ -45,8 +45,18 @@ def run_config(name: str, out: Path) -> float:
     """Run the matrix for one configuration into ``out/<name>.xml``; return the wall time."""
     _, python, kind = CONFIGS[name]
     env = dict(os.environ, TLMICROSCOPE_TEST_KIND=kind, HF_HUB_OFFLINE="1")
-    cmd = [str(ROOT / python), "-m", "pytest", TEST_FILE, "-q", "-p", "no:cacheprovider",
-           "-m", "matrix", f"--junitxml={out / (name + '.xml')}"]
+    cmd = [
+        str(ROOT / python),
+        "-m",
+        "pytest",
+        TEST_FILE,
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-m",
+        "matrix",
+        f"--junitxml={out / (name + '.xml')}",
+    ]
     t0 = time.perf_counter()
     subprocess.run(cmd, cwd=ROOT, env=env, check=False, stdout=subprocess.DEVNULL)
     return time.perf_counter() - t0
@@ -54,7 +64,9 @@ def run_config(name: str, out: Path) -> float:
 
 def parse(report: Path) -> dict[str, dict]:
     """Per family: passed, failed and skipped test counts, skip reasons, recorded refusals."""
-    rows: dict[str, dict] = defaultdict(lambda: {"passed": 0, "failed": [], "skipped": [], "refused": []})
+    rows: dict[str, dict] = defaultdict(
+        lambda: {"passed": 0, "failed": [], "skipped": [], "refused": []}
+    )
     for case in ET.parse(report).getroot().iter("testcase"):
         m = _ID.match(case.get("name", ""))
         if not m:
@@ -64,7 +76,7 @@ def parse(report: Path) -> dict[str, dict]:
         if family is None:
             continue
         row = rows[family]
-        label = test.removeprefix("test_") + (params[len(family):].replace("-", ": ", 1) or "")
+        label = test.removeprefix("test_") + (params[len(family) :].replace("-", ": ", 1) or "")
         if case.find("failure") is not None or case.find("error") is not None:
             row["failed"].append(label)
         elif (skip := case.find("skipped")) is not None:
@@ -95,11 +107,16 @@ def table(results: dict[str, dict[str, dict]]) -> str:
     """The Markdown table, with refusals shared by every family in a footnote."""
     shared: dict[str, set[str]] = {}
     for config, rows in results.items():
-        per_family = [{(lab, _first_sentence(msg)) for lab, msg in r["refused"]}
-                      for r in rows.values() if r["passed"]]
+        per_family = [
+            {(lab, _first_sentence(msg)) for lab, msg in r["refused"]}
+            for r in rows.values()
+            if r["passed"]
+        ]
         common = set.intersection(*per_family) if per_family else set()
         shared[config] = common
-    head = ["family", "what it exercises"] + [CONFIGS[c][0] for c in results] + ["refusals and notes"]
+    head = (
+        ["family", "what it exercises"] + [CONFIGS[c][0] for c in results] + ["refusals and notes"]
+    )
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for name, fam in FAMILIES.items():
         notes: list[str] = []
@@ -114,8 +131,11 @@ def table(results: dict[str, dict[str, dict]]) -> str:
                 if (lab, _first_sentence(msg)) in shared[config]:
                     continue
                 section = lab.split(": ", 1)[1] if lab.startswith("report_section") else None
-                note = (f"report `{section}`: {_first_sentence(msg)}" if section
-                        else f"{msg}: refused when asked for, left out of the defaults")
+                note = (
+                    f"report `{section}`: {_first_sentence(msg)}"
+                    if section
+                    else f"{msg}: refused when asked for, left out of the defaults"
+                )
                 if note not in notes:
                     notes.append(note)
             notes += [f"{CONFIGS[config][0]} failed: {lab}" for lab in row["failed"]]
@@ -124,8 +144,10 @@ def table(results: dict[str, dict[str, dict]]) -> str:
     foot = []
     for config, common in shared.items():
         for lab, sentence in sorted(common):
-            foot.append(f"* {CONFIGS[config][0]}, every family: report section "
-                        f"`{lab.split(': ', 1)[-1]}` refuses ({sentence})")
+            foot.append(
+                f"* {CONFIGS[config][0]}, every family: report section "
+                f"`{lab.split(': ', 1)[-1]}` refuses ({sentence})"
+            )
     return "\n".join(lines) + ("\n\n" + "\n".join(foot) if foot else "")
 
 
@@ -139,11 +161,21 @@ def write_readme(text: str, readme: Path = ROOT / "README.md") -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ", ".join(CONFIGS))
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--configs",
+        default=",".join(CONFIGS),
+        help="comma-separated subset of " + ", ".join(CONFIGS),
+    )
     ap.add_argument("--reports", type=Path, help="read DIR/<config>.xml instead of running")
-    ap.add_argument("--out", type=Path, default=ROOT / "out" / "architecture-matrix",
-                    help="where the JUnit reports are written")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=ROOT / "out" / "architecture-matrix",
+        help="where the JUnit reports are written",
+    )
     ap.add_argument("--write-readme", action="store_true", help="replace the README's table")
     args = ap.parse_args()
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]

@@ -93,7 +93,9 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from tuned_lens_vs_reference import ensure_reference_venv  # the venv is shared with that benchmark
+    from tuned_lens_vs_reference import (
+        ensure_reference_venv,
+    )  # the venv is shared with that benchmark
 
     from tlmicroscope.causal import extract_causal_basis
     from tlmicroscope.corpus import token_windows
@@ -102,21 +104,32 @@ def main() -> int:
 
     model = load_model()
     seq_len = 256
-    windows = token_windows(model, "embedded", seq_len=seq_len, n_windows=max(1, args.tokens // seq_len),
-                            shuffle=True, seed=0)
+    windows = token_windows(
+        model,
+        "embedded",
+        seq_len=seq_len,
+        n_windows=max(1, args.tokens // seq_len),
+        shuffle=True,
+        seed=0,
+    )
     name = f"blocks.{args.layer}.hook_resid_pre"
     with torch.inference_mode():
         _, cache = model.run_with_cache(windows, names_filter=[name])
     hidden = cache[name].clone()  # [batch pos d_model]
-    print(f"layer {args.layer}, k={args.k}, {hidden.shape[0] * hidden.shape[1]} tokens, mean ablation, "
-          f"max_iter={args.max_iter}, {args.threads} threads")
+    print(
+        f"layer {args.layer}, k={args.k}, {hidden.shape[0] * hidden.shape[1]} tokens, mean ablation, "
+        f"max_iter={args.max_iter}, {args.threads} threads"
+    )
 
     t0 = time.perf_counter()
-    ours = extract_causal_basis(model, "logit", hidden, args.layer, args.k, "mean", max_iter=args.max_iter,
-                                progress=False)
+    ours = extract_causal_basis(
+        model, "logit", hidden, args.layer, args.k, "mean", max_iter=args.max_iter, progress=False
+    )
     ours_s = time.perf_counter() - t0
-    print(f"ours:      {ours_s / args.k:8.2f} s per direction  (evaluations {ours.n_evals.tolist()}, "
-          f"converged {ours.converged.tolist()})")
+    print(
+        f"ours:      {ours_s / args.k:8.2f} s per direction  (evaluations {ours.n_evals.tolist()}, "
+        f"converged {ours.converged.tolist()})"
+    )
     if args.skip_reference:
         return 0
 
@@ -125,10 +138,19 @@ def main() -> int:
         work = Path(tmp)
         model_dir = export_hf_folder(work / "smollm2-135m-hf")
         torch.save(hidden, work / "hidden.pt")
-        cfg = dict(model_dir=str(model_dir), hidden=str(work / "hidden.pt"), k=args.k, max_iter=args.max_iter,
-                   threads=args.threads, out=str(work / "ref.pt"))
-        subprocess.run([str(python), "-c", REFERENCE_DRIVER, json.dumps(cfg)], check=True,
-                       env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+        cfg = dict(
+            model_dir=str(model_dir),
+            hidden=str(work / "hidden.pt"),
+            k=args.k,
+            max_iter=args.max_iter,
+            threads=args.threads,
+            out=str(work / "ref.pt"),
+        )
+        subprocess.run(
+            [str(python), "-c", REFERENCE_DRIVER, json.dumps(cfg)],
+            check=True,
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
+        )
         ref = torch.load(work / "ref.pt", weights_only=True)
     ref_s = float(ref["seconds"])
     ours_probe = torch.log_softmax(Readout(model)(hidden[0, :8]), -1)
@@ -140,8 +162,10 @@ def main() -> int:
     cos = (ours.vectors.T @ ref["vectors"].float()).abs().diagonal()
     print("direction  energy ours   energy ref   rel. diff   |cos(ours, ref)|")
     for j in range(args.k):
-        print(f"{j:9d}  {float(ours.energies[j]):11.5g}  {float(ref['energies'][j]):11.5g}  "
-              f"{float(rel[j]):9.2%}   {float(cos[j]):.4f}")
+        print(
+            f"{j:9d}  {float(ours.energies[j]):11.5g}  {float(ref['energies'][j]):11.5g}  "
+            f"{float(rel[j]):9.2%}   {float(cos[j]):.4f}"
+        )
     print(f"largest relative energy difference: {float(rel.max()):.2%} (target <= 5%)")
     return 0
 

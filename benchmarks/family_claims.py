@@ -40,11 +40,17 @@ def run_model(name: str, out: Path, args: argparse.Namespace) -> None:
     model = tlm.load_model(name)
     lens_dir = default_lens_dir(name)
     lens = load_lens(lens_dir, model) if (lens_dir / "config.json").is_file() else None
-    print(f"{name}: tuned lens {'from ' + str(lens_dir) if lens is not None else 'not found (logit only)'}")
+    print(
+        f"{name}: tuned lens {'from ' + str(lens_dir) if lens is not None else 'not found (logit only)'}"
+    )
     t0 = time.perf_counter()
-    claims = family_claims(model, tuned_lens=lens, kl_tokens=args.kl_tokens, id_points=args.id_points)
-    data = claims.to_dict() | {"seconds": round(time.perf_counter() - t0, 1),
-                               "tuned_lens_dir": str(lens_dir) if lens is not None else None}
+    claims = family_claims(
+        model, tuned_lens=lens, kl_tokens=args.kl_tokens, id_points=args.id_points
+    )
+    data = claims.to_dict() | {
+        "seconds": round(time.perf_counter() - t0, 1),
+        "tuned_lens_dir": str(lens_dir) if lens is not None else None,
+    }
     atomic_write_text(out / f"{name}.json", json.dumps(data, indent=1))
     print(f"{name}: {data['seconds']:.0f} s")
 
@@ -60,7 +66,9 @@ def write_readme(text: str, readme: Path = ROOT / "README.md") -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--models", default="smollm2-135m,gemma3-270m")
     ap.add_argument("--out", type=Path, default=ROOT / "out" / "family-claims")
     ap.add_argument("--kl-tokens", type=int, default=2048)

@@ -32,7 +32,11 @@ def _lenses(model, tuned_dir: Path, jlens_dir: Path):
     from tlmicroscope.lenses import TunedLens, load_lens
     from tlmicroscope.lenses.jacobian import JacobianLens, require_jacobian_lens
 
-    tuned = load_lens(tuned_dir, model) if (tuned_dir / "config.json").is_file() else TunedLens.for_model(model)
+    tuned = (
+        load_lens(tuned_dir, model)
+        if (tuned_dir / "config.json").is_file()
+        else TunedLens.for_model(model)
+    )
     if (jlens_dir / "config.json").is_file():
         jlens = load_lens(jlens_dir, model)
     else:  # the cost does not depend on the fitted values
@@ -61,19 +65,28 @@ def main() -> int:
     from tlmicroscope.lenses.train import default_lens_dir
 
     model = load_model(args.model)
-    tuned, jlens = _lenses(model, Path(args.tuned or default_lens_dir(args.model)),
-                           Path(args.jlens or default_jlens_dir(args.model)))
+    tuned, jlens = _lenses(
+        model,
+        Path(args.tuned or default_lens_dir(args.model)),
+        Path(args.jlens or default_jlens_dir(args.model)),
+    )
     toks = token_stream(model, None)[: args.tokens].unsqueeze(0)
     t_tuned = t_j = float("inf")
     for _ in range(args.repeat):  # interleaved, so a change in the machine's load hits both alike
-        t_tuned = min(t_tuned, best_time(lambda: prediction_trajectory(model, toks, lens=tuned), repeat=1))
+        t_tuned = min(
+            t_tuned, best_time(lambda: prediction_trajectory(model, toks, lens=tuned), repeat=1)
+        )
         t_j = min(t_j, best_time(lambda: prediction_trajectory(model, toks, lens=jlens), repeat=1))
     load = os.getloadavg()[0]
-    print(f"model {args.model}, {toks.shape[1]} tokens, {args.threads} threads, load average {load:.2f}")
+    print(
+        f"model {args.model}, {toks.shape[1]} tokens, {args.threads} threads, load average {load:.2f}"
+    )
     print(f"tuned-lens trajectory    {t_tuned:8.3f} s")
     print(f"Jacobian-lens trajectory {t_j:8.3f} s")
     ratio = t_j / t_tuned
-    print(f"ratio J-lens / tuned     {ratio:8.3f}x (target <= 1.15x): {'ok' if ratio <= 1.15 else 'MISSED'}")
+    print(
+        f"ratio J-lens / tuned     {ratio:8.3f}x (target <= 1.15x): {'ok' if ratio <= 1.15 else 'MISSED'}"
+    )
     return 0
 
 

@@ -69,7 +69,9 @@ def _reset_peak() -> bool:
 def _windows(tokenizer, n_windows: int, seq_len: int):
     from tlmicroscope.corpus import token_windows
 
-    return token_windows(tokenizer, None, seq_len=seq_len, n_windows=n_windows, shuffle=True, seed=0)
+    return token_windows(
+        tokenizer, None, seq_len=seq_len, n_windows=n_windows, shuffle=True, seed=0
+    )
 
 
 def run_reference(args, preallocated: bool = False) -> dict:
@@ -126,11 +128,18 @@ def run_reference(args, preallocated: bool = False) -> dict:
     coords = x @ pca.components_.T
     t_total = time.perf_counter() - t0
     return {
-        "capture_s": t_capture, "pca_s": t_total - t_capture, "total_s": t_total,
-        "fit_s": t_fit - t_capture, "transform_s": t_total - t_fit,
-        "rss_after_load_mb": rss_loaded, "peak_rss_mb": _peak_rss_mb(), "peak_reset": reset,
-        "n_vectors": int(x.shape[0]), "evr": pca.explained_variance_ratio_.tolist(),
-        "components": pca.components_.tolist(), "coords_head": coords[:5].tolist(),
+        "capture_s": t_capture,
+        "pca_s": t_total - t_capture,
+        "total_s": t_total,
+        "fit_s": t_fit - t_capture,
+        "transform_s": t_total - t_fit,
+        "rss_after_load_mb": rss_loaded,
+        "peak_rss_mb": _peak_rss_mb(),
+        "peak_reset": reset,
+        "n_vectors": int(x.shape[0]),
+        "evr": pca.explained_variance_ratio_.tolist(),
+        "components": pca.components_.tolist(),
+        "coords_head": coords[:5].tolist(),
     }
 
 
@@ -145,27 +154,52 @@ def run_ours(args, dtype_name: str) -> dict:
     reset = _reset_peak()
     rss_loaded = _rss_mb()
     t0 = time.perf_counter()
-    states = capture_components(model, windows, components=("attn_out", "mlp_out"),
-                                dtype=getattr(torch, dtype_name), batch_size=args.batch_size,
-                                progress=False)
+    states = capture_components(
+        model,
+        windows,
+        components=("attn_out", "mlp_out"),
+        dtype=getattr(torch, dtype_name),
+        batch_size=args.batch_size,
+        progress=False,
+    )
     t_capture = time.perf_counter() - t0
     pca = LatentPCA(args.n_components).fit(states)
     t_fit = time.perf_counter() - t0
     proj = project(states, reducer=pca)
     t_total = time.perf_counter() - t0
     return {
-        "capture_s": t_capture, "pca_s": t_total - t_capture, "total_s": t_total,
-        "fit_s": t_fit - t_capture, "transform_s": t_total - t_fit,
-        "rss_after_load_mb": rss_loaded, "peak_rss_mb": _peak_rss_mb(), "peak_reset": reset,
-        "n_vectors": len(proj), "evr": pca.explained_variance_ratio_.tolist(),
-        "components": proj.reducer.components_.tolist(), "coords_head": proj.coords[:5].tolist(),
+        "capture_s": t_capture,
+        "pca_s": t_total - t_capture,
+        "total_s": t_total,
+        "fit_s": t_fit - t_capture,
+        "transform_s": t_total - t_fit,
+        "rss_after_load_mb": rss_loaded,
+        "peak_rss_mb": _peak_rss_mb(),
+        "peak_reset": reset,
+        "n_vectors": len(proj),
+        "evr": pca.explained_variance_ratio_.tolist(),
+        "components": proj.reducer.components_.tolist(),
+        "coords_head": proj.coords[:5].tolist(),
     }
 
 
 def _child(side: str, args) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--side", side, "--n-windows", str(args.n_windows),
-           "--seq-len", str(args.seq_len), "--n-components", str(args.n_components),
-           "--batch-size", str(args.batch_size), "--threads", str(args.threads)]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--side",
+        side,
+        "--n-windows",
+        str(args.n_windows),
+        "--seq-len",
+        str(args.seq_len),
+        "--n-components",
+        str(args.n_components),
+        "--batch-size",
+        str(args.batch_size),
+        "--threads",
+        str(args.threads),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr[-4000:])
@@ -202,20 +236,30 @@ def main() -> None:
         print(json.dumps(run_ours(args, args.side)))
         return
 
-    print(f"capture + PCA({args.n_components}) of all attention and MLP outputs of the embedded model, "
-          f"{args.n_windows} windows x {args.seq_len} tokens, {args.threads} threads; each side in its own process")
+    print(
+        f"capture + PCA({args.n_components}) of all attention and MLP outputs of the embedded model, "
+        f"{args.n_windows} windows x {args.seq_len} tokens, {args.threads} threads; each side in its own process"
+    )
     results: dict[str, dict] = {}
-    for rep in range(args.repeats):  # interleaved, so a burst of load on the machine hits every side
+    for rep in range(
+        args.repeats
+    ):  # interleaved, so a burst of load on the machine hits every side
         for side in SIDES:
             r = _child(side, args)
-            print(f"  run {rep + 1} {side:>18}: capture {r['capture_s']:6.1f} s  PCA {r['pca_s']:5.1f} s "
-                  f"(fit {r['fit_s']:4.1f})  "
-                  f"total {r['total_s']:6.1f} s  RSS after load {r['rss_after_load_mb']:7.0f} MB  "
-                  f"peak {r['peak_rss_mb']:7.0f} MB"
-                  + ("" if r["peak_reset"] else "  (peak includes loading: clear_refs unavailable)"), flush=True)
+            print(
+                f"  run {rep + 1} {side:>18}: capture {r['capture_s']:6.1f} s  PCA {r['pca_s']:5.1f} s "
+                f"(fit {r['fit_s']:4.1f})  "
+                f"total {r['total_s']:6.1f} s  RSS after load {r['rss_after_load_mb']:7.0f} MB  "
+                f"peak {r['peak_rss_mb']:7.0f} MB"
+                + ("" if r["peak_reset"] else "  (peak includes loading: clear_refs unavailable)"),
+                flush=True,
+            )
             best = results.get(side)
             if best is None or r["total_s"] < best["total_s"]:
-                results[side] = {**r, "peak_rss_mb": max(r["peak_rss_mb"], (best or r)["peak_rss_mb"])}
+                results[side] = {
+                    **r,
+                    "peak_rss_mb": max(r["peak_rss_mb"], (best or r)["peak_rss_mb"]),
+                }
             else:
                 best["peak_rss_mb"] = max(best["peak_rss_mb"], r["peak_rss_mb"])
     print(f"best time of {args.repeats} runs per side, highest peak:")
@@ -226,10 +270,12 @@ def main() -> None:
             cos, devr = _agreement(r, ref)
             extra_ours = r["peak_rss_mb"] - r["rss_after_load_mb"]
             extra_ref = ref["peak_rss_mb"] - ref["rss_after_load_mb"]
-            print(f"ours ({side} storage) / {ref_side}: time {r['total_s'] / ref['total_s']:.2f}x, "
-                  f"peak RSS {r['peak_rss_mb'] / ref['peak_rss_mb']:.2f}x (above the loaded model: "
-                  f"{extra_ours:.0f} vs {extra_ref:.0f} MB, {extra_ours / extra_ref:.2f}x); components agree "
-                  f"|cos| >= {cos:.5f}, explained-variance ratios within {devr:.1e}")
+            print(
+                f"ours ({side} storage) / {ref_side}: time {r['total_s'] / ref['total_s']:.2f}x, "
+                f"peak RSS {r['peak_rss_mb'] / ref['peak_rss_mb']:.2f}x (above the loaded model: "
+                f"{extra_ours:.0f} vs {extra_ref:.0f} MB, {extra_ours / extra_ref:.2f}x); components agree "
+                f"|cos| >= {cos:.5f}, explained-variance ratios within {devr:.1e}"
+            )
     print("target (against the reference approach): time ratio <= 1 and peak RSS ratio <= 0.5")
 
 

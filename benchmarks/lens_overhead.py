@@ -59,9 +59,21 @@ def synthetic_large_vocab(seed: int = 0):
     from tlmicroscope.models.tiny import byte_tokenizer
 
     cfg = TransformerBridgeConfig(
-        d_model=640, d_head=256, n_heads=4, n_key_value_heads=1, n_layers=18, n_ctx=4096,
-        d_vocab=262144, d_mlp=2048, act_fn="silu", gated_mlp=True, normalization_type="RMS",
-        final_rms=True, positional_embedding_type="rotary", rotary_dim=256, seed=seed,
+        d_model=640,
+        d_head=256,
+        n_heads=4,
+        n_key_value_heads=1,
+        n_layers=18,
+        n_ctx=4096,
+        d_vocab=262144,
+        d_mlp=2048,
+        act_fn="silu",
+        gated_mlp=True,
+        normalization_type="RMS",
+        final_rms=True,
+        positional_embedding_type="rotary",
+        rotary_dim=256,
+        seed=seed,
     )
     torch.manual_seed(seed)
     model = TransformerBridge.boot_native(cfg, tokenizer=byte_tokenizer())
@@ -118,12 +130,16 @@ def time_at(model, name: str, n_tokens: int, repeat: int, with_tl: bool) -> dict
     out = {"forward": best_time(forward, repeat)}
     out["floor"], out["floor_stacked"] = floor_times(model, toks, repeat)
     # main() warmed the trajectory's caches and kernels up on a short prompt already.
-    out["trajectory"] = best_time(lambda: prediction_trajectory(model, toks, top_k=10), repeat, warmup=0)
+    out["trajectory"] = best_time(
+        lambda: prediction_trajectory(model, toks, top_k=10), repeat, warmup=0
+    )
     fits = (model.cfg.n_layers + 1) * n_tokens * model.cfg.d_vocab * 4 * 3 < 2 * 2**30
     if with_tl and fits:
         from transformer_lens.tools.analysis import logit_lens
 
-        out["tl"] = best_time(lambda: logit_lens(model, toks, positions=None, top_k=10), max(1, repeat - 1))
+        out["tl"] = best_time(
+            lambda: logit_lens(model, toks, positions=None, top_k=10), max(1, repeat - 1)
+        )
     return out
 
 
@@ -131,15 +147,23 @@ def report_times(n_tokens: int, t: dict[str, float], target: float) -> None:
     f = t["floor"]
     print(f"\n{n_tokens} tokens:")
     print(f"  forward pass:                          {t['forward']:8.3f} s")
-    print(f"  FLOP floor, one product per layer:     {f:8.3f} s   = {f / t['forward']:.1f}x a forward pass")
+    print(
+        f"  FLOP floor, one product per layer:     {f:8.3f} s   = {f / t['forward']:.1f}x a forward pass"
+    )
     print(f"  the same products stacked in one:      {t['floor_stacked']:8.3f} s")
-    print(f"  prediction_trajectory (top 10):        {t['trajectory']:8.3f} s   = "
-          f"{t['trajectory'] / t['forward']:.1f}x forward")
+    print(
+        f"  prediction_trajectory (top 10):        {t['trajectory']:8.3f} s   = "
+        f"{t['trajectory'] / t['forward']:.1f}x forward"
+    )
     if "tl" in t:
-        print(f"  TransformerLens logit_lens (top 10):   {t['tl']:8.3f} s   = "
-              f"{t['tl'] / t['trajectory']:.2f}x the trajectory")
-    print(f"  ratio trajectory / floor:              {t['trajectory'] / f:.2f}x (target <= {target}); "
-          f"/ stacked products {t['trajectory'] / t['floor_stacked']:.2f}x")
+        print(
+            f"  TransformerLens logit_lens (top 10):   {t['tl']:8.3f} s   = "
+            f"{t['tl'] / t['trajectory']:.2f}x the trajectory"
+        )
+    print(
+        f"  ratio trajectory / floor:              {t['trajectory'] / f:.2f}x (target <= {target}); "
+        f"/ stacked products {t['trajectory'] / t['floor_stacked']:.2f}x"
+    )
 
 
 def main() -> None:
@@ -151,7 +175,9 @@ def main() -> None:
     ap.add_argument("--memory-tokens", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-memory", action="store_true")
-    ap.add_argument("--memory-child", choices=["forward", "trajectory"], default=None, help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--memory-child", choices=["forward", "trajectory"], default=None, help=argparse.SUPPRESS
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.memory_child:
@@ -164,9 +190,11 @@ def main() -> None:
     load_s = time.perf_counter() - t0
     with open("/proc/loadavg") as f:
         load_avg = " ".join(f.read().split()[:3])
-    print(f"{args.model}: {cfg.n_layers} layers, d_model {cfg.d_model}, d_vocab {cfg.d_vocab}; loaded in "
-          f"{load_s:.0f} s; {torch.get_num_threads()} threads, torch {torch.__version__}; "
-          f"load average {load_avg}")
+    print(
+        f"{args.model}: {cfg.n_layers} layers, d_model {cfg.d_model}, d_vocab {cfg.d_vocab}; loaded in "
+        f"{load_s:.0f} s; {torch.get_num_threads()} threads, torch {torch.__version__}; "
+        f"load average {load_avg}"
+    )
     prediction_trajectory(model, prompt(model, args.model, 8), top_k=10)  # warm-up: caches, kernels
     for n, target in ((args.tokens, 1.3), (args.short_tokens, 1.5)):
         if n:
@@ -175,14 +203,21 @@ def main() -> None:
     if not args.no_memory:
         # Fresh processes: freed memory is not returned to the OS, so a process that already ran
         # the timings would report their high-water mark.
-        res = {w: _memory_child(args.model, w, args.memory_tokens, args.threads) for w in ("forward", "trajectory")}
+        res = {
+            w: _memory_child(args.model, w, args.memory_tokens, args.threads)
+            for w in ("forward", "trajectory")
+        }
         (pf, bf), (pt, bt) = res["forward"], res["trajectory"]
-        print(f"\npeak RSS (VmHWM) at {args.memory_tokens} tokens, each in a fresh process "
-              f"(model loaded: {bf:.0f} MiB):")
+        print(
+            f"\npeak RSS (VmHWM) at {args.memory_tokens} tokens, each in a fresh process "
+            f"(model loaded: {bf:.0f} MiB):"
+        )
         print(f"  forward pass:           {pf:7.0f} MiB (+{pf - bf:.0f} MiB over the loaded model)")
         print(f"  prediction_trajectory:  {pt:7.0f} MiB (+{pt - bt:.0f} MiB)")
-        print(f"  ratio trajectory / forward: {pt / pf:.2f}x total (target < 2), "
-              f"{(pt - bt) / max(pf - bf, 1):.2f}x over the loaded model")
+        print(
+            f"  ratio trajectory / forward: {pt / pf:.2f}x total (target < 2), "
+            f"{(pt - bt) / max(pf - bf, 1):.2f}x over the loaded model"
+        )
     with open("/proc/loadavg") as f:
         print(f"\nload average at the end: {' '.join(f.read().split()[:3])} on {_cpus()} CPUs")
 
@@ -197,9 +232,21 @@ def _memory_child(model: str, what: str, n_tokens: int, threads: int) -> tuple[f
     import subprocess
 
     out = subprocess.run(
-        [sys.executable, __file__, "--model", model, "--memory-child", what,
-         "--memory-tokens", str(n_tokens), "--threads", str(threads)],
-        capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            __file__,
+            "--model",
+            model,
+            "--memory-child",
+            what,
+            "--memory-tokens",
+            str(n_tokens),
+            "--threads",
+            str(threads),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.split()
     return float(out[-2]), float(out[-1])
 

@@ -50,7 +50,9 @@ def main() -> None:
     ap.add_argument("--kind", default="bridge")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--skip-cold", action="store_true", help="warm loads only (uses the usual cache)")
+    ap.add_argument(
+        "--skip-cold", action="store_true", help="warm loads only (uses the usual cache)"
+    )
     args = ap.parse_args()
 
     import torch
@@ -73,8 +75,10 @@ def main() -> None:
     cls = {"gemma3": "Gemma3ForCausalLM", "llama": "LlamaForCausalLM"}.get(arch)
     if cls is not None:
         getattr(transformers, cls)  # the model module's import, outside both clocks
-    print(f"{args.model}: {path} ({path.stat().st_size / 2**20:.0f} MiB, {arch}), "
-          f"torch threads {args.threads}, transformers {transformers.__version__}")
+    print(
+        f"{args.model}: {path} ({path.stat().st_size / 2**20:.0f} MiB, {arch}), "
+        f"torch threads {args.threads}, transformers {transformers.__version__}"
+    )
 
     def reference():
         return AutoModelForCausalLM.from_pretrained(

@@ -134,20 +134,28 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--cond", type=float, default=1e3, help="well conditioned: σ_max/σ_min of X̃ below this")
+    ap.add_argument(
+        "--cond", type=float, default=1e3, help="well conditioned: σ_max/σ_min of X̃ below this"
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
     model = load_model("smollm2-135m", kind="bridge")
     hf = load_gguf_hf_model(embedded_gguf_path())
-    windows = token_windows(model, None, seq_len=args.seq_len, n_windows=args.n_windows, shuffle=True, seed=0)
-    prompt = token_windows(model, None, seq_len=args.prompt_len, n_windows=1, shuffle=True, seed=123)
+    windows = token_windows(
+        model, None, seq_len=args.seq_len, n_windows=args.n_windows, shuffle=True, seed=0
+    )
+    prompt = token_windows(
+        model, None, seq_len=args.prompt_len, n_windows=1, shuffle=True, seed=123
+    )
     n_tok, d = windows.numel(), int(model.cfg.d_model)
     with torch.inference_mode():  # warm both models up once
         hf(windows[:1, :32])
         model(windows[:1, :32])
-    print(f"embedded SmolLM2-135M, {args.n_windows} windows x {args.seq_len} = N={n_tok} tokens, d={d}, "
-          f"{torch.get_num_threads()} threads")
+    print(
+        f"embedded SmolLM2-135M, {args.n_windows} windows x {args.seq_len} = N={n_tok} tokens, d={d}, "
+        f"{torch.get_num_threads()} threads"
+    )
 
     with Timer() as t_collect:
         embs = ref_collect(hf, windows)
@@ -169,32 +177,58 @@ def main() -> None:
     ref_total = t_collect.wall + t_ref_lin.wall
     print(f"\nlinearity, {len(pairs)} pairs (with and without residual):")
     print(f"  reference: collect {t_collect} + per-pair SVD {t_ref_lin} = {ref_total:.1f} s")
-    print(f"  tlmicroscope linearity_scores (streamed float64 moments, own forward): {t_ours}   "
-          f"ratio {ref_total / t_ours.wall:.2f}x (cpu {(t_collect.cpu + t_ref_lin.cpu) / t_ours.cpu:.2f}x)")
-    print(f"  from the same hidden states: reference {t_ref_lin}, tlmicroscope {t_ours_states}   "
-          f"ratio {t_ref_lin.wall / t_ours_states.wall:.2f}x (cpu {t_ref_lin.cpu / t_ours_states.cpu:.2f}x)")
-    print(f"  max |Δ score| with residual: {diffs(ref_s, ours.score):.2e} (all pairs), "
-          f"{diffs(ref_s, ours.score, good):.2e} ({sum(good)} pairs with σmax/σmin < {args.cond:g})")
-    print(f"  max |Δ score| without residual: {diffs(ref_wo, ours.score_without_residual):.2e} (all), "
-          f"{diffs(ref_wo, ours.score_without_residual, good):.2e} (well conditioned)")
-    print(f"  same hidden states, max |Δ|: {diffs(ref_s, ours_states.score):.2e} / "
-          f"{diffs(ref_wo, ours_states.score_without_residual):.2e}")
-    print(f"  condition numbers σmax/σmin of X̃: min {min(conds):.3g}, median {sorted(conds)[len(conds) // 2]:.3g}, "
-          f"max {max(conds):.3g}")
+    print(
+        f"  tlmicroscope linearity_scores (streamed float64 moments, own forward): {t_ours}   "
+        f"ratio {ref_total / t_ours.wall:.2f}x (cpu {(t_collect.cpu + t_ref_lin.cpu) / t_ours.cpu:.2f}x)"
+    )
+    print(
+        f"  from the same hidden states: reference {t_ref_lin}, tlmicroscope {t_ours_states}   "
+        f"ratio {t_ref_lin.wall / t_ours_states.wall:.2f}x (cpu {t_ref_lin.cpu / t_ours_states.cpu:.2f}x)"
+    )
+    print(
+        f"  max |Δ score| with residual: {diffs(ref_s, ours.score):.2e} (all pairs), "
+        f"{diffs(ref_s, ours.score, good):.2e} ({sum(good)} pairs with σmax/σmin < {args.cond:g})"
+    )
+    print(
+        f"  max |Δ score| without residual: {diffs(ref_wo, ours.score_without_residual):.2e} (all), "
+        f"{diffs(ref_wo, ours.score_without_residual, good):.2e} (well conditioned)"
+    )
+    print(
+        f"  same hidden states, max |Δ|: {diffs(ref_s, ours_states.score):.2e} / "
+        f"{diffs(ref_wo, ours_states.score_without_residual):.2e}"
+    )
+    print(
+        f"  condition numbers σmax/σmin of X̃: min {min(conds):.3g}, median {sorted(conds)[len(conds) // 2]:.3g}, "
+        f"max {max(conds):.3g}"
+    )
     # The notebook computes in float32 (an fp32 model, its SVD and sums in float32). The same formula
     # evaluated in float64 on a few pairs shows how much of the difference is the reference's rounding.
     check = sorted({0, len(pairs) // 4, len(pairs) // 2, 3 * len(pairs) // 4, len(pairs) - 1})
-    exact = {i: (ref_similarity(embs[i].double(), embs[i + 1].double())[0],
-                 ref_similarity_centered(embs[i].double(), embs[i + 1].double())) for i in check}
-    worst_ours = max(max(abs(exact[i][0] - float(ours.score[i])), abs(exact[i][1] - float(ours.score_without_residual[i])))
-                     for i in check)
+    exact = {
+        i: (
+            ref_similarity(embs[i].double(), embs[i + 1].double())[0],
+            ref_similarity_centered(embs[i].double(), embs[i + 1].double()),
+        )
+        for i in check
+    }
+    worst_ours = max(
+        max(
+            abs(exact[i][0] - float(ours.score[i])),
+            abs(exact[i][1] - float(ours.score_without_residual[i])),
+        )
+        for i in check
+    )
     worst_ref = max(max(abs(exact[i][0] - ref_s[i]), abs(exact[i][1] - ref_wo[i])) for i in check)
-    print(f"  the reference formula in float64 on pairs {check}: max |Δ| to tlmicroscope {worst_ours:.2e}, "
-          f"to the float32 reference run {worst_ref:.2e}")
+    print(
+        f"  the reference formula in float64 on pairs {check}: max |Δ| to tlmicroscope {worst_ours:.2e}, "
+        f"to the float32 reference run {worst_ref:.2e}"
+    )
     print("  pair  ref_score    ours_score   ref_wo     ours_wo    cond")
     for i in pairs:
-        print(f"  {i:>4}  {ref_s[i]:.8f}  {float(ours.score[i]):.8f}  {ref_wo[i]:.6f}  "
-              f"{float(ours.score_without_residual[i]):.6f}  {conds[i]:.3g}")
+        print(
+            f"  {i:>4}  {ref_s[i]:.8f}  {float(ours.score[i]):.8f}  {ref_wo[i]:.6f}  "
+            f"{float(ours.score_without_residual[i]):.6f}  {conds[i]:.3g}"
+        )
 
     # token non-linearity of one prompt: fit the maps (from the corpus hidden states above), then apply
     with Timer() as t_ref_fit:
@@ -209,20 +243,32 @@ def main() -> None:
     scale = math.sqrt(n_tok)
     d_abs = (ours_err.double() - ref_err.double()).abs()
     good_t = torch.tensor(good)
-    print(f"\ntoken non-linearity, {args.prompt_len}-token prompt, maps fitted on the N={n_tok} corpus tokens:")
-    print(f"  fit the maps from the corpus hidden states: reference (per-pair SVD A*) {t_ref_fit}, "
-          f"tlmicroscope (float64 moments) {t_fit}   ratio {t_ref_fit.wall / t_fit.wall:.2f}x "
-          f"(cpu {t_ref_fit.cpu / t_fit.cpu:.2f}x)")
+    print(
+        f"\ntoken non-linearity, {args.prompt_len}-token prompt, maps fitted on the N={n_tok} corpus tokens:"
+    )
+    print(
+        f"  fit the maps from the corpus hidden states: reference (per-pair SVD A*) {t_ref_fit}, "
+        f"tlmicroscope (float64 moments) {t_fit}   ratio {t_ref_fit.wall / t_fit.wall:.2f}x "
+        f"(cpu {t_ref_fit.cpu / t_fit.cpu:.2f}x)"
+    )
     print(f"  tlmicroscope NonlinearityReference.fit with its own forward pass: {t_fit_model}")
-    print(f"  apply to the prompt: reference (HF output_hidden_states + maps) {t_ref_apply}, tlmicroscope "
-          f"token_nonlinearity (one hooked pass) {t_apply}   ratio {t_ref_apply.wall / t_apply.wall:.2f}x")
-    print(f"  fit from the same hidden states + apply: ratio "
-          f"{(t_ref_fit.wall + t_ref_apply.wall) / (t_fit.wall + t_apply.wall):.2f}x")
+    print(
+        f"  apply to the prompt: reference (HF output_hidden_states + maps) {t_ref_apply}, tlmicroscope "
+        f"token_nonlinearity (one hooked pass) {t_apply}   ratio {t_ref_apply.wall / t_apply.wall:.2f}x"
+    )
+    print(
+        f"  fit from the same hidden states + apply: ratio "
+        f"{(t_ref_fit.wall + t_ref_apply.wall) / (t_fit.wall + t_apply.wall):.2f}x"
+    )
     d_states = (tn_states.paper_scale()[:, 0].double() - ref_err.double()).abs()
-    print(f"  maps fitted on the reference's own hidden states: max |Δ E| {float(d_states.max()):.2e}")
-    print(f"  max |Δ E| (paper scale, E·√N in brackets): all pairs {float(d_abs.max()):.2e} "
-          f"[{float(d_abs.max()) * scale:.2e}], well-conditioned pairs {float(d_abs[good_t].max()):.2e} "
-          f"[{float(d_abs[good_t].max()) * scale:.2e}]; typical E {float(ref_err.median()):.2e}")
+    print(
+        f"  maps fitted on the reference's own hidden states: max |Δ E| {float(d_states.max()):.2e}"
+    )
+    print(
+        f"  max |Δ E| (paper scale, E·√N in brackets): all pairs {float(d_abs.max()):.2e} "
+        f"[{float(d_abs.max()) * scale:.2e}], well-conditioned pairs {float(d_abs[good_t].max()):.2e} "
+        f"[{float(d_abs[good_t].max()) * scale:.2e}]; typical E {float(ref_err.median()):.2e}"
+    )
     embs64 = {i: embs[i].double() for i in sorted({p for c in check for p in (c, c + 1)})}
     maps64 = ref_fit_maps(embs64, check)
     with torch.no_grad():
@@ -230,11 +276,17 @@ def main() -> None:
     worst = 0.0
     for row, layer in enumerate(check):
         A, mx, my, nx, ny = maps64[layer]
-        e64 = (((hidden[layer][0].double() - mx) / nx) @ A - (hidden[layer + 1][0].double() - my) / ny).norm(dim=-1)
+        e64 = (
+            ((hidden[layer][0].double() - mx) / nx) @ A - (hidden[layer + 1][0].double() - my) / ny
+        ).norm(dim=-1)
         worst = max(worst, float((e64 - ours_err[layer].double()).abs().max() / e64.abs().max()))
-    print(f"  the reference formula in float64 on pairs {check}: max |Δ E| / max E to tlmicroscope {worst:.2e}")
+    print(
+        f"  the reference formula in float64 on pairs {check}: max |Δ E| / max E to tlmicroscope {worst:.2e}"
+    )
     rel = d_abs / ref_err.double().abs().clamp_min(1e-30)
-    print(f"  median relative |Δ E| {float(rel.median()):.2e}, well-conditioned max {float(rel[good_t].max()):.2e}")
+    print(
+        f"  median relative |Δ E| {float(rel.median()):.2e}, well-conditioned max {float(rel[good_t].max()):.2e}"
+    )
 
 
 if __name__ == "__main__":

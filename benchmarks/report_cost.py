@@ -150,7 +150,16 @@ def memory_child(name: str, what: str, n_tokens: int, lens_dir: str | None) -> N
 
 
 def measure_memory(name: str, what: str, n_tokens: int, lens_dir: str | None) -> dict[str, float]:
-    cmd = [sys.executable, __file__, "--model", name, "--memory-child", what, "--tokens", str(n_tokens)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--model",
+        name,
+        "--memory-child",
+        what,
+        "--tokens",
+        str(n_tokens),
+    ]
     if lens_dir:
         cmd += ["--lens", lens_dir]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ})
@@ -178,29 +187,39 @@ def main() -> None:
     target = 0.5 if int(model.cfg.d_vocab) > 200_000 else 0.7
     with open("/proc/loadavg") as f:
         load_avg = " ".join(f.read().split()[:3])
-    print(f"{args.model}, {args.threads} threads, torch {torch.__version__}, lens: {args.lens or 'none'}, "
-          f"load average {load_avg}")
+    print(
+        f"{args.model}, {args.threads} threads, torch {torch.__version__}, lens: {args.lens or 'none'}, "
+        f"load average {load_avg}"
+    )
     summary = []
     for n in sizes:
         tokens = token_windows(model, seq_len=n, n_windows=1)
         text = model.tokenizer.decode(tokens[0])
         toks = to_tokens(model, text)
-        rep, t_report = time_one(lambda text=text: tlmicroscope.report(model, text, lens=lens), args.repeat)
-        print(f"\n{toks.shape[-1]} tokens: report {t_report:.2f} s "
-              f"(shared capture {rep.capture_seconds:.2f} s; rendered {rep.rendered}; "
-              f"missing {list(rep.missing)}; failed {list(rep.failed)})")
+        rep, t_report = time_one(
+            lambda text=text: tlmicroscope.report(model, text, lens=lens), args.repeat
+        )
+        print(
+            f"\n{toks.shape[-1]} tokens: report {t_report:.2f} s "
+            f"(shared capture {rep.capture_seconds:.2f} s; rendered {rep.rendered}; "
+            f"missing {list(rep.missing)}; failed {list(rep.failed)})"
+        )
         total = 0.0
         for name in rep.rendered:
             fn = STANDALONE.get(name)
             if fn is None:
-                print(f"  {name:<22} no standalone form in this script: counted as 0 s (conservative)")
+                print(
+                    f"  {name:<22} no standalone form in this script: counted as 0 s (conservative)"
+                )
                 continue
             with torch.inference_mode():
                 _, t = time_one(lambda fn=fn, toks=toks: fn(model, toks, lens), args.repeat)
             total += t
             print(f"  {name:<22} in report {rep.seconds[name]:6.2f} s | on its own {t:6.2f} s")
         ratio = t_report / total if total else float("nan")
-        print(f"  sum of sections on their own: {total:.2f} s; report / sum = {ratio:.2f} (target <= {target})")
+        print(
+            f"  sum of sections on their own: {total:.2f} s; report / sum = {ratio:.2f} (target <= {target})"
+        )
         summary.append((int(toks.shape[-1]), t_report, total, ratio))
 
     if not args.no_memory:
@@ -209,9 +228,11 @@ def main() -> None:
             r = measure_memory(args.model, "report", n, args.lens)
             c = measure_memory(args.model, "run_with_cache", n, args.lens)
             dr, dc = r["peak"] - r["before"], c["peak"] - c["before"]
-            print(f"  {n:5d} tokens: report {r['peak']:.0f} (+{dr:.0f}) | full run_with_cache "
-                  f"{c['peak']:.0f} (+{dc:.0f}) | ratio {r['peak'] / c['peak']:.2f} total, "
-                  f"{dr / dc:.2f} over the loaded model (target <= 1)")
+            print(
+                f"  {n:5d} tokens: report {r['peak']:.0f} (+{dr:.0f}) | full run_with_cache "
+                f"{c['peak']:.0f} (+{dc:.0f}) | ratio {r['peak'] / c['peak']:.2f} total, "
+                f"{dr / dc:.2f} over the loaded model (target <= 1)"
+            )
     print("\nsummary (tokens, report s, sum of sections s, ratio):")
     for row in summary:
         print(f"  {row[0]:5d}  {row[1]:7.2f}  {row[2]:7.2f}  {row[3]:.2f}")

@@ -55,7 +55,9 @@ def short_prompts(model, n: int, lo: int, hi: int, seed: int = 0) -> list[str]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--min-tokens", type=int, default=6)
@@ -64,7 +66,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--mid", action="store_true", help="also read resid_mid (sites='pre+mid')")
-    ap.add_argument("--no-reference", action="store_true", help="skip the full-trajectory reference")
+    ap.add_argument(
+        "--no-reference", action="store_true", help="skip the full-trajectory reference"
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from tlmicroscope import load_model
@@ -86,8 +90,10 @@ def main() -> None:
         batches.append(toks)
     targets = [" the", {" a", " an"}]
     sites = "pre+mid" if args.mid else "pre"
-    print(f"{len(prompts)} prompts of {min(lengths)}-{max(lengths)} tokens ({sum(lengths)} in all), "
-          f"batches of {args.batch_size}, targets {targets}, sites {sites!r}")
+    print(
+        f"{len(prompts)} prompts of {min(lengths)}-{max(lengths)} tokens ({sum(lengths)} in all), "
+        f"batches of {args.batch_size}, targets {targets}, sites {sites!r}"
+    )
 
     def forward() -> None:
         with torch.inference_mode():
@@ -95,7 +101,9 @@ def main() -> None:
                 model(toks)
 
     def ours() -> None:
-        target_trajectories(model, prompts, targets, progress=False, batch_size=args.batch_size, sites=sites)
+        target_trajectories(
+            model, prompts, targets, progress=False, batch_size=args.batch_size, sites=sites
+        )
 
     def full() -> None:
         for p in prompts:
@@ -116,15 +124,24 @@ def main() -> None:
     t_fwd, c_fwd = min(w for w, _ in fw), min(c for _, c in fw)
     t_ours, c_ours = min(w for w, _ in ow), min(c for _, c in ow)
     print(f"{'what':<62} {'wall s':>8} {'x forward':>10} {'CPU s':>8} {'x forward':>10}")
-    print(f"{'forward passes alone (same padded batches)':<62} {t_fwd:>8.3f} {1.0:>10.2f} {c_fwd:>8.3f} {1.0:>10.2f}")
-    print(f"{'target_trajectories (last position, every layer, bootstrap)':<62} {t_ours:>8.3f} "
-          f"{t_ours / t_fwd:>10.2f} {c_ours:>8.3f} {c_ours / c_fwd:>10.2f}", flush=True)
+    print(
+        f"{'forward passes alone (same padded batches)':<62} {t_fwd:>8.3f} {1.0:>10.2f} {c_fwd:>8.3f} {1.0:>10.2f}"
+    )
+    print(
+        f"{'target_trajectories (last position, every layer, bootstrap)':<62} {t_ours:>8.3f} "
+        f"{t_ours / t_fwd:>10.2f} {c_ours:>8.3f} {c_ours / c_fwd:>10.2f}",
+        flush=True,
+    )
     if not args.no_reference:
         t_full = best_time(full, repeat=1, warmup=0)
-        print(f"{'full prediction_trajectory per prompt (reference)':<62} {t_full:>8.3f} {t_full / t_fwd:>10.2f}")
+        print(
+            f"{'full prediction_trajectory per prompt (reference)':<62} {t_full:>8.3f} {t_full / t_fwd:>10.2f}"
+        )
     load = os.getloadavg()[0]
-    print(f"ratio target_trajectories / forward = {t_ours / t_fwd:.2f} wall, {c_ours / c_fwd:.2f} CPU (target <= 1.5); "
-          f"load average {load:.2f} on {os.cpu_count()} CPUs")
+    print(
+        f"ratio target_trajectories / forward = {t_ours / t_fwd:.2f} wall, {c_ours / c_fwd:.2f} CPU (target <= 1.5); "
+        f"load average {load:.2f} on {os.cpu_count()} CPUs"
+    )
 
 
 if __name__ == "__main__":

@@ -35,7 +35,13 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 REF_VENV = HERE / ".venv-tuned-lens"
-REF_PINS = ["tuned-lens==0.2.0", "transformers<5", "torchdata<0.10", "datasets<4", "huggingface_hub<1.0"]
+REF_PINS = [
+    "tuned-lens==0.2.0",
+    "transformers<5",
+    "torchdata<0.10",
+    "datasets<4",
+    "huggingface_hub<1.0",
+]
 
 # Runs inside the reference venv: the reference's training step over our token windows.
 REFERENCE_DRIVER = r"""
@@ -98,8 +104,10 @@ def ensure_reference_venv() -> Path:
         ok = subprocess.run([str(python), "-c", "import tuned_lens.nn.lenses"], capture_output=True)
         if ok.returncode == 0:
             return python
-    print(f"creating {REF_VENV} (torch {torch.__version__.split('+')[0]}, {' '.join(REF_PINS)}) ...",
-          file=sys.stderr)
+    print(
+        f"creating {REF_VENV} (torch {torch.__version__.split('+')[0]}, {' '.join(REF_PINS)}) ...",
+        file=sys.stderr,
+    )
     subprocess.run([sys.executable, "-m", "venv", str(REF_VENV)], check=True)
     pip = [str(python), "-m", "pip", "install", "-q"]
     subprocess.run(pip + [f"torch=={torch.__version__.split('+')[0]}"], check=True)
@@ -111,7 +119,11 @@ def export_hf_folder(folder: Path) -> Path:
     """The embedded model as a local Hugging Face folder that transformers 4 reads the same way."""
     if (folder / "config.json").is_file():
         return folder
-    from tlmicroscope.models.embedded import embedded_gguf_path, load_gguf_hf_model, load_gguf_tokenizer
+    from tlmicroscope.models.embedded import (
+        embedded_gguf_path,
+        load_gguf_hf_model,
+        load_gguf_tokenizer,
+    )
 
     gguf = embedded_gguf_path()
     from transformers import AutoModelForCausalLM
@@ -143,8 +155,11 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-reference", action="store_true")
     ap.add_argument("--json", default=None, help="also write the results here")
-    ap.add_argument("--curves", action="store_true",
-                    help="instead: KL against tokens seen for zero/least-squares init x SGD/Muon (ours only)")
+    ap.add_argument(
+        "--curves",
+        action="store_true",
+        help="instead: KL against tokens seen for zero/least-squares init x SGD/Muon (ours only)",
+    )
     ap.add_argument("--html", default=None, help="with --curves: write the learning curves here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -162,9 +177,17 @@ def main() -> int:
     per_step = args.tokens_per_step // args.seq_len
     micro = min(per_step, max(1, 512 // args.seq_len))
     cache: dict = {}
-    order = [i for s in range(args.steps) for i in _step_windows(windows.shape[0], per_step, s, 0, cache)]
-    common = dict(steps=args.steps, tokens_per_step=args.tokens_per_step, seq_len=args.seq_len,
-                  seed=0, micro_batch_tokens=micro * args.seq_len, progress=True)
+    order = [
+        i for s in range(args.steps) for i in _step_windows(windows.shape[0], per_step, s, 0, cache)
+    ]
+    common = dict(
+        steps=args.steps,
+        tokens_per_step=args.tokens_per_step,
+        seq_len=args.seq_len,
+        seed=0,
+        micro_batch_tokens=micro * args.seq_len,
+        progress=True,
+    )
     results: dict[str, dict] = {}
     lenses = {}
 
@@ -173,64 +196,119 @@ def main() -> int:
         work.mkdir(parents=True, exist_ok=True)
         model_dir = export_hf_folder(work / "smollm2-135m-hf")
         torch.save(windows[order].clone(), work / "windows.pt")
-        cfg = dict(model_dir=str(model_dir), windows=str(work / "windows.pt"), steps=args.steps,
-                   per_step=per_step, micro=micro, threads=args.threads, lens_dir=str(work / "lens"),
-                   out=str(work / "result.json"))
+        cfg = dict(
+            model_dir=str(model_dir),
+            windows=str(work / "windows.pt"),
+            steps=args.steps,
+            per_step=per_step,
+            micro=micro,
+            threads=args.threads,
+            lens_dir=str(work / "lens"),
+            out=str(work / "result.json"),
+        )
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_MODE="disabled")
         t0 = time.perf_counter()
         subprocess.run([str(python), "-c", REFERENCE_DRIVER, json.dumps(cfg)], check=True, env=env)
         ref = json.loads((work / "result.json").read_text())
         with torch.inference_mode():
             ours_probe = torch.log_softmax(model(windows[order[:1], :32])[0], -1)
-        diff = float((ours_probe - torch.log_softmax(torch.tensor(ref["probe_logits"]), -1)).abs().max())
-        print(f"reference sees the same model: max |log-prob difference| {diff:.2e}", file=sys.stderr)
+        diff = float(
+            (ours_probe - torch.log_softmax(torch.tensor(ref["probe_logits"]), -1)).abs().max()
+        )
+        print(
+            f"reference sees the same model: max |log-prob difference| {diff:.2e}", file=sys.stderr
+        )
         if diff > 1e-3:
-            raise SystemExit("The exported Hugging Face folder does not reproduce the model; aborting.")
+            raise SystemExit(
+                "The exported Hugging Face folder does not reproduce the model; aborting."
+            )
         secs = sum(ref["seconds"])
         results["reference (tuned-lens 0.2.0, SGD)"] = {
-            "tokens_per_second": args.steps * args.tokens_per_step / secs, "train_seconds": secs,
-            "wall_seconds": time.perf_counter() - t0}
+            "tokens_per_second": args.steps * args.tokens_per_step / secs,
+            "train_seconds": secs,
+            "wall_seconds": time.perf_counter() - t0,
+        }
         lenses["reference (tuned-lens 0.2.0, SGD)"] = load_lens(work / "lens", model)
 
-    for label, settings in (("ours, reference recipe (SGD, zero init)", dict(recipe="sgd", init="zero")),
-                            ("ours, default (Muon + least squares)", dict(recipe="muon", init="lstsq"))):
+    for label, settings in (
+        ("ours, reference recipe (SGD, zero init)", dict(recipe="sgd", init="zero")),
+        ("ours, default (Muon + least squares)", dict(recipe="muon", init="lstsq")),
+    ):
         t0 = time.perf_counter()
         res = train_tuned_lens(model, None, **common, **settings)
-        results[label] = {"tokens_per_second": res.tokens_per_second,
-                          "train_seconds": float(res.seconds.sum()), "init_seconds": res.init_seconds,
-                          "wall_seconds": time.perf_counter() - t0}
+        results[label] = {
+            "tokens_per_second": res.tokens_per_second,
+            "train_seconds": float(res.seconds.sum()),
+            "init_seconds": res.init_seconds,
+            "wall_seconds": time.perf_counter() - t0,
+        }
         lenses[label] = res.lens
 
     evals = {}
     for i, (label, lens) in enumerate(lenses.items()):
-        evals[label] = evaluate_lens(model, lens, None, tokens=args.eval_tokens, seq_len=args.seq_len,
-                                     baseline=(i == 0), progress=False)
+        evals[label] = evaluate_lens(
+            model,
+            lens,
+            None,
+            tokens=args.eval_tokens,
+            seq_len=args.seq_len,
+            baseline=(i == 0),
+            progress=False,
+        )
     logit = next(iter(evals.values())).baseline
 
-    print(f"\n== tuned-lens training on SmolLM2-135M, {args.steps} steps x {args.tokens_per_step} tokens "
-          f"(seq_len {args.seq_len}), {args.threads} threads ==")
-    ref_tps = next((r["tokens_per_second"] for k, r in results.items() if k.startswith("reference")), None)
+    print(
+        f"\n== tuned-lens training on SmolLM2-135M, {args.steps} steps x {args.tokens_per_step} tokens "
+        f"(seq_len {args.seq_len}), {args.threads} threads =="
+    )
+    ref_tps = next(
+        (r["tokens_per_second"] for k, r in results.items() if k.startswith("reference")), None
+    )
     for label, r in results.items():
-        ratio = f"  ours/reference = {r['tokens_per_second'] / ref_tps:.2f}x" if ref_tps and not label.startswith("reference") else ""
+        ratio = (
+            f"  ours/reference = {r['tokens_per_second'] / ref_tps:.2f}x"
+            if ref_tps and not label.startswith("reference")
+            else ""
+        )
         init = f", least-squares init {r['init_seconds']:.0f} s" if r.get("init_seconds") else ""
-        print(f"{label:45s} {r['tokens_per_second']:7.1f} tokens/s ({r['train_seconds']:.0f} s of steps{init}){ratio}")
+        print(
+            f"{label:45s} {r['tokens_per_second']:7.1f} tokens/s ({r['train_seconds']:.0f} s of steps{init}){ratio}"
+        )
     labels = list(evals)
-    print(f"\nheld-out KL(final || lens) per layer, nats ({logit.n_tokens} tokens; x{logit.nats_to_bpb:.3f} for bits/byte)")
-    short = ["logit"] + [lab.split(",")[0] + ("-sgd" if "SGD, zero" in lab else "-muon" if "Muon" in lab else "") for lab in labels]
+    print(
+        f"\nheld-out KL(final || lens) per layer, nats ({logit.n_tokens} tokens; x{logit.nats_to_bpb:.3f} for bits/byte)"
+    )
+    short = ["logit"] + [
+        lab.split(",")[0] + ("-sgd" if "SGD, zero" in lab else "-muon" if "Muon" in lab else "")
+        for lab in labels
+    ]
     print("layer " + " ".join(f"{s:>14s}" for s in short))
     for j in range(len(logit.layers) - 1):
         row = [float(logit.kl[j])] + [float(evals[lab].kl[j]) for lab in labels]
         print(f"{j:5d} " + " ".join(f"{v:14.3f}" for v in row))
-    print("mean  " + " ".join(f"{v:14.3f}" for v in [float(logit.kl[:-1].mean())] + [float(evals[lab].kl[:-1].mean()) for lab in labels]))
+    print(
+        "mean  "
+        + " ".join(
+            f"{v:14.3f}"
+            for v in [float(logit.kl[:-1].mean())]
+            + [float(evals[lab].kl[:-1].mean()) for lab in labels]
+        )
+    )
     ref_label = next((lab for lab in labels if lab.startswith("reference")), None)
     if ref_label:
         for lab in labels:
             if lab != ref_label:
                 le = int((evals[lab].kl[:-1] <= evals[ref_label].kl[:-1]).sum())
-                print(f"{lab}: KL at or below the reference's at {le} of {len(logit.layers) - 1} layers")
+                print(
+                    f"{lab}: KL at or below the reference's at {le} of {len(logit.layers) - 1} layers"
+                )
     if args.json:
-        out = {"settings": vars(args), "throughput": results,
-               "kl": {lab: ev.kl.tolist() for lab, ev in evals.items()}, "logit_kl": logit.kl.tolist()}
+        out = {
+            "settings": vars(args),
+            "throughput": results,
+            "kl": {lab: ev.kl.tolist() for lab, ev in evals.items()},
+            "logit_kl": logit.kl.tolist(),
+        }
         Path(args.json).write_text(json.dumps(out, indent=1))
     return 0
 
@@ -245,11 +323,22 @@ def curves(args) -> int:
     for recipe in ("sgd", "muon"):
         for init in ("zero", "lstsq"):
             label = f"{recipe}, {init} init"
-            res = train_tuned_lens(model, None, steps=args.steps, tokens_per_step=args.tokens_per_step,
-                                   seq_len=args.seq_len, recipe=recipe, init=init, progress=True)
+            res = train_tuned_lens(
+                model,
+                None,
+                steps=args.steps,
+                tokens_per_step=args.tokens_per_step,
+                seq_len=args.seq_len,
+                recipe=recipe,
+                init=init,
+                progress=True,
+            )
             runs[label] = res
-            print(f"{label}: {res.tokens_per_second:.1f} tokens/s, init {res.init_seconds:.0f} s",
-                  file=sys.stderr, flush=True)
+            print(
+                f"{label}: {res.tokens_per_second:.1f} tokens/s, init {res.init_seconds:.0f} s",
+                file=sys.stderr,
+                flush=True,
+            )
     L = next(iter(runs.values())).kl.shape[1]
     print(f"\n== mean KL(final || lens) over the {L} layers on each step's unseen batch (nats) ==")
     print(f"{'tokens seen':>12} " + " ".join(f"{k:>18s}" for k in runs))
@@ -266,13 +355,25 @@ def curves(args) -> int:
         from tlmicroscope.viz.tuned import training_curve_figure
 
         page = HtmlPage(title="Tuned-lens learning curves")
-        page.add_section("KL against tokens seen", training_curve_figure(runs, layers=[0, L // 2, L - 1]))
+        page.add_section(
+            "KL against tokens seen", training_curve_figure(runs, layers=[0, L // 2, L - 1])
+        )
         page.save(args.html)
     if args.json:
-        Path(args.json).write_text(json.dumps({k: {"tokens_seen": r.tokens_seen.tolist(), "kl": r.kl.tolist(),
-                                                   "tokens_per_second": r.tokens_per_second,
-                                                   "init_seconds": r.init_seconds}
-                                               for k, r in runs.items()}, indent=1))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    k: {
+                        "tokens_seen": r.tokens_seen.tolist(),
+                        "kl": r.kl.tolist(),
+                        "tokens_per_second": r.tokens_per_second,
+                        "init_seconds": r.init_seconds,
+                    }
+                    for k, r in runs.items()
+                },
+                indent=1,
+            )
+        )
     return 0
 
 

@@ -1,7 +1,14 @@
 import pytest
 import torch
 
-from tlmicroscope.capture import BLOCK_SITES, GLOBAL_SITES, capture, hook_name, residual_stream_names, stream
+from tlmicroscope.capture import (
+    BLOCK_SITES,
+    GLOBAL_SITES,
+    capture,
+    hook_name,
+    residual_stream_names,
+    stream,
+)
 from tlmicroscope.inputs import to_tokens
 
 pytestmark = pytest.mark.models
@@ -18,8 +25,24 @@ def _all_names(model, site):
     return [BLOCK_SITES[site].format(layer=layer) for layer in range(n)]
 
 
-@pytest.mark.parametrize("site", ["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out",
-                                  "ln1", "ln2", "z", "pattern", "mlp_post", "ln_final", "embed", "resid"])
+@pytest.mark.parametrize(
+    "site",
+    [
+        "resid_pre",
+        "resid_mid",
+        "resid_post",
+        "attn_out",
+        "mlp_out",
+        "ln1",
+        "ln2",
+        "z",
+        "pattern",
+        "mlp_post",
+        "ln_final",
+        "embed",
+        "resid",
+    ],
+)
 def test_capture_matches_run_with_cache(tiny, site):
     toks = to_tokens(tiny, TEXT)
     names = _all_names(tiny, site)
@@ -37,7 +60,9 @@ def test_capture_layers_positions_and_cache_input(tiny_llama):
     _, cache = tiny_llama.run_with_cache(toks)
     from_model = capture(tiny_llama, toks, sites=("attn_out",), layers=[2, 0], positions=[0, -1])
     from_cache = capture(cache, toks, sites=("attn_out",), layers=[2, 0], positions=[0, -1])
-    expected = torch.stack([cache["blocks.2.hook_attn_out"], cache["blocks.0.hook_attn_out"]])[:, :, [0, len(TEXT) - 1]]
+    expected = torch.stack([cache["blocks.2.hook_attn_out"], cache["blocks.0.hook_attn_out"]])[
+        :, :, [0, len(TEXT) - 1]
+    ]
     torch.testing.assert_close(from_model["attn_out"], expected)
     torch.testing.assert_close(from_cache["attn_out"], expected)
     assert from_model.layers["attn_out"] == (2, 0)
@@ -60,8 +85,14 @@ def test_unknown_site_and_layer_errors(tiny_llama):
 
 def test_stream_early_stop_gives_same_activations(tiny_llama):
     seen = {}
-    out = stream(tiny_llama, TEXT, lambda s, layer, a: seen.__setitem__(layer, a.clone()),
-                 sites=("resid_pre",), layers=[0, 1], return_logits=False)
+    out = stream(
+        tiny_llama,
+        TEXT,
+        lambda s, layer, a: seen.__setitem__(layer, a.clone()),
+        sites=("resid_pre",),
+        layers=[0, 1],
+        return_logits=False,
+    )
     assert out is None
     _, cache = tiny_llama.run_with_cache(to_tokens(tiny_llama, TEXT))
     for layer in (0, 1):

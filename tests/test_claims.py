@@ -12,8 +12,15 @@ import torch
 from tlmicroscope.claims import FamilyClaims, _stays_from, claims_table, family_claims
 
 CORPUS = ["Layers read the residual stream; lenses read the layers. " * 200]
-KW = {"kl_tokens": 64, "linearity_tokens": 600, "id_points": 300, "norm_tokens": 48, "seq_len": 48, "answer": "e",
-          "progress": False}
+KW = {
+    "kl_tokens": 64,
+    "linearity_tokens": 600,
+    "id_points": 300,
+    "norm_tokens": 48,
+    "seq_len": 48,
+    "answer": "e",
+    "progress": False,
+}
 
 
 @pytest.fixture(scope="module", params=["tiny_llama", "tiny_gpt2"])
@@ -33,8 +40,11 @@ def _brute_force_ranks(model, prompt: str, answer: str) -> list[int]:
     logits, cache = model.run_with_cache(toks)
     L = model.cfg.n_layers
     resid = torch.stack([cache[f"blocks.{i}.hook_resid_pre"][0, -1] for i in range(L)])
-    scale = (resid.pow(2).mean(-1, keepdim=True) + model.cfg.eps).rsqrt() if model.cfg.normalization_type \
-        .startswith("RMS") else None
+    scale = (
+        (resid.pow(2).mean(-1, keepdim=True) + model.cfg.eps).rsqrt()
+        if model.cfg.normalization_type.startswith("RMS")
+        else None
+    )
     if scale is None:  # LayerNorm
         centred = resid - resid.mean(-1, keepdim=True)
         normed = centred / (centred.pow(2).mean(-1, keepdim=True) + model.cfg.eps).sqrt()
@@ -90,17 +100,36 @@ def test_stays_from():
 
 
 def test_derived_summaries():
-    base = {"model_name": "m", "n_layers": 4, "d_model": 8, "d_vocab": 10, "paris_rank": {}, "paris_top1_from": {},
-                "paris_top5_from": {}, "kl": {"logit": [3.0, 2.0, 1.0, 0.5], "tuned": [1.0, 2.5, 0.5, 0.1]},
-                "kl_tokens": 1, "linearity_n_tokens": 1, "id_points": 1, "norm_tokens": 1, "provenance": None}
-    c = FamilyClaims(**base, linearity_without_residual=[0.9, 0.4, 0.5, 0.8],
-                     intrinsic_dimension=[99.0, 5.0, 9.0, 7.0, 6.0],
-                     first_token_ratio=[1.0, 30.0, 80.0, 60.0])
+    base = {
+        "model_name": "m",
+        "n_layers": 4,
+        "d_model": 8,
+        "d_vocab": 10,
+        "paris_rank": {},
+        "paris_top1_from": {},
+        "paris_top5_from": {},
+        "kl": {"logit": [3.0, 2.0, 1.0, 0.5], "tuned": [1.0, 2.5, 0.5, 0.1]},
+        "kl_tokens": 1,
+        "linearity_n_tokens": 1,
+        "id_points": 1,
+        "norm_tokens": 1,
+        "provenance": None,
+    }
+    c = FamilyClaims(
+        **base,
+        linearity_without_residual=[0.9, 0.4, 0.5, 0.8],
+        intrinsic_dimension=[99.0, 5.0, 9.0, 7.0, 6.0],
+        first_token_ratio=[1.0, 30.0, 80.0, 60.0],
+    )
     assert c.linearity_min_pair == 1 and c.linearity_u_shape
     assert c.linearity_thirds == pytest.approx((0.9, 0.45, 0.8))  # thirds of 4 pairs: 1, 2, 1
     assert c.id_peak_layer == 2 and c.spike_layer == 2 and c.tuned_beats_logit() == 3
-    flat = FamilyClaims(**base, linearity_without_residual=[0.4, 0.5, 0.6, 0.8],
-                        intrinsic_dimension=[float("nan")] * 5, first_token_ratio=[1.0] * 4)
+    flat = FamilyClaims(
+        **base,
+        linearity_without_residual=[0.4, 0.5, 0.6, 0.8],
+        intrinsic_dimension=[float("nan")] * 5,
+        first_token_ratio=[1.0] * 4,
+    )
     assert not flat.linearity_u_shape and flat.id_peak_layer is None and flat.spike_layer == 0
 
 

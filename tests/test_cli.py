@@ -28,10 +28,26 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     assert main(["lens", "", "--model", "tiny-llama", "--out", str(tmp_path / "x.html")]) == 2
     err = capsys.readouterr().err
     assert "error: The text is empty" in err and not (tmp_path / "x.html").exists()
-    assert main(["lens", "x" * 600, "--model", "tiny-llama", "--n-ctx", "512", "--out", str(tmp_path / "x.html")]) == 2
+    assert (
+        main(
+            [
+                "lens",
+                "x" * 600,
+                "--model",
+                "tiny-llama",
+                "--n-ctx",
+                "512",
+                "--out",
+                str(tmp_path / "x.html"),
+            ]
+        )
+        == 2
+    )
     assert "600 tokens long" in capsys.readouterr().err
 
 
 def test_console_script_entry_point():
-    done = subprocess.run([sys.executable, "-m", "tlmicroscope.cli", "--version"], capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "tlmicroscope.cli", "--version"], capture_output=True, text=True
+    )
     assert done.returncode == 0 and done.stdout.startswith("tlmicroscope ")

@@ -35,7 +35,9 @@ def _other_args(command: str, tmp_path: Path) -> list[str]:
     sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
     actions = sub.choices[command]._actions
     options = {o for a in actions for o in a.option_strings}
-    args = ["The cat sat."] if any(a.dest == "text" and not a.option_strings for a in actions) else []
+    args = (
+        ["The cat sat."] if any(a.dest == "text" and not a.option_strings for a in actions) else []
+    )
     if "--out" in options:
         args += ["--out", str(tmp_path / ("out-folder" if COMMANDS[command] else "out.html"))]
     if "--out-dir" in options:
@@ -45,7 +47,9 @@ def _other_args(command: str, tmp_path: Path) -> list[str]:
 
 def _error_lines(err: str, command: str) -> list[str]:
     assert "Traceback" not in err
-    return [line for line in err.splitlines() if line.startswith(f"tlmicroscope {command}: error: ")]
+    return [
+        line for line in err.splitlines() if line.startswith(f"tlmicroscope {command}: error: ")
+    ]
 
 
 def _needs_tl4(line: str) -> bool:
@@ -86,7 +90,9 @@ def test_a_file_that_is_no_model_is_one_line_in_every_command(command, tmp_path,
 
 @pytest.mark.skipif(not Path("/etc/passwd").is_file(), reason="needs /etc/passwd")
 def test_etc_passwd_as_model(capsys, tmp_path):
-    assert cli.main(["lens", "hi", "--model", "/etc/passwd", "--out", str(tmp_path / "x.html")]) == 2
+    assert (
+        cli.main(["lens", "hi", "--model", "/etc/passwd", "--out", str(tmp_path / "x.html")]) == 2
+    )
     (line,) = _error_lines(capsys.readouterr().err, "lens")
     assert "/etc/passwd is a file but not a .gguf model file" in line
 
@@ -101,7 +107,9 @@ def test_missing_local_path_is_named(capsys, tmp_path):
 def test_unknown_model_name_lists_what_loads(monkeypatch, capsys, tmp_path):
     # What Hugging Face raises offline for a name it cannot find; no network is touched.
     def offline(*args, **kwargs):
-        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.\nCheck ...")
+        raise OSError(
+            "We couldn't connect to 'https://huggingface.co' to load the files.\nCheck ..."
+        )
 
     from transformer_lens.model_bridge import TransformerBridge
 
@@ -112,7 +120,10 @@ def test_unknown_model_name_lists_what_loads(monkeypatch, capsys, tmp_path):
         HookedTransformer = None
     if HookedTransformer is not None:
         monkeypatch.setattr(HookedTransformer, "from_pretrained_no_processing", offline)
-    assert cli.main(["lens", "hi", "--model", "no-such-model-xyz", "--out", str(tmp_path / "x.html")]) == 2
+    assert (
+        cli.main(["lens", "hi", "--model", "no-such-model-xyz", "--out", str(tmp_path / "x.html")])
+        == 2
+    )
     (line,) = _error_lines(capsys.readouterr().err, "lens")
     assert "Could not load the model 'no-such-model-xyz'" in line
     assert "tiny-llama" in line and "couldn't connect" in line
@@ -134,7 +145,9 @@ def test_folder_out_that_is_a_file_is_refused(tmp_path, capsys):
     assert "is a file, but this command writes a folder there" in line
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or not Path("/sys").is_dir(), reason="needs /sys")
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or not Path("/sys").is_dir(), reason="needs /sys"
+)
 def test_out_on_a_read_only_file_system(tmp_path, capsys):
     assert cli.main(["lens", "hi", "--model", "tiny-llama", "--out", "/sys/x.html"]) == 2
     (line,) = _error_lines(capsys.readouterr().err, "lens")
@@ -160,8 +173,14 @@ def test_a_writable_out_leaves_nothing_behind(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("exc", [RuntimeError("set_num_threads expects a positive integer"),
-                                 OSError("disk quota exceeded"), MemoryError("out of memory")])
+@pytest.mark.parametrize(
+    "exc",
+    [
+        RuntimeError("set_num_threads expects a positive integer"),
+        OSError("disk quota exceeded"),
+        MemoryError("out of memory"),
+    ],
+)
 def test_any_failure_inside_a_command_is_one_line(monkeypatch, capsys, tmp_path, exc):
     from tlmicroscope import models
 
@@ -185,9 +204,22 @@ def test_debug_keeps_the_traceback(monkeypatch, tmp_path):
     with pytest.raises(RuntimeError, match="boom"):
         cli.main(["lens", "hi", "--out", str(tmp_path / "x.html")])
     with pytest.raises(ValueError, match="--threads"):
-        cli.main(["lens", "hi", "--model", "tiny-llama", "--threads", "0", "--out", str(tmp_path / "x.html")])
+        cli.main(
+            [
+                "lens",
+                "hi",
+                "--model",
+                "tiny-llama",
+                "--threads",
+                "0",
+                "--out",
+                str(tmp_path / "x.html"),
+            ]
+        )
 
 
 def test_multi_line_messages_become_one_line():
-    line = cli._one_line(ImportError("The dashboard needs Gradio. Install it with:\n    pip install x"))
+    line = cli._one_line(
+        ImportError("The dashboard needs Gradio. Install it with:\n    pip install x")
+    )
     assert line == "The dashboard needs Gradio. Install it with: pip install x"

@@ -46,7 +46,9 @@ def test_windows_stride_shuffle_and_errors(model):
     assert w.shape == (9, 8) and torch.equal(w[1, :4], w[0, 4:])
     a = token_windows(model, text, seq_len=8, shuffle=True, seed=3)
     b = token_windows(model, text, seq_len=8, shuffle=True, seed=3)
-    assert torch.equal(a, b) and sorted(map(tuple, a.tolist())) == sorted(map(tuple, token_windows(model, text, seq_len=8).tolist()))
+    assert torch.equal(a, b) and sorted(map(tuple, a.tolist())) == sorted(
+        map(tuple, token_windows(model, text, seq_len=8).tolist())
+    )
     with pytest.raises(ValueError, match="41 tokens, fewer than one window of 50"):
         token_windows(model, text, seq_len=50)
     with pytest.raises(ValueError, match="longer than the model's context of 64"):

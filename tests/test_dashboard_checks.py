@@ -32,10 +32,20 @@ def _run(analyse, model, lens="", text="hello there", sections=("trajectory",)):
     return list(analyse(model, text, list(sections), lens))
 
 
-@pytest.mark.parametrize("host, loopback", [
-    ("127.0.0.1", True), ("127.8.9.10", True), ("localhost", True), ("::1", True), ("[::1]", True),
-    ("0.0.0.0", False), ("::", False), ("192.168.1.5", False), ("example.org", False),
-])
+@pytest.mark.parametrize(
+    "host, loopback",
+    [
+        ("127.0.0.1", True),
+        ("127.8.9.10", True),
+        ("localhost", True),
+        ("::1", True),
+        ("[::1]", True),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("192.168.1.5", False),
+        ("example.org", False),
+    ],
+)
 def test_host_warning_only_off_loopback(host, loopback):
     msg = host_warning(host)
     assert (msg is None) == loopback
@@ -54,8 +64,14 @@ def test_models_are_limited_to_the_menu_and_the_model_folders(tmp_path, tiny_lla
     folders = [(tmp_path / "models").resolve()]
     assert check_model_choice("tiny-llama", ["tiny-llama"], folders) == "tiny-llama"
     assert check_model_choice(str(inside), ["tiny-llama"], folders) == str(inside.resolve())
-    for bad in [str(outside), str(link), "/etc/passwd", str(tmp_path / "models" / ".." / "elsewhere.gguf"),
-                "gpt2", str(tmp_path / "models" / "missing.gguf")]:
+    for bad in [
+        str(outside),
+        str(link),
+        "/etc/passwd",
+        str(tmp_path / "models" / ".." / "elsewhere.gguf"),
+        "gpt2",
+        str(tmp_path / "models" / "missing.gguf"),
+    ]:
         with pytest.raises(ValueError, match="This dashboard offers the models tiny-llama"):
             check_model_choice(bad, ["tiny-llama"], folders)
 
@@ -110,8 +126,17 @@ def test_serve_command_warns_off_loopback_and_passes_the_folders(tmp_path, monke
     monkeypatch.setattr(dashboard, "serve", lambda *a, **k: seen.update(args=a, kwargs=k))
     (tmp_path / "m").mkdir()
     (tmp_path / "l").mkdir()
-    args = _serve_args(tmp_path, "--host", "0.0.0.0", "--model-dir", str(tmp_path / "m"),
-                       "--lens-dir", str(tmp_path / "l"), "--models", "tiny-llama")
+    args = _serve_args(
+        tmp_path,
+        "--host",
+        "0.0.0.0",
+        "--model-dir",
+        str(tmp_path / "m"),
+        "--lens-dir",
+        str(tmp_path / "l"),
+        "--models",
+        "tiny-llama",
+    )
     assert args.func(args) == 0
     err = capsys.readouterr().err
     assert "warning: The dashboard listens on 0.0.0.0, which is not a loopback address" in err
@@ -136,8 +161,13 @@ def test_serve_warns_from_python_too(monkeypatch):
     def stop(*args, **kwargs):
         raise Stop
 
-    monkeypatch.setattr(dashboard, "build_app", stop)  # no server: stop where the app would be built
-    with pytest.warns(UserWarning, match="listens on 0.0.0.0, which is not a loopback"), pytest.raises(Stop):
+    monkeypatch.setattr(
+        dashboard, "build_app", stop
+    )  # no server: stop where the app would be built
+    with (
+        pytest.warns(UserWarning, match="listens on 0.0.0.0, which is not a loopback"),
+        pytest.raises(Stop),
+    ):
         dashboard.serve("0.0.0.0", 0, ["tiny-llama"], block=False)
     import warnings
 

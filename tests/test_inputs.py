@@ -18,7 +18,9 @@ def test_empty_text_is_refused(tiny_llama):
 def test_over_long_text_names_length_and_limit(tiny_llama):
     n_ctx = tiny_llama.cfg.n_ctx
     text = "x" * (n_ctx + 5)
-    with pytest.raises(ValueError, match=rf"{n_ctx + 5} tokens long.*{n_ctx} tokens.*truncate=True"):
+    with pytest.raises(
+        ValueError, match=rf"{n_ctx + 5} tokens long.*{n_ctx} tokens.*truncate=True"
+    ):
         to_tokens(tiny_llama, text)
     assert to_tokens(tiny_llama, text, truncate=True).shape == (1, n_ctx)
 

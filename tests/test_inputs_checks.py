@@ -56,7 +56,9 @@ def _poison(cache, name, value):
 def test_cache_with_nan_or_inf_is_refused_naming_hook_and_layer(tiny_llama, analysis, value):
     cache, toks = _cache(tiny_llama)
     _poison(cache, "blocks.1.hook_resid_pre", value)
-    with pytest.raises(ValueError, match=r"1 NaN or infinite values in .*layer [01].*index \(0, 2, 3\)") as err:
+    with pytest.raises(
+        ValueError, match=r"1 NaN or infinite values in .*layer [01].*index \(0, 2, 3\)"
+    ) as err:
         ANALYSES[analysis](cache, toks)
     assert "blocks.1.hook_resid_pre" in str(err.value)
 
@@ -75,7 +77,9 @@ def test_cache_of_another_text_is_named_as_such(tiny_llama, analysis):
     cache, toks = _cache(tiny_llama)
     other = tiny_llama.to_tokens(OTHER)
     n, m = toks.shape[-1], other.shape[-1]
-    with pytest.raises(ValueError, match=rf"computed on 1 x {n} tokens.*passed are 1 x {m}.*another text"):
+    with pytest.raises(
+        ValueError, match=rf"computed on 1 x {n} tokens.*passed are 1 x {m}.*another text"
+    ):
         ANALYSES[analysis](cache, other)
 
 
@@ -87,8 +91,11 @@ def test_cache_of_another_text_of_the_same_length_is_refused(tiny_llama, analysi
     # Independent count: the positions whose token differs.
     n_diff = int((other != toks).sum())
     first = int((other != toks).nonzero()[0, 1])
-    with pytest.raises(ValueError, match=rf"at {n_diff} of {toks.numel()} positions, first at \(batch 0, "
-                                         rf"position {first}\).*same length"):
+    with pytest.raises(
+        ValueError,
+        match=rf"at {n_diff} of {toks.numel()} positions, first at \(batch 0, "
+        rf"position {first}\).*same length",
+    ):
         ANALYSES[analysis](cache, other)
 
 

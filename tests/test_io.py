@@ -43,7 +43,11 @@ def test_another_model_is_refused_naming_the_field(tmp_path, two_models):
 def test_fingerprint_tracks_weights(two_models):
     a, b = model_fingerprint(two_models[0]), model_fingerprint(two_models[1])
     assert a["unembed_sha256"] != b["unembed_sha256"]
-    assert {k: a[k] for k in ("d_model", "n_layers", "d_vocab")} == {"d_model": 32, "n_layers": 2, "d_vocab": 259}
+    assert {k: a[k] for k in ("d_model", "n_layers", "d_vocab")} == {
+        "d_model": 32,
+        "n_layers": 2,
+        "d_vocab": 259,
+    }
 
 
 def test_corrupt_truncated_missing_and_wrong_kind(tmp_path):

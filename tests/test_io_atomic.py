@@ -33,7 +33,9 @@ posix_only = pytest.mark.skipif(os.name != "posix", reason="fork, SIGKILL and um
 
 
 def _save(path, step, size=64):
-    return save_fitted(path, {"w": torch.full((size,), float(step))}, kind="thing", config={"step": step})
+    return save_fitted(
+        path, {"w": torch.full((size,), float(step))}, kind="thing", config={"step": step}
+    )
 
 
 def _loaded_step(path):
@@ -177,11 +179,17 @@ def test_leftovers_cleaned_on_next_save_and_live_ones_kept(tmp_path):
     try:
         live = tmp_path / f".obj.tmp-{sleeper.pid}-x3"  # a save running in another process
         live.mkdir()
-        unrelated = [tmp_path / ".obj.tmp-notapid", tmp_path / ".objx.tmp-1-ab", tmp_path / "obj.tmp-1-ab"]
+        unrelated = [
+            tmp_path / ".obj.tmp-notapid",
+            tmp_path / ".objx.tmp-1-ab",
+            tmp_path / "obj.tmp-1-ab",
+        ]
         for p in unrelated:
             p.mkdir()
         _save(target, 2)
-        assert sorted(_dot_entries(tmp_path)) == sorted([live.name, ".obj.tmp-notapid", ".objx.tmp-1-ab"])
+        assert sorted(_dot_entries(tmp_path)) == sorted(
+            [live.name, ".obj.tmp-notapid", ".objx.tmp-1-ab"]
+        )
     finally:
         sleeper.kill()
         sleeper.wait()
@@ -201,13 +209,23 @@ def test_resume_never_restarts_because_the_checkpoint_was_moved_aside(tiny_llama
     from tlmicroscope.lenses.train import CHECKPOINT_DIR, train_tuned_lens
 
     text = ["Checkpoints are restored, never silently replaced by a fresh start. " * 12]
-    fast = dict(tokens_per_step=64, seq_len=32, precision="fp32", progress=False, init_tokens=64,
-                micro_batch_tokens=64, chunk_rows=64, steps=4)
+    fast = dict(
+        tokens_per_step=64,
+        seq_len=32,
+        precision="fp32",
+        progress=False,
+        init_tokens=64,
+        micro_batch_tokens=64,
+        chunk_rows=64,
+        steps=4,
+    )
     out = tmp_path / "run"
     train_tuned_lens(tiny_llama, text, out_dir=str(out), stop_after=2, checkpoint_every=1, **fast)
     os.replace(out / CHECKPOINT_DIR, out / f".{CHECKPOINT_DIR}.old-{_dead_pid()}-ab12")
     with pytest.warns(UserWarning) as caught:
-        resumed = train_tuned_lens(tiny_llama, text, out_dir=str(out), resume=True, stop_after=1, **fast)
+        resumed = train_tuned_lens(
+            tiny_llama, text, out_dir=str(out), resume=True, stop_after=1, **fast
+        )
     messages = [str(w.message) for w in caught]
     assert any("previous copy was restored" in m for m in messages)
     assert not any("step 0" in m for m in messages)
@@ -347,8 +365,11 @@ def test_sigkill_of_a_real_python_process_saving_fitted_objects(tmp_path):
     rng = random.Random(5)
     last = 0
     for _ in range(5):
-        proc = subprocess.Popen([sys.executable, "-c", script, str(target), str(last + 1)],
-                                stdout=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", script, str(target), str(last + 1)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         assert proc.stdout.readline().strip() == "ready"
         time.sleep(rng.uniform(0.05, 0.5))
         proc.send_signal(signal.SIGKILL)

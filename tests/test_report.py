@@ -58,9 +58,13 @@ def test_sections_share_one_forward_pass(tiny_llama, temp_sections):
         return Section([f"<p>{float(traj.kl.mean()):.3f}</p>"])
 
     calls = []
-    tiny_llama.add_hook("blocks.0.hook_resid_pre", lambda act, hook: calls.append(1), is_permanent=True)
+    tiny_llama.add_hook(
+        "blocks.0.hook_resid_pre", lambda act, hook: calls.append(1), is_permanent=True
+    )
     try:
-        rep = report(tiny_llama, "shared pass", sections=["trajectory", "logit_lens_table", "second_reader"])
+        rep = report(
+            tiny_llama, "shared pass", sections=["trajectory", "logit_lens_table", "second_reader"]
+        )
     finally:
         tiny_llama.reset_hooks(including_permanent=True)
     assert rep.rendered == ["trajectory", "logit_lens_table", "second_reader"]
@@ -85,6 +89,7 @@ def test_logit_lens_table_reads_out_only_the_shown_positions(tiny_llama):
     fig = _logit_lens_table(ctx).items[0]
     full = prediction_trajectory(tiny_llama, toks, lens="logit-paper", top_k=1)
     want = logit_lens_table(full, positions=slice(-64, None))
-    torch.testing.assert_close(torch.as_tensor(fig.data[0].z), torch.as_tensor(want.data[0].z),
-                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        torch.as_tensor(fig.data[0].z), torch.as_tensor(want.data[0].z), rtol=1e-4, atol=1e-5
+    )
     assert [list(r) for r in fig.data[0].text] == [list(r) for r in want.data[0].text]

@@ -15,9 +15,14 @@ from tlmicroscope.lenses import TunedLens
 from tlmicroscope.microscope import ContextualizationProbe, NonlinearityReference
 from tlmicroscope.report import _SECTION_MODULES, available_sections, available_settings, report
 
-pytestmark = [pytest.mark.models, pytest.mark.filterwarnings("ignore:CBE on only", "ignore::UserWarning")]
+pytestmark = [
+    pytest.mark.models,
+    pytest.mark.filterwarnings("ignore:CBE on only", "ignore::UserWarning"),
+]
 
-CORPUS = ["The quick brown fox jumps over the lazy dog; PACK MY BOX WITH FIVE DOZEN JUGS! 0123456789 " * 6]
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog; PACK MY BOX WITH FIVE DOZEN JUGS! 0123456789 " * 6
+]
 
 
 def _tuned_lens(model, seed: int = 0) -> TunedLens:
@@ -33,20 +38,39 @@ def _tuned_lens(model, seed: int = 0) -> TunedLens:
 def saved(tmp_path_factory, tiny_llama):
     """Every artifact a section can use, saved for the tiny model: nothing is missing but text."""
     root = tmp_path_factory.mktemp("artifacts")
-    NonlinearityReference(n_tokens=512, seq_len=64).fit(tiny_llama, CORPUS, progress=False).save(root / "ref")
-    ContextualizationProbe(prefix_length=4, mlp_hidden=16, decoder="last_k", trainable_blocks=1, steps=2,
-                           window_length=16).fit(tiny_llama, CORPUS, progress=False).save(root / "probe")
+    NonlinearityReference(n_tokens=512, seq_len=64).fit(tiny_llama, CORPUS, progress=False).save(
+        root / "ref"
+    )
+    ContextualizationProbe(
+        prefix_length=4,
+        mlp_hidden=16,
+        decoder="last_k",
+        trainable_blocks=1,
+        steps=2,
+        window_length=16,
+    ).fit(tiny_llama, CORPUS, progress=False).save(root / "probe")
     lens = _tuned_lens(tiny_llama)
     lens.save(root / "lens")
     toks = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
-    extract_causal_basis(tiny_llama, lens, toks, layer=1, k=3, max_iter=20, progress=False,
-                         on_nonconvergence="ignore").save(root / "basis")
+    extract_causal_basis(
+        tiny_llama,
+        lens,
+        toks,
+        layer=1,
+        k=3,
+        max_iter=20,
+        progress=False,
+        on_nonconvergence="ignore",
+    ).save(root / "basis")
     return root
 
 
 def _settings(root: Path) -> dict:
-    return {"microscope_reference": str(root / "ref"), "microscope_probe": str(root / "probe"),
-            "causal_basis": str(root / "basis")}
+    return {
+        "microscope_reference": str(root / "ref"),
+        "microscope_probe": str(root / "probe"),
+        "causal_basis": str(root / "basis"),
+    }
 
 
 # -- settings, sections, lens -------------------------------------------------------------------
@@ -88,8 +112,12 @@ def test_bad_sections_are_named(tiny_llama):
 
 def test_lens_given_as_a_path_is_loaded(tiny_llama, saved):
     by_path = report(tiny_llama, "hello there", lens=str(saved / "lens"), sections="trajectory")
-    by_object = report(tiny_llama, "hello there", lens=TunedLens.load(saved / "lens", tiny_llama),
-                       sections="trajectory")
+    by_object = report(
+        tiny_llama,
+        "hello there",
+        lens=TunedLens.load(saved / "lens", tiny_llama),
+        sections="trajectory",
+    )
     plain = report(tiny_llama, "hello there", sections="trajectory")
     assert by_path.rendered == by_object.rendered == ["trajectory"]
     # The tuned lens's trajectory is drawn beside the logit lens's: the page grows by its figure(s).
@@ -104,20 +132,36 @@ def test_lens_path_that_does_not_load_says_why(tiny_llama, tiny_gpt2, saved, tmp
     with pytest.raises(ValueError, match="cannot be loaded for this model: No saved lens"):
         report(tiny_llama, "hello", lens=tmp_path / "empty", sections="trajectory")
     with pytest.raises(ValueError, match="cannot be loaded for this model"):
-        report(tiny_gpt2, "hello", lens=str(saved / "lens"), sections="trajectory")  # another model's
+        report(
+            tiny_gpt2, "hello", lens=str(saved / "lens"), sections="trajectory"
+        )  # another model's
     with pytest.raises(TypeError, match="is not a lens"):
         report(tiny_llama, "hello", lens=42, sections="trajectory")
 
 
 def test_missing_artifact_says_where_it_looked_and_the_command(tiny_llama, tmp_path, monkeypatch):
     monkeypatch.setenv("TLMICROSCOPE_CACHE", str(tmp_path / "cache"))
-    rep = report(tiny_llama, "The cat sat on the mat.", sections=["microscope_context"],
-                 microscope_reference=str(tmp_path / "nope"))
-    assert "looked in" in rep.missing["microscope_context"] and str(tmp_path / "cache") in rep.missing["microscope_context"]
+    rep = report(
+        tiny_llama,
+        "The cat sat on the mat.",
+        sections=["microscope_context"],
+        microscope_reference=str(tmp_path / "nope"),
+    )
+    assert (
+        "looked in" in rep.missing["microscope_context"]
+        and str(tmp_path / "cache") in rep.missing["microscope_context"]
+    )
     assert rep.fixes["microscope_context"].startswith("tlmicroscope microscope-train-probe")
-    rep = report(tiny_llama, "x" * 120, sections=["microscope_nonlinearity"],
-                 microscope_reference=str(tmp_path / "nope"))
-    assert f"No saved non-linearity reference at {tmp_path / 'nope'}" in rep.missing["microscope_nonlinearity"]
+    rep = report(
+        tiny_llama,
+        "x" * 120,
+        sections=["microscope_nonlinearity"],
+        microscope_reference=str(tmp_path / "nope"),
+    )
+    assert (
+        f"No saved non-linearity reference at {tmp_path / 'nope'}"
+        in rep.missing["microscope_nonlinearity"]
+    )
     assert rep.fixes["microscope_nonlinearity"].startswith("tlmicroscope microscope-fit")
 
 
@@ -160,5 +204,7 @@ def test_paris_on_the_embedded_model(embedded_model, tmp_path, monkeypatch):
     assert embedded_model.to_tokens("Paris").shape[-1] == 1
     rep = tlmicroscope.report(embedded_model, "Paris")
     assert rep.failed == {}, rep.failed
-    assert "The text has 1 token; the layer contributions" in rep.missing["microscope_contributions"]
+    assert (
+        "The text has 1 token; the layer contributions" in rep.missing["microscope_contributions"]
+    )
     assert "needs at least 2" in rep.missing["microscope_contributions"]

@@ -55,8 +55,12 @@ def test_shipped_task_set_is_well_formed():
 def test_fixed_label_categories_are_balanced_and_opt_in():
     from tlmicroscope.tasks import ALL_CATEGORIES, FIXED_LABEL_CATEGORIES
 
-    assert not {it.category for it in load_tasks()} & set(FIXED_LABEL_CATEGORIES)  # the default is unchanged
-    assert len(load_tasks(ALL_CATEGORIES)) == len(load_tasks()) + sum(len(load_tasks(c)) for c in FIXED_LABEL_CATEGORIES)
+    assert not {it.category for it in load_tasks()} & set(
+        FIXED_LABEL_CATEGORIES
+    )  # the default is unchanged
+    assert len(load_tasks(ALL_CATEGORIES)) == len(load_tasks()) + sum(
+        len(load_tasks(c)) for c in FIXED_LABEL_CATEGORIES
+    )
     expected = {"sentiment": ("negative", "positive"), "yes_no": ("No", "Yes")}
     for cat in FIXED_LABEL_CATEGORIES:
         items = load_tasks(cat)
@@ -65,7 +69,9 @@ def test_fixed_label_categories_are_balanced_and_opt_in():
         answers = [it.answer for it in items]
         assert answers.count(0) == answers.count(1)  # balanced: a constant guess scores 0.5
     for it in load_tasks("sentiment"):  # the label is the adjective's polarity, by construction
-        assert it.question.startswith('Is the review "The ') and it.question.endswith('." positive or negative?')
+        assert it.question.startswith('Is the review "The ') and it.question.endswith(
+            '." positive or negative?'
+        )
 
 
 def test_read_mmlu_csv_jsonl_and_folder(tmp_path):
@@ -75,12 +81,19 @@ def test_read_mmlu_csv_jsonl_and_folder(tmp_path):
         'What orbits Earth?,Mars,The Moon,Venus,The Sun,B\n"Comma, inside?",x,y,z,w,d\n'
     )
     (folder / "header.csv").write_text("question,A,B,C,D,answer\nQ1,a,b,c,d,A\n")
-    rows = [{"question": "2+2?", "choices": ["3", "4"], "answer": 1, "subject": "math"},
-            {"question": "Sky?", "choices": ["blue", "green", "red"], "answer": "A"}]
+    rows = [
+        {"question": "2+2?", "choices": ["3", "4"], "answer": 1, "subject": "math"},
+        {"question": "Sky?", "choices": ["blue", "green", "red"], "answer": "A"},
+    ]
     (folder / "extra_dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     items = read_mmlu(folder)
     assert [(i.category, i.answer_text) for i in items] == [
-        ("astronomy", "The Moon"), ("astronomy", "w"), ("math", "4"), ("extra", "blue"), ("header", "a")]
+        ("astronomy", "The Moon"),
+        ("astronomy", "w"),
+        ("math", "4"),
+        ("extra", "blue"),
+        ("header", "a"),
+    ]
     assert items[1].question == "Comma, inside?"
     (tmp_path / "bad.csv").write_text("Q,a,b,c,d,E\n")
     with pytest.raises(ValueError, match="not one of the letters"):
@@ -132,7 +145,9 @@ def test_choice_logprobs_match_scoring_each_answer_separately(tiny_llama):
     assert got.shape == (3, 4)
     for i, (p, opts) in enumerate(zip(prompts, choices)):
         for j, c in enumerate(opts):
-            assert got[i, j].item() == pytest.approx(_brute_force_logprob(tiny_llama, p, c), abs=1e-4)
+            assert got[i, j].item() == pytest.approx(
+                _brute_force_logprob(tiny_llama, p, c), abs=1e-4
+            )
     assert got[1, 2] == -torch.inf and got[2, 3] == -torch.inf
     with pytest.raises(ValueError, match="empty after tokenization"):
         choice_logprobs(tiny_llama, ["a"], [[""]])

@@ -7,7 +7,6 @@ it is marked ``slow`` and runs under ``make test-full``. Without either, each no
 finish within 10 minutes on 2 cores.
 """
 
-import os
 from pathlib import Path
 
 import nbformat
@@ -18,8 +17,15 @@ TUTORIALS = sorted((Path(__file__).parent.parent / "tutorials").glob("*.ipynb"))
 
 def test_the_six_tutorials_exist():
     names = [p.stem for p in TUTORIALS]
-    expected = ["01_first_look", "02_tuned_lens", "03_llm_microscope", "04_token_geometry",
-                "05_latent_geometry", "06_causal", "07_lens_bench"]
+    expected = [
+        "01_first_look",
+        "02_tuned_lens",
+        "03_llm_microscope",
+        "04_token_geometry",
+        "05_latent_geometry",
+        "06_causal",
+        "07_lens_bench",
+    ]
     missing = [n for n in expected if n not in names]
     assert not missing, f"missing tutorials: {missing}"
 
@@ -32,7 +38,10 @@ def test_outputs_are_stripped(path):
             assert cell.outputs == [] and cell.execution_count is None, f"{path.name} has outputs"
 
 
-MODES = [pytest.param("smoke", id="smoke"), pytest.param("quick", id="quick", marks=pytest.mark.slow)]
+MODES = [
+    pytest.param("smoke", id="smoke"),
+    pytest.param("quick", id="quick", marks=pytest.mark.slow),
+]
 
 
 @pytest.mark.embedded
@@ -47,7 +56,9 @@ def test_tutorial_runs(path, mode, tmp_path, monkeypatch):
     monkeypatch.setenv("TLMICROSCOPE_SMOKE" if mode == "smoke" else "TLMICROSCOPE_QUICK", "1")
     monkeypatch.setenv("TLMICROSCOPE_TUTORIAL_OUT", str(tmp_path))
     nb = nbformat.read(path, as_version=4)
-    client = NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
+    client = NotebookClient(
+        nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    )
     client.execute()
     # The last cell prints the paper-vs-here table; it must have produced output.
     last = [c for c in nb.cells if c.cell_type == "code"][-1]

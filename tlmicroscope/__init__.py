@@ -6,7 +6,7 @@ The top level holds the entry points; each analysis lives in its package: ``lens
 
 __version__ = "0.1.0"
 
-from tlmicroscope.models import load_model, tiny_model  # noqa: E402
-from tlmicroscope.report import Report, report  # noqa: E402  (the function shadows the module name)
+from tlmicroscope.models import load_model, tiny_model
+from tlmicroscope.report import Report, report
 
-__all__ = ["load_model", "tiny_model", "report", "Report", "__version__"]
+__all__ = ["Report", "__version__", "load_model", "report", "tiny_model"]

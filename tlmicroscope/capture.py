@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from jaxtyping import Float
 
 from tlmicroscope.inputs import TextOrTokens, check_layers, resolve_input
 from tlmicroscope.results import Provenance
@@ -22,13 +21,13 @@ from tlmicroscope.results import Provenance
 __all__ = [
     "BLOCK_SITES",
     "GLOBAL_SITES",
+    "Captured",
+    "absent_sites",
+    "capture",
     "hook_name",
-    "site_hooks",
     "residual_stream_names",
     "site_exists",
-    "absent_sites",
-    "Captured",
-    "capture",
+    "site_hooks",
     "stream",
 ]
 
@@ -74,8 +73,11 @@ def absent_sites(model: Any, sites: Sequence[str]) -> list[str]:
     hooks = getattr(model, "hook_dict", None) if wanted else None  # a walk of the modules: once
     if hooks is None:
         return []
-    return [s for s in wanted
-            if (GLOBAL_SITES[s] if s in GLOBAL_SITES else BLOCK_SITES[s].format(layer=0)) not in hooks]
+    return [
+        s
+        for s in wanted
+        if (GLOBAL_SITES[s] if s in GLOBAL_SITES else BLOCK_SITES[s].format(layer=0)) not in hooks
+    ]
 
 
 def _why_absent(model: Any, site: str) -> str:
@@ -83,8 +85,10 @@ def _why_absent(model: Any, site: str) -> str:
     if site == "pos_embed":
         return f"it has no learned positional embedding ({cfg.positional_embedding_type} positions)"
     if getattr(cfg, "parallel_attn_mlp", False) and site == "resid_mid":
-        return ("its blocks run attention and MLP in parallel on the same input, so there is no "
-                "residual state between them")
+        return (
+            "its blocks run attention and MLP in parallel on the same input, so there is no "
+            "residual state between them"
+        )
     if getattr(cfg, "parallel_attn_mlp", False) and site == "ln2":
         return "its attention and MLP run in parallel and read one shared norm (ln1)"
     if site in ("ln1", "ln2"):
@@ -100,7 +104,9 @@ def _refuse_absent_sites(model: Any, sites: Sequence[str]) -> None:
         return
     cfg = model.cfg
     arch = getattr(cfg, "original_architecture", None) or getattr(cfg, "architecture", None)
-    label = str(getattr(model, "_tlmicroscope_name", None) or getattr(cfg, "model_name", "this model"))
+    label = str(
+        getattr(model, "_tlmicroscope_name", None) or getattr(cfg, "model_name", "this model")
+    )
     reasons = "; ".join(f"no {s}: {_why_absent(model, s)}" for s in absent)
     raise ValueError(
         f"{label} ({arch or type(model).__name__}) lacks a site asked for: {reasons}. "
@@ -147,7 +153,9 @@ def _site_layers(site: str, layers: Sequence[int] | None, n_layers: int) -> list
     return list(check_layers(layers, n_layers))
 
 
-def site_hooks(site: str, layers: Sequence[int] | None, n_layers: int) -> list[tuple[int | None, str]]:
+def site_hooks(
+    site: str, layers: Sequence[int] | None, n_layers: int
+) -> list[tuple[int | None, str]]:
     """``(layer, hook_name)`` for each requested layer of a site."""
     return [
         (layer, hook_name(site, layer, n_layers=n_layers))
@@ -177,7 +185,9 @@ class Captured:
 
     def __getitem__(self, site: str) -> torch.Tensor:
         if site not in self.activations:
-            raise KeyError(f"Site {site!r} was not captured; captured sites: {list(self.activations)}.")
+            raise KeyError(
+                f"Site {site!r} was not captured; captured sites: {list(self.activations)}."
+            )
         return self.activations[site]
 
     def labels(self, site: str) -> list[str]:
@@ -258,11 +268,15 @@ def stream(
 
         return hook
 
-    fwd_hooks = [(name, make_hook(site, layer)) for site, pairs in plan.items() for layer, name in pairs]
+    fwd_hooks = [
+        (name, make_hook(site, layer)) for site, pairs in plan.items() for layer, name in pairs
+    ]
     fwd_hooks += list(extra_hooks)
     stop = _stop_layer(plan, n_layers, return_logits)
     with torch.inference_mode():
-        out = model.run_with_hooks(toks, fwd_hooks=fwd_hooks, stop_at_layer=stop, reset_hooks_end=True)
+        out = model.run_with_hooks(
+            toks, fwd_hooks=fwd_hooks, stop_at_layer=stop, reset_hooks_end=True
+        )
     return out if return_logits else None
 
 
@@ -322,16 +336,26 @@ def capture(
             raise ValueError("return_logits needs the model: a cache does not hold the logits.")
         logits = None
     else:
-        order = {site: {layer: i for i, (layer, _) in enumerate(pairs)} for site, pairs in plan.items()}
+        order = {
+            site: {layer: i for i, (layer, _) in enumerate(pairs)} for site, pairs in plan.items()
+        }
 
         def collect(site: str, layer: int | None, act: torch.Tensor) -> None:
             buf = acts.get(site)
             if buf is None:
-                buf = acts[site] = torch.empty((len(plan[site]), *act.shape), dtype=act.dtype, device=act.device)
+                buf = acts[site] = torch.empty(
+                    (len(plan[site]), *act.shape), dtype=act.dtype, device=act.device
+                )
             buf[order[site][layer]] = act
 
         logits = stream(
-            model, toks, collect, sites=sites, layers=layers, positions=positions, return_logits=return_logits
+            model,
+            toks,
+            collect,
+            sites=sites,
+            layers=layers,
+            positions=positions,
+            return_logits=return_logits,
         )
     n_pos = toks.shape[-1] if toks is not None else next(iter(cache_n_pos.values()), 0)
     return Captured(
@@ -344,4 +368,3 @@ def capture(
         provenance=prov,
         str_tokens=str_tokens,
     )
-

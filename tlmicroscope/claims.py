@@ -101,7 +101,9 @@ class FamilyClaims:
         """The residual index (1..L) of the largest finite intrinsic dimension. h^0 is left out:
         embedding rows are a lookup table, so their TwoNN estimate (hundreds on SmolLM2) says
         nothing about what the layers compute, and the papers' peak is about the blocks."""
-        finite = [(v, i) for i, v in enumerate(self.intrinsic_dimension) if i > 0 and math.isfinite(v)]
+        finite = [
+            (v, i) for i, v in enumerate(self.intrinsic_dimension) if i > 0 and math.isfinite(v)
+        ]
         return max(finite)[1] if finite else None
 
     @property
@@ -128,25 +130,39 @@ class FamilyClaims:
     def to_dict(self) -> dict[str, Any]:
         """Plain values (JSON-ready), with the derived summaries."""
         out = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "provenance"}
-        out.update(linearity_min_pair=self.linearity_min_pair, linearity_u_shape=self.linearity_u_shape,
-                   id_peak_layer=self.id_peak_layer, spike_layer=self.spike_layer,
-                   tuned_beats_logit=self.tuned_beats_logit(), provenance=self.provenance.to_dict())
+        out.update(
+            linearity_min_pair=self.linearity_min_pair,
+            linearity_u_shape=self.linearity_u_shape,
+            id_peak_layer=self.id_peak_layer,
+            spike_layer=self.spike_layer,
+            tuned_beats_logit=self.tuned_beats_logit(),
+            provenance=self.provenance.to_dict(),
+        )
         return out
 
 
-def _paris_ranks(model: Any, lenses: dict[str, Any], prompt: str, answer: str) -> dict[str, list[int]]:
+def _paris_ranks(
+    model: Any, lenses: dict[str, Any], prompt: str, answer: str
+) -> dict[str, list[int]]:
     from tlmicroscope.lenses import prediction_trajectory
 
     prompt_ids = model.to_tokens(prompt)
     full = model.to_tokens(prompt + answer)
     answer_ids = model.to_tokens(answer, prepend_bos=False)[0]
     if answer_ids.numel() != 1:
-        raise ValueError(f"{answer!r} is {answer_ids.numel()} tokens for this tokenizer; the emergence "
-                         "probe needs an answer that is one token.")
-    if full.shape[1] != prompt_ids.shape[1] + 1 or not torch.equal(full[0, :-1], prompt_ids[0]) \
-            or int(full[0, -1]) != int(answer_ids[0]):
-        raise ValueError(f"{prompt!r} + {answer!r} does not tokenize as the prompt's tokens plus "
-                         f"{answer!r}; pick a prompt and answer whose tokens concatenate.")
+        raise ValueError(
+            f"{answer!r} is {answer_ids.numel()} tokens for this tokenizer; the emergence "
+            "probe needs an answer that is one token."
+        )
+    if (
+        full.shape[1] != prompt_ids.shape[1] + 1
+        or not torch.equal(full[0, :-1], prompt_ids[0])
+        or int(full[0, -1]) != int(answer_ids[0])
+    ):
+        raise ValueError(
+            f"{prompt!r} + {answer!r} does not tokenize as the prompt's tokens plus "
+            f"{answer!r}; pick a prompt and answer whose tokens concatenate."
+        )
     pos = prompt_ids.shape[1] - 1
     out = {}
     for name, lens in lenses.items():
@@ -217,28 +233,52 @@ def family_claims(
     ranks = _paris_ranks(model, lenses, prompt, answer)
     kl = {}
     for name, lens in lenses.items():
-        ev = evaluate_lens(model, lens, corpus, tokens=kl_tokens, seq_len=seq_len, baseline=False,
-                           progress=progress)
+        ev = evaluate_lens(
+            model,
+            lens,
+            corpus,
+            tokens=kl_tokens,
+            seq_len=seq_len,
+            baseline=False,
+            progress=progress,
+        )
         kl[name] = [float(v) for v in ev.kl[:-1]]
-    lin = linearity_scores(model, corpus, n_tokens=linearity_tokens, seq_len=seq_len, progress=progress)
-    prof = layer_profiles(model, corpus, n_tokens=id_points, id_points=id_points, seq_len=seq_len,
-                          progress=progress)
+    lin = linearity_scores(
+        model, corpus, n_tokens=linearity_tokens, seq_len=seq_len, progress=progress
+    )
+    prof = layer_profiles(
+        model, corpus, n_tokens=id_points, id_points=id_points, seq_len=seq_len, progress=progress
+    )
     window = token_windows(model, corpus, seq_len=norm_tokens, n_windows=1)
     norms = norm_profile(model, window, progress=False)
     prov = Provenance.from_model(
-        model, lens=tuned_lens, kl_tokens=kl_tokens, linearity_tokens=lin.n_tokens, id_points=id_points,
-        norm_tokens=norm_tokens, seq_len=seq_len, prompt=prompt, answer=answer,
-        corpus=corpus if isinstance(corpus, str) or corpus is None else type(corpus).__name__)
+        model,
+        lens=tuned_lens,
+        kl_tokens=kl_tokens,
+        linearity_tokens=lin.n_tokens,
+        id_points=id_points,
+        norm_tokens=norm_tokens,
+        seq_len=seq_len,
+        prompt=prompt,
+        answer=answer,
+        corpus=corpus if isinstance(corpus, str) or corpus is None else type(corpus).__name__,
+    )
     return FamilyClaims(
-        model_name=prov.model, n_layers=int(model.cfg.n_layers), d_model=int(model.cfg.d_model),
-        d_vocab=int(model.cfg.d_vocab), paris_rank=ranks,
+        model_name=prov.model,
+        n_layers=int(model.cfg.n_layers),
+        d_model=int(model.cfg.d_model),
+        d_vocab=int(model.cfg.d_vocab),
+        paris_rank=ranks,
         paris_top1_from={k: _stays_from(v, 0) for k, v in ranks.items()},
         paris_top5_from={k: _stays_from(v, 4) for k, v in ranks.items()},
-        kl=kl, kl_tokens=kl_tokens,
+        kl=kl,
+        kl_tokens=kl_tokens,
         linearity_without_residual=[float(v) for v in lin.score_without_residual],
         linearity_n_tokens=lin.n_tokens,
-        intrinsic_dimension=[float(v) for v in prof.intrinsic_dimension], id_points=id_points,
-        first_token_ratio=[float(v) for v in norms.first_token_ratio], norm_tokens=int(window.shape[1]),
+        intrinsic_dimension=[float(v) for v in prof.intrinsic_dimension],
+        id_points=id_points,
+        first_token_ratio=[float(v) for v in norms.first_token_ratio],
+        norm_tokens=int(window.shape[1]),
         provenance=prov,
     )
 
@@ -258,31 +298,59 @@ def claims_table(claims: Sequence[FamilyClaims]) -> str:
         >>> claims_table([c]).splitlines()[0].startswith("| claim | paper |")
         True
     """
+
     def row(claim: str, paper: str, cells: list[str]) -> str:
         return "| " + " | ".join([claim, paper, *cells]) + " |"
 
-    head = row("claim", "paper", [f"{c.model_name} ({c.n_layers} layers, d={c.d_model}, "
-                                  f"vocab {c.d_vocab:,})" for c in claims])
+    head = row(
+        "claim",
+        "paper",
+        [
+            f"{c.model_name} ({c.n_layers} layers, d={c.d_model}, vocab {c.d_vocab:,})"
+            for c in claims
+        ],
+    )
     lines = [head, "|" + "---|" * (2 + len(claims))]
     for lens in ("logit", "tuned"):
         if not any(lens in c.paris_rank for c in claims):
             continue
-        lines.append(row(f'" Paris" stays top-1 from layer ({lens} lens)', "late layers",
-                         [_fmt_layer(c.paris_top1_from.get(lens), c.n_layers) if lens in c.paris_rank
-                          else "no tuned lens" for c in claims]))
-    lines.append(row('" Paris" stays in the top-5 from layer (logit lens)', "late layers",
-                     [_fmt_layer(c.paris_top5_from["logit"], c.n_layers) for c in claims]))
+        lines.append(
+            row(
+                f'" Paris" stays top-1 from layer ({lens} lens)',
+                "late layers",
+                [
+                    _fmt_layer(c.paris_top1_from.get(lens), c.n_layers)
+                    if lens in c.paris_rank
+                    else "no tuned lens"
+                    for c in claims
+                ],
+            )
+        )
+    lines.append(
+        row(
+            '" Paris" stays in the top-5 from layer (logit lens)',
+            "late layers",
+            [_fmt_layer(c.paris_top5_from["logit"], c.n_layers) for c in claims],
+        )
+    )
 
     def kl_cell(c: FamilyClaims) -> str:
         mid = c.n_layers // 2
         logit = f"logit {c.kl['logit'][0]:.1f} / {c.kl['logit'][mid]:.1f} / {c.kl['logit'][-1]:.2f}"
         if "tuned" not in c.kl:
             return logit + f" (no tuned lens; {c.kl_tokens} tokens)"
-        return (f"tuned {c.kl['tuned'][0]:.1f} / {c.kl['tuned'][mid]:.1f} / {c.kl['tuned'][-1]:.2f}; "
-                f"{logit}; tuned lower at {c.tuned_beats_logit()} of {c.n_layers} ({c.kl_tokens} tokens)")
+        return (
+            f"tuned {c.kl['tuned'][0]:.1f} / {c.kl['tuned'][mid]:.1f} / {c.kl['tuned'][-1]:.2f}; "
+            f"{logit}; tuned lower at {c.tuned_beats_logit()} of {c.n_layers} ({c.kl_tokens} tokens)"
+        )
 
-    lines.append(row("held-out KL(final ‖ lens), nats, at layers 0 / L/2 / L−1", "tuned below logit at "
-                     "every layer", [kl_cell(c) for c in claims]))
+    lines.append(
+        row(
+            "held-out KL(final ‖ lens), nats, at layers 0 / L/2 / L−1",
+            "tuned below logit at every layer",
+            [kl_cell(c) for c in claims],
+        )
+    )
 
     def lin_cell(c: FamilyClaims) -> str:
         v, i = c.linearity_without_residual, c.linearity_min_pair
@@ -290,22 +358,44 @@ def claims_table(claims: Sequence[FamilyClaims]) -> str:
         shape = "U-shaped" if c.linearity_u_shape else "not U-shaped"
         return f"{a:.2f} / {b:.2f} / {z:.2f} ({shape}); lowest pair {i}→{i + 1}: {v[i]:.2f}"
 
-    lines.append(row("linearity without residual, mean over the first / middle / last third of the "
-                     "pairs", "lowest in the middle",
-                     [lin_cell(c) for c in claims]))
+    lines.append(
+        row(
+            "linearity without residual, mean over the first / middle / last third of the pairs",
+            "lowest in the middle",
+            [lin_cell(c) for c in claims],
+        )
+    )
 
     def id_cell(c: FamilyClaims) -> str:
         p = c.id_peak_layer
-        return "no finite ID" if p is None else (
-            f"peak {c.intrinsic_dimension[p]:.1f} at h^{p} of {c.n_layers} ({p / c.n_layers:.0%} deep); "
-            f"{c.intrinsic_dimension[-1]:.1f} at the last")
+        return (
+            "no finite ID"
+            if p is None
+            else (
+                f"peak {c.intrinsic_dimension[p]:.1f} at h^{p} of {c.n_layers} ({p / c.n_layers:.0%} deep); "
+                f"{c.intrinsic_dimension[-1]:.1f} at the last"
+            )
+        )
 
-    lines.append(row("intrinsic-dimension peak over h^1..h^L (TwoNN)", "early-to-middle layers", [id_cell(c) for c in claims]))
+    lines.append(
+        row(
+            "intrinsic-dimension peak over h^1..h^L (TwoNN)",
+            "early-to-middle layers",
+            [id_cell(c) for c in claims],
+        )
+    )
 
     def spike_cell(c: FamilyClaims) -> str:
         top = max(c.first_token_ratio)
-        return f"×{top:.0f} (from block {c.spike_layer}); ×{c.first_token_ratio[0]:.1f} after block 0"
+        return (
+            f"×{top:.0f} (from block {c.spike_layer}); ×{c.first_token_ratio[0]:.1f} after block 0"
+        )
 
-    lines.append(row("first-token norm / median of the rest (block outputs)", "a large spike after "
-                     "the first layers", [spike_cell(c) for c in claims]))
+    lines.append(
+        row(
+            "first-token norm / median of the rest (block outputs)",
+            "a large spike after the first layers",
+            [spike_cell(c) for c in claims],
+        )
+    )
     return "\n".join(lines)

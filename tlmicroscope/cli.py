@@ -23,8 +23,12 @@ __all__ = ["add_model_args", "check_output_path", "load_from_args", "log", "main
 DEFAULT_TEXT = "The capital of France is"
 
 # Modules with ``register(subparsers)``; each analysis package adds its own line.
-_COMMAND_MODULES = ["tlmicroscope.lenses._cli", "tlmicroscope._serve_cli", "tlmicroscope.geometry._latent_cli",
-                    "tlmicroscope.lenses._tuned_cli"]
+_COMMAND_MODULES = [
+    "tlmicroscope.lenses._cli",
+    "tlmicroscope._serve_cli",
+    "tlmicroscope.geometry._latent_cli",
+    "tlmicroscope.lenses._tuned_cli",
+]
 _COMMAND_MODULES.append("tlmicroscope.geometry._cli")
 _COMMAND_MODULES.append("tlmicroscope.causal._cli")
 _COMMAND_MODULES.append("tlmicroscope.microscope._cli")
@@ -37,15 +41,25 @@ def log(msg: str) -> None:
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """The options every model-facing command shares."""
-    p.add_argument("--model", default="smollm2-135m",
-                   help="embedded 'smollm2-135m' or 'gemma3-270m', a local .gguf or HF folder, "
-                   "or a TransformerLens name")
-    p.add_argument("--kind", default="auto", choices=["auto", "bridge", "hooked"],
-                   help="TransformerBridge or HookedTransformer (TransformerLens 3 only)")
+    p.add_argument(
+        "--model",
+        default="smollm2-135m",
+        help="embedded 'smollm2-135m' or 'gemma3-270m', a local .gguf or HF folder, "
+        "or a TransformerLens name",
+    )
+    p.add_argument(
+        "--kind",
+        default="auto",
+        choices=["auto", "bridge", "hooked"],
+        help="TransformerBridge or HookedTransformer (TransformerLens 3 only)",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--n-ctx", type=int, default=2048, help="longest accepted input, in tokens")
-    p.add_argument("--process-weights", action="store_true",
-                   help="apply fold_ln and centring (changes residual geometry; off by default)")
+    p.add_argument(
+        "--process-weights",
+        action="store_true",
+        help="apply fold_ln and centring (changes residual geometry; off by default)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
 
@@ -61,9 +75,16 @@ def load_from_args(args: argparse.Namespace) -> Any:
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
     log(f"loading {args.model} ...")
-    model = load_model(args.model, kind=args.kind, device=args.device, n_ctx=args.n_ctx,
-                       process_weights=args.process_weights)
-    log(f"loaded {type(model).__name__} with {model.cfg.n_layers} layers in {time.perf_counter() - t0:.1f} s")
+    model = load_model(
+        args.model,
+        kind=args.kind,
+        device=args.device,
+        n_ctx=args.n_ctx,
+        process_weights=args.process_weights,
+    )
+    log(
+        f"loaded {type(model).__name__} with {model.cfg.n_layers} layers in {time.perf_counter() - t0:.1f} s"
+    )
     return model
 
 
@@ -74,7 +95,9 @@ def read_text_arg(text: str | None, text_file: str | None) -> str:
     if text is None:
         raise ValueError("Pass a text, or --text-file PATH.")
     if not text:
-        raise ValueError("The text is empty: there is nothing to analyse. Pass at least one token of text.")
+        raise ValueError(
+            "The text is empty: there is nothing to analyse. Pass at least one token of text."
+        )
     return text
 
 
@@ -83,7 +106,9 @@ def read_text_arg(text: str | None, text_file: str | None) -> str:
 _FOLDER_OUT: set[str] = set()
 
 
-def check_output_path(path: str | os.PathLike, *, folder: bool = False, option: str = "--out") -> Path:
+def check_output_path(
+    path: str | os.PathLike, *, folder: bool = False, option: str = "--out"
+) -> Path:
     """Refuse, before any work, an output path that cannot be written.
 
     A file output must not be an existing folder (and a folder output not an existing file), and
@@ -103,21 +128,29 @@ def check_output_path(path: str | os.PathLike, *, folder: bool = False, option: 
     target = Path(os.path.expanduser(str(path)))
     if folder:
         if target.exists() and not target.is_dir():
-            raise ValueError(f"{option} {target} is a file, but this command writes a folder there; "
-                             "give a folder path.")
+            raise ValueError(
+                f"{option} {target} is a file, but this command writes a folder there; "
+                "give a folder path."
+            )
     elif target.is_dir():
-        raise ValueError(f"{option} {target} is a folder; give a file name inside it, "
-                         f"e.g. {target / 'out.html'}.")
+        raise ValueError(
+            f"{option} {target} is a folder; give a file name inside it, "
+            f"e.g. {target / 'out.html'}."
+        )
     parent = target.absolute().parent
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
-        raise ValueError(f"{option} {target}: {parent} is a file, so no folder can be made under it.")
+        raise ValueError(
+            f"{option} {target}: {parent} is a file, so no folder can be made under it."
+        )
     try:
         fd, probe = tempfile.mkstemp(prefix=".tlm-write-test-", dir=parent)
     except OSError as exc:
-        raise ValueError(f"{option} {target} cannot be written: {parent} does not accept new files "
-                         f"({exc.strerror or exc}). Choose another path.") from exc
+        raise ValueError(
+            f"{option} {target} cannot be written: {parent} does not accept new files "
+            f"({exc.strerror or exc}). Choose another path."
+        ) from exc
     os.close(fd)
     os.unlink(probe)
     return target

@@ -21,9 +21,9 @@ __all__ = [
     "CorpusSource",
     "embedded_documents",
     "read_texts",
+    "text_windows",
     "token_stream",
     "token_windows",
-    "text_windows",
 ]
 
 CorpusSource = Union[None, str, os.PathLike, Iterable[str], Iterable[dict]]
@@ -82,7 +82,11 @@ def read_texts(source: CorpusSource = None, *, text_field: str = "text") -> Iter
     if isinstance(source, (str, os.PathLike)):
         path = Path(source).expanduser()
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.suffix.lower() in (".txt", ".jsonl", ".ndjson", ".md"))
+            files = sorted(
+                p
+                for p in path.rglob("*")
+                if p.suffix.lower() in (".txt", ".jsonl", ".ndjson", ".md")
+            )
             if not files:
                 raise ValueError(f"The folder {path} holds no .txt, .md or .jsonl files.")
             for p in files:
@@ -202,8 +206,12 @@ def token_windows(
     return windows.contiguous()
 
 
-def text_windows(model: Any, source: CorpusSource = None, *, seq_len: int, n_windows: int, seed: int = 0) -> list[str]:
+def text_windows(
+    model: Any, source: CorpusSource = None, *, seq_len: int, n_windows: int, seed: int = 0
+) -> list[str]:
     """Decoded windows of the corpus, for analyses that take text."""
     tok = _tokenizer_of(model)
-    windows = token_windows(model, source, seq_len=seq_len, n_windows=n_windows, shuffle=True, seed=seed)
+    windows = token_windows(
+        model, source, seq_len=seq_len, n_windows=n_windows, shuffle=True, seed=seed
+    )
     return [tok.decode(w) for w in windows]

@@ -40,7 +40,9 @@ def _gradio():
     try:
         import gradio as gr
     except ImportError as exc:  # pragma: no cover - exercised by the CLI test through a flag
-        raise ImportError(f"The dashboard needs Gradio. Install it with:\n    {DASHBOARD_INSTALL}") from exc
+        raise ImportError(
+            f"The dashboard needs Gradio. Install it with:\n    {DASHBOARD_INSTALL}"
+        ) from exc
     return gr
 
 
@@ -114,7 +116,9 @@ def check_model_choice(name: str, choices: Sequence[str], model_dirs: Sequence[P
     real = _under(name, model_dirs) if name else None
     if real is not None and real.exists():
         return str(real)
-    folders = (f"paths under {', '.join(str(f) for f in model_dirs)}" if model_dirs else "no model folders")
+    folders = (
+        f"paths under {', '.join(str(f) for f in model_dirs)}" if model_dirs else "no model folders"
+    )
     raise ValueError(
         f"This dashboard offers the models {', '.join(choices)}, and {folders}; {name!r} is neither. "
         "Start it with --models NAME,... or --model-dir FOLDER to offer more."
@@ -200,8 +204,13 @@ def make_analyse(
 
     cache = cache or _Models()
 
-    def analyse(model_name: str, text: str, chosen: list[str], lens_path: str,
-                progress: Callable[..., Any] = lambda *a, **k: None) -> Iterator[tuple[str, str]]:
+    def analyse(
+        model_name: str,
+        text: str,
+        chosen: list[str],
+        lens_path: str,
+        progress: Callable[..., Any] = lambda *a, **k: None,
+    ) -> Iterator[tuple[str, str]]:
         if not text or not text.strip():
             yield _error("The text is empty: type or paste something to analyse."), ""
             return
@@ -221,12 +230,14 @@ def make_analyse(
         yield f"Loading {html.escape(model_name)} …", ""
         try:
             model = cache.get(name)
-        except Exception as exc:  # noqa: BLE001  (missing files, missing wheels: shown on the page)
+        except Exception as exc:
             yield _error(f"Could not load the model {model_name!r}: {exc}"), ""
             return
         try:
             lens = load_lens(lens_dir, model) if lens_dir is not None else None
-            steps = report_steps(model, text, lens=lens, sections=chosen, title=f"tlmicroscope: {model_name}")
+            steps = report_steps(
+                model, text, lens=lens, sections=chosen, title=f"tlmicroscope: {model_name}"
+            )
             for done, total, section, rep in steps:
                 progress((done, total), desc=f"section {section}" if section else "done")
                 if section:
@@ -244,8 +255,13 @@ def make_analyse(
     return analyse
 
 
-def build_app(models: Sequence[str] | None = None, *, default_text: str = _DEFAULT_TEXT,
-              model_dirs: Sequence[str | os.PathLike] = (), lens_dirs: Sequence[str | os.PathLike] = ()) -> Any:
+def build_app(
+    models: Sequence[str] | None = None,
+    *,
+    default_text: str = _DEFAULT_TEXT,
+    model_dirs: Sequence[str | os.PathLike] = (),
+    lens_dirs: Sequence[str | os.PathLike] = (),
+) -> Any:
     """The Gradio app (not launched).
 
     ``models`` lists the names offered (default: those available offline); a typed model path
@@ -261,25 +277,40 @@ def build_app(models: Sequence[str] | None = None, *, default_text: str = _DEFAU
     defaults = [n for n in sections if _SECTIONS[n].default]
     run_report = make_analyse(choices, model_dirs=model_folders, lens_dirs=lens_folders)
 
-    def analyse(model_name: str, text: str, chosen: list[str], lens_path: str,
-                progress=gr.Progress()) -> Iterator[tuple[str, str]]:  # noqa: B008  (Gradio reads it)
+    def analyse(
+        model_name: str, text: str, chosen: list[str], lens_path: str, progress=gr.Progress()
+    ) -> Iterator[tuple[str, str]]:
         yield from run_report(model_name, text, chosen, lens_path, progress=progress)
 
-    model_label = ("Model" + (f" (or a .gguf file / HF folder under {', '.join(map(str, model_folders))})"
-                              if model_folders else ""))
-    lens_label = ("Tuned lens folder (optional" + (f", under {', '.join(map(str, lens_folders))})"
-                                                   if lens_folders else "; none offered: --lens-dir)"))
+    model_label = "Model" + (
+        f" (or a .gguf file / HF folder under {', '.join(map(str, model_folders))})"
+        if model_folders
+        else ""
+    )
+    lens_label = "Tuned lens folder (optional" + (
+        f", under {', '.join(map(str, lens_folders))})"
+        if lens_folders
+        else "; none offered: --lens-dir)"
+    )
     theme = gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["monospace"])
     with gr.Blocks(title="tlmicroscope") as app:
-        gr.Markdown("# tlmicroscope\nWhat each layer of a language model knows: pick a model, "
-                    "paste a text, choose sections.")
+        gr.Markdown(
+            "# tlmicroscope\nWhat each layer of a language model knows: pick a model, "
+            "paste a text, choose sections."
+        )
         with gr.Row():
-            model_box = gr.Dropdown(choices=choices, value=choices[0] if choices else None,
-                                    allow_custom_value=True, label=model_label, elem_id="tlm-model")
+            model_box = gr.Dropdown(
+                choices=choices,
+                value=choices[0] if choices else None,
+                allow_custom_value=True,
+                label=model_label,
+                elem_id="tlm-model",
+            )
             lens_box = gr.Textbox(label=lens_label, elem_id="tlm-lens")
         text_box = gr.Textbox(value=default_text, lines=4, label="Text", elem_id="tlm-text")
-        section_box = gr.CheckboxGroup(choices=sections, value=defaults, label="Sections",
-                                       elem_id="tlm-sections")
+        section_box = gr.CheckboxGroup(
+            choices=sections, value=defaults, label="Sections", elem_id="tlm-sections"
+        )
         with gr.Row():
             run = gr.Button("Analyse", variant="primary", elem_id="tlm-run")
             stop = gr.Button("Stop", elem_id="tlm-stop")
@@ -291,9 +322,16 @@ def build_app(models: Sequence[str] | None = None, *, default_text: str = _DEFAU
     return app
 
 
-def serve(host: str = "127.0.0.1", port: int = 7860, models: Sequence[str] | None = None,
-          *, block: bool = True, model_dirs: Sequence[str | os.PathLike] = (),
-          lens_dirs: Sequence[str | os.PathLike] = (), warn_host: bool = True) -> Any:
+def serve(
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    models: Sequence[str] | None = None,
+    *,
+    block: bool = True,
+    model_dirs: Sequence[str | os.PathLike] = (),
+    lens_dirs: Sequence[str | os.PathLike] = (),
+    warn_host: bool = True,
+) -> Any:
     """Launch the dashboard on ``host:port`` (loopback by default). Returns the app.
 
     A ``host`` other machines can reach gets a warning (``warn_host=False``: the caller said it).
@@ -303,7 +341,13 @@ def serve(host: str = "127.0.0.1", port: int = 7860, models: Sequence[str] | Non
         warnings.warn(message, UserWarning, stacklevel=2)
     app = build_app(models, model_dirs=model_dirs, lens_dirs=lens_dirs)
     app.queue(default_concurrency_limit=1).launch(
-        server_name=host, server_port=port, share=False, inbrowser=False, show_error=True,
-        prevent_thread_lock=not block, quiet=not block, theme=app._tlm_theme,
+        server_name=host,
+        server_port=port,
+        share=False,
+        inbrowser=False,
+        show_error=True,
+        prevent_thread_lock=not block,
+        quiet=not block,
+        theme=app._tlm_theme,
     )
     return app

@@ -73,7 +73,9 @@ def to_tokens(
             )
         tokens = model.to_tokens(text_or_tokens, prepend_bos=prepend_bos, truncate=False)
     elif isinstance(text_or_tokens, torch.Tensor) or (
-        isinstance(text_or_tokens, Sequence) and text_or_tokens and isinstance(text_or_tokens[0], int)
+        isinstance(text_or_tokens, Sequence)
+        and text_or_tokens
+        and isinstance(text_or_tokens[0], int)
     ):
         tokens = torch.as_tensor(text_or_tokens)
         if tokens.dtype == torch.bool:
@@ -87,7 +89,9 @@ def to_tokens(
         if tokens.ndim == 1:
             tokens = tokens.unsqueeze(0)
         if tokens.ndim != 2:
-            raise ValueError(f"Tokens must be [pos] or [batch pos], got shape {tuple(tokens.shape)}.")
+            raise ValueError(
+                f"Tokens must be [pos] or [batch pos], got shape {tuple(tokens.shape)}."
+            )
         d_vocab = model.cfg.d_vocab
         if tokens.numel() and (tokens.min() < 0 or tokens.max() >= d_vocab):
             raise ValueError(
@@ -171,13 +175,21 @@ def resolve_input(
     if tokens is None:
         raise ValueError("Pass the text or tokens to analyse.")
     ensure_eval(model)
-    return ResolvedInput(model, None, to_tokens(model, tokens, prepend_bos=prepend_bos, truncate=truncate))
+    return ResolvedInput(
+        model, None, to_tokens(model, tokens, prepend_bos=prepend_bos, truncate=truncate)
+    )
 
 
 _LAYER = re.compile(r"blocks\.(\d+)\.")
 # Hooks of shape [batch pos d_model] (or [pos d_model] without the batch axis).
-_RESIDUAL_LIKE = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_embed", "hook_attn_out",
-                  "hook_mlp_out")
+_RESIDUAL_LIKE = (
+    "hook_resid_pre",
+    "hook_resid_mid",
+    "hook_resid_post",
+    "hook_embed",
+    "hook_attn_out",
+    "hook_mlp_out",
+)
 
 
 def _where(name: str) -> str:
@@ -286,7 +298,9 @@ def check_layers(layers: Sequence[int] | None, n_max: int, what: str = "layer") 
         return list(range(n_max))
     out = []
     for layer in layers:
-        if not isinstance(layer, (int,)) and not (isinstance(layer, torch.Tensor) and layer.ndim == 0):
+        if not isinstance(layer, (int,)) and not (
+            isinstance(layer, torch.Tensor) and layer.ndim == 0
+        ):
             raise TypeError(f"{what} indices must be integers, got {layer!r}.")
         i = int(layer)
         if not -n_max <= i < n_max:

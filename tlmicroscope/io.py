@@ -36,16 +36,16 @@ __all__ = [
     "FORMAT_VERSION",
     "FittedFileError",
     "ModelMismatchError",
+    "atomic_dir",
+    "atomic_write_bytes",
     "atomic_write_text",
+    "check_fingerprint",
     "config_bool",
     "config_int",
-    "atomic_write_bytes",
-    "atomic_dir",
-    "recover_dir",
-    "model_fingerprint",
-    "check_fingerprint",
-    "save_fitted",
     "load_fitted",
+    "model_fingerprint",
+    "recover_dir",
+    "save_fitted",
 ]
 
 FORMAT_VERSION = 1
@@ -236,7 +236,13 @@ def _exchange(a: Path, b: Path) -> bool:
         renameat2 = libc.renameat2
     except (OSError, AttributeError):  # no glibc 2.28+ renameat2
         return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    renameat2.argtypes = [
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_uint,
+    ]
     renameat2.restype = ctypes.c_int
     if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
         return True
@@ -338,7 +344,9 @@ def atomic_dir(path: str | os.PathLike, fill: Callable[[Path], None]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if os.path.lexists(path) and not path.is_dir():
-        raise FileExistsError(f"{path} exists and is not a folder; remove it or save to another path.")
+        raise FileExistsError(
+            f"{path} exists and is not a folder; remove it or save to another path."
+        )
     key = _flight_key(path)
     with _IN_FLIGHT_LOCK:
         own_stale = _IN_FLIGHT.get(key, 0) == 0
@@ -361,7 +369,9 @@ def atomic_dir(path: str | os.PathLike, fill: Callable[[Path], None]) -> Path:
             else:
                 _swap_in_two_steps(tmp, path)
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)  # the unused new folder, or the swapped-out old one
+            shutil.rmtree(
+                tmp, ignore_errors=True
+            )  # the unused new folder, or the swapped-out old one
     finally:
         with _IN_FLIGHT_LOCK:
             _IN_FLIGHT[key] -= 1
@@ -433,7 +443,9 @@ def save_fitted(
     meta = {
         "kind": kind,
         "format_version": FORMAT_VERSION,
-        "model": dict(fingerprint) if fingerprint is not None else (model_fingerprint(model) if model is not None else None),
+        "model": dict(fingerprint)
+        if fingerprint is not None
+        else (model_fingerprint(model) if model is not None else None),
         "config": dict(config),
     }
     text = json.dumps(meta, indent=2, sort_keys=True)
@@ -464,7 +476,9 @@ def load_fitted(
     path = Path(path)
     recover_dir(path)  # a save killed half-way: restore the previous copy, drop its temporaries
     if not path.is_dir():
-        raise FittedFileError(f"No saved {kind} at {path} (expected a folder with {_CONFIG} and {_TENSORS}).")
+        raise FittedFileError(
+            f"No saved {kind} at {path} (expected a folder with {_CONFIG} and {_TENSORS})."
+        )
     cfg_path, tensor_path = path / _CONFIG, path / _TENSORS
     for p in (cfg_path, tensor_path):
         if not p.is_file():
@@ -472,7 +486,9 @@ def load_fitted(
     try:
         meta = json.loads(cfg_path.read_text())
     except (ValueError, UnicodeDecodeError) as exc:
-        raise FittedFileError(f"{cfg_path} is not valid JSON ({exc}); the file is corrupt.") from exc
+        raise FittedFileError(
+            f"{cfg_path} is not valid JSON ({exc}); the file is corrupt."
+        ) from exc
     if not isinstance(meta, dict):
         raise FittedFileError(
             f"{cfg_path} holds a JSON {_json_type(meta)}, not an object; the file is corrupt or not a "
@@ -482,14 +498,18 @@ def load_fitted(
         raise FittedFileError(f"{path} holds a {meta.get('kind')!r}, not a {kind!r}.")
     version = _config_int(meta, "format_version", cfg_path, minimum=0, default=0)
     if version > FORMAT_VERSION:
-        raise FittedFileError(f"{path} was written by a newer tlmicroscope (format {version}); upgrade.")
+        raise FittedFileError(
+            f"{path} was written by a newer tlmicroscope (format {version}); upgrade."
+        )
     for key in ("model", "config"):
         if meta.get(key) is not None and not isinstance(meta[key], dict):
             raise FittedFileError(
                 f"{cfg_path}: field {key!r} must be a JSON object, got {_json_type(meta[key])}; the file "
                 "is corrupt."
             )
-    if model is not None and meta.get("model"):  # before reading any tensor: a wrong model costs nothing
+    if model is not None and meta.get(
+        "model"
+    ):  # before reading any tensor: a wrong model costs nothing
         check_fingerprint(meta["model"], model, what=f"The {kind} at {path}")
     try:
         tensors = load_file(str(tensor_path), device=str(device) if device is not None else "cpu")
@@ -500,16 +520,30 @@ def load_fitted(
 
 # ------------------------------------------------------------------------- config fields
 def _json_type(value: Any) -> str:
-    names = {dict: "object", list: "list", str: "string", bool: "boolean", int: "integer",
-             float: "number", type(None): "null"}
+    names = {
+        dict: "object",
+        list: "list",
+        str: "string",
+        bool: "boolean",
+        int: "integer",
+        float: "number",
+        type(None): "null",
+    }
     return names.get(type(value), type(value).__name__)
 
 
 _MISSING = object()
 
 
-def config_int(cfg: Mapping[str, Any], key: str, file: Any, *, minimum: int = 1,
-                maximum: int | None = None, default: Any = _MISSING) -> int:
+def config_int(
+    cfg: Mapping[str, Any],
+    key: str,
+    file: Any,
+    *,
+    minimum: int = 1,
+    maximum: int | None = None,
+    default: Any = _MISSING,
+) -> int:
     """``cfg[key]`` as an int, refused with the file and the field unless it is a JSON integer
     (not a boolean, a fraction or a string) in ``minimum..maximum``."""
     if key not in cfg:

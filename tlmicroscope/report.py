@@ -127,8 +127,14 @@ _SECTIONS: dict[str, _Spec] = {}
 _REPORT_SETTINGS = ("truncate",)
 
 
-def register_section(name: str, title: str, *, default: bool = True, needs: Sequence[str] = (),
-                     settings: Sequence[str] = ()):
+def register_section(
+    name: str,
+    title: str,
+    *,
+    default: bool = True,
+    needs: Sequence[str] = (),
+    settings: Sequence[str] = (),
+):
     """Register a section builder ``f(ctx) -> Section`` under ``name``; registration order is page order.
 
     ``needs`` names the capture sites (``tlmicroscope.capture`` names: ``"resid"``, ``"attn_out"``,
@@ -185,7 +191,9 @@ def _check_arguments(
 ) -> tuple[Any, list[str]]:
     """Validate ``report``'s arguments before any work; returns the lens (loaded) and the section names."""
     if not isinstance(text, str):
-        raise TypeError(f"text must be a string, got {type(text).__name__}; pass the text to analyse.")
+        raise TypeError(
+            f"text must be a string, got {type(text).__name__}; pass the text to analyse."
+        )
     valid = available_settings()
     unknown = [k for k in settings if k not in valid]
     if unknown:
@@ -198,11 +206,14 @@ def _check_arguments(
         try:
             names = list(sections)
         except TypeError:
-            raise TypeError(f"sections must be a section name or a list of them, got "
-                            f"{type(sections).__name__}.") from None
+            raise TypeError(
+                f"sections must be a section name or a list of them, got {type(sections).__name__}."
+            ) from None
         bad = [n for n in names if not isinstance(n, str)]
         if bad:
-            raise TypeError(f"sections must be names (strings), got {bad[:3]}; see available_sections().")
+            raise TypeError(
+                f"sections must be names (strings), got {bad[:3]}; see available_sections()."
+            )
         unknown = [n for n in names if n not in _SECTIONS]
         if unknown:
             raise ValueError(_unknown("section", unknown, list(_SECTIONS)))
@@ -216,7 +227,9 @@ def _resolve_report_lens(lens: Any, model: Any) -> Any:
     from tlmicroscope.lenses.base import load_lens, resolve_lens
 
     if lens is None or (isinstance(lens, str) and lens in ("logit", "logit-paper")):
-        return lens  # the sections read these names as they are (the causal basis of the logit lens)
+        return (
+            lens  # the sections read these names as they are (the causal basis of the logit lens)
+        )
     if isinstance(lens, (str, os.PathLike)):
         path = Path(os.path.expanduser(str(lens)))
         if not path.exists():
@@ -300,14 +313,18 @@ def report_steps(
     if needs:
         ctx.cache, ctx.logits = _shared_capture(model, tokens, needs)
     t_capture = time.perf_counter() - t_capture
-    processed = "processed (fold_ln/centring)" if _compat.weights_processed(model) else "unprocessed"
+    processed = (
+        "processed (fold_ln/centring)" if _compat.weights_processed(model) else "unprocessed"
+    )
     intro = (
         f"Model <b>{escape(_compat.model_label(model))}</b> ({escape(type(model).__name__)}, "
         f"weights {processed}, TransformerLens {escape(_compat.TL_VERSION)}); "
         f"{tokens.shape[-1]} tokens of text."
     )
     page = HtmlPage(title=title or "tlmicroscope report", intro=intro)
-    rep = Report(page=page, rendered=[], missing={}, failed={}, seconds={}, capture_seconds=t_capture)
+    rep = Report(
+        page=page, rendered=[], missing={}, failed={}, seconds={}, capture_seconds=t_capture
+    )
     for i, name in enumerate(names):
         yield i, len(names), name, rep
         spec = _SECTIONS[name]
@@ -318,7 +335,7 @@ def report_steps(
             page.add_notice(spec.title, exc.message, exc.fix)
             rep.missing[name] = exc.message
             rep.fixes[name] = exc.fix
-        except Exception as exc:  # noqa: BLE001  (a broken section is reported in place, never fatal)
+        except Exception as exc:
             detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
             page.add_notice(spec.title, f"This section failed: {detail}")
             rep.failed[name] = detail
@@ -364,6 +381,8 @@ def report(
         ['trajectory']
     """
     rep = None
-    for _, _, _, rep in report_steps(model, text, lens=lens, sections=sections, title=title, **settings):
+    for _, _, _, rep in report_steps(
+        model, text, lens=lens, sections=sections, title=title, **settings
+    ):
         pass
     return rep

@@ -34,18 +34,18 @@ import torch
 from jaxtyping import Float
 
 __all__ = [
-    "MultipleChoiceItem",
     "ALL_CATEGORIES",
     "CATEGORIES",
     "FIXED_LABEL_CATEGORIES",
     "LETTERS",
-    "load_tasks",
-    "read_mmlu",
-    "format_prompt",
-    "few_shot_prompts",
+    "MultipleChoiceItem",
+    "accuracy",
     "choice_logprobs",
     "continuations",
-    "accuracy",
+    "few_shot_prompts",
+    "format_prompt",
+    "load_tasks",
+    "read_mmlu",
 ]
 
 #: Categories of the shipped task set whose answers differ per item (``load_tasks()``'s default).
@@ -88,7 +88,9 @@ class MultipleChoiceItem:
         if not str(self.question).strip():
             raise ValueError("A multiple-choice item needs a non-empty question.")
         if len(self.choices) < 2:
-            raise ValueError(f"{self.question!r} needs at least two choices, got {len(self.choices)}.")
+            raise ValueError(
+                f"{self.question!r} needs at least two choices, got {len(self.choices)}."
+            )
         if any(not c.strip() for c in self.choices):
             raise ValueError(f"{self.question!r} has an empty choice.")
         if len(set(self.choices)) != len(self.choices):
@@ -104,11 +106,17 @@ class MultipleChoiceItem:
         return self.choices[self.answer]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"question": self.question, "choices": list(self.choices), "answer": self.answer,
-                "category": self.category}
+        return {
+            "question": self.question,
+            "choices": list(self.choices),
+            "answer": self.answer,
+            "category": self.category,
+        }
 
 
-def _item_from_dict(row: dict[str, Any], where: str, default_category: str = "") -> MultipleChoiceItem:
+def _item_from_dict(
+    row: dict[str, Any], where: str, default_category: str = ""
+) -> MultipleChoiceItem:
     for key in ("question", "choices", "answer"):
         if key not in row:
             raise ValueError(f"{where} has no {key!r} field (expected question, choices, answer).")
@@ -161,7 +169,9 @@ def load_tasks(categories: str | Iterable[str] | None = None) -> list[MultipleCh
     wanted = list(CATEGORIES) if categories is None else list(categories)
     unknown = [c for c in wanted if c not in ALL_CATEGORIES]
     if unknown:
-        raise ValueError(f"Unknown task categories {unknown}; the shipped set has {ALL_CATEGORIES}.")
+        raise ValueError(
+            f"Unknown task categories {unknown}; the shipped set has {ALL_CATEGORIES}."
+        )
     text = resources.files("tlmicroscope").joinpath("data/tasks.jsonl").read_text(encoding="utf-8")
     items = []
     for lineno, line in enumerate(text.splitlines(), 1):
@@ -359,7 +369,9 @@ class _Target:
 def _tokenizer(model: Any) -> Any:
     tok = getattr(model, "tokenizer", None)
     if tok is None:
-        raise ValueError("This model has no tokenizer; answer scoring needs text prompts and choices.")
+        raise ValueError(
+            "This model has no tokenizer; answer scoring needs text prompts and choices."
+        )
     return tok
 
 
@@ -391,7 +403,9 @@ def _scoring_plan(
         for j, cont in enumerate(opts):
             ids = tok(cont, add_special_tokens=False)["input_ids"]
             if not ids:
-                raise ValueError(f"Choice {j} of prompt {i} ({cont!r}) is empty after tokenization.")
+                raise ValueError(
+                    f"Choice {j} of prompt {i} ({cont!r}) is empty after tokenization."
+                )
             if len(ctx) + len(ids) - 1 > n_ctx:
                 raise ValueError(
                     f"Prompt {i} with choice {j} is {len(ctx) + len(ids)} tokens, over the model's "
@@ -399,8 +413,11 @@ def _scoring_plan(
                 )
             conts.append(ids)
         needs = [tuple(ctx + ids[:-1]) for ids in conts]
-        maximal = [n for n in dict.fromkeys(needs)
-                   if not any(len(o) > len(n) and o[: len(n)] == n for o in needs)]
+        maximal = [
+            n
+            for n in dict.fromkeys(needs)
+            if not any(len(o) > len(n) and o[: len(n)] == n for o in needs)
+        ]
         first = len(runs)
         runs += [_Run(i, torch.tensor(m, dtype=torch.long), len(ctx)) for m in maximal]
         for j, (ids, need) in enumerate(zip(conts, needs)):
@@ -489,7 +506,9 @@ def choice_logprobs(
             for r, k in enumerate(idx):
                 for t in by_run[k]:
                     lp = torch.log_softmax(logits[r, t.positions].float(), -1)
-                    out[t.prompt, t.choice] = lp.gather(1, t.tokens[:, None].to(lp.device)).sum().cpu()
+                    out[t.prompt, t.choice] = (
+                        lp.gather(1, t.tokens[:, None].to(lp.device)).sum().cpu()
+                    )
     return out
 
 
@@ -509,7 +528,9 @@ def accuracy(
     Returns:
         ``{category: accuracy, ..., "all": accuracy}``.
     """
-    prompts = few_shot_prompts(items, n_shots=n_shots, seed=seed, style=style, show_choices=show_choices)
+    prompts = few_shot_prompts(
+        items, n_shots=n_shots, seed=seed, style=style, show_choices=show_choices
+    )
     conts = [continuations(it, style=style) for it in items]
     lp = choice_logprobs(model, prompts, conts, batch_size=batch_size, progress=progress)
     correct = (lp.argmax(-1) == torch.tensor([it.answer for it in items])).float()

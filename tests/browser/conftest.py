@@ -14,8 +14,15 @@ import pytest
 
 CHROMIUM = os.environ.get("TLMICROSCOPE_CHROMIUM", "/usr/bin/chromium")
 # The flags keep Chromium from calling out to Google's services on a machine with no network.
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 @pytest.fixture(scope="session")
@@ -50,7 +57,10 @@ def page(browser):
     pg = context.new_page()
     errors = PageErrors()
     pg.on("pageerror", lambda exc: errors.append(f"pageerror: {exc}"))
-    pg.on("console", lambda msg: errors.append(f"console: {msg.text}") if msg.type == "error" else None)
+    pg.on(
+        "console",
+        lambda msg: errors.append(f"console: {msg.text}") if msg.type == "error" else None,
+    )
     pg.errors = errors
     yield pg
     context.close()

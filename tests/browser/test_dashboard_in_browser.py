@@ -19,7 +19,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def dashboard_url():
     from tlmicroscope.dashboard import serve
-    from tlmicroscope.report import Section, _SECTIONS, register_section
+    from tlmicroscope.report import _SECTIONS, Section, register_section
 
     @register_section("slow_test_section", "Slow test section", default=False)
     def _slow(ctx):  # long enough to press Stop while it runs
@@ -54,11 +54,14 @@ def test_a_run_renders_the_report(page, dashboard_url, screenshots):
     assert list(page.errors) == [], page.errors
 
 
-@pytest.mark.parametrize("text, model, message", [
-    ("", None, "The text is empty"),
-    ("x" * 2100, None, "2100 tokens long but the model's context is 2048"),
-    ("hello", "no-such-model-anywhere", "Could not load the model 'no-such-model-anywhere'"),
-])
+@pytest.mark.parametrize(
+    "text, model, message",
+    [
+        ("", None, "The text is empty"),
+        ("x" * 2100, None, "2100 tokens long but the model's context is 2048"),
+        ("hello", "no-such-model-anywhere", "Could not load the model 'no-such-model-anywhere'"),
+    ],
+)
 def test_bad_input_is_reported_on_the_page(page, dashboard_url, text, model, message):
     page.goto(dashboard_url, wait_until="networkidle")
     _run(page, text, model)

@@ -8,7 +8,9 @@ pytestmark = [pytest.mark.browser, pytest.mark.models]
 
 
 def test_every_section_renders_without_javascript_errors(tiny_llama, page, screenshots, tmp_path):
-    rep = report(tiny_llama, "The cat sat on the mat. The dog sat too.", sections=available_sections())
+    rep = report(
+        tiny_llama, "The cat sat on the mat. The dog sat too.", sections=available_sections()
+    )
     path = rep.save(tmp_path / "report.html")
     page.goto(path.as_uri(), wait_until="load")
     page.wait_for_timeout(1500)

@@ -122,11 +122,15 @@ def test_positions_limit_the_ablation_and_default_mean_is_the_batch_mean(tiny_ll
     seen = {}
     spy = (name, lambda act, hook: seen.__setitem__("act", act.detach().clone()))
     clean = _clean_resid(tiny_llama, toks, 2)
-    tiny_llama.run_with_hooks(toks, fwd_hooks=subspace_ablation_hooks(name, B, "mean", positions=[1, -1]) + [spy])
+    tiny_llama.run_with_hooks(
+        toks, fwd_hooks=subspace_ablation_hooks(name, B, "mean", positions=[1, -1]) + [spy]
+    )
     act = seen["act"]
     untouched = [0, 2, 3, 4, 5, 6]
     torch.testing.assert_close(act[:, untouched], clean[:, untouched])
-    mu = clean.reshape(-1, clean.shape[-1]).mean(0)  # every row of the activation, not just the ablated ones
+    mu = clean.reshape(-1, clean.shape[-1]).mean(
+        0
+    )  # every row of the activation, not just the ablated ones
     torch.testing.assert_close(act[:, [1, 7]] @ B, (mu @ B).expand(2, 2, 2), atol=1e-5, rtol=1e-5)
 
 
@@ -147,8 +151,9 @@ def test_ablation_hooks_compose_with_transformer_lens_patching(tiny_gpt2):
     B = _orthonormal(model.cfg.d_model, 4, seed=9).float()
     mu = torch.randn(model.cfg.d_model, generator=g)
     # One ablation downstream of some patches, one at the very hook being patched.
-    ablations = (subspace_ablation_hooks("blocks.1.hook_resid_post", B, "mean", mean=mu)
-                 + subspace_ablation_hooks("blocks.1.hook_resid_pre", B, "zero"))
+    ablations = subspace_ablation_hooks(
+        "blocks.1.hook_resid_post", B, "mean", mean=mu
+    ) + subspace_ablation_hooks("blocks.1.hook_resid_pre", B, "zero")
     with model.hooks(fwd_hooks=ablations):
         patched = patching.get_act_patch_resid_pre(model, corrupted, clean_cache, metric)
     n_layers, n_pos = model.cfg.n_layers, corrupted.shape[1]
@@ -157,6 +162,7 @@ def test_ablation_hooks_compose_with_transformer_lens_patching(tiny_gpt2):
     for layer in range(n_layers):
         name = f"blocks.{layer}.hook_resid_pre"
         for pos in range(n_pos):
+
             def patch(act, hook, pos=pos, name=name):
                 act = act.clone()
                 act[:, pos] = clean_cache[name][:, pos]
@@ -168,7 +174,9 @@ def test_ablation_hooks_compose_with_transformer_lens_patching(tiny_gpt2):
     torch.testing.assert_close(patched.float(), by_hand, atol=1e-4, rtol=1e-4)
     plain = patching.get_act_patch_resid_pre(model, corrupted, clean_cache, metric)
     assert not torch.allclose(plain.float(), by_hand, atol=1e-3)  # the ablation did matter
-    assert torch.allclose(model(corrupted), model.run_with_hooks(corrupted, fwd_hooks=[]))  # nothing left
+    assert torch.allclose(
+        model(corrupted), model.run_with_hooks(corrupted, fwd_hooks=[])
+    )  # nothing left
 
 
 @pytest.mark.models
@@ -194,4 +202,6 @@ def test_context_manager_removes_hooks_after_an_exception_and_checks_up_front(ti
             model(toks)
     torch.testing.assert_close(model(toks), clean)
     with pytest.raises(ValueError, match="only one"):
-        model.run_with_hooks(toks[:, :1], fwd_hooks=subspace_ablation_hooks("blocks.0.hook_resid_pre", B, "mean"))
+        model.run_with_hooks(
+            toks[:, :1], fwd_hooks=subspace_ablation_hooks("blocks.0.hook_resid_pre", B, "mean")
+        )

@@ -68,10 +68,19 @@ def _resid(model, toks, layer):
 
 def _brute_energy(readout, lens, layer, h, v, mode, donors=None):
     """E_x KL(q(h) || q(ablate(h, v))) by the textbook formula, float64."""
-    h2 = ablate_rows(h.double(), v.double()[:, None], mode, mean=h.double().mean(0),
-                     donors=None if donors is None else h.double()[donors])
-    lp = torch.log_softmax(readout(lens.transform(h, layer), final_norm=lens.final_norm).double(), -1)
-    lq = torch.log_softmax(readout(lens.transform(h2.float(), layer), final_norm=lens.final_norm).double(), -1)
+    h2 = ablate_rows(
+        h.double(),
+        v.double()[:, None],
+        mode,
+        mean=h.double().mean(0),
+        donors=None if donors is None else h.double()[donors],
+    )
+    lp = torch.log_softmax(
+        readout(lens.transform(h, layer), final_norm=lens.final_norm).double(), -1
+    )
+    lq = torch.log_softmax(
+        readout(lens.transform(h2.float(), layer), final_norm=lens.final_norm).double(), -1
+    )
     return (lp.exp() * (lp - lq)).sum(-1).mean()
 
 
@@ -93,7 +102,9 @@ def test_objective_and_gradient_match_brute_force(tiny, mode):
         brute = _brute_energy(readout, lens, 2, h, v2, mode, donors)
         brute.backward()
         assert energy.item() == pytest.approx(brute.item(), rel=2e-4, abs=1e-7)
-        torch.testing.assert_close(v.grad.double(), v2.grad.double(), rtol=2e-3, atol=1e-6 * float(v2.grad.abs().max()))
+        torch.testing.assert_close(
+            v.grad.double(), v2.grad.double(), rtol=2e-3, atol=1e-6 * float(v2.grad.abs().max())
+        )
 
 
 @pytest.mark.models
@@ -109,14 +120,19 @@ def test_first_direction_beats_random_directions_and_basis_is_orthonormal(tiny):
     lens = LogitLens()
     for j in range(4):  # the stored energies are the brute-force energies of the stored vectors
         assert float(basis.energies[j]) == pytest.approx(
-            _brute_energy(readout, lens, 1, h, basis.vectors[:, j], "mean").item(), rel=1e-3)
+            _brute_energy(readout, lens, 1, h, basis.vectors[:, j], "mean").item(), rel=1e-3
+        )
     g = torch.Generator().manual_seed(11)
     randoms = torch.randn(40, 32, generator=g)
-    random_energies = [_brute_energy(readout, lens, 1, h, r / r.norm(), "mean").item() for r in randoms]
+    random_energies = [
+        _brute_energy(readout, lens, 1, h, r / r.norm(), "mean").item() for r in randoms
+    ]
     assert float(basis.energies[0]) >= max(random_energies)
     # Mean ablation is a local change along v: its energy also beats the singular-vector start.
     init = _init_directions(readout, None, 1)[:, 0]
-    assert float(basis.energies[0]) >= _brute_energy(readout, lens, 1, h, init, "mean").item() - 1e-7
+    assert (
+        float(basis.energies[0]) >= _brute_energy(readout, lens, 1, h, init, "mean").item() - 1e-7
+    )
 
 
 @pytest.mark.models
@@ -193,16 +209,35 @@ def test_bad_input_is_refused(tiny_llama):
 def test_non_convergence_is_reported(tiny_llama):
     toks = _tokens(2, 16)
     with pytest.warns(CBEConvergenceWarning, match="without the relative energy change"):
-        basis = extract_causal_basis(tiny_llama, "logit", toks, layer=1, k=2, max_iter=2, tol=1e-12,
-                                     progress=False)
+        basis = extract_causal_basis(
+            tiny_llama, "logit", toks, layer=1, k=2, max_iter=2, tol=1e-12, progress=False
+        )
     assert not basis.converged.any() and (basis.n_evals <= 4).all()
     with pytest.raises(CBEConvergenceError):
-        extract_causal_basis(tiny_llama, "logit", toks, layer=1, k=1, max_iter=2, tol=1e-12, progress=False,
-                             on_nonconvergence="raise")
+        extract_causal_basis(
+            tiny_llama,
+            "logit",
+            toks,
+            layer=1,
+            k=1,
+            max_iter=2,
+            tol=1e-12,
+            progress=False,
+            on_nonconvergence="raise",
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("error", CBEConvergenceWarning)
-        extract_causal_basis(tiny_llama, "logit", toks, layer=1, k=1, max_iter=2, tol=1e-12, progress=False,
-                             on_nonconvergence="ignore")
+        extract_causal_basis(
+            tiny_llama,
+            "logit",
+            toks,
+            layer=1,
+            k=1,
+            max_iter=2,
+            tol=1e-12,
+            progress=False,
+            on_nonconvergence="ignore",
+        )
 
 
 @pytest.mark.models

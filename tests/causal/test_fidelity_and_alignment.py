@@ -32,13 +32,17 @@ def test_fidelity_influences_match_hand_computation(tiny_gpt2, mode):
     model = tiny_gpt2
     toks = _tokens()
     B = torch.linalg.qr(torch.randn(32, 3, generator=torch.Generator().manual_seed(2))).Q
-    res = causal_fidelity(model, "logit", B, layer=1, tokens=toks, mode=mode, seed=4, progress=False)
+    res = causal_fidelity(
+        model, "logit", B, layer=1, tokens=toks, mode=mode, seed=4, progress=False
+    )
     name = "blocks.1.hook_resid_pre"
     with torch.no_grad():
         logits, cache = model.run_with_cache(toks, names_filter=[name])
     h = cache[name].double()
     flat = h.reshape(-1, 32)
-    target = flat.mean(0).expand_as(flat) if mode == "mean" else flat[derangement(flat.shape[0], seed=4)]
+    target = (
+        flat.mean(0).expand_as(flat) if mode == "mean" else flat[derangement(flat.shape[0], seed=4)]
+    )
     readout = Readout(model)
     logp_model = torch.log_softmax(logits.double(), -1).reshape(-1, logits.shape[-1])
     for j in range(3):
@@ -48,11 +52,17 @@ def test_fidelity_influences_match_hand_computation(tiny_gpt2, mode):
         lq = torch.log_softmax(readout(ablated.float()).double(), -1)
         assert float(res.lens_influence[j]) == pytest.approx(_kl_rows(lp, lq), rel=1e-3)
         with torch.no_grad():
-            out = model.run_with_hooks(toks, fwd_hooks=[(name, lambda a, hook: ablated.reshape(a.shape).to(a.dtype))])
+            out = model.run_with_hooks(
+                toks, fwd_hooks=[(name, lambda a, hook: ablated.reshape(a.shape).to(a.dtype))]
+            )
         lq_model = torch.log_softmax(out.double(), -1).reshape(-1, out.shape[-1])
-        assert float(res.model_influence[j]) == pytest.approx(_kl_rows(logp_model, lq_model), rel=1e-3)
+        assert float(res.model_influence[j]) == pytest.approx(
+            _kl_rows(logp_model, lq_model), rel=1e-3
+        )
     ranks = lambda x: np.argsort(np.argsort(x))  # noqa: E731 - Spearman = Pearson of ranks (no ties)
-    expected = np.corrcoef(ranks(res.lens_influence.numpy()), ranks(res.model_influence.numpy()))[0, 1]
+    expected = np.corrcoef(ranks(res.lens_influence.numpy()), ranks(res.model_influence.numpy()))[
+        0, 1
+    ]
     assert res.spearman == pytest.approx(expected)
     assert res.mode == mode and res.layer == 1 and res.n_tokens == 24
 
@@ -77,7 +87,10 @@ def test_fidelity_takes_the_basis_mode_layer_and_mean(tiny_llama):
 
 def test_aitchison_similarity_against_the_dense_clr_formula():
     g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(5, 9, generator=g, dtype=torch.float64), torch.randn(5, 9, generator=g, dtype=torch.float64)
+    x, y = (
+        torch.randn(5, 9, generator=g, dtype=torch.float64),
+        torch.randn(5, 9, generator=g, dtype=torch.float64),
+    )
     w = torch.rand(5, 9, generator=g, dtype=torch.float64)
     got = aitchison_similarity(x, y, w)
     for i in range(5):
@@ -96,9 +109,13 @@ def test_aitchison_similarity_against_the_dense_clr_formula():
 def test_stimulus_response_sample_matches_a_hand_intervention(tiny_llama):
     model = tiny_llama
     toks = _tokens(2, 10, seed=3)
-    res = stimulus_response_alignment(model, ["logit", LogitLens.paper()], toks, layer=[0, 2], n_samples=5,
-                                      seed=1, progress=False)
-    assert res.alignment.shape == (2, 2, 5) and res.lens_names == ("logit", "logit (paper: no final norm)")
+    res = stimulus_response_alignment(
+        model, ["logit", LogitLens.paper()], toks, layer=[0, 2], n_samples=5, seed=1, progress=False
+    )
+    assert res.alignment.shape == (2, 2, 5) and res.lens_names == (
+        "logit",
+        "logit (paper: no final norm)",
+    )
     readout = Readout(model)
     names = ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre", "blocks.2.hook_resid_pre"]
     with torch.no_grad():
@@ -117,11 +134,15 @@ def test_stimulus_response_sample_matches_a_hand_intervention(tiny_llama):
                 return act
 
             with torch.no_grad():
-                treated = model.run_with_hooks(toks[b:b + 1], fwd_hooks=[(names[layer], patch)])[0, t]
+                treated = model.run_with_hooks(toks[b : b + 1], fwd_hooks=[(names[layer], patch)])[
+                    0, t
+                ]
             clean = final[b, t]
             stimulus = readout(new) - readout(h[b, t])
             w = 0.5 * (torch.softmax(clean, -1) + torch.softmax(treated, -1))
-            expected = aitchison_similarity(stimulus.double(), (treated - clean).double(), w.double())
+            expected = aitchison_similarity(
+                stimulus.double(), (treated - clean).double(), w.double()
+            )
             assert float(res.alignment[0, ki, s]) == pytest.approx(float(expected), abs=1e-4)
             assert (db, dt) != (b, t)
     df = res.to_dataframe()
@@ -138,18 +159,26 @@ def test_fidelity_interval_is_the_percentile_bootstrap_over_tokens(tiny_gpt2):
 
     toks = _tokens(2, 12)
     B = torch.linalg.qr(torch.randn(32, 5, generator=torch.Generator().manual_seed(3))).Q
-    res = causal_fidelity(tiny_gpt2, "logit", B, layer=1, tokens=toks, seed=2, n_boot=300, progress=False)
+    res = causal_fidelity(
+        tiny_gpt2, "logit", B, layer=1, tokens=toks, seed=2, n_boot=300, progress=False
+    )
     assert res.n_directions == 5 and res.lens_kl.shape == (5, 24) and res.model_kl.shape == (5, 24)
     torch.testing.assert_close(res.lens_kl.mean(1), res.lens_influence)
     torch.testing.assert_close(res.model_kl.mean(1), res.model_influence)
     # Brute force: the same resamples, scipy's spearmanr on each, numpy percentiles.
     lk, mk = res.lens_kl.double().numpy(), res.model_kl.double().numpy()
-    rhos = [spearmanr(lk[:, i].mean(1), mk[:, i].mean(1)).statistic for i in bootstrap_indices(24, 300, 2)]
+    rhos = [
+        spearmanr(lk[:, i].mean(1), mk[:, i].mean(1)).statistic
+        for i in bootstrap_indices(24, 300, 2)
+    ]
     lo, hi = np.nanquantile(rhos, [0.025, 0.975])
     assert res.spearman_ci == pytest.approx((lo, hi), abs=1e-9)
     assert "k = 5 directions" in res.describe()
-    assert np.isnan(causal_fidelity(tiny_gpt2, "logit", B, layer=1, tokens=toks, n_boot=0,
-                                    progress=False).spearman_ci[0])
+    assert np.isnan(
+        causal_fidelity(
+            tiny_gpt2, "logit", B, layer=1, tokens=toks, n_boot=0, progress=False
+        ).spearman_ci[0]
+    )
 
 
 def test_spearman_bootstrap_covers_a_known_correlation():
@@ -187,8 +216,9 @@ def test_stimulus_response_same_position_donors_and_intervals(tiny_llama):
     from tlmicroscope.causal._bootstrap import bootstrap_indices
 
     toks = _tokens(3, 9, seed=5)
-    res = stimulus_response_alignment(tiny_llama, ["logit", LogitLens.paper()], toks, n_samples=12, seed=2,
-                                      progress=False)
+    res = stimulus_response_alignment(
+        tiny_llama, ["logit", LogitLens.paper()], toks, n_samples=12, seed=2, progress=False
+    )
     assert res.donor_mode == "same_position"
     pos, don = res.positions, res.donors
     assert (pos[:, 1] != 0).all()  # position 0 is never treated
@@ -200,7 +230,9 @@ def test_stimulus_response_same_position_donors_and_intervals(tiny_llama):
     for li in range(2):
         for ki in range(len(res.layers)):
             means = [a[li, ki, i].mean() for i in idx]
-            assert (lo[li, ki], hi[li, ki]) == pytest.approx(tuple(np.quantile(means, [0.025, 0.975])), abs=1e-12)
+            assert (lo[li, ki], hi[li, ki]) == pytest.approx(
+                tuple(np.quantile(means, [0.025, 0.975])), abs=1e-12
+            )
     cmp = res.compare("logit", 1, n_boot=500, seed=3)
     diff = a[0] - a[1]
     for ki in range(len(res.layers)):
@@ -220,7 +252,9 @@ def test_stimulus_response_same_position_donors_and_intervals(tiny_llama):
 @pytest.mark.models
 def test_stimulus_response_any_donors_keep_the_earlier_draws(tiny_llama):
     toks = _tokens(1, 10, seed=3)  # one sequence: only the 'any' mode has donors
-    res = stimulus_response_alignment(tiny_llama, "logit", toks, n_samples=6, seed=1, donors="any", progress=False)
+    res = stimulus_response_alignment(
+        tiny_llama, "logit", toks, n_samples=6, seed=1, donors="any", progress=False
+    )
     g = torch.Generator().manual_seed(1)
     treated = torch.randperm(10, generator=g)[:6]
     assert res.positions[:, 1].tolist() == treated.tolist()

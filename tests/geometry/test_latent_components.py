@@ -51,29 +51,47 @@ def test_capture_matches_run_with_cache(tiny):
 
 def test_residual_pieces_add_up(tiny):
     """The reference's faithfulness check: resid_pre + attn_out = resid_mid, + mlp_out = resid_post."""
-    st = capture_components(tiny, _windows(2), components=("embed", "attn_out", "resid_mid", "mlp_out", "resid_post"),
-                            progress=False)
+    st = capture_components(
+        tiny,
+        _windows(2),
+        components=("embed", "attn_out", "resid_mid", "mlp_out", "resid_post"),
+        progress=False,
+    )
     prev = st.select(components=("embed",)).activations[0]
     for layer in range(tiny.cfg.n_layers):
+
         def get(c, layer=layer):
             return st.select(components=(c,), layers=[layer]).activations[0]
 
         torch.testing.assert_close(prev + get("attn_out"), get("resid_mid"), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(get("resid_mid") + get("mlp_out"), get("resid_post"), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            get("resid_mid") + get("mlp_out"), get("resid_post"), rtol=1e-5, atol=1e-5
+        )
         prev = get("resid_post")
 
 
 def test_layers_positions_and_subsampling(tiny_gpt2):
     toks = _windows(3, 20)
-    st = capture_components(tiny_gpt2, toks, components=("attn_out", "mlp_out"), layers=[2, 0],
-                            drop_first=True, max_positions=5, progress=False)
+    st = capture_components(
+        tiny_gpt2,
+        toks,
+        components=("attn_out", "mlp_out"),
+        layers=[2, 0],
+        drop_first=True,
+        max_positions=5,
+        progress=False,
+    )
     assert st.layers == (0, 0, 2, 2)
     assert st.positions.tolist() == [1, 5, 10, 15, 19]  # 5 evenly spaced of 1..19
     ref, _ = _reference(tiny_gpt2, toks, ("attn_out", "mlp_out"), [0, 2])
     torch.testing.assert_close(st.activations, ref[:, :, st.positions], rtol=1e-5, atol=1e-5)
     assert st.tokens.tolist() == toks[:, st.positions].tolist()
-    only = capture_components(tiny_gpt2, toks, components=("embed",), positions=slice(0, 4), progress=False)
-    torch.testing.assert_close(only.activations[0], _reference(tiny_gpt2, toks, ("embed",))[0][0, :, :4])
+    only = capture_components(
+        tiny_gpt2, toks, components=("embed",), positions=slice(0, 4), progress=False
+    )
+    torch.testing.assert_close(
+        only.activations[0], _reference(tiny_gpt2, toks, ("embed",))[0][0, :, :4]
+    )
 
 
 def test_streamed_averages_equal_means_of_the_full_capture(tiny_llama):
@@ -85,25 +103,30 @@ def test_streamed_averages_equal_means_of_the_full_capture(tiny_llama):
     p = capture_components(tiny_llama, toks, average=("positions",), batch_size=3, progress=False)
     torch.testing.assert_close(p.activations, full.mean(2, keepdim=True), rtol=1e-5, atol=1e-5)
     assert p.positions is None and "position" not in p.point_fields()
-    lay = capture_components(tiny_llama, toks, components=("attn_out", "mlp_out"), average="layers",
-                             progress=False)
+    lay = capture_components(
+        tiny_llama, toks, components=("attn_out", "mlp_out"), average="layers", progress=False
+    )
     ref, _ = _reference(tiny_llama, toks, ("attn_out", "mlp_out"))
-    torch.testing.assert_close(lay.activations, torch.stack([ref[0::2].mean(0), ref[1::2].mean(0)]),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        lay.activations, torch.stack([ref[0::2].mean(0), ref[1::2].mean(0)]), rtol=1e-5, atol=1e-5
+    )
     assert lay.components == ("attn_out", "mlp_out") and lay.layers == (None, None)
     assert lay.layer_labels() == ["mean", "mean"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_mean_and_normalized_methods(tiny_gpt2, dtype):
-    st = capture_components(tiny_gpt2, _windows(3, 7), components=("attn_out", "mlp_out"), dtype=dtype,
-                            progress=False)
+    st = capture_components(
+        tiny_gpt2, _windows(3, 7), components=("attn_out", "mlp_out"), dtype=dtype, progress=False
+    )
     full = st.activations.float()
     tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-3, "atol": 2e-3}
     m = st.mean("samples")
     assert m.activations.dtype == dtype and m.tokens is None and m.averaged == ("samples",)
     torch.testing.assert_close(m.activations.float(), full.mean(1, keepdim=True), **tol)
-    torch.testing.assert_close(st.mean("positions").activations.float(), full.mean(2, keepdim=True), **tol)
+    torch.testing.assert_close(
+        st.mean("positions").activations.float(), full.mean(2, keepdim=True), **tol
+    )
     both = st.mean(("samples", "positions", "layers"))
     expected = torch.stack([full[0::2].mean(0), full[1::2].mean(0)]).mean((1, 2), keepdim=True)
     torch.testing.assert_close(both.activations.float(), expected, **tol)
@@ -116,12 +139,24 @@ def test_mean_and_normalized_methods(tiny_gpt2, dtype):
 
 def test_preprocessing_order_and_formulas(tiny_llama):
     toks = _windows(3, 8)
-    raw = capture_components(tiny_llama, toks, components=("resid_post",), progress=False).activations
-    ln = capture_components(tiny_llama, toks, components=("resid_post",), layer_norm=True, progress=False)
-    torch.testing.assert_close(ln.activations, torch.nn.functional.layer_norm(raw, (32,), eps=1e-5),
-                               rtol=1e-5, atol=1e-5)
-    both = capture_components(tiny_llama, toks, components=("resid_post",), average="samples",
-                              layer_norm=True, unit=True, progress=False)
+    raw = capture_components(
+        tiny_llama, toks, components=("resid_post",), progress=False
+    ).activations
+    ln = capture_components(
+        tiny_llama, toks, components=("resid_post",), layer_norm=True, progress=False
+    )
+    torch.testing.assert_close(
+        ln.activations, torch.nn.functional.layer_norm(raw, (32,), eps=1e-5), rtol=1e-5, atol=1e-5
+    )
+    both = capture_components(
+        tiny_llama,
+        toks,
+        components=("resid_post",),
+        average="samples",
+        layer_norm=True,
+        unit=True,
+        progress=False,
+    )
     mean = raw.mean(1, keepdim=True)  # averaging comes first, then the norm, then unit length
     expected = torch.nn.functional.layer_norm(mean, (32,), eps=1e-5)
     expected = expected / expected.norm(dim=-1, keepdim=True)
@@ -131,7 +166,9 @@ def test_preprocessing_order_and_formulas(tiny_llama):
 
 def test_helpers():
     x = torch.tensor([[1.0, 2.0, 6.0], [0.0, 0.0, 0.0]])
-    torch.testing.assert_close(layer_norm_parameter_free(x), torch.nn.functional.layer_norm(x, (3,), eps=1e-5))
+    torch.testing.assert_close(
+        layer_norm_parameter_free(x), torch.nn.functional.layer_norm(x, (3,), eps=1e-5)
+    )
     u = unit_length(x)
     torch.testing.assert_close(u[0], x[0] / x[0].norm())
     assert u[1].tolist() == [0.0, 0.0, 0.0]
@@ -183,7 +220,9 @@ def test_forward_stops_after_the_last_needed_hook(tiny_gpt2):
     last = f"blocks.{tiny_gpt2.cfg.n_layers - 1}.hook_resid_post"
     tiny_gpt2.add_hook(last, lambda act, hook: fired.append(1), is_permanent=True)
     try:
-        capture_components(tiny_gpt2, _windows(1, 4), components=("attn_out",), layers=[0], progress=False)
+        capture_components(
+            tiny_gpt2, _windows(1, 4), components=("attn_out",), layers=[0], progress=False
+        )
         assert fired == []
         capture_components(tiny_gpt2, _windows(1, 4), components=("ln_final",), progress=False)
         assert fired == [1]
@@ -192,7 +231,9 @@ def test_forward_stops_after_the_last_needed_hook(tiny_gpt2):
 
 
 def test_selection_and_fields(tiny_gpt2):
-    st = capture_components(tiny_gpt2, "hello", components=("embed", "attn_out", "ln_final"), progress=False)
+    st = capture_components(
+        tiny_gpt2, "hello", components=("embed", "attn_out", "ln_final"), progress=False
+    )
     assert st.state_labels() == ["embed", "attn_out 0", "attn_out 1", "attn_out 2", "final"]
     f = st.point_fields()
     n = st.n_points

@@ -25,21 +25,30 @@ def windows(embedded_model):
 
 @pytest.fixture(scope="module")
 def states(embedded_model, windows):
-    return capture_components(embedded_model, windows, components=("embed", "attn_out", "resid_mid", "mlp_out",
-                                                                   "resid_post"), progress=False)
+    return capture_components(
+        embedded_model,
+        windows,
+        components=("embed", "attn_out", "resid_mid", "mlp_out", "resid_post"),
+        progress=False,
+    )
 
 
 def test_residual_pieces_add_up(states):
     """The reference's faithfulness check, on the real model."""
     prev = states.select(components=("embed",)).activations[0]
     for layer in range(states.n_layers):
+
         def get(c, layer=layer):
             return states.select(components=(c,), layers=[layer]).activations[0]
 
         mid = get("resid_mid")
-        torch.testing.assert_close(prev + get("attn_out"), mid, rtol=1e-4, atol=1e-3 * float(mid.abs().max()))
+        torch.testing.assert_close(
+            prev + get("attn_out"), mid, rtol=1e-4, atol=1e-3 * float(mid.abs().max())
+        )
         post = get("resid_post")
-        torch.testing.assert_close(mid + get("mlp_out"), post, rtol=1e-4, atol=1e-3 * float(post.abs().max()))
+        torch.testing.assert_close(
+            mid + get("mlp_out"), post, rtol=1e-4, atol=1e-3 * float(post.abs().max())
+        )
         prev = post
 
 
@@ -52,8 +61,11 @@ def test_first_token_norm_spike(states):
 
 
 def test_attention_and_mlp_outputs_separate(states):
-    res = component_separation(states.select(components=("attn_out", "mlp_out"), layers=[5, 14, 23]),
-                               n_folds=3, max_points=200)
+    res = component_separation(
+        states.select(components=("attn_out", "mlp_out"), layers=[5, 14, 23]),
+        n_folds=3,
+        max_points=200,
+    )
     assert res.layers == (5, 14, 23)
     assert float(res.accuracy.min()) > 0.9
     assert float(res.silhouette.min()) > 0.0

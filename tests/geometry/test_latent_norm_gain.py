@@ -17,9 +17,16 @@ def _model_with_random_norms(arch: str, kind: str):
     with torch.no_grad():
         for name, p in model.named_parameters():
             leaf = name.split(".")[-1]
-            if any(f"{n}." in name for n in ("ln1", "ln2", "ln_final")) and leaf in ("w", "weight", "b", "bias"):
-                p.copy_(torch.randn(p.shape, generator=g) * (0.5 if leaf in ("b", "bias") else 1.0)
-                        + (1.0 if leaf in ("w", "weight") else 0.0))
+            if any(f"{n}." in name for n in ("ln1", "ln2", "ln_final")) and leaf in (
+                "w",
+                "weight",
+                "b",
+                "bias",
+            ):
+                p.copy_(
+                    torch.randn(p.shape, generator=g) * (0.5 if leaf in ("b", "bias") else 1.0)
+                    + (1.0 if leaf in ("w", "weight") else 0.0)
+                )
                 n_set += 1
     assert n_set > 0, "the tiny model's norms have no weights to randomise"
     return model
@@ -34,8 +41,12 @@ def _module_outputs(model, toks):
         mods += [(c, layer, getattr(block, c)) for c in ("ln1", "ln2")]
     try:
         for comp, layer, mod in mods:
+
             def keep(module, inputs, output, key=(comp, layer)):
-                got.setdefault(key, (output[0] if isinstance(output, tuple) else output).detach().float())
+                got.setdefault(
+                    key, (output[0] if isinstance(output, tuple) else output).detach().float()
+                )
+
             handles.append(mod.register_forward_hook(keep))
         with torch.no_grad():
             model(toks)
@@ -68,4 +79,6 @@ def test_norm_states_are_the_norm_modules_outputs(arch, model_kind):
     torch.testing.assert_close(from_cache.activations, after.activations, atol=1e-5, rtol=1e-4)
     # Averaging commutes with the per-state affine map.
     avg = capture_components(model, toks, components=comps, average="samples", progress=False)
-    torch.testing.assert_close(avg.activations[:, 0], after.activations.mean(1), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        avg.activations[:, 0], after.activations.mean(1), atol=1e-5, rtol=1e-4
+    )

@@ -24,18 +24,24 @@ def test_first_token_spike_on_a_synthetic_cache(tiny_llama):
     expected_ratio = []
     for layer in range(n_layers):
         norms = torch.linspace(1.0, 3.0, pos).repeat(batch, 1) * (layer + 1)  # grows with depth
-        norms[:, 0] = spike[layer] * (layer + 1) * torch.tensor([0.5, 1.0, 1.5])  # mean = spike*(l+1)
+        norms[:, 0] = (
+            spike[layer] * (layer + 1) * torch.tensor([0.5, 1.0, 1.5])
+        )  # mean = spike*(l+1)
         cache_dict[f"blocks.{layer}.hook_resid_post"] = _vectors_with_norms(norms, d, layer)
         rest = norms[:, 1:].mean(0)
         expected_ratio.append(float(norms[:, 0].mean() / rest.median()))
     prof = norm_profile(ActivationCache(cache_dict, tiny_llama))
-    torch.testing.assert_close(prof.first_token_ratio, torch.tensor(expected_ratio), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        prof.first_token_ratio, torch.tensor(expected_ratio), rtol=1e-5, atol=1e-5
+    )
     assert int(prof.first_token_ratio.argmax()) == 1
     # Without position 0 the mean norm grows with depth.
     by_layer = prof.by_layer()
     assert (by_layer[1:] > by_layer[:-1]).all()
     mean_rest = float(torch.linspace(1.0, 3.0, pos)[1:].mean())
-    torch.testing.assert_close(by_layer, mean_rest * torch.tensor([1.0, 2.0, 3.0]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        by_layer, mean_rest * torch.tensor([1.0, 2.0, 3.0]), rtol=1e-5, atol=1e-5
+    )
     df = prof.to_dataframe()
     assert list(df["first_token_ratio"].round(4)) == [round(r, 4) for r in expected_ratio]
 
@@ -43,8 +49,14 @@ def test_first_token_spike_on_a_synthetic_cache(tiny_llama):
 @pytest.mark.models
 def test_streamed_norms_equal_run_with_cache(tiny):
     toks = torch.randint(0, 250, (5, 11), generator=torch.Generator().manual_seed(0))
-    prof = norm_profile(tiny, toks, components=("resid_mid", "resid_post"), batch_size=2, progress=False)
-    names = [f"blocks.{lay}.hook_{c}" for lay in range(tiny.cfg.n_layers) for c in ("resid_mid", "resid_post")]
+    prof = norm_profile(
+        tiny, toks, components=("resid_mid", "resid_post"), batch_size=2, progress=False
+    )
+    names = [
+        f"blocks.{lay}.hook_{c}"
+        for lay in range(tiny.cfg.n_layers)
+        for c in ("resid_mid", "resid_post")
+    ]
     _, cache = tiny.run_with_cache(toks, names_filter=lambda n: n in names)
     ref = torch.stack([cache[n].norm(dim=-1) for n in names])
     torch.testing.assert_close(prof.norms, ref, rtol=1e-5, atol=1e-5)

@@ -37,7 +37,9 @@ def test_pca_matches_scikit_learn_up_to_sign():
     np.testing.assert_allclose(np.abs(np.sum(comps * ref.components_, axis=1)), 1.0, atol=1e-5)
     np.testing.assert_allclose(_align_signs(comps, ref.components_), ref.components_, atol=1e-4)
     np.testing.assert_allclose(ours.explained_variance_.numpy(), ref.explained_variance_, rtol=1e-5)
-    np.testing.assert_allclose(ours.explained_variance_ratio_.numpy(), ref.explained_variance_ratio_, rtol=1e-5)
+    np.testing.assert_allclose(
+        ours.explained_variance_ratio_.numpy(), ref.explained_variance_ratio_, rtol=1e-5
+    )
     np.testing.assert_allclose(ours.mean_.numpy(), ref.mean_, rtol=1e-6, atol=1e-6)
 
 
@@ -45,12 +47,16 @@ def test_uncentred_application_is_the_reference_formula():
     x = _cloud(offset=10.0)
     pca = LatentPCA(3).fit(x)
     comps = pca.components_.numpy().astype(np.float64)
-    np.testing.assert_allclose(pca.transform(x).numpy(), x.astype(np.float64) @ comps.T, rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(
+        pca.transform(x).numpy(), x.astype(np.float64) @ comps.T, rtol=1e-5, atol=1e-3
+    )
     # The reference keeps the origin: the projected mean is not at zero.
     assert np.abs(pca.transform(x).numpy().mean(0)).max() > 1.0
     centred = LatentPCA(3, center=True).fit(x)
     ref = PCA(3, svd_solver="full").fit(x.astype(np.float64))
-    np.testing.assert_allclose(np.abs(centred.transform(x).numpy()), np.abs(ref.transform(x)), rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(
+        np.abs(centred.transform(x).numpy()), np.abs(ref.transform(x)), rtol=1e-4, atol=1e-3
+    )
 
 
 def test_streamed_moments_equal_one_pass(monkeypatch):
@@ -58,7 +64,9 @@ def test_streamed_moments_equal_one_pass(monkeypatch):
     one = LatentPCA(4).fit(x)
     monkeypatch.setattr(projection_module, "_CHUNK", 37)
     many = LatentPCA(4).fit(x)
-    np.testing.assert_allclose(many.explained_variance_.numpy(), one.explained_variance_.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(
+        many.explained_variance_.numpy(), one.explained_variance_.numpy(), rtol=1e-6
+    )
     ref = PCA(4, svd_solver="full").fit(x.astype(np.float64))
     np.testing.assert_allclose(many.explained_variance_.numpy(), ref.explained_variance_, rtol=1e-3)
 
@@ -78,7 +86,9 @@ def test_project_fit_on_and_reuse():
 def test_projection_of_component_states_carries_labels(tiny_gpt2):
     from tlmicroscope.geometry import capture_components
 
-    st = capture_components(tiny_gpt2, "hello there", components=("attn_out", "mlp_out"), progress=False)
+    st = capture_components(
+        tiny_gpt2, "hello there", components=("attn_out", "mlp_out"), progress=False
+    )
     proj = project(st, n_components=3)
     assert len(proj) == st.n_points
     assert set(proj.field("component")) == {"attn_out", "mlp_out"}
@@ -110,7 +120,11 @@ def test_save_and_load(tmp_path, tiny_llama, tiny_gpt2):
         (np.ones((5, 4), dtype=np.float32), 2, "constant"),
         (np.random.default_rng(0).normal(size=(3, 8)).astype(np.float32), 6, "at least 6 vectors"),
         (np.random.default_rng(0).normal(size=(1, 8)).astype(np.float32), 1, "at least 2 vectors"),
-        (np.random.default_rng(0).normal(size=(10, 4)).astype(np.float32), 5, "exceeds the 4 dimensions"),
+        (
+            np.random.default_rng(0).normal(size=(10, 4)).astype(np.float32),
+            5,
+            "exceeds the 4 dimensions",
+        ),
         (np.array([[0.0, 1.0], [np.nan, 2.0], [1.0, 1.0]], dtype=np.float32), 1, "NaN"),
     ],
 )

@@ -41,7 +41,9 @@ def _independent_norms(model, text):
 
 
 def test_sections_render_in_the_report(tiny_llama, tmp_path):
-    rep = report(tiny_llama, TEXT, sections=["token_geometry", "latent_projections", "norm_profile"])
+    rep = report(
+        tiny_llama, TEXT, sections=["token_geometry", "latent_projections", "norm_profile"]
+    )
     assert rep.rendered == ["token_geometry", "latent_projections", "norm_profile"]
     assert not rep.failed and not rep.missing
     html = rep.save(tmp_path / "r.html").read_text()
@@ -56,8 +58,9 @@ def test_sections_need_no_forward_pass_of_their_own(tiny_llama, monkeypatch):
     calls = []
     for attr in ("forward", "run_with_cache", "run_with_hooks"):
         orig = getattr(tiny_llama, attr)
-        monkeypatch.setattr(tiny_llama, attr,
-                            lambda *a, _o=orig, _n=attr, **k: calls.append(_n) or _o(*a, **k))
+        monkeypatch.setattr(
+            tiny_llama, attr, lambda *a, _o=orig, _n=attr, **k: calls.append(_n) or _o(*a, **k)
+        )
     for name in ("latent_projections", "norm_profile"):
         _SECTIONS[name].build(ctx)
     assert calls == []
@@ -68,7 +71,7 @@ def test_norm_values_equal_run_with_cache(tiny):
     ref = _independent_norms(tiny, TEXT)  # [L+1 pos]
     heat, lines, spike = _figures(section)
     z = np.asarray(heat.data[0].z, dtype=float)
-    np.testing.assert_allclose(10 ** z, ref.numpy(), rtol=1e-4)
+    np.testing.assert_allclose(10**z, ref.numpy(), rtol=1e-4)
     line_y = np.stack([np.asarray(t.y, dtype=float) for t in lines.data])
     np.testing.assert_allclose(line_y, ref.numpy(), rtol=1e-4)
     ratio = ref[:, 0] / ref[:, 1:].median(dim=1).values
@@ -96,13 +99,14 @@ def test_projection_and_separation_values(tiny_llama):
     x = torch.cat([cache[n][0, 1:].double() for n in names])
     _, _, vt = torch.linalg.svd(x - x.mean(0), full_matrices=False)
     ref = (x @ vt[:2].T).numpy()
-    got = np.concatenate([np.stack([np.asarray(t.x, float), np.asarray(t.y, float)], 1)
-                          for t in attn_mlp.data])
+    got = np.concatenate(
+        [np.stack([np.asarray(t.x, float), np.asarray(t.y, float)], 1) for t in attn_mlp.data]
+    )
     order = [t.name for t in attn_mlp.data]
     assert order == ["attn_out", "mlp_out"]
     # The traces group points by component: attn of block 0, 1 then mlp of block 0, 1.
     n = x.shape[0] // 4
-    ref_grouped = np.concatenate([ref[0:n], ref[2 * n:3 * n], ref[n:2 * n], ref[3 * n:]])
+    ref_grouped = np.concatenate([ref[0:n], ref[2 * n : 3 * n], ref[n : 2 * n], ref[3 * n :]])
     np.testing.assert_allclose(np.abs(got), np.abs(ref_grouped), rtol=1e-3, atol=1e-4)
     hover = attn_mlp.data[0].customdata
     assert hover[0][0] == repr(tiny_llama.to_str_tokens(ctx.tokens)[1])[1:-1]
@@ -116,7 +120,10 @@ def test_umap_missing_shows_the_install_command(tiny_llama, monkeypatch, tmp_pat
     rep = report(tiny_llama, TEXT, sections=["latent_projections", "latent_umap"])
     assert rep.rendered == ["latent_projections"] and "umap-learn" in rep.missing["latent_umap"]
     html = rep.save(tmp_path / "r.html").read_text()
-    assert "pip install &#x27;tlmicroscope[umap]&#x27;" in html or "pip install 'tlmicroscope[umap]'" in html
+    assert (
+        "pip install &#x27;tlmicroscope[umap]&#x27;" in html
+        or "pip install 'tlmicroscope[umap]'" in html
+    )
 
 
 def test_umap_renders_when_installed(tiny_llama):

@@ -12,9 +12,14 @@ def _states(attn: torch.Tensor, mlp: torch.Tensor, n_layers: int = 1) -> Compone
     """Two components for one block, as ``[state batch pos d]`` with positions 1.. (no position 0)."""
     acts = torch.stack([attn, mlp]).unsqueeze(1)  # [2 1 pos d]
     return ComponentStates(
-        activations=acts, components=("attn_out", "mlp_out"), layers=(0, 0),
-        hook_names=("blocks.0.hook_attn_out", "blocks.0.hook_mlp_out"), tokens=None, str_tokens=None,
-        positions=torch.arange(1, acts.shape[2] + 1), n_layers=n_layers,
+        activations=acts,
+        components=("attn_out", "mlp_out"),
+        layers=(0, 0),
+        hook_names=("blocks.0.hook_attn_out", "blocks.0.hook_mlp_out"),
+        tokens=None,
+        str_tokens=None,
+        positions=torch.arange(1, acts.shape[2] + 1),
+        n_layers=n_layers,
     )
 
 
@@ -23,9 +28,14 @@ def _two_blocks(sep: torch.Tensor, mixed: torch.Tensor) -> ComponentStates:
     b = _states(*mixed)
     acts = torch.cat([a.activations, b.activations])
     return ComponentStates(
-        activations=acts, components=("attn_out", "mlp_out") * 2, layers=(0, 0, 1, 1),
-        hook_names=("a0", "m0", "a1", "m1"), tokens=None, str_tokens=None,
-        positions=a.positions, n_layers=2,
+        activations=acts,
+        components=("attn_out", "mlp_out") * 2,
+        layers=(0, 0, 1, 1),
+        hook_names=("a0", "m0", "a1", "m1"),
+        tokens=None,
+        str_tokens=None,
+        positions=a.positions,
+        n_layers=2,
     )
 
 
@@ -34,9 +44,14 @@ def test_separable_clouds_score_one_and_mixed_clouds_score_chance():
     n, d = 300, 16
     shift = torch.zeros(d)
     shift[0] = 6.0
-    separable = (torch.randn(n, d, generator=g) + shift + 2.0, torch.randn(n, d, generator=g) - shift + 2.0)
+    separable = (
+        torch.randn(n, d, generator=g) + shift + 2.0,
+        torch.randn(n, d, generator=g) - shift + 2.0,
+    )
     mixed = (torch.randn(n, d, generator=g) + 2.0, torch.randn(n, d, generator=g) + 2.0)
-    res = component_separation(_two_blocks(torch.stack(separable), torch.stack(mixed)), n_folds=5, seed=0)
+    res = component_separation(
+        _two_blocks(torch.stack(separable), torch.stack(mixed)), n_folds=5, seed=0
+    )
     assert res.layers == (0, 1)
     assert float(res.accuracy[0]) >= 0.99
     assert float(res.silhouette[0]) > 0.3
@@ -74,7 +89,9 @@ def test_euclidean_silhouette_and_unit_vectors():
     base[:, 0] += 3.0
     short, long = base[:100], base[100:] * 50
     res_raw = component_separation(_states(short, long), metric="euclidean", max_points=100)
-    res_unit = component_separation(_states(short, long), unit=True, metric="cosine", max_points=100)
+    res_unit = component_separation(
+        _states(short, long), unit=True, metric="cosine", max_points=100
+    )
     assert float(res_raw.accuracy[0]) > 0.9
     assert abs(float(res_unit.accuracy[0]) - 0.5) < 0.15
 

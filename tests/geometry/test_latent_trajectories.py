@@ -15,7 +15,9 @@ def test_paths_equal_a_direct_pca(tiny):
     text = "the cat sat"
     tr = token_trajectories(tiny, text, positions=[0, 4, 10])
     n_layers = tiny.cfg.n_layers
-    names = [f"blocks.{lay}.hook_resid_pre" for lay in range(n_layers)] + [f"blocks.{n_layers - 1}.hook_resid_post"]
+    names = [f"blocks.{lay}.hook_resid_pre" for lay in range(n_layers)] + [
+        f"blocks.{n_layers - 1}.hook_resid_post"
+    ]
     toks = tiny.to_tokens(text)
     _, cache = tiny.run_with_cache(toks, names_filter=lambda n: n in names)
     # h^0 is resid_pre 0 and h^{l+1} is resid_post l = resid_pre l+1.
@@ -32,13 +34,21 @@ def test_paths_equal_a_direct_pca(tiny):
 
 def test_options(tiny_gpt2):
     st = capture_components(tiny_gpt2, "hello world", progress=False)
-    tr = token_trajectories(st, components=("embed", "resid_mid", "resid_post"), positions=[1, 2],
-                            n_components=3, fit_on="selected", unit=False)
+    tr = token_trajectories(
+        st,
+        components=("embed", "resid_mid", "resid_post"),
+        positions=[1, 2],
+        n_components=3,
+        fit_on="selected",
+        unit=False,
+    )
     assert tr.coords.shape == (2, 1 + 2 * 3, 3)
     assert tr.layer_labels[:3] == ("embed", "resid_mid 0", "resid_post 0")
     assert len(tr.projection) == (1 + 2 * 3) * 11
     default = token_trajectories(tiny_gpt2, "x" * 40)
-    assert len(default.positions) == 32 and default.positions[0] == 0 and default.positions[-1] == 39
+    assert (
+        len(default.positions) == 32 and default.positions[0] == 0 and default.positions[-1] == 39
+    )
 
 
 def test_bad_input(tiny_llama):

@@ -37,7 +37,10 @@ def synthetic():
     rng = np.random.default_rng(0)
     n_layers, n_pos = 4, 10
     comps = ["attn_out", "mlp_out"]
-    x, fields = [], {k: [] for k in ("component", "layer", "layer_label", "position", "sample", "token")}
+    x, fields = (
+        [],
+        {k: [] for k in ("component", "layer", "layer_label", "position", "sample", "token")},
+    )
     for layer in range(n_layers):
         for c in comps:
             for p in range(n_pos):
@@ -55,7 +58,10 @@ def synthetic():
 def test_reference_colours_shaded_by_depth():
     early, late = _rgb(component_color("attn_out", 0.0)), _rgb(component_color("attn_out", 1.0))
     assert early == (0, 0, 128) and late == (153, 153, 255)
-    assert _rgb(component_color("mlp_out", 0.5))[0] > 150 and _rgb(component_color("mlp_out", 0.5))[2] < 100
+    assert (
+        _rgb(component_color("mlp_out", 0.5))[0] > 150
+        and _rgb(component_color("mlp_out", 0.5))[2] < 100
+    )
     g = _rgb(component_color("embed", 0.5))
     assert g[1] > g[0] and g[1] > g[2]
     y = _rgb(component_color("ln_final", 0.5))
@@ -118,16 +124,27 @@ def test_pair_grid(synthetic):
     comp = pca_pair_grid(synthetic, "component", n_components=3)
     assert len(comp.data) == 3 * 2
     with pytest.raises(ValueError, match="at least 2 components"):
-        pca_pair_grid(project(np.random.default_rng(0).normal(size=(9, 4)).astype(np.float32), n_components=1))
+        pca_pair_grid(
+            project(np.random.default_rng(0).normal(size=(9, 4)).astype(np.float32), n_components=1)
+        )
 
 
 def test_separation_norms_positions_vocab_plots():
-    res = SeparationResult((0, 1, 2), torch.tensor([0.5, 0.8, 0.99]), torch.tensor([0.02, 0.03, 0.01]),
-                           torch.tensor([0.0, 0.2, 0.5]), torch.tensor([10, 10, 10]), ("attn_out", "mlp_out"), 0.5)
+    res = SeparationResult(
+        (0, 1, 2),
+        torch.tensor([0.5, 0.8, 0.99]),
+        torch.tensor([0.02, 0.03, 0.01]),
+        torch.tensor([0.0, 0.2, 0.5]),
+        torch.tensor([10, 10, 10]),
+        ("attn_out", "mlp_out"),
+        0.5,
+    )
     fig = separation_plot(res)
     two = separation_plot(res, also=res)
     assert len(two.data) == 3 and two.data[1].name == "accuracy (second result)"
-    assert list(fig.data[0].y) == pytest.approx([0.5, 0.8, 0.99]) and list(fig.data[0].error_y.array)[2] == pytest.approx(0.01)
+    assert list(fig.data[0].y) == pytest.approx([0.5, 0.8, 0.99]) and list(
+        fig.data[0].error_y.array
+    )[2] == pytest.approx(0.01)
     norms = torch.ones(3, 2, 6)
     norms[:, :, 0] = torch.tensor([[5.0], [50.0], [8.0]])
     prof = NormProfile(norms, ("resid_post",) * 3, (0, 1, 2), torch.arange(6), None, 3)
@@ -135,15 +152,32 @@ def test_separation_norms_positions_vocab_plots():
     assert fig.layout.yaxis.type == "log" and len(fig.data) == 3 and fig.data[1].y[0] == 50.0
     ft = first_token_plot(prof)
     assert list(ft.data[2].y) == [5.0, 50.0, 8.0]
-    no_first = NormProfile(norms[:, :, 1:], ("resid_post",) * 3, (0, 1, 2), torch.arange(1, 6), None, 3)
+    no_first = NormProfile(
+        norms[:, :, 1:], ("resid_post",) * 3, (0, 1, 2), torch.arange(1, 6), None, 3
+    )
     with pytest.raises(ValueError, match="no position 0"):
         first_token_plot(no_first)
     cos = torch.eye(4)
-    geo = PositionalGeometry("W_pos", "d", torch.eye(4), project(torch.eye(4) + 1e-3 * torch.arange(16.0).reshape(4, 4)),
-                             cos, torch.zeros(2), torch.zeros(2), torch.ones(4))
+    geo = PositionalGeometry(
+        "W_pos",
+        "d",
+        torch.eye(4),
+        project(torch.eye(4) + 1e-3 * torch.arange(16.0).reshape(4, 4)),
+        cos,
+        torch.zeros(2),
+        torch.zeros(2),
+        torch.ones(4),
+    )
     assert positional_cosine_heatmap(geo).data[0].z.shape == (4, 4)
-    vn = VocabularyNorms(torch.rand(3, 50), torch.arange(50), np.array(["t"] * 50, dtype=object),
-                         ("resid_post",) * 3, (0, 1, 2), 3, False)
+    vn = VocabularyNorms(
+        torch.rand(3, 50),
+        torch.arange(50),
+        np.array(["t"] * 50, dtype=object),
+        ("resid_post",) * 3,
+        (0, 1, 2),
+        3,
+        False,
+    )
     h = vocabulary_norm_histogram(vn, layers=[1, 2])
     np.testing.assert_allclose(h.data[0].x, vn.norms[1:].mean(0).numpy(), rtol=1e-6)
 

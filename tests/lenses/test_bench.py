@@ -39,7 +39,9 @@ def _brute_force(model, lens, windows):
         logits, cache = model.run_with_cache(windows)
         final = torch.log_softmax(logits.float(), -1)
         out_check = model.unembed(model.ln_final(cache[f"blocks.{L - 1}.hook_resid_post"])).float()
-        assert torch.allclose(out_check, logits.float(), atol=1e-4)  # the components read the output
+        assert torch.allclose(
+            out_check, logits.float(), atol=1e-4
+        )  # the components read the output
         kl, ce, bias, top1 = [], [], [], []
         p = final.exp()
         for layer in range(L + 1):
@@ -47,11 +49,16 @@ def _brute_force(model, lens, windows):
                 q = final
             else:
                 h = cache[f"blocks.{layer}.hook_resid_pre"]
-                q = torch.log_softmax(model.unembed(model.ln_final(lens.transform(h, layer))).float(), -1)
+                q = torch.log_softmax(
+                    model.unembed(model.ln_final(lens.transform(h, layer))).float(), -1
+                )
             kl.append(float((p * (final - q)).sum(-1).mean()))
             nxt = windows[:, 1:]
             ce.append(float(-q[:, :-1].gather(-1, nxt.unsqueeze(-1)).mean()))
-            pbar, qbar = p.reshape(-1, p.shape[-1]).mean(0), q.exp().reshape(-1, p.shape[-1]).mean(0)
+            pbar, qbar = (
+                p.reshape(-1, p.shape[-1]).mean(0),
+                q.exp().reshape(-1, p.shape[-1]).mean(0),
+            )
             bias.append(float((pbar * (pbar.log() - qbar.log())).sum()))
             top1.append(q.argmax(-1))
     top1 = torch.stack(top1)  # [L+1 batch pos]
@@ -70,9 +77,22 @@ def bench_and_windows(tiny_llama):
 
     model = tiny_llama
     lenses = ["logit", RandomLinearLens(model.cfg.n_layers, model.cfg.d_model)]
-    bench = lens_bench(model, lenses, CORPUS, tokens=96, seq_len=SEQ, holdout=0.5, depth_tokens=96,
-                       cbe_layers=[1], cbe_k=2, cbe_tokens=64, cbe_max_iter=4, fidelity_tokens=64,
-                       sra_samples=6, progress=False)
+    bench = lens_bench(
+        model,
+        lenses,
+        CORPUS,
+        tokens=96,
+        seq_len=SEQ,
+        holdout=0.5,
+        depth_tokens=96,
+        cbe_layers=[1],
+        cbe_k=2,
+        cbe_tokens=64,
+        cbe_max_iter=4,
+        fidelity_tokens=64,
+        sra_samples=6,
+        progress=False,
+    )
     windows = lens_token_windows(model, CORPUS, seq_len=SEQ, split="heldout", holdout=0.5)[:3]
     return bench, windows, lenses
 
@@ -99,7 +119,9 @@ def test_bits_per_byte_from_the_decoded_bytes(tiny_llama, bench_and_windows):
     assert bench.n_bytes == n_bytes
     assert math.isclose(bench.nats_to_bpb, (96 / n_bytes) / math.log(2), rel_tol=1e-12)
     row = bench.table().iloc[0]
-    assert math.isclose(row["kl_bpb"], float(bench.kl[0, :-1].mean()) * bench.nats_to_bpb, rel_tol=1e-6)
+    assert math.isclose(
+        row["kl_bpb"], float(bench.kl[0, :-1].mean()) * bench.nats_to_bpb, rel_tol=1e-6
+    )
 
 
 def test_fidelity_and_sra_are_those_of_the_causal_functions(tiny_llama, bench_and_windows):
@@ -110,17 +132,34 @@ def test_fidelity_and_sra_are_those_of_the_causal_functions(tiny_llama, bench_an
     from tlmicroscope.causal.stimulus_response import stimulus_response_alignment
 
     bench, windows, lenses = bench_and_windows
-    basis = extract_causal_basis(tiny_llama, lenses[1], windows[:2], 1, 2, n_tokens=64, seq_len=SEQ,
-                                 max_iter=4, progress=False, on_nonconvergence="ignore")
+    basis = extract_causal_basis(
+        tiny_llama,
+        lenses[1],
+        windows[:2],
+        1,
+        2,
+        n_tokens=64,
+        seq_len=SEQ,
+        max_iter=4,
+        progress=False,
+        on_nonconvergence="ignore",
+    )
     fid = causal_fidelity(tiny_llama, lenses[1], basis, layer=1, tokens=windows[:2], progress=False)
     rho = spearmanr(fid.lens_influence.numpy(), fid.model_influence.numpy()).statistic
     assert math.isclose(float(bench.fidelity_rho[1, 0]), float(rho), abs_tol=1e-9)
-    sra = stimulus_response_alignment(tiny_llama, lenses, windows, list(range(3)), n_samples=6, progress=False)
+    sra = stimulus_response_alignment(
+        tiny_llama, lenses, windows, list(range(3)), n_samples=6, progress=False
+    )
     assert torch.allclose(bench.sra, sra.alignment.nanmean(-1), equal_nan=True)
     assert bench.sra_layers == (0, 1, 2) and bool((bench.sra.abs() <= 1 + 1e-5).all())
     lo, _hi = sra.confidence_intervals()
-    assert torch.allclose(bench.sra_ci[..., 0].double(), torch.as_tensor(lo), equal_nan=True, atol=1e-6)
-    assert bool((bench.sra_ci[..., 0] <= bench.sra + 1e-6).all() and (bench.sra <= bench.sra_ci[..., 1] + 1e-6).all())
+    assert torch.allclose(
+        bench.sra_ci[..., 0].double(), torch.as_tensor(lo), equal_nan=True, atol=1e-6
+    )
+    assert bool(
+        (bench.sra_ci[..., 0] <= bench.sra + 1e-6).all()
+        and (bench.sra <= bench.sra_ci[..., 1] + 1e-6).all()
+    )
 
 
 def test_json_is_written_atomically_and_round_trips(bench_and_windows, tmp_path):
@@ -162,8 +201,21 @@ def test_one_window_bench_falls_back_to_any_donors_and_says_so(tiny_llama):
     from tlmicroscope.lenses.bench import lens_bench
 
     """Same-position donors need two sequences; one window uses donors anywhere in it (a note says so)."""
-    bench = lens_bench(tiny_llama, ["logit"], CORPUS, tokens=SEQ, seq_len=SEQ, holdout=0.5, depth_tokens=SEQ,
-                       cbe_layers=[1], cbe_k=2, cbe_tokens=SEQ, cbe_max_iter=2, fidelity_tokens=SEQ,
-                       sra_samples=4, progress=False)
+    bench = lens_bench(
+        tiny_llama,
+        ["logit"],
+        CORPUS,
+        tokens=SEQ,
+        seq_len=SEQ,
+        holdout=0.5,
+        depth_tokens=SEQ,
+        cbe_layers=[1],
+        cbe_k=2,
+        cbe_tokens=SEQ,
+        cbe_max_iter=2,
+        fidelity_tokens=SEQ,
+        sra_samples=4,
+        progress=False,
+    )
     assert "same-position" in bench.notes["stimulus-response"]
     assert torch.isfinite(bench.sra).any()

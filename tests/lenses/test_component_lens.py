@@ -27,7 +27,11 @@ def test_shares_add_up_to_the_model_logits(tiny):
     total = cl.embed + cl.heads.sum(1).sum(0) + cl.attn_bias.sum(0) + cl.mlp.sum(0) + cl.bias
     if cl.pos_embed is not None:
         total = total + cl.pos_embed
-    ids = [int(tiny.to_tokens("a", prepend_bos=False)[0, 0]), 17, int(tiny.to_tokens("d", prepend_bos=False)[0, 0])]
+    ids = [
+        int(tiny.to_tokens("a", prepend_bos=False)[0, 0]),
+        17,
+        int(tiny.to_tokens("d", prepend_bos=False)[0, 0]),
+    ]
     torch.testing.assert_close(total, logits[..., ids], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(cl.attn, cl.heads.sum(1) + cl.attn_bias, atol=1e-5, rtol=1e-4)
     assert cl.max_logit_error < 1e-4 and cl.logit_space == "logit"
@@ -45,8 +49,11 @@ def test_a_heads_share_is_its_direct_effect_in_a_patched_run(tiny, layer):
     last = f"blocks.{n - 1}.hook_resid_post"
     with torch.no_grad():
         logits, cache = tiny.run_with_cache(toks)
-        clean = {name: cache[name].clone() for name in cache.cache_dict
-                 if name.endswith(("attn.hook_z", "hook_mlp_out"))}
+        clean = {
+            name: cache[name].clone()
+            for name in cache.cache_dict
+            if name.endswith(("attn.hook_z", "hook_mlp_out"))
+        }
         got = {}
 
         def zero_head(z, hook):
@@ -54,16 +61,30 @@ def test_a_heads_share_is_its_direct_effect_in_a_patched_run(tiny, layer):
             z[:, :, head] = 0
             return z
 
-        hooks = [(f"blocks.{layer}.attn.hook_z", zero_head),
-                 (last, lambda h, hook: got.__setitem__("h", h.clone()))]
+        hooks = [
+            (f"blocks.{layer}.attn.hook_z", zero_head),
+            (last, lambda h, hook: got.__setitem__("h", h.clone())),
+        ]
         for later in range(layer + 1, n):
-            hooks.append((f"blocks.{later}.attn.hook_z", lambda z, hook, k=f"blocks.{later}.attn.hook_z": clean[k]))
+            hooks.append(
+                (
+                    f"blocks.{later}.attn.hook_z",
+                    lambda z, hook, k=f"blocks.{later}.attn.hook_z": clean[k],
+                )
+            )
         for later in range(layer, n):
-            hooks.append((f"blocks.{later}.hook_mlp_out", lambda m, hook, k=f"blocks.{later}.hook_mlp_out": clean[k]))
+            hooks.append(
+                (
+                    f"blocks.{later}.hook_mlp_out",
+                    lambda m, hook, k=f"blocks.{later}.hook_mlp_out": clean[k],
+                )
+            )
         patched = tiny.run_with_hooks(toks, fwd_hooks=hooks)
         norm = _compat.final_norm(tiny)
         W_U, b_U = _compat.unembed_weights(tiny)
-        b = (b_U[tid] if b_U is not None else 0.0) + (norm.bias @ W_U[:, tid] if norm.bias is not None else 0.0)
+        b = (b_U[tid] if b_U is not None else 0.0) + (
+            norm.bias @ W_U[:, tid] if norm.bias is not None else 0.0
+        )
         s, s2 = _scale(tiny, cache[last]), _scale(tiny, got["h"])
         expected = (logits[..., tid] - b) - (s / s2) * (patched[..., tid] - b)
     cl = component_lens(tiny, toks, targets=tid)
@@ -103,7 +124,9 @@ def test_cache_input_and_per_block_mode(tiny_gpt2):
 def test_bad_input_names_the_fix(tiny_llama):
     cl = component_lens(tiny_llama, "abc", targets="a")
     H = tiny_llama.cfg.n_heads
-    with pytest.raises(ValueError, match=f"Head {H} is out of range: .* valid heads are 0..{H - 1}"):
+    with pytest.raises(
+        ValueError, match=f"Head {H} is out of range: .* valid heads are 0..{H - 1}"
+    ):
         cl.head(0, H)
     with pytest.raises(ValueError, match="Layer -1 is out of range: valid layers are 0..2"):
         cl.head(-1, 0)

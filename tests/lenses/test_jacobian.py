@@ -8,9 +8,16 @@ import torch
 
 from tlmicroscope.models import _compat
 
-PROMPTS = ["the cat sat on the mat today", "a dog ran in the park at noon", "some birds sang in trees",
-           "rain fell on the quiet town", "the river ran past the mill"]
-needs_tl4 = pytest.mark.skipif(_compat.TL_MAJOR < 4, reason="the Jacobian lens needs TransformerLens 4.x")
+PROMPTS = [
+    "the cat sat on the mat today",
+    "a dog ran in the park at noon",
+    "some birds sang in trees",
+    "rain fell on the quiet town",
+    "the river ran past the mill",
+]
+needs_tl4 = pytest.mark.skipif(
+    _compat.TL_MAJOR < 4, reason="the Jacobian lens needs TransformerLens 4.x"
+)
 
 
 @pytest.fixture(scope="module")
@@ -29,18 +36,26 @@ def test_tl3_entry_points_say_they_need_tl4(monkeypatch, tmp_path):
         real_import = builtins.__import__
 
         def no_jlens(name, globals=None, locals=None, fromlist=(), level=0):
-            if name == "transformer_lens.tools.analysis" and fromlist and "JacobianLens" in fromlist:
+            if (
+                name == "transformer_lens.tools.analysis"
+                and fromlist
+                and "JacobianLens" in fromlist
+            ):
                 raise ImportError("cannot import name 'JacobianLens'")
             return real_import(name, globals, locals, fromlist, level)
 
         monkeypatch.setattr(builtins, "__import__", no_jlens)
         monkeypatch.setattr(_compat, "TL_VERSION", "3.9.0")
         monkeypatch.setattr(_compat, "TL_MAJOR", 3)
-    for call in (lambda: jacobian.JacobianLens.fit(None, ["x"]),
-                 lambda: jacobian.JacobianLens.load(tmp_path),
-                 lambda: jacobian.fit_jacobian_lens(None, prompts=["x"], out_dir=tmp_path),
-                 lambda: jacobian.load_slices(tmp_path)):
-        with pytest.raises(jacobian.TransformerLensVersionError, match=r"needs TransformerLens 4\.x.*3\.9") as exc:
+    for call in (
+        lambda: jacobian.JacobianLens.fit(None, ["x"]),
+        lambda: jacobian.JacobianLens.load(tmp_path),
+        lambda: jacobian.fit_jacobian_lens(None, prompts=["x"], out_dir=tmp_path),
+        lambda: jacobian.load_slices(tmp_path),
+    ):
+        with pytest.raises(
+            jacobian.TransformerLensVersionError, match=r"needs TransformerLens 4\.x.*3\.9"
+        ) as exc:
             call()
         assert "pip install 'transformer-lens>=4.3'" in str(exc.value)
         assert isinstance(exc.value, ImportError)  # the CLI reports ImportErrors as a clean error
@@ -66,7 +81,9 @@ def test_transform_shifts_block_outputs_to_block_inputs(tiny, fitted):
     h = torch.randn(5, tiny.cfg.d_model)
     assert torch.equal(fitted.transform(h, 0), h)
     for layer in range(1, L):  # resid_pre of block l is the output of block l-1
-        assert torch.allclose(fitted.transform(h, layer), h @ fitted.inner.jacobians[layer - 1].T, atol=1e-6)
+        assert torch.allclose(
+            fitted.transform(h, layer), h @ fitted.inner.jacobians[layer - 1].T, atol=1e-6
+        )
     with pytest.raises(ValueError, match="model's output"):
         fitted.transform(h, L)
 
@@ -103,12 +120,19 @@ def test_transport_matrix_is_the_averaged_jacobian(tiny_llama):
     def last_from(h):
         def patch(act, hook):
             return h
+
         out = {}
 
         def grab(act, hook):
             out["x"] = act
-        model.run_with_hooks(toks, fwd_hooks=[("blocks.1.hook_resid_pre", patch),
-                                              (f"blocks.{L - 1}.hook_resid_post", grab)])
+
+        model.run_with_hooks(
+            toks,
+            fwd_hooks=[
+                ("blocks.1.hook_resid_pre", patch),
+                (f"blocks.{L - 1}.hook_resid_post", grab),
+            ],
+        )
         return out["x"][0]
 
     jac = torch.autograd.functional.jacobian(last_from, h1)  # [T d, 1 T d]
@@ -129,7 +153,11 @@ def test_save_load_in_reference_format_and_load_lens(tiny, fitted, tmp_path):
     again = require_jacobian_lens().load(str(folder / ARTIFACT))  # TransformerLens reads our file
     for k in fitted.inner.source_layers:
         assert torch.equal(again.jacobians[k], fitted.inner.jacobians[k])
-    for loaded in (load_lens(folder, tiny), load_lens(folder / ARTIFACT, tiny), JacobianLens.load(folder)):
+    for loaded in (
+        load_lens(folder, tiny),
+        load_lens(folder / ARTIFACT, tiny),
+        JacobianLens.load(folder),
+    ):
         assert isinstance(loaded, JacobianLens)
         assert torch.equal(loaded.jacobians, fitted.jacobians)
 
@@ -189,24 +217,48 @@ def test_resumed_and_extended_fit_equals_one_shot(tiny_llama, tmp_path, monkeypa
     monkeypatch.setattr(tl_cls, "fit", classmethod(counting_fit))
     out = tmp_path / "fit"
     with pytest.raises(KeyboardInterrupt):
-        fit_jacobian_lens(tiny_llama, prompts=PROMPTS[:4], out_dir=out, slice_size=2,
-                          skip_first_positions=2, progress=False)
+        fit_jacobian_lens(
+            tiny_llama,
+            prompts=PROMPTS[:4],
+            out_dir=out,
+            slice_size=2,
+            skip_first_positions=2,
+            progress=False,
+        )
     assert len(load_slices(out)) == 1
     fail["on"] = False
     calls.clear()
-    fit_jacobian_lens(tiny_llama, prompts=PROMPTS[:4], out_dir=out, slice_size=2,
-                      skip_first_positions=2, progress=False)
+    fit_jacobian_lens(
+        tiny_llama,
+        prompts=PROMPTS[:4],
+        out_dir=out,
+        slice_size=2,
+        skip_first_positions=2,
+        progress=False,
+    )
     assert calls == [PROMPTS[2:4]]  # the saved slice was not refitted
     calls.clear()
-    resumed = fit_jacobian_lens(tiny_llama, prompts=PROMPTS, out_dir=out, slice_size=2,
-                                skip_first_positions=2, progress=False)  # extended by one prompt
+    resumed = fit_jacobian_lens(
+        tiny_llama,
+        prompts=PROMPTS,
+        out_dir=out,
+        slice_size=2,
+        skip_first_positions=2,
+        progress=False,
+    )  # extended by one prompt
     assert calls == [PROMPTS[4:]]
     one_shot = JacobianLens.fit(tiny_llama, PROMPTS, skip_first_positions=2, progress=False)
     assert resumed.n_prompts == one_shot.n_prompts == 5
     assert torch.allclose(resumed.jacobians, one_shot.jacobians, atol=1e-6)
     with pytest.raises(ValueError, match="other settings.*resume=False"):
-        fit_jacobian_lens(tiny_llama, prompts=PROMPTS, out_dir=out, slice_size=3,
-                          skip_first_positions=2, progress=False)
+        fit_jacobian_lens(
+            tiny_llama,
+            prompts=PROMPTS,
+            out_dir=out,
+            slice_size=3,
+            skip_first_positions=2,
+            progress=False,
+        )
 
 
 @needs_tl4
@@ -233,8 +285,9 @@ def test_plugs_in_wherever_a_lens_is_accepted(tiny_llama):
     assert ev.lens_name == "jacobian" and float(ev.kl[-1]) < 1e-5
     contrib = layer_contributions(model, text, lens=lens)
     assert contrib is not None
-    basis = extract_causal_basis(model, lens, toks.repeat(2, 1), 1, 2, max_iter=3, progress=False,
-                                 on_nonconvergence="ignore")
+    basis = extract_causal_basis(
+        model, lens, toks.repeat(2, 1), 1, 2, max_iter=3, progress=False, on_nonconvergence="ignore"
+    )
     fid = causal_fidelity(model, lens, basis, layer=1, tokens=toks, progress=False)
     assert fid.lens == "jacobian" and fid.lens_influence.shape == (2,)
     html = report(model, text, lens=lens)
@@ -250,17 +303,61 @@ def test_cli_fit_jlens_then_lens_bench(tmp_path, capsys):
     corpus = tmp_path / "c.txt"
     corpus.write_text("the quick brown fox jumps over the lazy dog. " * 40)
     out = tmp_path / "jl"
-    rc = cli.main(["fit-jlens", "--model", "tiny-llama", "--corpus", str(corpus), "--out", str(out),
-                   "--prompts", "3", "--prompt-tokens", "12", "--skip-first", "2", "--slice-size", "2",
-                   "--curve", "--curve-tokens", "64"])
+    rc = cli.main(
+        [
+            "fit-jlens",
+            "--model",
+            "tiny-llama",
+            "--corpus",
+            str(corpus),
+            "--out",
+            str(out),
+            "--prompts",
+            "3",
+            "--prompt-tokens",
+            "12",
+            "--skip-first",
+            "2",
+            "--slice-size",
+            "2",
+            "--curve",
+            "--curve-tokens",
+            "64",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     curve = json.loads((out / "curve.json").read_text())
     assert [r["n_prompts"] for r in curve] == [2, 3]
     html = tmp_path / "bench.html"
-    rc = cli.main(["lens-bench", "--model", "tiny-llama", "--corpus", str(corpus), "--lens", "logit",
-                   "--lens", str(out), "--tokens", "64", "--seq-len", "32", "--depth-tokens", "32",
-                   "--cbe-k", "2", "--cbe-max-iter", "3", "--cbe-tokens", "32", "--sra-samples", "4",
-                   "--out", str(html)])
+    rc = cli.main(
+        [
+            "lens-bench",
+            "--model",
+            "tiny-llama",
+            "--corpus",
+            str(corpus),
+            "--lens",
+            "logit",
+            "--lens",
+            str(out),
+            "--tokens",
+            "64",
+            "--seq-len",
+            "32",
+            "--depth-tokens",
+            "32",
+            "--cbe-k",
+            "2",
+            "--cbe-max-iter",
+            "3",
+            "--cbe-tokens",
+            "32",
+            "--sra-samples",
+            "4",
+            "--out",
+            str(html),
+        ]
+    )
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert "| jacobian |" in captured.out
@@ -273,7 +370,9 @@ def test_cli_fit_jlens_then_lens_bench(tmp_path, capsys):
 def test_partial_fit_reads_unfitted_layers_with_the_identity(tiny_llama):
     from tlmicroscope.lenses.jacobian import JacobianLens
 
-    lens = JacobianLens.fit(tiny_llama, PROMPTS[:1], skip_first_positions=2, source_layers=[1], progress=False)
+    lens = JacobianLens.fit(
+        tiny_llama, PROMPTS[:1], skip_first_positions=2, source_layers=[1], progress=False
+    )
     assert lens.inner.source_layers == [1] and lens.identity_layers == (0, 1)
     h = torch.randn(3, 32)
     assert torch.equal(lens.transform(h, 1), h)

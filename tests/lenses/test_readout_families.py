@@ -30,29 +30,70 @@ KIND = os.environ.get("TLMICROSCOPE_TEST_KIND", "auto")
 RUN_BRIDGE = KIND in ("auto", "bridge")
 RUN_HOOKED = KIND == "hooked" or (KIND == "auto" and _compat.has_hooked_transformer())
 V = 259  # the byte tokenizer's vocabulary
-TARGET_LOGIT = 40.0  # largest |logit| after scaling the unembedding: tens of nats, past any soft cap
-COMMON = {"vocab_size": V, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-          "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "max_position_embeddings": 64}
+TARGET_LOGIT = (
+    40.0  # largest |logit| after scaling the unembedding: tens of nats, past any soft cap
+)
+COMMON = {
+    "vocab_size": V,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 8,
+    "max_position_embeddings": 64,
+}
 
 
 def _families() -> dict:
     import transformers as tf
 
     return {
-        "gemma2": (tf.Gemma2Config, tf.Gemma2ForCausalLM, dict(
-            COMMON, final_logit_softcapping=10.0, attn_logit_softcapping=50.0,
-            query_pre_attn_scalar=8, sliding_window=16)),
-        "gemma3": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM, dict(
-            COMMON, query_pre_attn_scalar=8, sliding_window=16)),
+        "gemma2": (
+            tf.Gemma2Config,
+            tf.Gemma2ForCausalLM,
+            dict(
+                COMMON,
+                final_logit_softcapping=10.0,
+                attn_logit_softcapping=50.0,
+                query_pre_attn_scalar=8,
+                sliding_window=16,
+            ),
+        ),
+        "gemma3": (
+            tf.Gemma3TextConfig,
+            tf.Gemma3ForCausalLM,
+            dict(COMMON, query_pre_attn_scalar=8, sliding_window=16),
+        ),
         "cohere": (tf.CohereConfig, tf.CohereForCausalLM, dict(COMMON, logit_scale=0.25)),
-        "granite": (tf.GraniteConfig, tf.GraniteForCausalLM, dict(
-            COMMON, logits_scaling=4.0, tie_word_embeddings=False)),
-        "phi": (tf.PhiConfig, tf.PhiForCausalLM, {
-            "vocab_size": V, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-            "num_attention_heads": 4, "max_position_embeddings": 64, "partial_rotary_factor": 0.5}),
-        "gpt2": (tf.GPT2Config, tf.GPT2LMHeadModel, {
-            "vocab_size": V, "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64}),
-        "llama-untied": (tf.LlamaConfig, tf.LlamaForCausalLM, dict(COMMON, tie_word_embeddings=False)),
+        "granite": (
+            tf.GraniteConfig,
+            tf.GraniteForCausalLM,
+            dict(COMMON, logits_scaling=4.0, tie_word_embeddings=False),
+        ),
+        "phi": (
+            tf.PhiConfig,
+            tf.PhiForCausalLM,
+            {
+                "vocab_size": V,
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "max_position_embeddings": 64,
+                "partial_rotary_factor": 0.5,
+            },
+        ),
+        "gpt2": (
+            tf.GPT2Config,
+            tf.GPT2LMHeadModel,
+            {"vocab_size": V, "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64},
+        ),
+        "llama-untied": (
+            tf.LlamaConfig,
+            tf.LlamaForCausalLM,
+            dict(COMMON, tie_word_embeddings=False),
+        ),
     }
 
 
@@ -98,8 +139,9 @@ def _bridge(family: str, dtype: torch.dtype = torch.float32):
     from transformer_lens.model_bridge import TransformerBridge
 
     hf = _hf(family, dtype)
-    bridge = TransformerBridge.boot_transformers(f"tiny-{family}", hf_model=hf, tokenizer=byte_tokenizer(),
-                                                 dtype=dtype)
+    bridge = TransformerBridge.boot_transformers(
+        f"tiny-{family}", hf_model=hf, tokenizer=byte_tokenizer(), dtype=dtype
+    )
     bridge.cfg.default_prepend_bos = False
     bridge._tlmicroscope_processed = False
     bridge._tlmicroscope_name = f"tiny-{family}-{str(dtype).split('.')[-1]}"
@@ -116,13 +158,33 @@ def _hooked_gemma2():
     c = hf.config
     rope = (getattr(c, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
     cfg = HookedTransformerConfig(
-        d_model=32, d_head=8, n_heads=4, d_mlp=64, n_layers=2, n_ctx=64, eps=c.rms_norm_eps, d_vocab=V,
-        act_fn="gelu_pytorch_tanh", normalization_type="RMS", rotary_base=rope, rotary_dim=8,
-        positional_embedding_type="rotary", use_attn_scale=True, n_key_value_heads=2, window_size=16,
-        use_local_attn=True, attn_types=["local", "global"], attn_scores_soft_cap=50.0,
-        output_logits_soft_cap=c.final_logit_softcapping, gated_mlp=True, final_rms=True,
-        use_normalization_before_and_after=True, original_architecture="Gemma2ForCausalLM",
-        default_prepend_bos=False, tokenizer_prepends_bos=False)
+        d_model=32,
+        d_head=8,
+        n_heads=4,
+        d_mlp=64,
+        n_layers=2,
+        n_ctx=64,
+        eps=c.rms_norm_eps,
+        d_vocab=V,
+        act_fn="gelu_pytorch_tanh",
+        normalization_type="RMS",
+        rotary_base=rope,
+        rotary_dim=8,
+        positional_embedding_type="rotary",
+        use_attn_scale=True,
+        n_key_value_heads=2,
+        window_size=16,
+        use_local_attn=True,
+        attn_types=["local", "global"],
+        attn_scores_soft_cap=50.0,
+        output_logits_soft_cap=c.final_logit_softcapping,
+        gated_mlp=True,
+        final_rms=True,
+        use_normalization_before_and_after=True,
+        original_architecture="Gemma2ForCausalLM",
+        default_prepend_bos=False,
+        tokenizer_prepends_bos=False,
+    )
     model = HookedTransformer(cfg, tokenizer=byte_tokenizer())
     model.load_state_dict(convert_gemma_weights(hf, cfg), strict=False)
     model._tlmicroscope_processed = False
@@ -137,12 +199,28 @@ def _hooked(family: str):
 
     if family == "gemma2":
         return _hooked_gemma2()
-    shape = {"d_model": 32, "d_head": 8, "n_heads": 4, "n_layers": 2, "n_ctx": 64, "d_vocab": V, "d_mlp": 64, "seed": 0,
-             "default_prepend_bos": False, "tokenizer_prepends_bos": False}
+    shape = {
+        "d_model": 32,
+        "d_head": 8,
+        "n_heads": 4,
+        "n_layers": 2,
+        "n_ctx": 64,
+        "d_vocab": V,
+        "d_mlp": 64,
+        "seed": 0,
+        "default_prepend_bos": False,
+        "tokenizer_prepends_bos": False,
+    }
     if family == "softcap":
-        cfg = HookedTransformerConfig(**shape, act_fn="gelu", normalization_type="RMS", final_rms=True,
-                                      positional_embedding_type="rotary", rotary_dim=8,
-                                      output_logits_soft_cap=10.0)
+        cfg = HookedTransformerConfig(
+            **shape,
+            act_fn="gelu",
+            normalization_type="RMS",
+            final_rms=True,
+            positional_embedding_type="rotary",
+            rotary_dim=8,
+            output_logits_soft_cap=10.0,
+        )
     else:
         cfg = HookedTransformerConfig(**shape, act_fn="gelu_new", normalization_type="LN")
     torch.manual_seed(0)
@@ -167,7 +245,9 @@ def _model(spec: str):
             pytest.skip("bridge families run under TLMICROSCOPE_TEST_KIND=bridge/auto")
         return _bridge(family)[0]
     if not RUN_HOOKED:
-        pytest.skip("HookedTransformer families need TransformerLens 3 and TLMICROSCOPE_TEST_KIND=hooked/auto")
+        pytest.skip(
+            "HookedTransformer families need TransformerLens 3 and TLMICROSCOPE_TEST_KIND=hooked/auto"
+        )
     return _hooked(family)
 
 
@@ -196,7 +276,9 @@ def test_readout_reproduces_the_models_log_probs(spec):
             hf_logits = _hf(spec.split(":")[1])(TOKENS).logits
         # Its own kernels (attention, norms) may round differently from the model class's.
         atol = 2e-4 + 5e-5 * float(hf_logits.abs().max())
-        torch.testing.assert_close(ours, torch.log_softmax(hf_logits.float(), -1), atol=atol, rtol=0)
+        torch.testing.assert_close(
+            ours, torch.log_softmax(hf_logits.float(), -1), atol=atol, rtol=0
+        )
     assert check_readout_identity(readout, h[0], logits[0]) < 2e-4
     # The logits are large enough that every transform matters.
     assert float(logits.abs().max()) > 5.0
@@ -216,16 +298,30 @@ def test_soft_cap_bites_and_bounds_the_logits(spec):
     torch.testing.assert_close(post, 10.0 * torch.tanh(pre / 10.0))
 
 
-@pytest.mark.parametrize("spec,expect", [("bridge:cohere", 0.25), ("bridge:granite", 0.25),
-                                         ("bridge:gemma2", 1.0), ("bridge:gpt2", 1.0)])
+@pytest.mark.parametrize(
+    "spec,expect",
+    [
+        ("bridge:cohere", 0.25),
+        ("bridge:granite", 0.25),
+        ("bridge:gemma2", 1.0),
+        ("bridge:gpt2", 1.0),
+    ],
+)
 def test_output_transform_is_read_from_the_model(spec, expect):
     t = _compat.output_transform(_model(spec))
     assert t.scale == pytest.approx(expect)
     assert (t.softcap is not None) == spec.endswith("gemma2")
 
 
-@pytest.mark.parametrize("spec,attr", [("bridge:gemma2", "softcap"), ("bridge:cohere", "scale"),
-                                       ("bridge:granite", "scale"), ("bridge:gemma3", "norm")])
+@pytest.mark.parametrize(
+    "spec,attr",
+    [
+        ("bridge:gemma2", "softcap"),
+        ("bridge:cohere", "scale"),
+        ("bridge:granite", "scale"),
+        ("bridge:gemma3", "norm"),
+    ],
+)
 def test_a_readout_without_the_transform_is_refused_naming_the_family(spec, attr):
     model = _model(spec)
     readout = Readout(model)
@@ -256,7 +352,9 @@ def test_processed_weights_keep_the_identity(family):
     hf.config.architectures = [model_cls.__name__]
     with torch.no_grad():
         expect = torch.log_softmax(hf(TOKENS).logits, -1)
-    model = TransformerBridge.boot_transformers(f"tiny-{family}", hf_model=hf, tokenizer=byte_tokenizer())
+    model = TransformerBridge.boot_transformers(
+        f"tiny-{family}", hf_model=hf, tokenizer=byte_tokenizer()
+    )
     model.enable_compatibility_mode(disable_warnings=True)
     with torch.no_grad():
         h, logits = _last_resid(model, TOKENS)
@@ -271,14 +369,27 @@ def test_bias_and_tying_are_what_the_model_has():
     phi = Readout.for_model(_model("bridge:phi"))
     assert phi.b is not None and float(phi.b.abs().max()) > 0.1  # Phi's lm_head has a bias
     _, hf = _bridge("llama-untied")
-    assert hf.get_output_embeddings().weight.data_ptr() != hf.get_input_embeddings().weight.data_ptr()
+    assert (
+        hf.get_output_embeddings().weight.data_ptr() != hf.get_input_embeddings().weight.data_ptr()
+    )
     _, hf = _bridge("gemma2")
-    assert hf.get_output_embeddings().weight.data_ptr() == hf.get_input_embeddings().weight.data_ptr()
+    assert (
+        hf.get_output_embeddings().weight.data_ptr() == hf.get_input_embeddings().weight.data_ptr()
+    )
 
 
 # ------------------------------------------------------------------------------- gradients
-@pytest.mark.parametrize("spec", ["bridge:gemma2", "bridge:cohere", "bridge:granite", "bridge:phi",
-                                  "hooked:softcap", "hooked:gemma2"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "bridge:gemma2",
+        "bridge:cohere",
+        "bridge:granite",
+        "bridge:phi",
+        "hooked:softcap",
+        "hooked:gemma2",
+    ],
+)
 def test_gradient_through_the_readout_is_the_models(spec):
     """d log p(target) / d h at the last residual: autograd through the readout against autograd
     through the model's own final norm, head and output transform."""
@@ -288,8 +399,9 @@ def test_gradient_through_the_readout_is_the_models(spec):
         h0, logits = _last_resid(model, TOKENS)
     target = logits.argmin(-1)  # a token far from the top: the soft cap's slope is far from 1
     leaf = h0.detach().clone().requires_grad_(True)
-    model_logits = model.run_with_hooks(TOKENS, fwd_hooks=[(f"blocks.{L - 1}.hook_resid_post",
-                                                            lambda act, hook: leaf)])
+    model_logits = model.run_with_hooks(
+        TOKENS, fwd_hooks=[(f"blocks.{L - 1}.hook_resid_post", lambda act, hook: leaf)]
+    )
     torch.log_softmax(model_logits.float(), -1).gather(-1, target[..., None]).sum().backward()
     theirs = leaf.grad.clone()
     h = h0.detach().clone().requires_grad_(True)
@@ -309,7 +421,9 @@ def test_tuned_lens_kl_gradient_goes_through_the_soft_cap():
     final = FinalDistribution.from_logits(logits.reshape(-1, logits.shape[-1]))
     kl, gx = LensObjective(readout, chunk_rows=7).kl_and_grad_x(x, final)
     xg = x.clone().requires_grad_(True)
-    logq = torch.log_softmax(readout.finish(xg @ readout.W + readout.b if readout.b is not None else xg @ readout.W), -1)
+    logq = torch.log_softmax(
+        readout.finish(xg @ readout.W + readout.b if readout.b is not None else xg @ readout.W), -1
+    )
     ref = (final.p * (torch.log(final.p) - logq)).sum(-1)
     ref.sum().backward()
     torch.testing.assert_close(kl, ref.detach(), atol=1e-4, rtol=1e-4)
@@ -329,7 +443,9 @@ def test_cbe_energy_gradient_goes_through_the_soft_cap():
     fast = LensAblationObjective(readout, lens, 1, h, "mean", chunk=5)
     slow = LensAblationObjective(readout, lens, 1, h, "mean", chunk=5)
     assert fast.affine and fast.softcap == 10.0
-    v = torch.nn.functional.normalize(torch.randn(h.shape[1], generator=torch.Generator().manual_seed(3)), dim=0)
+    v = torch.nn.functional.normalize(
+        torch.randn(h.shape[1], generator=torch.Generator().manual_seed(3)), dim=0
+    )
     v1 = v.clone().requires_grad_(True)
     e1 = fast.energy(v1)
     e1.backward()
@@ -415,11 +531,28 @@ def test_bfloat16_model_runs_the_lens_and_causal_analyses():
     results = {}
     for dtype in (torch.bfloat16, torch.float32):
         model, _ = _bridge("gemma2", dtype)
-        ev = evaluate_lens(model, TunedLens.for_model(model), text, tokens=64, seq_len=32, holdout=0.3,
-                           progress=False)
-        trained = train_tuned_lens(model, text, steps=1, tokens_per_step=32, seq_len=32, progress=False)
-        basis = extract_causal_basis(model, "logit", TOKENS, layer=1, k=2, max_iter=8, progress=False,
-                                     on_nonconvergence="ignore")
+        ev = evaluate_lens(
+            model,
+            TunedLens.for_model(model),
+            text,
+            tokens=64,
+            seq_len=32,
+            holdout=0.3,
+            progress=False,
+        )
+        trained = train_tuned_lens(
+            model, text, steps=1, tokens_per_step=32, seq_len=32, progress=False
+        )
+        basis = extract_causal_basis(
+            model,
+            "logit",
+            TOKENS,
+            layer=1,
+            k=2,
+            max_iter=8,
+            progress=False,
+            on_nonconvergence="ignore",
+        )
         attr = component_attribution(model, TOKENS)
         results[dtype] = (ev.kl, attr.attribution)
         assert float(basis.energies[0]) > 0
@@ -501,6 +634,8 @@ def test_an_inexpressible_adapter_transform_is_refused():
     adapter = SimpleNamespace(apply_output_logits_transform=lambda z: z + 0.1 * z.pow(3))
     with pytest.raises(ValueError, match="cannot express"):
         _compat.output_transform(_fake_model(adapter=adapter))
-    scaled = SimpleNamespace(apply_output_logits_transform=lambda z: 20.0 * torch.tanh(0.5 * z / 20.0))
+    scaled = SimpleNamespace(
+        apply_output_logits_transform=lambda z: 20.0 * torch.tanh(0.5 * z / 20.0)
+    )
     t = _compat.output_transform(_fake_model(adapter=scaled))
     assert t.scale == pytest.approx(0.5) and t.softcap == pytest.approx(20.0)

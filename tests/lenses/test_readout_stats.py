@@ -153,7 +153,10 @@ def test_trajectory_decodes_only_the_ids_it_shows(monkeypatch):
 def test_token_strings_of_a_large_vocabulary_decode_each_id_once():
     inner = tiny_model(n_layers=1, kind=KIND).tokenizer
     tok = CountingTokenizer(inner, length=262_144)  # as large as Gemma 3's
-    tok.batch_decode = lambda seqs, **kw: (tok.decoded.extend(s[0] for s in seqs), [f"t{s[0]}" for s in seqs])[1]
+    tok.batch_decode = lambda seqs, **kw: (
+        tok.decoded.extend(s[0] for s in seqs),
+        [f"t{s[0]}" for s in seqs],
+    )[1]
     model = types.SimpleNamespace(tokenizer=tok)
     ids = torch.tensor([[5, 200_000, 5], [262_143, 300_000, 7]])
     out = _vocab.token_strings(model, ids)

@@ -29,8 +29,14 @@ def _reference_folder(path, model, **overrides):
         state[f"{i}.bias"] = 0.01 * torch.randn(d)
     path.mkdir(parents=True, exist_ok=True)
     torch.save(state, path / "params.pt")
-    config = {"base_model_name_or_path": "tiny", "d_model": d, "num_hidden_layers": n, "bias": True,
-              "lens_type": "linear_tuned_lens", "unembed_hash": None}
+    config = {
+        "base_model_name_or_path": "tiny",
+        "d_model": d,
+        "num_hidden_layers": n,
+        "bias": True,
+        "lens_type": "linear_tuned_lens",
+        "unembed_hash": None,
+    }
     config.update(overrides)
     (path / "config.json").write_text(json.dumps(config))
     return state
@@ -39,6 +45,7 @@ def _reference_folder(path, model, **overrides):
 @pytest.fixture
 def no_params_read(monkeypatch):
     """Fail the test if params.pt is opened: the config must be refused before."""
+
     def refuse(*args, **kwargs):
         raise AssertionError("params.pt was read before the config was checked")
 
@@ -54,23 +61,29 @@ def test_a_good_reference_folder_still_loads(tiny_llama, tmp_path):
 
 
 @pytest.mark.parametrize("d_model", [65536, 2**40])
-def test_huge_d_model_is_refused_against_the_model_before_reading(tiny_llama, tmp_path, no_params_read,
-                                                                  d_model):
+def test_huge_d_model_is_refused_against_the_model_before_reading(
+    tiny_llama, tmp_path, no_params_read, d_model
+):
     _reference_folder(tmp_path / "ref", tiny_llama, d_model=d_model)
-    with pytest.raises(ModelMismatchError, match=rf"'d_model' is {d_model} in .*config.json but 32"):
+    with pytest.raises(
+        ModelMismatchError, match=rf"'d_model' is {d_model} in .*config.json but 32"
+    ):
         load_lens(tmp_path / "ref", tiny_llama)
     with pytest.raises(ModelMismatchError, match="'d_model'"):
         read_reference_lens(tmp_path / "ref", tiny_llama)
 
 
 @pytest.mark.parametrize("d_model", [65536, 2**40])
-def test_huge_d_model_without_a_model_is_refused_by_the_file_shapes(tiny_llama, tmp_path, monkeypatch,
-                                                                    d_model):
+def test_huge_d_model_without_a_model_is_refused_by_the_file_shapes(
+    tiny_llama, tmp_path, monkeypatch, d_model
+):
     """Without a model, the tensors in params.pt bound what is allocated: nothing of d_model^2."""
     _reference_folder(tmp_path / "ref", tiny_llama, d_model=d_model)
     sizes = []
     real_stack = torch.stack
-    monkeypatch.setattr(torch, "stack", lambda ts, *a, **k: sizes.append(len(ts)) or real_stack(ts, *a, **k))
+    monkeypatch.setattr(
+        torch, "stack", lambda ts, *a, **k: sizes.append(len(ts)) or real_stack(ts, *a, **k)
+    )
     with pytest.raises(FittedFileError, match=rf"0.weight has shape \(32, 32\).*d_model={d_model}"):
         read_reference_lens(tmp_path / "ref")
     assert sizes == []  # refused before any stacking (allocation) of translators
@@ -91,8 +104,9 @@ def test_huge_d_model_without_a_model_is_refused_by_the_file_shapes(tiny_llama, 
         ("unembed_hash", 5, r"field 'unembed_hash' must be a string"),
     ],
 )
-def test_reference_field_of_the_wrong_type_or_value(tiny_llama, tmp_path, no_params_read, field, value,
-                                                    message):
+def test_reference_field_of_the_wrong_type_or_value(
+    tiny_llama, tmp_path, no_params_read, field, value, message
+):
     _reference_folder(tmp_path / "ref", tiny_llama, **{field: value})
     for model in (tiny_llama, None):
         with pytest.raises(FittedFileError, match=message) as info:
@@ -120,7 +134,9 @@ def test_reference_bias_false_is_read_as_false(tiny_llama, tmp_path):
     with pytest.raises(FittedFileError, match="holds biases although config.json says bias=false"):
         TunedLens.load(tmp_path / "ref", tiny_llama)
     state = torch.load(tmp_path / "ref" / "params.pt", weights_only=True)
-    torch.save({k: v for k, v in state.items() if k.endswith("weight")}, tmp_path / "ref" / "params.pt")
+    torch.save(
+        {k: v for k, v in state.items() if k.endswith("weight")}, tmp_path / "ref" / "params.pt"
+    )
     lens = TunedLens.load(tmp_path / "ref", tiny_llama)
     assert lens.has_bias is False and torch.count_nonzero(lens.bias) == 0
     h = torch.randn(3, tiny_llama.cfg.d_model)
@@ -146,10 +162,16 @@ def _set(section, key, value):
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (_set(None, "format_version", "one"), r"field 'format_version' must be an integer, got string 'one'"),
+        (
+            _set(None, "format_version", "one"),
+            r"field 'format_version' must be an integer, got string 'one'",
+        ),
         (_set(None, "format_version", 1.5), r"field 'format_version' must be an integer"),
         (_set(None, "format_version", 99), r"newer tlmicroscope \(format 99\)"),
-        (_set("config", "bias", "false"), r"field 'bias' must be true or false, got string 'false'"),
+        (
+            _set("config", "bias", "false"),
+            r"field 'bias' must be true or false, got string 'false'",
+        ),
         (_set("config", "d_model", 32.9), r"field 'd_model' must be an integer, got number 32.9"),
         (_set("config", "n_layers", -1), r"field 'n_layers' is -1"),
         (_set("config", "settings", ["a"]), r"field 'settings' must be an object"),
@@ -157,8 +179,18 @@ def _set(section, key, value):
         (_set(None, "model", "tiny"), r"field 'model' must be a JSON object, got string"),
         (lambda meta: [meta], r"holds a JSON list, not an object"),
     ],
-    ids=["version-string", "version-fraction", "version-newer", "bias-string", "d_model-fraction",
-         "n_layers-negative", "settings-list", "config-list", "model-string", "top-level-list"],
+    ids=[
+        "version-string",
+        "version-fraction",
+        "version-newer",
+        "bias-string",
+        "d_model-fraction",
+        "n_layers-negative",
+        "settings-list",
+        "config-list",
+        "model-string",
+        "top-level-list",
+    ],
 )
 def test_our_lens_config_of_the_wrong_type(tiny_llama, tmp_path, edit, message):
     _our_lens(tmp_path / "lens", tiny_llama, edit)
@@ -167,8 +199,9 @@ def test_our_lens_config_of_the_wrong_type(tiny_llama, tmp_path, edit, message):
     assert "config.json" in str(info.value) or "format 99" in str(info.value)
 
 
-def test_our_lens_with_another_model_is_refused_before_its_tensors_are_read(tiny_llama, tmp_path,
-                                                                           monkeypatch):
+def test_our_lens_with_another_model_is_refused_before_its_tensors_are_read(
+    tiny_llama, tmp_path, monkeypatch
+):
     from tlmicroscope.models import tiny_model
 
     save_fitted(tmp_path / "obj", {"w": torch.zeros(4)}, kind="thing", config={}, model=tiny_llama)
@@ -179,4 +212,6 @@ def test_our_lens_with_another_model_is_refused_before_its_tensors_are_read(tiny
 
     monkeypatch.setattr(safetensors.torch, "load_file", refuse)
     with pytest.raises(ModelMismatchError, match="d_model is 32 in the file but 48"):
-        load_fitted(tmp_path / "obj", kind="thing", model=tiny_model("llama", n_layers=2, d_model=48))
+        load_fitted(
+            tmp_path / "obj", kind="thing", model=tiny_model("llama", n_layers=2, d_model=48)
+        )

@@ -19,7 +19,11 @@ def _log_probs(model, toks, *, final_norm=True):
         out = []
         for i, name in enumerate(names):
             h = cache[name]
-            z = model.unembed(model.ln_final(h)) if (final_norm or i == n) else h @ model.W_U + model.b_U
+            z = (
+                model.unembed(model.ln_final(h))
+                if (final_norm or i == n)
+                else h @ model.W_U + model.b_U
+            )
             out.append(torch.log_softmax(z.double(), -1))
     return torch.stack(out)
 
@@ -47,7 +51,9 @@ def test_tracked_targets_equal_brute_force(tiny, col_block, monkeypatch):
     targets = ["a", 7, {"b", 200, "c"}]
     traj = prediction_trajectory(tiny, toks, targets=targets, chunk_size=5)
     lp = _log_probs(tiny, toks)
-    prob, logprob, rank = _brute(lp, [[_ids(tiny, "a")], [7], [_ids(tiny, "b"), 200, _ids(tiny, "c")]])
+    prob, logprob, rank = _brute(
+        lp, [[_ids(tiny, "a")], [7], [_ids(tiny, "b"), 200, _ids(tiny, "c")]]
+    )
     torch.testing.assert_close(traj.tracked_prob.double(), prob, atol=2e-6, rtol=1e-4)
     torch.testing.assert_close(traj.tracked_logprob.double(), logprob, atol=2e-5, rtol=1e-4)
     assert torch.equal(traj.tracked_rank, rank)
@@ -56,14 +62,27 @@ def test_tracked_targets_equal_brute_force(tiny, col_block, monkeypatch):
 
 
 def test_per_row_targets_equal_brute_force(tiny_llama):
-    toks = torch.randint(0, tiny_llama.cfg.d_vocab, (2, 9), generator=torch.Generator().manual_seed(3))
-    traj = prediction_trajectory(tiny_llama, toks, targets=[["a", {"x", "y"}], [5, "q"]], per_row=True,
-                                 target_names=["first", "second"])
+    toks = torch.randint(
+        0, tiny_llama.cfg.d_vocab, (2, 9), generator=torch.Generator().manual_seed(3)
+    )
+    traj = prediction_trajectory(
+        tiny_llama,
+        toks,
+        targets=[["a", {"x", "y"}], [5, "q"]],
+        per_row=True,
+        target_names=["first", "second"],
+    )
     lp = _log_probs(tiny_llama, toks)
-    for row, groups in enumerate([[[_ids(tiny_llama, "a")], [_ids(tiny_llama, "x"), _ids(tiny_llama, "y")]],
-                                  [[5], [_ids(tiny_llama, "q")]]]):
+    for row, groups in enumerate(
+        [
+            [[_ids(tiny_llama, "a")], [_ids(tiny_llama, "x"), _ids(tiny_llama, "y")]],
+            [[5], [_ids(tiny_llama, "q")]],
+        ]
+    ):
         prob, _, rank = _brute(lp[:, row : row + 1], groups)
-        torch.testing.assert_close(traj.tracked_prob[:, row : row + 1].double(), prob, atol=2e-6, rtol=1e-4)
+        torch.testing.assert_close(
+            traj.tracked_prob[:, row : row + 1].double(), prob, atol=2e-6, rtol=1e-4
+        )
         assert torch.equal(traj.tracked_rank[:, row : row + 1], rank)
     assert traj.tracked_names == ("first", "second")
     assert traj.tracked_read[1][1] == "'q'" and len(traj.tracked_read) == 2
@@ -103,10 +122,12 @@ def test_bad_targets_name_the_fix(tiny_llama):
 def test_target_trajectories_padding_changes_nothing_and_matches_brute_force(tiny):
     prompts = ["a", "the longest prompt of all", "mid size", "xy", "another one here", "q"]
     targets = ["e", {"s", "t"}]
-    batched = target_trajectories(tiny, prompts, targets, batch_size=4, positions=[-1, 0], progress=False,
-                                  n_bootstrap=200)
-    alone = target_trajectories(tiny, prompts, targets, batch_size=1, positions=[-1, 0], progress=False,
-                                n_bootstrap=200)
+    batched = target_trajectories(
+        tiny, prompts, targets, batch_size=4, positions=[-1, 0], progress=False, n_bootstrap=200
+    )
+    alone = target_trajectories(
+        tiny, prompts, targets, batch_size=1, positions=[-1, 0], progress=False, n_bootstrap=200
+    )
     torch.testing.assert_close(batched.prob, alone.prob, atol=1e-6, rtol=1e-5)
     assert torch.equal(batched.rank, alone.rank)
     groups = [[_ids(tiny, "e")], [_ids(tiny, "s"), _ids(tiny, "t")]]
@@ -117,8 +138,12 @@ def test_target_trajectories_padding_changes_nothing_and_matches_brute_force(tin
         n = toks.shape[1]
         for j, p in enumerate((n - 1, 0)):
             assert int(batched.positions[i, j]) == p
-            torch.testing.assert_close(batched.prob[0, :, i, j].double(), prob[:, 0, p], atol=2e-6, rtol=1e-4)
-            torch.testing.assert_close(batched.logprob[0, :, i, j].double(), logprob[:, 0, p], atol=2e-5, rtol=1e-4)
+            torch.testing.assert_close(
+                batched.prob[0, :, i, j].double(), prob[:, 0, p], atol=2e-6, rtol=1e-4
+            )
+            torch.testing.assert_close(
+                batched.logprob[0, :, i, j].double(), logprob[:, 0, p], atol=2e-5, rtol=1e-4
+            )
             assert torch.equal(batched.rank[0, :, i, j], rank[:, 0, p])
         assert batched.read_tokens[i][0] == tiny.to_str_tokens(toks[0])[-1]
     assert batched.provenance.settings["readout_identity_checked"] is True
@@ -128,13 +153,15 @@ def test_target_trajectories_padding_changes_nothing_and_matches_brute_force(tin
 
 def test_bootstrap_band_is_a_band_around_the_mean_over_prompts(tiny_llama):
     prompts = [f"prompt number {i} " * (1 + i % 3) for i in range(24)]
-    tt = target_trajectories(tiny_llama, prompts, ["a", 9], progress=False, n_bootstrap=2000, seed=1)
+    tt = target_trajectories(
+        tiny_llama, prompts, ["a", 9], progress=False, n_bootstrap=2000, seed=1
+    )
     mean, low, high = tt.band("prob")
     torch.testing.assert_close(mean, tt.prob.mean((2, 3)), atol=1e-6, rtol=1e-5)
     assert bool((low <= mean + 1e-7).all() and (mean <= high + 1e-7).all())
     # The percentile band of a mean is about mean +- 1.96 standard errors (normal approximation).
     se = tt.prob[..., 0, :].std(2, unbiased=False) / len(prompts) ** 0.5
-    width = (high - low)
+    width = high - low
     ratio = width[se > 1e-6] / (2 * 1.96 * se[se > 1e-6])
     assert bool(((ratio > 0.75) & (ratio < 1.25)).all()), ratio
     df = tt.to_dataframe()
@@ -143,13 +170,28 @@ def test_bootstrap_band_is_a_band_around_the_mean_over_prompts(tiny_llama):
 
 def test_per_prompt_targets_and_several_lenses(tiny_gpt2):
     prompts = ["one", "two two", "three"]
-    tt = target_trajectories(tiny_gpt2, prompts, ["e", "o", {"e", "x"}], per_prompt=True,
-                             lens=[None, "logit-paper"], progress=False, n_bootstrap=50)
-    assert tt.lens_names == ("logit", "logit (paper: no final norm)") and tt.target_names == ("target",)
+    tt = target_trajectories(
+        tiny_gpt2,
+        prompts,
+        ["e", "o", {"e", "x"}],
+        per_prompt=True,
+        lens=[None, "logit-paper"],
+        progress=False,
+        n_bootstrap=50,
+    )
+    assert tt.lens_names == ("logit", "logit (paper: no final norm)") and tt.target_names == (
+        "target",
+    )
     for i, prompt in enumerate(prompts):
-        ref = prediction_trajectory(tiny_gpt2, prompt, lens="logit-paper", targets=[["e", "o", {"e", "x"}][i]])
-        torch.testing.assert_close(tt.prob[1, :, i, 0, 0], ref.tracked_prob[:, 0, -1, 0], atol=1e-6, rtol=1e-5)
-        torch.testing.assert_close(tt.logprob[1, :, i, 0, 0], ref.tracked_logprob[:, 0, -1, 0], atol=1e-5, rtol=1e-5)
+        ref = prediction_trajectory(
+            tiny_gpt2, prompt, lens="logit-paper", targets=[["e", "o", {"e", "x"}][i]]
+        )
+        torch.testing.assert_close(
+            tt.prob[1, :, i, 0, 0], ref.tracked_prob[:, 0, -1, 0], atol=1e-6, rtol=1e-5
+        )
+        torch.testing.assert_close(
+            tt.logprob[1, :, i, 0, 0], ref.tracked_logprob[:, 0, -1, 0], atol=1e-5, rtol=1e-5
+        )
         assert torch.equal(tt.rank[1, :, i, 0, 0], ref.tracked_rank[:, 0, -1, 0])
 
 
@@ -163,8 +205,14 @@ def test_target_trajectories_bad_input(tiny_llama):
     with pytest.raises(ValueError, match="one entry per row: got 1 for 2 rows"):
         target_trajectories(tiny_llama, ["abc", "de"], ["a"], per_prompt=True, progress=False)
     with pytest.raises(ValueError, match="no readout for resid_mid.*lens='logit'"):
-        target_trajectories(tiny_llama, ["abc"], "a", lens=TunedLens.for_model(tiny_llama), sites="pre+mid",
-                            progress=False)
+        target_trajectories(
+            tiny_llama,
+            ["abc"],
+            "a",
+            lens=TunedLens.for_model(tiny_llama),
+            sites="pre+mid",
+            progress=False,
+        )
 
 
 @pytest.mark.parametrize("softcap", [None, 3.0])
@@ -184,8 +232,9 @@ def test_kernel_extras_equal_brute_force_with_and_without_a_soft_cap(softcap, le
     p_f = torch.softmax(torch.randn(R // n_per, V, generator=g), -1)
     p_sums = torch.stack([p_f[:, lo : lo + 64].sum(-1) for lo in range(0, V, 64)], 1)
     tgt = torch.randint(0, V, (R,), generator=g)
-    st = _readout_stats.blocked_stats(x, WT, b, finish, tgt, p_f, p_sums, n_per, 2, col=64, extra=extra,
-                                      extra_group=2, lean=lean)
+    st = _readout_stats.blocked_stats(
+        x, WT, b, finish, tgt, p_f, p_sums, n_per, 2, col=64, extra=extra, extra_group=2, lean=lean
+    )
     z = x @ WT.T + b
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)

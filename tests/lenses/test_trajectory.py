@@ -30,7 +30,10 @@ def brute_force(model, toks, *, final_norm=True, k=5):
     logits, hs = _residuals(model, toks)
     n = model.cfg.n_layers
     lp_final = torch.log_softmax(logits, -1)
-    out = {key: [] for key in ("entropy", "kl", "cross_entropy", "target_rank", "max_prob", "top_i", "top_p")}
+    out = {
+        key: []
+        for key in ("entropy", "kl", "cross_entropy", "target_rank", "max_prob", "top_i", "top_p")
+    }
     for layer, h in enumerate(hs):
         if layer == n or final_norm:
             z = model.unembed(_final_norm(model, h))
@@ -65,7 +68,9 @@ def test_statistics_equal_brute_force(tiny, col_block, monkeypatch):
     traj = prediction_trajectory(tiny, toks, top_k=5, chunk_size=7)
     for stat in ("entropy", "kl", "max_prob"):
         torch.testing.assert_close(getattr(traj, stat), ref[stat], atol=2e-5, rtol=1e-4)
-    torch.testing.assert_close(traj.cross_entropy, ref["cross_entropy"], atol=2e-5, rtol=1e-4, equal_nan=True)
+    torch.testing.assert_close(
+        traj.cross_entropy, ref["cross_entropy"], atol=2e-5, rtol=1e-4, equal_nan=True
+    )
     assert torch.equal(traj.target_rank, ref["target_rank"])
     assert torch.equal(traj.top_tokens, ref["top_i"])
     torch.testing.assert_close(traj.top_probs, ref["top_p"], atol=1e-6, rtol=1e-4)

@@ -32,8 +32,9 @@ def test_untrained_lens_equals_logit_lens_exactly(tiny):
     tuned = prediction_trajectory(tiny, text, lens=lens, top_k=5)
     logit = prediction_trajectory(tiny, text, top_k=5)
     for stat in ("kl", "entropy", "cross_entropy", "target_rank", "max_prob", "top_tokens"):
-        torch.testing.assert_close(getattr(tuned, stat), getattr(logit, stat), rtol=0, atol=0,
-                                   equal_nan=True, msg=stat)
+        torch.testing.assert_close(
+            getattr(tuned, stat), getattr(logit, stat), rtol=0, atol=0, equal_nan=True, msg=stat
+        )
     assert tuned.provenance.lens == "tuned"
 
 
@@ -86,7 +87,10 @@ def test_save_load_round_trip_is_exact(tiny, tmp_path):
         assert loaded.model_info == lens.model_info
     meta = json.loads((tmp_path / "lens" / "config.json").read_text())
     assert meta["kind"] == "tuned_lens"
-    assert meta["model"]["n_layers"] == tiny.cfg.n_layers and len(meta["model"]["unembed_sha256"]) == 64
+    assert (
+        meta["model"]["n_layers"] == tiny.cfg.n_layers
+        and len(meta["model"]["unembed_sha256"]) == 64
+    )
     # saving again over the folder replaces it atomically
     _randomize(lens, seed=4).save(tmp_path / "lens")
     assert torch.equal(TunedLens.load(tmp_path / "lens", tiny).weight, lens.weight)
@@ -123,13 +127,20 @@ def test_corrupt_and_truncated_files_give_clear_errors(tiny_llama, tmp_path):
     # tensors that disagree with the config
     from tlmicroscope.io import save_fitted
 
-    save_fitted(tmp_path / "lens3", {"weight": torch.zeros(2, 32, 32), "bias": torch.zeros(2, 32)},
-                kind="tuned_lens", config={"n_layers": 3, "d_model": 32})
+    save_fitted(
+        tmp_path / "lens3",
+        {"weight": torch.zeros(2, 32, 32), "bias": torch.zeros(2, 32)},
+        kind="tuned_lens",
+        config={"n_layers": 3, "d_model": 32},
+    )
     with pytest.raises(FittedFileError, match="do not match"):
         TunedLens.load(tmp_path / "lens3")
-    save_fitted(tmp_path / "lens4", {"weight": torch.full((3, 32, 32), float("nan")),
-                                     "bias": torch.zeros(3, 32)},
-                kind="tuned_lens", config={"n_layers": 3, "d_model": 32})
+    save_fitted(
+        tmp_path / "lens4",
+        {"weight": torch.full((3, 32, 32), float("nan")), "bias": torch.zeros(3, 32)},
+        kind="tuned_lens",
+        config={"n_layers": 3, "d_model": 32},
+    )
     with pytest.raises(FittedFileError, match="NaN"):
         TunedLens.load(tmp_path / "lens4")
 
@@ -149,7 +160,10 @@ def _write_reference_folder(path, model, *, seed=0, unembed_hash=None, bias=True
     path.mkdir(parents=True)
     torch.save(translators.state_dict(), path / "params.pt")
     config = {
-        "base_model_name_or_path": "tiny", "d_model": d, "num_hidden_layers": n, "bias": bias,
+        "base_model_name_or_path": "tiny",
+        "d_model": d,
+        "num_hidden_layers": n,
+        "bias": bias,
         "base_model_revision": None,
         "unembed_hash": unembed_hash if unembed_hash is not None else _reference_hash(model),
         "lens_type": "linear_tuned_lens",
@@ -191,7 +205,9 @@ def test_reference_format_checks_and_errors(tiny_llama, tmp_path):
         TunedLens.load(tmp_path / "ref", tiny_llama)
     # a pickle holding code is refused by weights_only loading, never run
     _write_reference_folder(tmp_path / "evil", tiny_llama)
-    torch.save({"0.weight": torch.zeros(32, 32), "payload": _Payload()}, tmp_path / "evil" / "params.pt")
+    torch.save(
+        {"0.weight": torch.zeros(32, 32), "payload": _Payload()}, tmp_path / "evil" / "params.pt"
+    )
     with pytest.raises(FittedFileError, match="weights_only"):
         TunedLens.load(tmp_path / "evil", tiny_llama)
     assert not _Payload.ran

@@ -17,7 +17,10 @@ pytestmark = pytest.mark.models
 @pytest.fixture
 def corpus(tmp_path):
     path = tmp_path / "corpus.jsonl"
-    rows = [{"text": f"Document {i} says the lens reads each layer of the model. " * 6} for i in range(6)]
+    rows = [
+        {"text": f"Document {i} says the lens reads each layer of the model. " * 6}
+        for i in range(6)
+    ]
     path.write_text("\n".join(json.dumps(r) for r in rows))
     return path
 
@@ -30,9 +33,27 @@ def use_tiny(monkeypatch, tiny_llama):
 
 def test_train_then_eval(use_tiny, corpus, tmp_path, capsys):
     out = tmp_path / "lens"
-    args = ["train-lens", "--corpus", str(corpus), "--out", str(out), "--steps", "3",
-            "--tokens-per-step", "128", "--seq-len", "32", "--init-tokens", "128",
-            "--precision", "fp32", "--checkpoint-every", "2", "--eval-tokens", "64"]
+    args = [
+        "train-lens",
+        "--corpus",
+        str(corpus),
+        "--out",
+        str(out),
+        "--steps",
+        "3",
+        "--tokens-per-step",
+        "128",
+        "--seq-len",
+        "32",
+        "--init-tokens",
+        "128",
+        "--precision",
+        "fp32",
+        "--checkpoint-every",
+        "2",
+        "--eval-tokens",
+        "64",
+    ]
     assert main(args) == 0
     captured = capsys.readouterr()
     assert str(out.resolve()) in captured.out
@@ -47,27 +68,64 @@ def test_train_then_eval(use_tiny, corpus, tmp_path, capsys):
     assert torch.equal(load_lens(out, use_tiny).weight, lens.weight)
 
     html, js = tmp_path / "eval.html", tmp_path / "eval.json"
-    assert main(["eval-lens", "--lens", str(out), "--corpus", str(corpus), "--tokens", "64",
-                 "--seq-len", "32", "--bias", "--transfer", "--html", str(html), "--json", str(js)]) == 0
+    assert (
+        main(
+            [
+                "eval-lens",
+                "--lens",
+                str(out),
+                "--corpus",
+                str(corpus),
+                "--tokens",
+                "64",
+                "--seq-len",
+                "32",
+                "--bias",
+                "--transfer",
+                "--html",
+                str(html),
+                "--json",
+                str(js),
+            ]
+        )
+        == 0
+    )
     rows = json.loads(js.read_text())
     assert [r["label"] for r in rows] == ["0", "1", "2", "out"] and "logit_kl" in rows[0]
     assert html.stat().st_size > 10_000
 
 
 def test_cli_errors_are_one_clear_line(use_tiny, corpus, tmp_path, capsys):
-    assert main(["train-lens", "--corpus", str(corpus), "--out", str(tmp_path / "x"),
-                 "--seq-len", "4096", "--tokens-per-step", "4096"]) == 2
+    assert (
+        main(
+            [
+                "train-lens",
+                "--corpus",
+                str(corpus),
+                "--out",
+                str(tmp_path / "x"),
+                "--seq-len",
+                "4096",
+                "--tokens-per-step",
+                "4096",
+            ]
+        )
+        == 2
+    )
     assert "context" in capsys.readouterr().err
     assert main(["eval-lens", "--lens", str(tmp_path / "missing")]) == 2
     assert "train-lens" in capsys.readouterr().err
 
 
 def test_default_location_and_demo_pickup(tiny_llama, tmp_path, monkeypatch):
-    assert default_lens_dir("smollm2-135m") == default_lens_dir("HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert default_lens_dir("smollm2-135m") == default_lens_dir(
+        "HuggingFaceTB/SmolLM2-135M-Instruct"
+    )
     assert str(default_lens_dir("smollm2-135m")) == "out/tuned-lens-smollm2-135m"
     # The second embedded model: its short names and the label a loaded Gemma carries agree.
-    assert {str(default_lens_dir(n)) for n in ("gemma3-270m", "gemma-3-270m", "google/gemma-3-270m")} == {
-        "out/tuned-lens-gemma3-270m"}
+    assert {
+        str(default_lens_dir(n)) for n in ("gemma3-270m", "gemma-3-270m", "google/gemma-3-270m")
+    } == {"out/tuned-lens-gemma3-270m"}
     assert default_lens_dir(tiny_llama).name == "tuned-lens-tiny-llama-l3-d32-s0"
     monkeypatch.chdir(tmp_path)
     seen = {}

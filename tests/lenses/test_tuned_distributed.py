@@ -14,8 +14,17 @@ TEXT = [
     "Gradients are summed across ranks and divided by the global token count. " * 8,
     "Least-squares statistics are summed across ranks too, before the solve. " * 8,
 ]
-SETTINGS = dict(steps=4, tokens_per_step=256, seq_len=32, precision="fp32", progress=False,
-                init="lstsq", init_tokens=256, micro_batch_tokens=64, recipe="muon")
+SETTINGS = dict(
+    steps=4,
+    tokens_per_step=256,
+    seq_len=32,
+    precision="fp32",
+    progress=False,
+    init="lstsq",
+    init_tokens=256,
+    micro_batch_tokens=64,
+    recipe="muon",
+)
 
 
 def _free_port() -> int:
@@ -25,8 +34,13 @@ def _free_port() -> int:
 
 
 def _rank_main(rank: int, world: int, port: int, kind: str, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world),
-                      RANK=str(rank), LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE=str(world),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+    )
     torch.set_num_threads(1)
     from tlmicroscope.lenses.train import train_tuned_lens
     from tlmicroscope.models import tiny_model
@@ -34,7 +48,9 @@ def _rank_main(rank: int, world: int, port: int, kind: str, out: str) -> None:
     model = tiny_model("llama", kind=kind, n_layers=3, seed=0)
     res = train_tuned_lens(model, TEXT, **SETTINGS)
     if rank == 0:
-        torch.save({"weight": res.lens.weight.detach(), "bias": res.lens.bias.detach(), "kl": res.kl}, out)
+        torch.save(
+            {"weight": res.lens.weight.detach(), "bias": res.lens.bias.detach(), "kl": res.kl}, out
+        )
     torch.distributed.destroy_process_group()
 
 

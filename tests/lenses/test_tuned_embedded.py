@@ -21,10 +21,25 @@ def test_untrained_lens_is_the_logit_lens_on_the_embedded_model(embedded_model):
 def test_short_training_beats_the_logit_lens_at_every_layer(embedded_model, tmp_path):
     # The smallest run that still trains past the least-squares start (measured margin over the
     # logit lens: at least 2.2 nats at every layer on 128 held-out tokens).
-    res = train_tuned_lens(embedded_model, None, steps=2, tokens_per_step=128, seq_len=128,
-                           init="lstsq", init_tokens=1024, progress=False, out_dir=str(tmp_path))
-    ev = evaluate_lens(embedded_model, TunedLens.load(tmp_path, embedded_model), None, tokens=128,
-                       seq_len=128, progress=False)
+    res = train_tuned_lens(
+        embedded_model,
+        None,
+        steps=2,
+        tokens_per_step=128,
+        seq_len=128,
+        init="lstsq",
+        init_tokens=1024,
+        progress=False,
+        out_dir=str(tmp_path),
+    )
+    ev = evaluate_lens(
+        embedded_model,
+        TunedLens.load(tmp_path, embedded_model),
+        None,
+        tokens=128,
+        seq_len=128,
+        progress=False,
+    )
     tuned, logit = ev.kl[:-1], ev.baseline.kl[:-1]
     assert (tuned < logit).all(), list(zip(tuned.tolist(), logit.tolist()))
     assert res.kl.shape == (2, embedded_model.cfg.n_layers)

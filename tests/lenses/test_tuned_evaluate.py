@@ -17,8 +17,10 @@ from tlmicroscope.viz.tuned import (
 
 pytestmark = pytest.mark.models
 
-TEXT = ["Brute force is the slow, obvious way to compute the same numbers. " * 10,
-        "Each layer is read through the lens and compared with the output. " * 10]
+TEXT = [
+    "Brute force is the slow, obvious way to compute the same numbers. " * 10,
+    "Each layer is read through the lens and compared with the output. " * 10,
+]
 
 
 def _random_lens(model, seed=0):
@@ -56,13 +58,24 @@ def _brute_force(model, lens, windows):
 
 def test_evaluate_matches_brute_force(tiny):
     lens = _random_lens(tiny)
-    ev = evaluate_lens(tiny, lens, TEXT, tokens=96, seq_len=32, split="all", bias=True,
-                       transfer=True, progress=False, chunk_rows=20)
+    ev = evaluate_lens(
+        tiny,
+        lens,
+        TEXT,
+        tokens=96,
+        seq_len=32,
+        split="all",
+        bias=True,
+        transfer=True,
+        progress=False,
+        chunk_rows=20,
+    )
     windows = lens_token_windows(tiny, TEXT, seq_len=32, split="all")[:3]
     brute = _brute_force(tiny, lens, windows)
     for stat in ("kl", "cross_entropy", "entropy", "bias_kl"):
-        torch.testing.assert_close(getattr(ev, stat), brute[stat].float(), rtol=1e-4, atol=1e-5,
-                                   msg=stat)
+        torch.testing.assert_close(
+            getattr(ev, stat), brute[stat].float(), rtol=1e-4, atol=1e-5, msg=stat
+        )
     assert ev.n_tokens == 96 and ev.layer_labels[-1] == "out"
     # the transfer matrix's diagonal is each layer's own translator
     torch.testing.assert_close(torch.diagonal(ev.transfer_kl), ev.kl[:-1], rtol=1e-5, atol=1e-6)
@@ -78,16 +91,32 @@ def test_bits_per_byte_hand_computation(tiny_llama):
     # decodes to no bytes. Two documents of 31 characters and seq_len 32: two windows of
     # 31 characters + EOS, so 64 tokens for 62 bytes.
     docs = ["abcdefghijklmnopqrstuvwxyz01234", "ABCDEFGHIJKLMNOPQRSTUVWXYZ56789"]
-    ev = evaluate_lens(tiny_llama, "logit", docs, tokens=64, seq_len=32, split="all",
-                       baseline=False, progress=False)
+    ev = evaluate_lens(
+        tiny_llama,
+        "logit",
+        docs,
+        tokens=64,
+        seq_len=32,
+        split="all",
+        baseline=False,
+        progress=False,
+    )
     assert (ev.n_tokens, ev.n_bytes) == (64, 62)
     factor = (64 / 62) / math.log(2)
     assert ev.nats_to_bpb == pytest.approx(factor)
     torch.testing.assert_close(ev.bits_per_byte("kl"), ev.kl * factor)
     torch.testing.assert_close(ev.statistic("cross_entropy", "bpb"), ev.cross_entropy * factor)
     # two-byte characters: 'é' is two byte tokens and two bytes
-    ev2 = evaluate_lens(tiny_llama, "logit", ["é" * 40], tokens=64, seq_len=32, split="all",
-                        baseline=False, progress=False)
+    ev2 = evaluate_lens(
+        tiny_llama,
+        "logit",
+        ["é" * 40],
+        tokens=64,
+        seq_len=32,
+        split="all",
+        baseline=False,
+        progress=False,
+    )
     assert (ev2.n_tokens, ev2.n_bytes) == (64, 64)
     with pytest.raises(ValueError, match="bytes"):
         nats_to_bits_per_byte(10, 0)
@@ -96,8 +125,15 @@ def test_bits_per_byte_hand_computation(tiny_llama):
 
 
 def test_untrained_lens_evaluates_like_the_logit_lens(tiny_gpt2):
-    ev = evaluate_lens(tiny_gpt2, TunedLens.for_model(tiny_gpt2), TEXT, tokens=64, seq_len=32,
-                       holdout=0.3, progress=False)
+    ev = evaluate_lens(
+        tiny_gpt2,
+        TunedLens.for_model(tiny_gpt2),
+        TEXT,
+        tokens=64,
+        seq_len=32,
+        holdout=0.3,
+        progress=False,
+    )
     assert torch.equal(ev.kl, ev.baseline.kl)
     assert compare_layers(ev) == [False] * tiny_gpt2.cfg.n_layers
     df = ev.to_dataframe()
@@ -106,15 +142,33 @@ def test_untrained_lens_evaluates_like_the_logit_lens(tiny_gpt2):
 
 def test_evaluation_refuses_another_models_lens(tiny_llama, tiny_gpt2):
     with pytest.raises(ValueError, match="another model"):
-        evaluate_lens(tiny_gpt2, TunedLens.for_model(tiny_llama), TEXT, tokens=32, seq_len=32,
-                      progress=False)
+        evaluate_lens(
+            tiny_gpt2, TunedLens.for_model(tiny_llama), TEXT, tokens=32, seq_len=32, progress=False
+        )
 
 
 def test_figures_from_results(tiny_llama):
-    res = train_tuned_lens(tiny_llama, TEXT, steps=2, tokens_per_step=64, seq_len=32,
-                           precision="fp32", progress=False, init_tokens=64)
-    ev = evaluate_lens(tiny_llama, res.lens, TEXT, tokens=64, seq_len=32, holdout=0.3, bias=True,
-                       transfer=True, progress=False)
+    res = train_tuned_lens(
+        tiny_llama,
+        TEXT,
+        steps=2,
+        tokens_per_step=64,
+        seq_len=32,
+        precision="fp32",
+        progress=False,
+        init_tokens=64,
+    )
+    ev = evaluate_lens(
+        tiny_llama,
+        res.lens,
+        TEXT,
+        tokens=64,
+        seq_len=32,
+        holdout=0.3,
+        bias=True,
+        transfer=True,
+        progress=False,
+    )
     fig = lens_comparison_figure(ev, "kl", unit="bpb")
     assert [t.name for t in fig.data] == ["tuned", "logit"]
     assert list(fig.data[0].y) == pytest.approx((ev.kl * ev.nats_to_bpb).tolist())
@@ -127,6 +181,8 @@ def test_figures_from_results(tiny_llama):
         transfer_heatmap(ev.baseline)
     from tlmicroscope.lenses import prediction_trajectory
 
-    figs = trajectory_comparison(prediction_trajectory(tiny_llama, "abc", lens=res.lens),
-                                 prediction_trajectory(tiny_llama, "abc"))
+    figs = trajectory_comparison(
+        prediction_trajectory(tiny_llama, "abc", lens=res.lens),
+        prediction_trajectory(tiny_llama, "abc"),
+    )
     assert len(figs) == 2

@@ -27,8 +27,15 @@ TEXT = [
     "Residual streams carry information from one block to the next, layer after layer. " * 6,
     "Python's documentation explains modules, functions, classes and the standard library. " * 6,
 ]
-FAST = dict(tokens_per_step=128, seq_len=32, precision="fp32", progress=False, init_tokens=256,
-            micro_batch_tokens=64, chunk_rows=48)
+FAST = dict(
+    tokens_per_step=128,
+    seq_len=32,
+    precision="fp32",
+    progress=False,
+    init_tokens=256,
+    micro_batch_tokens=64,
+    chunk_rows=48,
+)
 
 
 def test_objective_gradients_match_autograd(tiny):
@@ -46,14 +53,16 @@ def test_objective_gradients_match_autograd(tiny):
     # autograd.grad, not backward(): the session-wide model's parameters must not collect .grad
     W_grad, b_grad = torch.autograd.grad(loss, [W, b])
     obj = LensObjective(readout, chunk_rows=8)
-    kl, gW, gb = obj.layer_loss_and_grads(h, W.detach(), b.detach(),
-                                          FinalDistribution.from_logits(final_logits), grad_scale=0.5)
+    kl, gW, gb = obj.layer_loss_and_grads(
+        h, W.detach(), b.detach(), FinalDistribution.from_logits(final_logits), grad_scale=0.5
+    )
     torch.testing.assert_close(kl, loss.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(gW, 0.5 * W_grad, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(gb, 0.5 * b_grad, rtol=1e-4, atol=1e-6)
     # bfloat16 GEMMs: same loss to about 1e-2 relative
     kl16, gW16, _ = LensObjective(readout, compute_dtype=torch.bfloat16).layer_loss_and_grads(
-        h, W.detach(), b.detach(), FinalDistribution.from_logits(final_logits), grad_scale=0.5)
+        h, W.detach(), b.detach(), FinalDistribution.from_logits(final_logits), grad_scale=0.5
+    )
     assert abs(float(kl16) - float(loss.detach())) / float(loss.detach()) < 2e-2
     assert torch.nn.functional.cosine_similarity(gW16.flatten(), gW.flatten(), dim=0) > 0.99
 
@@ -87,10 +96,14 @@ def test_lstsq_init_is_the_weighted_ridge_solution(tiny):
         s = x.pow(2).mean(-1, keepdim=True).sqrt()
         X = torch.cat([x / s, 1 / s], 1)
         lam = ridge * (X[:, :d] ** 2).sum(0).mean()
-        X_aug = torch.cat([X, torch.cat([lam.sqrt() * eye, torch.zeros(d, 1, dtype=torch.float64)], 1)])
+        X_aug = torch.cat(
+            [X, torch.cat([lam.sqrt() * eye, torch.zeros(d, 1, dtype=torch.float64)], 1)]
+        )
         T_aug = torch.cat([target, torch.zeros(d, d, dtype=torch.float64)])
         B = torch.linalg.lstsq(X_aug, T_aug).solution
-        torch.testing.assert_close(lens.weight[layer].double(), (B[:-1] - eye).T, rtol=1e-3, atol=2e-3)
+        torch.testing.assert_close(
+            lens.weight[layer].double(), (B[:-1] - eye).T, rtol=1e-3, atol=2e-3
+        )
         torch.testing.assert_close(lens.bias[layer].double(), B[-1], rtol=1e-3, atol=2e-3)
 
 
@@ -121,13 +134,36 @@ def test_model_stays_frozen(tiny_llama):
 
 @pytest.mark.parametrize("recipe", ["muon", "sgd", "adam"])
 def test_resume_equals_an_uninterrupted_run(tiny_llama, tmp_path, recipe):
-    full = train_tuned_lens(tiny_llama, TEXT, steps=6, recipe=recipe, out_dir=str(tmp_path / "a"),
-                            checkpoint_every=2, **FAST)
-    part = train_tuned_lens(tiny_llama, TEXT, steps=6, recipe=recipe, out_dir=str(tmp_path / "b"),
-                            checkpoint_every=2, stop_after=3, **FAST)
+    full = train_tuned_lens(
+        tiny_llama,
+        TEXT,
+        steps=6,
+        recipe=recipe,
+        out_dir=str(tmp_path / "a"),
+        checkpoint_every=2,
+        **FAST,
+    )
+    part = train_tuned_lens(
+        tiny_llama,
+        TEXT,
+        steps=6,
+        recipe=recipe,
+        out_dir=str(tmp_path / "b"),
+        checkpoint_every=2,
+        stop_after=3,
+        **FAST,
+    )
     assert part.kl.shape[0] == 3
-    resumed = train_tuned_lens(tiny_llama, TEXT, steps=6, recipe=recipe, out_dir=str(tmp_path / "b"),
-                               checkpoint_every=2, resume=True, **FAST)
+    resumed = train_tuned_lens(
+        tiny_llama,
+        TEXT,
+        steps=6,
+        recipe=recipe,
+        out_dir=str(tmp_path / "b"),
+        checkpoint_every=2,
+        resume=True,
+        **FAST,
+    )
     assert torch.equal(resumed.lens.weight, full.lens.weight)
     assert torch.equal(resumed.lens.bias, full.lens.bias)
     assert torch.equal(resumed.kl, full.kl)
@@ -145,13 +181,15 @@ def test_existing_checkpoint_needs_resume_and_same_settings(tiny_llama, tmp_path
     with pytest.raises(ValueError, match="steps=2"):
         train_tuned_lens(tiny_llama, TEXT, steps=4, out_dir=out, resume=True, **FAST)
     with pytest.raises(ValueError, match="training data differ"):
-        train_tuned_lens(tiny_llama, TEXT[:3] + ["other text " * 40], steps=2, out_dir=out,
-                         resume=True, **FAST)
+        train_tuned_lens(
+            tiny_llama, TEXT[:3] + ["other text " * 40], steps=2, out_dir=out, resume=True, **FAST
+        )
     from tlmicroscope.models import tiny_model
 
     with pytest.raises(ValueError, match="another model"):
-        train_tuned_lens(tiny_model("llama", n_layers=3, seed=9), TEXT, steps=2, out_dir=out,
-                         resume=True, **FAST)
+        train_tuned_lens(
+            tiny_model("llama", n_layers=3, seed=9), TEXT, steps=2, out_dir=out, resume=True, **FAST
+        )
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_llama, tmp_path, monkeypatch):
@@ -172,7 +210,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_llama, tmp_path,
     monkeypatch.setattr(train_module, "_forward", poisoned)
     with pytest.raises(TrainingDivergedError, match="NaN or infinite.*checkpoint"):
         train_tuned_lens(tiny_llama, TEXT, steps=5, out_dir=str(out), checkpoint_every=1, **FAST)
-    tensors, meta = load_fitted(out / CHECKPOINT_DIR, kind="tuned_lens_checkpoint", model=tiny_llama)
+    tensors, meta = load_fitted(
+        out / CHECKPOINT_DIR, kind="tuned_lens_checkpoint", model=tiny_llama
+    )
     assert meta["config"]["step"] == 2
     assert torch.equal(tensors["lens.weight"], good.lens.weight)
     assert torch.equal(TunedLens.load(out, tiny_llama).weight, good.lens.weight)
@@ -208,16 +248,26 @@ def test_interrupted_checkpoint_save_keeps_the_previous_one(tiny_llama, tmp_path
 
 def test_bad_input_is_refused_with_the_fix(tiny_llama):
     with pytest.raises(ValueError, match="fewer than one step"):
-        train_tuned_lens(tiny_llama, ["short text " * 20], steps=2, tokens_per_step=4096, seq_len=32,
-                         progress=False)
+        train_tuned_lens(
+            tiny_llama,
+            ["short text " * 20],
+            steps=2,
+            tokens_per_step=4096,
+            seq_len=32,
+            progress=False,
+        )
     with pytest.raises(ValueError, match="fewer than one window"):
         train_tuned_lens(tiny_llama, ["tiny"], steps=2, **FAST)
     with pytest.raises(ValueError, match="context of 128"):
-        train_tuned_lens(tiny_llama, TEXT, steps=2, tokens_per_step=512, seq_len=256, progress=False)
+        train_tuned_lens(
+            tiny_llama, TEXT, steps=2, tokens_per_step=512, seq_len=256, progress=False
+        )
     with pytest.raises(ValueError, match="multiple of seq_len"):
         train_tuned_lens(tiny_llama, TEXT, steps=2, tokens_per_step=100, seq_len=32, progress=False)
     with pytest.raises(ValueError, match="recipe"):
-        train_tuned_lens(tiny_llama, TEXT, steps=2, recipe="lbfgs", **{k: v for k, v in FAST.items()})
+        train_tuned_lens(
+            tiny_llama, TEXT, steps=2, recipe="lbfgs", **{k: v for k, v in FAST.items()}
+        )
     with pytest.raises(FileNotFoundError):
         train_tuned_lens(tiny_llama, "/no/such/corpus.jsonl", steps=2, **FAST)
 

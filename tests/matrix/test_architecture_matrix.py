@@ -28,13 +28,16 @@ KIND = os.environ.get("TLMICROSCOPE_TEST_KIND", "auto")
 # must accept a CUDA model and keep its tensors there); it skips where no GPU is present.
 DEVICE = os.environ.get("TLMICROSCOPE_TEST_DEVICE", "cpu")
 if DEVICE.startswith("cuda") and not torch.cuda.is_available():
-    pytest.skip("TLMICROSCOPE_TEST_DEVICE=cuda but no CUDA device is present", allow_module_level=True)
+    pytest.skip(
+        "TLMICROSCOPE_TEST_DEVICE=cuda but no CUDA device is present", allow_module_level=True
+    )
 TEXT = "The cat sat on a"  # 16 byte tokens
 CORPUS = [
     "A lens reads what each layer of a language model would predict, layer after layer. " * 4,
     "Residual streams carry information from one block to the next in every transformer. " * 4,
     "Python's documentation explains modules, functions, classes and the standard library. " * 4,
 ]
+
 
 @pytest.fixture(scope="module", autouse=True)
 def _single_threaded_blas():
@@ -81,8 +84,9 @@ def fam(request):
     tokens = model.to_tokens(TEXT)
     with torch.inference_mode():
         logits, cache = model.run_with_cache(tokens)
-    return dict(name=name, model=model, tokens=tokens, logits=logits, cache=cache,
-                L=model.cfg.n_layers)
+    return dict(
+        name=name, model=model, tokens=tokens, logits=logits, cache=cache, L=model.cfg.n_layers
+    )
 
 
 @pytest.fixture(scope="module")
@@ -97,22 +101,51 @@ def fitted(fam, tmp_path_factory):
 
     torch.set_num_threads(1)
     model, folder = fam["model"], tmp_path_factory.mktemp(f"fitted-{fam['name']}")
-    lens = train_tuned_lens(model, CORPUS, steps=2, tokens_per_step=64, seq_len=32, precision="fp32",
-                            progress=False, init_tokens=128, micro_batch_tokens=64).lens
+    lens = train_tuned_lens(
+        model,
+        CORPUS,
+        steps=2,
+        tokens_per_step=64,
+        seq_len=32,
+        precision="fp32",
+        progress=False,
+        init_tokens=128,
+        micro_batch_tokens=64,
+    ).lens
     windows = token_windows(model, CORPUS, seq_len=48, n_windows=3)
     reference = NonlinearityReference().fit(model, windows, progress=False)
-    probe = ContextualizationProbe(prefix_length=4, mlp_hidden=16, decoder="last_k", trainable_blocks=1,
-                                   steps=1, window_length=16, windows_per_step=2,
-                                   positions_per_window=2).fit(model, CORPUS, progress=False)
-    tuned_basis = extract_causal_basis(model, lens, fam["tokens"], layer=1, k=2, max_iter=20,
-                                       progress=False)
-    paths = {"microscope_reference": folder / "nonlinearity", "microscope_probe": folder / "probe",
-             "causal_basis": folder / "basis"}
-    for obj, key in ((reference, "microscope_reference"), (probe, "microscope_probe"),
-                     (tuned_basis, "causal_basis")):
+    probe = ContextualizationProbe(
+        prefix_length=4,
+        mlp_hidden=16,
+        decoder="last_k",
+        trainable_blocks=1,
+        steps=1,
+        window_length=16,
+        windows_per_step=2,
+        positions_per_window=2,
+    ).fit(model, CORPUS, progress=False)
+    tuned_basis = extract_causal_basis(
+        model, lens, fam["tokens"], layer=1, k=2, max_iter=20, progress=False
+    )
+    paths = {
+        "microscope_reference": folder / "nonlinearity",
+        "microscope_probe": folder / "probe",
+        "causal_basis": folder / "basis",
+    }
+    for obj, key in (
+        (reference, "microscope_reference"),
+        (probe, "microscope_probe"),
+        (tuned_basis, "causal_basis"),
+    ):
         obj.save(paths[key])
-    return {"lens": lens, "windows": windows, "reference": reference, "probe": probe,
-            "tuned_basis": tuned_basis, "paths": paths}
+    return {
+        "lens": lens,
+        "windows": windows,
+        "reference": reference,
+        "probe": probe,
+        "tuned_basis": tuned_basis,
+        "paths": paths,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,8 +163,9 @@ def test_model_matches_transformers(fam):
     hf = tiny_hf_model(fam["name"], n_layers=2, d_model=32, seed=0)
     with torch.inference_mode():
         ref = hf(fam["tokens"]).logits
-    torch.testing.assert_close(torch.log_softmax(fam["logits"], -1), torch.log_softmax(ref, -1),
-                               atol=3e-4, rtol=0)
+    torch.testing.assert_close(
+        torch.log_softmax(fam["logits"], -1), torch.log_softmax(ref, -1), atol=3e-4, rtol=0
+    )
     # logits reach tens of nats, so soft caps and logit scales matter
     assert ref.abs().max() > 15
     cap = getattr(hf.config, "final_logit_softcapping", None)
@@ -148,8 +182,12 @@ def test_residual_pieces_sum_to_resid_post(fam):
     cache = fam["cache"]
     for layer in range(fam["L"]):
         pre = cache[f"blocks.{layer}.hook_resid_pre"]
-        pieces = pre + cache[f"blocks.{layer}.hook_attn_out"] + cache[f"blocks.{layer}.hook_mlp_out"]
-        torch.testing.assert_close(pieces, cache[f"blocks.{layer}.hook_resid_post"], atol=1e-4, rtol=1e-4)
+        pieces = (
+            pre + cache[f"blocks.{layer}.hook_attn_out"] + cache[f"blocks.{layer}.hook_mlp_out"]
+        )
+        torch.testing.assert_close(
+            pieces, cache[f"blocks.{layer}.hook_resid_post"], atol=1e-4, rtol=1e-4
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,7 +213,9 @@ def test_prediction_trajectory_logit_lens(fam):
     model_top = fam["logits"][0].argmax(-1)
     assert torch.equal(traj.top_tokens[-1, 0, :, 0], model_top)
     # entropy = logsumexp(z) - E[z] loses ~1e-5 nats to float32 rounding when logits reach 40
-    assert (traj.entropy >= -1e-4).all() and (traj.entropy <= math.log(fam["model"].cfg.d_vocab) + 1e-4).all()
+    assert (traj.entropy >= -1e-4).all() and (
+        traj.entropy <= math.log(fam["model"].cfg.d_vocab) + 1e-4
+    ).all()
     assert ((traj.top_probs >= 0) & (traj.top_probs <= 1 + 1e-4)).all()  # same rounding
 
 
@@ -199,8 +239,16 @@ def test_tuned_lens_training_and_trajectory(fam, fitted):
 def test_evaluate_lens(fam):
     from tlmicroscope.lenses import evaluate_lens
 
-    ev = evaluate_lens(fam["model"], "logit", CORPUS, tokens=128, seq_len=32, holdout=0.5,
-                       baseline=False, progress=False)
+    ev = evaluate_lens(
+        fam["model"],
+        "logit",
+        CORPUS,
+        tokens=128,
+        seq_len=32,
+        holdout=0.5,
+        baseline=False,
+        progress=False,
+    )
     assert ev.kl.shape == (fam["L"] + 1,)
     assert float(ev.kl[-1]) < 1e-3 and (ev.kl >= -1e-4).all()
     assert torch.isfinite(ev.cross_entropy).all()
@@ -217,8 +265,9 @@ def test_layer_contributions(fam):
     assert res.loss.shape[0] == fam["L"] + 1
     assert torch.isfinite(res.loss[..., :-1]).all()  # the last position has no next token
     # delta[l] is how much block l lowered the loss
-    torch.testing.assert_close(res.delta, res.loss[:-1] - res.loss[1:], atol=1e-5, rtol=1e-5,
-                               equal_nan=True)
+    torch.testing.assert_close(
+        res.delta, res.loss[:-1] - res.loss[1:], atol=1e-5, rtol=1e-5, equal_nan=True
+    )
 
 
 def test_component_attribution(fam):
@@ -267,7 +316,9 @@ def test_contextualization_and_token_classes(fam, fitted):
 def test_layer_profiles(fam):
     from tlmicroscope.microscope import layer_profiles
 
-    prof = layer_profiles(fam["model"], CORPUS, n_tokens=256, id_points=100, seq_len=64, progress=False)
+    prof = layer_profiles(
+        fam["model"], CORPUS, n_tokens=256, id_points=100, seq_len=64, progress=False
+    )
     assert ((prof.anisotropy >= -1e-6) & (prof.anisotropy <= 1 + 1e-6)).all()
     # h^0 of a byte vocabulary has too few distinct points for an ID; later layers must have one
     assert (prof.intrinsic_dimension[1:] > 0).all()
@@ -277,10 +328,22 @@ def test_filler_removal_experiment(fam):
     from tlmicroscope.microscope import filler_removal_experiment
     from tlmicroscope.tasks import MultipleChoiceItem
 
-    items = [MultipleChoiceItem(f"Is {i} even or odd?", ("even", "odd"), i % 2, "parity") for i in range(4)]
-    res = filler_removal_experiment(fam["model"], items, corpus=CORPUS, removals=("articles",), n_shots=1,
-                                    n_passages=2, context_words=10, continuation_words=3, n_bootstrap=20,
-                                    progress=False)
+    items = [
+        MultipleChoiceItem(f"Is {i} even or odd?", ("even", "odd"), i % 2, "parity")
+        for i in range(4)
+    ]
+    res = filler_removal_experiment(
+        fam["model"],
+        items,
+        corpus=CORPUS,
+        removals=("articles",),
+        n_shots=1,
+        n_passages=2,
+        context_words=10,
+        continuation_words=3,
+        n_bootstrap=20,
+        progress=False,
+    )
     assert res.conditions == ("original", "articles")
     assert ((res.accuracy >= 0) & (res.accuracy <= 1)).all()
     assert res.removed_fraction[0] == 0
@@ -332,7 +395,9 @@ def test_positional_geometry(fam):
 
     windows = token_windows(fam["model"], CORPUS, seq_len=32, n_windows=4)
     geo = positional_geometry(fam["model"], windows, n_components=2, progress=False)
-    expected = "W_pos" if fam["model"].cfg.positional_embedding_type == "standard" else "mean_residual"
+    expected = (
+        "W_pos" if fam["model"].cfg.positional_embedding_type == "standard" else "mean_residual"
+    )
     assert geo.source == expected and torch.isfinite(geo.vectors).all()
     assert ((geo.cosine >= -1 - 1e-5) & (geo.cosine <= 1 + 1e-5)).all()
 
@@ -354,8 +419,11 @@ def test_vocabulary_norms_and_states(fam):
     last = cache[f"blocks.{fam['L'] - 1}.hook_resid_post"][:, 0]
     torch.testing.assert_close(res.norms[-1], last.norm(dim=-1), atol=1e-4, rtol=1e-4)
     states = vocabulary_states(fam["model"], ids, progress=False)  # every component it has
-    i = next(k for k, (c, layer) in enumerate(zip(states.components, states.layers))
-             if c == "resid_post" and layer == fam["L"] - 1)
+    i = next(
+        k
+        for k, (c, layer) in enumerate(zip(states.components, states.layers))
+        if c == "resid_post" and layer == fam["L"] - 1
+    )
     torch.testing.assert_close(states.activations[i, :, 0], last, atol=1e-4, rtol=1e-4)
 
 
@@ -376,8 +444,15 @@ def test_geometry_sweep_and_correlations(fam, tmp_path):
     )
 
     prompts = torch.randint(0, 256, (3, 24), generator=torch.Generator().manual_seed(0))
-    sweep = geometry_sweep(fam["model"], prompts, out=tmp_path / "s.jsonl", shuffle_levels=(0, 2),
-                           seeds=(0,), max_scale=4, progress=False)
+    sweep = geometry_sweep(
+        fam["model"],
+        prompts,
+        out=tmp_path / "s.jsonl",
+        shuffle_levels=(0, 2),
+        seeds=(0,),
+        max_scale=4,
+        progress=False,
+    )
     assert len(sweep.records) == 6
     for corr in (id_loss_correlation(sweep), logits_entropy_correlation(sweep)):
         r = corr.pearson[~np.isnan(corr.pearson)]
@@ -393,8 +468,9 @@ def basis(fam):
     from tlmicroscope.causal import extract_causal_basis
 
     torch.set_num_threads(1)
-    return extract_causal_basis(fam["model"], "logit", fam["tokens"], layer=1, k=2, max_iter=20,
-                                progress=False)
+    return extract_causal_basis(
+        fam["model"], "logit", fam["tokens"], layer=1, k=2, max_iter=20, progress=False
+    )
 
 
 def test_extract_causal_basis(fam, basis, fitted):
@@ -415,8 +491,9 @@ def test_stimulus_response_alignment(fam):
     from tlmicroscope.causal import stimulus_response_alignment
 
     # One short sequence: donors from any other position (the default wants another sequence).
-    res = stimulus_response_alignment(fam["model"], "logit", fam["tokens"], n_samples=4, donors="any",
-                                      progress=False)
+    res = stimulus_response_alignment(
+        fam["model"], "logit", fam["tokens"], n_samples=4, donors="any", progress=False
+    )
     assert torch.isfinite(res.alignment).all()
 
 
@@ -436,11 +513,16 @@ def test_injection_experiment(fam):
     from tlmicroscope.causal import injection_experiment
     from tlmicroscope.tasks import MultipleChoiceItem
 
-    items = [MultipleChoiceItem(f"{a}+{b}?", (str(a + b), str(a + b + 1)), 0, "arithmetic")
-             for a in range(2, 5) for b in range(2, 5)]  # byte tokens: the injected prompt fits n_ctx
-    res = injection_experiment(fam["model"], items, n_items=None, n_shots=0, n_splits=2, progress=False)
+    items = [
+        MultipleChoiceItem(f"{a}+{b}?", (str(a + b), str(a + b + 1)), 0, "arithmetic")
+        for a in range(2, 5)
+        for b in range(2, 5)
+    ]  # byte tokens: the injected prompt fits n_ctx
+    res = injection_experiment(
+        fam["model"], items, n_items=None, n_shots=0, n_splits=2, progress=False
+    )
     for v in res.auroc.values():
-        assert v.shape == (2,) and ((0 <= v) & (v <= 1)).all()
+        assert v.shape == (2,) and ((v >= 0) & (v <= 1)).all()
     assert 0 <= res.accuracy_clean <= 1 and 0 <= res.follows_injection <= 1
 
 
@@ -451,7 +533,9 @@ def test_injection_features(fam):
     choices = [[" 2", " 11"], [" yo", " hi"]]
     feats = injection_features(fam["model"], prompts, choices, ["logit"], batch_size=2)
     L = fam["L"]
-    assert feats.loglik["logit"].shape == (2, L + 1, 2) and torch.isfinite(feats.loglik["logit"]).all()
+    assert (
+        feats.loglik["logit"].shape == (2, L + 1, 2) and torch.isfinite(feats.loglik["logit"]).all()
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -470,8 +554,13 @@ def built_report(fam, fitted):
     import tlmicroscope
 
     torch.set_num_threads(1)
-    return tlmicroscope.report(fam["model"], TEXT, sections=_all_sections(), lens=fitted["lens"],
-                               **{k: str(v) for k, v in fitted["paths"].items()})
+    return tlmicroscope.report(
+        fam["model"],
+        TEXT,
+        sections=_all_sections(),
+        lens=fitted["lens"],
+        **{k: str(v) for k, v in fitted["paths"].items()},
+    )
 
 
 def _umap_missing() -> bool:

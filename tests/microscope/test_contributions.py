@@ -57,7 +57,9 @@ def test_any_lens_can_be_used(tiny_llama):
     lens = AffineLens(tiny_llama.cfg.n_layers, tiny_llama.cfg.d_model)
     text = "Through a lens of our own."
     lc = layer_contributions(tiny_llama, text, lens=lens)
-    assert torch.allclose(lc.loss[:, 0, :-1], _brute_force_losses(tiny_llama, text, lens.transform), atol=1e-4)
+    assert torch.allclose(
+        lc.loss[:, 0, :-1], _brute_force_losses(tiny_llama, text, lens.transform), atol=1e-4
+    )
     assert lc.provenance.lens == "affine-test"
     plain = layer_contributions(tiny_llama, text, lens=LogitLens())
     assert not torch.allclose(plain.loss[:-1], lc.loss[:-1], equal_nan=True)
@@ -66,13 +68,19 @@ def test_any_lens_can_be_used(tiny_llama):
 def test_component_attribution_sums_to_the_logit(tiny):
     attr = component_attribution(tiny, "Attribution adds up.", target="predicted")
     n = tiny.cfg.n_layers
-    assert attr.attribution.shape[0] == len(attr.labels) == (2 * n + (2 if "pos_embed" in attr.labels else 1))
+    assert (
+        attr.attribution.shape[0]
+        == len(attr.labels)
+        == (2 * n + (2 if "pos_embed" in attr.labels else 1))
+    )
     assert torch.allclose(attr.attribution.sum(0) + attr.bias, attr.logit, atol=1e-4)
     with torch.no_grad():
         logits = tiny(tiny.to_tokens("Attribution adds up."))
     assert torch.equal(attr.target_tokens, logits.argmax(-1))
     centred = logits - logits.mean(-1, keepdim=True)
-    assert torch.allclose(attr.logit, centred.gather(-1, attr.target_tokens[..., None])[..., 0], atol=1e-4)
+    assert torch.allclose(
+        attr.logit, centred.gather(-1, attr.target_tokens[..., None])[..., 0], atol=1e-4
+    )
     assert attr.block_totals().shape == (n, 1, attr.logit.shape[1])
 
 

@@ -26,14 +26,23 @@ def reference(embedded_model):
     import warnings
 
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # 4096 tokens for d=576: the chance-floor warning is expected
+        warnings.simplefilter(
+            "ignore"
+        )  # 4096 tokens for d=576: the chance-floor warning is expected
         return NonlinearityReference(n_tokens=4096, seq_len=256).fit(embedded_model, progress=False)
 
 
 @pytest.fixture(scope="module")
 def probe(embedded_model):
-    return ContextualizationProbe(prefix_length=4, mlp_hidden=64, decoder="frozen", steps=3, windows_per_step=2,
-                                  positions_per_window=2, window_length=32).fit(embedded_model, progress=False)
+    return ContextualizationProbe(
+        prefix_length=4,
+        mlp_hidden=64,
+        decoder="frozen",
+        steps=3,
+        windows_per_step=2,
+        positions_per_window=2,
+        window_length=32,
+    ).fit(embedded_model, progress=False)
 
 
 def test_linearity_panel(reference):
@@ -64,7 +73,9 @@ def test_contribution_and_logit_lens_panels(embedded_model):
         logits = embedded_model(toks)
     own = -torch.log_softmax(logits[0, :-1].float(), -1).gather(1, toks[0, 1:, None])[:, 0]
     assert torch.allclose(lc.loss[-1, 0, :-1], own, atol=2e-3)
-    paris = embedded_model.to_str_tokens(toks[0]).index(" Paris") - 1  # the position predicting " Paris"
+    paris = (
+        embedded_model.to_str_tokens(toks[0]).index(" Paris") - 1
+    )  # the position predicting " Paris"
     assert float(lc.loss[-1, 0, paris]) < 1.0 < float(lc.loss[5, 0, paris])
     assert lc.trajectory.top_strings[-1, 0, paris, 0] == " Paris"
     assert logit_lens_table(lc.trajectory).data[0].z.shape == (31, toks.shape[1])
@@ -82,7 +93,9 @@ def test_contextualization_panel(embedded_model, probe):
     assert mv.contextualization_heatmap(ctx).data[0].z.shape == (1, n)
 
 
-def test_microscope_command_on_the_embedded_model(embedded_model, reference, probe, tmp_path, monkeypatch):
+def test_microscope_command_on_the_embedded_model(
+    embedded_model, reference, probe, tmp_path, monkeypatch
+):
     import re
 
     from tlmicroscope.cli import main
@@ -92,9 +105,27 @@ def test_microscope_command_on_the_embedded_model(embedded_model, reference, pro
     probe.save(tmp_path / "probe")
     monkeypatch.setattr(_cli, "load_from_args", lambda args: embedded_model)
     out = tmp_path / "m.html"
-    assert main(["microscope", TEXT, "--reference", str(tmp_path / "ref"), "--probe", str(tmp_path / "probe"),
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "microscope",
+                TEXT,
+                "--reference",
+                str(tmp_path / "ref"),
+                "--probe",
+                str(tmp_path / "probe"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     sections = dict(re.findall(r'data-section="([^"]+)" data-status="([^"]+)"', out.read_text()))
-    for name in ("1-token-wise-non-linearity", "2-average-linearity-per-layer", "3-layer-contributions",
-                 "4-contextualization", "5-logit-lens"):
+    for name in (
+        "1-token-wise-non-linearity",
+        "2-average-linearity-per-layer",
+        "3-layer-contributions",
+        "4-contextualization",
+        "5-logit-lens",
+    ):
         assert sections[name] == "ok"

@@ -38,7 +38,9 @@ def test_matches_brute_force_regression(rng):
     x = rng.normal(size=(300, 10)) @ rng.normal(size=(10, 10)) + 5.0
     y = np.tanh(x @ rng.normal(size=(10, 10)) * 0.3) + 0.1 * rng.normal(size=(300, 10))
     assert linearity_score(x, y) == pytest.approx(_brute_force_r2(x, y), abs=1e-10)
-    assert linearity_score(x, y, without_residual=True) == pytest.approx(_brute_force_r2(x, y - x), abs=1e-10)
+    assert linearity_score(x, y, without_residual=True) == pytest.approx(
+        _brute_force_r2(x, y - x), abs=1e-10
+    )
 
 
 def test_chance_floor_for_unrelated_data(rng):
@@ -64,7 +66,9 @@ def test_paper_mode_equals_pseudo_inverse_formula(rng):
     assert got == pytest.approx(expected, abs=1e-12)
     # well conditioned with N >> d, the conditioned solver agrees with it
     assert linearity_score(x, y) == pytest.approx(expected, abs=1e-10)
-    assert linearity_score(x, y, mode="paper", without_residual=True) == pytest.approx(_paper_formula(x, y - x), abs=1e-12)
+    assert linearity_score(x, y, mode="paper", without_residual=True) == pytest.approx(
+        _paper_formula(x, y - x), abs=1e-12
+    )
 
 
 def test_invariant_to_scale_and_translation(rng):
@@ -83,7 +87,9 @@ def test_states_input_reports_n_d_rank_and_floor(rng):
     assert res.rank.tolist() == [12, 12]
     assert res.score[0] == pytest.approx(1.0, abs=1e-12)
     assert res.chance_floor[1] == pytest.approx(12 / 599)
-    assert res.score[1] == pytest.approx(_brute_force_r2(states[1].numpy(), states[2].numpy()), abs=1e-10)
+    assert res.score[1] == pytest.approx(
+        _brute_force_r2(states[1].numpy(), states[2].numpy()), abs=1e-10
+    )
     df = res.to_dataframe()
     assert list(df["n_tokens"]) == [600, 600]
 
@@ -136,9 +142,12 @@ def test_model_scores_equal_scores_of_captured_states(tiny):
     states = capture(tiny, windows, sites=("resid",))["resid"]  # [L+1 batch pos d]
     flat = states.reshape(states.shape[0], -1, states.shape[-1]).double().numpy()
     for i, layer in enumerate(res.pairs):
-        assert float(res.score[i]) == pytest.approx(_brute_force_r2(flat[layer], flat[layer + 1]), abs=1e-7)
+        assert float(res.score[i]) == pytest.approx(
+            _brute_force_r2(flat[layer], flat[layer + 1]), abs=1e-7
+        )
         assert float(res.score_without_residual[i]) == pytest.approx(
-            _brute_force_r2(flat[layer], flat[layer + 1] - flat[layer]), abs=1e-7)
+            _brute_force_r2(flat[layer], flat[layer + 1] - flat[layer]), abs=1e-7
+        )
     assert res.n_tokens == 16 * 64 and res.provenance.settings["mode"] == "lstsq"
     paper = linearity_scores(tiny, windows, mode="paper", progress=False)
     assert torch.allclose(paper.score, res.score, atol=1e-5)

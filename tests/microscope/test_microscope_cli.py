@@ -21,40 +21,143 @@ def _sections(html: str) -> dict[str, str]:
 def test_microscope_writes_the_five_panels(tmp_path, capsys):
     out = tmp_path / "m.html"
     # no probe yet: the contextualization panel is a notice with the command that trains one
-    assert main(["microscope", "The cat sat on the mat.", "--model", "tiny-llama", "--out", str(out),
-                 "--fit-tokens", "1024"]) == 0
+    assert (
+        main(
+            [
+                "microscope",
+                "The cat sat on the mat.",
+                "--model",
+                "tiny-llama",
+                "--out",
+                str(out),
+                "--fit-tokens",
+                "1024",
+            ]
+        )
+        == 0
+    )
     sections = _sections(out.read_text())
     assert sections["1-token-wise-non-linearity"] == "ok" and sections["5-logit-lens"] == "ok"
     assert sections["4-contextualization"] == "missing"
     assert "microscope-train-probe" in out.read_text()
-    assert main(["microscope-train-probe", "--model", "tiny-llama", "--steps", "3", "--prefix-length", "4",
-                 "--mlp-hidden", "16"]) == 0
-    assert main(["microscope", "The cat sat on the mat.", "--model", "tiny-llama", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "microscope-train-probe",
+                "--model",
+                "tiny-llama",
+                "--steps",
+                "3",
+                "--prefix-length",
+                "4",
+                "--mlp-hidden",
+                "16",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(["microscope", "The cat sat on the mat.", "--model", "tiny-llama", "--out", str(out)])
+        == 0
+    )
     sections = _sections(out.read_text())
-    assert set(sections) >= {"1-token-wise-non-linearity", "2-average-linearity-per-layer", "3-layer-contributions",
-                             "4-contextualization", "5-logit-lens"}
+    assert set(sections) >= {
+        "1-token-wise-non-linearity",
+        "2-average-linearity-per-layer",
+        "3-layer-contributions",
+        "4-contextualization",
+        "5-logit-lens",
+    }
     assert all(v == "ok" for v in sections.values())
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(out.resolve())
 
 
 def test_no_fit_shows_notices_and_bad_input_exits_2(tmp_path, capsys):
     out = tmp_path / "m.html"
-    assert main(["microscope", "hello", "--model", "tiny-llama", "--out", str(out), "--no-fit"]) == 0
+    assert (
+        main(["microscope", "hello", "--model", "tiny-llama", "--out", str(out), "--no-fit"]) == 0
+    )
     sections = _sections(out.read_text())
-    assert sections["1-token-wise-non-linearity"] == "missing" and "microscope-fit" in out.read_text()
-    assert main(["microscope", "", "--model", "tiny-llama", "--out", str(tmp_path / "x.html"), "--no-fit"]) == 2
+    assert (
+        sections["1-token-wise-non-linearity"] == "missing" and "microscope-fit" in out.read_text()
+    )
+    assert (
+        main(
+            [
+                "microscope",
+                "",
+                "--model",
+                "tiny-llama",
+                "--out",
+                str(tmp_path / "x.html"),
+                "--no-fit",
+            ]
+        )
+        == 2
+    )
     assert "empty" in capsys.readouterr().err
-    assert main(["microscope", "hi", "--model", "tiny-llama", "--reference", str(tmp_path / "nope")]) == 2
+    assert (
+        main(["microscope", "hi", "--model", "tiny-llama", "--reference", str(tmp_path / "nope")])
+        == 2
+    )
 
 
 def test_fit_linearity_and_removal_commands(tmp_path, capsys):
     ref = tmp_path / "ref"
-    assert main(["microscope-fit", "--model", "tiny-llama", "--n-tokens", "1024", "--seq-len", "64",
-                 "--out", str(ref)]) == 0
+    assert (
+        main(
+            [
+                "microscope-fit",
+                "--model",
+                "tiny-llama",
+                "--n-tokens",
+                "1024",
+                "--seq-len",
+                "64",
+                "--out",
+                str(ref),
+            ]
+        )
+        == 0
+    )
     assert (ref / "config.json").is_file()
-    assert main(["microscope-linearity", "--model", "tiny-llama", "--n-tokens", "1024", "--seq-len", "64",
-                 "--out", str(tmp_path / "lin.html"), "--csv", str(tmp_path / "lin.csv")]) == 0
+    assert (
+        main(
+            [
+                "microscope-linearity",
+                "--model",
+                "tiny-llama",
+                "--n-tokens",
+                "1024",
+                "--seq-len",
+                "64",
+                "--out",
+                str(tmp_path / "lin.html"),
+                "--csv",
+                str(tmp_path / "lin.csv"),
+            ]
+        )
+        == 0
+    )
     assert "score_without_residual" in (tmp_path / "lin.csv").read_text()
-    assert main(["microscope-removal", "--model", "tiny-llama", "--max-items", "8", "--n-passages", "3",
-                 "--removals", "articles", "--corpus", "none", "--out", str(tmp_path / "rm.html")]) == 0
+    assert (
+        main(
+            [
+                "microscope-removal",
+                "--model",
+                "tiny-llama",
+                "--max-items",
+                "8",
+                "--n-passages",
+                "3",
+                "--removals",
+                "articles",
+                "--corpus",
+                "none",
+                "--out",
+                str(tmp_path / "rm.html"),
+            ]
+        )
+        == 0
+    )
     assert "accuracy_delta" in capsys.readouterr().out

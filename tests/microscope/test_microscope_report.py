@@ -20,12 +20,19 @@ from tlmicroscope.report import report
 
 pytestmark = pytest.mark.models
 
-SECTIONS = ["microscope_nonlinearity", "microscope_linearity", "microscope_contributions", "microscope_context",
-            "microscope_token_classes"]
+SECTIONS = [
+    "microscope_nonlinearity",
+    "microscope_linearity",
+    "microscope_contributions",
+    "microscope_context",
+    "microscope_token_classes",
+]
 # 113 byte tokens with the BOS: more than 3·d_model + 1 = 97, so the per-prompt fit is allowed.
 TEXT = "The cat sat on the mat, and the dog ate a bone. Then, the cat slept; a bird sang in the old tree by the wall."
 SHORT = "A short text, the end."
-CORPUS = ["The quick brown fox jumps over the lazy dog; PACK MY BOX WITH FIVE DOZEN JUGS! 0123456789 " * 8]
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog; PACK MY BOX WITH FIVE DOZEN JUGS! 0123456789 " * 8
+]
 
 
 def _run(model, text, **settings):
@@ -53,17 +60,29 @@ def saved(tmp_path_factory, tiny_llama):
     root = tmp_path_factory.mktemp("microscope")
     ref = NonlinearityReference(n_tokens=512, seq_len=64).fit(tiny_llama, CORPUS, progress=False)
     ref.save(root / "ref")
-    probe = ContextualizationProbe(prefix_length=4, mlp_hidden=16, decoder="last_k", trainable_blocks=1, steps=3,
-                                   window_length=16).fit(tiny_llama, CORPUS, progress=False)
+    probe = ContextualizationProbe(
+        prefix_length=4,
+        mlp_hidden=16,
+        decoder="last_k",
+        trainable_blocks=1,
+        steps=3,
+        window_length=16,
+    ).fit(tiny_llama, CORPUS, progress=False)
     probe.save(root / "probe")
     return root / "ref", root / "probe", ref, probe
 
 
-def test_renders_without_saved_objects_and_names_the_training_command(tiny_llama, tmp_path, monkeypatch):
+def test_renders_without_saved_objects_and_names_the_training_command(
+    tiny_llama, tmp_path, monkeypatch
+):
     monkeypatch.setenv("TLMICROSCOPE_CACHE", str(tmp_path))  # no reference or probe there
     rep = report(tiny_llama, TEXT, sections=SECTIONS)
-    assert rep.rendered == ["microscope_nonlinearity", "microscope_linearity", "microscope_contributions",
-                            "microscope_token_classes"]
+    assert rep.rendered == [
+        "microscope_nonlinearity",
+        "microscope_linearity",
+        "microscope_contributions",
+        "microscope_token_classes",
+    ]
     assert list(rep.missing) == ["microscope_context"] and not rep.failed
     html = rep.html()
     label = _compat.model_label(tiny_llama)
@@ -76,14 +95,23 @@ def test_short_text_without_reference_shows_the_fit_command(tiny_llama, tmp_path
     monkeypatch.setenv("TLMICROSCOPE_CACHE", str(tmp_path))
     rep = report(tiny_llama, SHORT, sections=SECTIONS)
     assert rep.rendered == ["microscope_contributions"] and not rep.failed
-    assert set(rep.missing) == {"microscope_nonlinearity", "microscope_linearity", "microscope_context",
-                                "microscope_token_classes"}
+    assert set(rep.missing) == {
+        "microscope_nonlinearity",
+        "microscope_linearity",
+        "microscope_context",
+        "microscope_token_classes",
+    }
     assert "needs at least 97" in rep.missing["microscope_nonlinearity"]
     html = rep.html()
     label = _compat.model_label(tiny_llama)
     assert f"tlmicroscope microscope-fit --model {label}" in html
     # a reference asked for at a folder that holds none: the fix writes it there
-    rep = report(tiny_llama, TEXT, sections=["microscope_nonlinearity"], microscope_reference=str(tmp_path / "nope"))
+    rep = report(
+        tiny_llama,
+        TEXT,
+        sections=["microscope_nonlinearity"],
+        microscope_reference=str(tmp_path / "nope"),
+    )
     assert "No saved non-linearity reference" in rep.missing["microscope_nonlinearity"]
     assert f"--out {tmp_path / 'nope'}" in rep.html()
 
@@ -126,17 +154,31 @@ def test_contributions_heatmap_is_the_logit_lens_loss_by_hand(tiny_llama, tmp_pa
     W_U, b_U = tiny_llama.W_U.detach().double(), tiny_llama.b_U.detach().double()
     for layer, name in enumerate(names):
         h = cache[name][0].double()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight.detach().double()  # RMSNorm
-        ce = torch.nn.functional.cross_entropy(h[:-1] @ W_U + b_U, toks[0, 1:], reduction="none").numpy()
+        h = (
+            h
+            * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.eps)
+            * norm.weight.detach().double()
+        )  # RMSNorm
+        ce = torch.nn.functional.cross_entropy(
+            h[:-1] @ W_U + b_U, toks[0, 1:], reduction="none"
+        ).numpy()
         np.testing.assert_allclose(z[layer, :-1], ce, rtol=1e-4, atol=1e-4)
-    out = torch.nn.functional.cross_entropy(logits[0, :-1].double(), toks[0, 1:], reduction="none").numpy()
+    out = torch.nn.functional.cross_entropy(
+        logits[0, :-1].double(), toks[0, 1:], reduction="none"
+    ).numpy()
     np.testing.assert_allclose(z[-1, :-1], out, rtol=1e-4, atol=1e-4)
 
 
 def test_saved_reference_and_probe_are_used(tiny_llama, saved):
     ref_path, probe_path, ref, probe = saved
-    rep, figs = _run(tiny_llama, SHORT, microscope_reference=str(ref_path), microscope_probe=str(probe_path),
-                     microscope_normalization="none", microscope_context_positions=8)
+    rep, figs = _run(
+        tiny_llama,
+        SHORT,
+        microscope_reference=str(ref_path),
+        microscope_probe=str(probe_path),
+        microscope_normalization="none",
+        microscope_context_positions=8,
+    )
     assert rep.rendered == SECTIONS and not rep.missing and not rep.failed
     html = rep.html()
     assert f"loaded from {ref_path}" in html and "8 positions decoded" in html
@@ -147,11 +189,15 @@ def test_saved_reference_and_probe_are_used(tiny_llama, saved):
     with torch.no_grad():
         _, cache = tiny_llama.run_with_cache(toks, names_filter=names)
     for layer in range(len(names) - 1):
-        zs = [(cache[names[s]][0].double() - ref.mean_[s]) / ref.scale_[s] for s in (layer, layer + 1)]
+        zs = [
+            (cache[names[s]][0].double() - ref.mean_[s]) / ref.scale_[s] for s in (layer, layer + 1)
+        ]
         expected = (zs[0] @ ref.maps_[layer].double() - zs[1]).norm(dim=-1).numpy()
         np.testing.assert_allclose(z[layer], expected, rtol=1e-4, atol=1e-5)
     # linearity: the reference's corpus scores
-    assert figs["LLM-Microscope: linearity per layer"][0].data[0].y == pytest.approx(ref.linearity_.score.tolist())
+    assert figs["LLM-Microscope: linearity per layer"][0].data[0].y == pytest.approx(
+        ref.linearity_.score.tolist()
+    )
     # contextualization: the last 8 positions, equal to the analysis run on the model itself
     heat = figs["LLM-Microscope: contextualization"][0].data[0].z
     shown = np.asarray(heat, dtype=float)[0]
@@ -184,7 +230,9 @@ def test_contextualization_from_a_cache_and_on_chosen_positions(tiny_llama, save
 
 def test_token_nonlinearity_report_equals_analysis(tiny_llama, saved):
     ref_path, _, ref, _ = saved
-    _, figs = _run(tiny_llama, TEXT, microscope_reference=str(ref_path), microscope_normalization="none")
+    _, figs = _run(
+        tiny_llama, TEXT, microscope_reference=str(ref_path), microscope_normalization="none"
+    )
     z = np.asarray(figs["LLM-Microscope: token-wise non-linearity"][0].data[0].z, dtype=float)
     direct = token_nonlinearity(tiny_llama, TEXT, reference=ref).error[:, 0].numpy()
     np.testing.assert_allclose(z, direct, rtol=1e-5, atol=1e-6)

@@ -21,7 +21,9 @@ def _affine_model():
     with torch.no_grad():
         for name, p in model.named_parameters():
             parts = name.split(".")
-            if parts[-1] in ("W_O", "W_out") or (parts[-1] == "weight" and {"o", "fc_out", "out"} & set(parts)):
+            if parts[-1] in ("W_O", "W_out") or (
+                parts[-1] == "weight" and {"o", "fc_out", "out"} & set(parts)
+            ):
                 p.zero_()
     return model
 
@@ -29,7 +31,9 @@ def _affine_model():
 def test_zero_for_an_exactly_affine_model():
     model = _affine_model()
     ref = NonlinearityReference(n_tokens=2048, seq_len=64).fit(model, progress=False)
-    res = token_nonlinearity(model, "An affine model has no non-linearity at all, 1 2 3!", reference=ref)
+    res = token_nonlinearity(
+        model, "An affine model has no non-linearity at all, 1 2 3!", reference=ref
+    )
     assert res.error.shape == (3, 1, 51)
     assert float(res.error.abs().max()) < 1e-4
     assert torch.allclose(ref.linearity_.score, torch.ones(3, dtype=torch.float64), atol=1e-9)
@@ -84,8 +88,12 @@ def test_reference_errors_match_an_independent_computation(tiny_gpt2):
         A, *_ = np.linalg.lstsq((x - mx) / sx, (y - my) / sy, rcond=None)
         expected = np.linalg.norm((h[layer] - mx) / sx @ A - (h[layer + 1] - my) / sy, axis=1)
         np.testing.assert_allclose(res.error[layer, 0].numpy(), expected, rtol=2e-3, atol=2e-4)
-        np.testing.assert_allclose(res.relative_error[layer, 0].numpy(),
-                                   expected / np.linalg.norm((h[layer + 1] - my) / sy, axis=1), rtol=2e-3, atol=2e-4)
+        np.testing.assert_allclose(
+            res.relative_error[layer, 0].numpy(),
+            expected / np.linalg.norm((h[layer + 1] - my) / sy, axis=1),
+            rtol=2e-3,
+            atol=2e-4,
+        )
 
 
 def test_paper_mode_fits_the_prompt_itself(tiny_llama):
@@ -125,8 +133,10 @@ def test_save_load_roundtrip_and_other_model_refused(tiny_llama, tmp_path):
     assert back.pairs_ == (0, 2) and torch.equal(back.maps_, ref.maps_)
     assert torch.equal(back.linearity_.score, ref.linearity_.score)
     text = "Saved and loaded maps agree."
-    assert torch.equal(token_nonlinearity(tiny_llama, text, reference=back).error,
-                       token_nonlinearity(tiny_llama, text, reference=tmp_path / "ref").error)
+    assert torch.equal(
+        token_nonlinearity(tiny_llama, text, reference=back).error,
+        token_nonlinearity(tiny_llama, text, reference=tmp_path / "ref").error,
+    )
     other = tiny_model("llama", n_layers=3, d_model=32, seed=1)
     with pytest.raises(ModelMismatchError, match="unembed_sha256"):
         NonlinearityReference.load(tmp_path / "ref", other)
@@ -154,8 +164,12 @@ def test_bad_input(tiny_llama):
 
 def test_rank_deficient_corpus_reports_rank(tiny_llama):
     repeated = ["abcab " * 400]  # four distinct bytes: the embeddings span 3 centred dimensions
-    with pytest.warns(UserWarning, match=r"rank-deficient over these tokens \(rank 3 of d_model=32\)"):
-        ref = NonlinearityReference(n_tokens=1024, seq_len=64).fit(tiny_llama, repeated, progress=False)
+    with pytest.warns(
+        UserWarning, match=r"rank-deficient over these tokens \(rank 3 of d_model=32\)"
+    ):
+        ref = NonlinearityReference(n_tokens=1024, seq_len=64).fit(
+            tiny_llama, repeated, progress=False
+        )
     assert int(ref.linearity_.rank[0]) == 3
     assert torch.isfinite(ref.maps_).all()
 

@@ -23,16 +23,30 @@ PROV = Provenance("m", "M", False, "")
 
 def _ctx(tokens, C):
     n = len(tokens)
-    return Contextualization(C=torch.tensor([C], dtype=torch.float32), prefix_length=torch.arange(n)[None],
-                             tokens=torch.arange(n)[None], str_tokens=[list(tokens)], reduction="mean", provenance=PROV)
+    return Contextualization(
+        C=torch.tensor([C], dtype=torch.float32),
+        prefix_length=torch.arange(n)[None],
+        tokens=torch.arange(n)[None],
+        str_tokens=[list(tokens)],
+        reduction="mean",
+        provenance=PROV,
+    )
 
 
 def _nl(tokens, per_layer):
     e = torch.tensor(np.asarray(per_layer, dtype=np.float32))[:, None, :]
     n = len(tokens)
-    return TokenNonlinearity(pairs=tuple(range(e.shape[0])), pair_labels=tuple(f"{i}" for i in range(e.shape[0])),
-                             error=e, relative_error=e, tokens=torch.arange(n)[None], str_tokens=[list(tokens)],
-                             n_fit=100, mode="reference", provenance=PROV)
+    return TokenNonlinearity(
+        pairs=tuple(range(e.shape[0])),
+        pair_labels=tuple(f"{i}" for i in range(e.shape[0])),
+        error=e,
+        relative_error=e,
+        tokens=torch.arange(n)[None],
+        str_tokens=[list(tokens)],
+        n_fit=100,
+        mode="reference",
+        provenance=PROV,
+    )
 
 
 def test_the_fixed_lists():
@@ -43,12 +57,52 @@ def test_the_fixed_lists():
 
 
 def test_classify_hand_made_tokens():
-    toks = ["The", " cat", ",", " a", " c", "a", "t", " sat", " on", " 42", ".", "\n", " 3", ",", "000", " An",
-            " ANd", " (", "—", "’s", "<|endoftext|>"]
+    toks = [
+        "The",
+        " cat",
+        ",",
+        " a",
+        " c",
+        "a",
+        "t",
+        " sat",
+        " on",
+        " 42",
+        ".",
+        "\n",
+        " 3",
+        ",",
+        "000",
+        " An",
+        " ANd",
+        " (",
+        "—",
+        "’s",
+        "<|endoftext|>",
+    ]
     assert classify_tokens(toks) == [
-        "article", "other", "punctuation", "article", "other", "other", "other", "other", "stop_word", "number",
-        "punctuation", "other", "number", "punctuation", "number", "article", "stop_word", "punctuation",
-        "punctuation", "other", "other"]
+        "article",
+        "other",
+        "punctuation",
+        "article",
+        "other",
+        "other",
+        "other",
+        "other",
+        "stop_word",
+        "number",
+        "punctuation",
+        "other",
+        "number",
+        "punctuation",
+        "number",
+        "article",
+        "stop_word",
+        "punctuation",
+        "punctuation",
+        "other",
+        "other",
+    ]
     # a stop word that continues into the next piece is a word piece, not a stop word
     assert classify_tokens([" in", "side"]) == ["other", "other"]
 
@@ -82,8 +136,12 @@ def test_correlation_is_pearson_with_its_p_value():
     keep = np.r_[1:30, 31:60]
     r, p = stats.pearsonr(c[keep], e[keep])
     assert corr.n == 58
-    assert corr.pearson_r == pytest.approx(r, abs=1e-5) and corr.p_value == pytest.approx(p, rel=1e-3)
-    assert corr.pearson_r > 0 and corr.spearman_r == pytest.approx(stats.spearmanr(c[keep], e[keep])[0], abs=1e-5)
+    assert corr.pearson_r == pytest.approx(r, abs=1e-5) and corr.p_value == pytest.approx(
+        p, rel=1e-3
+    )
+    assert corr.pearson_r > 0 and corr.spearman_r == pytest.approx(
+        stats.spearmanr(c[keep], e[keep])[0], abs=1e-5
+    )
 
 
 def test_correlation_bad_input():
@@ -92,7 +150,9 @@ def test_correlation_bad_input():
         contextuality_nonlinearity_correlation(_ctx(toks, [np.nan, 1, 2]), _nl(toks, [[1, 2, 3]]))
     toks = ["a", " b", " c", " d", " e"]
     with pytest.raises(ValueError, match="constant"):
-        contextuality_nonlinearity_correlation(_ctx(toks, [np.nan, 1, 1, 1, 1]), _nl(toks, [[1, 2, 3, 4, 5]]))
+        contextuality_nonlinearity_correlation(
+            _ctx(toks, [np.nan, 1, 1, 1, 1]), _nl(toks, [[1, 2, 3, 4, 5]])
+        )
     with pytest.raises(ValueError, match="different tokens"):
         token_table(_ctx(toks, [0] * 5), _nl(["x"] * 4, [[1, 2, 3, 4]]))
     with pytest.raises(ValueError, match="Pass contextualization"):

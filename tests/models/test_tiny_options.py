@@ -28,7 +28,9 @@ def test_dtype_is_honoured(name, model_kind):
     out = model(toks)
     assert out.dtype == torch.float64
     # The same weights, in more precision: the float32 model's log-probabilities agree.
-    torch.testing.assert_close(out.log_softmax(-1).float(), ref(toks).log_softmax(-1), atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        out.log_softmax(-1).float(), ref(toks).log_softmax(-1), atol=1e-4, rtol=0
+    )
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
@@ -47,7 +49,9 @@ def test_process_weights_is_honoured(model_kind):
     assert _compat.weights_processed(model) is True and _compat.weights_processed(raw) is False
     toks = raw.to_tokens(TEXT)
     # fold_ln and centring keep the output distribution (logits move by a constant per row) ...
-    torch.testing.assert_close(model(toks).log_softmax(-1), raw(toks).log_softmax(-1), atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        model(toks).log_softmax(-1), raw(toks).log_softmax(-1), atol=1e-4, rtol=0
+    )
     # ... and centre every vector written to the residual stream: its mean over d_model is 0.
     _, cache = model.run_with_cache(toks)
     _, raw_cache = raw.run_with_cache(toks)
@@ -63,13 +67,16 @@ def test_tiny_defaults_match_tiny_model():
         assert na == nb and torch.equal(pa, pb)
 
 
-@pytest.mark.parametrize("kwargs, error, message", [
-    (dict(device="nonsense"), ValueError, "not a torch device"),
-    (dict(dtype="float16"), TypeError, "dtype must be a torch.dtype"),
-    (dict(prepend_bos="yes"), ValueError, "prepend_bos must be 'tokenizer', True or False"),
-    (dict(n_ctx=-5), ValueError, "n_ctx must be positive"),
-    (dict(n_ctx=2.5), ValueError, "n_ctx must be positive"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(device="nonsense"), ValueError, "not a torch device"),
+        (dict(dtype="float16"), TypeError, "dtype must be a torch.dtype"),
+        (dict(prepend_bos="yes"), ValueError, "prepend_bos must be 'tokenizer', True or False"),
+        (dict(n_ctx=-5), ValueError, "n_ctx must be positive"),
+        (dict(n_ctx=2.5), ValueError, "n_ctx must be positive"),
+    ],
+)
 def test_bad_options_are_refused(kwargs, error, message):
     with pytest.raises(error, match=message):
         load_model("tiny-llama", **kwargs)

@@ -46,12 +46,17 @@ def _empty_file(folder):
     (folder / "tokenizer.json").write_bytes(b"")
 
 
-@pytest.mark.parametrize("damage", [_truncate, _swap_two_ids, _drop_tokenizer_json, _empty_file],
-                         ids=["truncated", "wrong-ids", "missing", "empty"])
+@pytest.mark.parametrize(
+    "damage",
+    [_truncate, _swap_two_ids, _drop_tokenizer_json, _empty_file],
+    ids=["truncated", "wrong-ids", "missing", "empty"],
+)
 def test_a_damaged_cache_is_rebuilt(fresh_cache, damage):
     assert _encodes_bytes(_fresh_tokenizer()) and (fresh_cache / "tokenizer.json").is_file()
     damage(fresh_cache)
     tok = _fresh_tokenizer()
     assert _encodes_bytes(tok)
     assert tok.name_or_path == str(fresh_cache)  # TransformerLens reloads from this folder
-    assert sorted(p.name for p in fresh_cache.parent.iterdir()) == ["tiny-byte-v2"]  # nothing left aside
+    assert sorted(p.name for p in fresh_cache.parent.iterdir()) == [
+        "tiny-byte-v2"
+    ]  # nothing left aside

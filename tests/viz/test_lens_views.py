@@ -6,15 +6,26 @@ import torch
 
 from tlmicroscope.lenses.trajectory import PredictionTrajectory
 from tlmicroscope.results import Provenance
-from tlmicroscope.viz import HtmlPage, colored_tokens, logit_lens_table, trajectory_heatmap, trajectory_tokens
+from tlmicroscope.viz import (
+    HtmlPage,
+    colored_tokens,
+    logit_lens_table,
+    trajectory_heatmap,
+    trajectory_tokens,
+)
 
 
 def synthetic_trajectory(n_layers=2, n_pos=4, k=3):
     g = torch.Generator().manual_seed(0)
     shape = (n_layers + 1, 1, n_pos)
     top_probs = torch.rand(*shape, k, generator=g).sort(-1, descending=True).values
-    strings = np.array([[[[f"t{layer}{pos}{r}" for r in range(k)] for pos in range(n_pos)]]
-                        for layer in range(n_layers + 1)], dtype=object)
+    strings = np.array(
+        [
+            [[[f"t{layer}{pos}{r}" for r in range(k)] for pos in range(n_pos)]]
+            for layer in range(n_layers + 1)
+        ],
+        dtype=object,
+    )
     return PredictionTrajectory(
         layers=tuple(range(n_layers + 1)),
         layer_labels=tuple(str(i) for i in range(n_layers)) + ("out",),

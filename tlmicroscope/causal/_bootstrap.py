@@ -36,12 +36,15 @@ def percentile_interval(stats: np.ndarray, level: float) -> tuple[np.ndarray, np
     """
     if not 0 < level < 1:
         raise ValueError(f"level must lie in (0, 1), e.g. 0.95; got {level}.")
-    q = np.nanquantile(np.asarray(stats, dtype=np.float64), [(1 - level) / 2, (1 + level) / 2], axis=0)
+    q = np.nanquantile(
+        np.asarray(stats, dtype=np.float64), [(1 - level) / 2, (1 + level) / 2], axis=0
+    )
     return q[0], q[1]
 
 
-def bootstrap_mean_ci(x: np.ndarray, *, n_boot: int = 2000, level: float = 0.95,
-                      seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def bootstrap_mean_ci(
+    x: np.ndarray, *, n_boot: int = 2000, level: float = 0.95, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """Percentile interval of the mean over the last axis of ``x`` (NaN entries left out of each mean).
 
     All leading entries share the same resamples, so differences stay paired.
@@ -57,7 +60,9 @@ def bootstrap_mean_ci(x: np.ndarray, *, n_boot: int = 2000, level: float = 0.95,
         import warnings
 
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN resample gives NaN, then ignored
+            warnings.simplefilter(
+                "ignore", RuntimeWarning
+            )  # an all-NaN resample gives NaN, then ignored
             means = np.nanmean(x[..., idx], axis=-1)  # [... n_boot]
     lo, hi = percentile_interval(np.moveaxis(means, -1, 0), level)
     return lo, hi

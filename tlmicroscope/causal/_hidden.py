@@ -39,7 +39,9 @@ def check_lens_layer(model: Any, lens: Any, layer: Any) -> int:
             "train or load a lens covering that layer."
         ) from None
     if tuple(out.shape) != (1, d):
-        raise ValueError(f"The lens maps width {d} to {tuple(out.shape)[-1]} at layer {layer}; it is for another model.")
+        raise ValueError(
+            f"The lens maps width {d} to {tuple(out.shape)[-1]} at layer {layer}; it is for another model."
+        )
     return layer
 
 
@@ -91,12 +93,15 @@ def hidden_states(
         h = source[hook].detach().reshape(-1, d).float()
     else:
         ensure_eval(model)
-        if isinstance(source, torch.Tensor) or (isinstance(source, (list, tuple)) and source
-                                                 and isinstance(source[0], int)):
+        if isinstance(source, torch.Tensor) or (
+            isinstance(source, (list, tuple)) and source and isinstance(source[0], int)
+        ) or (isinstance(source, str) and not _is_corpus(source)):
             toks = to_tokens(model, source)
-        elif isinstance(source, str) and not _is_corpus(source):
-            toks = to_tokens(model, source)
-        elif isinstance(source, (list, tuple)) and source and all(isinstance(t, list) for t in source):
+        elif (
+            isinstance(source, (list, tuple))
+            and source
+            and all(isinstance(t, list) for t in source)
+        ):
             toks = to_tokens(model, torch.as_tensor(source))
         else:
             from tlmicroscope.corpus import token_stream
@@ -113,7 +118,9 @@ def hidden_states(
                 toks = stream[None]
             else:
                 n_win = min(available, max(1, math.ceil(n_tokens / seq_len)))
-                toks = token_windows(model, source, seq_len=seq_len, n_windows=n_win, shuffle=True, seed=seed)
+                toks = token_windows(
+                    model, source, seq_len=seq_len, n_windows=n_win, shuffle=True, seed=seed
+                )
         rows = []
         for lo in range(0, toks.shape[0], batch_size):
             cap = capture(model, toks[lo : lo + batch_size], sites=("resid",), layers=[layer])

@@ -31,7 +31,9 @@ __all__ = ["LensAblationObjective", "affine_map"]
 _BUFFER_BYTES = 256 * 2**20
 
 
-def affine_map(lens: Any, layer: int, d_model: int, probe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+def affine_map(
+    lens: Any, layer: int, d_model: int, probe: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(M, b0)`` with ``lens.transform(h, layer) == h @ M + b0``, or ``None`` if it is not affine.
 
     ``M`` is read off the basis vectors, ``M = transform(I) - transform(0)``, and checked on
@@ -113,9 +115,20 @@ class _AblatedKL(torch.autograd.Function):
         return grad_out * g_wc, grad_out * g_c, grad_out * g_r, None
 
 
-def _capped_block(obj: LensAblationObjective, lo: int, hi: int, t: torch.Tensor, e: torch.Tensor,
-                  u: torch.Tensor, c: torch.Tensor, r: torch.Tensor, rc: torch.Tensor, g_u: torch.Tensor,
-                  g_c: torch.Tensor, g_r: torch.Tensor) -> torch.Tensor:
+def _capped_block(
+    obj: LensAblationObjective,
+    lo: int,
+    hi: int,
+    t: torch.Tensor,
+    e: torch.Tensor,
+    u: torch.Tensor,
+    c: torch.Tensor,
+    r: torch.Tensor,
+    rc: torch.Tensor,
+    g_u: torch.Tensor,
+    g_c: torch.Tensor,
+    g_r: torch.Tensor,
+) -> torch.Tensor:
     """Rows lo:hi of the energy through a soft cap; accumulates the gradients, returns the KL sum."""
     cap = obj.softcap
     d = obj.cap_buffer(hi - lo)
@@ -155,9 +168,18 @@ class LensAblationObjective:
         chunk: Rows per ``[chunk V]`` work buffer (default: two buffers within 256 MiB).
     """
 
-    def __init__(self, readout: Readout, lens: Any, layer: int, h: torch.Tensor, mode: str, *,
-                 mean: torch.Tensor | None = None, donors: torch.Tensor | None = None,
-                 chunk: int | None = None):
+    def __init__(
+        self,
+        readout: Readout,
+        lens: Any,
+        layer: int,
+        h: torch.Tensor,
+        mode: str,
+        *,
+        mean: torch.Tensor | None = None,
+        donors: torch.Tensor | None = None,
+        chunk: int | None = None,
+    ):
         h = h.detach().float()
         self.n, self.d = h.shape
         self.chunk = chunk or max(16, _BUFFER_BYTES // (2 * 4 * readout.W.shape[1]))
@@ -191,16 +213,25 @@ class LensAblationObjective:
         """Two reusable ``[rows d_vocab]`` work buffers (allocating them per call costs page faults)."""
         buf = getattr(self, "_buf", None)
         if buf is None or buf.shape[1] < rows:
-            buf = self._buf = torch.empty(2, min(self.chunk, self.n), self.Zc.shape[1], dtype=self.Zc.dtype,
-                                          device=self.Zc.device)
+            buf = self._buf = torch.empty(
+                2,
+                min(self.chunk, self.n),
+                self.Zc.shape[1],
+                dtype=self.Zc.dtype,
+                device=self.Zc.device,
+            )
         return buf[0, :rows], buf[1, :rows]
 
     def cap_buffer(self, rows: int) -> torch.Tensor:
         """A third ``[rows d_vocab]`` work buffer, for the soft cap's derivative."""
         buf = getattr(self, "_cap_buf", None)
         if buf is None or buf.shape[0] < rows:
-            buf = self._cap_buf = torch.empty(min(self.chunk, self.n), self.Zc.shape[1], dtype=self.Zc.dtype,
-                                              device=self.Zc.device)
+            buf = self._cap_buf = torch.empty(
+                min(self.chunk, self.n),
+                self.Zc.shape[1],
+                dtype=self.Zc.dtype,
+                device=self.Zc.device,
+            )
         return buf[:rows]
 
     def _center(self, x: torch.Tensor) -> torch.Tensor:
@@ -249,16 +280,24 @@ class LensAblationObjective:
         total = 0.0
         with torch.no_grad():
             if not hasattr(self, "_clean_logp"):
-                self._clean_logp = torch.cat([
-                    torch.log_softmax(self.readout(self.lens.transform(self.h[lo:lo + self.chunk], self.layer),
-                                                   final_norm=self.final_norm), -1)
-                    for lo in range(0, self.n, self.chunk)
-                ])
+                self._clean_logp = torch.cat(
+                    [
+                        torch.log_softmax(
+                            self.readout(
+                                self.lens.transform(self.h[lo : lo + self.chunk], self.layer),
+                                final_norm=self.final_norm,
+                            ),
+                            -1,
+                        )
+                        for lo in range(0, self.n, self.chunk)
+                    ]
+                )
         for lo in range(0, self.n, self.chunk):
             hi = min(lo + self.chunk, self.n)
             h2 = self.h[lo:hi] + c[lo:hi, None] * v
-            logq = torch.log_softmax(self.readout(self.lens.transform(h2, self.layer),
-                                                  final_norm=self.final_norm), -1)
+            logq = torch.log_softmax(
+                self.readout(self.lens.transform(h2, self.layer), final_norm=self.final_norm), -1
+            )
             logp = self._clean_logp[lo:hi]
             total = total + (logp.exp() * (logp - logq)).sum()
         return total / self.n

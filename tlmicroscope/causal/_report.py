@@ -68,8 +68,18 @@ def _extract_command(model: Any, lens_name: str, out_dir: Path) -> str:
     from tlmicroscope.models import _compat
 
     lens_arg = lens_name if lens_name in ("logit", "logit-paper") else str(default_lens_dir(model))
-    parts = ["tlmicroscope", "cbe", "--model", _model_arg(model), "--lens", lens_arg, "--k", "10",
-             "--out-dir", str(out_dir)]
+    parts = [
+        "tlmicroscope",
+        "cbe",
+        "--model",
+        _model_arg(model),
+        "--lens",
+        lens_arg,
+        "--k",
+        "10",
+        "--out-dir",
+        str(out_dir),
+    ]
     if _compat.weights_processed(model):
         parts.append("--process-weights")
     parts += _compat.cli_kind_args(model)
@@ -86,26 +96,34 @@ def _load_basis(ctx: ReportContext, lens: Any) -> tuple[CausalBasis, Path]:
     if not (path / "config.json").is_file():
         raise MissingPrerequisite(
             f"No causal basis is saved at {path} for the {lens.name} lens. Extracting one runs "
-            "L-BFGS over a corpus (a few minutes), which a report never does.", fix=fix)
+            "L-BFGS over a corpus (a few minutes), which a report never does.",
+            fix=fix,
+        )
     try:
         basis = CausalBasis.load(path, ctx.model)
     except (ValueError, FittedFileError) as exc:  # saved for another model, or corrupt
-        raise MissingPrerequisite(f"The causal basis at {path} cannot be used here: {exc}", fix=fix) from None
+        raise MissingPrerequisite(
+            f"The causal basis at {path} cannot be used here: {exc}", fix=fix
+        ) from None
     if basis.lens != lens.name:
         raise MissingPrerequisite(
             f"The causal basis at {path} was extracted through the {basis.lens} lens, but this report's "
-            f"lens is {lens.name}.", fix=fix)
-    saved_digest = (basis.provenance.settings.get("lens_digest") if basis.provenance else None)
+            f"lens is {lens.name}.",
+            fix=fix,
+        )
+    saved_digest = basis.provenance.settings.get("lens_digest") if basis.provenance else None
     if saved_digest is not None and saved_digest != lens_digest(lens):
         raise MissingPrerequisite(
             f"The causal basis at {path} was extracted through another {lens.name} lens (its "
             f"fingerprint {saved_digest} differs from this lens's {lens_digest(lens)}); re-extract it.",
-            fix=fix)
+            fix=fix,
+        )
     return basis, path
 
 
-def text_lens_influence(basis: CausalBasis, lens: Any, model: Any, hidden: torch.Tensor,
-                        *, seed: int = 0) -> torch.Tensor:
+def text_lens_influence(
+    basis: CausalBasis, lens: Any, model: Any, hidden: torch.Tensor, *, seed: int = 0
+) -> torch.Tensor:
     """``[k]`` KL (nats) of the lens's prediction on ``hidden`` (``[N d_model]`` rows at the basis's
     layer) when each direction is ablated with the basis's mode and mean."""
     from tlmicroscope.causal._lens_ablation import LensAblationObjective
@@ -114,13 +132,24 @@ def text_lens_influence(basis: CausalBasis, lens: Any, model: Any, hidden: torch
 
     h = hidden.reshape(-1, basis.d_model).float()
     donors = derangement(h.shape[0], seed=seed) if basis.mode == "resample" else None
-    objective = LensAblationObjective(Readout.for_model(model), lens, basis.layer, h, basis.mode,
-                                      mean=basis.mean.float(), donors=donors)
+    objective = LensAblationObjective(
+        Readout.for_model(model),
+        lens,
+        basis.layer,
+        h,
+        basis.mode,
+        mean=basis.mean.float(),
+        donors=donors,
+    )
     with torch.no_grad():
-        return torch.tensor([float(objective.energy(basis.vectors[:, j].float())) for j in range(basis.k)])
+        return torch.tensor(
+            [float(objective.energy(basis.vectors[:, j].float())) for j in range(basis.k)]
+        )
 
 
-@register_section("causal_basis", "Causal basis energies", needs=("resid",), settings=("causal_basis", "seed"))
+@register_section(
+    "causal_basis", "Causal basis energies", needs=("resid",), settings=("causal_basis", "seed")
+)
 def _causal_basis(ctx: ReportContext) -> Section:
     from scipy.stats import spearmanr
 
@@ -133,9 +162,12 @@ def _causal_basis(ctx: ReportContext) -> Section:
         raise MissingPrerequisite(
             "The causal basis energies are shown for the report's lens, and this report has none. "
             "Train a tuned lens, extract its causal basis, and pass the lens to the report.",
-            fix=(f"tlmicroscope train-lens --model {shlex.quote(_model_arg(ctx.model))} && "
-                 f"{_extract_command(ctx.model, 'tuned', default_cbe_dir(ctx.model, 'tuned'))} && "
-                 f"tlmicroscope report --lens {shlex.quote(str(lens_dir))} --text-file TEXT.txt"))
+            fix=(
+                f"tlmicroscope train-lens --model {shlex.quote(_model_arg(ctx.model))} && "
+                f"{_extract_command(ctx.model, 'tuned', default_cbe_dir(ctx.model, 'tuned'))} && "
+                f"tlmicroscope report --lens {shlex.quote(str(lens_dir))} --text-file TEXT.txt"
+            ),
+        )
     lens = resolve_lens(ctx.lens)
     basis, path = _load_basis(ctx, lens)
 
@@ -151,12 +183,18 @@ def _causal_basis(ctx: ReportContext) -> Section:
     resample_too_short = basis.mode == "resample" and int(ctx.tokens.numel()) < 2
     if ctx.cache is not None and hook in ctx.cache and not resample_too_short:
         seed = int(ctx.settings.get("seed", 0))
-        influence = ctx.memo(f"causal_basis:influence:{path}",
-                             lambda: text_lens_influence(basis, lens, ctx.model, ctx.cache[hook], seed=seed))
+        influence = ctx.memo(
+            f"causal_basis:influence:{path}",
+            lambda: text_lens_influence(basis, lens, ctx.model, ctx.cache[hook], seed=seed),
+        )
         items.append(cbe_text_influence_figure(basis, influence))
-        caption += (f" The second chart ablates each direction on this text's {int(ctx.tokens.shape[-1])} "
-                    "tokens (same layer, mode and mean), from the report's shared capture.")
+        caption += (
+            f" The second chart ablates each direction on this text's {int(ctx.tokens.shape[-1])} "
+            "tokens (same layer, mode and mean), from the report's shared capture."
+        )
         if basis.k >= 3 and float(influence.std()) > 0:
             rho = float(spearmanr(basis.energies.numpy(), influence.numpy()).statistic)
-            caption += f" Spearman ρ between the corpus energies and this text's influences: {rho:.2f}."
+            caption += (
+                f" Spearman ρ between the corpus energies and this text's influences: {rho:.2f}."
+            )
     return Section(items, caption)

@@ -21,21 +21,28 @@ import torch
 from jaxtyping import Float
 
 __all__ = [
-    "AblationMode",
     "ABLATION_MODES",
-    "as_orthonormal_basis",
+    "AblationMode",
     "ablate_rows",
+    "ablate_subspace",
+    "as_orthonormal_basis",
     "derangement",
     "subspace_ablation_hooks",
-    "ablate_subspace",
 ]
 
 AblationMode = Literal["mean", "zero", "resample"]
 ABLATION_MODES = ("mean", "zero", "resample")
 
 # Hook sites whose last dimension is the residual width d_model.
-_RESIDUAL_SUFFIXES = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out",
-                      "hook_mlp_out", "hook_embed", "hook_pos_embed")
+_RESIDUAL_SUFFIXES = (
+    "hook_resid_pre",
+    "hook_resid_mid",
+    "hook_resid_post",
+    "hook_attn_out",
+    "hook_mlp_out",
+    "hook_embed",
+    "hook_pos_embed",
+)
 
 
 def _check_mode(mode: str) -> None:
@@ -76,7 +83,9 @@ def as_orthonormal_basis(
     if B.ndim == 1:
         B = B[:, None]
     if B.ndim != 2:
-        raise ValueError(f"A basis is a [d_model] vector or a [d_model k] matrix; got shape {tuple(B.shape)}.")
+        raise ValueError(
+            f"A basis is a [d_model] vector or a [d_model k] matrix; got shape {tuple(B.shape)}."
+        )
     d, k = B.shape
     if d_model is not None and d != int(d_model):
         raise ValueError(
@@ -182,7 +191,9 @@ def _position_index(positions: Any, n_pos: int, device: Any) -> torch.Tensor | N
     else:
         idx = torch.as_tensor(positions, dtype=torch.long).reshape(-1)
         if idx.numel() and (idx.max() >= n_pos or idx.min() < -n_pos):
-            raise ValueError(f"positions {idx.tolist()} lie outside the {n_pos} positions of the input.")
+            raise ValueError(
+                f"positions {idx.tolist()} lie outside the {n_pos} positions of the input."
+            )
         idx = idx % n_pos
     return idx.to(device)
 
@@ -233,7 +244,9 @@ def subspace_ablation_hooks(
     if mean is not None:
         mean = torch.as_tensor(mean)
         if mean.shape != (d,):
-            raise ValueError(f"mean must have shape ({d},) like the basis rows, got {tuple(mean.shape)}.")
+            raise ValueError(
+                f"mean must have shape ({d},) like the basis rows, got {tuple(mean.shape)}."
+            )
         if not torch.isfinite(mean).all():
             raise ValueError("mean holds NaN or infinite entries.")
     on_device: dict[tuple[Any, Any], tuple[torch.Tensor, torch.Tensor | None]] = {}
@@ -246,8 +259,10 @@ def subspace_ablation_hooks(
             )
         key = (act.device, act.dtype)
         if key not in on_device:
-            on_device[key] = (B.to(device=act.device, dtype=act.dtype),
-                              None if mean is None else mean.to(device=act.device, dtype=act.dtype))
+            on_device[key] = (
+                B.to(device=act.device, dtype=act.dtype),
+                None if mean is None else mean.to(device=act.device, dtype=act.dtype),
+            )
         Bd, mu = on_device[key]
         flat_all = act.reshape(-1, d)
         if mode == "mean" and mu is None:
@@ -258,8 +273,13 @@ def subspace_ablation_hooks(
                 )
             mu = flat_all.mean(0)
         if act.ndim < 3:  # no position axis: ablate every row
-            donors = flat_all[derangement(flat_all.shape[0], seed=seed, device=act.device)].reshape(act.shape) \
-                if mode == "resample" else None
+            donors = (
+                flat_all[derangement(flat_all.shape[0], seed=seed, device=act.device)].reshape(
+                    act.shape
+                )
+                if mode == "resample"
+                else None
+            )
             return ablate_rows(act, Bd, mode, mean=mu, donors=donors)
         idx = _position_index(positions, act.shape[1], act.device)
         donors = None
@@ -320,6 +340,8 @@ def ablate_subspace(
             "'blocks.0.hook_resid_pre' (see tlmicroscope.capture.hook_name)."
         )
     width = int(model.cfg.d_model) if hook_name.endswith(_RESIDUAL_SUFFIXES) else None
-    hooks = subspace_ablation_hooks(hook_name, basis, mode, mean, positions, seed=seed, d_model=width)
+    hooks = subspace_ablation_hooks(
+        hook_name, basis, mode, mean, positions, seed=seed, d_model=width
+    )
     with model.hooks(fwd_hooks=hooks):  # removes the hook in its own finally, even on an exception
         yield model

@@ -22,15 +22,21 @@ from typing import Any, Literal
 import torch
 from jaxtyping import Bool, Float, Int
 
+from tlmicroscope.causal._hidden import check_lens_layer, hidden_states
 from tlmicroscope.causal._lens_ablation import LensAblationObjective, affine_map
 from tlmicroscope.causal.ablation import ABLATION_MODES, derangement, subspace_ablation_hooks
-from tlmicroscope.causal._hidden import check_lens_layer, hidden_states
 from tlmicroscope.lenses.base import resolve_lens
 from tlmicroscope.lenses.readout import Readout
 from tlmicroscope.results import Provenance
 
-__all__ = ["CausalBasis", "CBEConvergenceWarning", "CBEConvergenceError", "extract_causal_basis",
-           "default_cbe_dir", "lens_digest"]
+__all__ = [
+    "CBEConvergenceError",
+    "CBEConvergenceWarning",
+    "CausalBasis",
+    "default_cbe_dir",
+    "extract_causal_basis",
+    "lens_digest",
+]
 
 _KIND = "causal_basis"
 
@@ -61,7 +67,9 @@ def lens_digest(lens: Any) -> str:
     """
     import hashlib
 
-    h = hashlib.sha256(f"{getattr(lens, 'name', type(lens).__name__)}|{getattr(lens, 'final_norm', True)}".encode())
+    h = hashlib.sha256(
+        f"{getattr(lens, 'name', type(lens).__name__)}|{getattr(lens, 'final_norm', True)}".encode()
+    )
     state = lens.state_dict() if isinstance(lens, torch.nn.Module) else {}
     for key in sorted(state):
         h.update(key.encode())
@@ -120,29 +128,59 @@ class CausalBasis:
     def hook_name(self) -> str:
         return f"blocks.{self.layer}.hook_resid_pre"
 
-    def ablation_hooks(self, directions: Any = None, *, mode: str | None = None,
-                       positions: Any = None, seed: int = 0) -> list[tuple[str, Any]]:
+    def ablation_hooks(
+        self,
+        directions: Any = None,
+        *,
+        mode: str | None = None,
+        positions: Any = None,
+        seed: int = 0,
+    ) -> list[tuple[str, Any]]:
         """Hooks ablating some of these directions (default all) at this basis's layer in the model."""
         vecs = self.vectors if directions is None else self.vectors[:, directions]
-        return subspace_ablation_hooks(self.hook_name, vecs, mode or self.mode, self.mean, positions,
-                                       seed=seed, d_model=self.d_model)
+        return subspace_ablation_hooks(
+            self.hook_name,
+            vecs,
+            mode or self.mode,
+            self.mean,
+            positions,
+            seed=seed,
+            d_model=self.d_model,
+        )
 
     def to_dataframe(self):
         import pandas as pd
 
-        return pd.DataFrame({"direction": range(self.k), "energy": self.energies.tolist(),
-                             "converged": self.converged.tolist(), "n_evals": self.n_evals.tolist()})
+        return pd.DataFrame(
+            {
+                "direction": range(self.k),
+                "energy": self.energies.tolist(),
+                "converged": self.converged.tolist(),
+                "n_evals": self.n_evals.tolist(),
+            }
+        )
 
     def save(self, path: str | Path) -> Path:
         """Save as ``path/tensors.safetensors`` + ``path/config.json`` (atomically)."""
         from tlmicroscope.io import save_fitted
 
-        tensors = {"energies": self.energies, "vectors": self.vectors, "mean": self.mean,
-                   "converged": self.converged.to(torch.uint8), "n_evals": self.n_evals.long()}
-        config = {"layer": self.layer, "mode": self.mode, "n_tokens": self.n_tokens, "lens": self.lens,
-                  "provenance": None if self.provenance is None else self.provenance.to_dict()}
-        return save_fitted(path, tensors, kind=_KIND, config=config,
-                           fingerprint=self.model_fingerprint or None)
+        tensors = {
+            "energies": self.energies,
+            "vectors": self.vectors,
+            "mean": self.mean,
+            "converged": self.converged.to(torch.uint8),
+            "n_evals": self.n_evals.long(),
+        }
+        config = {
+            "layer": self.layer,
+            "mode": self.mode,
+            "n_tokens": self.n_tokens,
+            "lens": self.lens,
+            "provenance": None if self.provenance is None else self.provenance.to_dict(),
+        }
+        return save_fitted(
+            path, tensors, kind=_KIND, config=config, fingerprint=self.model_fingerprint or None
+        )
 
     @classmethod
     def load(cls, path: str | Path, model: Any = None) -> CausalBasis:
@@ -153,13 +191,20 @@ class CausalBasis:
         cfg = meta["config"]
         missing = {"energies", "vectors", "mean", "converged", "n_evals"} - set(tensors)
         if missing:
-            raise FittedFileError(f"{path} lacks the tensors {sorted(missing)}; the file is corrupt.")
+            raise FittedFileError(
+                f"{path} lacks the tensors {sorted(missing)}; the file is corrupt."
+            )
         prov = cfg.get("provenance")
         return cls(
-            energies=tensors["energies"], vectors=tensors["vectors"], mean=tensors["mean"],
-            layer=config_int(cfg, "layer", path, minimum=0), mode=str(cfg["mode"]),
-            converged=tensors["converged"].bool(), n_evals=tensors["n_evals"],
-            n_tokens=config_int(cfg, "n_tokens", path), lens=str(cfg["lens"]),
+            energies=tensors["energies"],
+            vectors=tensors["vectors"],
+            mean=tensors["mean"],
+            layer=config_int(cfg, "layer", path, minimum=0),
+            mode=str(cfg["mode"]),
+            converged=tensors["converged"].bool(),
+            n_evals=tensors["n_evals"],
+            n_tokens=config_int(cfg, "n_tokens", path),
+            lens=str(cfg["lens"]),
             model_fingerprint=meta.get("model") or {},
             provenance=None if prov is None else Provenance(**prov),
         )
@@ -250,7 +295,9 @@ def extract_causal_basis(
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= d_model:
         raise ValueError(f"k must be an integer in 1..d_model={d_model}, got {k!r}.")
     if on_nonconvergence not in ("warn", "raise", "ignore"):
-        raise ValueError(f"on_nonconvergence must be 'warn', 'raise' or 'ignore', got {on_nonconvergence!r}.")
+        raise ValueError(
+            f"on_nonconvergence must be 'warn', 'raise' or 'ignore', got {on_nonconvergence!r}."
+        )
     if max_iter < 1 or not tol > 0:
         raise ValueError(f"max_iter must be >= 1 and tol > 0, got {max_iter} and {tol}.")
     layer = check_lens_layer(model, lens, layer)
@@ -262,15 +309,22 @@ def extract_causal_basis(
             f"got {n}. Pass more text or tokens (thousands of tokens make a stable mean)."
         )
     if n < 64:
-        warnings.warn(f"CBE on only {n} tokens: the energies and directions will be noisy.", UserWarning,
-                      stacklevel=2)
+        warnings.warn(
+            f"CBE on only {n} tokens: the energies and directions will be noisy.",
+            UserWarning,
+            stacklevel=2,
+        )
 
     readout = Readout.for_model(model)
     donors = derangement(n, seed=seed) if mode == "resample" else None
     objective = LensAblationObjective(readout, lens, layer, h, mode, donors=donors)
     if not objective.affine:
-        warnings.warn(f"The lens {lens.name!r} is not affine at layer {layer}: CBE falls back to autograd "
-                      "through the lens, which is much slower.", UserWarning, stacklevel=2)
+        warnings.warn(
+            f"The lens {lens.name!r} is not affine at layer {layer}: CBE falls back to autograd "
+            "through the lens, which is much slower.",
+            UserWarning,
+            stacklevel=2,
+        )
     M = objective.M if objective.affine else (affine_map(lens, layer, d_model, h[:1]) or (None,))[0]
     vectors = _init_directions(readout, M, k)
     energies = torch.zeros(k)
@@ -322,19 +376,38 @@ def extract_causal_basis(
 
     order = energies.argsort(descending=True)
     result = CausalBasis(
-        energies=energies[order], vectors=vectors[:, order].contiguous(), mean=objective.mean.clone(),
-        layer=layer, mode=mode, converged=converged[order], n_evals=n_evals[order], n_tokens=n,
-        lens=lens.name, model_fingerprint=model_fingerprint(model),
-        provenance=Provenance.from_model(model, lens=lens, layer=layer, k=k, mode=mode, max_iter=max_iter,
-                                         tol=tol, n_tokens=n, seed=seed, method="cbe-lbfgs",
-                                         lens_digest=lens_digest(lens)),
+        energies=energies[order],
+        vectors=vectors[:, order].contiguous(),
+        mean=objective.mean.clone(),
+        layer=layer,
+        mode=mode,
+        converged=converged[order],
+        n_evals=n_evals[order],
+        n_tokens=n,
+        lens=lens.name,
+        model_fingerprint=model_fingerprint(model),
+        provenance=Provenance.from_model(
+            model,
+            lens=lens,
+            layer=layer,
+            k=k,
+            mode=mode,
+            max_iter=max_iter,
+            tol=tol,
+            n_tokens=n,
+            seed=seed,
+            method="cbe-lbfgs",
+            lens_digest=lens_digest(lens),
+        ),
     )
     if not bool(converged.all()) and on_nonconvergence != "ignore":
         bad = torch.nonzero(~converged).flatten().tolist()
-        msg = (f"CBE at layer {layer}: {len(bad)} of {k} directions (extraction order {bad}) used all "
-               f"{max_iter} evaluations without the relative energy change falling below tol={tol} "
-               f"(last changes {[f'{float(last_change[i]):.2g}' for i in bad]}). Raise max_iter, loosen "
-               "tol, or treat these directions' energies as lower bounds; basis.converged records this.")
+        msg = (
+            f"CBE at layer {layer}: {len(bad)} of {k} directions (extraction order {bad}) used all "
+            f"{max_iter} evaluations without the relative energy change falling below tol={tol} "
+            f"(last changes {[f'{float(last_change[i]):.2g}' for i in bad]}). Raise max_iter, loosen "
+            "tol, or treat these directions' energies as lower bounds; basis.converged records this."
+        )
         if on_nonconvergence == "raise":
             raise CBEConvergenceError(msg)
         warnings.warn(msg, CBEConvergenceWarning, stacklevel=2)

@@ -24,7 +24,9 @@ def _as_2d(X: Any, what: str) -> np.ndarray:
     arr = X.detach().cpu().numpy() if isinstance(X, torch.Tensor) else np.asarray(X)
     arr = arr.reshape(arr.shape[0], -1).astype(np.float64)
     if not np.isfinite(arr).all():
-        raise ValueError(f"The {what} hold NaN or infinite values; the detector needs finite features.")
+        raise ValueError(
+            f"The {what} hold NaN or infinite values; the detector needs finite features."
+        )
     return arr
 
 
@@ -49,8 +51,15 @@ class InjectionDetector:
 
     _KIND = "injection_detector"
 
-    def __init__(self, method: Literal["lof", "isolation_forest"] = "lof", *, n_neighbors: int = 20,
-                 n_estimators: int = 200, standardize: bool = True, random_state: int = 0):
+    def __init__(
+        self,
+        method: Literal["lof", "isolation_forest"] = "lof",
+        *,
+        n_neighbors: int = 20,
+        n_estimators: int = 200,
+        standardize: bool = True,
+        random_state: int = 0,
+    ):
         if method not in ("lof", "isolation_forest"):
             raise ValueError(f"method must be 'lof' or 'isolation_forest', got {method!r}.")
         self.method = method
@@ -60,8 +69,13 @@ class InjectionDetector:
         self.random_state = int(random_state)
 
     def get_params(self) -> dict[str, Any]:
-        return {"method": self.method, "n_neighbors": self.n_neighbors, "n_estimators": self.n_estimators,
-                "standardize": self.standardize, "random_state": self.random_state}
+        return {
+            "method": self.method,
+            "n_neighbors": self.n_neighbors,
+            "n_estimators": self.n_estimators,
+            "standardize": self.standardize,
+            "random_state": self.random_state,
+        }
 
     def fit(self, X_clean: Any) -> InjectionDetector:
         """Fit on clean prompts' features ``[n_prompts ...]`` (flattened per prompt)."""
@@ -70,29 +84,39 @@ class InjectionDetector:
 
         X = _as_2d(X_clean, "training features")
         if X.shape[0] < 3:
-            raise ValueError(f"The detector needs at least 3 clean prompts to fit, got {X.shape[0]}.")
+            raise ValueError(
+                f"The detector needs at least 3 clean prompts to fit, got {X.shape[0]}."
+            )
         self.train_features_ = X
         self.mean_ = X.mean(0) if self.standardize else np.zeros(X.shape[1])
         std = X.std(0) if self.standardize else np.ones(X.shape[1])
         self.scale_ = np.where(std > 1e-12, std, 1.0)
         Z = (X - self.mean_) / self.scale_
         if self.method == "lof":
-            self.estimator_ = LocalOutlierFactor(n_neighbors=min(self.n_neighbors, X.shape[0] - 1), novelty=True)
+            self.estimator_ = LocalOutlierFactor(
+                n_neighbors=min(self.n_neighbors, X.shape[0] - 1), novelty=True
+            )
         else:
-            self.estimator_ = IsolationForest(n_estimators=self.n_estimators, random_state=self.random_state)
+            self.estimator_ = IsolationForest(
+                n_estimators=self.n_estimators, random_state=self.random_state
+            )
         self.estimator_.fit(Z)
         return self
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "estimator_"):
-            raise ValueError("This InjectionDetector is not fitted yet; call fit(clean_features) first.")
+            raise ValueError(
+                "This InjectionDetector is not fitted yet; call fit(clean_features) first."
+            )
 
     def score(self, X: Any) -> np.ndarray:
         """Anomaly scores, higher = more unusual than the clean training prompts."""
         self._check_fitted()
         Z = _as_2d(X, "features")
         if Z.shape[1] != self.train_features_.shape[1]:
-            raise ValueError(f"Expected {self.train_features_.shape[1]} features per prompt, got {Z.shape[1]}.")
+            raise ValueError(
+                f"Expected {self.train_features_.shape[1]} features per prompt, got {Z.shape[1]}."
+            )
         return -self.estimator_.score_samples((Z - self.mean_) / self.scale_)
 
     def predict(self, X: Any) -> np.ndarray:
@@ -106,8 +130,13 @@ class InjectionDetector:
         from tlmicroscope.io import save_fitted
 
         self._check_fitted()
-        return save_fitted(path, {"train_features": torch.from_numpy(self.train_features_)},
-                           kind=self._KIND, config=self.get_params(), model=model)
+        return save_fitted(
+            path,
+            {"train_features": torch.from_numpy(self.train_features_)},
+            kind=self._KIND,
+            config=self.get_params(),
+            model=model,
+        )
 
     @classmethod
     def load(cls, path: str | Path, model: Any = None) -> InjectionDetector:
@@ -141,9 +170,15 @@ class MahalanobisDetector:
         """Fit on clean hidden states ``[n_prompts layer d_model]``."""
         from sklearn.covariance import LedoitWolf
 
-        H = H_clean.detach().cpu().numpy() if isinstance(H_clean, torch.Tensor) else np.asarray(H_clean)
+        H = (
+            H_clean.detach().cpu().numpy()
+            if isinstance(H_clean, torch.Tensor)
+            else np.asarray(H_clean)
+        )
         if H.ndim != 3:
-            raise ValueError(f"Hidden states must be [n_prompts layer d_model], got shape {H.shape}.")
+            raise ValueError(
+                f"Hidden states must be [n_prompts layer d_model], got shape {H.shape}."
+            )
         if H.shape[0] < 3:
             raise ValueError(f"The baseline needs at least 3 clean prompts, got {H.shape[0]}.")
         self.layers_ = list(range(H.shape[1])) if self.layers is None else list(self.layers)
@@ -160,7 +195,9 @@ class MahalanobisDetector:
     def score(self, H: Any) -> np.ndarray:
         """Mean over layers of the standardised distance; higher = more unusual."""
         if not hasattr(self, "models_"):
-            raise ValueError("This MahalanobisDetector is not fitted yet; call fit(clean_hidden) first.")
+            raise ValueError(
+                "This MahalanobisDetector is not fitted yet; call fit(clean_hidden) first."
+            )
         H = H.detach().cpu().numpy() if isinstance(H, torch.Tensor) else np.asarray(H)
         out = np.zeros(H.shape[0])
         for layer, lw, c, s in zip(self.layers_, self.models_, self.center_, self.spread_):

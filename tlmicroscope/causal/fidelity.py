@@ -80,15 +80,21 @@ class CausalFidelityResult:
     def describe(self) -> str:
         """One line: ρ with its interval, the number of directions and of tokens."""
         lo, hi = self.spearman_ci
-        return (f"Spearman rho = {self.spearman:.2f} [{lo:.2f}, {hi:.2f}] ({self.ci_level:.0%} bootstrap over "
-                f"{self.n_tokens} tokens; k = {self.n_directions} directions, p = {self.p_value:.2g})")
+        return (
+            f"Spearman rho = {self.spearman:.2f} [{lo:.2f}, {hi:.2f}] ({self.ci_level:.0%} bootstrap over "
+            f"{self.n_tokens} tokens; k = {self.n_directions} directions, p = {self.p_value:.2g})"
+        )
 
     def to_dataframe(self):
         import pandas as pd
 
-        return pd.DataFrame({"direction": range(len(self.lens_influence)),
-                             "lens_influence": self.lens_influence.tolist(),
-                             "model_influence": self.model_influence.tolist()})
+        return pd.DataFrame(
+            {
+                "direction": range(len(self.lens_influence)),
+                "lens_influence": self.lens_influence.tolist(),
+                "model_influence": self.model_influence.tolist(),
+            }
+        )
 
 
 def _spearman(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
@@ -112,8 +118,14 @@ def _spearman_columns(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return np.where(den > 0, (ra * rb).sum(0) / np.where(den > 0, den, 1.0), np.nan)
 
 
-def spearman_bootstrap(lens_kl: np.ndarray, model_kl: np.ndarray, *, n_boot: int = 2000, level: float = 0.95,
-                       seed: int = 0) -> tuple[float, float]:
+def spearman_bootstrap(
+    lens_kl: np.ndarray,
+    model_kl: np.ndarray,
+    *,
+    n_boot: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float]:
     """Percentile bootstrap interval of Spearman's ρ between per-direction mean influences.
 
     ``lens_kl`` and ``model_kl`` are ``[k n_tokens]``; each resample draws tokens with replacement
@@ -128,14 +140,18 @@ def spearman_bootstrap(lens_kl: np.ndarray, model_kl: np.ndarray, *, n_boot: int
     """
     lens_kl, model_kl = np.asarray(lens_kl, np.float64), np.asarray(model_kl, np.float64)
     if lens_kl.shape != model_kl.shape or lens_kl.ndim != 2:
-        raise ValueError(f"Per-token influences must both be [k n_tokens], got {lens_kl.shape} and {model_kl.shape}.")
+        raise ValueError(
+            f"Per-token influences must both be [k n_tokens], got {lens_kl.shape} and {model_kl.shape}."
+        )
     if lens_kl.shape[0] < 2:
         return float("nan"), float("nan")
     idx = bootstrap_indices(lens_kl.shape[1], n_boot, seed)
     rhos = np.empty(n_boot)
     for lo in range(0, n_boot, 256):  # [k 256 n_tokens] at a time
-        sl = idx[lo:lo + 256]
-        rhos[lo:lo + len(sl)] = _spearman_columns(lens_kl[:, sl].mean(-1), model_kl[:, sl].mean(-1))
+        sl = idx[lo : lo + 256]
+        rhos[lo : lo + len(sl)] = _spearman_columns(
+            lens_kl[:, sl].mean(-1), model_kl[:, sl].mean(-1)
+        )
     if np.isnan(rhos).all():
         return float("nan"), float("nan")
     low, high = percentile_interval(rhos, level)
@@ -191,11 +207,15 @@ def causal_fidelity(
     model, toks = resolved.model, resolved.tokens
     lens = resolve_lens(lens)
     lens.check_model(model)
-    is_fitted = not isinstance(basis, torch.Tensor)  # a CausalBasis (tensors have .mode, .mean methods)
+    is_fitted = not isinstance(
+        basis, torch.Tensor
+    )  # a CausalBasis (tensors have .mode, .mean methods)
     basis_layer = getattr(basis, "layer", None) if is_fitted else None
     if layer is None:
         if basis_layer is None:
-            raise ValueError("Pass the layer the directions belong to (a plain tensor basis has none).")
+            raise ValueError(
+                "Pass the layer the directions belong to (a plain tensor basis has none)."
+            )
         layer = basis_layer
     if basis_layer is not None and layer != basis_layer:
         raise ValueError(
@@ -223,7 +243,9 @@ def causal_fidelity(
         raise ValueError(f"n_boot must be 0 (no interval) or positive, got {n_boot}.")
     mu = h.mean(0) if mean is None else torch.as_tensor(mean).to(h).reshape(-1)
     if mu.shape != (d,):
-        raise ValueError(f"mean must have d_model = {d} entries, got shape {tuple(torch.as_tensor(mean).shape)}.")
+        raise ValueError(
+            f"mean must have d_model = {d} entries, got shape {tuple(torch.as_tensor(mean).shape)}."
+        )
     if mode == "zero":
         delta = -h
     elif mode == "mean":
@@ -232,10 +254,16 @@ def causal_fidelity(
         delta = h[derangement(n, seed=seed)] - h
     readout = Readout.for_model(model)
     n_layers = int(model.cfg.n_layers)
-    chunk = max(16, (1 << 26) // max(1, int(readout.W.shape[1])))  # [chunk d_vocab] float32 blocks of 256 MiB
+    chunk = max(
+        16, (1 << 26) // max(1, int(readout.W.shape[1]))
+    )  # [chunk d_vocab] float32 blocks of 256 MiB
     with torch.no_grad():
-        lens_clean = [torch.log_softmax(lens_logits(lens, readout, h[lo:lo + chunk], layer, n_layers).float(), -1)
-                      for lo in range(0, n, chunk)]
+        lens_clean = [
+            torch.log_softmax(
+                lens_logits(lens, readout, h[lo : lo + chunk], layer, n_layers).float(), -1
+            )
+            for lo in range(0, n, chunk)
+        ]
     k = B.shape[1]
     lens_kl = torch.empty(k, n, dtype=torch.float64)
     model_kl = torch.empty(k, n, dtype=torch.float64)
@@ -245,8 +273,12 @@ def causal_fidelity(
         with torch.no_grad():
             for ci, lo in enumerate(range(0, n, chunk)):
                 hi = min(lo + chunk, n)
-                logq = torch.log_softmax(lens_logits(lens, readout, h[lo:hi] + c[lo:hi, None] * v, layer,
-                                                     n_layers).float(), -1)
+                logq = torch.log_softmax(
+                    lens_logits(
+                        lens, readout, h[lo:hi] + c[lo:hi, None] * v, layer, n_layers
+                    ).float(),
+                    -1,
+                )
                 logp = lens_clean[ci]
                 lens_kl[j, lo:hi] = (logp.exp() * (logp - logq)).sum(-1).double().cpu()
         hooks = subspace_ablation_hooks(hook, v, mode, mean=mu, seed=seed, d_model=d)
@@ -256,13 +288,37 @@ def causal_fidelity(
             model_kl[j] = (logp_clean.exp() * (logp_clean - logq)).sum(-1).double().cpu()
     lens_infl, model_infl = lens_kl.mean(1).float(), model_kl.mean(1).float()
     rho, p = _spearman(lens_infl, model_infl)
-    ci = (spearman_bootstrap(lens_kl.numpy(), model_kl.numpy(), n_boot=n_boot, level=ci_level, seed=seed)
-          if n_boot > 0 else (float("nan"), float("nan")))
+    ci = (
+        spearman_bootstrap(
+            lens_kl.numpy(), model_kl.numpy(), n_boot=n_boot, level=ci_level, seed=seed
+        )
+        if n_boot > 0
+        else (float("nan"), float("nan"))
+    )
     return CausalFidelityResult(
-        lens_influence=lens_infl, model_influence=model_infl, spearman=rho, p_value=p, layer=layer,
-        mode=mode, n_tokens=n, lens=lens.name,
-        provenance=Provenance.from_model(model, lens=lens, layer=layer, mode=mode, k=k, n_tokens=n, seed=seed,
-                                         n_boot=n_boot, ci_level=ci_level),
-        spearman_ci=ci, n_directions=k, ci_level=ci_level, n_boot=n_boot,
-        lens_kl=lens_kl.float(), model_kl=model_kl.float(),
+        lens_influence=lens_infl,
+        model_influence=model_infl,
+        spearman=rho,
+        p_value=p,
+        layer=layer,
+        mode=mode,
+        n_tokens=n,
+        lens=lens.name,
+        provenance=Provenance.from_model(
+            model,
+            lens=lens,
+            layer=layer,
+            mode=mode,
+            k=k,
+            n_tokens=n,
+            seed=seed,
+            n_boot=n_boot,
+            ci_level=ci_level,
+        ),
+        spearman_ci=ci,
+        n_directions=k,
+        ci_level=ci_level,
+        n_boot=n_boot,
+        lens_kl=lens_kl.float(),
+        model_kl=model_kl.float(),
     )

@@ -43,8 +43,14 @@ class PredictionDepthResult:
     def to_dataframe(self, batch: int = 0):
         import pandas as pd
 
-        return pd.DataFrame({"position": range(self.depth.shape[1]), "token": self.str_tokens[batch],
-                             "depth": self.depth[batch].tolist(), "final_top1": list(self.final_top1[batch])})
+        return pd.DataFrame(
+            {
+                "position": range(self.depth.shape[1]),
+                "token": self.str_tokens[batch],
+                "depth": self.depth[batch].tolist(),
+                "final_top1": list(self.final_top1[batch]),
+            }
+        )
 
 
 def prediction_depth(trajectory: PredictionTrajectory) -> PredictionDepthResult:
@@ -82,10 +88,14 @@ def prediction_depth(trajectory: PredictionTrajectory) -> PredictionDepthResult:
         lens_layers = torch.tensor([lay for lay, _ in order])
         n_settled = stays.sum(0)  # the settled layers are a suffix of the list
         first = len(order) - n_settled
-        depth = torch.where(n_settled > 0, lens_layers[first.clamp(max=len(order) - 1)],
-                            torch.tensor(n_layers))
+        depth = torch.where(
+            n_settled > 0, lens_layers[first.clamp(max=len(order) - 1)], torch.tensor(n_layers)
+        )
     return PredictionDepthResult(
-        depth=depth, layers=tuple(lay for lay, _ in order), n_layers=n_layers,
-        str_tokens=trajectory.str_tokens, final_top1=trajectory.top_strings[out_row, ..., 0],
+        depth=depth,
+        layers=tuple(lay for lay, _ in order),
+        n_layers=n_layers,
+        str_tokens=trajectory.str_tokens,
+        final_top1=trajectory.top_strings[out_row, ..., 0],
         provenance=trajectory.provenance.with_settings(statistic="prediction_depth"),
     )

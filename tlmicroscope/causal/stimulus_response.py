@@ -39,7 +39,12 @@ from tlmicroscope.lenses.base import lens_logits, resolve_lens
 from tlmicroscope.lenses.readout import Readout
 from tlmicroscope.results import Provenance
 
-__all__ = ["DONOR_MODES", "StimulusResponseResult", "aitchison_similarity", "stimulus_response_alignment"]
+__all__ = [
+    "DONOR_MODES",
+    "StimulusResponseResult",
+    "aitchison_similarity",
+    "stimulus_response_alignment",
+]
 
 #: ``"same_position"``: the reference's donors (same position, another sequence, never position 0);
 #: ``"any"``: any other (sequence, position), position 0 included (this package's earlier default).
@@ -50,7 +55,7 @@ def aitchison_similarity(
     x: Float[torch.Tensor, "... d_vocab"],
     y: Float[torch.Tensor, "... d_vocab"],
     weights: Float[torch.Tensor, "... d_vocab"],
-) -> Float[torch.Tensor, "..."]:
+) -> Float[torch.Tensor, ...]:
     """Weighted Aitchison similarity of two log-compositions (logits or log-probabilities).
 
     ``clr_w(x) = x - Σ w x``; ``<x, y>_w = Σ w clr_w(x) clr_w(y)``; the similarity is
@@ -96,8 +101,9 @@ class StimulusResponseResult:
     def mean_alignment(self) -> Float[torch.Tensor, "lens layer"]:
         return self.alignment.nanmean(-1)
 
-    def confidence_intervals(self, *, level: float = 0.95, n_boot: int = 2000,
-                             seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    def confidence_intervals(
+        self, *, level: float = 0.95, n_boot: int = 2000, seed: int = 0
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Percentile bootstrap interval of each lens's mean alignment per layer: ``(low, high)``, each
         ``[lens layer]``, from ``n_boot`` resamples of the treated samples (``_bootstrap.bootstrap_indices``).
 
@@ -109,10 +115,19 @@ class StimulusResponseResult:
             >>> lo.shape, bool((lo <= res.mean_alignment.numpy() + 1e-6).all())
             ((1, 2), True)
         """
-        return bootstrap_mean_ci(self.alignment.double().numpy(), n_boot=n_boot, level=level, seed=seed)
+        return bootstrap_mean_ci(
+            self.alignment.double().numpy(), n_boot=n_boot, level=level, seed=seed
+        )
 
-    def compare(self, a: int | str = 0, b: int | str = 1, *, level: float = 0.95, n_boot: int = 2000,
-                seed: int = 0):
+    def compare(
+        self,
+        a: int | str = 0,
+        b: int | str = 1,
+        *,
+        level: float = 0.95,
+        n_boot: int = 2000,
+        seed: int = 0,
+    ):
         """Per layer, lens ``a``'s alignment minus lens ``b``'s: mean and paired bootstrap interval.
 
         Both lenses saw the same interventions, so the difference is taken per sample and the samples
@@ -130,8 +145,16 @@ class StimulusResponseResult:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             mean = np.nanmean(diff, -1)
-        return pd.DataFrame({"layer": list(self.layers), "difference": mean, "ci_low": lo, "ci_high": hi,
-                             "higher": lo > 0, "lower": hi < 0})
+        return pd.DataFrame(
+            {
+                "layer": list(self.layers),
+                "difference": mean,
+                "ci_low": lo,
+                "ci_high": hi,
+                "higher": lo > 0,
+                "lower": hi < 0,
+            }
+        )
 
     def _lens_index(self, x: int | str) -> int:
         if isinstance(x, str):
@@ -151,10 +174,19 @@ class StimulusResponseResult:
         for li, name in enumerate(self.lens_names):
             for ki, layer in enumerate(self.layers):
                 a = self.alignment[li, ki]
-                rows.append({"lens": name, "layer": layer, "mean_alignment": float(a.nanmean()),
-                             "std": float(a[~a.isnan()].std()) if (~a.isnan()).sum() > 1 else float("nan"),
-                             "n_samples": int((~a.isnan()).sum()),
-                             "ci_low": float(lo[li, ki]), "ci_high": float(hi[li, ki])})
+                rows.append(
+                    {
+                        "lens": name,
+                        "layer": layer,
+                        "mean_alignment": float(a.nanmean()),
+                        "std": float(a[~a.isnan()].std())
+                        if (~a.isnan()).sum() > 1
+                        else float("nan"),
+                        "n_samples": int((~a.isnan()).sum()),
+                        "ci_low": float(lo[li, ki]),
+                        "ci_high": float(hi[li, ki]),
+                    }
+                )
         return pd.DataFrame(rows)
 
 
@@ -214,7 +246,9 @@ def stimulus_response_alignment(
     g = torch.Generator().manual_seed(seed)
     if donors == "any":
         if n_rows < 2:
-            raise ValueError("Resampling a residual update needs at least 2 token positions (a donor).")
+            raise ValueError(
+                "Resampling a residual update needs at least 2 token positions (a donor)."
+            )
         candidates = torch.arange(n_rows)
     else:
         if batch < 2 or n_pos < 2:
@@ -222,8 +256,12 @@ def stimulus_response_alignment(
                 f"Same-position donors need at least 2 sequences of at least 2 tokens, got {batch} of "
                 f"{n_pos}; pass a batch of texts or corpus windows, or donors='any'."
             )
-        candidates = torch.arange(n_rows).reshape(batch, n_pos)[:, 1:].reshape(-1)  # position 0 left out
-    treated = candidates[torch.randperm(len(candidates), generator=g)[: min(n_samples, len(candidates))]]
+        candidates = (
+            torch.arange(n_rows).reshape(batch, n_pos)[:, 1:].reshape(-1)
+        )  # position 0 left out
+    treated = candidates[
+        torch.randperm(len(candidates), generator=g)[: min(n_samples, len(candidates))]
+    ]
     m = len(treated)
 
     needed = sorted(set(layers) | {max(x - 1, 0) for x in layers})
@@ -236,7 +274,9 @@ def stimulus_response_alignment(
 
     out = torch.full((len(lenses), len(layers), m), torch.nan)
     donor_idx = torch.empty(len(layers), m, 2, dtype=torch.long)
-    for ki, lay in enumerate(tqdm(layers, desc="stimulus-response", disable=not progress, unit="layer")):
+    for ki, lay in enumerate(
+        tqdm(layers, desc="stimulus-response", disable=not progress, unit="layer")
+    ):
         if donors == "any":
             offs = torch.randint(1, n_rows, (m,), generator=g)
             donor_rows = (treated + offs) % n_rows  # never the treated row itself
@@ -266,12 +306,23 @@ def stimulus_response_alignment(
         weights = 0.5 * (torch.softmax(clean, -1) + torch.softmax(response_logits, -1))
         with torch.no_grad():
             for li, ln in enumerate(lenses):
-                stim = lens_logits(ln, readout, h_treated, lay, n_layers) - lens_logits(ln, readout, h[treated], lay, n_layers)
+                stim = lens_logits(ln, readout, h_treated, lay, n_layers) - lens_logits(
+                    ln, readout, h[treated], lay, n_layers
+                )
                 out[li, ki] = aitchison_similarity(torch.log_softmax(stim, -1), response, weights)
     return StimulusResponseResult(
-        alignment=out, layers=tuple(layers), lens_names=tuple(ln.name for ln in lenses),
-        positions=torch.stack([t_b, t_p], -1), donors=donor_idx,
-        provenance=Provenance.from_model(model, lens=",".join(ln.name for ln in lenses), n_samples=m,
-                                         seed=seed, donors=donors, intervention="resample one residual update"),
+        alignment=out,
+        layers=tuple(layers),
+        lens_names=tuple(ln.name for ln in lenses),
+        positions=torch.stack([t_b, t_p], -1),
+        donors=donor_idx,
+        provenance=Provenance.from_model(
+            model,
+            lens=",".join(ln.name for ln in lenses),
+            n_samples=m,
+            seed=seed,
+            donors=donors,
+            intervention="resample one residual update",
+        ),
         donor_mode=donors,
     )

@@ -14,20 +14,31 @@ def register(sub: argparse._SubParsersAction) -> None:
         "latent",
         help="latent-space geometry of corpus windows (PCA/UMAP, attention vs MLP, norms, positions) as HTML",
     )
-    p.add_argument("--corpus", default="embedded",
-                   help="'embedded' (pydoc topics), a .txt/.jsonl file or a folder")
+    p.add_argument(
+        "--corpus",
+        default="embedded",
+        help="'embedded' (pydoc topics), a .txt/.jsonl file or a folder",
+    )
     p.add_argument("--n-windows", type=int, default=8, help="corpus windows to capture")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per window")
     p.add_argument("--seed", type=int, default=0, help="window draw and UMAP seed")
     p.add_argument("--text", default=DEFAULT_TEXT, help="a text whose token trajectories are drawn")
-    p.add_argument("--layers", default=None,
-                   help="intermediate blocks for the attention-vs-MLP and position figures, e.g. 5:24 "
-                        "(default: about n/6 to 0.8 n)")
+    p.add_argument(
+        "--layers",
+        default=None,
+        help="intermediate blocks for the attention-vs-MLP and position figures, e.g. 5:24 "
+        "(default: about n/6 to 0.8 n)",
+    )
     p.add_argument("--umap", action="store_true", help="add the UMAP figure (needs umap-learn)")
-    p.add_argument("--vocab-norms", action="store_true",
-                   help="add the histogram of every vocabulary token's norm when fed alone (slow)")
+    p.add_argument(
+        "--vocab-norms",
+        action="store_true",
+        help="add the histogram of every vocabulary token's norm when fed alone (slow)",
+    )
     p.add_argument("--max-points", type=int, default=20_000, help="points drawn per scatter")
-    p.add_argument("--float16", action="store_true", help="store captured states in float16 (half memory)")
+    p.add_argument(
+        "--float16", action="store_true", help="store captured states in float16 (half memory)"
+    )
     p.add_argument("--out", default="latent.html", help="HTML file to write")
     add_model_args(p)
     p.set_defaults(func=_latent)
@@ -84,21 +95,33 @@ def _latent(args: argparse.Namespace) -> int:
     model = load_from_args(args)
     n_layers = model.cfg.n_layers
     mid = _parse_layers(args.layers, n_layers)
-    windows = token_windows(model, args.corpus, seq_len=min(args.seq_len, model.cfg.n_ctx),
-                            n_windows=args.n_windows, shuffle=True, seed=args.seed)
+    windows = token_windows(
+        model,
+        args.corpus,
+        seq_len=min(args.seq_len, model.cfg.n_ctx),
+        n_windows=args.n_windows,
+        shuffle=True,
+        seed=args.seed,
+    )
     t0 = time.perf_counter()
     states = capture_components(
-        model, windows, components=("embed", "attn_out", "resid_mid", "mlp_out", "resid_post", "ln_final"),
+        model,
+        windows,
+        components=("embed", "attn_out", "resid_mid", "mlp_out", "resid_post", "ln_final"),
         dtype=torch.float16 if args.float16 else torch.float32,
     )
-    log(f"captured {states.n_states} states × {windows.shape[0]} windows × {windows.shape[1]} tokens "
-        f"in {time.perf_counter() - t0:.1f} s")
+    log(
+        f"captured {states.n_states} states × {windows.shape[0]} windows × {windows.shape[1]} tokens "
+        f"in {time.perf_counter() - t0:.1f} s"
+    )
     cap = states.provenance.describe()
     page = HtmlPage(
         title=f"Latent-space geometry: {states.provenance.model}",
-        intro=(f"{windows.shape[0]} windows of {windows.shape[1]} tokens from {escape(args.corpus)}; "
-               f"intermediate blocks {mid[0]}-{mid[-1]} of {n_layers}. After Ning and Rangaraju, "
-               "'Visualizing LLM Latent Space Geometry Through Dimensionality Reduction'."),
+        intro=(
+            f"{windows.shape[0]} windows of {windows.shape[1]} tokens from {escape(args.corpus)}; "
+            f"intermediate blocks {mid[0]}-{mid[-1]} of {n_layers}. After Ning and Rangaraju, "
+            "'Visualizing LLM Latent Space Geometry Through Dimensionality Reduction'."
+        ),
     )
     mp = args.max_points
 
@@ -110,64 +133,106 @@ def _latent(args: argparse.Namespace) -> int:
         "Attention vs MLP outputs (PCA)",
         projection_scatter(raw, "component", max_points=mp, title="Raw vectors"),
         projection_scatter(unit, "component", max_points=mp, title="Unit vectors"),
-        projection_scatter(raw.transform(pair.mean("samples")), "component", max_points=mp,
-                           title="Sample means, projected with the PCA fitted on every vector"),
-        caption="Attention outputs blue, MLP outputs red, darker = earlier block. " + cap)
+        projection_scatter(
+            raw.transform(pair.mean("samples")),
+            "component",
+            max_points=mp,
+            title="Sample means, projected with the PCA fitted on every vector",
+        ),
+        caption="Attention outputs blue, MLP outputs red, darker = earlier block. " + cap,
+    )
     both = states.select(components=ATTN_VS_MLP)
     sep = component_separation(both, max_points=500, seed=args.seed)
     sep2 = component_separation(both, max_points=500, n_pca=2, seed=args.seed)
     table = sep.to_dataframe().round(3)
     table.insert(2, "accuracy_top2_pcs", sep2.accuracy.numpy().round(3))
-    page.add_section("Attention vs MLP: separation by block", separation_plot(sep, also=sep2), _table(table),
-                     caption="Cross-validated accuracy of a logistic-regression probe (0.5 = chance), in the "
-                             "full space and in each block's top two principal components, and the cosine "
-                             "silhouette of the two groups. " + sep.provenance.describe())
+    page.add_section(
+        "Attention vs MLP: separation by block",
+        separation_plot(sep, also=sep2),
+        _table(table),
+        caption="Cross-validated accuracy of a logistic-regression probe (0.5 = chance), in the "
+        "full space and in each block's top two principal components, and the cosine "
+        "silhouette of the two groups. " + sep.provenance.describe(),
+    )
     if args.umap:
         try:
             _import_umap()
             um = project(pair, "umap", seed=args.seed, fit_size=min(20_000, pair.n_points))
-            page.add_section("Attention vs MLP outputs (UMAP, cosine)",
-                             projection_scatter(um, "component", max_points=mp), caption=cap)
+            page.add_section(
+                "Attention vs MLP outputs (UMAP, cosine)",
+                projection_scatter(um, "component", max_points=mp),
+                caption=cap,
+            )
         except ImportError as exc:
-            page.add_notice("Attention vs MLP outputs (UMAP, cosine)", str(exc).splitlines()[0], UMAP_INSTALL)
+            page.add_notice(
+                "Attention vs MLP outputs (UMAP, cosine)", str(exc).splitlines()[0], UMAP_INSTALL
+            )
 
     # Layerwise residual stream: unit vectors, PCA fitted on all, shown as sample and sequence means.
     post = states.select(components=POST_ADD).normalized(unit=True)
     layer_proj = project(post, n_components=2)
     page.add_section(
         "Residual stream by layer (unit vectors)",
-        projection_scatter(layer_proj.transform(post.mean("samples")), "layer", max_points=mp,
-                           title="Mean over samples: one point per layer and position"),
-        projection_scatter(layer_proj.transform(post.mean("positions")), "layer", max_points=mp,
-                           title="Mean over positions: one point per layer and window"),
-        caption="Embedding, post-attention and post-MLP residuals and the final norm. " + cap)
+        projection_scatter(
+            layer_proj.transform(post.mean("samples")),
+            "layer",
+            max_points=mp,
+            title="Mean over samples: one point per layer and position",
+        ),
+        projection_scatter(
+            layer_proj.transform(post.mean("positions")),
+            "layer",
+            max_points=mp,
+            title="Mean over positions: one point per layer and window",
+        ),
+        caption="Embedding, post-attention and post-MLP residuals and the final norm. " + cap,
+    )
 
     prof = norm_profile(states, components="resid_post")
     ratio = prof.first_token_ratio
     peak = int(ratio.argmax())
     page.add_section(
-        "Norms by position and layer", norm_profile_plot(prof), first_token_plot(prof),
+        "Norms by position and layer",
+        norm_profile_plot(prof),
+        first_token_plot(prof),
         _table(prof.to_dataframe().round(2)),
         caption=f"Residual after each block. Position 0 / median of the others peaks at {float(ratio[peak]):.1f}× "
-                f"in block {prof.layers[peak]}. " + cap)
+        f"in block {prof.layers[peak]}. " + cap,
+    )
 
-    geo = positional_geometry(model if _has_learned_positions(model) else
-                              states.select(components=("resid_mid", "resid_post"), layers=mid).mean("samples"))
-    page.add_section("Positions", pca_pair_grid(geo.projection, "position"), positional_cosine_heatmap(geo),
-                     caption=geo.summary())
+    geo = positional_geometry(
+        model
+        if _has_learned_positions(model)
+        else states.select(components=("resid_mid", "resid_post"), layers=mid).mean("samples")
+    )
+    page.add_section(
+        "Positions",
+        pca_pair_grid(geo.projection, "position"),
+        positional_cosine_heatmap(geo),
+        caption=geo.summary(),
+    )
 
     traj = token_trajectories(model, args.text, positions=None)
-    page.add_section("Token trajectories", trajectory_plot(traj),
-                     caption=f"{escape(args.text)!s}: residual h^0..h^L of each token, unit length, one PCA.")
+    page.add_section(
+        "Token trajectories",
+        trajectory_plot(traj),
+        caption=f"{escape(args.text)!s}: residual h^0..h^L of each token, unit length, one PCA.",
+    )
     if args.vocab_norms:
         from tlmicroscope.geometry import vocabulary_norms
 
         vn = vocabulary_norms(model, layers=mid)
-        page.add_section("Every token fed alone", vocabulary_norm_histogram(vn),
-                         _table(vn.top(15)), caption=vn.provenance.describe())
+        page.add_section(
+            "Every token fed alone",
+            vocabulary_norm_histogram(vn),
+            _table(vn.top(15)),
+            caption=vn.provenance.describe(),
+        )
     out = page.save(args.out)
-    log(f"separation peaks at block {sep.most_separated()} (accuracy {float(sep.accuracy.max()):.3f}); "
-        f"first-token ratio peaks at {float(ratio[peak]):.1f}x in block {prof.layers[peak]}")
+    log(
+        f"separation peaks at block {sep.most_separated()} (accuracy {float(sep.accuracy.max()):.3f}); "
+        f"first-token ratio peaks at {float(ratio[peak]):.1f}x in block {prof.layers[peak]}"
+    )
     print(Path(out).resolve())
     return 0
 

@@ -68,15 +68,19 @@ _N_FOLDS = 5
 _SEP_POINTS = 256
 _UMAP_EPOCHS = 200
 _UMAP_FIX = "pip install 'tlmicroscope[umap]'"
-_TEXT_FIX = "tlmicroscope report --text-file A_LONGER_TEXT.txt --sections latent_projections norm_profile"
+_TEXT_FIX = (
+    "tlmicroscope report --text-file A_LONGER_TEXT.txt --sections latent_projections norm_profile"
+)
 
 
 def _source(ctx: ReportContext, hooks: Sequence[str]) -> Any:
     """The shared capture when it holds the last block's ``hooks`` (and h^0), else the model."""
     cache = ctx.cache
     n = ctx.model.cfg.n_layers
-    if cache is not None and "blocks.0.hook_resid_pre" in cache and all(
-        f"blocks.{n - 1}.{h}" in cache for h in hooks
+    if (
+        cache is not None
+        and "blocks.0.hook_resid_pre" in cache
+        and all(f"blocks.{n - 1}.{h}" in cache for h in hooks)
     ):
         return cache
     return ctx.model
@@ -105,8 +109,12 @@ def report_component_states(ctx: ReportContext) -> ComponentStates:
     """Every block's attention and MLP outputs of the report's text (all positions), computed once."""
     return ctx.memo(
         "latent:attn_mlp",
-        lambda: capture_components(_source(ctx, ("hook_attn_out", "hook_mlp_out")), ctx.tokens,
-                                   components=ATTN_VS_MLP, progress=False),
+        lambda: capture_components(
+            _source(ctx, ("hook_attn_out", "hook_mlp_out")),
+            ctx.tokens,
+            components=ATTN_VS_MLP,
+            progress=False,
+        ),
     )
 
 
@@ -114,9 +122,12 @@ def report_residual_states(ctx: ReportContext) -> ComponentStates:
     """The residual stream h^0..h^L of the report's text as ``ComponentStates`` (embed + resid_post)."""
     return ctx.memo(
         "latent:resid",
-        lambda: capture_components(_source(ctx, ("hook_resid_post",)), ctx.tokens,
-                                   components=("embed", "resid_post"),
-                                   progress=False),
+        lambda: capture_components(
+            _source(ctx, ("hook_resid_post",)),
+            ctx.tokens,
+            components=("embed", "resid_post"),
+            progress=False,
+        ),
     )
 
 
@@ -144,7 +155,9 @@ def report_separation(ctx: ReportContext) -> SeparationResult | None:
         return None
     return ctx.memo(
         "latent:separation",
-        lambda: component_separation(states, n_folds=_N_FOLDS, max_points=_SEP_POINTS, progress=False),
+        lambda: component_separation(
+            states, n_folds=_N_FOLDS, max_points=_SEP_POINTS, progress=False
+        ),
     )
 
 
@@ -176,29 +189,45 @@ def _max_points(ctx: ReportContext) -> int:
     return int(ctx.settings.get("latent_max_points", 6000))
 
 
-@register_section("latent_projections", "Latent projections", needs=NEEDS,
-                  settings=("latent_layers", "latent_max_points", "latent_separation"))
+@register_section(
+    "latent_projections",
+    "Latent projections",
+    needs=NEEDS,
+    settings=("latent_layers", "latent_max_points", "latent_separation"),
+)
 def _latent_projections(ctx: ReportContext) -> Section:
     _check_length(ctx, _MIN_TOKENS, "attention-vs-MLP projection (position 0 is dropped)")
     layers = _layers(ctx)
     _, proj = _attn_mlp_projection(ctx)
     n_pts = _max_points(ctx)
-    items: list[Any] = [projection_scatter(
-        proj, "component", max_points=n_pts,
-        title=f"Attention (blue) vs MLP (red) outputs of blocks {_span(layers)}, PCA "
-              "(darker = earlier block)")]
+    items: list[Any] = [
+        projection_scatter(
+            proj,
+            "component",
+            max_points=n_pts,
+            title=f"Attention (blue) vs MLP (red) outputs of blocks {_span(layers)}, PCA "
+            "(darker = earlier block)",
+        )
+    ]
     resid = report_residual_states(ctx).normalized(unit=True)
     rproj = ctx.memo("latent:resid_pca", lambda: project(resid, "pca", n_components=2))
-    items.append(projection_scatter(
-        rproj, "component", max_points=n_pts,
-        title="Residual stream h^0 (green) .. h^L (red, darker = earlier), unit vectors, PCA"))
+    items.append(
+        projection_scatter(
+            rproj,
+            "component",
+            max_points=n_pts,
+            title="Residual stream h^0 (green) .. h^L (red, darker = earlier), unit vectors, PCA",
+        )
+    )
     sep = report_separation(ctx) if ctx.settings.get("latent_separation", True) else None
     if sep is not None:
         items.append(separation_plot(sep, title="Attention vs MLP outputs: separation by block"))
         items.append(_separation_table(sep, layers))
     elif ctx.settings.get("latent_separation", True):
-        items.append(f'<p class="notice">The separation needs at least {_N_FOLDS + 1} tokens '
-                     f"({_N_FOLDS} vectors per component after position 0); not scored.</p>")
+        items.append(
+            f'<p class="notice">The separation needs at least {_N_FOLDS + 1} tokens '
+            f"({_N_FOLDS} vectors per component after position 0); not scored.</p>"
+        )
     caption = (
         proj.provenance.describe()
         + f" | Attention/MLP: blocks {_span(layers)} (the reference's intermediate blocks), raw "
@@ -215,8 +244,13 @@ def _latent_projections(ctx: ReportContext) -> Section:
     return Section(items, caption)
 
 
-@register_section("latent_umap", "Latent projections (UMAP)", default=False, needs=NEEDS,
-                  settings=("latent_layers", "latent_max_points", "latent_umap_fit_size"))
+@register_section(
+    "latent_umap",
+    "Latent projections (UMAP)",
+    default=False,
+    needs=NEEDS,
+    settings=("latent_layers", "latent_max_points", "latent_umap_fit_size"),
+)
 def _latent_umap(ctx: ReportContext) -> Section:
     from tlmicroscope.geometry.projection import _import_umap
 
@@ -234,14 +268,24 @@ def _latent_umap(ctx: ReportContext) -> Section:
     # would cost more than the fit itself.
     per_state = max(4, fit_size // (2 * len(layers)))
     states = capture_components(
-        _source(ctx, ("hook_attn_out", "hook_mlp_out")), ctx.tokens, components=ATTN_VS_MLP,
-        layers=layers, drop_first=True, max_positions=per_state, progress=False)
-    proj = ctx.memo("latent:attn_mlp_umap",
-                    lambda: project(states, "umap", fit_size=states.n_points,
-                                    n_epochs=_UMAP_EPOCHS, seed=0))
+        _source(ctx, ("hook_attn_out", "hook_mlp_out")),
+        ctx.tokens,
+        components=ATTN_VS_MLP,
+        layers=layers,
+        drop_first=True,
+        max_positions=per_state,
+        progress=False,
+    )
+    proj = ctx.memo(
+        "latent:attn_mlp_umap",
+        lambda: project(states, "umap", fit_size=states.n_points, n_epochs=_UMAP_EPOCHS, seed=0),
+    )
     fig = projection_scatter(
-        proj, "component", max_points=_max_points(ctx),
-        title=f"Attention (blue) vs MLP (red) outputs of blocks {_span(layers)}, cosine UMAP")
+        proj,
+        "component",
+        max_points=_max_points(ctx),
+        title=f"Attention (blue) vs MLP (red) outputs of blocks {_span(layers)}, cosine UMAP",
+    )
     caption = (
         proj.provenance.describe()
         + f" | UMAP with the reference's settings (cosine metric, {UMAP_DEFAULTS['n_neighbors']} "
@@ -254,9 +298,14 @@ def _latent_umap(ctx: ReportContext) -> Section:
 
 def report_norm_profile(ctx: ReportContext) -> NormProfile:
     """Norms of h^0..h^L at every position of the report's text, from its shared capture."""
+
     def compute() -> NormProfile:
-        return norm_profile(_source(ctx, ("hook_resid_post",)), ctx.tokens,
-                            components=("embed", "resid_post"), progress=False)
+        return norm_profile(
+            _source(ctx, ("hook_resid_post",)),
+            ctx.tokens,
+            components=("embed", "resid_post"),
+            progress=False,
+        )
 
     return ctx.memo("latent:norm_profile", compute)
 
@@ -276,7 +325,9 @@ def _spike_table(prof: NormProfile) -> str:
     rows = "".join(
         f"<tr><td>{escape(lab)}</td><td>{_fmt(float(m), 3)}</td><td>{_fmt(float(f), 3)}</td>"
         f"<td>{_fmt(float(r), 2)}</td></tr>"
-        for lab, m, f, r in zip(labels, df["mean_norm"], df["first_token_norm"], df["first_token_ratio"])
+        for lab, m, f, r in zip(
+            labels, df["mean_norm"], df["first_token_norm"], df["first_token_ratio"]
+        )
     )
     table = (
         '<table class="latent-norms"><tr><th>layer</th><th>mean norm (positions ≥ 1)</th>'
@@ -291,8 +342,11 @@ def _norm_profile(ctx: ReportContext) -> Section:
     prof = report_norm_profile(ctx)
     items: list[Any] = [
         norm_heatmap(prof, title="Residual norm ‖h^l‖ by layer and position (log10 colour)"),
-        norm_profile_plot(prof, max_lines=len(prof.layers),
-                          title="Residual norm by position, one line per layer (log scale)"),
+        norm_profile_plot(
+            prof,
+            max_lines=len(prof.layers),
+            title="Residual norm by position, one line per layer (log scale)",
+        ),
         first_token_plot(prof, title="First-token spike: position 0 vs the median other position"),
         _spike_table(prof),
     ]

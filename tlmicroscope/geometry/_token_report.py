@@ -162,9 +162,17 @@ def _layer_table(geo: LayerGeometry) -> str:
     return f"<details><summary>Per-layer numbers</summary>{table}</details>"
 
 
-@register_section("token_geometry", "Token geometry", needs=("resid",),
-                  settings=("geometry_max_scale", "geometry_twonn_variant", "geometry_overlap_k",
-                            "geometry_final_norm"))
+@register_section(
+    "token_geometry",
+    "Token geometry",
+    needs=("resid",),
+    settings=(
+        "geometry_max_scale",
+        "geometry_twonn_variant",
+        "geometry_overlap_k",
+        "geometry_final_norm",
+    ),
+)
 def _token_geometry(ctx: ReportContext) -> Section:
     geo = report_layer_geometry(ctx)
     items: list[Any] = [layer_geometry_figure(geo), _summary_table(geo), _layer_table(geo)]

@@ -113,8 +113,10 @@ class ComponentStates:
 
     def state_labels(self) -> list[str]:
         """``"embed"``, ``"attn_out 3"``, ..., ``"final"``: one readable label per state."""
-        return [c if c == "embed" else "final" if c == "ln_final" else f"{c} {lab}"
-                for c, lab in zip(self.components, self.layer_labels())]
+        return [
+            c if c == "embed" else "final" if c == "ln_final" else f"{c} {lab}"
+            for c, lab in zip(self.components, self.layer_labels())
+        ]
 
     def select(
         self, components: Sequence[str] | None = None, layers: Sequence[int] | None = None
@@ -122,7 +124,8 @@ class ComponentStates:
         """The states of some components and/or blocks (embed and final norm count as blocks -1
         and ``n_layers``)."""
         keep = [
-            i for i, (c, lay) in enumerate(zip(self.components, self.layers))
+            i
+            for i, (c, lay) in enumerate(zip(self.components, self.layers))
             if (components is None or c in components) and (layers is None or lay in set(layers))
         ]
         if not keep:
@@ -161,25 +164,37 @@ class ComponentStates:
         """Average over ``"samples"``, ``"positions"`` and/or ``"layers"`` (per component)."""
         axes = _check_axes(over)
         out = self
-        dims = tuple(d for d, a in ((0, "samples"), (1, "positions")) if a in axes)  # within a state
+        dims = tuple(
+            d for d, a in ((0, "samples"), (1, "positions")) if a in axes
+        )  # within a state
         if "samples" in axes:
             out = dataclasses.replace(out, tokens=None, str_tokens=None)
         if "positions" in axes:
             out = dataclasses.replace(out, tokens=None, str_tokens=None, positions=None)
         # One state at a time in float32, so a float16 capture is never copied whole in float32.
-        x = torch.stack([s.float().mean(dims, keepdim=True) for s in self.activations]) if dims \
+        x = (
+            torch.stack([s.float().mean(dims, keepdim=True) for s in self.activations])
+            if dims
             else self.activations
+        )
         comps, layers, hooks = out.components, out.layers, out.hook_names
         if "layers" in axes:
             groups = list(dict.fromkeys(comps))
-            x = torch.stack([
-                sum(x[i].float() for i, c in enumerate(comps) if c == g) / comps.count(g) for g in groups
-            ])
+            x = torch.stack(
+                [
+                    sum(x[i].float() for i, c in enumerate(comps) if c == g) / comps.count(g)
+                    for g in groups
+                ]
+            )
             hooks = tuple("+".join(h for h, c in zip(hooks, comps) if c == g) for g in groups)
             comps, layers = tuple(groups), (None,) * len(groups)
         return dataclasses.replace(
-            out, activations=x.to(self.activations.dtype), components=comps, layers=layers,
-            hook_names=hooks, averaged=tuple(dict.fromkeys((*self.averaged, *axes))),
+            out,
+            activations=x.to(self.activations.dtype),
+            components=comps,
+            layers=layers,
+            hook_names=hooks,
+            averaged=tuple(dict.fromkeys((*self.averaged, *axes))),
         )
 
     def normalized(self, *, layer_norm: bool = False, unit: bool = False) -> ComponentStates:
@@ -192,8 +207,10 @@ class ComponentStates:
                 x = unit_length(x)
             out[i] = x
         return dataclasses.replace(
-            self, activations=out,
-            layer_normed=self.layer_normed or layer_norm, unit=self.unit or unit,
+            self,
+            activations=out,
+            layer_normed=self.layer_normed or layer_norm,
+            unit=self.unit or unit,
         )
 
     def point_fields(self) -> dict[str, np.ndarray]:
@@ -207,7 +224,8 @@ class ComponentStates:
         st, sa, po = (a.reshape(-1) for a in np.indices((s, b, p), dtype=np.int32))
         comps = np.asarray(self.components, dtype=object)
         fields: dict[str, np.ndarray] = {
-            "state": st, "component": comps[st],
+            "state": st,
+            "component": comps[st],
             "layer_label": np.asarray(self.layer_labels(), dtype=object)[st],
         }
         if all(layer is not None for layer in self.layers):

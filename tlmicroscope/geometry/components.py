@@ -61,9 +61,9 @@ __all__ = [
     "POST_ADD",
     "ComponentStates",
     "capture_components",
+    "default_components",
     "intermediate_layers",
     "layer_norm_parameter_free",
-    "default_components",
     "state_plan",
     "stream_states",
     "unit_length",
@@ -71,12 +71,25 @@ __all__ = [
 
 #: Components in forward order; see the module docstring for their hooks.
 COMPONENTS: tuple[str, ...] = (
-    "embed", "ln1", "attn_out", "resid_mid", "ln2", "mlp_out", "resid_post", "ln_final",
+    "embed",
+    "ln1",
+    "attn_out",
+    "resid_mid",
+    "ln2",
+    "mlp_out",
+    "resid_post",
+    "ln_final",
 )
 #: The names the reference code (Vainateya/Feature_Geometry_Visualization) gives them.
 PAPER_NAMES = {
-    "embed": "initial", "ln1": "norm_attn", "attn_out": "attn", "resid_mid": "post_attn",
-    "ln2": "norm_mlp", "mlp_out": "mlp", "resid_post": "post_mlp", "ln_final": "norm_f",
+    "embed": "initial",
+    "ln1": "norm_attn",
+    "attn_out": "attn",
+    "resid_mid": "post_attn",
+    "ln2": "norm_mlp",
+    "mlp_out": "mlp",
+    "resid_post": "post_mlp",
+    "ln_final": "norm_f",
 }
 #: The sub-block outputs before they are added to the residual (the attention-vs-MLP figure).
 ATTN_VS_MLP = ("attn_out", "mlp_out")
@@ -146,7 +159,9 @@ def state_plan(
     return plan
 
 
-def _norm_affines(model: Any, plan: Sequence[_State]) -> dict[int, tuple[torch.Tensor, torch.Tensor | None]]:
+def _norm_affines(
+    model: Any, plan: Sequence[_State]
+) -> dict[int, tuple[torch.Tensor, torch.Tensor | None]]:
     """``{state index: (gain, bias or None)}`` for the planned norm states whose norm has a gain.
 
     The gain includes Gemma's ``1 + weight`` offset where the model applies one (as
@@ -178,7 +193,9 @@ def _norm_affines(model: Any, plan: Sequence[_State]) -> dict[int, tuple[torch.T
     return out
 
 
-def _apply_affine(act: torch.Tensor, affine: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
+def _apply_affine(
+    act: torch.Tensor, affine: tuple[torch.Tensor, torch.Tensor | None]
+) -> torch.Tensor:
     gain, bias = affine
     out = act.float() * gain.to(act.device)
     return out if bias is None else out + bias.to(act.device)
@@ -225,6 +242,7 @@ def stream_states(
 
     extra = []
     if plan[0].component == "embed":
+
         def on_embed(act: torch.Tensor, hook: Any) -> None:
             if pos_idx is not None:
                 act = act.index_select(1, pos_idx.to(act.device))
@@ -236,8 +254,16 @@ def stream_states(
     if not sites:  # only the embedding: stream still needs a site of its own
         sites, layers = ["resid_pre"], [0]
     try:
-        stream(model, tokens, on_site, sites=sites, layers=layers, positions=positions,
-               return_logits=False, extra_hooks=extra)
+        stream(
+            model,
+            tokens,
+            on_site,
+            sites=sites,
+            layers=layers,
+            positions=positions,
+            return_logits=False,
+            extra_hooks=extra,
+        )
     except _StopForward:
         pass
 
@@ -258,8 +284,8 @@ def _select_positions(
         idx = idx[idx != 0]
     if idx.numel() == 0:
         raise ValueError(
-            "No positions left to capture" + (" after dropping position 0 (a one-token input?)."
-                                              if drop_first else ".")
+            "No positions left to capture"
+            + (" after dropping position 0 (a one-token input?)." if drop_first else ".")
         )
     if max_positions is not None:
         if max_positions < 1:
@@ -336,18 +362,28 @@ def capture_components(
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
     if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        raise ValueError(f"dtype must be a floating dtype (float32, float16, bfloat16), got {dtype}.")
-    resolved = resolve_input(model_or_cache, tokens, prepend_bos=prepend_bos, truncate=truncate,
-                             require_tokens=False)
+        raise ValueError(
+            f"dtype must be a floating dtype (float32, float16, bfloat16), got {dtype}."
+        )
+    resolved = resolve_input(
+        model_or_cache, tokens, prepend_bos=prepend_bos, truncate=truncate, require_tokens=False
+    )
     model, cache, toks = resolved.model, resolved.cache, resolved.tokens
     n_layers = model.cfg.n_layers
     if components is None:
         components = COMPONENTS if cache is not None else default_components(model)
     plan = state_plan(components, layers, n_layers)
-    settings = dict(components=list(components), layers=None if layers is None else list(layers),
-                    drop_first=drop_first, max_positions=max_positions, average=list(axes),
-                    layer_norm=layer_norm, unit=unit, dtype=str(dtype).replace("torch.", ""),
-                    norm_gain=norm_gain)
+    settings = dict(
+        components=list(components),
+        layers=None if layers is None else list(layers),
+        drop_first=drop_first,
+        max_positions=max_positions,
+        average=list(axes),
+        layer_norm=layer_norm,
+        unit=unit,
+        dtype=str(dtype).replace("torch.", ""),
+        norm_gain=norm_gain,
+    )
     affines = _norm_affines(model, plan) if norm_gain else {}
     if cache is not None:
         raw = _from_cache(cache, plan)
@@ -365,8 +401,9 @@ def capture_components(
         if "samples" in axes:
             acts = acts.mean(1, keepdim=True)
     else:
-        acts, n_batch = _capture_streamed(model, toks, plan, pos_idx, axes, dtype, batch_size, progress,
-                                          affines=affines)
+        acts, n_batch = _capture_streamed(
+            model, toks, plan, pos_idx, axes, dtype, batch_size, progress, affines=affines
+        )
     if acts.dtype != dtype:
         acts = _to_storage(acts, dtype)
     kept_tokens = None if toks is None else toks[:, pos_idx.to(toks.device)].cpu()
@@ -383,7 +420,9 @@ def capture_components(
     )
     if "samples" in axes or "positions" in axes:
         states = dataclasses.replace(
-            states, tokens=None, str_tokens=None,
+            states,
+            tokens=None,
+            str_tokens=None,
             positions=None if "positions" in axes else states.positions,
             averaged=tuple(a for a in axes if a != "layers"),
         )
@@ -452,12 +491,14 @@ def _capture_streamed(
     # Allocated here, outside the forward's inference mode, so it can be updated in place later.
     alloc = torch.zeros if summed else torch.empty  # every copied slot gets written
     buf = alloc((len(plan), out_b, n_pos, int(model.cfg.d_model)), dtype=buf_dtype)
-    all_pos = pos_idx.numel() == toks.shape[-1] and bool((pos_idx == torch.arange(toks.shape[-1])).all())
+    all_pos = pos_idx.numel() == toks.shape[-1] and bool(
+        (pos_idx == torch.arange(toks.shape[-1])).all()
+    )
     stream_pos = None if all_pos else pos_idx
     starts = range(0, n_batch, batch_size)
     bar = tqdm(starts, desc="capturing", unit="batch", disable=not progress or len(starts) < 2)
     for start in bar:
-        chunk = toks[start:start + batch_size]
+        chunk = toks[start : start + batch_size]
 
         def on_state(i: int, act: torch.Tensor, start: int = start) -> None:
             a = act.detach()
@@ -473,7 +514,7 @@ def _capture_streamed(
                         f"An activation at {plan[i].hook} exceeds float16's range (65504). "
                         "Capture with dtype=torch.bfloat16 or torch.float32."
                     )
-                buf[i, start:start + a.shape[0]] = a.to("cpu", buf_dtype)
+                buf[i, start : start + a.shape[0]] = a.to("cpu", buf_dtype)
 
         stream_states(model, chunk, plan, on_state, positions=stream_pos)
     if summed:

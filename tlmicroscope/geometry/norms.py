@@ -56,9 +56,12 @@ class NormProfile:
         """One label per state: the layer, prefixed by the component when there are several
         (the embedding and final norm are ``"embed"`` and ``"final"`` either way)."""
         several = len(set(self.components)) > 1
-        return [_layer_label(lay, self.n_layers) if not several or c in ("embed", "ln_final")
-                else f"{c} {_layer_label(lay, self.n_layers)}"
-                for c, lay in zip(self.components, self.layers)]
+        return [
+            _layer_label(lay, self.n_layers)
+            if not several or c in ("embed", "ln_final")
+            else f"{c} {_layer_label(lay, self.n_layers)}"
+            for c, lay in zip(self.components, self.layers)
+        ]
 
     @property
     def by_position(self) -> Float[torch.Tensor, "state pos"]:
@@ -67,7 +70,11 @@ class NormProfile:
 
     def by_layer(self, *, include_first: bool = False) -> Float[torch.Tensor, " state"]:
         """Mean norm per state over samples and positions (position 0 left out by default)."""
-        keep = self.positions != 0 if not include_first else torch.ones_like(self.positions, dtype=torch.bool)
+        keep = (
+            self.positions != 0
+            if not include_first
+            else torch.ones_like(self.positions, dtype=torch.bool)
+        )
         if not bool(keep.any()):
             raise ValueError("Only position 0 was measured; pass include_first=True.")
         return self.norms[:, :, keep].mean((1, 2))
@@ -89,10 +96,15 @@ class NormProfile:
         """One row per state: mean norm without position 0, position 0's norm, and the ratio."""
         import pandas as pd
 
-        data = {"component": list(self.components), "layer": list(self.layers),
-                "mean_norm": self.by_layer().numpy()}
+        data = {
+            "component": list(self.components),
+            "layer": list(self.layers),
+            "mean_norm": self.by_layer().numpy(),
+        }
         if bool((self.positions == 0).any()) and bool((self.positions != 0).any()):
-            data["first_token_norm"] = self.by_position[:, int((self.positions == 0).nonzero()[0])].numpy()
+            data["first_token_norm"] = self.by_position[
+                :, int((self.positions == 0).nonzero()[0])
+            ].numpy()
             data["first_token_ratio"] = self.first_token_ratio.numpy()
         return pd.DataFrame(data)
 
@@ -128,8 +140,9 @@ def norm_profile(
     comps = (components,) if isinstance(components, str) else tuple(components)
     if isinstance(model_or_cache, ComponentStates):
         return _from_states(model_or_cache, comps, layers)
-    resolved = resolve_input(model_or_cache, tokens, prepend_bos=prepend_bos, truncate=truncate,
-                             require_tokens=False)
+    resolved = resolve_input(
+        model_or_cache, tokens, prepend_bos=prepend_bos, truncate=truncate, require_tokens=False
+    )
     model, cache, toks = resolved.model, resolved.cache, resolved.tokens
     plan = state_plan(comps, layers, model.cfg.n_layers)
     if cache is not None:
@@ -154,8 +167,9 @@ def norm_profile(
     )
 
 
-def _stream_norms(model: Any, toks: torch.Tensor, plan: Sequence[Any], batch_size: int,
-                  progress: bool) -> torch.Tensor:
+def _stream_norms(
+    model: Any, toks: torch.Tensor, plan: Sequence[Any], batch_size: int, progress: bool
+) -> torch.Tensor:
     from tqdm.auto import tqdm
 
     if batch_size < 1:
@@ -163,21 +177,29 @@ def _stream_norms(model: Any, toks: torch.Tensor, plan: Sequence[Any], batch_siz
     out = torch.zeros(len(plan), toks.shape[0], toks.shape[1])
     starts = range(0, toks.shape[0], batch_size)
     for start in tqdm(starts, desc="norms", unit="batch", disable=not progress or len(starts) < 2):
-        chunk = toks[start:start + batch_size]
+        chunk = toks[start : start + batch_size]
 
         def on_state(i: int, act: torch.Tensor, start: int = start) -> None:
-            out[i, start:start + act.shape[0]] = torch.linalg.vector_norm(act.double(), dim=-1).float().cpu()
+            out[i, start : start + act.shape[0]] = (
+                torch.linalg.vector_norm(act.double(), dim=-1).float().cpu()
+            )
 
         stream_states(model, chunk, plan, on_state)
     return out
 
 
-def _from_states(states: ComponentStates, comps: tuple[str, ...], layers: Sequence[int] | None) -> NormProfile:
+def _from_states(
+    states: ComponentStates, comps: tuple[str, ...], layers: Sequence[int] | None
+) -> NormProfile:
     if states.positions is None:
-        raise ValueError("These states were averaged over positions; a norm profile needs positions.")
+        raise ValueError(
+            "These states were averaged over positions; a norm profile needs positions."
+        )
     present = [c for c in comps if c in states.components]
     if not present:
-        raise ValueError(f"The states hold none of {comps}; they hold {sorted(set(states.components))}.")
+        raise ValueError(
+            f"The states hold none of {comps}; they hold {sorted(set(states.components))}."
+        )
     sub = states.select(components=present, layers=None if layers is None else list(layers))
     return NormProfile(
         norms=torch.linalg.vector_norm(sub.activations.double(), dim=-1).float(),

@@ -75,10 +75,16 @@ class PositionalGeometry:
         return bool((self.pc_sinusoid_r2[:k] >= 0.8).all())
 
     def summary(self) -> str:
-        freqs = ", ".join(f"PC{i + 1} {float(f):.2f} cycles (R² {float(r):.2f})"
-                          for i, (f, r) in enumerate(zip(self.pc_frequency, self.pc_sinusoid_r2)))
+        freqs = ", ".join(
+            f"PC{i + 1} {float(f):.2f} cycles (R² {float(r):.2f})"
+            for i, (f, r) in enumerate(zip(self.pc_frequency, self.pc_sinusoid_r2))
+        )
         evr = self.projection.explained_variance_ratio
-        var = "" if evr is None else f"; variance in the first {len(evr)} PCs: {100 * float(evr.sum()):.1f}%"
+        var = (
+            ""
+            if evr is None
+            else f"; variance in the first {len(evr)} PCs: {100 * float(evr.sum()):.1f}%"
+        )
         return f"{self.description} Sinusoid fits: {freqs}{var}."
 
 
@@ -120,17 +126,24 @@ def _learned_table(model: Any) -> torch.Tensor | None:
     return None if w is None else w.detach().float().cpu()
 
 
-def _analyse(vectors: torch.Tensor, n_components: int) -> tuple[Projection, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _analyse(
+    vectors: torch.Tensor, n_components: int
+) -> tuple[Projection, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     n_pos = vectors.shape[0]
     k = min(n_components, n_pos - 1, vectors.shape[1])
     proj = project(vectors, "pca", n_components=k, fields={"position": np.arange(n_pos)})
     unit = unit_length(vectors)
     cosine = unit @ unit.T
     fits = [fit_sinusoid(proj.coords[:, i].numpy()) for i in range(k)]
-    tail = unit[-max(1, n_pos // 10):].mean(0)
+    tail = unit[-max(1, n_pos // 10) :].mean(0)
     convergence = unit @ unit_length(tail.unsqueeze(0))[0]
-    return (proj, cosine, torch.tensor([f for f, _ in fits]), torch.tensor([r for _, r in fits]),
-            convergence)
+    return (
+        proj,
+        cosine,
+        torch.tensor([f for f, _ in fits]),
+        torch.tensor([r for _, r in fits]),
+        convergence,
+    )
 
 
 def positional_geometry(
@@ -174,20 +187,35 @@ def positional_geometry(
     if table is not None:
         if n_positions is not None:
             if not 4 <= n_positions <= table.shape[0]:
-                raise ValueError(f"n_positions must lie in [4, {table.shape[0]}], got {n_positions}.")
+                raise ValueError(
+                    f"n_positions must lie in [4, {table.shape[0]}], got {n_positions}."
+                )
             table = table[:n_positions]
         proj, cos, freq, r2, conv = _analyse(table, n_components)
-        description = (f"Learned positional embeddings: PCA of W_pos ({table.shape[0]} positions × "
-                       f"{table.shape[1]} dims).")
+        description = (
+            f"Learned positional embeddings: PCA of W_pos ({table.shape[0]} positions × "
+            f"{table.shape[1]} dims)."
+        )
         return PositionalGeometry(
-            source="W_pos", description=description, vectors=table, projection=proj, cosine=cos,
-            pc_frequency=freq, pc_sinusoid_r2=r2, convergence=conv,
+            source="W_pos",
+            description=description,
+            vectors=table,
+            projection=proj,
+            cosine=cos,
+            pc_frequency=freq,
+            pc_sinusoid_r2=r2,
+            convergence=conv,
             provenance=Provenance.from_model(model, source="W_pos", n_components=n_components),
         )
     if model is not None and components is None:
         components = default_components(model, ("resid_mid", "resid_post"))
-    states = model_or_states if model is None else _capture_windows(
-        model, tokens, corpus, n_windows, seq_len, layers, components, batch_size, progress)
+    states = (
+        model_or_states
+        if model is None
+        else _capture_windows(
+            model, tokens, corpus, n_windows, seq_len, layers, components, batch_size, progress
+        )
+    )
     if states.positions is None or states.positions.numel() < 4:
         raise ValueError("The mean-residual geometry needs at least 4 positions per window.")
     sel = states.activations.float()
@@ -195,8 +223,11 @@ def positional_geometry(
     if unit:
         vectors = unit_length(vectors)
     proj, cos, freq, r2, conv = _analyse(vectors, n_components)
-    n_win = int(states.provenance.settings.get("n_sequences", states.activations.shape[1])) \
-        if states.provenance is not None else int(states.activations.shape[1])
+    n_win = (
+        int(states.provenance.settings.get("n_sequences", states.activations.shape[1]))
+        if states.provenance is not None
+        else int(states.activations.shape[1])
+    )
     used_layers = tuple(sorted({lay for lay in states.layers if lay is not None}))
     kind = str(getattr(getattr(model, "cfg", None), "positional_embedding_type", "rotary"))
     description = (
@@ -205,11 +236,19 @@ def positional_geometry(
         f"{_span(used_layers)} ({'unit-length' if unit else 'raw'} vectors, position 0 kept)."
     )
     return PositionalGeometry(
-        source="mean_residual", description=description, vectors=vectors, projection=proj,
-        cosine=cos, pc_frequency=freq, pc_sinusoid_r2=r2, convergence=conv, layers=used_layers,
+        source="mean_residual",
+        description=description,
+        vectors=vectors,
+        projection=proj,
+        cosine=cos,
+        pc_frequency=freq,
+        pc_sinusoid_r2=r2,
+        convergence=conv,
+        layers=used_layers,
         n_windows=n_win,
         provenance=(states.provenance or Provenance("unknown", "", False, "")).with_settings(
-            source="mean_residual", unit=unit, n_components=n_components),
+            source="mean_residual", unit=unit, n_components=n_components
+        ),
     )
 
 
@@ -221,13 +260,23 @@ def _span(layers: Sequence[int]) -> str:
     return ", ".join(map(str, layers))
 
 
-def _capture_windows(model, tokens, corpus, n_windows, seq_len, layers, components, batch_size,
-                     progress) -> ComponentStates:
+def _capture_windows(
+    model, tokens, corpus, n_windows, seq_len, layers, components, batch_size, progress
+) -> ComponentStates:
     if tokens is None:
         from tlmicroscope.corpus import token_windows
 
         seq_len = min(seq_len, int(model.cfg.n_ctx))
-        tokens = token_windows(model, corpus, seq_len=seq_len, n_windows=n_windows, shuffle=True, seed=0)
+        tokens = token_windows(
+            model, corpus, seq_len=seq_len, n_windows=n_windows, shuffle=True, seed=0
+        )
     chosen = list(layers) if layers is not None else intermediate_layers(model.cfg.n_layers)
-    return capture_components(model, tokens, components=components, layers=chosen,
-                              average="samples", batch_size=batch_size, progress=progress)
+    return capture_components(
+        model,
+        tokens,
+        components=components,
+        layers=chosen,
+        average="samples",
+        batch_size=batch_size,
+        progress=progress,
+    )

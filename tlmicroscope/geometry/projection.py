@@ -42,13 +42,15 @@ def _as_2d_float(x: Any, what: str = "activations") -> torch.Tensor:
     if not t.is_floating_point():
         raise TypeError(f"{what} must be floating point, got {t.dtype}.")
     if t.ndim < 2:
-        raise ValueError(f"{what} must be [..., d_model] with at least two axes, got shape {tuple(t.shape)}.")
+        raise ValueError(
+            f"{what} must be [..., d_model] with at least two axes, got shape {tuple(t.shape)}."
+        )
     return t.reshape(-1, t.shape[-1]).cpu()
 
 
 def _chunks(x: torch.Tensor, size: int = _CHUNK) -> Iterable[torch.Tensor]:
     for start in range(0, x.shape[0], size):
-        yield x[start:start + size].float()
+        yield x[start : start + size].float()
 
 
 class LatentPCA:
@@ -89,22 +91,30 @@ class LatentPCA:
         if not isinstance(self.n_components, int) or self.n_components < 1:
             raise ValueError(f"n_components must be a positive integer, got {self.n_components!r}.")
         if self.n_components > d:
-            raise ValueError(f"n_components={self.n_components} exceeds the {d} dimensions of the data.")
+            raise ValueError(
+                f"n_components={self.n_components} exceeds the {d} dimensions of the data."
+            )
         if n < max(2, self.n_components):
             raise ValueError(
                 f"PCA with {self.n_components} components needs at least {max(2, self.n_components)} "
                 f"vectors, got {n}. Capture more positions or samples (or average over fewer axes), "
                 "or ask for fewer components."
             )
-        count, mean, scatter = 0, torch.zeros(d, dtype=torch.float64), torch.zeros(d, d, dtype=torch.float64)
+        count, mean, scatter = (
+            0,
+            torch.zeros(d, dtype=torch.float64),
+            torch.zeros(d, d, dtype=torch.float64),
+        )
         # One reused float32 buffer for the centred chunk: fresh large allocations page-fault.
         scratch = torch.empty(min(_CHUNK, n), d)
         for start in range(0, n, _CHUNK):
-            chunk = x[start:start + _CHUNK]
+            chunk = x[start : start + _CHUNK]
             m = chunk.shape[0]
             c_mean32 = chunk.float().mean(0) if chunk.dtype != torch.float32 else chunk.mean(0)
             if not torch.isfinite(c_mean32).all():  # any NaN or inf in the chunk reaches its mean
-                raise ValueError("The activations contain NaN or infinite values; PCA cannot fit them.")
+                raise ValueError(
+                    "The activations contain NaN or infinite values; PCA cannot fit them."
+                )
             centred = torch.sub(chunk, c_mean32, out=scratch[:m])
             # The float32 mean is slightly off for large offsets; take what it missed from the
             # (now small) centred values and move the scatter to the exact chunk mean.
@@ -149,11 +159,13 @@ class LatentPCA:
         self._check_fitted()
         x = _as_2d_float(X)
         if x.shape[1] != self.n_features_in_:
-            raise ValueError(f"Expected {self.n_features_in_} features (d_model), got {x.shape[1]}.")
+            raise ValueError(
+                f"Expected {self.n_features_in_} features (d_model), got {x.shape[1]}."
+            )
         w = self.components_.T
         out = torch.cat([c @ w for c in _chunks(x)]) if x.shape[0] else torch.zeros(0, w.shape[1])
         if self.center:
-            out -= (self.mean_.float() @ w)
+            out -= self.mean_.float() @ w
         return out
 
     def fit_transform(self, X: Any) -> torch.Tensor:
@@ -166,12 +178,18 @@ class LatentPCA:
         self._check_fitted()
         return save_fitted(
             path,
-            {"components": self.components_, "mean": self.mean_,
-             "explained_variance": self.explained_variance_,
-             "explained_variance_ratio": self.explained_variance_ratio_},
+            {
+                "components": self.components_,
+                "mean": self.mean_,
+                "explained_variance": self.explained_variance_,
+                "explained_variance_ratio": self.explained_variance_ratio_,
+            },
             kind="latent_pca",
-            config={"n_components": self.n_components, "center": self.center,
-                    "n_samples_seen": int(self.n_samples_seen_)},
+            config={
+                "n_components": self.n_components,
+                "center": self.center,
+                "n_samples_seen": int(self.n_samples_seen_),
+            },
             model=model,
         )
 
@@ -182,7 +200,10 @@ class LatentPCA:
 
         tensors, meta = load_fitted(path, kind="latent_pca", model=model)
         cfg = meta["config"]
-        pca = cls(config_int(cfg, "n_components", path), center=config_bool(cfg, "center", path, default=False))
+        pca = cls(
+            config_int(cfg, "n_components", path),
+            center=config_bool(cfg, "center", path, default=False),
+        )
         pca.components_ = tensors["components"]
         pca.mean_ = tensors["mean"]
         pca.explained_variance_ = tensors["explained_variance"]
@@ -244,7 +265,10 @@ class Projection:
 
     def axis_titles(self) -> list[str]:
         if self.method == "pca" and self.explained_variance_ratio is not None:
-            return [f"PC{i + 1} ({100 * float(r):.1f}%)" for i, r in enumerate(self.explained_variance_ratio)]
+            return [
+                f"PC{i + 1} ({100 * float(r):.1f}%)"
+                for i, r in enumerate(self.explained_variance_ratio)
+            ]
         return [f"{self.method.upper()} {i + 1}" for i in range(self.n_components)]
 
     def transform(self, activations: Any, *, fields: Mapping[str, Any] | None = None) -> Projection:
@@ -253,7 +277,9 @@ class Projection:
         x = _as_2d_float(activations)
         coords = _apply(self.method, self.reducer, x)
         return Projection(
-            coords=coords, method=self.method, reducer=self.reducer,
+            coords=coords,
+            method=self.method,
+            reducer=self.reducer,
             fields=_collect_fields(activations, fields, x.shape[0]),
             explained_variance_ratio=self.explained_variance_ratio,
             n_layers=getattr(activations, "n_layers", self.n_layers),
@@ -355,24 +381,50 @@ def project(
         settings["centered_transform"] = center
     else:
         coords, reducer = _fit_umap(
-            x, x_fit, fit_on is None, n_components=n_components, n_neighbors=n_neighbors,
-            min_dist=min_dist, metric=metric, n_epochs=n_epochs, fit_size=fit_size, seed=seed,
+            x,
+            x_fit,
+            fit_on is None,
+            n_components=n_components,
+            n_neighbors=n_neighbors,
+            min_dist=min_dist,
+            metric=metric,
+            n_epochs=n_epochs,
+            fit_size=fit_size,
+            seed=seed,
         )
         evr = None
-        settings.update(n_neighbors=n_neighbors, min_dist=min_dist, metric=metric,
-                        n_epochs=n_epochs, fit_size=fit_size, seed=seed)
+        settings.update(
+            n_neighbors=n_neighbors,
+            min_dist=min_dist,
+            metric=metric,
+            n_epochs=n_epochs,
+            fit_size=fit_size,
+            seed=seed,
+        )
     prov = getattr(activations, "provenance", None)
     return Projection(
-        coords=coords, method=method, reducer=reducer,
+        coords=coords,
+        method=method,
+        reducer=reducer,
         fields=_collect_fields(activations, fields, x.shape[0]),
-        explained_variance_ratio=evr, n_layers=getattr(activations, "n_layers", None),
+        explained_variance_ratio=evr,
+        n_layers=getattr(activations, "n_layers", None),
         provenance=prov.with_settings(projection=settings) if prov is not None else None,
     )
 
 
 def _fit_umap(
-    x: torch.Tensor, x_fit: torch.Tensor, same: bool, *, n_components: int, n_neighbors: int,
-    min_dist: float, metric: str, n_epochs: int | None, fit_size: int, seed: int,
+    x: torch.Tensor,
+    x_fit: torch.Tensor,
+    same: bool,
+    *,
+    n_components: int,
+    n_neighbors: int,
+    min_dist: float,
+    metric: str,
+    n_epochs: int | None,
+    fit_size: int,
+    seed: int,
 ) -> tuple[torch.Tensor, Any]:
     umap = _import_umap()
     n_fit_total = x_fit.shape[0]
@@ -388,8 +440,12 @@ def _fit_umap(
     rng = np.random.default_rng(seed)
     fit_idx = np.sort(rng.choice(n_fit_total, size=min(fit_size, n_fit_total), replace=False))
     reducer = umap.UMAP(
-        n_components=n_components, n_neighbors=min(n_neighbors, len(fit_idx) - 1),
-        min_dist=min_dist, metric=metric, n_epochs=n_epochs, random_state=seed,
+        n_components=n_components,
+        n_neighbors=min(n_neighbors, len(fit_idx) - 1),
+        min_dist=min_dist,
+        metric=metric,
+        n_epochs=n_epochs,
+        random_state=seed,
     )
     data = x_fit[torch.as_tensor(fit_idx)].float().numpy()
     with warnings.catch_warnings():  # a seed makes umap-learn single-threaded, and it says so

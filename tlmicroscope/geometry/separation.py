@@ -54,13 +54,15 @@ class SeparationResult:
     def to_dataframe(self):
         import pandas as pd
 
-        return pd.DataFrame({
-            "layer": list(self.layers),
-            "accuracy": self.accuracy.numpy(),
-            "accuracy_std": self.accuracy_std.numpy(),
-            "silhouette": self.silhouette.numpy(),
-            "n_points": self.n_points.numpy(),
-        })
+        return pd.DataFrame(
+            {
+                "layer": list(self.layers),
+                "accuracy": self.accuracy.numpy(),
+                "accuracy_std": self.accuracy_std.numpy(),
+                "silhouette": self.silhouette.numpy(),
+                "n_points": self.n_points.numpy(),
+            }
+        )
 
     def most_separated(self) -> int:
         """The block with the highest accuracy (ties: the highest silhouette)."""
@@ -83,9 +85,12 @@ def _score_layer(
     folds = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     scores = cross_val_score(clf, x, y, cv=folds)
     if metric == "cosine" and (np.linalg.norm(x, axis=1) == 0).any():
-        raise ValueError("A vector is all zeros, so its cosine distance is undefined; use metric='euclidean'.")
-    sil = silhouette_score(x, y, metric=metric,
-                           sample_size=min(silhouette_size, len(x)), random_state=seed)
+        raise ValueError(
+            "A vector is all zeros, so its cosine distance is undefined; use metric='euclidean'."
+        )
+    sil = silhouette_score(
+        x, y, metric=metric, sample_size=min(silhouette_size, len(x)), random_state=seed
+    )
     return float(scores.mean()), float(scores.std()), float(sil)
 
 
@@ -96,7 +101,7 @@ def _top_components(a: np.ndarray, b: np.ndarray, k: int) -> tuple[np.ndarray, n
     centred = both - both.mean(0)
     _, _, vt = np.linalg.svd(centred, full_matrices=False)
     z = centred @ vt[:k].T
-    return z[: len(a)], z[len(a):]
+    return z[: len(a)], z[len(a) :]
 
 
 def component_separation(
@@ -157,13 +162,23 @@ def component_separation(
             states = states.drop_first()
     else:
         states = capture_components(
-            model_or_states, tokens, components=components, layers=layers, drop_first=drop_first,
-            batch_size=batch_size, progress=progress,
+            model_or_states,
+            tokens,
+            components=components,
+            layers=layers,
+            drop_first=drop_first,
+            batch_size=batch_size,
+            progress=progress,
         )
     rng = np.random.default_rng(seed)
     index = {(c, lay): i for i, (c, lay) in enumerate(zip(states.components, states.layers))}
-    score_layers = sorted({lay for c, lay in index if c == components[0] and (components[1], lay) in index
-                           and lay is not None})
+    score_layers = sorted(
+        {
+            lay
+            for c, lay in index
+            if c == components[0] and (components[1], lay) in index and lay is not None
+        }
+    )
     if not score_layers:
         raise ValueError(
             f"The states hold no block with both {components[0]!r} and {components[1]!r}; capture "
@@ -189,14 +204,17 @@ def component_separation(
         if n_pca is not None:
             a, b = _top_components(a, b, n_pca)
         if np.ptp(np.concatenate([a, b]), axis=0).max() == 0:
-            raise ValueError(f"Block {layer}'s {components} outputs are constant: nothing to separate.")
+            raise ValueError(
+                f"Block {layer}'s {components} outputs are constant: nothing to separate."
+            )
         m, s, h = _score_layer(a, b, n_folds, metric, silhouette_size, seed)
         acc.append(m)
         acc_std.append(s)
         sil.append(h)
         counts.append(take)
-    prov = states.provenance or Provenance(model="unknown", model_class="", weights_processed=False,
-                                           transformer_lens="")
+    prov = states.provenance or Provenance(
+        model="unknown", model_class="", weights_processed=False, transformer_lens=""
+    )
     return SeparationResult(
         layers=tuple(score_layers),
         accuracy=torch.tensor(acc),
@@ -206,7 +224,15 @@ def component_separation(
         components=(components[0], components[1]),
         chance=0.5,
         provenance=prov.with_settings(
-            separation=dict(classifier="standardised logistic regression", n_folds=n_folds,
-                            metric=metric, unit=unit, drop_first=drop_first, max_points=max_points,
-                            n_pca=n_pca, seed=seed)),
+            separation=dict(
+                classifier="standardised logistic regression",
+                n_folds=n_folds,
+                metric=metric,
+                unit=unit,
+                drop_first=drop_first,
+                max_points=max_points,
+                n_pca=n_pca,
+                seed=seed,
+            )
+        ),
     )

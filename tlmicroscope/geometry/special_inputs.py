@@ -60,7 +60,9 @@ def _bos_id(model: Any) -> int:
     tok = getattr(model, "tokenizer", None)
     bos = getattr(tok, "bos_token_id", None) if tok is not None else None
     if bos is None:
-        raise ValueError("This model's tokenizer has no BOS token; pass bos=False (or prepend_bos=False).")
+        raise ValueError(
+            "This model's tokenizer has no BOS token; pass bos=False (or prepend_bos=False)."
+        )
     return int(bos)
 
 
@@ -81,7 +83,9 @@ def repeated_token_sequence(
         [[256, 101, 101, 101, 101]]
     """
     if not 1 <= length <= model.cfg.n_ctx:
-        raise ValueError(f"length must lie in [1, {model.cfg.n_ctx}] (the model's context), got {length}.")
+        raise ValueError(
+            f"length must lie in [1, {model.cfg.n_ctx}] (the model's context), got {length}."
+        )
     if n_sequences < 1:
         raise ValueError(f"n_sequences must be at least 1, got {n_sequences}.")
     ids = torch.full((n_sequences, length), _token_id(model, token), dtype=torch.long)
@@ -95,7 +99,11 @@ def single_token_inputs(
 ) -> Int[torch.Tensor, "batch pos"]:
     """Each id as its own sequence: ``[n 1]``, or ``[n 2]`` behind a BOS (default: the whole vocabulary)."""
     d_vocab = int(model.cfg.d_vocab)
-    ids = torch.arange(d_vocab) if token_ids is None else torch.as_tensor(token_ids, dtype=torch.long).reshape(-1)
+    ids = (
+        torch.arange(d_vocab)
+        if token_ids is None
+        else torch.as_tensor(token_ids, dtype=torch.long).reshape(-1)
+    )
     if ids.numel() == 0:
         raise ValueError("token_ids is empty: pass at least one id.")
     if ids.min() < 0 or ids.max() >= d_vocab:
@@ -135,7 +143,9 @@ class VocabularyNorms:
         chosen = set(intermediate_layers(self.n_layers) if layers is None else layers)
         rows = [i for i, lay in enumerate(self.layers) if lay in chosen]
         if not rows:
-            raise ValueError(f"None of the blocks {sorted(chosen)} were measured ({self.layer_labels()}).")
+            raise ValueError(
+                f"None of the blocks {sorted(chosen)} were measured ({self.layer_labels()})."
+            )
         return self.norms[rows].mean(0)
 
     def top(self, k: int = 20, layers: Sequence[int] | None = None, largest: bool = True):
@@ -144,8 +154,13 @@ class VocabularyNorms:
 
         m = self.mean_norm(layers)
         vals, idx = torch.topk(m, min(k, m.numel()), largest=largest)
-        return pd.DataFrame({"token_id": self.token_ids[idx].numpy(),
-                             "token": self.str_tokens[idx.numpy()], "mean_norm": vals.numpy()})
+        return pd.DataFrame(
+            {
+                "token_id": self.token_ids[idx].numpy(),
+                "token": self.str_tokens[idx.numpy()],
+                "mean_norm": vals.numpy(),
+            }
+        )
 
 
 def vocabulary_norms(
@@ -169,8 +184,14 @@ def vocabulary_norms(
         ((2, 2), ['H', 'i'])
     """
     inputs = single_token_inputs(model, token_ids, prepend_bos=prepend_bos)
-    prof = norm_profile(model, inputs, components=components, layers=layers, batch_size=batch_size,
-                        progress=progress)
+    prof = norm_profile(
+        model,
+        inputs,
+        components=components,
+        layers=layers,
+        batch_size=batch_size,
+        progress=progress,
+    )
     ids = inputs[:, -1]
     return VocabularyNorms(
         norms=prof.norms[:, :, -1].contiguous(),
@@ -180,7 +201,9 @@ def vocabulary_norms(
         layers=prof.layers,
         n_layers=prof.n_layers,
         prepend_bos=prepend_bos,
-        provenance=prof.provenance.with_settings(prepend_bos=prepend_bos) if prof.provenance else None,
+        provenance=prof.provenance.with_settings(prepend_bos=prepend_bos)
+        if prof.provenance
+        else None,
     )
 
 
@@ -202,5 +225,13 @@ def vocabulary_states(
     ``components`` defaults to every one of ``COMPONENTS`` the model has.
     """
     inputs = single_token_inputs(model, token_ids, prepend_bos=prepend_bos)
-    return capture_components(model, inputs, components=components, layers=layers,
-                              positions=[-1], dtype=dtype, batch_size=batch_size, progress=progress)
+    return capture_components(
+        model,
+        inputs,
+        components=components,
+        layers=layers,
+        positions=[-1],
+        dtype=dtype,
+        batch_size=batch_size,
+        progress=progress,
+    )

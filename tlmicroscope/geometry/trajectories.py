@@ -55,8 +55,17 @@ class TokenTrajectories:
         rows = []
         for t, (pos, tok) in enumerate(zip(self.positions, self.str_tokens)):
             for li, lab in enumerate(self.layer_labels):
-                rows.append({"position": pos, "token": tok, "layer": lab,
-                             **{f"dim{k + 1}": float(self.coords[t, li, k]) for k in range(self.coords.shape[-1])}})
+                rows.append(
+                    {
+                        "position": pos,
+                        "token": tok,
+                        "layer": lab,
+                        **{
+                            f"dim{k + 1}": float(self.coords[t, li, k])
+                            for k in range(self.coords.shape[-1])
+                        },
+                    }
+                )
         return pd.DataFrame(rows)
 
 
@@ -101,21 +110,29 @@ def token_trajectories(
             states = states.select(layers=[-1, *layers, states.n_layers])
         states = states.select(components=components)
     else:
-        states = capture_components(model_or_states, tokens, components=components, layers=layers,
-                                    progress=False)
+        states = capture_components(
+            model_or_states, tokens, components=components, layers=layers, progress=False
+        )
     if states.positions is None or "samples" in states.averaged:
         raise ValueError("Trajectories need per-sample, per-position states (not averaged ones).")
     if not 0 <= sample < states.activations.shape[1]:
-        raise ValueError(f"sample {sample} is out of range for {states.activations.shape[1]} sequences.")
+        raise ValueError(
+            f"sample {sample} is out of range for {states.activations.shape[1]} sequences."
+        )
     if unit:
         states = states.normalized(unit=True)
     kept = states.positions.tolist()
     if positions is None:
-        chosen = [kept[int(i)] for i in np.unique(np.linspace(0, len(kept) - 1, min(32, len(kept))).round())]
+        chosen = [
+            kept[int(i)]
+            for i in np.unique(np.linspace(0, len(kept) - 1, min(32, len(kept))).round())
+        ]
     else:
         missing = [p for p in positions if p not in kept]
         if missing:
-            raise ValueError(f"Positions {missing} were not captured; captured positions are {kept[:10]}...")
+            raise ValueError(
+                f"Positions {missing} were not captured; captured positions are {kept[:10]}..."
+            )
         chosen = list(dict.fromkeys(int(p) for p in positions))
     cols = [kept.index(p) for p in chosen]
     row = states.activations[:, sample].float()  # [state pos d]
@@ -132,18 +149,33 @@ def token_trajectories(
     fit_data = row if fit_on == "all" else selected
     if fit_on not in ("all", "selected"):
         raise ValueError(f"fit_on must be 'all' or 'selected', got {fit_on!r}.")
-    proj = project(row.reshape(-1, row.shape[-1]), method, n_components=n_components,
-                   fit_on=fit_data.reshape(-1, row.shape[-1]), fields=fields, seed=seed)
+    proj = project(
+        row.reshape(-1, row.shape[-1]),
+        method,
+        n_components=n_components,
+        fit_on=fit_data.reshape(-1, row.shape[-1]),
+        fields=fields,
+        seed=seed,
+    )
     coords = proj.coords.reshape(row.shape[0], row.shape[1], -1)[:, cols].transpose(0, 1)
     labels = _step_labels(states)
-    strs = (tuple(str(states.str_tokens[sample, c]) for c in cols) if states.str_tokens is not None
-            else tuple(str(p) for p in chosen))
+    strs = (
+        tuple(str(states.str_tokens[sample, c]) for c in cols)
+        if states.str_tokens is not None
+        else tuple(str(p) for p in chosen)
+    )
     prov = states.provenance
     return TokenTrajectories(
-        coords=coords.contiguous(), positions=tuple(chosen), str_tokens=strs,
-        layer_labels=tuple(labels), projection=proj,
-        provenance=None if prov is None else prov.with_settings(
-            trajectories=dict(method=method, fit_on=fit_on, unit=unit, sample=sample)),
+        coords=coords.contiguous(),
+        positions=tuple(chosen),
+        str_tokens=strs,
+        layer_labels=tuple(labels),
+        projection=proj,
+        provenance=None
+        if prov is None
+        else prov.with_settings(
+            trajectories=dict(method=method, fit_on=fit_on, unit=unit, sample=sample)
+        ),
     )
 
 

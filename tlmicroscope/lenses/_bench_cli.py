@@ -26,38 +26,64 @@ def register(sub: argparse._SubParsersAction) -> None:
         "d_model/dim-batch backward passes per prompt. Slices of prompts are saved as they finish "
         "and merged; run the command again to resume.",
     )
-    f.add_argument("--corpus", default="embedded", help="'embedded' (pydoc topics), a .txt/.jsonl file or folder")
+    f.add_argument(
+        "--corpus",
+        default="embedded",
+        help="'embedded' (pydoc topics), a .txt/.jsonl file or folder",
+    )
     f.add_argument("--out", default=None, help="output folder (default out/jacobian-lens-<model>)")
-    f.add_argument("--prompts", type=int, default=32, help="number of prompts (windows of the training split)")
+    f.add_argument(
+        "--prompts", type=int, default=32, help="number of prompts (windows of the training split)"
+    )
     f.add_argument("--prompt-tokens", type=int, default=24, help="tokens per prompt")
-    f.add_argument("--skip-first", type=int, default=4, help="leading positions left out of the average")
+    f.add_argument(
+        "--skip-first", type=int, default=4, help="leading positions left out of the average"
+    )
     f.add_argument("--dim-batch", type=int, default=32, help="output dimensions per backward pass")
     f.add_argument("--slice-size", type=int, default=4, help="prompts per saved slice")
     f.add_argument("--holdout", type=float, default=0.1, help="corpus tail never fitted on")
     f.add_argument("--fresh", action="store_true", help="discard saved slices and start over")
-    f.add_argument("--curve", action="store_true",
-                   help="afterwards, evaluate the merge of the first 1, 2, ... slices on held-out tokens")
+    f.add_argument(
+        "--curve",
+        action="store_true",
+        help="afterwards, evaluate the merge of the first 1, 2, ... slices on held-out tokens",
+    )
     f.add_argument("--curve-tokens", type=int, default=512)
     add_model_args(f)
     f.set_defaults(func=_fit_jlens)
 
-    b = sub.add_parser("lens-bench", help="compare lenses on the same held-out tokens (HTML + JSON)")
-    b.add_argument("--lens", action="append", default=None,
-                   help="a saved lens folder or .pt, or 'logit'/'logit-paper' (repeatable; default: logit, "
-                   "plus the tuned and Jacobian lenses in their default folders when present)")
+    b = sub.add_parser(
+        "lens-bench", help="compare lenses on the same held-out tokens (HTML + JSON)"
+    )
+    b.add_argument(
+        "--lens",
+        action="append",
+        default=None,
+        help="a saved lens folder or .pt, or 'logit'/'logit-paper' (repeatable; default: logit, "
+        "plus the tuned and Jacobian lenses in their default folders when present)",
+    )
     b.add_argument("--corpus", default="embedded")
     b.add_argument("--tokens", type=int, default=2048)
     b.add_argument("--seq-len", type=int, default=128)
     b.add_argument("--holdout", type=float, default=0.1)
     b.add_argument("--depth-tokens", type=int, default=512)
-    b.add_argument("--cbe-layer", type=int, action="append", default=None,
-                   help="residual index for CBE + fidelity (repeatable; default the middle layer)")
+    b.add_argument(
+        "--cbe-layer",
+        type=int,
+        action="append",
+        default=None,
+        help="residual index for CBE + fidelity (repeatable; default the middle layer)",
+    )
     b.add_argument("--cbe-k", type=int, default=4)
     b.add_argument("--cbe-tokens", type=int, default=256)
     b.add_argument("--cbe-max-iter", type=int, default=30)
     b.add_argument("--sra-samples", type=int, default=16)
     b.add_argument("--sra-every", type=int, default=1, help="stimulus-response on every n-th layer")
-    b.add_argument("--out", default=None, help="HTML page (default out/lens-bench-<model>.html; JSON beside it)")
+    b.add_argument(
+        "--out",
+        default=None,
+        help="HTML page (default out/lens-bench-<model>.html; JSON beside it)",
+    )
     add_model_args(b)
     b.set_defaults(func=_bench)
 
@@ -72,17 +98,28 @@ def _fit_jlens(args: argparse.Namespace) -> int:
     require_jacobian_lens("tlmicroscope fit-jlens")  # before loading a model for nothing
     model = load_from_args(args)
     out = Path(args.out) if args.out else default_jlens_dir(args.model)
-    log(f"fitting a Jacobian lens on {args.prompts} prompts of {args.prompt_tokens} tokens into {out}")
+    log(
+        f"fitting a Jacobian lens on {args.prompts} prompts of {args.prompt_tokens} tokens into {out}"
+    )
     lens = fit_jacobian_lens(
-        model, args.corpus, out_dir=out, n_prompts=args.prompts, prompt_tokens=args.prompt_tokens,
-        skip_first_positions=args.skip_first, dim_batch=args.dim_batch, slice_size=args.slice_size,
-        holdout=args.holdout, resume=not args.fresh,
+        model,
+        args.corpus,
+        out_dir=out,
+        n_prompts=args.prompts,
+        prompt_tokens=args.prompt_tokens,
+        skip_first_positions=args.skip_first,
+        dim_batch=args.dim_batch,
+        slice_size=args.slice_size,
+        holdout=args.holdout,
+        resume=not args.fresh,
     )
     log(f"saved {lens.describe()} to {out}")
     if args.curve:
         from tlmicroscope.lenses.jacobian import prompt_curve
 
-        curve = prompt_curve(model, out, corpus=args.corpus, tokens=args.curve_tokens, holdout=args.holdout)
+        curve = prompt_curve(
+            model, out, corpus=args.corpus, tokens=args.curve_tokens, holdout=args.holdout
+        )
         from tlmicroscope.io import atomic_write_text
 
         atomic_write_text(out / "curve.json", json.dumps(curve, indent=1))
@@ -112,10 +149,19 @@ def _bench(args: argparse.Namespace) -> int:
     lenses = [s if s in ("logit", "logit-paper") else load_lens(s, model) for s in specs]
     L = int(model.cfg.n_layers)
     bench = lens_bench(
-        model, lenses, args.corpus, tokens=args.tokens, seq_len=args.seq_len, holdout=args.holdout,
-        depth_tokens=args.depth_tokens, cbe_layers=args.cbe_layer, cbe_k=args.cbe_k,
-        cbe_tokens=args.cbe_tokens, cbe_max_iter=args.cbe_max_iter,
-        sra_layers=list(range(0, L, max(1, args.sra_every))), sra_samples=args.sra_samples,
+        model,
+        lenses,
+        args.corpus,
+        tokens=args.tokens,
+        seq_len=args.seq_len,
+        holdout=args.holdout,
+        depth_tokens=args.depth_tokens,
+        cbe_layers=args.cbe_layer,
+        cbe_k=args.cbe_k,
+        cbe_tokens=args.cbe_tokens,
+        cbe_max_iter=args.cbe_max_iter,
+        sra_layers=list(range(0, L, max(1, args.sra_every))),
+        sra_samples=args.sra_samples,
     )
     from tlmicroscope.io import atomic_write_text
     from tlmicroscope.lenses.train import default_lens_dir

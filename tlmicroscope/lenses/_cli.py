@@ -9,14 +9,21 @@ from tlmicroscope.cli import DEFAULT_TEXT, add_model_args, load_from_args, log, 
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("lens", help="what each layer predicts for a text (logit or tuned lens) as HTML")
+    p = sub.add_parser(
+        "lens", help="what each layer predicts for a text (logit or tuned lens) as HTML"
+    )
     p.add_argument("text", nargs="?", default=None, help="the text to analyse")
     p.add_argument("--text-file", default=None, help="read the text from a file instead")
     p.add_argument("--out", default="lens.html", help="HTML file to write")
-    p.add_argument("--lens", default="logit",
-                   help="'logit', 'logit-paper' (LLM-Microscope variant) or a saved tuned-lens folder")
+    p.add_argument(
+        "--lens",
+        default="logit",
+        help="'logit', 'logit-paper' (LLM-Microscope variant) or a saved tuned-lens folder",
+    )
     p.add_argument("--top-k", type=int, default=10)
-    p.add_argument("--truncate", action="store_true", help="keep the first n_ctx tokens of a long text")
+    p.add_argument(
+        "--truncate", action="store_true", help="keep the first n_ctx tokens of a long text"
+    )
     add_model_args(p)
     p.set_defaults(func=_lens)
 
@@ -24,7 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("text", nargs="?", default=None)
     r.add_argument("--text-file", default=None)
     r.add_argument("--out", default="report.html")
-    r.add_argument("--lens", default=None, help="a saved tuned-lens folder to show beside the logit lens")
+    r.add_argument(
+        "--lens", default=None, help="a saved tuned-lens folder to show beside the logit lens"
+    )
     r.add_argument("--sections", default=None, help="comma-separated section names (default: all)")
     r.add_argument("--truncate", action="store_true")
     add_model_args(r)
@@ -75,8 +84,13 @@ def _report(args: argparse.Namespace) -> int:
     model = load_from_args(args)
     lens = _load_lens(args.lens, model)
     sections = args.sections.split(",") if args.sections else None
-    rep = report(model, text, lens=lens if lens not in ("logit", "logit-paper") else None,
-                 sections=sections, truncate=args.truncate)
+    rep = report(
+        model,
+        text,
+        lens=lens if lens not in ("logit", "logit-paper") else None,
+        sections=sections,
+        truncate=args.truncate,
+    )
     for name, secs in rep.seconds.items():
         state = "missing" if name in rep.missing else "failed" if name in rep.failed else "ok"
         log(f"section {name}: {state} ({secs:.1f} s)")

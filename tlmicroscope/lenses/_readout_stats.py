@@ -79,8 +79,9 @@ class RowStats:
     extra_rank: torch.Tensor | None = None  # [rows m/group] logits strictly above each group's best
 
 
-def extra_logits(x: torch.Tensor, WT: torch.Tensor, b: torch.Tensor | None, finish: Any,
-                 ids: torch.Tensor) -> torch.Tensor:
+def extra_logits(
+    x: torch.Tensor, WT: torch.Tensor, b: torch.Tensor | None, finish: Any, ids: torch.Tensor
+) -> torch.Tensor:
     """Logits ``finish(x @ WT[ids].T + b[ids])`` of ``ids`` ``[rows m]`` for rows ``x``, float32."""
     z = torch.einsum("rd,rmd->rm", x.float(), WT[ids].float())
     if b is not None:
@@ -88,8 +89,14 @@ def extra_logits(x: torch.Tensor, WT: torch.Tensor, b: torch.Tensor | None, fini
     return finish(z) if finish is not None else z
 
 
-def final_stats(zf: torch.Tensor, tgt: torch.Tensor, k: int, col: int,
-                extra: torch.Tensor | None = None, extra_group: int = 1) -> tuple[RowStats, torch.Tensor, torch.Tensor]:
+def final_stats(
+    zf: torch.Tensor,
+    tgt: torch.Tensor,
+    k: int,
+    col: int,
+    extra: torch.Tensor | None = None,
+    extra_group: int = 1,
+) -> tuple[RowStats, torch.Tensor, torch.Tensor]:
     """Statistics of the model's own logits ``zf`` ``[pos d_vocab]``, its distribution and block sums.
 
     Returns the statistics (``entropy`` is the final entropy, ``pz`` is ``sum p z``; with
@@ -108,9 +115,14 @@ def final_stats(zf: torch.Tensor, tgt: torch.Tensor, k: int, col: int,
     if extra is not None:
         extra_z = zf.gather(1, extra)
         best = extra_z.view(extra.shape[0], -1, extra_group).amax(-1)
-        extra_rank = torch.stack(
-            [torch.gt(zf, best[:, j : j + 1], out=above).sum(-1) for j in range(best.shape[1])], 1
-        ).round().long()
+        extra_rank = (
+            torch.stack(
+                [torch.gt(zf, best[:, j : j + 1], out=above).sum(-1) for j in range(best.shape[1])],
+                1,
+            )
+            .round()
+            .long()
+        )
     del above
     tv, ti = zf.topk(k, dim=-1)
     V = zf.shape[1]
@@ -120,13 +132,23 @@ def final_stats(zf: torch.Tensor, tgt: torch.Tensor, k: int, col: int,
         sums.append(p[:, full:].sum(-1, keepdim=True))
     # Entropy >= 0 and log-probabilities <= 0 exactly; float32 rounding at logits of tens of nats
     # can cross those bounds by ~1e-5, so clamp them.
-    stats = RowStats(entropy=(lse - pz).clamp(min=0), lse=lse, ce=lse - z_t, rank=rank.round().long(),
-                     top_v=(tv - lse.unsqueeze(1)).clamp(max=0), top_i=ti, pz=pz,
-                     extra_z=extra_z, extra_rank=extra_rank)
+    stats = RowStats(
+        entropy=(lse - pz).clamp(min=0),
+        lse=lse,
+        ce=lse - z_t,
+        rank=rank.round().long(),
+        top_v=(tv - lse.unsqueeze(1)).clamp(max=0),
+        top_i=ti,
+        pz=pz,
+        extra_z=extra_z,
+        extra_rank=extra_rank,
+    )
     return stats, p, torch.cat(sums, 1)
 
 
-def _group_layout(V: int, col: int, g: int) -> tuple[list[tuple[int, int, int, int]], torch.Tensor, ...]:
+def _group_layout(
+    V: int, col: int, g: int
+) -> tuple[list[tuple[int, int, int, int]], torch.Tensor, ...]:
     """Per block ``(lo, width, padded width, group offset)``, and per group its first column,
     column stride and end (one past the block's last column)."""
     blocks, base, stride, end = [], [], [], []
@@ -287,9 +309,14 @@ def blocked_stats(
     if lean:
         nan = torch.full((R,), torch.nan, device=dev)
         return RowStats(
-            entropy=nan, lse=lse, ce=nan, rank=torch.full((R,), -1, dtype=torch.long, device=dev),
-            top_v=torch.full((R, k), torch.nan, device=dev), top_i=torch.full((R, k), -1, dtype=torch.long, device=dev),
-            pz=nan, extra_z=None if extra is None else ex_z,
+            entropy=nan,
+            lse=lse,
+            ce=nan,
+            rank=torch.full((R,), -1, dtype=torch.long, device=dev),
+            top_v=torch.full((R, k), torch.nan, device=dev),
+            top_i=torch.full((R, k), -1, dtype=torch.long, device=dev),
+            pz=nan,
+            extra_z=None if extra is None else ex_z,
             extra_rank=None if extra is None else ex_above.round().long(),
         )
     top_v, top_i = _top_k(x, WT, b, finish, gm_all, g_base, g_stride, g_end, k)
@@ -306,7 +333,9 @@ def blocked_stats(
     )
 
 
-def _top_k(x, WT, b, finish, gm_all, g_base, g_stride, g_end, k) -> tuple[torch.Tensor, torch.Tensor]:
+def _top_k(
+    x, WT, b, finish, gm_all, g_base, g_stride, g_end, k
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The k largest logits of each row and their ids, from the k groups with the largest maxima."""
     R, d = x.shape
     dev = x.device

@@ -12,7 +12,9 @@ from tlmicroscope.viz.lens import logit_lens_table, trajectory_heatmap, trajecto
 def _trajectory_of(ctx: ReportContext, lens: Any, top_k: int) -> Any:
     """A trajectory from the report's shared capture when it has the residual stream."""
     if ctx.cache is not None and "blocks.0.hook_resid_pre" in ctx.cache:
-        return prediction_trajectory(ctx.cache, ctx.tokens, lens=lens, top_k=top_k, logits=ctx.logits)
+        return prediction_trajectory(
+            ctx.cache, ctx.tokens, lens=lens, top_k=top_k, logits=ctx.logits
+        )
     return prediction_trajectory(ctx.model, ctx.tokens, lens=lens, top_k=top_k)
 
 
@@ -72,14 +74,19 @@ def _last_positions(ctx: ReportContext, n: int) -> tuple[Any, Any, Any]:
     return ActivationCache(sliced, ctx.model), ctx.tokens[:, -n:], ctx.logits[:, -n:]
 
 
-@register_section("logit_lens_table", "Logit lens, LLM-Microscope style", needs=("resid",),
-                  settings=("top_k",))
+@register_section(
+    "logit_lens_table", "Logit lens, LLM-Microscope style", needs=("resid",), settings=("top_k",)
+)
 def _logit_lens_table(ctx: ReportContext) -> Section:
     n_pos = int(ctx.tokens.shape[-1])
     shown = min(n_pos, _TABLE_POSITIONS)
 
     def compute() -> Any:
-        if ctx.cache is not None and "blocks.0.hook_resid_pre" in ctx.cache and ctx.logits is not None:
+        if (
+            ctx.cache is not None
+            and "blocks.0.hook_resid_pre" in ctx.cache
+            and ctx.logits is not None
+        ):
             cache, tokens, logits = _last_positions(ctx, shown)
             return prediction_trajectory(cache, tokens, lens="logit-paper", top_k=1, logits=logits)
         return prediction_trajectory(ctx.model, ctx.tokens, lens="logit-paper", top_k=1)

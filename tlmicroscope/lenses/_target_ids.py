@@ -19,8 +19,10 @@ import torch
 
 from tlmicroscope._vocab import token_strings
 
-_FORMS = ("a string, a token id, a set of them (probabilities summed), or a list of those; "
-          "with per_row=True one such entry per row")
+_FORMS = (
+    "a string, a token id, a set of them (probabilities summed), or a list of those; "
+    "with per_row=True one such entry per row"
+)
 
 
 @dataclass(frozen=True)
@@ -58,8 +60,9 @@ class TargetIds:
         flat = self.ids.reshape(self.ids.shape[0], -1)
         return flat.expand(n_rows, -1) if flat.shape[0] == 1 else flat
 
-    def combine(self, z: torch.Tensor, lse: torch.Tensor, rank: torch.Tensor,
-                rows_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def combine(
+        self, z: torch.Tensor, lse: torch.Tensor, rank: torch.Tensor, rows_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-target ``(prob, logprob, rank)`` ``[... target]`` from member logits ``z``
         ``[... target*member]``, the log-normaliser ``lse`` ``[...]`` and the kernel's ranks of
         each target's best member ``[... target]``.
@@ -99,9 +102,13 @@ def _one_token(model: Any, item: Any, notes: list[str]) -> tuple[int, str]:
         return i, _decode(model, [i])[0]
     if isinstance(item, str):
         if not item:
-            raise ValueError("A target string is empty; pass the token's text, e.g. ' Paris' (with its space).")
+            raise ValueError(
+                "A target string is empty; pass the token's text, e.g. ' Paris' (with its space)."
+            )
         if getattr(model, "tokenizer", None) is None:
-            raise ValueError(f"This model has no tokenizer to turn the target {item!r} into ids; pass token ids.")
+            raise ValueError(
+                f"This model has no tokenizer to turn the target {item!r} into ids; pass token ids."
+            )
         ids = [int(t) for t in model.to_tokens(item, prepend_bos=False)[0]]
         unk = getattr(model.tokenizer, "unk_token_id", None)
         if not ids or (unk is not None and unk in ids):
@@ -111,8 +118,10 @@ def _one_token(model: Any, item: Any, notes: list[str]) -> tuple[int, str]:
             )
         pieces = _decode(model, ids)
         if len(ids) > 1:
-            note = (f"target {item!r} is {len(ids)} tokens {pieces}; reading its first token {pieces[0]!r} "
-                    f"(id {ids[0]}). Pass a one-token string or an id to read another.")
+            note = (
+                f"target {item!r} is {len(ids)} tokens {pieces}; reading its first token {pieces[0]!r} "
+                f"(id {ids[0]}). Pass a one-token string or an id to read another."
+            )
             if note not in notes:
                 notes.append(note)
                 warnings.warn("The " + note, UserWarning, stacklevel=5)
@@ -194,9 +203,13 @@ def resolve_targets(
     if names is not None:
         names = tuple(str(n) for n in names)
         if len(names) != T:
-            raise ValueError(f"target_names has {len(names)} names for {T} targets; give one per target.")
+            raise ValueError(
+                f"target_names has {len(names)} names for {T} targets; give one per target."
+            )
     elif per_row:
         names = ("target",) if T == 1 else tuple(f"target {j}" for j in range(T))
     else:
         names = tuple(read[0])
-    return TargetIds(ids=ids, mask=mask, names=names, read=read, notes=tuple(notes), per_row=bool(per_row))
+    return TargetIds(
+        ids=ids, mask=mask, names=names, read=read, notes=tuple(notes), per_row=bool(per_row)
+    )

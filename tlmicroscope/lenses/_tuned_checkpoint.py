@@ -26,14 +26,32 @@ __all__ = ["CHECKPOINT_DIR", "default_lens_dir"]
 CHECKPOINT_DIR = "checkpoint"
 _CKPT_KIND = "tuned_lens_checkpoint"
 # Settings that change the result: a checkpoint resumes only under the same values.
-_RESUME_KEYS = ("steps", "tokens_per_step", "seq_len", "recipe", "lr", "bias_lr", "weight_decay",
-                "momentum", "warmup_steps", "clip_grad_norm", "init", "init_tokens", "precision",
-                "holdout", "seed", "bias")
+_RESUME_KEYS = (
+    "steps",
+    "tokens_per_step",
+    "seq_len",
+    "recipe",
+    "lr",
+    "bias_lr",
+    "weight_decay",
+    "momentum",
+    "warmup_steps",
+    "clip_grad_norm",
+    "init",
+    "init_tokens",
+    "precision",
+    "holdout",
+    "seed",
+    "bias",
+)
 
 
 def _train_settings(cfg: Any) -> dict[str, Any]:
-    return {k: v for k, v in dataclasses.asdict(cfg).items()
-            if k not in ("out_dir", "resume", "progress", "stop_after", "max_seconds")}
+    return {
+        k: v
+        for k, v in dataclasses.asdict(cfg).items()
+        if k not in ("out_dir", "resume", "progress", "stop_after", "max_seconds")
+    }
 
 
 _STAGING = ".lens-staging"
@@ -72,13 +90,21 @@ def _save_lens_into(out: Path, lens: Any) -> None:
     staging.rmdir()
 
 
-def _save_checkpoint(out: Path, lens, optimizers, step: int, history: dict, cfg: Any,
-                     data_sig: dict) -> None:
+def _save_checkpoint(
+    out: Path, lens, optimizers, step: int, history: dict, cfg: Any, data_sig: dict
+) -> None:
     tensors, opt_meta = flatten_state(optimizers)
     tensors = {"lens.weight": lens.weight.detach(), "lens.bias": lens.bias.detach(), **tensors}
-    config = {"step": step, "settings": _train_settings(cfg), "optimizers": opt_meta,
-              "history": history, "data": data_sig}
-    save_fitted(out / CHECKPOINT_DIR, tensors, kind=_CKPT_KIND, config=config, fingerprint=lens.model_info)
+    config = {
+        "step": step,
+        "settings": _train_settings(cfg),
+        "optimizers": opt_meta,
+        "history": history,
+        "data": data_sig,
+    }
+    save_fitted(
+        out / CHECKPOINT_DIR, tensors, kind=_CKPT_KIND, config=config, fingerprint=lens.model_info
+    )
 
 
 def _load_checkpoint(out: Path, model: Any, lens, optimizers, cfg: Any, data_sig: dict):
@@ -116,7 +142,11 @@ def default_lens_dir(model_or_name: Any, root: str | os.PathLike = "out") -> Pat
     if name == EMBEDDED_HF_NAME or name.lower() in EMBEDDED_NAMES:
         slug = EMBEDDED_NAMES[0]
     elif name == GEMMA_HF_NAME or name.lower() in GEMMA_NAMES:
-        slug = GEMMA_NAMES[0]  # --model gemma3-270m and a loaded Gemma (labelled by its hub name) agree
+        slug = GEMMA_NAMES[
+            0
+        ]  # --model gemma3-270m and a loaded Gemma (labelled by its hub name) agree
     else:
-        slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in Path(str(name)).name.lower())
+        slug = "".join(
+            c if c.isalnum() or c in "-_." else "-" for c in Path(str(name)).name.lower()
+        )
     return Path(root) / f"tuned-lens-{slug}"

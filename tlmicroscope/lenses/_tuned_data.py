@@ -67,10 +67,17 @@ def lens_token_windows(
         raise ValueError(f"split must be 'train', 'heldout' or 'all', got {split!r}.")
     stream = token_stream(model, corpus, text_field=text_field)
     n_hold = 0 if split == "all" else int(round(stream.numel() * holdout))
-    part = {"train": stream[: stream.numel() - n_hold], "heldout": stream[stream.numel() - n_hold:],
-            "all": stream}[split]
+    part = {
+        "train": stream[: stream.numel() - n_hold],
+        "heldout": stream[stream.numel() - n_hold :],
+        "all": stream,
+    }[split]
     tok = getattr(model, "tokenizer", None)
-    bos = getattr(tok, "bos_token_id", None) if getattr(model.cfg, "default_prepend_bos", False) else None
+    bos = (
+        getattr(tok, "bos_token_id", None)
+        if getattr(model.cfg, "default_prepend_bos", False)
+        else None
+    )
     body = seq_len - (bos is not None)
     if body <= 0 or part.numel() < body:
         raise ValueError(
@@ -80,7 +87,9 @@ def lens_token_windows(
         )
     windows = part[: part.numel() // body * body].view(-1, body)
     if bos is not None:
-        windows = torch.cat([torch.full((windows.shape[0], 1), bos, dtype=windows.dtype), windows], 1)
+        windows = torch.cat(
+            [torch.full((windows.shape[0], 1), bos, dtype=windows.dtype), windows], 1
+        )
     return windows.contiguous()
 
 
@@ -102,7 +111,7 @@ def _step_windows(n_windows: int, per_step: int, step: int, seed: int, cache: di
 
 def _micro_batches(ids: list[int], per_batch: int) -> Iterator[list[int]]:
     for i in range(0, len(ids), per_batch):
-        yield ids[i: i + per_batch]
+        yield ids[i : i + per_batch]
 
 
 def _forward(model: Any, toks: torch.Tensor, layers: list[int], logits: bool):

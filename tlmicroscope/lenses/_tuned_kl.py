@@ -30,7 +30,7 @@ import torch
 
 from tlmicroscope.lenses.readout import Readout
 
-__all__ = ["LensObjective", "FinalDistribution"]
+__all__ = ["FinalDistribution", "LensObjective"]
 
 
 @dataclass
@@ -61,8 +61,9 @@ class LensObjective:
         chunk_rows: Rows per vocabulary-sized buffer (bounds memory: ``chunk_rows * d_vocab`` floats).
     """
 
-    def __init__(self, readout: Readout, *, compute_dtype: torch.dtype = torch.float32,
-                 chunk_rows: int = 256):
+    def __init__(
+        self, readout: Readout, *, compute_dtype: torch.dtype = torch.float32, chunk_rows: int = 256
+    ):
         self.readout = readout
         self.kind = readout.kind
         self.eps = readout.eps
@@ -83,7 +84,9 @@ class LensObjective:
         r = torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
         return y * r, r
 
-    def norm_backward(self, g: torch.Tensor, x: torch.Tensor, r: torch.Tensor | None) -> torch.Tensor:
+    def norm_backward(
+        self, g: torch.Tensor, x: torch.Tensor, r: torch.Tensor | None
+    ) -> torch.Tensor:
         if r is None:
             return g
         gx = (g * x).mean(-1, keepdim=True)

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Muon", "RECIPES", "Recipe", "make_optimizers", "flatten_state", "unflatten_state"]
+__all__ = ["RECIPES", "Muon", "Recipe", "flatten_state", "make_optimizers", "unflatten_state"]
 
 _NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
@@ -51,13 +51,29 @@ class Muon(torch.optim.Optimizer):
             float32 when a run asks for full precision, e.g. to compare runs bit for bit).
     """
 
-    def __init__(self, params, lr: float = 0.01, momentum: float = 0.9, nesterov: bool = True,
-                 weight_decay: float = 0.0, ns_steps: int = 5, ns_dtype: torch.dtype = torch.bfloat16):
+    def __init__(
+        self,
+        params,
+        lr: float = 0.01,
+        momentum: float = 0.9,
+        nesterov: bool = True,
+        weight_decay: float = 0.0,
+        ns_steps: int = 5,
+        ns_dtype: torch.dtype = torch.bfloat16,
+    ):
         if lr <= 0:
             raise ValueError(f"lr must be positive, got {lr}.")
         self.ns_dtype = ns_dtype
-        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov,
-                                      weight_decay=weight_decay, ns_steps=ns_steps))
+        super().__init__(
+            params,
+            dict(
+                lr=lr,
+                momentum=momentum,
+                nesterov=nesterov,
+                weight_decay=weight_decay,
+                ns_steps=ns_steps,
+            ),
+        )
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -106,29 +122,47 @@ RECIPES: dict[str, Recipe] = {
 
 
 def make_optimizers(
-    recipe: str, weight: torch.nn.Parameter, bias: torch.nn.Parameter | None, *, lr: float,
-    bias_lr: float, weight_decay: float, momentum: float, ns_dtype: torch.dtype = torch.bfloat16
+    recipe: str,
+    weight: torch.nn.Parameter,
+    bias: torch.nn.Parameter | None,
+    *,
+    lr: float,
+    bias_lr: float,
+    weight_decay: float,
+    momentum: float,
+    ns_dtype: torch.dtype = torch.bfloat16,
 ) -> dict[str, torch.optim.Optimizer]:
     """The optimizers of a recipe, by name (their order is the order they step in)."""
     params = [weight] + ([bias] if bias is not None else [])
     if recipe == "sgd":
-        return {"sgd": torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=True,
-                                       weight_decay=weight_decay)}
+        return {
+            "sgd": torch.optim.SGD(
+                params, lr=lr, momentum=momentum, nesterov=True, weight_decay=weight_decay
+            )
+        }
     if recipe == "adam":
-        return {"adam": torch.optim.Adam(params, lr=lr, betas=(momentum, 0.999), amsgrad=True,
-                                         weight_decay=weight_decay)}
+        return {
+            "adam": torch.optim.Adam(
+                params, lr=lr, betas=(momentum, 0.999), amsgrad=True, weight_decay=weight_decay
+            )
+        }
     if recipe == "muon":
         opts: dict[str, torch.optim.Optimizer] = {
-            "muon": Muon([weight], lr=lr, momentum=momentum, weight_decay=weight_decay, ns_dtype=ns_dtype)
+            "muon": Muon(
+                [weight], lr=lr, momentum=momentum, weight_decay=weight_decay, ns_dtype=ns_dtype
+            )
         }
         if bias is not None:
-            opts["adamw"] = torch.optim.AdamW([bias], lr=bias_lr, betas=(momentum, 0.999),
-                                              weight_decay=weight_decay)
+            opts["adamw"] = torch.optim.AdamW(
+                [bias], lr=bias_lr, betas=(momentum, 0.999), weight_decay=weight_decay
+            )
         return opts
     raise ValueError(f"Unknown recipe {recipe!r}; choose from {sorted(RECIPES)}.")
 
 
-def flatten_state(optimizers: Mapping[str, torch.optim.Optimizer]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def flatten_state(
+    optimizers: Mapping[str, torch.optim.Optimizer],
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Optimizer states as ``{name: tensor}`` plus JSON-able groups and scalars."""
     tensors: dict[str, torch.Tensor] = {}
     meta: dict[str, Any] = {}
@@ -145,8 +179,11 @@ def flatten_state(optimizers: Mapping[str, torch.optim.Optimizer]) -> tuple[dict
     return tensors, meta
 
 
-def unflatten_state(optimizers: Mapping[str, torch.optim.Optimizer], tensors: Mapping[str, torch.Tensor],
-                    meta: Mapping[str, Any]) -> None:
+def unflatten_state(
+    optimizers: Mapping[str, torch.optim.Optimizer],
+    tensors: Mapping[str, torch.Tensor],
+    meta: Mapping[str, Any],
+) -> None:
     """Load what ``flatten_state`` wrote back into ``optimizers``."""
     for oname, opt in optimizers.items():
         if oname not in meta:
@@ -155,7 +192,7 @@ def unflatten_state(optimizers: Mapping[str, torch.optim.Optimizer], tensors: Ma
         prefix = f"optim.{oname}."
         for key, value in tensors.items():
             if key.startswith(prefix):
-                idx, name = key[len(prefix):].split(".", 1)
+                idx, name = key[len(prefix) :].split(".", 1)
                 state.setdefault(int(idx), {})[name] = value
         for idx, scalars in meta[oname].get("scalars", {}).items():
             state.setdefault(int(idx), {}).update(scalars)

@@ -22,7 +22,13 @@ from jaxtyping import Float
 from tlmicroscope.lenses.readout import Readout
 
 __all__ = [
-    "RESIDUAL_SITES", "Lens", "LogitLens", "check_lens_sites", "lens_logits", "lens_sites", "lens_transform",
+    "RESIDUAL_SITES",
+    "Lens",
+    "LogitLens",
+    "check_lens_sites",
+    "lens_logits",
+    "lens_sites",
+    "lens_transform",
     "resolve_lens",
 ]
 
@@ -113,7 +119,9 @@ def lens_sites(lens: Any) -> tuple[str, ...]:
 def check_lens_sites(lens: Any, sites: Any) -> None:
     """Raise a ``ValueError`` naming the fix if ``lens`` cannot read one of ``sites``."""
     has_method = callable(getattr(lens, "transform_site", None))
-    missing = [s for s in sites if s not in lens_sites(lens) or (s != "resid_pre" and not has_method)]
+    missing = [
+        s for s in sites if s not in lens_sites(lens) or (s != "resid_pre" and not has_method)
+    ]
     if not missing:
         return
     name = getattr(lens, "name", type(lens).__name__)
@@ -200,12 +208,17 @@ def load_lens(path: Any, model: Any) -> Lens:
     try:
         meta = json.loads(cfg_path.read_text())
     except ValueError as exc:
-        raise ValueError(f"{cfg_path} is not valid JSON; the lens file is corrupt ({exc}).") from exc
+        raise ValueError(
+            f"{cfg_path} is not valid JSON; the lens file is corrupt ({exc})."
+        ) from exc
     if not isinstance(meta, dict):
-        raise FittedFileError(f"{cfg_path} holds a JSON {type(meta).__name__}, not an object; the lens "
-                              "file is corrupt.")
-    kind = meta.get("kind") or ("tuned_lens" if "lens_type" in meta or (path / "params.pt").is_file()
-                                else None)
+        raise FittedFileError(
+            f"{cfg_path} holds a JSON {type(meta).__name__}, not an object; the lens "
+            "file is corrupt."
+        )
+    kind = meta.get("kind") or (
+        "tuned_lens" if "lens_type" in meta or (path / "params.pt").is_file() else None
+    )
     if kind not in _LENS_LOADERS:
         raise ValueError(f"{path} holds a {kind!r}, which is not a lens tlmicroscope can load.")
     module, cls_name = _LENS_LOADERS[kind].split(":")

@@ -107,24 +107,30 @@ class LensBench:
         for i, name in enumerate(self.lens_names):
             kl = float(self.kl[i, :-1].mean())
             ce = float(self.cross_entropy[i, :-1].mean())
-            rows.append({
-                "lens": name,
-                "kl_nats": kl,
-                "kl_bpb": kl * self.nats_to_bpb,
-                "ce_nats": ce,
-                "ce_bpb": ce * self.nats_to_bpb,
-                "bias_nats": float(self.bias_kl[i, :-1].mean()),
-                "prediction_depth": float(self.depth[i]),
-                "fidelity_rho": float(self.fidelity_rho[i].nanmean()) if self.cbe_layers else math.nan,
-                "sra": float(self.sra[i].nanmean()) if self.sra_layers else math.nan,
-            })
+            rows.append(
+                {
+                    "lens": name,
+                    "kl_nats": kl,
+                    "kl_bpb": kl * self.nats_to_bpb,
+                    "ce_nats": ce,
+                    "ce_bpb": ce * self.nats_to_bpb,
+                    "bias_nats": float(self.bias_kl[i, :-1].mean()),
+                    "prediction_depth": float(self.depth[i]),
+                    "fidelity_rho": float(self.fidelity_rho[i].nanmean())
+                    if self.cbe_layers
+                    else math.nan,
+                    "sra": float(self.sra[i].nanmean()) if self.sra_layers else math.nan,
+                }
+            )
         return pd.DataFrame(rows)
 
     def to_markdown(self, digits: int = 3) -> str:
         """The summary table as a Markdown table (what the README shows)."""
         df = self.table()
-        head = ("| lens | KL (nats) | KL (bits/byte) | CE (nats) | CE (bits/byte) | bias (nats) "
-                "| prediction depth | fidelity ρ | SRA |")
+        head = (
+            "| lens | KL (nats) | KL (bits/byte) | CE (nats) | CE (bits/byte) | bias (nats) "
+            "| prediction depth | fidelity ρ | SRA |"
+        )
         lines = [head, "|" + " --- |" * 9]
         for _, r in df.iterrows():
             cells = [r["lens"]] + [f"{r[c]:.{digits}f}" for c in df.columns[1:]]
@@ -134,14 +140,30 @@ class LensBench:
     def to_dict(self) -> dict[str, Any]:
         """Every number as plain JSON types (NaN kept as ``NaN``)."""
         out: dict[str, Any] = {
-            "lens_names": list(self.lens_names), "layer_labels": list(self.layer_labels),
-            "cbe_layers": list(self.cbe_layers), "sra_layers": list(self.sra_layers),
-            "nats_to_bpb": self.nats_to_bpb, "n_tokens": self.n_tokens, "n_bytes": self.n_bytes,
-            "notes": dict(self.notes), "provenance": self.provenance.to_dict(),
+            "lens_names": list(self.lens_names),
+            "layer_labels": list(self.layer_labels),
+            "cbe_layers": list(self.cbe_layers),
+            "sra_layers": list(self.sra_layers),
+            "nats_to_bpb": self.nats_to_bpb,
+            "n_tokens": self.n_tokens,
+            "n_bytes": self.n_bytes,
+            "notes": dict(self.notes),
+            "provenance": self.provenance.to_dict(),
             "table": self.table().to_dict(orient="records"),
         }
-        for name in ("kl", "cross_entropy", "entropy", "bias_kl", "depth", "depth_fraction",
-                     "fidelity_rho", "fidelity_p", "fidelity_ci", "sra", "sra_std"):
+        for name in (
+            "kl",
+            "cross_entropy",
+            "entropy",
+            "bias_kl",
+            "depth",
+            "depth_fraction",
+            "fidelity_rho",
+            "fidelity_p",
+            "fidelity_ci",
+            "sra",
+            "sra_std",
+        ):
             out[name] = getattr(self, name).double().tolist()
         if self.sra_ci is not None:
             out["sra_ci"] = self.sra_ci.double().tolist()
@@ -164,7 +186,9 @@ def _named_lenses(lenses: Any) -> list[tuple[str, Any]]:
     if not out:
         raise ValueError("Pass at least one lens (e.g. ['logit', tuned_lens, jacobian_lens]).")
     if len(set(names)) != len(names):
-        raise ValueError(f"The lenses' names repeat ({names}); pass a mapping {{label: lens}} to tell them apart.")
+        raise ValueError(
+            f"The lenses' names repeat ({names}); pass a mapping {{label: lens}} to tell them apart."
+        )
     return out
 
 
@@ -233,7 +257,9 @@ def lens_bench(
     sra_list = list(range(L)) if sra_layers is None else [int(x) for x in sra_layers]
     for x in (*cbe_list, *sra_list):
         if not 0 <= x < L:
-            raise ValueError(f"Bench layers are residual indices 0..{L - 1} (the output has no lens); got {x}.")
+            raise ValueError(
+                f"Bench layers are residual indices 0..{L - 1} (the output has no lens); got {x}."
+            )
     windows = lens_token_windows(model, corpus, seq_len=seq_len, split="heldout", holdout=holdout)
     n_win = max(1, min(windows.shape[0], -(-int(tokens) // seq_len)))
     windows = windows[:n_win]
@@ -251,8 +277,18 @@ def lens_bench(
     factor = math.nan
     notes: dict[str, str] = {}
     for i, (name, lens) in enumerate(named):
-        ev = evaluate_lens(model, lens, corpus, tokens=n_win * seq_len, seq_len=seq_len, split="heldout",
-                           holdout=holdout, baseline=False, bias=True, progress=progress)
+        ev = evaluate_lens(
+            model,
+            lens,
+            corpus,
+            tokens=n_win * seq_len,
+            seq_len=seq_len,
+            split="heldout",
+            holdout=holdout,
+            baseline=False,
+            bias=True,
+            progress=progress,
+        )
         kl[i], ce[i], ent[i], bias[i] = ev.kl, ev.cross_entropy, ev.entropy, ev.bias_kl
         n_tok, n_bytes, factor = ev.n_tokens, ev.n_bytes, ev.nats_to_bpb
         traj = prediction_trajectory(model, first(depth_tokens), lens=lens, top_k=1)
@@ -260,19 +296,38 @@ def lens_bench(
         depth[i] = d.double().mean()
         depth_fraction[i] = torch.bincount(d.long(), minlength=L + 1)[: L + 1].double() / d.numel()
         for j, layer in enumerate(cbe_list):
-            basis = extract_causal_basis(model, lens, first(cbe_tokens), layer, cbe_k, n_tokens=cbe_tokens,
-                                         seq_len=seq_len, max_iter=cbe_max_iter, seed=seed,
-                                         progress=progress, on_nonconvergence="ignore")
-            fid = causal_fidelity(model, lens, basis, layer=layer, tokens=first(fidelity_tokens),
-                                  seed=seed, progress=progress)
+            basis = extract_causal_basis(
+                model,
+                lens,
+                first(cbe_tokens),
+                layer,
+                cbe_k,
+                n_tokens=cbe_tokens,
+                seq_len=seq_len,
+                max_iter=cbe_max_iter,
+                seed=seed,
+                progress=progress,
+                on_nonconvergence="ignore",
+            )
+            fid = causal_fidelity(
+                model,
+                lens,
+                basis,
+                layer=layer,
+                tokens=first(fidelity_tokens),
+                seed=seed,
+                progress=progress,
+            )
             rho[i, j], pval[i, j] = fid.spearman, fid.p_value
             lo_hi = getattr(fid, "spearman_ci", None) or getattr(fid, "ci", None)
             if lo_hi is not None:
                 ci[i, j] = torch.as_tensor([float(lo_hi[0]), float(lo_hi[1])])
         identity = getattr(lens, "identity_layers", ())
         if identity:
-            notes[name] = (f"no fitted matrix at residual index {', '.join(map(str, identity))}: "
-                           "read with the identity there (as the logit lens)")
+            notes[name] = (
+                f"no fitted matrix at residual index {', '.join(map(str, identity))}: "
+                "read with the identity there (as the logit lens)"
+            )
     sra = torch.full((n, len(sra_list)), math.nan)
     sra_std = torch.full((n, len(sra_list)), math.nan)
     sra_ci = None
@@ -282,10 +337,20 @@ def lens_bench(
         # one window falls back to donors anywhere in it and says so.
         donors = "same_position" if sra_windows.shape[0] >= 2 else "any"
         if donors == "any":
-            notes["stimulus-response"] = ("one held-out window only: donors drawn from any position of it "
-                                          "(pass tokens >= 2 * seq_len for the reference's same-position donors)")
-        res = stimulus_response_alignment(model, [lens for _, lens in named], sra_windows, sra_list,
-                                          n_samples=sra_samples, seed=seed, progress=progress, donors=donors)
+            notes["stimulus-response"] = (
+                "one held-out window only: donors drawn from any position of it "
+                "(pass tokens >= 2 * seq_len for the reference's same-position donors)"
+            )
+        res = stimulus_response_alignment(
+            model,
+            [lens for _, lens in named],
+            sra_windows,
+            sra_list,
+            n_samples=sra_samples,
+            seed=seed,
+            progress=progress,
+            donors=donors,
+        )
         sra = res.alignment.nanmean(-1)
         a = res.alignment
         valid = (~a.isnan()).sum(-1)
@@ -299,14 +364,37 @@ def lens_bench(
     return LensBench(
         lens_names=tuple(name for name, _ in named),
         layer_labels=tuple(layer_label(x, L) for x in range(L + 1)),
-        kl=kl, cross_entropy=ce, entropy=ent, bias_kl=bias, nats_to_bpb=factor,
-        depth=depth, depth_fraction=depth_fraction,
-        cbe_layers=tuple(cbe_list), fidelity_rho=rho, fidelity_p=pval, fidelity_ci=ci,
-        sra_layers=tuple(sra_list), sra=sra, sra_std=sra_std,
-        n_tokens=n_tok, n_bytes=n_bytes, notes=notes, sra_ci=sra_ci,
+        kl=kl,
+        cross_entropy=ce,
+        entropy=ent,
+        bias_kl=bias,
+        nats_to_bpb=factor,
+        depth=depth,
+        depth_fraction=depth_fraction,
+        cbe_layers=tuple(cbe_list),
+        fidelity_rho=rho,
+        fidelity_p=pval,
+        fidelity_ci=ci,
+        sra_layers=tuple(sra_list),
+        sra=sra,
+        sra_std=sra_std,
+        n_tokens=n_tok,
+        n_bytes=n_bytes,
+        notes=notes,
+        sra_ci=sra_ci,
         provenance=Provenance.from_model(
-            model, lens=",".join(name for name, _ in named), tokens=n_tok, seq_len=seq_len, holdout=holdout,
-            split="heldout", depth_tokens=int(first(depth_tokens).numel()), cbe_k=cbe_k, cbe_tokens=cbe_tokens,
-            cbe_max_iter=cbe_max_iter, fidelity_tokens=int(first(fidelity_tokens).numel()),
-            sra_samples=sra_samples, seed=seed),
+            model,
+            lens=",".join(name for name, _ in named),
+            tokens=n_tok,
+            seq_len=seq_len,
+            holdout=holdout,
+            split="heldout",
+            depth_tokens=int(first(depth_tokens).numel()),
+            cbe_k=cbe_k,
+            cbe_tokens=cbe_tokens,
+            cbe_max_iter=cbe_max_iter,
+            fidelity_tokens=int(first(fidelity_tokens).numel()),
+            sra_samples=sra_samples,
+            seed=seed,
+        ),
     )

@@ -78,25 +78,35 @@ class ComponentLens:
 
     def _check_head(self, layer: int, head: int) -> None:
         if not 0 <= int(layer) < self.n_layers:
-            raise ValueError(f"Layer {layer} is out of range: valid layers are 0..{self.n_layers - 1}.")
+            raise ValueError(
+                f"Layer {layer} is out of range: valid layers are 0..{self.n_layers - 1}."
+            )
         if not 0 <= int(head) < self.n_heads:
-            raise ValueError(f"Head {head} is out of range: this model has {self.n_heads} heads per layer, "
-                             f"valid heads are 0..{self.n_heads - 1}.")
+            raise ValueError(
+                f"Head {head} is out of range: this model has {self.n_heads} heads per layer, "
+                f"valid heads are 0..{self.n_heads - 1}."
+            )
 
     def head(self, layer: int, head: int) -> Float[torch.Tensor, "batch pos target"]:
         """One head's share ``[batch pos target]``; an index out of range names the valid range."""
         self._check_head(layer, head)
         if not self.per_head:
-            raise ValueError("This result was computed with heads=False (per block); rerun with heads=True.")
+            raise ValueError(
+                "This result was computed with heads=False (per block); rerun with heads=True."
+            )
         return self.heads[int(layer), int(head)]
 
-    def head_map(self, *, batch: int = 0, pos: int = -1, target: int = 0) -> Float[torch.Tensor, "layer head"]:
+    def head_map(
+        self, *, batch: int = 0, pos: int = -1, target: int = 0
+    ) -> Float[torch.Tensor, "layer head"]:
         """The ``[layer head]`` map of one position's target logit shares (for heatmaps)."""
         n_pos = self.tokens.shape[1]
         if not -n_pos <= pos < n_pos:
             raise ValueError(f"pos {pos} is out of range for {n_pos} positions.")
         if not 0 <= target < len(self.target_names):
-            raise ValueError(f"target {target} is out of range: valid targets are 0..{len(self.target_names) - 1}.")
+            raise ValueError(
+                f"target {target} is out of range: valid targets are 0..{len(self.target_names) - 1}."
+            )
         return self.heads[:, :, batch, pos, target]
 
     def to_dataframe(self, *, batch: int = 0, pos: int = -1):
@@ -105,9 +115,18 @@ class ComponentLens:
 
         rows = []
         for t, name in enumerate(self.target_names):
+
             def add(label: str, layer: Any, head: Any, v: torch.Tensor, t=t, name=name) -> None:
-                rows.append({"component": label, "layer": layer, "head": head, "target": name,
-                             "logit_share": float(v[batch, pos, t])})
+                rows.append(
+                    {
+                        "component": label,
+                        "layer": layer,
+                        "head": head,
+                        "target": name,
+                        "logit_share": float(v[batch, pos, t]),
+                    }
+                )
+
             add("embed", None, None, self.embed)
             if self.pos_embed is not None:
                 add("pos_embed", None, None, self.pos_embed)
@@ -131,7 +150,9 @@ def _str_tokens(model: Any, toks: torch.Tensor) -> list[list[str]]:
 
 def _hook_names(model: Any, per_head: bool, has_pos: bool) -> list[str]:
     n = int(model.cfg.n_layers)
-    names = ["blocks.0.hook_resid_pre", f"blocks.{n - 1}.hook_resid_post"] + (["hook_pos_embed"] if has_pos else [])
+    names = ["blocks.0.hook_resid_pre", f"blocks.{n - 1}.hook_resid_post"] + (
+        ["hook_pos_embed"] if has_pos else []
+    )
     for layer in range(n):
         names += [f"blocks.{layer}.hook_attn_out", f"blocks.{layer}.hook_mlp_out"]
         if per_head:
@@ -139,8 +160,14 @@ def _hook_names(model: Any, per_head: bool, has_pos: bool) -> list[str]:
     return names
 
 
-def _target_ids(model: Any, targets: Any, toks: torch.Tensor, logits: torch.Tensor | None,
-                h_final: torch.Tensor, readout: Readout) -> tuple[torch.Tensor, tuple[str, ...]]:
+def _target_ids(
+    model: Any,
+    targets: Any,
+    toks: torch.Tensor,
+    logits: torch.Tensor | None,
+    h_final: torch.Tensor,
+    readout: Readout,
+) -> tuple[torch.Tensor, tuple[str, ...]]:
     B, P = toks.shape
     if isinstance(targets, str) and targets in ("predicted", "next"):
         if targets == "predicted":
@@ -153,8 +180,10 @@ def _target_ids(model: Any, targets: Any, toks: torch.Tensor, logits: torch.Tens
         return ids.unsqueeze(-1), (targets,)
     resolved = resolve_targets(model, targets, per_row=False)
     if resolved.mask.sum(-1).max() > 1:
-        raise ValueError("A set of tokens has no single logit to split (probabilities add, logits do not); "
-                         "pass the tokens as separate targets.")
+        raise ValueError(
+            "A set of tokens has no single logit to split (probabilities add, logits do not); "
+            "pass the tokens as separate targets."
+        )
     ids = resolved.ids[0, :, 0].to(toks.device)
     return ids.expand(B, P, -1).clone(), resolved.names
 
@@ -221,28 +250,36 @@ def component_lens(
             if lacking:
                 raise ValueError(
                     f"The ActivationCache lacks {lacking[:3]} (and {max(0, len(lacking) - 3)} more); run "
-                    f"model.run_with_cache(tokens, names_filter=[...]) with all of {names[:4]}..., or pass the model.")
+                    f"model.run_with_cache(tokens, names_filter=[...]) with all of {names[:4]}..., or pass the model."
+                )
         readout = Readout.for_model(model)
         h_final = cache[f"blocks.{n - 1}.hook_resid_post"].float()
         B, P = toks.shape
         if tuple(h_final.shape[:2]) != (B, P):
-            raise ValueError(f"Cache activations {tuple(h_final.shape[:2])} do not match the tokens {(B, P)}.")
+            raise ValueError(
+                f"Cache activations {tuple(h_final.shape[:2])} do not match the tokens {(B, P)}."
+            )
         identity_diff = None
         if logits is not None:
-            identity_diff = check_readout_identity(readout, h_final.reshape(B * P, -1)[-8:],
-                                                   logits.reshape(B * P, -1)[-8:])
+            identity_diff = check_readout_identity(
+                readout, h_final.reshape(B * P, -1)[-8:], logits.reshape(B * P, -1)[-8:]
+            )
         ids, target_names = _target_ids(model, targets, toks, logits, h_final, readout)
         valid = ids >= 0
         safe = ids.clamp_min(0)
         T = ids.shape[-1]
 
         centred = readout.kind == "LN"
+
         def centre(v: torch.Tensor) -> torch.Tensor:
             return v - v.mean(-1, keepdim=True) if centred else v
 
         hc = centre(h_final)
-        scale = (torch.rsqrt(hc.pow(2).mean(-1, keepdim=True) + readout.eps) if readout.kind is not None
-                 else torch.ones_like(hc[..., :1]))  # [B P 1], frozen for every piece
+        scale = (
+            torch.rsqrt(hc.pow(2).mean(-1, keepdim=True) + readout.eps)
+            if readout.kind is not None
+            else torch.ones_like(hc[..., :1])
+        )  # [B P 1], frozen for every piece
         W, b = readout.weights(readout.kind is not None)
         W_t = W.float()[:, safe.reshape(-1)].T.reshape(B, P, T, -1)  # [B P T d_model]
         u = centre(W_t)  # centre(v) . w == v . centre(w)
@@ -271,7 +308,11 @@ def component_lens(
             z = cache[f"blocks.{layer}.attn.hook_z"].float()  # [B P H d_head]
             W_O = model.blocks[layer].attn.W_O.detach().float()  # [H d_head d_model]
             b_O = getattr(model.blocks[layer].attn, "b_O", None)
-            b_vec = b_O.detach().float() if b_O is not None else torch.zeros(W_O.shape[-1], device=z.device)
+            b_vec = (
+                b_O.detach().float()
+                if b_O is not None
+                else torch.zeros(W_O.shape[-1], device=z.device)
+            )
             # The heads' sum must be hook_attn_out (no post-attention norm), or the split is not exact.
             rebuilt = torch.einsum("bphe,hed->bpd", z, W_O) + b_vec
             gap = float((rebuilt - attn_out).abs().max()) / max(1.0, float(attn_out.abs().max()))
@@ -280,7 +321,8 @@ def component_lens(
                 raise ValueError(
                     f"Block {layer}'s heads do not add up to its hook_attn_out (relative gap {gap:.3g}): its attention "
                     "output is transformed after W_O (a post-attention norm, as Gemma 2/3 have), so per-head direct "
-                    "effects are not linear shares of it. Use heads=False for per-block shares.")
+                    "effects are not linear shares of it. Use heads=False for per-block shares."
+                )
             v_t = torch.einsum("hed,bptd->bpthe", W_O, u)  # W_O[h] @ centre(w_t)
             head_sh[layer] = torch.einsum("bphe,bpthe->hbpt", z * scale.unsqueeze(-1), v_t)
             attn_bias[layer] = share(b_vec.expand(B, P, -1))
@@ -288,9 +330,12 @@ def component_lens(
         if not res_gap <= rtol:
             raise ValueError(
                 f"The embeddings and every attn_out/mlp_out miss the final residual by a relative {res_gap:.3g}: this "
-                "model's residual stream has another term, so direct effects do not decompose it.")
+                "model's residual stream has another term, so direct effects do not decompose it."
+            )
         bias = b.float()[safe] if b is not None else torch.zeros(B, P, T, device=h_final.device)
-        total = embed + (pos_share if pos_share is not None else 0) + attn.sum(0) + mlp.sum(0) + bias
+        total = (
+            embed + (pos_share if pos_share is not None else 0) + attn.sum(0) + mlp.sum(0) + bias
+        )
         if heads:
             parts = head_sh.sum(1) + attn_bias
             gap = float((parts - attn).abs().max()) / max(1.0, float(attn.abs().max()))
@@ -304,26 +349,52 @@ def component_lens(
             if not logit_gap <= rtol * max(1.0, float(model_logit.abs().max())) + 1e-4:
                 raise ValueError(
                     f"The shares add up to a logit {logit_gap:.3g} away from the model's: the model computes "
-                    f"something this decomposition lacks ({readout.describe()}).")
+                    f"something this decomposition lacks ({readout.describe()})."
+                )
     nan = float("nan")
     inv = ~valid
-    space = "pre-softcap logit (cap * tanh(logit / cap) is the model's)" if readout.softcap is not None else "logit"
+    space = (
+        "pre-softcap logit (cap * tanh(logit / cap) is the model's)"
+        if readout.softcap is not None
+        else "logit"
+    )
     if readout.scale != 1.0:
         space += f", logit scale {readout.scale:g} included"
     prov = Provenance.from_model(
-        model, targets=list(target_names), heads=bool(heads), final_norm="frozen scale of the final residual",
-        logit_space=space, readout_identity_max_abs_diff=identity_diff,
-        max_residual_error=res_gap, max_attn_split_error=worst_attn, max_logit_error=logit_gap,
+        model,
+        targets=list(target_names),
+        heads=bool(heads),
+        final_norm="frozen scale of the final residual",
+        logit_space=space,
+        readout_identity_max_abs_diff=identity_diff,
+        max_residual_error=res_gap,
+        max_attn_split_error=worst_attn,
+        max_logit_error=logit_gap,
     )
+
     def out(t: torch.Tensor) -> torch.Tensor:
         return t.masked_fill(inv, nan).cpu()
 
     return ComponentLens(
-        heads=head_sh.masked_fill(inv, nan).cpu(), attn=out(attn), attn_bias=out(attn_bias), mlp=out(mlp),
-        embed=out(embed), pos_embed=None if pos_share is None else out(pos_share), bias=out(bias),
-        logit=out(total), model_logit=None if model_logit is None else out(model_logit),
-        target_ids=ids.cpu(), target_names=tuple(target_names), target_strings=token_strings(model, safe.cpu()),
-        tokens=toks.cpu(), str_tokens=_str_tokens(model, toks), n_layers=n, n_heads=n_heads,
-        logit_space=space, per_head=bool(heads), max_residual_error=res_gap, max_logit_error=logit_gap,
+        heads=head_sh.masked_fill(inv, nan).cpu(),
+        attn=out(attn),
+        attn_bias=out(attn_bias),
+        mlp=out(mlp),
+        embed=out(embed),
+        pos_embed=None if pos_share is None else out(pos_share),
+        bias=out(bias),
+        logit=out(total),
+        model_logit=None if model_logit is None else out(model_logit),
+        target_ids=ids.cpu(),
+        target_names=tuple(target_names),
+        target_strings=token_strings(model, safe.cpu()),
+        tokens=toks.cpu(),
+        str_tokens=_str_tokens(model, toks),
+        n_layers=n,
+        n_heads=n_heads,
+        logit_space=space,
+        per_head=bool(heads),
+        max_residual_error=res_gap,
+        max_logit_error=logit_gap,
         provenance=prov,
     )

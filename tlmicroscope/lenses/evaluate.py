@@ -33,7 +33,7 @@ from tlmicroscope.lenses.train import _forward, lens_token_windows
 from tlmicroscope.lenses.trajectory import layer_label
 from tlmicroscope.results import Provenance
 
-__all__ = ["LensEvaluation", "evaluate_lens", "nats_to_bits_per_byte", "STATISTICS"]
+__all__ = ["STATISTICS", "LensEvaluation", "evaluate_lens", "nats_to_bits_per_byte"]
 
 #: Per-layer statistics of an evaluation (nats).
 STATISTICS = ("kl", "cross_entropy", "entropy")
@@ -87,7 +87,9 @@ class LensEvaluation:
         """A per-layer statistic (``kl``, ``cross_entropy``, ``entropy``, ``bias_kl``) in nats or bits/byte."""
         value = getattr(self, name, None) if name in (*STATISTICS, "bias_kl") else None
         if value is None:
-            raise ValueError(f"{name!r} is not in this evaluation (have {STATISTICS} and bias_kl if asked for).")
+            raise ValueError(
+                f"{name!r} is not in this evaluation (have {STATISTICS} and bias_kl if asked for)."
+            )
         if unit == "nats":
             return value
         if unit == "bpb":
@@ -111,7 +113,9 @@ class LensEvaluation:
                     row[f"{name}_bpb"] = float(v[i]) * self.nats_to_bpb
             if self.baseline is not None:
                 for name in ("kl", "cross_entropy"):
-                    row[f"{self.baseline.lens_name}_{name}"] = float(getattr(self.baseline, name)[i])
+                    row[f"{self.baseline.lens_name}_{name}"] = float(
+                        getattr(self.baseline, name)[i]
+                    )
             rows.append(row)
         return pd.DataFrame(rows)
 
@@ -126,8 +130,14 @@ class _Accumulator:
         self.marginal = torch.zeros(n, d_vocab, dtype=torch.float64) if bias else None
 
 
-def _row_stats(z: torch.Tensor, p: torch.Tensor, neg_h_p: torch.Tensor, tgt: torch.Tensor,
-               has_tgt: torch.Tensor, marginal: torch.Tensor | None):
+def _row_stats(
+    z: torch.Tensor,
+    p: torch.Tensor,
+    neg_h_p: torch.Tensor,
+    tgt: torch.Tensor,
+    has_tgt: torch.Tensor,
+    marginal: torch.Tensor | None,
+):
     """KL, CE (summed over rows with a target) and entropy sums of logits ``z`` (overwritten)."""
     z -= z.amax(-1, keepdim=True)
     pz = torch.linalg.vecdot(p, z)
@@ -147,7 +157,9 @@ def _decoded_bytes(model: Any, windows: torch.Tensor) -> int:
     tok = getattr(model, "tokenizer", None)
     if tok is None:
         return 0
-    return sum(len(tok.decode(w.tolist(), skip_special_tokens=True).encode("utf-8")) for w in windows)
+    return sum(
+        len(tok.decode(w.tolist(), skip_special_tokens=True).encode("utf-8")) for w in windows
+    )
 
 
 def _kl_of_marginals(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -202,10 +214,13 @@ def evaluate_lens(
     ensure_eval(model)
     main = resolve_lens(lens)
     main.check_model(model)
-    lenses = [main] + ([resolve_lens("logit")] if baseline and getattr(main, "name", "") != "logit" else [])
+    lenses = [main] + (
+        [resolve_lens("logit")] if baseline and getattr(main, "name", "") != "logit" else []
+    )
     L, d, V = int(model.cfg.n_layers), int(model.cfg.d_model), int(model.cfg.d_vocab)
-    windows = lens_token_windows(model, corpus, seq_len=seq_len, split=split, holdout=holdout,
-                                 text_field=text_field)
+    windows = lens_token_windows(
+        model, corpus, seq_len=seq_len, split=split, holdout=holdout, text_field=text_field
+    )
     n_win = max(1, min(windows.shape[0], -(-int(tokens) // seq_len)))
     windows = windows[:n_win]
     readout = Readout.for_model(model)
@@ -217,7 +232,9 @@ def evaluate_lens(
     from tqdm.auto import tqdm
 
     batches = [list(range(i, min(i + micro, n_win))) for i in range(0, n_win, micro)]
-    for bi, batch in enumerate(tqdm(batches, desc=f"evaluating {main.name} lens", disable=not progress)):
+    for bi, batch in enumerate(
+        tqdm(batches, desc=f"evaluating {main.name} lens", disable=not progress)
+    ):
         toks = windows[batch]
         resid, logits = _forward(model, toks, list(range(L + 1)), logits=True)
         with torch.inference_mode():
@@ -255,8 +272,12 @@ def evaluate_lens(
                 if transfer_sum is not None:
                     for i in range(L):
                         for j in range(L):
-                            z = readout(main.transform(resid[j, sl], i), final_norm=main.final_norm).float()
-                            transfer_sum[i, j] += float(_row_stats(z, p, neg_h_p, tgt[sl], has[sl], None)[0])
+                            z = readout(
+                                main.transform(resid[j, sl], i), final_norm=main.final_norm
+                            ).float()
+                            transfer_sum[i, j] += float(
+                                _row_stats(z, p, neg_h_p, tgt[sl], has[sl], None)[0]
+                            )
         del resid, logits
     n_tok = n_win * seq_len
     n_bytes = _decoded_bytes(model, windows)
@@ -266,21 +287,26 @@ def evaluate_lens(
         bias_kl = None
         if acc.marginal is not None:
             bias_kl = _kl_of_marginals(final_marginal.unsqueeze(0), acc.marginal).float()
-        results.append(LensEvaluation(
-            lens_name=str(getattr(lens_i, "name", type(lens_i).__name__)),
-            layers=tuple(range(L + 1)),
-            layer_labels=tuple(layer_label(i, L) for i in range(L + 1)),
-            kl=(acc.kl / n_tok).float(),
-            cross_entropy=(acc.ce / max(1, n_ce)).float(),
-            entropy=(acc.entropy / n_tok).float(),
-            bias_kl=bias_kl,
-            transfer_kl=(transfer_sum / n_tok).float() if (transfer_sum is not None and lens_i is main) else None,
-            n_tokens=n_tok,
-            n_bytes=n_bytes,
-            nats_to_bpb=factor,
-            provenance=Provenance.from_model(model, lens=lens_i, tokens=n_tok, seq_len=seq_len,
-                                             split=split, holdout=holdout),
-        ))
+        results.append(
+            LensEvaluation(
+                lens_name=str(getattr(lens_i, "name", type(lens_i).__name__)),
+                layers=tuple(range(L + 1)),
+                layer_labels=tuple(layer_label(i, L) for i in range(L + 1)),
+                kl=(acc.kl / n_tok).float(),
+                cross_entropy=(acc.ce / max(1, n_ce)).float(),
+                entropy=(acc.entropy / n_tok).float(),
+                bias_kl=bias_kl,
+                transfer_kl=(transfer_sum / n_tok).float()
+                if (transfer_sum is not None and lens_i is main)
+                else None,
+                n_tokens=n_tok,
+                n_bytes=n_bytes,
+                nats_to_bpb=factor,
+                provenance=Provenance.from_model(
+                    model, lens=lens_i, tokens=n_tok, seq_len=seq_len, split=split, holdout=holdout
+                ),
+            )
+        )
     main_result = results[0]
     if len(results) > 1:
         import dataclasses

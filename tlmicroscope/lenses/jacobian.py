@@ -82,7 +82,9 @@ def require_jacobian_lens(what: str = "The Jacobian lens") -> Any:
         'JacobianLens'
     """
     try:
-        if _compat.TL_MAJOR < 4:  # 3.9 has a JacobianLens too, but only for a bridge we do not load there
+        if (
+            _compat.TL_MAJOR < 4
+        ):  # 3.9 has a JacobianLens too, but only for a bridge we do not load there
             raise ImportError
         from transformer_lens.tools.analysis import JacobianLens as _TLJacobianLens
     except ImportError:
@@ -161,7 +163,9 @@ class JacobianLens(torch.nn.Module):
         self.inner = inner
         self.n_layers = n_layers
         self.d_model = d
-        self.identity_layers = tuple(l for l in range(n_layers) if l == 0 or (l - 1) not in inner.jacobians)
+        self.identity_layers = tuple(
+            l for l in range(n_layers) if l == 0 or (l - 1) not in inner.jacobians
+        )
         self.model_info: dict[str, Any] | None = dict(model_info) if model_info else None
         self._checked: tuple | None = None
 
@@ -185,7 +189,9 @@ class JacobianLens(torch.nn.Module):
         if not 0 <= layer < self.n_layers:
             raise ValueError(f"layer must be in 0..{self.n_layers - 1}, got {layer}.")
         if h.shape[-1] != self.d_model:
-            raise ValueError(f"Expected vectors of width d_model={self.d_model}, got {h.shape[-1]}.")
+            raise ValueError(
+                f"Expected vectors of width d_model={self.d_model}, got {h.shape[-1]}."
+            )
         J = self.jacobians[layer]
         if J.dtype != h.dtype or J.device != h.device:
             J = J.to(h.device, h.dtype)
@@ -196,8 +202,13 @@ class JacobianLens(torch.nn.Module):
 
     def check_model(self, model: Any) -> None:
         """Raise ``ModelMismatchError`` (a ``ValueError``) naming how ``model`` differs from the lens's."""
-        check_model_shape(model, "Jacobian lens", "use the model it was fitted for, or fit one with "
-                          "`tlmicroscope fit-jlens`", d_model=self.d_model, n_layers=self.n_layers)
+        check_model_shape(
+            model,
+            "Jacobian lens",
+            "use the model it was fitted for, or fit one with `tlmicroscope fit-jlens`",
+            d_model=self.d_model,
+            n_layers=self.n_layers,
+        )
         W_U = model.W_U
         key = (id(model), W_U.data_ptr(), getattr(W_U, "_version", 0))
         if self._checked == key:
@@ -237,9 +248,14 @@ class JacobianLens(torch.nn.Module):
         tl_cls = require_jacobian_lens("JacobianLens.fit")
         fp = model_fingerprint(model)
         inner = tl_cls.fit(
-            model, list(prompts), corpus=corpus, max_seq_len=int(max_seq_len),
-            skip_first_positions=int(skip_first_positions), dim_batch=int(dim_batch),
-            show_progress=progress, metadata={_FP_KEY: fp},
+            model,
+            list(prompts),
+            corpus=corpus,
+            max_seq_len=int(max_seq_len),
+            skip_first_positions=int(skip_first_positions),
+            dim_batch=int(dim_batch),
+            show_progress=progress,
+            metadata={_FP_KEY: fp},
             source_layers=None if source_layers is None else [int(x) for x in source_layers],
         )
         return cls(inner, int(model.cfg.n_layers), model_info=fp)
@@ -288,7 +304,9 @@ class JacobianLens(torch.nn.Module):
             try:
                 meta = json.loads((path / "config.json").read_text())
             except ValueError as exc:
-                raise FittedFileError(f"{path / 'config.json'} is not valid JSON ({exc}); the file is corrupt.") from exc
+                raise FittedFileError(
+                    f"{path / 'config.json'} is not valid JSON ({exc}); the file is corrupt."
+                ) from exc
             if meta.get("kind") != KIND:
                 raise FittedFileError(f"{path} holds a {meta.get('kind')!r}, not a {KIND!r}.")
             model_info = meta.get("model")
@@ -317,8 +335,10 @@ class JacobianLens(torch.nn.Module):
     def describe(self) -> str:
         """One line: the model and how the lens was fitted."""
         m = self.inner.metadata
-        parts = [f"Jacobian lens for {(self.model_info or {}).get('name', m.get('model_name', '?'))}",
-                 f"n_prompts={self.n_prompts}"]
+        parts = [
+            f"Jacobian lens for {(self.model_info or {}).get('name', m.get('model_name', '?'))}",
+            f"n_prompts={self.n_prompts}",
+        ]
         for key in ("max_seq_len", "skip_first_positions", "corpus"):
             if key in m:
                 parts.append(f"{key}={m[key]}")
@@ -334,18 +354,26 @@ def _artifact_bytes(inner: Any, dtype: torch.dtype) -> bytes:
 def _load_inner(artifact: Path) -> Any:
     tl_cls = require_jacobian_lens()
     if not artifact.is_file():
-        raise FittedFileError(f"No Jacobian lens at {artifact} (fit one with `tlmicroscope fit-jlens`).")
+        raise FittedFileError(
+            f"No Jacobian lens at {artifact} (fit one with `tlmicroscope fit-jlens`)."
+        )
     try:
         return tl_cls.load(str(artifact))
     except (RuntimeError, ValueError, KeyError, EOFError, OSError) as exc:
-        raise FittedFileError(f"{artifact} is not a readable Jacobian-lens artifact ({exc}); it is corrupt.") from exc
+        raise FittedFileError(
+            f"{artifact} is not a readable Jacobian-lens artifact ({exc}); it is corrupt."
+        ) from exc
 
 
 # ------------------------------------------------------------------------- the resumable fit
-def _prompt_windows(model: Any, corpus: Any, n_prompts: int, prompt_tokens: int, holdout: float) -> list[str]:
+def _prompt_windows(
+    model: Any, corpus: Any, n_prompts: int, prompt_tokens: int, holdout: float
+) -> list[str]:
     from tlmicroscope.lenses._tuned_data import lens_token_windows
 
-    windows = lens_token_windows(model, corpus, seq_len=prompt_tokens, split="train", holdout=holdout)
+    windows = lens_token_windows(
+        model, corpus, seq_len=prompt_tokens, split="train", holdout=holdout
+    )
     if windows.shape[0] < n_prompts:
         raise ValueError(
             f"The training split has {windows.shape[0]} windows of {prompt_tokens} tokens, fewer than "
@@ -414,22 +442,39 @@ def fit_jacobian_lens(
 
     tl_cls = require_jacobian_lens("fit_jacobian_lens")
     if slice_size < 1 or n_prompts < 1:
-        raise ValueError(f"slice_size and n_prompts must be positive, got {slice_size} and {n_prompts}.")
+        raise ValueError(
+            f"slice_size and n_prompts must be positive, got {slice_size} and {n_prompts}."
+        )
     if skip_first_positions + 2 > prompt_tokens and prompts is None:
         raise ValueError(
             f"prompt_tokens={prompt_tokens} leaves no position after skip_first_positions="
             f"{skip_first_positions} and the last one; use longer prompts or a smaller skip."
         )
-    texts = list(prompts) if prompts is not None else _prompt_windows(model, corpus, n_prompts, prompt_tokens, holdout)
+    texts = (
+        list(prompts)
+        if prompts is not None
+        else _prompt_windows(model, corpus, n_prompts, prompt_tokens, holdout)
+    )
     if not texts:
         raise ValueError("No prompts to fit on; pass a corpus or a non-empty list of prompts.")
     out = Path(out_dir) if out_dir is not None else default_jlens_dir(model)
     fp = model_fingerprint(model)
-    label = corpus if isinstance(corpus, (str, os.PathLike)) else ("embedded" if corpus is None else "texts")
-    corpus_id = "explicit prompts" if prompts is not None else f"{os.fspath(label)}:train:{prompt_tokens}"
-    settings = {"model": fp, "corpus": corpus_id, "max_seq_len": int(prompt_tokens) if prompts is None else 128,
-                "skip_first_positions": int(skip_first_positions), "slice_size": int(slice_size)}
-    slices = [texts[i:i + slice_size] for i in range(0, len(texts), slice_size)]
+    label = (
+        corpus
+        if isinstance(corpus, (str, os.PathLike))
+        else ("embedded" if corpus is None else "texts")
+    )
+    corpus_id = (
+        "explicit prompts" if prompts is not None else f"{os.fspath(label)}:train:{prompt_tokens}"
+    )
+    settings = {
+        "model": fp,
+        "corpus": corpus_id,
+        "max_seq_len": int(prompt_tokens) if prompts is None else 128,
+        "skip_first_positions": int(skip_first_positions),
+        "slice_size": int(slice_size),
+    }
+    slices = [texts[i : i + slice_size] for i in range(0, len(texts), slice_size)]
     digests = [hashlib.sha256("\x00".join(s).encode()).hexdigest()[:16] for s in slices]
     state_path = out / _STATE
     done: list[str] = []
@@ -450,12 +495,23 @@ def fit_jacobian_lens(
     lens = None
     try:
         for i in range(len(done), len(slices)):
-            part = tl_cls.fit(model, slices[i], corpus=corpus_id, max_seq_len=settings["max_seq_len"],
-                              skip_first_positions=int(skip_first_positions), dim_batch=int(dim_batch),
-                              show_progress=False, metadata={_FP_KEY: fp})
-            atomic_write_bytes(out / _SLICES / f"slice-{i:04d}.pt", _artifact_bytes(part, torch.float32))
+            part = tl_cls.fit(
+                model,
+                slices[i],
+                corpus=corpus_id,
+                max_seq_len=settings["max_seq_len"],
+                skip_first_positions=int(skip_first_positions),
+                dim_batch=int(dim_batch),
+                show_progress=False,
+                metadata={_FP_KEY: fp},
+            )
+            atomic_write_bytes(
+                out / _SLICES / f"slice-{i:04d}.pt", _artifact_bytes(part, torch.float32)
+            )
             done.append(digests[i])
-            atomic_write_text(state_path, json.dumps({"settings": settings, "slices": done}, indent=2))
+            atomic_write_text(
+                state_path, json.dumps({"settings": settings, "slices": done}, indent=2)
+            )
             bar.update(len(slices[i]))
             lens = _save_merged(out, n_slices=len(done), n_layers=int(model.cfg.n_layers), fp=fp)
     finally:
@@ -506,17 +562,33 @@ def prompt_curve(
     tl_cls = require_jacobian_lens("prompt_curve")
     parts = load_slices(out_dir)
     if not parts:
-        raise FittedFileError(f"No fitted slices under {Path(out_dir) / _SLICES}; run `tlmicroscope fit-jlens` first.")
+        raise FittedFileError(
+            f"No fitted slices under {Path(out_dir) / _SLICES}; run `tlmicroscope fit-jlens` first."
+        )
     L = int(model.cfg.n_layers)
     rows = []
     for i in range(1, len(parts) + 1):
         merged = tl_cls.merge(parts[:i]) if i > 1 else parts[0]
         lens = JacobianLens(merged, L, model_info=merged.metadata.get(_FP_KEY))
-        ev = evaluate_lens(model, lens, corpus, tokens=tokens, seq_len=seq_len, holdout=holdout,
-                           baseline=False, progress=progress)
+        ev = evaluate_lens(
+            model,
+            lens,
+            corpus,
+            tokens=tokens,
+            seq_len=seq_len,
+            holdout=holdout,
+            baseline=False,
+            progress=progress,
+        )
         kl = ev.kl.double()
         fitted = [x for x in range(L) if x not in lens.identity_layers]
-        rows.append({"n_slices": i, "n_prompts": lens.n_prompts,
-                     "mean_kl": float(kl[fitted].mean()) if fitted else float("nan"),
-                     "kl": kl.tolist(), "n_tokens": ev.n_tokens})
+        rows.append(
+            {
+                "n_slices": i,
+                "n_prompts": lens.n_prompts,
+                "mean_kl": float(kl[fitted].mean()) if fitted else float("nan"),
+                "kl": kl.tolist(),
+                "n_tokens": ev.n_tokens,
+            }
+        )
     return rows

@@ -154,12 +154,17 @@ class Readout:
         ln_final = getattr(model, "ln_final", None)
         params = list(ln_final.parameters()) if isinstance(ln_final, torch.nn.Module) else []
         return (
-            _tensor_key(W_U), _tensor_key(b_U), tuple(_tensor_key(p) for p in params),
-            _compat.output_transform(model), str(getattr(model.cfg, "normalization_type", None)),
+            _tensor_key(W_U),
+            _tensor_key(b_U),
+            tuple(_tensor_key(p) for p in params),
+            _compat.output_transform(model),
+            str(getattr(model.cfg, "normalization_type", None)),
         )
 
     # ----------------------------------------------------------------------------- pieces
-    def normalize(self, h: Float[torch.Tensor, "... d_model"]) -> Float[torch.Tensor, "... d_model"]:
+    def normalize(
+        self, h: Float[torch.Tensor, "... d_model"]
+    ) -> Float[torch.Tensor, "... d_model"]:
         """The final norm without its affine part (that is folded into ``W``).
 
         Statistics are computed in float32 at least; the result keeps float32/float64 input and
@@ -200,7 +205,9 @@ class Readout:
     ) -> Float[torch.Tensor, "... d_vocab"]:
         """The logits before the soft cap (scale included), float32."""
         if h.shape[-1] != self.d_model:
-            raise ValueError(f"Expected vectors of width d_model={self.d_model}, got {h.shape[-1]}.")
+            raise ValueError(
+                f"Expected vectors of width d_model={self.d_model}, got {h.shape[-1]}."
+            )
         W, b = self.weights(final_norm)
         x = self.normalize(h) if final_norm else h
         out = x.to(W.dtype) @ W
@@ -272,9 +279,13 @@ def check_readout_identity(
         gap = (ours - theirs).abs()
         diff = float(gap.max()) if gap.numel() else 0.0
         if atol is None:
-            coarse = max((logits.dtype, readout.model_dtype), key=lambda d: torch.finfo(d).eps
-                         if d.is_floating_point else 0.0)
-            atol = identity_tolerance(coarse, float(logits.float().abs().max()) if logits.numel() else 0.0)
+            coarse = max(
+                (logits.dtype, readout.model_dtype),
+                key=lambda d: torch.finfo(d).eps if d.is_floating_point else 0.0,
+            )
+            atol = identity_tolerance(
+                coarse, float(logits.float().abs().max()) if logits.numel() else 0.0
+            )
     if not diff <= atol:
         flat = int(gap.reshape(-1, gap.shape[-1]).max(-1).values.argmax()) if gap.numel() else 0
         row_ours = z.detach().float().reshape(-1, z.shape[-1])[flat]

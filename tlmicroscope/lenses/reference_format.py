@@ -36,7 +36,12 @@ from tlmicroscope.io import (
     _json_type,
 )
 
-__all__ = ["is_reference_folder", "read_reference_lens", "load_reference_lens", "reference_unembed_hash"]
+__all__ = [
+    "is_reference_folder",
+    "load_reference_lens",
+    "read_reference_lens",
+    "reference_unembed_hash",
+]
 
 _PARAMS = "params.pt"
 _CONFIG = "config.json"
@@ -65,11 +70,15 @@ def _read_config(path: Path, model: Any) -> tuple[dict[str, Any], int, int, bool
     """The folder's ``config.json``, every field checked for type and value (and against ``model``)."""
     cfg_path = path / _CONFIG
     if not cfg_path.is_file():
-        raise FittedFileError(f"{path} has {_PARAMS} but no {_CONFIG}; a reference lens folder needs both.")
+        raise FittedFileError(
+            f"{path} has {_PARAMS} but no {_CONFIG}; a reference lens folder needs both."
+        )
     try:
         cfg = json.loads(cfg_path.read_text())
     except (ValueError, UnicodeDecodeError) as exc:
-        raise FittedFileError(f"{cfg_path} is not valid JSON ({exc}); the file is corrupt.") from exc
+        raise FittedFileError(
+            f"{cfg_path} is not valid JSON ({exc}); the file is corrupt."
+        ) from exc
     if not isinstance(cfg, dict):
         raise FittedFileError(
             f"{cfg_path} holds a JSON {_json_type(cfg)}, not an object; a reference lens config is an "
@@ -77,10 +86,14 @@ def _read_config(path: Path, model: Any) -> tuple[dict[str, Any], int, int, bool
         )
     lens_type = cfg.get("lens_type", "linear_tuned_lens")
     if lens_type != "linear_tuned_lens":
-        raise FittedFileError(f"{path} holds a {lens_type!r}; only 'linear_tuned_lens' can be read.")
+        raise FittedFileError(
+            f"{path} holds a {lens_type!r}; only 'linear_tuned_lens' can be read."
+        )
     for key in ("base_model_name_or_path", "unembed_hash"):
         if cfg.get(key) is not None and not isinstance(cfg[key], str):
-            raise FittedFileError(f"{cfg_path}: field {key!r} must be a string, got {_json_type(cfg[key])}.")
+            raise FittedFileError(
+                f"{cfg_path}: field {key!r} must be a string, got {_json_type(cfg[key])}."
+            )
     d_model = _config_int(cfg, "d_model", cfg_path)
     n_layers = _config_int(cfg, "num_hidden_layers", cfg_path)
     has_bias = _config_bool(cfg, "bias", cfg_path, default=True)
@@ -156,7 +169,9 @@ def read_reference_lens(
         found[(i, what)] = value
     missing = [i for i in range(n_layers) if (i, "weight") not in found]
     if missing:
-        raise FittedFileError(f"{params} has no weight for layers {missing}; the file is incomplete.")
+        raise FittedFileError(
+            f"{params} has no weight for layers {missing}; the file is incomplete."
+        )
     if has_bias and any((i, "bias") not in found for i in range(n_layers)):
         raise FittedFileError(f"{params} lacks some biases although config.json says bias=true.")
     if not has_bias and any(what == "bias" for _, what in found):

@@ -91,8 +91,13 @@ class TargetTrajectories:
         for a, lens in enumerate(self.lens_names):
             for li, label in enumerate(self.layer_labels):
                 for t, name in enumerate(self.target_names):
-                    row = {"lens": lens, "layer": self.layers[li], "site": self.sites[li], "layer_label": label,
-                           "target": name}
+                    row = {
+                        "lens": lens,
+                        "layer": self.layers[li],
+                        "site": self.sites[li],
+                        "layer_label": label,
+                        "target": name,
+                    }
                     for s in TARGET_STATISTICS:
                         row[s] = float(self.mean[s][a, li, t])
                         row[f"{s}_low"] = float(self.low[s][a, li, t])
@@ -114,7 +119,9 @@ def _bootstrap(values: torch.Tensor, n_boot: int, confidence: float, seed: int):
         return mean, mean.clone(), mean.clone()
     g = torch.Generator().manual_seed(int(seed))
     idx = torch.randint(n, (n_boot, n), generator=g)
-    counts = torch.zeros(n_boot, n, dtype=torch.float64).scatter_add_(1, idx, torch.ones(n_boot, n, dtype=torch.float64))
+    counts = torch.zeros(n_boot, n, dtype=torch.float64).scatter_add_(
+        1, idx, torch.ones(n_boot, n, dtype=torch.float64)
+    )
     boots = counts @ v / n
     alpha = (1.0 - confidence) / 2.0
     q = torch.quantile(boots, torch.tensor([alpha, 1.0 - alpha], dtype=torch.float64), dim=0)
@@ -127,7 +134,9 @@ def _prompt_tokens(model: Any, prompts: Any, prepend_bos: bool | None) -> list[t
     elif isinstance(prompts, str):
         prompts = [prompts]
     if not isinstance(prompts, Sequence) or isinstance(prompts, (bytes, bytearray)):
-        raise TypeError(f"prompts must be a list of strings or token-id lists, got {type(prompts).__name__}.")
+        raise TypeError(
+            f"prompts must be a list of strings or token-id lists, got {type(prompts).__name__}."
+        )
     if len(prompts) == 0:
         raise ValueError("prompts is empty: pass at least one prompt.")
     rows = []
@@ -136,7 +145,9 @@ def _prompt_tokens(model: Any, prompts: Any, prepend_bos: bool | None) -> list[t
             raise ValueError(f"Prompt {i} has no tokens; every prompt needs at least one.")
         toks = to_tokens(model, p, prepend_bos=prepend_bos)
         if toks.shape[0] != 1:
-            raise ValueError(f"Prompt {i} is a batch of {toks.shape[0]}; pass each prompt as one text or id row.")
+            raise ValueError(
+                f"Prompt {i} is a batch of {toks.shape[0]}; pass each prompt as one text or id row."
+            )
         rows.append(toks[0])
     return rows
 
@@ -144,14 +155,18 @@ def _prompt_tokens(model: Any, prompts: Any, prepend_bos: bool | None) -> list[t
 def _positions(positions: Any, lengths: list[int]) -> torch.Tensor:
     pos = [positions] if isinstance(positions, int) else list(positions)
     if not pos or any(isinstance(p, bool) or not isinstance(p, int) for p in pos):
-        raise ValueError(f"positions must be an int or a non-empty list of ints (negative: from the end), "
-                         f"got {positions!r}.")
+        raise ValueError(
+            f"positions must be an int or a non-empty list of ints (negative: from the end), "
+            f"got {positions!r}."
+        )
     out = torch.empty(len(lengths), len(pos), dtype=torch.long)
     for i, n in enumerate(lengths):
         for j, p in enumerate(pos):
             if not -n <= p < n:
-                raise ValueError(f"Position {p} is outside prompt {i}, which has {n} tokens; "
-                                 f"pass positions in -{n}..{n - 1} (default -1: its last token).")
+                raise ValueError(
+                    f"Position {p} is outside prompt {i}, which has {n} tokens; "
+                    f"pass positions in -{n}..{n - 1} (default -1: its last token)."
+                )
             out[i, j] = p % n
     return out
 
@@ -230,11 +245,15 @@ def target_trajectories(
     lengths = [int(r.shape[0]) for r in rows]
     pos = _positions(positions, lengths)
     n_sel = pos.shape[1]
-    tracked = resolve_targets(model, targets, per_row=per_prompt, n_rows=n_prompts, names=target_names)
+    tracked = resolve_targets(
+        model, targets, per_row=per_prompt, n_rows=n_prompts, names=target_names
+    )
 
     n_layers = int(model.cfg.n_layers)
     with_mid = "resid_mid" in site_list
-    plan = [(layer, site) for layer in range(n_layers) for site in site_list] + [(n_layers, "resid_post")]
+    plan = [(layer, site) for layer in range(n_layers) for site in site_list] + [
+        (n_layers, "resid_post")
+    ]
     n_plan = len(plan)
     readout = Readout.for_model(model)
     T = tracked.n_targets
@@ -263,8 +282,15 @@ def target_trajectories(
         # the last residual, so the model's unembedding of every position is not paid for.
         check = bi == 0
 
-        def keep(site: str, layer: int | None, act: torch.Tensor, got=got, b_idx=b_idx, p_idx=p_idx,
-                 check=check) -> None:
+        def keep(
+            site: str,
+            layer: int | None,
+            act: torch.Tensor,
+            got=got,
+            b_idx=b_idx,
+            p_idx=p_idx,
+            check=check,
+        ) -> None:
             got[(site, layer)] = act[b_idx.to(act.device), p_idx.to(act.device)].clone()
             if not check and site == "resid" and layer == n_layers:
                 raise _StopForward
@@ -279,20 +305,42 @@ def target_trajectories(
         final_h = got[("resid", n_layers)]
         with torch.inference_mode():
             if final_logits is not None:
-                identity_diff = max(identity_diff, check_readout_identity(readout, final_h, final_logits))
+                identity_diff = max(
+                    identity_diff, check_readout_identity(readout, final_h, final_logits)
+                )
             else:
                 final_logits = readout(final_h)
-        sources = [(layer, site, got[("resid_mid", layer) if site == "resid_mid" else ("resid", layer)])
-                   for layer, site in plan[:-1]]
+        sources = [
+            (layer, site, got[("resid_mid", layer) if site == "resid_mid" else ("resid", layer)])
+            for layer, site in plan[:-1]
+        ]
         dev = final_h.device
-        extra = tracked.row_ids(n_prompts)[batch].to(dev).repeat_interleave(n_sel, 0) if tracked.per_row \
+        extra = (
+            tracked.row_ids(n_prompts)[batch].to(dev).repeat_interleave(n_sel, 0)
+            if tracked.per_row
             else tracked.row_ids(len(batch) * n_sel).to(dev)
+        )
         mask = tracked.mask.to(dev)
-        mask = mask[batch].repeat_interleave(n_sel, 0) if tracked.per_row else mask.expand(len(batch) * n_sel, -1, -1)
+        mask = (
+            mask[batch].repeat_interleave(n_sel, 0)
+            if tracked.per_row
+            else mask.expand(len(batch) * n_sel, -1, -1)
+        )
         tgt = torch.zeros(len(batch) * n_sel, dtype=torch.long, device=dev)
         for a, x in enumerate(lenses):
-            out = read_rows(x, readout, sources, None, final_logits, tgt, 1, extra=extra,
-                            extra_group=tracked.group_size, lean=True, chunk_size=chunk_size)
+            out = read_rows(
+                x,
+                readout,
+                sources,
+                None,
+                final_logits,
+                tgt,
+                1,
+                extra=extra,
+                extra_group=tracked.group_size,
+                lean=True,
+                chunk_size=chunk_size,
+            )
             p, lp, r = tracked.combine(out["ez"], out["lse"], out["erank"], mask)
             prob[a][:, batch] = p.reshape(n_plan, len(batch), n_sel, T).cpu()
             logprob[a][:, batch] = lp.reshape(n_plan, len(batch), n_sel, T).cpu()
@@ -313,18 +361,41 @@ def target_trajectories(
         shape = (A, n_plan, T)
         mean[s], low[s], high[s] = (t.reshape(shape).float() for t in (m, lo, hi))
     prov = Provenance.from_model(
-        model, lens=names[0] if A == 1 else " / ".join(names), lenses=names, sites=list(site_list),
-        positions=positions if isinstance(positions, int) else list(positions), per_prompt=per_prompt,
-        n_prompts=n_prompts, n_bootstrap=int(n_bootstrap), confidence=float(confidence), seed=seed,
-        readout_identity_max_abs_diff=identity_diff, readout_identity_checked=True,
+        model,
+        lens=names[0] if A == 1 else " / ".join(names),
+        lenses=names,
+        sites=list(site_list),
+        positions=positions if isinstance(positions, int) else list(positions),
+        per_prompt=per_prompt,
+        n_prompts=n_prompts,
+        n_bootstrap=int(n_bootstrap),
+        confidence=float(confidence),
+        seed=seed,
+        readout_identity_max_abs_diff=identity_diff,
+        readout_identity_checked=True,
         readout_identity_rows="the first batch (later forward passes stop at the last residual)",
         target_notes=list(tracked.notes),
     )
     return TargetTrajectories(
-        lens_names=tuple(names), layers=tuple(layer for layer, _ in plan), sites=tuple(site for _, site in plan),
-        layer_labels=tuple(site_label(layer, site, n_layers, named=with_mid) for layer, site in plan),
-        target_names=tracked.names, target_read=tracked.read, target_notes=tracked.notes,
-        prob=prob, logprob=logprob, rank=rank, positions=pos, read_tokens=read_tokens,
-        n_tokens=tuple(lengths), mean=mean, low=low, high=high, confidence=float(confidence),
-        n_bootstrap=int(n_bootstrap), provenance=prov,
+        lens_names=tuple(names),
+        layers=tuple(layer for layer, _ in plan),
+        sites=tuple(site for _, site in plan),
+        layer_labels=tuple(
+            site_label(layer, site, n_layers, named=with_mid) for layer, site in plan
+        ),
+        target_names=tracked.names,
+        target_read=tracked.read,
+        target_notes=tracked.notes,
+        prob=prob,
+        logprob=logprob,
+        rank=rank,
+        positions=pos,
+        read_tokens=read_tokens,
+        n_tokens=tuple(lengths),
+        mean=mean,
+        low=low,
+        high=high,
+        confidence=float(confidence),
+        n_bootstrap=int(n_bootstrap),
+        provenance=prov,
     )

@@ -56,13 +56,13 @@ from tlmicroscope.lenses.tuned import TunedLens
 from tlmicroscope.results import Provenance
 
 __all__ = [
+    "CHECKPOINT_DIR",
     "TrainConfig",
     "TrainResult",
     "TrainingDivergedError",
-    "train_tuned_lens",
-    "lens_token_windows",
     "default_lens_dir",
-    "CHECKPOINT_DIR",
+    "lens_token_windows",
+    "train_tuned_lens",
 ]
 
 _log = logging.getLogger(__name__)
@@ -141,8 +141,14 @@ class TrainConfig:
             raise ValueError(f"recipe must be one of {sorted(RECIPES)}, got {self.recipe!r}.")
         if self.init not in ("zero", "lstsq"):
             raise ValueError(f"init must be 'zero' or 'lstsq', got {self.init!r}.")
-        for name in ("steps", "tokens_per_step", "seq_len", "micro_batch_tokens", "chunk_rows",
-                     "checkpoint_every"):
+        for name in (
+            "steps",
+            "tokens_per_step",
+            "seq_len",
+            "micro_batch_tokens",
+            "chunk_rows",
+            "checkpoint_every",
+        ):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}.")
         if self.tokens_per_step % self.seq_len:
@@ -159,7 +165,9 @@ class TrainConfig:
             self,
             lr=float(self.lr if self.lr is not None else r.lr),
             bias_lr=float(self.bias_lr if self.bias_lr is not None else r.bias_lr),
-            weight_decay=float(self.weight_decay if self.weight_decay is not None else r.weight_decay),
+            weight_decay=float(
+                self.weight_decay if self.weight_decay is not None else r.weight_decay
+            ),
             momentum=float(self.momentum if self.momentum is not None else r.momentum),
         )
 
@@ -204,14 +212,29 @@ class TrainResult:
         rows = []
         for i in range(self.kl.shape[0]):
             for layer in range(self.kl.shape[1]):
-                rows.append({"step": i, "tokens_seen": int(self.tokens_seen[i]), "layer": layer,
-                             "kl": float(self.kl[i, layer]), "lr": float(self.lr[i])})
+                rows.append(
+                    {
+                        "step": i,
+                        "tokens_seen": int(self.tokens_seen[i]),
+                        "layer": layer,
+                        "kl": float(self.kl[i, layer]),
+                        "lr": float(self.lr[i]),
+                    }
+                )
         return pd.DataFrame(rows)
 
 
 # ---------------------------------------------------------------------------- initialisation
-def lstsq_init(model: Any, lens: TunedLens, windows: torch.Tensor, ids: list[int], *,
-               micro: int, ridge: float, ctx: DistContext) -> None:
+def lstsq_init(
+    model: Any,
+    lens: TunedLens,
+    windows: torch.Tensor,
+    ids: list[int],
+    *,
+    micro: int,
+    ridge: float,
+    ctx: DistContext,
+) -> None:
     """Fit each translator in closed form so that ``translator_l(h_l)`` points along the final residual.
 
     Minimises ``sum_n ||(A h_n + b) / s_n - norm(h_L,n)||^2`` with ``s_n`` the RMS of ``h_n``: the
@@ -231,11 +254,13 @@ def lstsq_init(model: Any, lens: TunedLens, windows: torch.Tensor, ids: list[int
             for layer in range(L):
                 x = resid[layer]
                 w = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-12)
-                xa = torch.cat([x * w, w], 1).double()  # float64 products: the solve amplifies rounding
+                xa = torch.cat(
+                    [x * w, w], 1
+                ).double()  # float64 products: the solve amplifies rounding
                 G[layer] += xa.T @ xa
                 C[layer] += xa.T @ target.double()
     flat = ctx.all_reduce_sum(torch.cat([G.flatten(), C.flatten()]))
-    G, C = flat[: G.numel()].view_as(G), flat[G.numel():].view_as(C)
+    G, C = flat[: G.numel()].view_as(G), flat[G.numel() :].view_as(C)
     eye = torch.eye(d, dtype=torch.float64, device=dev)
     with torch.no_grad():
         for layer in range(L):
@@ -249,7 +274,14 @@ def lstsq_init(model: Any, lens: TunedLens, windows: torch.Tensor, ids: list[int
 
 # ---------------------------------------------------------------------------------- training
 def _empty_history() -> dict[str, list]:
-    return {"tokens_seen": [], "kl": [], "lr": [], "grad_norm": [], "seconds": [], "init_seconds": 0.0}
+    return {
+        "tokens_seen": [],
+        "kl": [],
+        "lr": [],
+        "grad_norm": [],
+        "seconds": [],
+        "init_seconds": 0.0,
+    }
 
 
 def train_tuned_lens(
@@ -302,8 +334,14 @@ def train_tuned_lens(
     compute_dtype = resolve_compute_dtype(cfg.precision, model.W_U.device)
     objective = LensObjective(readout, compute_dtype=compute_dtype, chunk_rows=cfg.chunk_rows)
 
-    windows = lens_token_windows(model, corpus, seq_len=cfg.seq_len, split="train",
-                                 holdout=cfg.holdout, text_field=cfg.text_field)
+    windows = lens_token_windows(
+        model,
+        corpus,
+        seq_len=cfg.seq_len,
+        split="train",
+        holdout=cfg.holdout,
+        text_field=cfg.text_field,
+    )
     per_step = cfg.tokens_per_step // cfg.seq_len
     if windows.shape[0] < per_step:
         raise ValueError(
@@ -314,18 +352,26 @@ def train_tuned_lens(
     data_sig = _data_signature(corpus, windows)
     micro = max(1, cfg.micro_batch_tokens // cfg.seq_len)
 
-    optimizers = make_optimizers(cfg.recipe, lens.weight, lens.bias if lens.has_bias else None,
-                                 lr=cfg.lr, bias_lr=cfg.bias_lr, weight_decay=cfg.weight_decay,
-                                 momentum=cfg.momentum,
-                                 # bfloat16 Newton-Schulz only where bfloat16 products are fast: on a
-                                 # CPU without bf16 instructions they run ~50x slower than float32
-                                 # (80 s against under 2 s a step for SmolLM2's 30 translators)
-                                 ns_dtype=compute_dtype)
+    optimizers = make_optimizers(
+        cfg.recipe,
+        lens.weight,
+        lens.bias if lens.has_bias else None,
+        lr=cfg.lr,
+        bias_lr=cfg.bias_lr,
+        weight_decay=cfg.weight_decay,
+        momentum=cfg.momentum,
+        # bfloat16 Newton-Schulz only where bfloat16 products are fast: on a
+        # CPU without bf16 instructions they run ~50x slower than float32
+        # (80 s against under 2 s a step for SmolLM2's 30 translators)
+        ns_dtype=compute_dtype,
+    )
     base_lrs = {name: [g["lr"] for g in opt.param_groups] for name, opt in optimizers.items()}
     out = Path(cfg.out_dir) if cfg.out_dir else None
     start, history = 0, _empty_history()
     if out is not None:
-        recover_dir(out / CHECKPOINT_DIR)  # a checkpoint save killed half-way: put the previous one back
+        recover_dir(
+            out / CHECKPOINT_DIR
+        )  # a checkpoint save killed half-way: put the previous one back
         _finish_lens_move(out)  # and a lens save stopped between its two files: finish it
         if cfg.resume and not (out / CHECKPOINT_DIR).exists():
             _no_checkpoint_to_resume(out, ctx)
@@ -340,8 +386,15 @@ def train_tuned_lens(
         t0 = time.perf_counter()
         n_init = max(1, min(windows.shape[0], cfg.init_tokens // cfg.seq_len))
         order = _window_order(windows.shape[0], cfg.seed, -1)[:n_init].tolist()
-        lstsq_init(model, lens, windows, order[ctx.rank:: ctx.world_size], micro=micro,
-                   ridge=cfg.ridge, ctx=ctx)
+        lstsq_init(
+            model,
+            lens,
+            windows,
+            order[ctx.rank :: ctx.world_size],
+            micro=micro,
+            ridge=cfg.ridge,
+            ctx=ctx,
+        )
         history["init_seconds"] = time.perf_counter() - t0
 
     weight_grad = torch.zeros_like(lens.weight)
@@ -350,8 +403,13 @@ def train_tuned_lens(
     order_cache: dict = {}
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=cfg.steps, initial=start, desc="tuned lens", unit="step",
-               disable=not (cfg.progress and ctx.is_main))
+    bar = tqdm(
+        total=cfg.steps,
+        initial=start,
+        desc="tuned lens",
+        unit="step",
+        disable=not (cfg.progress and ctx.is_main),
+    )
     t_run = time.perf_counter()
     step = start
     identity_checked = False
@@ -363,7 +421,7 @@ def train_tuned_lens(
             bias_grad.zero_()
             kl_sum = torch.zeros(L, dtype=torch.float64, device=lens.weight.device)
             W, b = lens.weight.detach(), lens.bias.detach()
-            for batch in _micro_batches(ids[ctx.rank:: ctx.world_size], micro):
+            for batch in _micro_batches(ids[ctx.rank :: ctx.world_size], micro):
                 layers = list(range(L + (not identity_checked)))
                 resid, logits = _forward(model, windows[batch], layers, logits=True)
                 with torch.inference_mode():
@@ -376,16 +434,25 @@ def train_tuned_lens(
                     del logits
                     for layer in range(L):
                         kl, gW, gb = objective.layer_loss_and_grads(
-                            resid[layer].reshape(-1, d), W[layer], b[layer], final,
-                            grad_scale=1.0 / n_global)
+                            resid[layer].reshape(-1, d),
+                            W[layer],
+                            b[layer],
+                            final,
+                            grad_scale=1.0 / n_global,
+                        )
                         kl_sum[layer] += float(kl)
                         weight_grad[layer] += gW
                         bias_grad[layer] += gb
                 del resid, final
-            flat = ctx.all_reduce_sum(torch.cat([weight_grad.flatten(), bias_grad.flatten(),
-                                                 kl_sum.float()]))
+            flat = ctx.all_reduce_sum(
+                torch.cat([weight_grad.flatten(), bias_grad.flatten(), kl_sum.float()])
+            )
             weight_grad.copy_(flat[: weight_grad.numel()].view_as(weight_grad))
-            bias_grad.copy_(flat[weight_grad.numel(): weight_grad.numel() + bias_grad.numel()].view_as(bias_grad))
+            bias_grad.copy_(
+                flat[weight_grad.numel() : weight_grad.numel() + bias_grad.numel()].view_as(
+                    bias_grad
+                )
+            )
             kl_mean = flat[-L:].double() / n_global
             if not lens.has_bias:
                 bias_grad.zero_()
@@ -396,7 +463,11 @@ def train_tuned_lens(
                     f"Step {step}: the KL loss or its gradient is NaN or infinite"
                     + (f" (layers {bad[:8]})" if bad else "")
                     + ". Training stopped before applying the update"
-                    + (f"; the last good checkpoint in {out / CHECKPOINT_DIR} is kept" if out else "")
+                    + (
+                        f"; the last good checkpoint in {out / CHECKPOINT_DIR} is kept"
+                        if out
+                        else ""
+                    )
                     + ". Lower the learning rate (lr=...), or check the model's activations for NaN."
                 )
             if cfg.clip_grad_norm is not None and grad_norm > cfg.clip_grad_norm:
@@ -414,7 +485,12 @@ def train_tuned_lens(
             if not (torch.isfinite(lens.weight).all() and torch.isfinite(lens.bias).all()):
                 raise TrainingDivergedError(
                     f"Step {step}: the update made the translators NaN or infinite. Lower the "
-                    "learning rate" + (f"; the last good checkpoint in {out / CHECKPOINT_DIR} is kept." if out else ".")
+                    "learning rate"
+                    + (
+                        f"; the last good checkpoint in {out / CHECKPOINT_DIR} is kept."
+                        if out
+                        else "."
+                    )
                 )
             step += 1
             history["tokens_seen"].append((step - 1) * n_global)
@@ -426,14 +502,20 @@ def train_tuned_lens(
             bar.set_postfix(kl=f"{float(kl_mean.mean()):.3f}", lr=f"{cfg.lr * factor:.2g}")
             done = step >= cfg.steps
             stopping = (cfg.stop_after is not None and step - start >= cfg.stop_after) or (
-                cfg.max_seconds is not None and time.perf_counter() - t_run > cfg.max_seconds)
+                cfg.max_seconds is not None and time.perf_counter() - t_run > cfg.max_seconds
+            )
             if out is not None and (done or stopping or step % cfg.checkpoint_every == 0):
                 _record(lens, cfg, history, ctx, step)
                 if ctx.is_main:
                     _save_checkpoint(out, lens, optimizers, step, history, cfg, data_sig)
                     _save_lens_into(out, lens)
-                    atomic_write_text(out / "training.json", json.dumps(
-                        {"settings": _train_settings(cfg), "step": step, "history": history}, indent=1))
+                    atomic_write_text(
+                        out / "training.json",
+                        json.dumps(
+                            {"settings": _train_settings(cfg), "step": step, "history": history},
+                            indent=1,
+                        ),
+                    )
                 ctx.barrier()
             if stopping:
                 break
@@ -471,9 +553,16 @@ def _no_checkpoint_to_resume(out: Path, ctx: DistContext) -> None:
 def _record(lens: TunedLens, cfg: TrainConfig, history: dict, ctx: DistContext, step: int) -> None:
     seen = (history["tokens_seen"][-1] + cfg.tokens_per_step) if history["tokens_seen"] else 0
     lens.settings = {
-        "recipe": cfg.recipe, "init": cfg.init, "steps": step, "tokens_seen": seen,
-        "seq_len": cfg.seq_len, "tokens_per_step": cfg.tokens_per_step, "lr": cfg.lr,
-        "precision": cfg.precision, "seed": cfg.seed, "world_size": ctx.world_size,
+        "recipe": cfg.recipe,
+        "init": cfg.init,
+        "steps": step,
+        "tokens_seen": seen,
+        "seq_len": cfg.seq_len,
+        "tokens_per_step": cfg.tokens_per_step,
+        "lr": cfg.lr,
+        "precision": cfg.precision,
+        "seed": cfg.seed,
+        "world_size": ctx.world_size,
         "final_train_kl": history["kl"][-1] if history["kl"] else None,
     }
 
@@ -481,7 +570,11 @@ def _record(lens: TunedLens, cfg: TrainConfig, history: dict, ctx: DistContext, 
 def _result(model: Any, lens: TunedLens, cfg: TrainConfig, history: dict) -> TrainResult:
     n = len(history["kl"])
     secs = torch.tensor(history["seconds"], dtype=torch.float64)
-    tps = (n * cfg.tokens_per_step / float(secs.sum())) if n and float(secs.sum()) > 0 else float("nan")
+    tps = (
+        (n * cfg.tokens_per_step / float(secs.sum()))
+        if n and float(secs.sum()) > 0
+        else float("nan")
+    )
     return TrainResult(
         lens=lens,
         tokens_seen=torch.tensor(history["tokens_seen"], dtype=torch.long),

@@ -42,8 +42,16 @@ from tlmicroscope.lenses.base import check_lens_sites, lens_transform, resolve_l
 from tlmicroscope.lenses.readout import Readout, check_readout_identity
 from tlmicroscope.results import Provenance
 
-__all__ = ["SITE_CHOICES", "STATISTICS", "PredictionTrajectory", "layer_label", "prediction_trajectory", "read_rows",
-           "resolve_sites", "site_label"]
+__all__ = [
+    "SITE_CHOICES",
+    "STATISTICS",
+    "PredictionTrajectory",
+    "layer_label",
+    "prediction_trajectory",
+    "read_rows",
+    "resolve_sites",
+    "site_label",
+]
 
 #: Per-layer, per-position statistics of a trajectory (all natural-log units).
 STATISTICS = ("entropy", "kl", "cross_entropy", "target_rank", "max_prob")
@@ -81,8 +89,10 @@ def resolve_sites(sites: Any) -> tuple[str, ...]:
     chosen = tuple(sites)
     bad = [s for s in chosen if s not in ("resid_pre", "resid_mid")]
     if bad or not chosen:
-        raise ValueError(f"sites must be one of {list(SITE_CHOICES)} or a tuple of 'resid_pre'/'resid_mid'; "
-                         f"got {sites!r}.")
+        raise ValueError(
+            f"sites must be one of {list(SITE_CHOICES)} or a tuple of 'resid_pre'/'resid_mid'; "
+            f"got {sites!r}."
+        )
     return tuple(s for s in ("resid_pre", "resid_mid") if s in chosen)
 
 
@@ -152,8 +162,10 @@ class PredictionTrajectory:
         for i, lay in enumerate(self.layers):
             if lay == layer and (site is None or not self.sites or self.sites[i] == site):
                 return i
-        raise ValueError(f"Layer {layer}{'' if site is None else ' ' + site} is not in this trajectory "
-                         f"(rows {self.layer_labels}).")
+        raise ValueError(
+            f"Layer {layer}{'' if site is None else ' ' + site} is not in this trajectory "
+            f"(rows {self.layer_labels})."
+        )
 
     def to_dataframe(self, batch: int = 0):
         """Long format: one row per (layer, position) with every statistic and the top-1 token."""
@@ -170,8 +182,14 @@ class PredictionTrajectory:
                         "token": self.str_tokens[batch][pos],
                         "top1": self.top_strings[li, batch, pos, 0],
                         **{s: float(getattr(self, s)[li, batch, pos]) for s in STATISTICS},
-                        **({f"p({name})": float(self.tracked_prob[li, batch, pos, t])
-                            for t, name in enumerate(self.tracked_names)} if self.tracked_prob is not None else {}),
+                        **(
+                            {
+                                f"p({name})": float(self.tracked_prob[li, batch, pos, t])
+                                for t, name in enumerate(self.tracked_names)
+                            }
+                            if self.tracked_prob is not None
+                            else {}
+                        ),
                     }
                 )
         return pd.DataFrame(rows)
@@ -183,8 +201,14 @@ _COL_BLOCK = _readout_stats._COL_BLOCK
 _KEYS = ("entropy", "kl", "ce", "rank", "top_p", "top_i", "lse")
 
 
-def _store(out: dict[str, torch.Tensor], li: int, rows: slice, st: _readout_stats.RowStats,
-           kl: torch.Tensor, every: tuple[int, int] = (0, 1)) -> None:
+def _store(
+    out: dict[str, torch.Tensor],
+    li: int,
+    rows: slice,
+    st: _readout_stats.RowStats,
+    kl: torch.Tensor,
+    every: tuple[int, int] = (0, 1),
+) -> None:
     """Write rows ``j::n`` of ``st`` (position-major: layer j of each position) as layer ``li``."""
     j, n = every
     pick = slice(j, None, n)
@@ -240,7 +264,9 @@ def read_rows(
     out["top_i"] = torch.empty(n_out, R, k, dtype=torch.long, device=dev)
     if extra is not None:
         out["ez"] = torch.empty(n_out, R, extra.shape[1], device=dev)
-        out["erank"] = torch.empty(n_out, R, extra.shape[1] // extra_group, dtype=torch.long, device=dev)
+        out["erank"] = torch.empty(
+            n_out, R, extra.shape[1] // extra_group, dtype=torch.long, device=dev
+        )
     # Rows of every intermediate layer at a few positions are read out together, so the
     # unembedding streams through the cache once per chunk rather than once per layer.
     per_chunk = max(1, (chunk_size or _ROW_CHUNK) // max(n_in, 1))
@@ -267,8 +293,19 @@ def read_rows(
             x = torch.stack(hs, 1).reshape(-1, hs[0].shape[-1])  # position-major rows
             del hs
             st = _readout_stats.blocked_stats(
-                x, W_rows, b, finish, t.repeat_interleave(n_in), p_f, p_sums, n_in, k, col,
-                extra=None if ex is None else ex.repeat_interleave(n_in, 0), extra_group=extra_group, lean=lean,
+                x,
+                W_rows,
+                b,
+                finish,
+                t.repeat_interleave(n_in),
+                p_f,
+                p_sums,
+                n_in,
+                k,
+                col,
+                extra=None if ex is None else ex.repeat_interleave(n_in, 0),
+                extra_group=extra_group,
+                lean=lean,
             )
             del p_f
             neg_h_f = (fin.pz - fin.lse).repeat_interleave(n_in)  # sum p log p of the final
@@ -358,8 +395,13 @@ def prediction_trajectory(
     with_mid = "resid_mid" in site_list
     needed = sorted(set(layer_list) | {n_layers})
     cap_sites = ("resid", "resid_mid") if with_mid else ("resid",)
-    cap = capture(cache if cache is not None else model, toks, sites=cap_sites,
-                  layers=None if with_mid else needed, return_logits=cache is None)
+    cap = capture(
+        cache if cache is not None else model,
+        toks,
+        sites=cap_sites,
+        layers=None if with_mid else needed,
+        return_logits=cache is None,
+    )
     resid = cap["resid"]  # [len(needed) batch pos d_model]
     row_of = {layer: i for i, layer in enumerate(cap.layers["resid"])}
     n_rows = batch * n_pos
@@ -370,7 +412,9 @@ def prediction_trajectory(
 
     given = cap.logits if cap.logits is not None else logits
     if given is not None and tuple(given.shape[:2]) != (batch, n_pos):
-        raise ValueError(f"logits have shape {tuple(given.shape)}, but the tokens are {batch} x {n_pos}.")
+        raise ValueError(
+            f"logits have shape {tuple(given.shape)}, but the tokens are {batch} x {n_pos}."
+        )
     final_logits = None if given is None else given.reshape(n_rows, -1)
     final_h = flat[row_of[n_layers]]
     identity_diff = None
@@ -400,9 +444,18 @@ def prediction_trajectory(
     extra = None
     if tracked is not None:
         extra = tracked.row_ids(batch).to(dev).repeat_interleave(n_pos, 0)
-    out = read_rows(lens, readout, sources, None if final_logits is not None else final_h, final_logits,
-                    flat_targets.clamp_min(0), k, extra=extra,
-                    extra_group=1 if tracked is None else tracked.group_size, chunk_size=chunk_size)
+    out = read_rows(
+        lens,
+        readout,
+        sources,
+        None if final_logits is not None else final_h,
+        final_logits,
+        flat_targets.clamp_min(0),
+        k,
+        extra=extra,
+        extra_group=1 if tracked is None else tracked.group_size,
+        chunk_size=chunk_size,
+    )
     order, j = [], 0
     for layer, _ in plan:
         if layer == n_layers:
@@ -411,8 +464,9 @@ def prediction_trajectory(
             order.append(j)
             j += 1
     idx = torch.tensor(order, device=dev)
-    entropy, kl, ce, rank, top_p, top_i = (out[key].index_select(0, idx)
-                                           for key in ("entropy", "kl", "ce", "rank", "top_p", "top_i"))
+    entropy, kl, ce, rank, top_p, top_i = (
+        out[key].index_select(0, idx) for key in ("entropy", "kl", "ce", "rank", "top_p", "top_i")
+    )
     ce[:, ~has_target] = math.nan
     rank[:, ~has_target] = -1
     n_l = len(plan)
@@ -422,15 +476,22 @@ def prediction_trajectory(
     tracked_fields: dict[str, Any] = {}
     if tracked is not None:
         rows_mask = tracked.mask.to(dev)
-        rows_mask = (rows_mask.expand(batch, -1, -1) if rows_mask.shape[0] == 1 else rows_mask)
+        rows_mask = rows_mask.expand(batch, -1, -1) if rows_mask.shape[0] == 1 else rows_mask
         rows_mask = rows_mask.repeat_interleave(n_pos, 0)
-        prob, logprob, trank = tracked.combine(out["ez"].index_select(0, idx), out["lse"].index_select(0, idx),
-                                               out["erank"].index_select(0, idx), rows_mask)
+        prob, logprob, trank = tracked.combine(
+            out["ez"].index_select(0, idx),
+            out["lse"].index_select(0, idx),
+            out["erank"].index_select(0, idx),
+            rows_mask,
+        )
         T = tracked.n_targets
         tracked_fields = {
-            "tracked_prob": prob.reshape(*shape, T).cpu(), "tracked_logprob": logprob.reshape(*shape, T).cpu(),
-            "tracked_rank": trank.reshape(*shape, T).cpu(), "tracked_names": tracked.names,
-            "tracked_read": tracked.read, "tracked_notes": tracked.notes,
+            "tracked_prob": prob.reshape(*shape, T).cpu(),
+            "tracked_logprob": logprob.reshape(*shape, T).cpu(),
+            "tracked_rank": trank.reshape(*shape, T).cpu(),
+            "tracked_names": tracked.names,
+            "tracked_read": tracked.read,
+            "tracked_notes": tracked.notes,
             "tracked_ids": tracked.ids.masked_fill(~tracked.mask, -1),
         }
     prov = Provenance.from_model(
@@ -440,11 +501,17 @@ def prediction_trajectory(
         sites=list(site_list),
         readout_identity_max_abs_diff=identity_diff,
         readout_identity_checked=identity_diff is not None,
-        **({"tracked_targets": list(tracked.names), "tracked_notes": list(tracked.notes)} if tracked else {}),
+        **(
+            {"tracked_targets": list(tracked.names), "tracked_notes": list(tracked.notes)}
+            if tracked
+            else {}
+        ),
     )
     return PredictionTrajectory(
         layers=tuple(layer for layer, _ in plan),
-        layer_labels=tuple(site_label(layer, site, n_layers, named=with_mid) for layer, site in plan),
+        layer_labels=tuple(
+            site_label(layer, site, n_layers, named=with_mid) for layer, site in plan
+        ),
         tokens=toks.detach().cpu(),
         str_tokens=str_tokens,
         targets=next_tok.cpu(),

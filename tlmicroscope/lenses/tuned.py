@@ -31,7 +31,7 @@ from tlmicroscope.io import (
     save_fitted,
 )
 
-__all__ = ["TunedLens", "KIND"]
+__all__ = ["KIND", "TunedLens"]
 
 #: The ``kind`` recorded in a saved tuned lens's ``config.json``.
 KIND = "tuned_lens"
@@ -88,7 +88,9 @@ class TunedLens(torch.nn.Module):
     ):
         super().__init__()
         if int(n_layers) <= 0 or int(d_model) <= 0:
-            raise ValueError(f"n_layers and d_model must be positive, got {n_layers} and {d_model}.")
+            raise ValueError(
+                f"n_layers and d_model must be positive, got {n_layers} and {d_model}."
+            )
         self.n_layers = int(n_layers)
         self.d_model = int(d_model)
         self.has_bias = bool(bias)
@@ -142,7 +144,9 @@ class TunedLens(torch.nn.Module):
         """
         layer = self._check_layer(layer)
         if h.shape[-1] != self.d_model:
-            raise ValueError(f"Expected vectors of width d_model={self.d_model}, got {h.shape[-1]}.")
+            raise ValueError(
+                f"Expected vectors of width d_model={self.d_model}, got {h.shape[-1]}."
+            )
         W, b = self.weight[layer], self.bias[layer]
         if W.dtype != h.dtype or W.device != h.device:
             W, b = W.to(h.device, h.dtype), b.to(h.device, h.dtype)
@@ -153,8 +157,13 @@ class TunedLens(torch.nn.Module):
 
     def check_model(self, model: Any) -> None:
         """Raise ``ModelMismatchError`` (a ``ValueError``) naming the field where ``model`` differs."""
-        check_model_shape(model, "tuned lens", "use the model it was trained for, or train a new lens",
-                          d_model=self.d_model, n_layers=self.n_layers)
+        check_model_shape(
+            model,
+            "tuned lens",
+            "use the model it was trained for, or train a new lens",
+            d_model=self.d_model,
+            n_layers=self.n_layers,
+        )
         if not self.model_info:
             return
         W_U = model.W_U
@@ -190,7 +199,9 @@ class TunedLens(torch.nn.Module):
     def save(self, path: str | os.PathLike) -> Path:
         """Save as ``path/tensors.safetensors`` + ``path/config.json`` (atomically)."""
         tensors = {"weight": self.weight.detach().float(), "bias": self.bias.detach().float()}
-        return save_fitted(path, tensors, kind=KIND, config=self.config(), fingerprint=self.model_info)
+        return save_fitted(
+            path, tensors, kind=KIND, config=self.config(), fingerprint=self.model_info
+        )
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: Any = None) -> TunedLens:
@@ -215,7 +226,10 @@ class TunedLens(torch.nn.Module):
         tensors, meta = load_fitted(path, kind=KIND, model=model, device=device)
         cfg = meta.get("config") or {}
         cfg_file = path / "config.json"  # load_fitted made sure the config is an object
-        n_layers, d_model = _config_int(cfg, "n_layers", cfg_file), _config_int(cfg, "d_model", cfg_file)
+        n_layers, d_model = (
+            _config_int(cfg, "n_layers", cfg_file),
+            _config_int(cfg, "d_model", cfg_file),
+        )
         has_bias = _config_bool(cfg, "bias", cfg_file, default=True)
         settings = cfg.get("settings") or {}
         if not isinstance(settings, dict):
@@ -224,8 +238,13 @@ class TunedLens(torch.nn.Module):
             )
         weight, bias = tensors.get("weight"), tensors.get("bias")
         if weight is None or bias is None:
-            raise FittedFileError(f"{path} holds tensors {sorted(tensors)}, expected 'weight' and 'bias'.")
-        if tuple(weight.shape) != (n_layers, d_model, d_model) or tuple(bias.shape) != (n_layers, d_model):
+            raise FittedFileError(
+                f"{path} holds tensors {sorted(tensors)}, expected 'weight' and 'bias'."
+            )
+        if tuple(weight.shape) != (n_layers, d_model, d_model) or tuple(bias.shape) != (
+            n_layers,
+            d_model,
+        ):
             raise FittedFileError(
                 f"{path}: weight {tuple(weight.shape)} and bias {tuple(bias.shape)} do not match the "
                 f"config (n_layers={n_layers}, d_model={d_model}); the file is corrupt."

@@ -36,41 +36,91 @@ def default_artifact_path(model: Any, what: str) -> Path:
 
 
 def _corpus_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--corpus", default="embedded", help="'embedded', a .txt/.jsonl file or a folder of them")
+    p.add_argument(
+        "--corpus", default="embedded", help="'embedded', a .txt/.jsonl file or a folder of them"
+    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("microscope", help="the five LLM-Microscope panels of a text in one HTML file")
+    p = sub.add_parser(
+        "microscope", help="the five LLM-Microscope panels of a text in one HTML file"
+    )
     p.add_argument("text", nargs="?", default=None, help="the text to analyse")
     p.add_argument("--text-file", default=None, help="read the text from a file instead")
     p.add_argument("--out", default="microscope.html", help="HTML file to write")
-    p.add_argument("--reference", default=None, help="saved non-linearity reference (default: the model's cached one)")
-    p.add_argument("--no-fit", action="store_true", help="do not fit a missing reference (show a notice instead)")
-    p.add_argument("--fit-tokens", type=int, default=None, help="corpus tokens for a reference fitted on the fly")
-    p.add_argument("--probe", default=None, help="saved contextualization probe (default: the model's cached one)")
-    p.add_argument("--lens", default="logit", help="lens of the contribution panel: 'logit', 'logit-paper' or a saved lens")
-    p.add_argument("--normalization", default="global", choices=["global", "layer", "token", "none"],
-                   help="min-max scaling of the non-linearity heatmap (as the paper's demo)")
-    p.add_argument("--paper-nonlinearity", action="store_true",
-                   help="fit the maps on the prompt itself (the paper's reading; noise when the prompt is short)")
-    p.add_argument("--truncate", action="store_true", help="keep the first n_ctx tokens of a long text")
+    p.add_argument(
+        "--reference",
+        default=None,
+        help="saved non-linearity reference (default: the model's cached one)",
+    )
+    p.add_argument(
+        "--no-fit",
+        action="store_true",
+        help="do not fit a missing reference (show a notice instead)",
+    )
+    p.add_argument(
+        "--fit-tokens",
+        type=int,
+        default=None,
+        help="corpus tokens for a reference fitted on the fly",
+    )
+    p.add_argument(
+        "--probe",
+        default=None,
+        help="saved contextualization probe (default: the model's cached one)",
+    )
+    p.add_argument(
+        "--lens",
+        default="logit",
+        help="lens of the contribution panel: 'logit', 'logit-paper' or a saved lens",
+    )
+    p.add_argument(
+        "--normalization",
+        default="global",
+        choices=["global", "layer", "token", "none"],
+        help="min-max scaling of the non-linearity heatmap (as the paper's demo)",
+    )
+    p.add_argument(
+        "--paper-nonlinearity",
+        action="store_true",
+        help="fit the maps on the prompt itself (the paper's reading; noise when the prompt is short)",
+    )
+    p.add_argument(
+        "--truncate", action="store_true", help="keep the first n_ctx tokens of a long text"
+    )
     add_model_args(p)
     p.set_defaults(func=_microscope)
 
-    f = sub.add_parser("microscope-fit", help="fit and save the non-linearity reference maps of a model")
+    f = sub.add_parser(
+        "microscope-fit", help="fit and save the non-linearity reference maps of a model"
+    )
     _corpus_arg(f)
-    f.add_argument("--out", default=None, help="folder to write (default: the model's cache folder)")
-    f.add_argument("--n-tokens", type=int, default=None, help="corpus tokens (default max(8192, 32·d_model))")
+    f.add_argument(
+        "--out", default=None, help="folder to write (default: the model's cache folder)"
+    )
+    f.add_argument(
+        "--n-tokens", type=int, default=None, help="corpus tokens (default max(8192, 32·d_model))"
+    )
     f.add_argument("--seq-len", type=int, default=256)
-    f.add_argument("--skip-positions", type=int, default=0, help="drop the first positions of each window")
-    f.add_argument("--ridge", type=float, default=0.0, help="Tikhonov term, fraction of the mean eigenvalue")
+    f.add_argument(
+        "--skip-positions", type=int, default=0, help="drop the first positions of each window"
+    )
+    f.add_argument(
+        "--ridge", type=float, default=0.0, help="Tikhonov term, fraction of the mean eigenvalue"
+    )
     add_model_args(f)
     f.set_defaults(func=_fit)
 
-    t = sub.add_parser("microscope-train-probe", help="train a contextualization probe (checkpointed, resumable)")
+    t = sub.add_parser(
+        "microscope-train-probe", help="train a contextualization probe (checkpointed, resumable)"
+    )
     _corpus_arg(t)
-    t.add_argument("--out", default=None, help="folder to write (default: the model's cache folder)")
-    t.add_argument("--checkpoint-dir", default=None, help="checkpoints (default: OUT.ckpt); rerun to resume")
+    t.add_argument(
+        "--out", default=None, help="folder to write (default: the model's cache folder)"
+    )
+    t.add_argument(
+        "--checkpoint-dir", default=None, help="checkpoints (default: OUT.ckpt); rerun to resume"
+    )
     t.add_argument("--steps", type=int, default=None)
     t.add_argument("--prefix-length", type=int, default=None)
     t.add_argument("--mlp-hidden", type=int, default=None)
@@ -80,7 +130,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_args(t)
     t.set_defaults(func=_train)
 
-    c = sub.add_parser("microscope-classes", help="C and non-linearity per token class, and their correlation")
+    c = sub.add_parser(
+        "microscope-classes", help="C and non-linearity per token class, and their correlation"
+    )
     _corpus_arg(c)
     c.add_argument("--n-texts", type=int, default=40, help="corpus windows to analyse")
     c.add_argument("--seq-len", type=int, default=128)
@@ -91,10 +143,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_args(c)
     c.set_defaults(func=_classes)
 
-    r = sub.add_parser("microscope-removal", help="filler-token removal: accuracy and LM-loss deltas")
-    r.add_argument("--dataset", default="shipped", help="'shipped', 'none', or an MMLU CSV/JSONL file or folder")
-    r.add_argument("--corpus", default="embedded", help="LM-loss passages: 'embedded', a file, a folder or 'none'")
-    r.add_argument("--removals", default=",".join(("stop_words", "punctuation", "articles", "stop_words+punctuation")))
+    r = sub.add_parser(
+        "microscope-removal", help="filler-token removal: accuracy and LM-loss deltas"
+    )
+    r.add_argument(
+        "--dataset",
+        default="shipped",
+        help="'shipped', 'none', or an MMLU CSV/JSONL file or folder",
+    )
+    r.add_argument(
+        "--corpus",
+        default="embedded",
+        help="LM-loss passages: 'embedded', a file, a folder or 'none'",
+    )
+    r.add_argument(
+        "--removals",
+        default=",".join(("stop_words", "punctuation", "articles", "stop_words+punctuation")),
+    )
     r.add_argument("--max-items", type=int, default=None)
     r.add_argument("--n-shots", type=int, default=None)
     r.add_argument("--n-passages", type=int, default=100)
@@ -103,13 +168,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_args(r)
     r.set_defaults(func=_removal)
 
-    lin = sub.add_parser("microscope-linearity", help="layer linearity scores (and anisotropy/ID profiles) over a corpus")
+    lin = sub.add_parser(
+        "microscope-linearity",
+        help="layer linearity scores (and anisotropy/ID profiles) over a corpus",
+    )
     _corpus_arg(lin)
     lin.add_argument("--n-tokens", type=int, default=None)
     lin.add_argument("--seq-len", type=int, default=256)
     lin.add_argument("--mode", default="lstsq", choices=["lstsq", "paper"])
     lin.add_argument("--skip-positions", type=int, default=0)
-    lin.add_argument("--profiles", action="store_true", help="also anisotropy and intrinsic dimension per layer")
+    lin.add_argument(
+        "--profiles", action="store_true", help="also anisotropy and intrinsic dimension per layer"
+    )
     lin.add_argument("--out", default="microscope-linearity.html")
     lin.add_argument("--csv", default=None)
     add_model_args(lin)
@@ -130,7 +200,9 @@ def _reference(model: Any, path: str | None, *, fit: bool, n_tokens: int | None)
         raise FileNotFoundError(f"No non-linearity reference at {target}.")
     if not fit:
         return None, target
-    log(f"no non-linearity reference for this model yet: fitting one on the embedded corpus (saved to {target})")
+    log(
+        f"no non-linearity reference for this model yet: fitting one on the embedded corpus (saved to {target})"
+    )
     t0 = time.perf_counter()
     ref = NonlinearityReference(n_tokens=n_tokens).fit(model)
     ref.save(target)
@@ -164,10 +236,16 @@ def _microscope(args: argparse.Namespace) -> int:
     text = read_text_arg(args.text if args.text is not None else DEFAULT_TEXT, args.text_file)
     model = load_from_args(args)
     lens = _load_lens(args.lens, model)
-    page = HtmlPage(title="LLM-Microscope", intro=f"Model {model.cfg.model_name}; text of "
-                    f"{len(text)} characters. Panels follow Razzhigaev et al., arXiv 2502.15007.")
-    ref, ref_path = (None, None) if args.paper_nonlinearity else _reference(
-        model, args.reference, fit=not args.no_fit, n_tokens=args.fit_tokens)
+    page = HtmlPage(
+        title="LLM-Microscope",
+        intro=f"Model {model.cfg.model_name}; text of "
+        f"{len(text)} characters. Panels follow Razzhigaev et al., arXiv 2502.15007.",
+    )
+    ref, ref_path = (
+        (None, None)
+        if args.paper_nonlinearity
+        else _reference(model, args.reference, fit=not args.no_fit, n_tokens=args.fit_tokens)
+    )
     fit_cmd = f"tlmicroscope microscope-fit --model {args.model}"
     if args.paper_nonlinearity:
         tn = token_nonlinearity(model, text, mode="paper", truncate=args.truncate)
@@ -176,31 +254,61 @@ def _microscope(args: argparse.Namespace) -> int:
     else:
         tn = None
     if tn is not None:
-        page.add_section("1. Token-wise non-linearity", mv.nonlinearity_heatmap(tn, normalization=args.normalization),
-                         caption=f"E = ‖A*_l z^l − z^l+1‖ per token and layer pair; {tn.provenance.describe()}")
+        page.add_section(
+            "1. Token-wise non-linearity",
+            mv.nonlinearity_heatmap(tn, normalization=args.normalization),
+            caption=f"E = ‖A*_l z^l − z^l+1‖ per token and layer pair; {tn.provenance.describe()}",
+        )
     else:
-        page.add_notice("1. Token-wise non-linearity", "No non-linearity reference for this model.", fit_cmd)
+        page.add_notice(
+            "1. Token-wise non-linearity", "No non-linearity reference for this model.", fit_cmd
+        )
     if ref is not None:
-        page.add_section("2. Average linearity per layer", mv.linearity_plot(ref.linearity_, prompt=tn),
-                         caption=f"Corpus scores from the reference at {ref_path}; red: this prompt's mean E.")
+        page.add_section(
+            "2. Average linearity per layer",
+            mv.linearity_plot(ref.linearity_, prompt=tn),
+            caption=f"Corpus scores from the reference at {ref_path}; red: this prompt's mean E.",
+        )
     else:
-        page.add_notice("2. Average linearity per layer", "Needs the non-linearity reference (corpus scores).", fit_cmd)
+        page.add_notice(
+            "2. Average linearity per layer",
+            "Needs the non-linearity reference (corpus scores).",
+            fit_cmd,
+        )
     lc = layer_contributions(model, text, lens=lens, truncate=args.truncate)
-    page.add_section("3. Layer contributions", mv.layer_contributions_heatmap(lc),
-                     mv.layer_contributions_heatmap(lc, delta=True), caption=lc.provenance.describe())
+    page.add_section(
+        "3. Layer contributions",
+        mv.layer_contributions_heatmap(lc),
+        mv.layer_contributions_heatmap(lc, delta=True),
+        caption=lc.provenance.describe(),
+    )
     attr = component_attribution(model, text, truncate=args.truncate)
-    page.add_section("3b. Component attribution", mv.component_attribution_heatmap(attr),
-                     caption="Direct logit attribution of each block's attention and MLP output to the model's "
-                             f"top-1 prediction; pieces sum to the logit within {attr.max_identity_error:.1e}.")
+    page.add_section(
+        "3b. Component attribution",
+        mv.component_attribution_heatmap(attr),
+        caption="Direct logit attribution of each block's attention and MLP output to the model's "
+        f"top-1 prediction; pieces sum to the logit within {attr.max_identity_error:.1e}.",
+    )
     probe, probe_path = _probe(model, args.probe)
     if probe is not None:
         ctx = contextualization(model, text, probe, truncate=args.truncate)
-        page.add_section("4. Contextualization", mv.contextualization_heatmap(ctx), mv.contextualization_tokens(ctx),
-                         caption=f"Probe {probe_path}: {probe!r}. C is NaN at position 0 (no prefix).")
+        page.add_section(
+            "4. Contextualization",
+            mv.contextualization_heatmap(ctx),
+            mv.contextualization_tokens(ctx),
+            caption=f"Probe {probe_path}: {probe!r}. C is NaN at position 0 (no prefix).",
+        )
     else:
-        page.add_notice("4. Contextualization", "No contextualization probe for this model (training takes minutes).",
-                        f"tlmicroscope microscope-train-probe --model {args.model}")
-    traj = lc.trajectory if args.lens == "logit" else prediction_trajectory(model, text, truncate=args.truncate)
+        page.add_notice(
+            "4. Contextualization",
+            "No contextualization probe for this model (training takes minutes).",
+            f"tlmicroscope microscope-train-probe --model {args.model}",
+        )
+    traj = (
+        lc.trajectory
+        if args.lens == "logit"
+        else prediction_trajectory(model, text, truncate=args.truncate)
+    )
     page.add_section("5. Logit lens", logit_lens_table(traj), caption=traj.provenance.describe())
     out = page.save(args.out)
     print(Path(out).resolve())
@@ -213,8 +321,12 @@ def _fit(args: argparse.Namespace) -> int:
     model = load_from_args(args)
     out = Path(args.out) if args.out else default_artifact_path(model, "nonlinearity")
     t0 = time.perf_counter()
-    ref = NonlinearityReference(n_tokens=args.n_tokens, seq_len=args.seq_len, skip_positions=args.skip_positions,
-                                ridge=args.ridge).fit(model, _corpus(args.corpus))
+    ref = NonlinearityReference(
+        n_tokens=args.n_tokens,
+        seq_len=args.seq_len,
+        skip_positions=args.skip_positions,
+        ridge=args.ridge,
+    ).fit(model, _corpus(args.corpus))
     ref.save(out)
     log(f"{ref!r} in {time.perf_counter() - t0:.0f} s")
     print(ref.linearity_.to_dataframe().to_string(index=False))
@@ -228,9 +340,17 @@ def _train(args: argparse.Namespace) -> int:
     model = load_from_args(args)
     out = Path(args.out) if args.out else default_artifact_path(model, "context-probe")
     ckpt = Path(args.checkpoint_dir) if args.checkpoint_dir else out.with_name(out.name + ".ckpt")
-    overrides = {k: v for k, v in {"steps": args.steps, "prefix_length": args.prefix_length,
-                                   "mlp_hidden": args.mlp_hidden, "decoder": args.decoder,
-                                   "trainable_blocks": args.trainable_blocks}.items() if v is not None}
+    overrides = {
+        k: v
+        for k, v in {
+            "steps": args.steps,
+            "prefix_length": args.prefix_length,
+            "mlp_hidden": args.mlp_hidden,
+            "decoder": args.decoder,
+            "trainable_blocks": args.trainable_blocks,
+        }.items()
+        if v is not None
+    }
     probe = ContextualizationProbe(**overrides)
     log(f"training {probe!r}; checkpoints in {ckpt}")
     t0 = time.perf_counter()
@@ -238,8 +358,10 @@ def _train(args: argparse.Namespace) -> int:
     probe.save(out)
     h = probe.history_
     k = max(1, len(h) // 10)
-    log(f"trained in {time.perf_counter() - t0:.0f} s this run ({probe.train_seconds_:.0f} s in all); "
-        f"loss {sum(h[:k]) / k:.3f} (first {k} steps) -> {sum(h[-k:]) / k:.3f} (last {k})")
+    log(
+        f"trained in {time.perf_counter() - t0:.0f} s this run ({probe.train_seconds_:.0f} s in all); "
+        f"loss {sum(h[:k]) / k:.3f} (first {k} steps) -> {sum(h[-k:]) / k:.3f} (last {k})"
+    )
     print(out.resolve())
     return 0
 
@@ -259,10 +381,18 @@ def _classes(args: argparse.Namespace) -> int:
     ref, _ = _reference(model, args.reference, fit=True, n_tokens=None)
     probe, probe_path = _probe(model, args.probe)
     if probe is None:
-        raise ValueError(f"No contextualization probe at {probe_path}; train one with "
-                         f"`tlmicroscope microscope-train-probe --model {args.model}`.")
-    windows = token_windows(model, _corpus(args.corpus), seq_len=args.seq_len, n_windows=args.n_texts,
-                            shuffle=True, seed=12345)
+        raise ValueError(
+            f"No contextualization probe at {probe_path}; train one with "
+            f"`tlmicroscope microscope-train-probe --model {args.model}`."
+        )
+    windows = token_windows(
+        model,
+        _corpus(args.corpus),
+        seq_len=args.seq_len,
+        n_windows=args.n_texts,
+        shuffle=True,
+        seed=12345,
+    )
     ctxs, nls = [], []
     from tqdm.auto import tqdm
 
@@ -273,11 +403,16 @@ def _classes(args: argparse.Namespace) -> int:
     corr = contextuality_nonlinearity_correlation(ctxs, nls)
     print(summary.to_dataframe().to_string(index=False))
     print(f"lowest C: {summary.lowest_C()}")
-    print(f"Pearson r(C, non-linearity) = {corr.pearson_r:.4f} (p = {corr.p_value:.3g}, n = {corr.n}); "
-          f"Spearman {corr.spearman_r:.4f}")
+    print(
+        f"Pearson r(C, non-linearity) = {corr.pearson_r:.4f} (p = {corr.p_value:.3g}, n = {corr.n}); "
+        f"Spearman {corr.spearman_r:.4f}"
+    )
     page = HtmlPage(title="LLM-Microscope: token classes")
-    page.add_section("Token classes", mv.token_class_plot(summary), caption=f"{args.n_texts} corpus windows of "
-                     f"{args.seq_len} tokens; position 0 left out.")
+    page.add_section(
+        "Token classes",
+        mv.token_class_plot(summary),
+        caption=f"{args.n_texts} corpus windows of {args.seq_len} tokens; position 0 left out.",
+    )
     page.add_section("C vs non-linearity", mv.correlation_scatter(corr))
     if args.csv:
         summary.table.to_csv(args.csv, index=False)
@@ -293,15 +428,26 @@ def _removal(args: argparse.Namespace) -> int:
     model = load_from_args(args)
     dataset = {"shipped": None, "none": False}.get(args.dataset, args.dataset)
     corpus = {"embedded": None, "none": False}.get(args.corpus, args.corpus)
-    res = filler_removal_experiment(model, dataset, corpus=corpus, removals=tuple(args.removals.split(",")),
-                                    max_items=args.max_items, n_shots=args.n_shots, n_passages=args.n_passages)
+    res = filler_removal_experiment(
+        model,
+        dataset,
+        corpus=corpus,
+        removals=tuple(args.removals.split(",")),
+        max_items=args.max_items,
+        n_shots=args.n_shots,
+        n_passages=args.n_passages,
+    )
     df = res.to_dataframe()
     print(df.to_string(index=False))
     if args.csv:
         df.to_csv(args.csv, index=False)
     page = HtmlPage(title="LLM-Microscope: filler-token removal")
-    page.add_section("Deltas from the original text", mv.filler_removal_plot(res), df.to_html(index=False),
-                     caption=res.provenance.describe())
+    page.add_section(
+        "Deltas from the original text",
+        mv.filler_removal_plot(res),
+        df.to_html(index=False),
+        caption=res.provenance.describe(),
+    )
     print(Path(page.save(args.out)).resolve())
     return 0
 
@@ -312,18 +458,33 @@ def _linearity(args: argparse.Namespace) -> int:
     from tlmicroscope.viz import microscope as mv
 
     model = load_from_args(args)
-    res = linearity_scores(model, _corpus(args.corpus), n_tokens=args.n_tokens, seq_len=args.seq_len, mode=args.mode,
-                           skip_positions=args.skip_positions)
+    res = linearity_scores(
+        model,
+        _corpus(args.corpus),
+        n_tokens=args.n_tokens,
+        seq_len=args.seq_len,
+        mode=args.mode,
+        skip_positions=args.skip_positions,
+    )
     df = res.to_dataframe()
     print(df.to_string(index=False))
     page = HtmlPage(title="LLM-Microscope: layer linearity")
-    page.add_section("Linearity per layer pair", mv.linearity_plot(res), df.to_html(index=False),
-                     caption=res.provenance.describe())
+    page.add_section(
+        "Linearity per layer pair",
+        mv.linearity_plot(res),
+        df.to_html(index=False),
+        caption=res.provenance.describe(),
+    )
     if args.profiles:
-        prof = layer_profiles(model, _corpus(args.corpus), seq_len=args.seq_len, skip_positions=args.skip_positions)
+        prof = layer_profiles(
+            model, _corpus(args.corpus), seq_len=args.seq_len, skip_positions=args.skip_positions
+        )
         print(prof.to_dataframe().to_string(index=False))
-        page.add_section("Anisotropy and intrinsic dimension", mv.layer_profiles_plot(prof),
-                         caption=prof.provenance.describe())
+        page.add_section(
+            "Anisotropy and intrinsic dimension",
+            mv.layer_profiles_plot(prof),
+            caption=prof.provenance.describe(),
+        )
     if args.csv:
         df.to_csv(args.csv, index=False)
     print(Path(page.save(args.out)).resolve())

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from tlmicroscope.capture import stream
 from tlmicroscope.corpus import CorpusSource, token_stream
 
-__all__ = ["corpus_windows", "stream_residual", "str_tokens_of", "StopForward"]
+__all__ = ["StopForward", "corpus_windows", "str_tokens_of", "stream_residual"]
 
 
 class StopForward(Exception):
@@ -51,7 +51,9 @@ def corpus_windows(
         if toks.ndim == 1:
             toks = toks.unsqueeze(0)
         if toks.ndim != 2 or toks.numel() == 0:
-            raise ValueError(f"Corpus token ids must be a non-empty [n seq] tensor, got {tuple(toks.shape)}.")
+            raise ValueError(
+                f"Corpus token ids must be a non-empty [n seq] tensor, got {tuple(toks.shape)}."
+            )
         if toks.shape[1] > model.cfg.n_ctx:
             raise ValueError(
                 f"Corpus windows of {toks.shape[1]} tokens exceed the model's context of {model.cfg.n_ctx}."

@@ -9,7 +9,14 @@ from dataclasses import dataclass
 import torch
 from jaxtyping import Float
 
-__all__ = ["DEFAULT_RTOL", "ResidualMoments", "PairFit", "fit_pair", "paper_fit", "paper_pair_score"]
+__all__ = [
+    "DEFAULT_RTOL",
+    "PairFit",
+    "ResidualMoments",
+    "fit_pair",
+    "paper_fit",
+    "paper_pair_score",
+]
 
 #: Eigenvalues of the centred Gram below ``DEFAULT_RTOL × λ_max`` count as zero: the rank is
 #: reported without them and the solve ignores them (a truncated pseudo-inverse). Activations come
@@ -32,8 +39,12 @@ class ResidualMoments:
         self.n = 0
         self.shift: dict[int, torch.Tensor] = {}
         self.s1 = {layer: torch.zeros(d_model, dtype=torch.float64) for layer in self.states}
-        self.s2 = {layer: torch.zeros(d_model, d_model, dtype=torch.float64) for layer in self.states}
-        self.cross = {layer: torch.zeros(d_model, d_model, dtype=torch.float64) for layer in self.pairs}
+        self.s2 = {
+            layer: torch.zeros(d_model, d_model, dtype=torch.float64) for layer in self.states
+        }
+        self.cross = {
+            layer: torch.zeros(d_model, d_model, dtype=torch.float64) for layer in self.pairs
+        }
         self._prev: tuple[int, torch.Tensor] | None = None
 
     def add(self, layer: int, rows: Float[torch.Tensor, "n d_model"]) -> None:
@@ -80,8 +91,13 @@ class PairFit:
 
 
 def fit_pair(
-    gxx: torch.Tensor, gyy_trace: float, cxy: torch.Tensor, *, rtol: float = DEFAULT_RTOL,
-    ridge: float = 0.0, want_map: bool = False,
+    gxx: torch.Tensor,
+    gyy_trace: float,
+    cxy: torch.Tensor,
+    *,
+    rtol: float = DEFAULT_RTOL,
+    ridge: float = 0.0,
+    want_map: bool = False,
 ) -> PairFit:
     """Scores (and optionally the map) of the affine regression of y on x from centred moments.
 
@@ -134,4 +150,4 @@ def paper_pair_score(x: torch.Tensor, y: torch.Tensor) -> tuple[float, torch.Ten
     pred, Y, S = paper_fit(x, y)
     err = (pred - Y).square().sum()
     tol = S.max() * max(x.shape) * torch.finfo(S.dtype).eps
-    return float(1 - err), torch.count_nonzero(S > tol)
+    return float(1 - err), torch.count_nonzero(tol < S)

@@ -12,7 +12,14 @@ from torch import nn
 
 from tlmicroscope.capture import capture
 
-__all__ = ["PrefixEncoder", "copy_model", "examined_states", "prefix_examples", "prefix_token_loss", "decoder_blocks"]
+__all__ = [
+    "PrefixEncoder",
+    "copy_model",
+    "decoder_blocks",
+    "examined_states",
+    "prefix_examples",
+    "prefix_token_loss",
+]
 
 
 class PrefixEncoder(nn.Module):
@@ -64,7 +71,11 @@ def examined_states(model: Any, windows: torch.Tensor, layers: Sequence[int]) ->
 
 
 def prefix_examples(
-    windows: torch.Tensor, batch_idx: torch.Tensor, positions: torch.Tensor, prefix_length: int, pad_id: int
+    windows: torch.Tensor,
+    batch_idx: torch.Tensor,
+    positions: torch.Tensor,
+    prefix_length: int,
+    pad_id: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Decoder inputs and targets for reconstructing the prefix of token ``positions`` of ``windows``.
 
@@ -90,7 +101,11 @@ def prefix_examples(
 
 
 def prefix_token_loss(
-    decoder: Any, inputs: torch.Tensor, soft: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor
+    decoder: Any,
+    inputs: torch.Tensor,
+    soft: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
 ) -> torch.Tensor:
     """Cross-entropy of every prefix token ``[n P]`` (0 where masked), with ``soft`` in slot 0."""
     device = getattr(decoder.cfg, "device", None) or soft.device
@@ -99,11 +114,15 @@ def prefix_token_loss(
         return torch.cat([soft[:, None].to(act.dtype), act[:, 1:]], dim=1)
 
     logits = decoder.run_with_hooks(inputs.to(device), fwd_hooks=[("hook_embed", put_soft)])
-    ce = F.cross_entropy(logits.float().transpose(1, 2), targets.to(logits.device), reduction="none")
+    ce = F.cross_entropy(
+        logits.float().transpose(1, 2), targets.to(logits.device), reduction="none"
+    )
     return ce * mask.to(ce.device)
 
 
-def decoder_blocks(decoder: Any, mode: str, trainable_blocks: int) -> list[tuple[str, nn.Parameter]]:
+def decoder_blocks(
+    decoder: Any, mode: str, trainable_blocks: int
+) -> list[tuple[str, nn.Parameter]]:
     """The decoder's parameters that train under ``mode`` (named as in ``named_parameters``)."""
     if mode == "frozen":
         return []
@@ -111,5 +130,7 @@ def decoder_blocks(decoder: Any, mode: str, trainable_blocks: int) -> list[tuple
     if mode == "full":
         return named
     n = len(decoder.blocks)
-    wanted = {id(p) for block in list(decoder.blocks)[n - trainable_blocks :] for p in block.parameters()}
+    wanted = {
+        id(p) for block in list(decoder.blocks)[n - trainable_blocks :] for p in block.parameters()
+    }
     return [(name, p) for name, p in named if id(p) in wanted]

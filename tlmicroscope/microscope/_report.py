@@ -103,15 +103,21 @@ def _model_flags(model: Any) -> str:
 
 def _fit_command(ctx: ReportContext) -> str:
     out = ctx.settings.get("microscope_reference")
-    return f"tlmicroscope microscope-fit{_model_flags(ctx.model)}" + (f" --out {out}" if out else "")
+    return f"tlmicroscope microscope-fit{_model_flags(ctx.model)}" + (
+        f" --out {out}" if out else ""
+    )
 
 
 def _train_command(ctx: ReportContext) -> str:
     out = ctx.settings.get("microscope_probe")
-    return f"tlmicroscope microscope-train-probe{_model_flags(ctx.model)}" + (f" --out {out}" if out else "")
+    return f"tlmicroscope microscope-train-probe{_model_flags(ctx.model)}" + (
+        f" --out {out}" if out else ""
+    )
 
 
-def _load(ctx: ReportContext, key: str, what: str, folder: str, cls: Any, fix: str) -> tuple[Any, Path]:
+def _load(
+    ctx: ReportContext, key: str, what: str, folder: str, cls: Any, fix: str
+) -> tuple[Any, Path]:
     """A saved fitted object from ``ctx.settings[key]`` or the model's default folder (once per report)."""
 
     def load() -> tuple[Any, Path]:
@@ -124,19 +130,33 @@ def _load(ctx: ReportContext, key: str, what: str, folder: str, cls: Any, fix: s
         try:
             return cls.load(target, ctx.model), target
         except (ModelMismatchError, FittedFileError) as exc:
-            raise MissingPrerequisite(f"The {what} at {target} cannot be used: {exc}", fix=fix) from exc
+            raise MissingPrerequisite(
+                f"The {what} at {target} cannot be used: {exc}", fix=fix
+            ) from exc
 
     return ctx.memo(f"microscope:saved:{folder}", load)
 
 
 def _reference(ctx: ReportContext) -> tuple[NonlinearityReference | None, Path]:
-    return _load(ctx, "microscope_reference", "non-linearity reference", "nonlinearity", NonlinearityReference,
-                 _fit_command(ctx))
+    return _load(
+        ctx,
+        "microscope_reference",
+        "non-linearity reference",
+        "nonlinearity",
+        NonlinearityReference,
+        _fit_command(ctx),
+    )
 
 
 def _probe(ctx: ReportContext) -> tuple[ContextualizationProbe | None, Path]:
-    return _load(ctx, "microscope_probe", "contextualization probe", "context-probe", ContextualizationProbe,
-                 _train_command(ctx))
+    return _load(
+        ctx,
+        "microscope_probe",
+        "contextualization probe",
+        "context-probe",
+        ContextualizationProbe,
+        _train_command(ctx),
+    )
 
 
 def _source(ctx: ReportContext) -> Any:
@@ -206,9 +226,12 @@ def report_linearity(ctx: ReportContext) -> LinearityResult:
     if ref is not None:
         return ref.linearity_
     res = _prompt_reference(ctx, path, "linearity scores").linearity_
-    prov = dataclasses.replace(res.provenance, model=_compat.model_label(ctx.model),
-                               model_class=type(ctx.model).__name__,
-                               weights_processed=_compat.weights_processed(ctx.model))
+    prov = dataclasses.replace(
+        res.provenance,
+        model=_compat.model_label(ctx.model),
+        model_class=type(ctx.model).__name__,
+        weights_processed=_compat.weights_processed(ctx.model),
+    )
     return dataclasses.replace(res, provenance=prov.with_settings(source="this text's tokens"))
 
 
@@ -224,11 +247,15 @@ def _context_positions(ctx: ReportContext) -> slice | None:
         return None
     k = int(value)
     if k < 1:
-        raise ValueError(f"microscope_context_positions must be a positive int or 'all', got {value!r}.")
+        raise ValueError(
+            f"microscope_context_positions must be a positive int or 'all', got {value!r}."
+        )
     return slice(-k, None) if k < ctx.tokens.shape[-1] - 1 else None
 
 
-def report_contextualization(ctx: ReportContext) -> tuple[Contextualization, ContextualizationProbe, Path]:
+def report_contextualization(
+    ctx: ReportContext,
+) -> tuple[Contextualization, ContextualizationProbe, Path]:
     """C of the text's last positions (``microscope_context_positions``) with the saved probe.
 
     Raises:
@@ -236,12 +263,16 @@ def report_contextualization(ctx: ReportContext) -> tuple[Contextualization, Con
     """
 
     def compute():
-        require_tokens(ctx, 2, "contextualization (C rebuilds the tokens before each one; position 0 has none)")
+        require_tokens(
+            ctx, 2, "contextualization (C rebuilds the tokens before each one; position 0 has none)"
+        )
         probe, path = _probe(ctx)
         if probe is None:
             raise MissingPrerequisite(
                 f"No contextualization probe for this model (looked in {path}). Training one takes minutes "
-                "(400 steps by default; --steps 100 for a rough one):", fix=_train_command(ctx))
+                "(400 steps by default; --steps 100 for a rough one):",
+                fix=_train_command(ctx),
+            )
         res = contextualization(_source(ctx), ctx.tokens, probe, positions=_context_positions(ctx))
         return res, probe, path
 
@@ -255,29 +286,44 @@ def _window(res: Contextualization) -> Contextualization:
         return res
     lo = int(decoded.min())
     lo = 0 if lo <= 1 else lo
-    return dataclasses.replace(res, C=res.C[:, lo:], prefix_length=res.prefix_length[:, lo:],
-                               tokens=res.tokens[:, lo:], str_tokens=[s[lo:] for s in res.str_tokens])
+    return dataclasses.replace(
+        res,
+        C=res.C[:, lo:],
+        prefix_length=res.prefix_length[:, lo:],
+        tokens=res.tokens[:, lo:],
+        str_tokens=[s[lo:] for s in res.str_tokens],
+    )
 
 
 # -- sections ------------------------------------------------------------------------------------
 def _nonlinearity_caption(tn: TokenNonlinearity, ctx: ReportContext, normalization: str) -> str:
     ref, path = _reference(ctx)
     if ref is not None:
-        how = (f"Maps A*_l fitted once on a corpus of N={tn.n_fit} tokens ({ref.corpus_}), loaded from "
-               f"{path!s}, applied to this text.")
+        how = (
+            f"Maps A*_l fitted once on a corpus of N={tn.n_fit} tokens ({ref.corpus_}), loaded from "
+            f"{path!s}, applied to this text."
+        )
     else:
         n, d = int(ctx.tokens.numel()), int(ctx.model.cfg.d_model)
-        how = (f"No saved reference: maps fitted on this text's own N={n} tokens, the paper's per-prompt reading "
-               f"(float64 rank-truncated least squares; d_model={d}, so unrelated data would score "
-               f"{d / (n - 1):.2f} and E is biased low). For corpus-fitted maps run "
-               f"`{_fit_command(ctx)}`.")
-    return (f"E_i^l = ‖A*_l z_i^l − z_i^l+1‖ on standardised states (RMS-token units; green = linear, red = "
-            f"non-linear); colours min-max scaled ({normalization}), the hover shows raw E. {how} | "
-            f"{tn.provenance.describe()}")
+        how = (
+            f"No saved reference: maps fitted on this text's own N={n} tokens, the paper's per-prompt reading "
+            f"(float64 rank-truncated least squares; d_model={d}, so unrelated data would score "
+            f"{d / (n - 1):.2f} and E is biased low). For corpus-fitted maps run "
+            f"`{_fit_command(ctx)}`."
+        )
+    return (
+        f"E_i^l = ‖A*_l z_i^l − z_i^l+1‖ on standardised states (RMS-token units; green = linear, red = "
+        f"non-linear); colours min-max scaled ({normalization}), the hover shows raw E. {how} | "
+        f"{tn.provenance.describe()}"
+    )
 
 
-@register_section("microscope_nonlinearity", "LLM-Microscope: token-wise non-linearity", needs=("resid",),
-                  settings=("microscope_reference", "microscope_normalization"))
+@register_section(
+    "microscope_nonlinearity",
+    "LLM-Microscope: token-wise non-linearity",
+    needs=("resid",),
+    settings=("microscope_reference", "microscope_normalization"),
+)
 def _nonlinearity_section(ctx: ReportContext) -> Section:
     tn = report_nonlinearity(ctx)
     normalization = str(ctx.settings.get("microscope_normalization", "global"))
@@ -285,60 +331,99 @@ def _nonlinearity_section(ctx: ReportContext) -> Section:
     return Section([fig], _nonlinearity_caption(tn, ctx, normalization))
 
 
-@register_section("microscope_linearity", "LLM-Microscope: linearity per layer", needs=("resid",),
-                  settings=("microscope_reference",))
+@register_section(
+    "microscope_linearity",
+    "LLM-Microscope: linearity per layer",
+    needs=("resid",),
+    settings=("microscope_reference",),
+)
 def _linearity_section(ctx: ReportContext) -> Section:
     lin = report_linearity(ctx)
     tn = report_nonlinearity(ctx)
     ref, path = _reference(ctx)
-    where = (f"corpus scores of the reference at {path!s}" if ref is not None
-             else "scores of this text's own tokens (no saved reference)")
+    where = (
+        f"corpus scores of the reference at {path!s}"
+        if ref is not None
+        else "scores of this text's own tokens (no saved reference)"
+    )
     low, high = int(np.argmin(lin.score.numpy())), int(np.argmax(lin.score.numpy()))
-    caption = (f"Linearity 1 − ‖XA* − Y‖² of h^l → h^l+1 (centred, Frobenius-normalised), with and without the "
-               f"residual, {where}; N={lin.n_tokens}, d={lin.d_model}; the dotted line is the chance floor "
-               f"rank/(N−1). Least linear pair {lin.pair_labels[low]} ({float(lin.score[low]):.3f}), most linear "
-               f"{lin.pair_labels[high]} ({float(lin.score[high]):.3f}). Red: this text's mean E per pair. | "
-               f"{lin.provenance.describe()}")
+    caption = (
+        f"Linearity 1 − ‖XA* − Y‖² of h^l → h^l+1 (centred, Frobenius-normalised), with and without the "
+        f"residual, {where}; N={lin.n_tokens}, d={lin.d_model}; the dotted line is the chance floor "
+        f"rank/(N−1). Least linear pair {lin.pair_labels[low]} ({float(lin.score[low]):.3f}), most linear "
+        f"{lin.pair_labels[high]} ({float(lin.score[high]):.3f}). Red: this text's mean E per pair. | "
+        f"{lin.provenance.describe()}"
+    )
     return Section([mv.linearity_plot(lin, prompt=tn)], caption)
 
 
-@register_section("microscope_contributions", "LLM-Microscope: layer contributions", needs=("resid",),
-                  settings=("top_k",))
+@register_section(
+    "microscope_contributions",
+    "LLM-Microscope: layer contributions",
+    needs=("resid",),
+    settings=("top_k",),
+)
 def _contributions_section(ctx: ReportContext) -> Section:
     require_tokens(ctx, 2, "the layer contributions (each token's loss on the next one)")
     lc = report_contributions(ctx)
     mean = lc.mean_loss().numpy()
     best = int(np.nanargmax(-np.diff(mean))) if len(mean) > 1 else 0
-    lens_note = ("through the report's trained lens" if ctx.lens is not None else
-                 "through the logit lens (final norm recomputed per layer; pass lens= for a tuned lens)")
-    caption = (f"E_i^l = −log q_l(w_i+1): the next-token loss if the model stopped at layer l, {lens_note}. Mean "
-               f"loss {mean[0]:.2f} nats at the embeddings, {mean[-1]:.2f} at the output; the largest mean drop "
-               f"is in block {lc.layer_labels[best]}→{lc.layer_labels[best + 1]} ({mean[best] - mean[best + 1]:.2f} "
-               f"nats). | {lc.provenance.describe()}")
-    return Section([mv.layer_contributions_heatmap(lc), mv.layer_contributions_heatmap(lc, delta=True)], caption)
+    lens_note = (
+        "through the report's trained lens"
+        if ctx.lens is not None
+        else "through the logit lens (final norm recomputed per layer; pass lens= for a tuned lens)"
+    )
+    caption = (
+        f"E_i^l = −log q_l(w_i+1): the next-token loss if the model stopped at layer l, {lens_note}. Mean "
+        f"loss {mean[0]:.2f} nats at the embeddings, {mean[-1]:.2f} at the output; the largest mean drop "
+        f"is in block {lc.layer_labels[best]}→{lc.layer_labels[best + 1]} ({mean[best] - mean[best + 1]:.2f} "
+        f"nats). | {lc.provenance.describe()}"
+    )
+    return Section(
+        [mv.layer_contributions_heatmap(lc), mv.layer_contributions_heatmap(lc, delta=True)],
+        caption,
+    )
 
 
-@register_section("microscope_context", "LLM-Microscope: contextualization", needs=("resid",),
-                  settings=("microscope_probe", "microscope_context_positions"))
+@register_section(
+    "microscope_context",
+    "LLM-Microscope: contextualization",
+    needs=("resid",),
+    settings=("microscope_probe", "microscope_context_positions"),
+)
 def _context_section(ctx: ReportContext) -> Section:
     res, probe, path = report_contextualization(ctx)
     shown = _window(res)
     decoded = int((~torch.isnan(res.C)).sum())
     c = res.C[~torch.isnan(res.C)]
-    caption = (f"C_i = −log P(prefix | e_i), the {res.reduction} cross-entropy of rebuilding the "
-               f"{probe.prefix_length} tokens before token i from its pooled hidden states (lower = more context "
-               f"kept). {decoded} positions decoded"
-               + (f" (the last {decoded}; microscope_context_positions='all' decodes every one)"
-                  if decoded < res.C.shape[-1] - 1 else "")
-               + (f"; mean C {float(c.mean()):.2f} nats, range {float(c.min()):.2f}–{float(c.max()):.2f}"
-                  if c.numel() else "")
-               + f". Probe at {path!s}, trained {getattr(probe, 'steps_done_', 0)} steps. | "
-               + res.provenance.describe())
-    return Section([mv.contextualization_heatmap(shown), mv.contextualization_tokens(shown)], caption)
+    caption = (
+        f"C_i = −log P(prefix | e_i), the {res.reduction} cross-entropy of rebuilding the "
+        f"{probe.prefix_length} tokens before token i from its pooled hidden states (lower = more context "
+        f"kept). {decoded} positions decoded"
+        + (
+            f" (the last {decoded}; microscope_context_positions='all' decodes every one)"
+            if decoded < res.C.shape[-1] - 1
+            else ""
+        )
+        + (
+            f"; mean C {float(c.mean()):.2f} nats, range {float(c.min()):.2f}–{float(c.max()):.2f}"
+            if c.numel()
+            else ""
+        )
+        + f". Probe at {path!s}, trained {getattr(probe, 'steps_done_', 0)} steps. | "
+        + res.provenance.describe()
+    )
+    return Section(
+        [mv.contextualization_heatmap(shown), mv.contextualization_tokens(shown)], caption
+    )
 
 
-@register_section("microscope_token_classes", "LLM-Microscope: token classes", needs=("resid",),
-                  settings=("microscope_reference", "microscope_probe", "microscope_context_positions"))
+@register_section(
+    "microscope_token_classes",
+    "LLM-Microscope: token classes",
+    needs=("resid",),
+    settings=("microscope_reference", "microscope_probe", "microscope_context_positions"),
+)
 def _token_classes_section(ctx: ReportContext) -> Section:
     require_tokens(ctx, 2, "the token-class summary (position 0 is left out)")
     notes, tn, cres = [], None, None
@@ -352,16 +437,25 @@ def _token_classes_section(ctx: ReportContext) -> Section:
         cres = report_contextualization(ctx)[0]
     except MissingPrerequisite as exc:
         short = int(ctx.tokens.shape[-1]) < 2
-        notes.append("contextualization: text too short" if short else "contextualization: no probe")
+        notes.append(
+            "contextualization: text too short" if short else "contextualization: no probe"
+        )
         fixes.append(exc.fix)
     if tn is None and cres is None:
-        raise MissingPrerequisite("Token classes summarise C and E; neither is available for this model and text "
-                                  f"({'; '.join(notes)}).", fix=" && ".join(f for f in fixes if f))
+        raise MissingPrerequisite(
+            "Token classes summarise C and E; neither is available for this model and text "
+            f"({'; '.join(notes)}).",
+            fix=" && ".join(f for f in fixes if f),
+        )
     summary = token_class_summary(cres, tn)
-    table = summary.to_dataframe().to_html(index=False, float_format=lambda v: f"{v:.3f}", na_rep="—")
+    table = summary.to_dataframe().to_html(
+        index=False, float_format=lambda v: f"{v:.3f}", na_rep="—"
+    )
     order = summary.lowest_C()
-    caption = ("Mean (± standard error) per token class over this text, position 0 left out. The paper finds "
-               "punctuation and articles carry the most context (lowest C). "
-               + (f"Here, lowest C first: {', '.join(order)}. " if order else "")
-               + (f"Missing: {'; '.join(notes)}." if notes else ""))
+    caption = (
+        "Mean (± standard error) per token class over this text, position 0 left out. The paper finds "
+        "punctuation and articles carry the most context (lowest C). "
+        + (f"Here, lowest C first: {', '.join(order)}. " if order else "")
+        + (f"Missing: {'; '.join(notes)}." if notes else "")
+    )
     return Section([mv.token_class_plot(summary), table], caption)

@@ -47,12 +47,24 @@ from tlmicroscope.microscope._prefix_decoding import (
 )
 from tlmicroscope.results import Provenance
 
-__all__ = ["ContextualizationProbe", "Contextualization", "contextualization"]
+__all__ = ["Contextualization", "ContextualizationProbe", "contextualization"]
 
 KIND = "contextualization_probe"
 CHECKPOINT_KIND = "contextualization_checkpoint"
-_SETTINGS = ("prefix_length", "mlp_hidden", "decoder", "trainable_blocks", "steps", "windows_per_step",
-             "positions_per_window", "window_length", "lr", "decoder_lr", "warmup", "seed")
+_SETTINGS = (
+    "prefix_length",
+    "mlp_hidden",
+    "decoder",
+    "trainable_blocks",
+    "steps",
+    "windows_per_step",
+    "positions_per_window",
+    "window_length",
+    "lr",
+    "decoder_lr",
+    "warmup",
+    "seed",
+)
 
 
 class ContextualizationProbe:
@@ -83,11 +95,22 @@ class ContextualizationProbe:
         ((1, 11), True, True)
     """
 
-    def __init__(self, *, prefix_length: int = 16, mlp_hidden: int = 1024,
-                 decoder: Literal["frozen", "last_k", "full"] = "last_k", trainable_blocks: int = 2,
-                 steps: int = 400, windows_per_step: int = 4, positions_per_window: int = 4,
-                 window_length: int = 64, lr: float = 1e-3, decoder_lr: float = 5e-5, warmup: int = 20,
-                 seed: int = 0):
+    def __init__(
+        self,
+        *,
+        prefix_length: int = 16,
+        mlp_hidden: int = 1024,
+        decoder: Literal["frozen", "last_k", "full"] = "last_k",
+        trainable_blocks: int = 2,
+        steps: int = 400,
+        windows_per_step: int = 4,
+        positions_per_window: int = 4,
+        window_length: int = 64,
+        lr: float = 1e-3,
+        decoder_lr: float = 5e-5,
+        warmup: int = 20,
+        seed: int = 0,
+    ):
         self.prefix_length = prefix_length
         self.mlp_hidden = mlp_hidden
         self.decoder = decoder
@@ -109,19 +132,24 @@ class ContextualizationProbe:
             raise ValueError(f"decoder must be 'frozen', 'last_k' or 'full', got {self.decoder!r}.")
         n_layers = int(model.cfg.n_layers)
         if self.decoder == "last_k" and not 1 <= self.trainable_blocks <= n_layers:
-            raise ValueError(f"trainable_blocks must be in 1..{n_layers} for decoder='last_k', got {self.trainable_blocks}.")
+            raise ValueError(
+                f"trainable_blocks must be in 1..{n_layers} for decoder='last_k', got {self.trainable_blocks}."
+            )
         if self.prefix_length < 1 or self.window_length < 2:
             raise ValueError("prefix_length must be ≥ 1 and window_length ≥ 2.")
         if self.window_length > model.cfg.n_ctx or self.prefix_length > model.cfg.n_ctx:
-            raise ValueError(f"window_length and prefix_length must fit the model's context of {model.cfg.n_ctx}.")
+            raise ValueError(
+                f"window_length and prefix_length must fit the model's context of {model.cfg.n_ctx}."
+            )
 
     # -- building ------------------------------------------------------------------------------
     def _build(self, model: Any) -> None:
         d = int(model.cfg.d_model)
         torch.manual_seed(self.seed)
         W_E = model.W_E.detach().float()
-        self.encoder_ = PrefixEncoder(int(model.cfg.n_layers), d, int(self.mlp_hidden),
-                                      float(W_E.pow(2).mean().sqrt()))
+        self.encoder_ = PrefixEncoder(
+            int(model.cfg.n_layers), d, int(self.mlp_hidden), float(W_E.pow(2).mean().sqrt())
+        )
         if self.decoder == "frozen":
             self.decoder_ = None
         else:
@@ -149,8 +177,16 @@ class ContextualizationProbe:
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
 
     # -- fitting -------------------------------------------------------------------------------
-    def fit(self, model: Any, corpus: CorpusSource = None, *, checkpoint_dir: str | Path | None = None,
-            checkpoint_every: int = 50, resume: bool = True, progress: bool = True) -> ContextualizationProbe:
+    def fit(
+        self,
+        model: Any,
+        corpus: CorpusSource = None,
+        *,
+        checkpoint_dir: str | Path | None = None,
+        checkpoint_every: int = 50,
+        resume: bool = True,
+        progress: bool = True,
+    ) -> ContextualizationProbe:
         """Train the encoder (and the decoder's trainable blocks) on ``corpus`` (default: embedded).
 
         With ``checkpoint_dir``, the state is saved every ``checkpoint_every`` steps and at the end;
@@ -165,10 +201,14 @@ class ContextualizationProbe:
         stream = token_stream(model, corpus)
         T = int(self.window_length)
         if stream.numel() < T + 1:
-            raise ValueError(f"The corpus has {stream.numel()} tokens, fewer than one window of {T}; "
-                             "use a larger corpus or a smaller window_length.")
+            raise ValueError(
+                f"The corpus has {stream.numel()} tokens, fewer than one window of {T}; "
+                "use a larger corpus or a smaller window_length."
+            )
         self._build(model)
-        self.corpus_ = "embedded (pydoc_data.topics)" if corpus in (None, "embedded") else str(corpus)[:200]
+        self.corpus_ = (
+            "embedded (pydoc_data.topics)" if corpus in (None, "embedded") else str(corpus)[:200]
+        )
         groups = [{"params": list(self.encoder_.parameters()), "lr": self.lr, "base_lr": self.lr}]
         dec_params = [p for _, p in self._trained_decoder_params()]
         if dec_params:
@@ -182,8 +222,13 @@ class ContextualizationProbe:
         decoder = self._decoder(model)
         params = [p for g in groups for p in g["params"]]
         states = list(range(1, int(model.cfg.n_layers) + 1))
-        bar = tqdm(range(start, self.steps), desc="contextualization probe", disable=not progress,
-                   initial=start, total=self.steps)
+        bar = tqdm(
+            range(start, self.steps),
+            desc="contextualization probe",
+            disable=not progress,
+            initial=start,
+            total=self.steps,
+        )
         t0 = time.perf_counter()
         for step in bar:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
@@ -243,7 +288,9 @@ class ContextualizationProbe:
         """Save the encoder, the decoder's trained parameters and every setting, tied to the model."""
         if not hasattr(self, "encoder_"):
             raise ValueError("This probe is not fitted: call .fit(model, corpus) first.")
-        return io.save_fitted(path, self._tensors(), kind=KIND, config=self._config(), fingerprint=self.model_)
+        return io.save_fitted(
+            path, self._tensors(), kind=KIND, config=self._config(), fingerprint=self.model_
+        )
 
     @classmethod
     def load(cls, path: str | Path, model: Any) -> ContextualizationProbe:
@@ -257,52 +304,77 @@ class ContextualizationProbe:
         probe.corpus_ = meta["config"].get("corpus", "")
         return probe
 
-    def _restore(self, tensors: dict[str, torch.Tensor], config: dict[str, Any], model: Any, path: Any,
-                 *, build: bool = True) -> None:
+    def _restore(
+        self,
+        tensors: dict[str, torch.Tensor],
+        config: dict[str, Any],
+        model: Any,
+        path: Any,
+        *,
+        build: bool = True,
+    ) -> None:
         saved_class = config.get("model_class")
         if self.decoder != "frozen" and saved_class and saved_class != type(model).__name__:
             raise io.ModelMismatchError(
                 f"The probe at {path} trained decoder blocks of a {saved_class}; this model is a "
-                f"{type(model).__name__}, whose parameters are named differently. Load the model with the same kind.")
+                f"{type(model).__name__}, whose parameters are named differently. Load the model with the same kind."
+            )
         if build:
             self._validate(model)
             self._build(model)
-        enc = {k[len("encoder."):]: v for k, v in tensors.items() if k.startswith("encoder.")}
+        enc = {k[len("encoder.") :]: v for k, v in tensors.items() if k.startswith("encoder.")}
         try:
             self.encoder_.load_state_dict(enc)
         except RuntimeError as exc:
-            raise io.FittedFileError(f"{path}: the encoder weights do not match its settings ({exc}).") from exc
+            raise io.FittedFileError(
+                f"{path}: the encoder weights do not match its settings ({exc})."
+            ) from exc
         named = dict(self._trained_decoder_params())
-        saved = {k[len("decoder."):]: v for k, v in tensors.items() if k.startswith("decoder.")}
+        saved = {k[len("decoder.") :]: v for k, v in tensors.items() if k.startswith("decoder.")}
         if set(saved) != set(named):
-            raise io.FittedFileError(f"{path}: the saved decoder parameters do not match this model's "
-                                     f"{self.decoder!r} blocks ({len(saved)} saved, {len(named)} expected).")
+            raise io.FittedFileError(
+                f"{path}: the saved decoder parameters do not match this model's "
+                f"{self.decoder!r} blocks ({len(saved)} saved, {len(named)} expected)."
+            )
         with torch.no_grad():
             for name, p in named.items():
                 p.copy_(saved[name])
 
-    def _save_checkpoint(self, path: Path, opt: torch.optim.Optimizer, step: int, seconds: float) -> None:
+    def _save_checkpoint(
+        self, path: Path, opt: torch.optim.Optimizer, step: int, seconds: float
+    ) -> None:
         tensors = self._tensors()
         state = opt.state_dict()
         for i, st in state["state"].items():
             for key, value in st.items():
                 tensors[f"optim.{i}.{key}"] = torch.as_tensor(value)
         cfg = self._config()
-        cfg.update(step=step, train_seconds=seconds, history=self.history_,
-                   optim_groups=[{k: v for k, v in g.items() if k != "params"} for g in state["param_groups"]])
+        cfg.update(
+            step=step,
+            train_seconds=seconds,
+            history=self.history_,
+            optim_groups=[
+                {k: v for k, v in g.items() if k != "params"} for g in state["param_groups"]
+            ],
+        )
         io.save_fitted(path, tensors, kind=CHECKPOINT_KIND, config=cfg, fingerprint=self.model_)
 
-    def _load_checkpoint(self, path: Path, model: Any, opt: torch.optim.Optimizer) -> tuple[int, float]:
+    def _load_checkpoint(
+        self, path: Path, model: Any, opt: torch.optim.Optimizer
+    ) -> tuple[int, float]:
         tensors, meta = io.load_fitted(path, kind=CHECKPOINT_KIND, model=model)
         cfg = meta["config"]
         for key, value in cfg["settings"].items():
             if getattr(self, key) != value:
                 raise ValueError(
                     f"The checkpoint at {path} was made with {key}={value!r}, but this probe has "
-                    f"{key}={getattr(self, key)!r}. Use the same settings, another checkpoint_dir, or resume=False.")
+                    f"{key}={getattr(self, key)!r}. Use the same settings, another checkpoint_dir, or resume=False."
+                )
         self._restore(tensors, cfg, model, path, build=False)
         state = opt.state_dict()
-        for i in state["state"].keys() | {int(k.split(".")[1]) for k in tensors if k.startswith("optim.")}:
+        for i in state["state"].keys() | {
+            int(k.split(".")[1]) for k in tensors if k.startswith("optim.")
+        }:
             keys = [k for k in tensors if k.startswith(f"optim.{i}.")]
             state["state"][i] = {k.split(".", 2)[2]: tensors[k] for k in keys}
         for group, saved in zip(state["param_groups"], cfg["optim_groups"]):
@@ -313,8 +385,10 @@ class ContextualizationProbe:
 
     def __repr__(self) -> str:
         state = f"fitted {self.steps_done_} steps" if hasattr(self, "steps_done_") else "unfitted"
-        return (f"ContextualizationProbe(prefix_length={self.prefix_length}, mlp_hidden={self.mlp_hidden}, "
-                f"decoder={self.decoder!r}, trainable_blocks={self.trainable_blocks}; {state})")
+        return (
+            f"ContextualizationProbe(prefix_length={self.prefix_length}, mlp_hidden={self.mlp_hidden}, "
+            f"decoder={self.decoder!r}, trainable_blocks={self.trainable_blocks}; {state})"
+        )
 
 
 @contextmanager
@@ -357,8 +431,14 @@ class Contextualization:
     def to_dataframe(self, batch: int = 0):
         import pandas as pd
 
-        return pd.DataFrame({"position": range(self.C.shape[1]), "token": self.str_tokens[batch],
-                             "C": self.C[batch].tolist(), "prefix_length": self.prefix_length[batch].tolist()})
+        return pd.DataFrame(
+            {
+                "position": range(self.C.shape[1]),
+                "token": self.str_tokens[batch],
+                "C": self.C[batch].tolist(),
+                "prefix_length": self.prefix_length[batch].tolist(),
+            }
+        )
 
 
 def contextualization(
@@ -401,8 +481,10 @@ def contextualization(
     model, cache, toks = resolved.model, resolved.cache, resolved.tokens
     ensure_eval(model)
     if probe is None:
-        raise ValueError("Pass a fitted ContextualizationProbe (or the folder of a saved one); train one with "
-                         "ContextualizationProbe().fit(model) or `tlmicroscope microscope-train-probe`.")
+        raise ValueError(
+            "Pass a fitted ContextualizationProbe (or the folder of a saved one); train one with "
+            "ContextualizationProbe().fit(model) or `tlmicroscope microscope-train-probe`."
+        )
     if not isinstance(probe, ContextualizationProbe):
         probe = ContextualizationProbe.load(probe, model)
     if not hasattr(probe, "encoder_"):
@@ -415,7 +497,11 @@ def contextualization(
     cpu_toks = toks.cpu()
     states = list(range(1, int(model.cfg.n_layers) + 1))
     with torch.inference_mode():
-        H = examined_states(model, toks, states) if cache is None else _cached_states(cache, model, states, toks)
+        H = (
+            examined_states(model, toks, states)
+            if cache is None
+            else _cached_states(cache, model, states, toks)
+        )
         pairs = [(b, i) for b in range(batch) for i in wanted]
         decoder = probe._decoder(model)
         for start in range(0, len(pairs), batch_size):
@@ -423,15 +509,29 @@ def contextualization(
             b_idx = torch.tensor([b for b, _ in chunk])
             pos = torch.tensor([i for _, i in chunk])
             soft = probe.encoder_(H[b_idx, pos].to(next(probe.encoder_.parameters()).device))
-            inputs, targets, mask = prefix_examples(cpu_toks, b_idx, pos, probe.prefix_length, int(cpu_toks[0, 0]))
+            inputs, targets, mask = prefix_examples(
+                cpu_toks, b_idx, pos, probe.prefix_length, int(cpu_toks[0, 0])
+            )
             ce = prefix_token_loss(decoder, inputs, soft, targets, mask).sum(1).cpu()
             C[b_idx, pos] = ce / mask.sum(1) if reduction == "mean" else ce
     plen[:, 0] = 0
     str_tokens = str_tokens_of(model, toks)
-    decoded = "all" if positions is None else f"{len(wanted)} of {n_pos} ({wanted[0] if wanted else '-'}..{wanted[-1] if wanted else '-'})"
-    prov = Provenance.from_model(model, reduction=reduction, probe=repr(probe), positions=decoded, **probe.settings())
-    return Contextualization(C=C, prefix_length=plen, tokens=cpu_toks, str_tokens=str_tokens,
-                             reduction=reduction, provenance=prov)
+    decoded = (
+        "all"
+        if positions is None
+        else f"{len(wanted)} of {n_pos} ({wanted[0] if wanted else '-'}..{wanted[-1] if wanted else '-'})"
+    )
+    prov = Provenance.from_model(
+        model, reduction=reduction, probe=repr(probe), positions=decoded, **probe.settings()
+    )
+    return Contextualization(
+        C=C,
+        prefix_length=plen,
+        tokens=cpu_toks,
+        str_tokens=str_tokens,
+        reduction=reduction,
+        provenance=prov,
+    )
 
 
 def _positions(positions: slice | Sequence[int] | None, n_pos: int) -> list[int]:
@@ -454,9 +554,13 @@ def _cached_states(cache: Any, model: Any, states: list[int], toks: torch.Tensor
     names = residual_stream_names(int(model.cfg.n_layers))
     lacking = [names[s] for s in states if names[s] not in cache]
     if lacking:
-        raise ValueError(f"The ActivationCache lacks {lacking[:3]}; cache the residual stream "
-                         "(blocks.{l}.hook_resid_pre and the last hook_resid_post), or pass the model.")
+        raise ValueError(
+            f"The ActivationCache lacks {lacking[:3]}; cache the residual stream "
+            "(blocks.{l}.hook_resid_pre and the last hook_resid_post), or pass the model."
+        )
     H = torch.stack([cache[names[s]] for s in states], dim=2)
     if tuple(H.shape[:2]) != tuple(toks.shape):
-        raise ValueError(f"Cache activations {tuple(H.shape[:2])} do not match the tokens {tuple(toks.shape)}.")
+        raise ValueError(
+            f"Cache activations {tuple(H.shape[:2])} do not match the tokens {tuple(toks.shape)}."
+        )
     return H

@@ -29,7 +29,12 @@ from tlmicroscope.lenses import PredictionTrajectory, Readout, prediction_trajec
 from tlmicroscope.microscope._forward import str_tokens_of
 from tlmicroscope.results import Provenance
 
-__all__ = ["ComponentAttribution", "LayerContributions", "component_attribution", "layer_contributions"]
+__all__ = [
+    "ComponentAttribution",
+    "LayerContributions",
+    "component_attribution",
+    "layer_contributions",
+]
 
 
 @dataclass(frozen=True)
@@ -58,8 +63,16 @@ class LayerContributions:
         """The contributions read off a ``PredictionTrajectory`` already computed (no forward pass)."""
         loss = traj.cross_entropy
         prov = traj.provenance.with_settings(quantity="next-token cross-entropy per layer")
-        return cls(layers=traj.layers, layer_labels=traj.layer_labels, loss=loss, delta=loss[:-1] - loss[1:],
-                   tokens=traj.tokens, str_tokens=traj.str_tokens, trajectory=traj, provenance=prov)
+        return cls(
+            layers=traj.layers,
+            layer_labels=traj.layer_labels,
+            loss=loss,
+            delta=loss[:-1] - loss[1:],
+            tokens=traj.tokens,
+            str_tokens=traj.str_tokens,
+            trajectory=traj,
+            provenance=prov,
+        )
 
     def mean_loss(self) -> Float[torch.Tensor, " layer"]:
         """Mean next-token loss per layer over positions that have a next token."""
@@ -89,8 +102,9 @@ def layer_contributions(
         >>> lc.layer_labels, tuple(lc.loss.shape), tuple(lc.delta.shape)
         (('0', '1', 'out'), (3, 1, 5), (2, 1, 5))
     """
-    traj = prediction_trajectory(model_or_cache, tokens, lens=lens, top_k=top_k, prepend_bos=prepend_bos,
-                                 truncate=truncate)
+    traj = prediction_trajectory(
+        model_or_cache, tokens, lens=lens, top_k=top_k, prepend_bos=prepend_bos, truncate=truncate
+    )
     return LayerContributions.from_trajectory(traj)
 
 
@@ -182,12 +196,15 @@ def component_attribution(
     else:
         lacking = [n for n in names if n not in cache]
         if lacking:
-            raise ValueError(f"The ActivationCache lacks {lacking[:3]} (and {max(0, len(lacking) - 3)} more); "
-                             f"run model.run_with_cache(tokens, names_filter={names[:3]}...) with all of them, "
-                             "or pass the model.")
+            raise ValueError(
+                f"The ActivationCache lacks {lacking[:3]} (and {max(0, len(lacking) - 3)} more); "
+                f"run model.run_with_cache(tokens, names_filter={names[:3]}...) with all of them, "
+                "or pass the model."
+            )
     with torch.inference_mode():
-        stack, labels = cache.decompose_resid(layer=-1, mode="all", apply_ln=False, incl_embeds=True,
-                                              return_labels=True)
+        stack, labels = cache.decompose_resid(
+            layer=-1, mode="all", apply_ln=False, incl_embeds=True, return_labels=True
+        )
         # Half-precision activations round each piece: widen the check by the dtype's precision.
         act_dtype = stack.dtype
         if act_dtype in (torch.float16, torch.bfloat16):
@@ -196,7 +213,9 @@ def component_attribution(
         readout = Readout.for_model(model)
         h_final = cache[f"blocks.{int(model.cfg.n_layers) - 1}.hook_resid_post"].float()
         if tuple(stack.shape[1:]) != tuple(h_final.shape):
-            raise ValueError(f"Cache activations {tuple(h_final.shape)} do not match the tokens {tuple(toks.shape)}.")
+            raise ValueError(
+                f"Cache activations {tuple(h_final.shape)} do not match the tokens {tuple(toks.shape)}."
+            )
         # The attribution is linear, so it explains the logits before any soft cap (a logit
         # scale is folded into W); the cap is monotone, so the ranking of targets is the same.
         # Only the target's column of W and W's mean over the vocabulary are needed: the full
@@ -204,7 +223,9 @@ def component_attribution(
         final_norm = readout.kind is not None
         W, b = readout.weights(final_norm)
         x = readout.normalize(h_final) if final_norm else h_final
-        kind, tgt = _targets(target, toks, lambda: _argmax_logits(readout, x, final_norm), int(W.shape[1]))
+        kind, tgt = _targets(
+            target, toks, lambda: _argmax_logits(readout, x, final_norm), int(W.shape[1])
+        )
         batch, n_pos = toks.shape
         safe = tgt.clamp_min(0)
         # Frozen final norm: the statistics of the whole residual applied to every (linear) piece.
@@ -213,7 +234,11 @@ def component_attribution(
             h_c = h_final - h_final.mean(-1, keepdim=True)
         else:
             h_c = h_final
-        scale = torch.rsqrt(h_c.pow(2).mean(-1, keepdim=True) + readout.eps) if readout.kind else torch.ones_like(h_c[..., :1])
+        scale = (
+            torch.rsqrt(h_c.pow(2).mean(-1, keepdim=True) + readout.eps)
+            if readout.kind
+            else torch.ones_like(h_c[..., :1])
+        )
         w_t = W[:, safe.reshape(-1)].T.reshape(batch, n_pos, -1).float()  # [batch pos d_model]
         b_t = b[safe].float() if b is not None else torch.zeros(batch, n_pos, device=x.device)
         if center:
@@ -224,37 +249,55 @@ def component_attribution(
         attribution = ((stack * scale) * w_t).sum(-1)
         bias = b_t
         logit = (x.float() * w_t).sum(-1) + b_t
-        err = float((attribution.sum(0) + bias - logit)[tgt >= 0].abs().max()) if (tgt >= 0).any() else 0.0
+        err = (
+            float((attribution.sum(0) + bias - logit)[tgt >= 0].abs().max())
+            if (tgt >= 0).any()
+            else 0.0
+        )
     if not err <= atol * max(1.0, float(logit.abs().max())):
         raise ValueError(
             f"The attributed pieces miss the model's logit by up to {err:.3g}: the final residual is not the "
             "sum of the embeddings and every attn_out/mlp_out for this model (parallel blocks or an extra "
-            "residual term), so direct logit attribution does not apply as is.")
+            "residual term), so direct logit attribution does not apply as is."
+        )
     invalid = tgt < 0
     attribution = attribution.masked_fill(invalid, float("nan"))
-    prov = Provenance.from_model(model, target=kind, center=center, final_norm="frozen scale of the final residual")
+    prov = Provenance.from_model(
+        model, target=kind, center=center, final_norm="frozen scale of the final residual"
+    )
     str_tokens = str_tokens_of(model, toks)
     return ComponentAttribution(
-        labels=tuple(labels), attribution=attribution.cpu(), bias=bias.masked_fill(invalid, float("nan")).cpu(),
-        logit=logit.masked_fill(invalid, float("nan")).cpu(), target_tokens=tgt.cpu(),
-        target_strings=token_strings(model, safe.cpu()), tokens=toks.cpu(), str_tokens=str_tokens,
-        target=kind, centered=center, max_identity_error=err, provenance=prov,
+        labels=tuple(labels),
+        attribution=attribution.cpu(),
+        bias=bias.masked_fill(invalid, float("nan")).cpu(),
+        logit=logit.masked_fill(invalid, float("nan")).cpu(),
+        target_tokens=tgt.cpu(),
+        target_strings=token_strings(model, safe.cpu()),
+        tokens=toks.cpu(),
+        str_tokens=str_tokens,
+        target=kind,
+        centered=center,
+        max_identity_error=err,
+        provenance=prov,
     )
 
 
-def _argmax_logits(readout: Readout, x: torch.Tensor, final_norm: bool, rows: int = 256) -> torch.Tensor:
+def _argmax_logits(
+    readout: Readout, x: torch.Tensor, final_norm: bool, rows: int = 256
+) -> torch.Tensor:
     """The top-1 token of the readout of already-normalised rows ``x``, a few rows at a time."""
     W, b = readout.weights(final_norm)
     flat = x.reshape(-1, x.shape[-1])
     out = torch.empty(flat.shape[0], dtype=torch.long, device=x.device)
     for i in range(0, flat.shape[0], rows):
-        z = flat[i:i + rows].to(W.dtype) @ W
-        out[i:i + rows] = (z if b is None else z + b.to(z.dtype)).argmax(-1)
+        z = flat[i : i + rows].to(W.dtype) @ W
+        out[i : i + rows] = (z if b is None else z + b.to(z.dtype)).argmax(-1)
     return out.reshape(x.shape[:-1])
 
 
-def _targets(target: Any, toks: torch.Tensor, predicted: Callable[[], torch.Tensor],
-             d_vocab: int) -> tuple[str, torch.Tensor]:
+def _targets(
+    target: Any, toks: torch.Tensor, predicted: Callable[[], torch.Tensor], d_vocab: int
+) -> tuple[str, torch.Tensor]:
     if isinstance(target, str):
         if target == "predicted":
             return "predicted", predicted()
@@ -269,7 +312,9 @@ def _targets(target: Any, toks: torch.Tensor, predicted: Callable[[], torch.Tens
     if tgt.ndim == 1 and toks.shape[0] == 1:
         tgt = tgt.unsqueeze(0)
     if tuple(tgt.shape) != tuple(toks.shape):
-        raise ValueError(f"target ids must have the tokens' shape {tuple(toks.shape)}, got {tuple(tgt.shape)}.")
+        raise ValueError(
+            f"target ids must have the tokens' shape {tuple(toks.shape)}, got {tuple(tgt.shape)}."
+        )
     if (tgt >= d_vocab).any():
         raise ValueError(f"target ids must be below d_vocab={d_vocab}.")
     return "given", tgt

@@ -39,7 +39,14 @@ from tlmicroscope.microscope._moments import (
 )
 from tlmicroscope.results import Provenance
 
-__all__ = ["LinearityResult", "linearity_scores", "linearity_score", "pair_label", "paper_fit", "DEFAULT_RTOL"]
+__all__ = [
+    "DEFAULT_RTOL",
+    "LinearityResult",
+    "linearity_score",
+    "linearity_scores",
+    "pair_label",
+    "paper_fit",
+]
 
 Mode = Literal["lstsq", "paper"]
 
@@ -98,8 +105,13 @@ class LinearityResult:
 
 
 def linearity_score(
-    x: Any, y: Any, *, without_residual: bool = False, mode: Mode = "lstsq",
-    rtol: float = DEFAULT_RTOL, ridge: float = 0.0,
+    x: Any,
+    y: Any,
+    *,
+    without_residual: bool = False,
+    mode: Mode = "lstsq",
+    rtol: float = DEFAULT_RTOL,
+    ridge: float = 0.0,
 ) -> float:
     """The linearity score of one pair of token matrices ``x, y`` ``[N d]`` (numpy or torch).
 
@@ -114,9 +126,13 @@ def linearity_score(
     xt = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
     yt = torch.as_tensor(np.asarray(y) if not isinstance(y, torch.Tensor) else y)
     if xt.ndim != 2 or yt.ndim != 2 or xt.shape[0] != yt.shape[0]:
-        raise ValueError(f"x and y must be [N d] matrices with the same N; got {tuple(xt.shape)} and {tuple(yt.shape)}.")
+        raise ValueError(
+            f"x and y must be [N d] matrices with the same N; got {tuple(xt.shape)} and {tuple(yt.shape)}."
+        )
     if without_residual and xt.shape != yt.shape:
-        raise ValueError("Without the residual, x and y must have the same shape (y − x is regressed on x).")
+        raise ValueError(
+            "Without the residual, x and y must have the same shape (y − x is regressed on x)."
+        )
     if mode == "paper":
         yy = yt - xt if without_residual else yt
         return paper_pair_score(xt, yy)[0]
@@ -199,43 +215,76 @@ def linearity_scores(
     if mode not in ("lstsq", "paper"):
         raise ValueError(f"mode must be 'lstsq' or 'paper', got {mode!r}.")
     if isinstance(model_or_states, torch.Tensor):
-        return _scores_from_states(model_or_states, layers, mode, rtol, ridge, allow_underdetermined)
+        return _scores_from_states(
+            model_or_states, layers, mode, rtol, ridge, allow_underdetermined
+        )
     model = model_or_states
     ensure_eval(model)
     n_layers, d = int(model.cfg.n_layers), int(model.cfg.d_model)
     pairs = check_layers(layers, n_layers, "pair")
     states = sorted(set(pairs) | {p + 1 for p in pairs})
     n_tokens = int(n_tokens or max(8192, 32 * d))
-    windows = corpus_windows(model, corpus, n_tokens=n_tokens, seq_len=seq_len, seed=seed,
-                             what="linearity_scores")
+    windows = corpus_windows(
+        model, corpus, n_tokens=n_tokens, seq_len=seq_len, seed=seed, what="linearity_scores"
+    )
     if skip_positions >= windows.shape[1]:
-        raise ValueError(f"skip_positions={skip_positions} drops every position of {windows.shape[1]}-token windows.")
+        raise ValueError(
+            f"skip_positions={skip_positions} drops every position of {windows.shape[1]}-token windows."
+        )
     n_rows = windows.shape[0] * (windows.shape[1] - skip_positions)
     _check_token_count(n_rows, d, allow_underdetermined, mode)
 
     if mode == "paper":
         held = {layer: [] for layer in states}
-        stream_residual(model, windows, lambda layer, h: held[layer].append(
-            h[:, skip_positions:].reshape(-1, d).to("cpu", torch.float32).clone()),
-            layers=states, batch_size=batch_size, progress=progress, desc="linearity (paper)")
+        stream_residual(
+            model,
+            windows,
+            lambda layer, h: held[layer].append(
+                h[:, skip_positions:].reshape(-1, d).to("cpu", torch.float32).clone()
+            ),
+            layers=states,
+            batch_size=batch_size,
+            progress=progress,
+            desc="linearity (paper)",
+        )
         stacked = {layer: torch.cat(v) for layer, v in held.items()}
         result = _paper_scores(stacked, pairs, d)
     else:
         moments = ResidualMoments(states, pairs, d)
-        stream_residual(model, windows, lambda layer, h: moments.add(layer, h[:, skip_positions:].reshape(-1, d)),
-                        layers=states, batch_size=batch_size, progress=progress, desc="linearity")
+        stream_residual(
+            model,
+            windows,
+            lambda layer, h: moments.add(layer, h[:, skip_positions:].reshape(-1, d)),
+            layers=states,
+            batch_size=batch_size,
+            progress=progress,
+            desc="linearity",
+        )
         result = _moment_scores(moments, pairs, rtol, ridge)
     scores, scores_wo, ranks = result
-    prov = Provenance.from_model(model, mode=mode, n_tokens=n_rows, seq_len=int(windows.shape[1]),
-                                 skip_positions=skip_positions, rtol=rtol, ridge=ridge, seed=seed)
+    prov = Provenance.from_model(
+        model,
+        mode=mode,
+        n_tokens=n_rows,
+        seq_len=int(windows.shape[1]),
+        skip_positions=skip_positions,
+        rtol=rtol,
+        ridge=ridge,
+        seed=seed,
+    )
     return _result(pairs, scores, scores_wo, ranks, n_rows, d, mode, prov)
 
 
 def _moment_scores(moments: ResidualMoments, pairs: list[int], rtol: float, ridge: float):
     scores, scores_wo, ranks = [], [], []
     for layer in pairs:
-        fit = fit_pair(moments.gram(layer), float(torch.trace(moments.gram(layer + 1))),
-                       moments.cross_moment(layer), rtol=rtol, ridge=ridge)
+        fit = fit_pair(
+            moments.gram(layer),
+            float(torch.trace(moments.gram(layer + 1))),
+            moments.cross_moment(layer),
+            rtol=rtol,
+            ridge=ridge,
+        )
         scores.append(fit.score)
         scores_wo.append(fit.score_without_residual)
         ranks.append(fit.rank)
@@ -256,7 +305,9 @@ def _paper_scores(stacked: dict[int, torch.Tensor], pairs: list[int], d: int):
 
 def _scores_from_states(states: torch.Tensor, layers, mode, rtol, ridge, allow_underdetermined):
     if states.ndim != 3:
-        raise ValueError(f"Residual states must be [layer N d_model], got shape {tuple(states.shape)}.")
+        raise ValueError(
+            f"Residual states must be [layer N d_model], got shape {tuple(states.shape)}."
+        )
     n_states, n, d = states.shape
     if n_states < 2:
         raise ValueError("Pass at least two residual states (h^l and h^{l+1}).")
@@ -269,7 +320,9 @@ def _scores_from_states(states: torch.Tensor, layers, mode, rtol, ridge, allow_u
         for i in range(n_states):
             moments.add(i, states[i])
         result = _moment_scores(moments, pairs, rtol, ridge)
-    prov = Provenance("states", "Tensor", False, "", settings={"mode": mode, "rtol": rtol, "ridge": ridge})
+    prov = Provenance(
+        "states", "Tensor", False, "", settings={"mode": mode, "rtol": rtol, "ridge": ridge}
+    )
     return _result(pairs, *result, n, d, mode, prov)
 
 

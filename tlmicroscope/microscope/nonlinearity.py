@@ -76,8 +76,17 @@ class NonlinearityReference:
         ((2, 32, 32), 512)
     """
 
-    def __init__(self, *, n_tokens: int | None = None, seq_len: int = 256, batch_size: int = 8,
-                 skip_positions: int = 0, rtol: float = DEFAULT_RTOL, ridge: float = 0.0, seed: int = 0):
+    def __init__(
+        self,
+        *,
+        n_tokens: int | None = None,
+        seq_len: int = 256,
+        batch_size: int = 8,
+        skip_positions: int = 0,
+        rtol: float = DEFAULT_RTOL,
+        ridge: float = 0.0,
+        seed: int = 0,
+    ):
         self.n_tokens = n_tokens
         self.seq_len = seq_len
         self.batch_size = batch_size
@@ -87,8 +96,14 @@ class NonlinearityReference:
         self.seed = seed
 
     # -- fitting -------------------------------------------------------------------------------
-    def fit(self, model: Any, corpus: CorpusSource | torch.Tensor = None, *, layers: Sequence[int] | None = None,
-            progress: bool = True) -> NonlinearityReference:
+    def fit(
+        self,
+        model: Any,
+        corpus: CorpusSource | torch.Tensor = None,
+        *,
+        layers: Sequence[int] | None = None,
+        progress: bool = True,
+    ) -> NonlinearityReference:
         """Fit A*_l for each pair on ``corpus`` (default: the embedded corpus) in one streamed pass.
 
         ``model`` may also be residual states you already have, a ``[state N d_model]`` tensor of
@@ -104,26 +119,54 @@ class NonlinearityReference:
         pairs = check_layers(layers, n_layers, "pair")
         states = sorted(set(pairs) | {p + 1 for p in pairs})
         n_tokens = int(self.n_tokens or max(8192, 32 * d))
-        windows = corpus_windows(model, corpus, n_tokens=n_tokens, seq_len=self.seq_len, seed=self.seed,
-                                 what="NonlinearityReference.fit", min_tokens=d + 2)
+        windows = corpus_windows(
+            model,
+            corpus,
+            n_tokens=n_tokens,
+            seq_len=self.seq_len,
+            seed=self.seed,
+            what="NonlinearityReference.fit",
+            min_tokens=d + 2,
+        )
         skip = int(self.skip_positions)
         if skip >= windows.shape[1]:
-            raise ValueError(f"skip_positions={skip} drops every position of {windows.shape[1]}-token windows.")
+            raise ValueError(
+                f"skip_positions={skip} drops every position of {windows.shape[1]}-token windows."
+            )
         _check_token_count(windows.shape[0] * (windows.shape[1] - skip), d, False, "lstsq")
         moments = ResidualMoments(states, pairs, d)
-        stream_residual(model, windows, lambda layer, h: moments.add(layer, h[:, skip:].reshape(-1, d)),
-                        layers=states, batch_size=self.batch_size, progress=progress, desc="non-linearity reference")
-        prov = Provenance.from_model(model, mode="lstsq", n_tokens=moments.n, seq_len=int(windows.shape[1]),
-                                     skip_positions=skip, rtol=self.rtol, ridge=self.ridge, seed=self.seed)
+        stream_residual(
+            model,
+            windows,
+            lambda layer, h: moments.add(layer, h[:, skip:].reshape(-1, d)),
+            layers=states,
+            batch_size=self.batch_size,
+            progress=progress,
+            desc="non-linearity reference",
+        )
+        prov = Provenance.from_model(
+            model,
+            mode="lstsq",
+            n_tokens=moments.n,
+            seq_len=int(windows.shape[1]),
+            skip_positions=skip,
+            rtol=self.rtol,
+            ridge=self.ridge,
+            seed=self.seed,
+        )
         self._solve(moments, pairs, prov)
         self.model_ = io.model_fingerprint(model)
         self.model_class_ = type(model).__name__
         self.corpus_ = _describe_corpus(corpus)
         return self
 
-    def _fit_states(self, states_t: torch.Tensor, layers: Sequence[int] | None) -> NonlinearityReference:
+    def _fit_states(
+        self, states_t: torch.Tensor, layers: Sequence[int] | None
+    ) -> NonlinearityReference:
         if states_t.ndim != 3 or states_t.shape[0] < 2:
-            raise ValueError(f"Residual states must be [state N d_model] with at least 2 states, got {tuple(states_t.shape)}.")
+            raise ValueError(
+                f"Residual states must be [state N d_model] with at least 2 states, got {tuple(states_t.shape)}."
+            )
         n_states, n, d = states_t.shape
         pairs = check_layers(layers, n_states - 1, "pair")
         _check_token_count(n, d, False, "lstsq")
@@ -131,9 +174,18 @@ class NonlinearityReference:
         moments = ResidualMoments(states, pairs, d)
         for s in states:
             moments.add(s, states_t[s])
-        self._solve(moments, pairs, Provenance("states", "Tensor", False, "", settings={"rtol": self.rtol,
-                                                                                        "ridge": self.ridge}))
-        self.model_, self.model_class_, self.corpus_ = None, "states", f"states {tuple(states_t.shape)}"
+        self._solve(
+            moments,
+            pairs,
+            Provenance(
+                "states", "Tensor", False, "", settings={"rtol": self.rtol, "ridge": self.ridge}
+            ),
+        )
+        self.model_, self.model_class_, self.corpus_ = (
+            None,
+            "states",
+            f"states {tuple(states_t.shape)}",
+        )
         return self
 
     def _solve(self, moments: ResidualMoments, pairs: list[int], prov: Provenance) -> None:
@@ -142,8 +194,14 @@ class NonlinearityReference:
         scale = {s: math.sqrt(float(torch.trace(moments.gram(s))) / n) for s in states}
         maps, scores, scores_wo, ranks = [], [], [], []
         for layer in pairs:
-            fit = fit_pair(moments.gram(layer), float(torch.trace(moments.gram(layer + 1))),
-                           moments.cross_moment(layer), rtol=self.rtol, ridge=self.ridge, want_map=True)
+            fit = fit_pair(
+                moments.gram(layer),
+                float(torch.trace(moments.gram(layer + 1))),
+                moments.cross_moment(layer),
+                rtol=self.rtol,
+                ridge=self.ridge,
+                want_map=True,
+            )
             maps.append((fit.A * (scale[layer] / max(scale[layer + 1], 1e-300))).float())
             scores.append(fit.score)
             scores_wo.append(fit.score_without_residual)
@@ -159,7 +217,9 @@ class NonlinearityReference:
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "maps_"):
-            raise ValueError("This NonlinearityReference is not fitted: call .fit(model, corpus) or load one.")
+            raise ValueError(
+                "This NonlinearityReference is not fitted: call .fit(model, corpus) or load one."
+            )
 
     def check_model(self, model: Any) -> None:
         """Refuse a model other than the one the maps were fitted on (naming the field that differs)."""
@@ -167,8 +227,10 @@ class NonlinearityReference:
         if self.model_ is not None:
             io.check_fingerprint(self.model_, model, what="This non-linearity reference")
         elif int(model.cfg.d_model) != self.d_model_:
-            raise io.ModelMismatchError(f"This non-linearity reference maps d_model={self.d_model_} states; the "
-                                        f"model has d_model={model.cfg.d_model}.")
+            raise io.ModelMismatchError(
+                f"This non-linearity reference maps d_model={self.d_model_} states; the "
+                f"model has d_model={model.cfg.d_model}."
+            )
 
     def state_index(self, layer: int) -> int:
         return self.states_.index(layer)
@@ -185,14 +247,32 @@ class NonlinearityReference:
         self._check_fitted()
         lin = self.linearity_
         tensors = {
-            "maps": self.maps_, "mean": self.mean_, "scale": self.scale_,
-            "score": lin.score, "score_without_residual": lin.score_without_residual, "rank": lin.rank,
+            "maps": self.maps_,
+            "mean": self.mean_,
+            "scale": self.scale_,
+            "score": lin.score,
+            "score_without_residual": lin.score_without_residual,
+            "rank": lin.rank,
         }
         config = {
-            "settings": {k: getattr(self, k) for k in
-                         ("n_tokens", "seq_len", "batch_size", "skip_positions", "rtol", "ridge", "seed")},
-            "pairs": list(self.pairs_), "states": list(self.states_), "n_tokens_fitted": self.n_tokens_,
-            "d_model": self.d_model_, "model_class": self.model_class_, "corpus": self.corpus_,
+            "settings": {
+                k: getattr(self, k)
+                for k in (
+                    "n_tokens",
+                    "seq_len",
+                    "batch_size",
+                    "skip_positions",
+                    "rtol",
+                    "ridge",
+                    "seed",
+                )
+            },
+            "pairs": list(self.pairs_),
+            "states": list(self.states_),
+            "n_tokens_fitted": self.n_tokens_,
+            "d_model": self.d_model_,
+            "model_class": self.model_class_,
+            "corpus": self.corpus_,
             "provenance": lin.provenance.to_dict(),
         }
         return io.save_fitted(path, tensors, kind=KIND, config=config, fingerprint=self.model_)
@@ -214,22 +294,39 @@ class NonlinearityReference:
         ref.model_class_ = cfg.get("model_class", "")
         ref.corpus_ = cfg.get("corpus", "")
         p = cfg.get("provenance", {})
-        prov = Provenance(p.get("model", ""), p.get("model_class", ""), bool(p.get("weights_processed")),
-                          p.get("transformer_lens", ""), None, p.get("settings", {}))
+        prov = Provenance(
+            p.get("model", ""),
+            p.get("model_class", ""),
+            bool(p.get("weights_processed")),
+            p.get("transformer_lens", ""),
+            None,
+            p.get("settings", {}),
+        )
         ref.linearity_ = LinearityResult(
-            pairs=ref.pairs_, pair_labels=tuple(pair_label(x) for x in ref.pairs_),
-            score=tensors["score"], score_without_residual=tensors["score_without_residual"],
-            rank=tensors["rank"], chance_floor=tensors["rank"].double() / max(ref.n_tokens_ - 1, 1),
-            n_tokens=ref.n_tokens_, d_model=ref.d_model_, mode="lstsq", provenance=prov)
+            pairs=ref.pairs_,
+            pair_labels=tuple(pair_label(x) for x in ref.pairs_),
+            score=tensors["score"],
+            score_without_residual=tensors["score_without_residual"],
+            rank=tensors["rank"],
+            chance_floor=tensors["rank"].double() / max(ref.n_tokens_ - 1, 1),
+            n_tokens=ref.n_tokens_,
+            d_model=ref.d_model_,
+            mode="lstsq",
+            provenance=prov,
+        )
         if tuple(ref.maps_.shape) != (len(ref.pairs_), ref.d_model_, ref.d_model_):
-            raise io.FittedFileError(f"{path}: maps have shape {tuple(ref.maps_.shape)}, which does not match its config.")
+            raise io.FittedFileError(
+                f"{path}: maps have shape {tuple(ref.maps_.shape)}, which does not match its config."
+            )
         return ref
 
     def __repr__(self) -> str:
         if not hasattr(self, "maps_"):
             return "NonlinearityReference(unfitted)"
-        return (f"NonlinearityReference({len(self.pairs_)} pairs, d_model={self.d_model_}, "
-                f"fitted on N={self.n_tokens_} tokens of {self.corpus_})")
+        return (
+            f"NonlinearityReference({len(self.pairs_)} pairs, d_model={self.d_model_}, "
+            f"fitted on N={self.n_tokens_} tokens of {self.corpus_})"
+        )
 
 
 def _describe_corpus(corpus: Any) -> str:
@@ -280,9 +377,16 @@ class TokenNonlinearity:
         import pandas as pd
 
         rows = [
-            {"pair": self.pair_labels[i], "layer": layer, "position": p, "token": self.str_tokens[batch][p],
-             "error": float(self.error[i, batch, p]), "relative_error": float(self.relative_error[i, batch, p])}
-            for i, layer in enumerate(self.pairs) for p in range(self.error.shape[2])
+            {
+                "pair": self.pair_labels[i],
+                "layer": layer,
+                "position": p,
+                "token": self.str_tokens[batch][p],
+                "error": float(self.error[i, batch, p]),
+                "relative_error": float(self.relative_error[i, batch, p]),
+            }
+            for i, layer in enumerate(self.pairs)
+            for p in range(self.error.shape[2])
         ]
         return pd.DataFrame(rows)
 
@@ -341,7 +445,9 @@ def token_nonlinearity(
         pairs = list(reference.pairs_) if layers is None else check_layers(layers, n_layers, "pair")
         missing = [p for p in pairs if p not in reference.pairs_]
         if missing:
-            raise ValueError(f"The reference has no map for pairs {missing}; it was fitted on {list(reference.pairs_)}.")
+            raise ValueError(
+                f"The reference has no map for pairs {missing}; it was fitted on {list(reference.pairs_)}."
+            )
         n_fit = reference.n_tokens_
     elif mode == "paper":
         pairs = check_layers(layers, n_layers, "pair")
@@ -350,7 +456,10 @@ def token_nonlinearity(
             warnings.warn(
                 f"Paper mode fits each pair on this prompt's {n_fit} tokens, no more than d_model={d}: the "
                 "fit is exact, so the errors are numerical noise. Fit a NonlinearityReference on a corpus "
-                "and use mode='reference' for meaningful values.", UserWarning, stacklevel=2)
+                "and use mode='reference' for meaningful values.",
+                UserWarning,
+                stacklevel=2,
+            )
     else:
         raise ValueError(f"mode must be 'reference' or 'paper', got {mode!r}.")
 
@@ -383,21 +492,36 @@ def token_nonlinearity(
         names = residual_stream_names(n_layers)
         lacking = [names[s] for s in states if names[s] not in cache]
         if lacking:
-            raise ValueError(f"The ActivationCache lacks {lacking[:3]}; run run_with_cache with the residual "
-                             "hooks (blocks.{l}.hook_resid_pre and the last hook_resid_post), or pass the model.")
+            raise ValueError(
+                f"The ActivationCache lacks {lacking[:3]}; run run_with_cache with the residual "
+                "hooks (blocks.{l}.hook_resid_pre and the last hook_resid_post), or pass the model."
+            )
         for s in states:
             on_state(s, cache[names[s]])
     else:
-        stream(model, toks, lambda site, layer, act: on_state(int(layer), act), sites=("resid",),
-               layers=states, return_logits=False)
+        stream(
+            model,
+            toks,
+            lambda site, layer, act: on_state(int(layer), act),
+            sites=("resid",),
+            layers=states,
+            return_logits=False,
+        )
 
     if mode == "paper":  # report RMS-token units like the reference mode: multiply row norms by √N
         error *= math.sqrt(n_fit)
     str_tokens = str_tokens_of(model, toks)
-    prov = Provenance.from_model(model, mode=mode, n_fit=n_fit,
-                                 reference=None if mode == "paper" else repr(reference))
-    return TokenNonlinearity(
-        pairs=tuple(pairs), pair_labels=tuple(pair_label(p) for p in pairs), error=error, relative_error=rel,
-        tokens=toks.detach().cpu(), str_tokens=str_tokens, n_fit=n_fit, mode=mode, provenance=prov,
+    prov = Provenance.from_model(
+        model, mode=mode, n_fit=n_fit, reference=None if mode == "paper" else repr(reference)
     )
-
+    return TokenNonlinearity(
+        pairs=tuple(pairs),
+        pair_labels=tuple(pair_label(p) for p in pairs),
+        error=error,
+        relative_error=rel,
+        tokens=toks.detach().cpu(),
+        str_tokens=str_tokens,
+        n_fit=n_fit,
+        mode=mode,
+        provenance=prov,
+    )

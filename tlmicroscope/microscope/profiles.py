@@ -52,9 +52,14 @@ class LayerProfiles:
     def to_dataframe(self):
         import pandas as pd
 
-        return pd.DataFrame({"layer": self.layers, "label": self.layer_labels,
-                             "anisotropy": self.anisotropy.tolist(),
-                             "intrinsic_dimension": self.intrinsic_dimension.tolist()})
+        return pd.DataFrame(
+            {
+                "layer": self.layers,
+                "label": self.layer_labels,
+                "anisotropy": self.anisotropy.tolist(),
+                "intrinsic_dimension": self.intrinsic_dimension.tolist(),
+            }
+        )
 
 
 def layer_profiles(
@@ -92,14 +97,31 @@ def layer_profiles(
     ensure_eval(model)
     n_layers, d = int(model.cfg.n_layers), int(model.cfg.d_model)
     states = check_layers(layers, n_layers + 1, "residual layer")
-    windows = corpus_windows(model, corpus, n_tokens=n_tokens + skip_positions * (n_tokens // seq_len + 1),
-                             seq_len=seq_len, seed=seed, what="layer_profiles", min_tokens=3)
+    windows = corpus_windows(
+        model,
+        corpus,
+        n_tokens=n_tokens + skip_positions * (n_tokens // seq_len + 1),
+        seq_len=seq_len,
+        seed=seed,
+        what="layer_profiles",
+        min_tokens=3,
+    )
     if skip_positions >= windows.shape[1]:
-        raise ValueError(f"skip_positions={skip_positions} drops every position of {windows.shape[1]}-token windows.")
+        raise ValueError(
+            f"skip_positions={skip_positions} drops every position of {windows.shape[1]}-token windows."
+        )
     held: dict[int, list[torch.Tensor]] = {s: [] for s in states}
-    stream_residual(model, windows, lambda layer, h: held[layer].append(
-        h[:, skip_positions:].reshape(-1, d).to("cpu", torch.float32).clone()),
-        layers=states, batch_size=batch_size, progress=progress, desc="layer profiles")
+    stream_residual(
+        model,
+        windows,
+        lambda layer, h: held[layer].append(
+            h[:, skip_positions:].reshape(-1, d).to("cpu", torch.float32).clone()
+        ),
+        layers=states,
+        batch_size=batch_size,
+        progress=progress,
+        desc="layer profiles",
+    )
     aniso, ids = [], []
     n_used = 0
     for s in tqdm(states, desc="anisotropy and ID", disable=not progress, leave=False):
@@ -107,16 +129,37 @@ def layer_profiles(
         n_used = cloud.shape[0]
         aniso.append(anisotropy(cloud).estimate)
         try:
-            ids.append(float(intrinsic_dimension(cloud[:id_points], "twonn", variant="microscope",
-                                                 reduction_factor=reduction_factor).estimate))
-        except ValueError as exc:  # e.g. the embedding layer of a short corpus: mostly repeated tokens
+            ids.append(
+                float(
+                    intrinsic_dimension(
+                        cloud[:id_points],
+                        "twonn",
+                        variant="microscope",
+                        reduction_factor=reduction_factor,
+                    ).estimate
+                )
+            )
+        except (
+            ValueError
+        ) as exc:  # e.g. the embedding layer of a short corpus: mostly repeated tokens
             warnings.warn(f"No intrinsic dimension at layer {s}: {exc}", UserWarning, stacklevel=2)
             ids.append(float("nan"))
-    prov = Provenance.from_model(model, n_tokens=n_used, id_points=min(id_points, n_used), seq_len=int(windows.shape[1]),
-                                 skip_positions=skip_positions, id_estimator="twonn (LLM-Microscope variant)",
-                                 reduction_factor=reduction_factor, seed=seed)
+    prov = Provenance.from_model(
+        model,
+        n_tokens=n_used,
+        id_points=min(id_points, n_used),
+        seq_len=int(windows.shape[1]),
+        skip_positions=skip_positions,
+        id_estimator="twonn (LLM-Microscope variant)",
+        reduction_factor=reduction_factor,
+        seed=seed,
+    )
     return LayerProfiles(
-        layers=tuple(states), layer_labels=tuple(layer_label(s, n_layers) for s in states),
-        anisotropy=torch.tensor(aniso, dtype=torch.float64), intrinsic_dimension=torch.tensor(ids, dtype=torch.float64),
-        n_tokens=n_used, id_points=min(id_points, n_used), provenance=prov,
+        layers=tuple(states),
+        layer_labels=tuple(layer_label(s, n_layers) for s in states),
+        anisotropy=torch.tensor(aniso, dtype=torch.float64),
+        intrinsic_dimension=torch.tensor(ids, dtype=torch.float64),
+        n_tokens=n_used,
+        id_points=min(id_points, n_used),
+        provenance=prov,
     )

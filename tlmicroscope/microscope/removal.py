@@ -36,7 +36,13 @@ from tlmicroscope.inputs import ensure_eval
 from tlmicroscope.microscope.token_classes import ARTICLES, STOP_WORDS
 from tlmicroscope.results import Provenance
 
-__all__ = ["REMOVALS", "remove_filler", "FillerRemovalResult", "filler_removal_experiment", "corpus_passages"]
+__all__ = [
+    "REMOVALS",
+    "FillerRemovalResult",
+    "corpus_passages",
+    "filler_removal_experiment",
+    "remove_filler",
+]
 
 #: The removal conditions of the paper's Table 1.
 REMOVALS = ("stop_words", "punctuation", "articles", "stop_words+punctuation")
@@ -60,7 +66,9 @@ def remove_filler(text: str, removal: str) -> str:
     parts = set(removal.split("+"))
     unknown = parts - {"stop_words", "punctuation", "articles"}
     if unknown or not parts:
-        raise ValueError(f"Unknown removal {removal!r}; choose from {REMOVALS} (or join classes with '+').")
+        raise ValueError(
+            f"Unknown removal {removal!r}; choose from {REMOVALS} (or join classes with '+')."
+        )
     kept: list[str] = []
     for piece in _PIECES.findall(text):
         low = piece.lower()
@@ -68,9 +76,11 @@ def remove_filler(text: str, removal: str) -> str:
             kept.append(piece)
             continue
         is_word = piece[0].isalnum()
-        drop = (is_word and "stop_words" in parts and low in STOP_WORDS) or \
-               (is_word and "articles" in parts and low in ARTICLES) or \
-               (not is_word and "punctuation" in parts)
+        drop = (
+            (is_word and "stop_words" in parts and low in STOP_WORDS)
+            or (is_word and "articles" in parts and low in ARTICLES)
+            or (not is_word and "punctuation" in parts)
+        )
         if not drop:
             kept.append(piece)
     return _join(kept, text)
@@ -91,8 +101,14 @@ def _join(pieces: list[str], original: str) -> str:
     return text
 
 
-def corpus_passages(source: CorpusSource = None, *, n_passages: int = 100, context_words: int = 120,
-                    continuation_words: int = 24, seed: int = 0) -> list[tuple[str, str]]:
+def corpus_passages(
+    source: CorpusSource = None,
+    *,
+    n_passages: int = 100,
+    context_words: int = 120,
+    continuation_words: int = 24,
+    seed: int = 0,
+) -> list[tuple[str, str]]:
     """``(context, continuation)`` pairs of consecutive words from a corpus (seeded choice).
 
     Raises:
@@ -106,7 +122,9 @@ def corpus_passages(source: CorpusSource = None, *, n_passages: int = 100, conte
             chunk = words[start : start + need]
             cands.append((" ".join(chunk[:context_words]), " ".join(chunk[context_words:])))
     if not cands:
-        raise ValueError(f"No document in the corpus has {need} words; use a larger corpus or shorter passages.")
+        raise ValueError(
+            f"No document in the corpus has {need} words; use a larger corpus or shorter passages."
+        )
     rng = np.random.default_rng(seed)
     idx = rng.permutation(len(cands))[: min(n_passages, len(cands))]
     return [cands[i] for i in sorted(idx)]
@@ -144,12 +162,20 @@ class FillerRemovalResult:
     def to_dataframe(self):
         import pandas as pd
 
-        return pd.DataFrame({
-            "condition": self.conditions, "accuracy": self.accuracy, "accuracy_delta": self.accuracy_delta,
-            "accuracy_ci_low": self.accuracy_ci[:, 0], "accuracy_ci_high": self.accuracy_ci[:, 1],
-            "loss": self.loss, "loss_delta": self.loss_delta, "loss_ci_low": self.loss_ci[:, 0],
-            "loss_ci_high": self.loss_ci[:, 1], "removed_fraction": self.removed_fraction,
-        })
+        return pd.DataFrame(
+            {
+                "condition": self.conditions,
+                "accuracy": self.accuracy,
+                "accuracy_delta": self.accuracy_delta,
+                "accuracy_ci_low": self.accuracy_ci[:, 0],
+                "accuracy_ci_high": self.accuracy_ci[:, 1],
+                "loss": self.loss,
+                "loss_delta": self.loss_delta,
+                "loss_ci_low": self.loss_ci[:, 0],
+                "loss_ci_high": self.loss_ci[:, 1],
+                "removed_fraction": self.removed_fraction,
+            }
+        )
 
 
 def _paired_bootstrap(base: np.ndarray, other: np.ndarray, n_boot: int, rng: np.random.Generator):
@@ -171,21 +197,34 @@ def _load_items(dataset: Any) -> tuple[list[Any], str]:
         return tasks.read_mmlu(dataset), "mmlu"
     items = list(dataset)
     if not items or not all(isinstance(i, tasks.MultipleChoiceItem) for i in items):
-        raise TypeError("dataset must be None (the shipped set), an MMLU CSV/JSONL path or folder, or a "
-                        "list of tlmicroscope.tasks.MultipleChoiceItem.")
+        raise TypeError(
+            "dataset must be None (the shipped set), an MMLU CSV/JSONL path or folder, or a "
+            "list of tlmicroscope.tasks.MultipleChoiceItem."
+        )
     return items, "items"
 
 
-def _mc_correct(model, items, pool, removal, n_shots, seed, style, batch_size, progress) -> np.ndarray:
+def _mc_correct(
+    model, items, pool, removal, n_shots, seed, style, batch_size, progress
+) -> np.ndarray:
     """Correctness per item; the question of each item and of its shots (drawn, seeded, from the
     same category of the whole ``pool``) is filtered, the choices are not."""
     from tlmicroscope import tasks
 
     def strip(item):
-        return item if removal == "original" else replace(item, question=remove_filler(item.question, removal))
+        return (
+            item
+            if removal == "original"
+            else replace(item, question=remove_filler(item.question, removal))
+        )
 
-    prompts = tasks.few_shot_prompts([strip(i) for i in items], n_shots=n_shots, seed=seed, style=style,
-                                     pool=[strip(i) for i in pool])
+    prompts = tasks.few_shot_prompts(
+        [strip(i) for i in items],
+        n_shots=n_shots,
+        seed=seed,
+        style=style,
+        pool=[strip(i) for i in pool],
+    )
     conts = [tasks.continuations(i, style=style) for i in items]
     lp = tasks.choice_logprobs(model, prompts, conts, batch_size=batch_size, progress=progress)
     return (lp.argmax(-1) == torch.tensor([i.answer for i in items])).numpy().astype(float)
@@ -196,9 +235,16 @@ def _passage_loss(model, passages, removal, batch_size, progress) -> np.ndarray:
 
     contexts = [c if removal == "original" else remove_filler(c, removal) for c, _ in passages]
     conts = [" " + cont for _, cont in passages]
-    n_tok = np.array([len(model.tokenizer(c, add_special_tokens=False)["input_ids"]) for c in conts])
-    lp = tasks.choice_logprobs(model, [c or "\n" for c in contexts], [[c] for c in conts],
-                               batch_size=batch_size, progress=progress)
+    n_tok = np.array(
+        [len(model.tokenizer(c, add_special_tokens=False)["input_ids"]) for c in conts]
+    )
+    lp = tasks.choice_logprobs(
+        model,
+        [c or "\n" for c in contexts],
+        [[c] for c in conts],
+        batch_size=batch_size,
+        progress=progress,
+    )
     return -lp[:, 0].numpy() / n_tok
 
 
@@ -260,29 +306,72 @@ def filler_removal_experiment(
             items = [pool[i] for i in keep]
         shots = n_shots if n_shots is not None else (0 if kind == "mmlu" else 3)
         sty = style or ("letter" if kind == "mmlu" else "text")
-        correct = np.stack([_mc_correct(model, items, pool, c, shots, seed, sty, batch_size, progress)
-                            for c in conditions])
+        correct = np.stack(
+            [
+                _mc_correct(model, items, pool, c, shots, seed, sty, batch_size, progress)
+                for c in conditions
+            ]
+        )
     losses = np.zeros((n_cond, 0))
     passages: list[tuple[str, str]] = []
     if corpus is not False:
-        passages = corpus_passages(corpus, n_passages=n_passages, context_words=context_words,
-                                   continuation_words=continuation_words, seed=seed)
-        losses = np.stack([_passage_loss(model, passages, c, batch_size, progress) for c in conditions])
+        passages = corpus_passages(
+            corpus,
+            n_passages=n_passages,
+            context_words=context_words,
+            continuation_words=continuation_words,
+            seed=seed,
+        )
+        losses = np.stack(
+            [_passage_loss(model, passages, c, batch_size, progress) for c in conditions]
+        )
     acc = correct.mean(1) if correct.shape[1] else np.full(n_cond, np.nan)
     loss = losses.mean(1) if losses.shape[1] else np.full(n_cond, np.nan)
-    acc_d, acc_ci, loss_d, loss_ci = np.zeros(n_cond), np.zeros((n_cond, 2)), np.zeros(n_cond), np.zeros((n_cond, 2))
+    acc_d, acc_ci, loss_d, loss_ci = (
+        np.zeros(n_cond),
+        np.zeros((n_cond, 2)),
+        np.zeros(n_cond),
+        np.zeros((n_cond, 2)),
+    )
     for k in range(n_cond):
-        acc_d[k], acc_ci[k] = _paired_bootstrap(correct[0], correct[k], n_bootstrap, rng) if correct.shape[1] \
+        acc_d[k], acc_ci[k] = (
+            _paired_bootstrap(correct[0], correct[k], n_bootstrap, rng)
+            if correct.shape[1]
             else (np.nan, (np.nan, np.nan))
-        loss_d[k], loss_ci[k] = _paired_bootstrap(losses[0], losses[k], n_bootstrap, rng) if losses.shape[1] \
+        )
+        loss_d[k], loss_ci[k] = (
+            _paired_bootstrap(losses[0], losses[k], n_bootstrap, rng)
+            if losses.shape[1]
             else (np.nan, (np.nan, np.nan))
-    texts = [c for c, _ in passages] or ([i.question for i in items] if dataset is not False else [])
+        )
+    texts = [c for c, _ in passages] or (
+        [i.question for i in items] if dataset is not False else []
+    )
     removed = np.array([_removed_share(texts, c) for c in conditions])
-    prov = Provenance.from_model(model, dataset=kind, n_shots=None if dataset is False else shots,
-                                 n_bootstrap=n_bootstrap, context_words=context_words,
-                                 continuation_words=continuation_words, seed=seed)
-    return FillerRemovalResult(conditions, acc, acc_d, acc_ci, loss, loss_d, loss_ci, int(correct.shape[1]),
-                               len(passages), correct, losses, removed, prov)
+    prov = Provenance.from_model(
+        model,
+        dataset=kind,
+        n_shots=None if dataset is False else shots,
+        n_bootstrap=n_bootstrap,
+        context_words=context_words,
+        continuation_words=continuation_words,
+        seed=seed,
+    )
+    return FillerRemovalResult(
+        conditions,
+        acc,
+        acc_d,
+        acc_ci,
+        loss,
+        loss_d,
+        loss_ci,
+        int(correct.shape[1]),
+        len(passages),
+        correct,
+        losses,
+        removed,
+        prov,
+    )
 
 
 def _removed_share(texts: list[str], removal: str) -> float:

@@ -27,15 +27,15 @@ from typing import Any
 import numpy as np
 
 __all__ = [
-    "TOKEN_CLASSES",
     "ARTICLES",
     "STOP_WORDS",
-    "classify_tokens",
-    "token_table",
-    "TokenClassSummary",
-    "token_class_summary",
+    "TOKEN_CLASSES",
     "CorrelationResult",
+    "TokenClassSummary",
+    "classify_tokens",
     "contextuality_nonlinearity_correlation",
+    "token_class_summary",
+    "token_table",
 ]
 
 TOKEN_CLASSES = ("punctuation", "article", "stop_word", "number", "other")
@@ -45,18 +45,9 @@ ARTICLES = frozenset({"a", "an", "the"})
 #: English stop words: NLTK's ``stopwords.words("english")`` list (179 words, as of NLTK 3.8),
 #: fixed here so results do not depend on an installed corpus. Articles are among them; the
 #: article class takes precedence.
-STOP_WORDS = frozenset("""
-i me my myself we our ours ourselves you you're you've you'll you'd your yours yourself yourselves
-he him his himself she she's her hers herself it it's its itself they them their theirs themselves
-what which who whom this that that'll these those am is are was were be been being have has had
-having do does did doing a an the and but if or because as until while of at by for with about
-against between into through during before after above below to from up down in out on off over
-under again further then once here there when where why how all any both each few more most other
-some such no nor not only own same so than too very s t can will just don don't should should've
-now d ll m o re ve y ain aren aren't couldn couldn't didn didn't doesn doesn't hadn hadn't hasn
-hasn't haven haven't isn isn't ma mightn mightn't mustn mustn't needn needn't shan shan't shouldn
-shouldn't wasn wasn't weren weren't won won't wouldn wouldn't
-""".split())
+STOP_WORDS = frozenset(
+    ["i", "me", "my", "myself", "we", "our", "ours", "ourselves", "you", "you're", "you've", "you'll", "you'd", "your", "yours", "yourself", "yourselves", "he", "him", "his", "himself", "she", "she's", "her", "hers", "herself", "it", "it's", "its", "itself", "they", "them", "their", "theirs", "themselves", "what", "which", "who", "whom", "this", "that", "that'll", "these", "those", "am", "is", "are", "was", "were", "be", "been", "being", "have", "has", "had", "having", "do", "does", "did", "doing", "a", "an", "the", "and", "but", "if", "or", "because", "as", "until", "while", "of", "at", "by", "for", "with", "about", "against", "between", "into", "through", "during", "before", "after", "above", "below", "to", "from", "up", "down", "in", "out", "on", "off", "over", "under", "again", "further", "then", "once", "here", "there", "when", "where", "why", "how", "all", "any", "both", "each", "few", "more", "most", "other", "some", "such", "no", "nor", "not", "only", "own", "same", "so", "than", "too", "very", "s", "t", "can", "will", "just", "don", "don't", "should", "should've", "now", "d", "ll", "m", "o", "re", "ve", "y", "ain", "aren", "aren't", "couldn", "couldn't", "didn", "didn't", "doesn", "doesn't", "hadn", "hadn't", "hasn", "hasn't", "haven", "haven't", "isn", "isn't", "ma", "mightn", "mightn't", "mustn", "mustn't", "needn", "needn't", "shan", "shan't", "shouldn", "shouldn't", "wasn", "wasn't", "weren", "weren't", "won", "won't", "wouldn", "wouldn't"]
+)
 
 
 def _is_punct_char(ch: str) -> bool:
@@ -68,13 +59,20 @@ def _is_punctuation(core: str) -> bool:
 
 
 def _is_number(core: str) -> bool:
-    return bool(core) and core[0].isdigit() and all(c.isdigit() or c in ",._" for c in core) and core[-1].isdigit()
+    return (
+        bool(core)
+        and core[0].isdigit()
+        and all(c.isdigit() or c in ",._" for c in core)
+        and core[-1].isdigit()
+    )
 
 
 def _starts_word(tok: str, prev: str | None) -> bool:
     if prev is None or tok[:1].isspace():
         return True
-    return prev[-1:].isspace() or (bool(prev) and _is_punct_char(prev[-1]) and prev[-1] not in "'’-")
+    return prev[-1:].isspace() or (
+        bool(prev) and _is_punct_char(prev[-1]) and prev[-1] not in "'’-"
+    )
 
 
 def _ends_word(nxt: str | None) -> bool:
@@ -115,7 +113,9 @@ def _as_list(x: Any) -> list[Any]:
     return list(x) if isinstance(x, (list, tuple)) else [x]
 
 
-def token_table(contextualization: Any = None, nonlinearity: Any = None, *, skip_first: bool = True):
+def token_table(
+    contextualization: Any = None, nonlinearity: Any = None, *, skip_first: bool = True
+):
     """One row per token: text index, position, token, class, C, layer-averaged non-linearity.
 
     Args:
@@ -129,27 +129,41 @@ def token_table(contextualization: Any = None, nonlinearity: Any = None, *, skip
     if not ctx and not nl:
         raise ValueError("Pass contextualization results, non-linearity results, or both.")
     if ctx and nl and len(ctx) != len(nl):
-        raise ValueError(f"Got {len(ctx)} contextualization results but {len(nl)} non-linearity results; "
-                         "pass one of each per text.")
+        raise ValueError(
+            f"Got {len(ctx)} contextualization results but {len(nl)} non-linearity results; "
+            "pass one of each per text."
+        )
     rows = []
     for t in range(max(len(ctx), len(nl))):
         c = ctx[t] if ctx else None
         n = nl[t] if nl else None
         base = c if c is not None else n
-        if c is not None and n is not None and not (c.tokens.shape == n.tokens.shape and bool((c.tokens == n.tokens).all())):
-            raise ValueError(f"Text {t}: the contextualization and non-linearity results are for different tokens.")
+        if (
+            c is not None
+            and n is not None
+            and not (c.tokens.shape == n.tokens.shape and bool((c.tokens == n.tokens).all()))
+        ):
+            raise ValueError(
+                f"Text {t}: the contextualization and non-linearity results are for different tokens."
+            )
         nl_tok = n.token_mean() if n is not None else None
         for b, strs in enumerate(base.str_tokens):
             classes = classify_tokens(strs)
             for p, tok in enumerate(strs):
                 if skip_first and p == 0:
                     continue
-                rows.append({
-                    "text": t, "batch": b, "position": p, "token": tok, "class": classes[p],
-                    "C": float(c.C[b, p]) if c is not None else np.nan,
-                    "prefix_length": int(c.prefix_length[b, p]) if c is not None else np.nan,
-                    "nonlinearity": float(nl_tok[b, p]) if nl_tok is not None else np.nan,
-                })
+                rows.append(
+                    {
+                        "text": t,
+                        "batch": b,
+                        "position": p,
+                        "token": tok,
+                        "class": classes[p],
+                        "C": float(c.C[b, p]) if c is not None else np.nan,
+                        "prefix_length": int(c.prefix_length[b, p]) if c is not None else np.nan,
+                        "nonlinearity": float(nl_tok[b, p]) if nl_tok is not None else np.nan,
+                    }
+                )
     return pd.DataFrame(rows)
 
 
@@ -170,13 +184,23 @@ class TokenClassSummary:
     def to_dataframe(self):
         import pandas as pd
 
-        return pd.DataFrame({"class": self.classes, "count": self.count, "C_mean": self.C_mean, "C_sem": self.C_sem,
-                             "nonlinearity_mean": self.nonlinearity_mean, "nonlinearity_sem": self.nonlinearity_sem})
+        return pd.DataFrame(
+            {
+                "class": self.classes,
+                "count": self.count,
+                "C_mean": self.C_mean,
+                "C_sem": self.C_sem,
+                "nonlinearity_mean": self.nonlinearity_mean,
+                "nonlinearity_sem": self.nonlinearity_sem,
+            }
+        )
 
     def lowest_C(self) -> list[str]:
         """Classes with at least one token, ordered from the lowest mean C."""
         order = np.argsort(np.where(np.isnan(self.C_mean), np.inf, self.C_mean))
-        return [self.classes[i] for i in order if self.count[i] > 0 and not np.isnan(self.C_mean[i])]
+        return [
+            self.classes[i] for i in order if self.count[i] > 0 and not np.isnan(self.C_mean[i])
+        ]
 
 
 def _mean_sem(v: np.ndarray) -> tuple[float, float]:
@@ -186,8 +210,9 @@ def _mean_sem(v: np.ndarray) -> tuple[float, float]:
     return float(v.mean()), float(v.std(ddof=1) / np.sqrt(v.size)) if v.size > 1 else np.nan
 
 
-def token_class_summary(contextualization: Any = None, nonlinearity: Any = None, *,
-                        skip_first: bool = True) -> TokenClassSummary:
+def token_class_summary(
+    contextualization: Any = None, nonlinearity: Any = None, *, skip_first: bool = True
+) -> TokenClassSummary:
     """C and layer-averaged non-linearity per token class, over one or many texts.
 
     Examples:
@@ -212,8 +237,15 @@ def token_class_summary(contextualization: Any = None, nonlinearity: Any = None,
         m, s = _mean_sem(sub["nonlinearity"].to_numpy(float))
         nm.append(m)
         ns.append(s)
-    return TokenClassSummary(TOKEN_CLASSES, np.array(count), np.array(cm), np.array(cs), np.array(nm),
-                             np.array(ns), table)
+    return TokenClassSummary(
+        TOKEN_CLASSES,
+        np.array(count),
+        np.array(cm),
+        np.array(cs),
+        np.array(nm),
+        np.array(ns),
+        table,
+    )
 
 
 @dataclass(frozen=True)
@@ -234,8 +266,9 @@ class CorrelationResult:
     tokens: np.ndarray
 
 
-def contextuality_nonlinearity_correlation(contextualization: Any, nonlinearity: Any, *,
-                                           skip_first: bool = True) -> CorrelationResult:
+def contextuality_nonlinearity_correlation(
+    contextualization: Any, nonlinearity: Any, *, skip_first: bool = True
+) -> CorrelationResult:
     """Pearson r (with its two-sided p-value) between C_i and mean_l E_i^l over all tokens given.
 
     Raises:
@@ -260,11 +293,24 @@ def contextuality_nonlinearity_correlation(contextualization: Any, nonlinearity:
     table = token_table(contextualization, nonlinearity, skip_first=skip_first)
     table = table.dropna(subset=["C", "nonlinearity"])
     if len(table) < 3:
-        raise ValueError(f"Only {len(table)} tokens have both C and a non-linearity; pass longer or more texts.")
+        raise ValueError(
+            f"Only {len(table)} tokens have both C and a non-linearity; pass longer or more texts."
+        )
     c, e = table["C"].to_numpy(float), table["nonlinearity"].to_numpy(float)
     if np.ptp(c) == 0 or np.ptp(e) == 0:
-        raise ValueError("C or the non-linearity is constant over these tokens: the correlation is undefined.")
+        raise ValueError(
+            "C or the non-linearity is constant over these tokens: the correlation is undefined."
+        )
     r, p = stats.pearsonr(c, e)
     rs, ps = stats.spearmanr(c, e)
-    return CorrelationResult(float(r), float(p), float(rs), float(ps), len(table), c, e,
-                             table["class"].to_numpy(object), table["token"].to_numpy(object))
+    return CorrelationResult(
+        float(r),
+        float(p),
+        float(rs),
+        float(ps),
+        len(table),
+        c,
+        e,
+        table["class"].to_numpy(object),
+        table["token"].to_numpy(object),
+    )

@@ -7,17 +7,17 @@ from tlmicroscope.models.loading import available_models, load_model
 from tlmicroscope.models.tiny import byte_tokenizer, model_kind, tiny_model
 
 __all__ = [
-    "load_model",
-    "available_models",
-    "tiny_model",
-    "byte_tokenizer",
-    "model_kind",
-    "embedded_gguf_path",
     "PIP_INSTALL_EMBEDDED",
-    "gemma_gguf_path",
     "PIP_INSTALL_GEMMA",
-    "is_bridge",
-    "weights_processed",
-    "TL_VERSION",
     "TL_MAJOR",
+    "TL_VERSION",
+    "available_models",
+    "byte_tokenizer",
+    "embedded_gguf_path",
+    "gemma_gguf_path",
+    "is_bridge",
+    "load_model",
+    "model_kind",
+    "tiny_model",
+    "weights_processed",
 ]

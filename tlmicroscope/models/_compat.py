@@ -15,21 +15,21 @@ from typing import Any
 import torch
 
 __all__ = [
-    "TL_VERSION",
     "TL_MAJOR",
-    "has_hooked_transformer",
-    "is_bridge",
-    "is_activation_cache",
+    "TL_VERSION",
     "FinalNorm",
-    "final_norm",
     "OutputTransform",
-    "output_transform",
+    "expand_kv_heads",
+    "final_norm",
+    "has_hooked_transformer",
+    "is_activation_cache",
+    "is_bridge",
     "model_family",
+    "model_label",
+    "output_transform",
+    "positional_embedding_weights",
     "unembed_weights",
     "weights_processed",
-    "model_label",
-    "expand_kv_heads",
-    "positional_embedding_weights",
 ]
 
 
@@ -256,10 +256,16 @@ def output_transform(model: Any) -> OutputTransform:
         # TransformerLens 3.9's Cohere adapter still applies cfg.logit_scale after weight
         # processing has folded it into W_U (and set the HF model's own scale to 1); 4.x does not.
         declared = _positive(getattr(model.cfg, "logit_scale", None))
-        if (getattr(adapter, "_logit_scale_already_folded", False) and declared
-                and abs(found.scale - declared) <= 1e-9 * declared):
-            found = OutputTransform(scale=1.0, softcap=found.softcap,
-                                    source=found.source + " (logit_scale already folded into W_U)")
+        if (
+            getattr(adapter, "_logit_scale_already_folded", False)
+            and declared
+            and abs(found.scale - declared) <= 1e-9 * declared
+        ):
+            found = OutputTransform(
+                scale=1.0,
+                softcap=found.softcap,
+                source=found.source + " (logit_scale already folded into W_U)",
+            )
         return found
     cap = _positive(getattr(model.cfg, "output_logits_soft_cap", None))
     scale, source = 1.0, "cfg.output_logits_soft_cap" if cap else "none"
@@ -320,8 +326,12 @@ def positional_embedding_weights(model: Any) -> torch.Tensor | None:
     """
     if str(getattr(model.cfg, "positional_embedding_type", "")) != "standard":
         return None
-    for owner, attr in ((model, "W_pos"), (getattr(model, "pos", None), "W_pos"),
-                        (getattr(model, "pos_embed", None), "W_pos"), (getattr(model, "pos", None), "weight")):
+    for owner, attr in (
+        (model, "W_pos"),
+        (getattr(model, "pos", None), "W_pos"),
+        (getattr(model, "pos_embed", None), "W_pos"),
+        (getattr(model, "pos", None), "weight"),
+    ):
         if owner is None:
             continue
         try:

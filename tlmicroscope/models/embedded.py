@@ -19,13 +19,13 @@ from typing import Any
 import torch
 
 __all__ = [
-    "EMBEDDED_NAMES",
     "EMBEDDED_HF_NAME",
+    "EMBEDDED_NAMES",
     "PIP_INSTALL_EMBEDDED",
-    "embedded_gguf_path",
     "cache_dir",
-    "load_gguf_tokenizer",
+    "embedded_gguf_path",
     "load_gguf_hf_model",
+    "load_gguf_tokenizer",
 ]
 
 EMBEDDED_NAMES = ("smollm2-135m", "smollm2", "smollm2-135m-instruct")
@@ -84,7 +84,9 @@ def load_gguf_tokenizer(path: Path) -> Any:
             return AutoTokenizer.from_pretrained(str(cached), local_files_only=True)
         except Exception:  # a damaged cache is rebuilt, never trusted
             shutil.rmtree(cached, ignore_errors=True)
-    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(
+        str(path.parent), gguf_file=path.name, local_files_only=True
+    )
     tmp: Path | None = None
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)

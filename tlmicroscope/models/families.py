@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Family", "FAMILIES", "tiny_hf_model", "tiny_family_model", "LOGIT_TARGET"]
+__all__ = ["FAMILIES", "LOGIT_TARGET", "Family", "tiny_family_model", "tiny_hf_model"]
 
 #: Largest absolute logit on the probe text after scaling, in nats.
 LOGIT_TARGET = 40.0
@@ -49,29 +49,76 @@ class Family:
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
-        Family("gpt2", "GPT-2", "GPT2LMHeadModel", "GPT2Config",
-               "LayerNorm, learned positions, tied embeddings, biases"),
-        Family("gpt_neox", "GPT-NeoX / Pythia", "GPTNeoXForCausalLM", "GPTNeoXConfig",
-               "parallel attention + MLP, partial rotary (25%), untied unembedding"),
-        Family("llama", "Llama", "LlamaForCausalLM", "LlamaConfig",
-               "RMSNorm, rotary, gated MLP, grouped-query attention"),
-        Family("mistral", "Mistral", "MistralForCausalLM", "MistralConfig",
-               "sliding-window attention (window 8), GQA"),
-        Family("gemma2", "Gemma 2", "Gemma2ForCausalLM", "Gemma2Config",
-               "final-logit soft cap 30, attention soft cap 50, sandwich norms, (1 + w) RMSNorm, "
-               "scaled embeddings, local/global layers"),
-        Family("gemma3", "Gemma 3", "Gemma3ForCausalLM", "Gemma3TextConfig",
-               "qk-norm, local (window 8) and global layers with two rotary bases, sandwich norms"),
+        Family(
+            "gpt2",
+            "GPT-2",
+            "GPT2LMHeadModel",
+            "GPT2Config",
+            "LayerNorm, learned positions, tied embeddings, biases",
+        ),
+        Family(
+            "gpt_neox",
+            "GPT-NeoX / Pythia",
+            "GPTNeoXForCausalLM",
+            "GPTNeoXConfig",
+            "parallel attention + MLP, partial rotary (25%), untied unembedding",
+        ),
+        Family(
+            "llama",
+            "Llama",
+            "LlamaForCausalLM",
+            "LlamaConfig",
+            "RMSNorm, rotary, gated MLP, grouped-query attention",
+        ),
+        Family(
+            "mistral",
+            "Mistral",
+            "MistralForCausalLM",
+            "MistralConfig",
+            "sliding-window attention (window 8), GQA",
+        ),
+        Family(
+            "gemma2",
+            "Gemma 2",
+            "Gemma2ForCausalLM",
+            "Gemma2Config",
+            "final-logit soft cap 30, attention soft cap 50, sandwich norms, (1 + w) RMSNorm, "
+            "scaled embeddings, local/global layers",
+        ),
+        Family(
+            "gemma3",
+            "Gemma 3",
+            "Gemma3ForCausalLM",
+            "Gemma3TextConfig",
+            "qk-norm, local (window 8) and global layers with two rotary bases, sandwich norms",
+        ),
         Family("qwen3", "Qwen 3", "Qwen3ForCausalLM", "Qwen3Config", "qk-norm, GQA"),
-        Family("mixtral", "Mixtral", "MixtralForCausalLM", "MixtralConfig",
-               "mixture of experts (4 experts, top-2), GQA"),
-        Family("phi3", "Phi-3", "Phi3ForCausalLM", "Phi3Config", "fused QKV and gate/up projections"),
-        Family("olmo2", "OLMo-2", "Olmo2ForCausalLM", "Olmo2Config",
-               "norms after attention and MLP (no pre-norm), qk-norm over all heads"),
-        Family("cohere", "Cohere", "CohereForCausalLM", "CohereConfig",
-               "logit scale 0.0625, parallel attention + MLP, bias-free LayerNorm",
-               hooked=False,
-               hooked_note="TransformerLens 3.9's HookedTransformer has no Cohere architecture"),
+        Family(
+            "mixtral",
+            "Mixtral",
+            "MixtralForCausalLM",
+            "MixtralConfig",
+            "mixture of experts (4 experts, top-2), GQA",
+        ),
+        Family(
+            "phi3", "Phi-3", "Phi3ForCausalLM", "Phi3Config", "fused QKV and gate/up projections"
+        ),
+        Family(
+            "olmo2",
+            "OLMo-2",
+            "Olmo2ForCausalLM",
+            "Olmo2Config",
+            "norms after attention and MLP (no pre-norm), qk-norm over all heads",
+        ),
+        Family(
+            "cohere",
+            "Cohere",
+            "CohereForCausalLM",
+            "CohereConfig",
+            "logit scale 0.0625, parallel attention + MLP, bias-free LayerNorm",
+            hooked=False,
+            hooked_note="TransformerLens 3.9's HookedTransformer has no Cohere architecture",
+        ),
     )
 }
 
@@ -84,11 +131,16 @@ _HOOKED_BY_NAME = {
 
 # TransformerLens 3.9's weight conversion function for each family.
 _CONVERTERS = {
-    "gpt2": "convert_gpt2_weights", "gpt_neox": "convert_neox_weights",
-    "llama": "convert_llama_weights", "mistral": "convert_mistral_weights",
-    "gemma2": "convert_gemma_weights", "gemma3": "convert_gemma_weights",
-    "qwen3": "convert_qwen3_weights", "mixtral": "convert_mixtral_weights",
-    "phi3": "convert_phi3_weights", "olmo2": "convert_olmo2_weights",
+    "gpt2": "convert_gpt2_weights",
+    "gpt_neox": "convert_neox_weights",
+    "llama": "convert_llama_weights",
+    "mistral": "convert_mistral_weights",
+    "gemma2": "convert_gemma_weights",
+    "gemma3": "convert_gemma_weights",
+    "qwen3": "convert_qwen3_weights",
+    "mixtral": "convert_mixtral_weights",
+    "phi3": "convert_phi3_weights",
+    "olmo2": "convert_olmo2_weights",
 }
 
 
@@ -98,15 +150,34 @@ def _config_kwargs(family: str, n_layers: int, d_model: int, n_ctx: int) -> dict
     n_heads, d_head = 4, d_model // 4
     special = dict(vocab_size=TINY_VOCAB, bos_token_id=256, eos_token_id=257, pad_token_id=258)
     if family == "gpt2":
-        return dict(special, n_embd=d_model, n_layer=n_layers, n_head=n_heads, n_positions=n_ctx,
-                    n_ctx=n_ctx,  # read by TransformerLens 3.9's config conversion
-                    resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    base = dict(special, hidden_size=d_model, num_hidden_layers=n_layers,
-                num_attention_heads=n_heads, intermediate_size=2 * d_model,
-                max_position_embeddings=n_ctx)
+        return dict(
+            special,
+            n_embd=d_model,
+            n_layer=n_layers,
+            n_head=n_heads,
+            n_positions=n_ctx,
+            n_ctx=n_ctx,  # read by TransformerLens 3.9's config conversion
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
+    base = dict(
+        special,
+        hidden_size=d_model,
+        num_hidden_layers=n_layers,
+        num_attention_heads=n_heads,
+        intermediate_size=2 * d_model,
+        max_position_embeddings=n_ctx,
+    )
     if family == "gpt_neox":
-        return dict(base, rotary_pct=0.25, use_parallel_residual=True, tie_word_embeddings=False,
-                    hidden_dropout=0.0, attention_dropout=0.0)
+        return dict(
+            base,
+            rotary_pct=0.25,
+            use_parallel_residual=True,
+            tie_word_embeddings=False,
+            hidden_dropout=0.0,
+            attention_dropout=0.0,
+        )
     base["num_key_value_heads"] = 2
     layer_types = ["sliding_attention", "full_attention"] * n_layers
     if family == "olmo2":  # TransformerLens 3.9's OLMo-2 conversion has no grouped heads
@@ -119,12 +190,23 @@ def _config_kwargs(family: str, n_layers: int, d_model: int, n_ctx: int) -> dict
     if family == "mixtral":
         return dict(base, num_local_experts=4, num_experts_per_tok=2, router_jitter_noise=0.0)
     if family == "gemma2":
-        return dict(base, head_dim=d_head, sliding_window=8, final_logit_softcapping=30.0,
-                    attn_logit_softcapping=50.0, layer_types=layer_types[:n_layers],
-                    query_pre_attn_scalar=d_head)
+        return dict(
+            base,
+            head_dim=d_head,
+            sliding_window=8,
+            final_logit_softcapping=30.0,
+            attn_logit_softcapping=50.0,
+            layer_types=layer_types[:n_layers],
+            query_pre_attn_scalar=d_head,
+        )
     if family == "gemma3":
-        return dict(base, head_dim=d_head, sliding_window=8, layer_types=layer_types[:n_layers],
-                    query_pre_attn_scalar=d_head)
+        return dict(
+            base,
+            head_dim=d_head,
+            sliding_window=8,
+            layer_types=layer_types[:n_layers],
+            query_pre_attn_scalar=d_head,
+        )
     raise ValueError(f"Unknown family {family!r}; the families are {sorted(FAMILIES)}.")
 
 
@@ -143,7 +225,9 @@ def tiny_hf_model(
     if d_model % 4:
         raise ValueError(f"d_model must be a multiple of 4 (4 heads), got {d_model}.")
     fam = FAMILIES[family]
-    config = getattr(transformers, fam.config_class)(**_config_kwargs(family, n_layers, d_model, n_ctx))
+    config = getattr(transformers, fam.config_class)(
+        **_config_kwargs(family, n_layers, d_model, n_ctx)
+    )
     config.architectures = [fam.model_class]  # what TransformerBridge picks its adapter from
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
@@ -167,7 +251,10 @@ def _scale_embeddings(hf: Any) -> None:
     ids = torch.tensor([byte_tokenizer()(_PROBE)["input_ids"]])
     emb, head = hf.get_input_embeddings().weight, hf.get_output_embeddings().weight
     # Scale the logits before the soft cap, which would otherwise hide how far they reach.
-    cap, hf.config.final_logit_softcapping = getattr(hf.config, "final_logit_softcapping", None), None
+    cap, hf.config.final_logit_softcapping = (
+        getattr(hf.config, "final_logit_softcapping", None),
+        None,
+    )
     for _ in range(3):  # with tied weights the logits are only nearly linear in the scale
         peak = float(hf(ids).logits.abs().max())
         factor = LOGIT_TARGET / peak
@@ -225,15 +312,25 @@ def _hooked(family: str, hf: Any, tok: Any, n_ctx: int) -> Any:
 
     fam = FAMILIES[family]
     if not fam.hooked:
-        raise ValueError(f"{fam.title} cannot be a HookedTransformer: {fam.hooked_note}. Use kind='bridge'.")
+        raise ValueError(
+            f"{fam.title} cannot be a HookedTransformer: {fam.hooked_note}. Use kind='bridge'."
+        )
     c = hf.config
     if family == "olmo2":  # TransformerLens 3.9 knows OLMo-2 only by name, and fetches its config
         d_head = c.hidden_size // c.num_attention_heads
         cfg_dict = dict(
-            d_model=c.hidden_size, d_head=d_head, n_heads=c.num_attention_heads,
-            d_mlp=c.intermediate_size, n_layers=c.num_hidden_layers, eps=c.rms_norm_eps,
-            d_vocab=c.vocab_size, act_fn=c.hidden_act, normalization_type="RMS",
-            positional_embedding_type="rotary", rotary_dim=d_head, gated_mlp=True,
+            d_model=c.hidden_size,
+            d_head=d_head,
+            n_heads=c.num_attention_heads,
+            d_mlp=c.intermediate_size,
+            n_layers=c.num_hidden_layers,
+            eps=c.rms_norm_eps,
+            d_vocab=c.vocab_size,
+            act_fn=c.hidden_act,
+            normalization_type="RMS",
+            positional_embedding_type="rotary",
+            rotary_dim=d_head,
+            gated_mlp=True,
             rotary_base=(c.rope_parameters or {}).get("rope_theta", 10000.0),
             attn_types=["global"] * c.num_hidden_layers,
         )
@@ -242,21 +339,29 @@ def _hooked(family: str, hf: Any, tok: Any, n_ctx: int) -> Any:
         cfg_dict = lfp.convert_hf_model_config(official)  # name-based: no download
         d_head = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         cfg_dict.update(
-            d_model=c.hidden_size, d_head=d_head, n_heads=c.num_attention_heads,
-            d_mlp=c.intermediate_size, n_layers=c.num_hidden_layers, d_vocab=c.vocab_size,
-            eps=c.rms_norm_eps, n_key_value_heads=c.num_key_value_heads,
+            d_model=c.hidden_size,
+            d_head=d_head,
+            n_heads=c.num_attention_heads,
+            d_mlp=c.intermediate_size,
+            n_layers=c.num_hidden_layers,
+            d_vocab=c.vocab_size,
+            eps=c.rms_norm_eps,
+            n_key_value_heads=c.num_key_value_heads,
         )
         types = getattr(c, "layer_types", None)
         if "attn_types" in cfg_dict:
             cfg_dict["attn_types"] = (
                 ["local" if t == "sliding_attention" else "global" for t in types]
-                if types and cfg_dict.get("use_local_attn") else ["global"] * c.num_hidden_layers
+                if types and cfg_dict.get("use_local_attn")
+                else ["global"] * c.num_hidden_layers
             )
         if cfg_dict.get("use_local_attn"):
             cfg_dict["window_size"] = c.sliding_window
         if family == "gemma2":
-            cfg_dict.update(attn_scores_soft_cap=c.attn_logit_softcapping,
-                            output_logits_soft_cap=c.final_logit_softcapping)
+            cfg_dict.update(
+                attn_scores_soft_cap=c.attn_logit_softcapping,
+                output_logits_soft_cap=c.final_logit_softcapping,
+            )
         if family == "gemma3":
             params = c.rope_parameters or {}
             full, local = params.get("full_attention", {}), params.get("sliding_attention", {})
@@ -269,16 +374,26 @@ def _hooked(family: str, hf: Any, tok: Any, n_ctx: int) -> Any:
         with tempfile.TemporaryDirectory(prefix="tlm-cfg-") as folder:
             c.save_pretrained(folder)
             cfg_dict = lfp.convert_hf_model_config(str(Path(folder)))
-    cfg_dict.update(n_ctx=n_ctx, original_architecture=fam.model_class, init_weights=False,
-                    default_prepend_bos=False, tokenizer_prepends_bos=False, device="cpu",
-                    dtype=torch.float32)
+    cfg_dict.update(
+        n_ctx=n_ctx,
+        original_architecture=fam.model_class,
+        init_weights=False,
+        default_prepend_bos=False,
+        tokenizer_prepends_bos=False,
+        device="cpu",
+        dtype=torch.float32,
+    )
     cfg = HookedTransformerConfig.from_dict(cfg_dict)
     for p in hf.parameters():
         p.requires_grad_(False)
     state = getattr(weight_conversions, _CONVERTERS[family])(hf, cfg)
     model = HookedTransformer(cfg, tokenizer=tok, move_to_device=False)
     model.load_and_process_state_dict(
-        state, fold_ln=False, center_writing_weights=False, center_unembed=False,
-        fold_value_biases=False, refactor_factored_attn_matrices=False,
+        state,
+        fold_ln=False,
+        center_writing_weights=False,
+        center_unembed=False,
+        fold_value_biases=False,
+        refactor_factored_attn_matrices=False,
     )
     return model

@@ -72,7 +72,9 @@ def _weights_dir(path: Path) -> Path:
     import transformers
 
     # Dequantization and name mapping belong to transformers; a new version re-converts.
-    return cache_dir() / "weights" / f"{path.stem}-{gguf_file_key(path)}-tf{transformers.__version__}"
+    return (
+        cache_dir() / "weights" / f"{path.stem}-{gguf_file_key(path)}-tf{transformers.__version__}"
+    )
 
 
 @contextlib.contextmanager
@@ -169,7 +171,7 @@ def load_gguf_cached(path: str | Path, dtype: torch.dtype = torch.float32) -> tu
         if (folder / _WEIGHTS).is_file():
             try:
                 hf = _load_saved(folder, dtype)
-            except Exception:  # noqa: BLE001 - a damaged cache is rebuilt, never trusted
+            except Exception:
                 shutil.rmtree(folder, ignore_errors=True)
         if hf is None:
             hf = load_gguf_hf_model(path, torch.float32)

@@ -32,7 +32,10 @@ BosPolicy = Literal["tokenizer"] | bool
 _HOOKED_LLAMA_LIKE = ("LlamaForCausalLM", "MistralForCausalLM")
 
 # Gemma 3 text models TransformerLens 3 has configs for: (d_model, n_layers, n_heads, d_mlp).
-_HOOKED_GEMMA3 = {"google/gemma-3-270m": (640, 18, 4, 2048), "google/gemma-3-1b-pt": (1152, 26, 4, 6912)}
+_HOOKED_GEMMA3 = {
+    "google/gemma-3-270m": (640, 18, 4, 2048),
+    "google/gemma-3-1b-pt": (1152, 26, 4, 6912),
+}
 
 #: Names of the tiny seeded random models (see ``tiny_model``); they carry no knowledge.
 TINY_NAMES = {"tiny-llama": "llama", "tiny-gpt2": "gpt2"}
@@ -262,7 +265,9 @@ def _check_local_path(name: str, path: Path) -> None:
         )
 
 
-def _by_name(name: str, resolved: str, device: str, dtype: torch.dtype, n_ctx: int, process: bool) -> Any:
+def _by_name(
+    name: str, resolved: str, device: str, dtype: torch.dtype, n_ctx: int, process: bool
+) -> Any:
     """A TransformerLens or Hugging Face model by name; a name nothing knows is one clear error."""
     try:
         if resolved == "hooked":
@@ -293,16 +298,27 @@ def _check_options(device: str, dtype: torch.dtype, prepend_bos: BosPolicy) -> N
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"device {device!r} is not a torch device (e.g. 'cpu', 'cuda:0').") from exc
+        raise ValueError(
+            f"device {device!r} is not a torch device (e.g. 'cpu', 'cuda:0')."
+        ) from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r}: no CUDA GPU is available here (torch.cuda.is_available() "
-                         "is False). Use device='cpu'.")
+        raise ValueError(
+            f"device {device!r}: no CUDA GPU is available here (torch.cuda.is_available() "
+            "is False). Use device='cpu'."
+        )
     if prepend_bos != "tokenizer" and not isinstance(prepend_bos, bool):
         raise ValueError(f"prepend_bos must be 'tokenizer', True or False, got {prepend_bos!r}.")
 
 
-def _tiny(arch: str, kind: Kind, device: str, dtype: torch.dtype, n_ctx: int, prepend_bos: BosPolicy,
-          process_weights: bool) -> Any:
+def _tiny(
+    arch: str,
+    kind: Kind,
+    device: str,
+    dtype: torch.dtype,
+    n_ctx: int,
+    prepend_bos: BosPolicy,
+    process_weights: bool,
+) -> Any:
     """``tiny_model`` with every ``load_model`` option honoured, as a real model would have them."""
     from tlmicroscope.models.tiny import tiny_model
 
@@ -374,7 +390,9 @@ def load_model(
     if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx <= 0:
         raise ValueError(f"n_ctx must be positive (a number of tokens), got {n_ctx!r}.")
     _check_options(device, dtype, prepend_bos)
-    if name in TINY_NAMES:  # seeded random models: for trying the CLI and for tests, not for research
+    if (
+        name in TINY_NAMES
+    ):  # seeded random models: for trying the CLI and for tests, not for research
         return _tiny(TINY_NAMES[name], kind, device, dtype, n_ctx, prepend_bos, process_weights)
     path = Path(os.path.expanduser(name))
     _check_local_path(name, path)

@@ -21,7 +21,7 @@ import torch
 from tlmicroscope.models import _compat
 from tlmicroscope.models.embedded import cache_dir
 
-__all__ = ["tiny_model", "byte_tokenizer", "TINY_VOCAB"]
+__all__ = ["TINY_VOCAB", "byte_tokenizer", "tiny_model"]
 
 _SPECIALS = ("<bos>", "<eos>", "<pad>")
 TINY_VOCAB = 256 + len(_SPECIALS)
@@ -44,7 +44,9 @@ def byte_tokenizer() -> Any:
                 return tok
         except Exception:  # a damaged cache is rebuilt, never trusted (as the GGUF tokenizer's)
             pass
-    if folder.exists():  # damaged, or lacking tokenizer.json: move it aside in one step, then delete
+    if (
+        folder.exists()
+    ):  # damaged, or lacking tokenizer.json: move it aside in one step, then delete
         aside = folder.with_name(f".{folder.name}.damaged-{os.getpid()}")
         try:
             os.replace(folder, aside)
@@ -88,7 +90,11 @@ def _build_byte_tokenizer() -> Any:
 
 def _byte_to_unicode() -> dict[int, str]:
     """GPT-2's printable stand-in character for each byte, as the ByteLevel pre-tokenizer uses."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    keep = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     mapping, extra = {}, 0
     for b in range(256):
         if b in keep:

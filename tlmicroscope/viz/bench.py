@@ -15,8 +15,14 @@ _TITLES = {
     "cross_entropy": ("Cross-entropy of the next token per layer", "nats"),
     "cross_entropy_bpb": ("Cross-entropy of the next token per layer", "bits per byte"),
     "bias_kl": ("Bias: KL(marginal final ‖ marginal lens) per layer", "nats"),
-    "depth_fraction": ("Prediction depth: share of tokens settled from each layer", "fraction of tokens"),
-    "fidelity_rho": ("Causal fidelity of each lens's CBE directions (Spearman ρ, lens vs model)", "ρ"),
+    "depth_fraction": (
+        "Prediction depth: share of tokens settled from each layer",
+        "fraction of tokens",
+    ),
+    "fidelity_rho": (
+        "Causal fidelity of each lens's CBE directions (Spearman ρ, lens vs model)",
+        "ρ",
+    ),
     "sra": ("Stimulus-response alignment per layer", "mean Aitchison similarity"),
 }
 
@@ -58,18 +64,41 @@ def lens_bench_figure(bench: Any, metric: str = "kl"):
         y = values[i].numpy()
         error_y = None
         if metric == "sra":
-            error_y = {"type": "data", "array": bench.sra_std[i].double().numpy(), "visible": True, "thickness": 1}
+            error_y = {
+                "type": "data",
+                "array": bench.sra_std[i].double().numpy(),
+                "visible": True,
+                "thickness": 1,
+            }
         if metric == "fidelity_rho" and not bench.fidelity_ci.isnan().all():
             lo, hi = bench.fidelity_ci[i, :, 0].double(), bench.fidelity_ci[i, :, 1].double()
-            error_y = {"type": "data", "symmetric": False, "array": (hi - values[i]).numpy(),
-                       "arrayminus": (values[i] - lo).numpy(), "visible": True, "thickness": 1}
-        fig.add_trace(go.Scatter(
-            x=x, y=y, name=name, mode="lines+markers", error_y=error_y,
-            line={"color": _COLORS[i % len(_COLORS)]},
-            hovertemplate=f"{escape(name)}<br>layer %{{x}}<br>%{{y:.4f}} {unit}<extra></extra>",
-        ))
-    fig.update_layout(title=title, xaxis_title="layer (residual index)", yaxis_title=unit,
-                      template="plotly_white", height=380, margin={"t": 50, "l": 60, "r": 20, "b": 50})
+            error_y = {
+                "type": "data",
+                "symmetric": False,
+                "array": (hi - values[i]).numpy(),
+                "arrayminus": (values[i] - lo).numpy(),
+                "visible": True,
+                "thickness": 1,
+            }
+        fig.add_trace(
+            go.Scatter(
+                x=x,
+                y=y,
+                name=name,
+                mode="lines+markers",
+                error_y=error_y,
+                line={"color": _COLORS[i % len(_COLORS)]},
+                hovertemplate=f"{escape(name)}<br>layer %{{x}}<br>%{{y:.4f}} {unit}<extra></extra>",
+            )
+        )
+    fig.update_layout(
+        title=title,
+        xaxis_title="layer (residual index)",
+        yaxis_title=unit,
+        template="plotly_white",
+        height=380,
+        margin={"t": 50, "l": 60, "r": 20, "b": 50},
+    )
     return fig
 
 
@@ -82,7 +111,9 @@ def lens_bench_table_html(bench: Any, digits: int = 3) -> str:
         cells = [f"<td>{escape(str(r['lens']))}</td>"]
         cells += [f"<td>{float(r[c]):.{digits}f}</td>" for c in df.columns[1:]]
         rows.append("<tr>" + "".join(cells) + "</tr>")
-    return f'<table class="bench"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+    return (
+        f'<table class="bench"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+    )
 
 
 def lens_bench_page(bench: Any, *, title: str | None = None):
@@ -100,14 +131,19 @@ def lens_bench_page(bench: Any, *, title: str | None = None):
     """
     from tlmicroscope.viz.html import HtmlPage
 
-    page = HtmlPage(title=title or f"Lens bench: {', '.join(bench.lens_names)}",
-                    intro=bench.provenance.describe())
+    page = HtmlPage(
+        title=title or f"Lens bench: {', '.join(bench.lens_names)}",
+        intro=bench.provenance.describe(),
+    )
     notes = "".join(f"<li>{escape(k)}: {escape(v)}</li>" for k, v in bench.notes.items())
     page.add_section(
-        "Summary", lens_bench_table_html(bench) + (f"<ul>{notes}</ul>" if notes else ""),
-        caption=(f"Means over the lensed layers (the output row excluded) of {bench.n_tokens} held-out tokens "
-                 f"({bench.n_bytes} bytes); fidelity at layers {list(bench.cbe_layers)}, SRA over layers "
-                 f"{list(bench.sra_layers)[:1] + ['...'] + list(bench.sra_layers)[-1:] if len(bench.sra_layers) > 2 else list(bench.sra_layers)}."),
+        "Summary",
+        lens_bench_table_html(bench) + (f"<ul>{notes}</ul>" if notes else ""),
+        caption=(
+            f"Means over the lensed layers (the output row excluded) of {bench.n_tokens} held-out tokens "
+            f"({bench.n_bytes} bytes); fidelity at layers {list(bench.cbe_layers)}, SRA over layers "
+            f"{list(bench.sra_layers)[:1] + ['...'] + list(bench.sra_layers)[-1:] if len(bench.sra_layers) > 2 else list(bench.sra_layers)}."
+        ),
     )
     captions = {
         "kl": "Lower is better: how far the lens's distribution is from the model's final one.",
@@ -117,9 +153,20 @@ def lens_bench_page(bench: Any, *, title: str | None = None):
         "fidelity_rho": "Rank correlation between each CBE direction's influence on the lens and on the model.",
         "sra": "How well the lens's change under a resampled residual update aligns with the model's (±1 std).",
     }
-    for metric in ("kl", "kl_bpb", "cross_entropy", "cross_entropy_bpb", "bias_kl", "depth_fraction",
-                   "fidelity_rho", "sra"):
+    for metric in (
+        "kl",
+        "kl_bpb",
+        "cross_entropy",
+        "cross_entropy_bpb",
+        "bias_kl",
+        "depth_fraction",
+        "fidelity_rho",
+        "sra",
+    ):
         fig = lens_bench_figure(bench, metric)
-        page.add_section(fig.layout.title.text + (" (bits per byte)" if metric.endswith("_bpb") else ""),
-                         fig, caption=captions.get(metric, ""))
+        page.add_section(
+            fig.layout.title.text + (" (bits per byte)" if metric.endswith("_bpb") else ""),
+            fig,
+            caption=captions.get(metric, ""),
+        )
     return page

@@ -13,10 +13,10 @@ __all__ = [
     "cbe_energy_figure",
     "cbe_text_influence_figure",
     "fidelity_scatter",
-    "stimulus_response_figure",
     "injection_auroc_figure",
     "prediction_depth_figure",
     "prediction_depth_tokens",
+    "stimulus_response_figure",
 ]
 
 _LENS_COLOURS = {"logit": "#1f77b4", "tuned": "#d62728"}
@@ -44,15 +44,21 @@ def cbe_energy_figure(basis: Any, *, log_y: bool = True, title: str | None = Non
     e = basis.energies.double().numpy()
     conv = basis.converged.numpy()
     colours = ["#1f77b4" if c else "#ff7f0e" for c in conv]
-    fig = go.Figure(go.Bar(
-        x=list(range(len(e))), y=e, marker_color=colours,
-        customdata=np.where(conv, "converged", "not converged (energy is a lower bound)"),
-        hovertemplate="direction %{x}<br>energy %{y:.4g} nats<br>%{customdata}<extra></extra>",
-    ))
+    fig = go.Figure(
+        go.Bar(
+            x=list(range(len(e))),
+            y=e,
+            marker_color=colours,
+            customdata=np.where(conv, "converged", "not converged (energy is a lower bound)"),
+            hovertemplate="direction %{x}<br>energy %{y:.4g} nats<br>%{customdata}<extra></extra>",
+        )
+    )
     fig.update_layout(
-        title=title or f"CBE energies at layer {basis.layer} ({basis.lens} lens, {basis.mode} ablation, "
-                       f"{basis.n_tokens} tokens)",
-        xaxis_title="direction (by energy)", yaxis_title="E[KL(lens ‖ ablated lens)] (nats)",
+        title=title
+        or f"CBE energies at layer {basis.layer} ({basis.lens} lens, {basis.mode} ablation, "
+        f"{basis.n_tokens} tokens)",
+        xaxis_title="direction (by energy)",
+        yaxis_title="E[KL(lens ‖ ablated lens)] (nats)",
         template="plotly_white",
     )
     if log_y and (e > 0).all():
@@ -60,7 +66,9 @@ def cbe_energy_figure(basis: Any, *, log_y: bool = True, title: str | None = Non
     return fig
 
 
-def cbe_text_influence_figure(basis: Any, influence: Any, *, log_y: bool = True, title: str | None = None):
+def cbe_text_influence_figure(
+    basis: Any, influence: Any, *, log_y: bool = True, title: str | None = None
+):
     """Each direction's energy on the extraction corpus beside its lens influence on one text.
 
     ``influence`` is ``[k]`` nats: the lens's KL when the direction is ablated on the text's
@@ -79,17 +87,33 @@ def cbe_text_influence_figure(basis: Any, influence: Any, *, log_y: bool = True,
     e = basis.energies.double().numpy()
     x = np.asarray(influence, dtype=float)
     idx = list(range(len(e)))
-    fig = go.Figure([
-        go.Bar(x=idx, y=e, name="extraction corpus (saved energies)", marker_color="#1f77b4",
-               hovertemplate="direction %{x}<br>corpus %{y:.4g} nats<extra></extra>"),
-        go.Bar(x=idx, y=x, name="this text", marker_color="#d62728",
-               hovertemplate="direction %{x}<br>this text %{y:.4g} nats<extra></extra>"),
-    ])
+    fig = go.Figure(
+        [
+            go.Bar(
+                x=idx,
+                y=e,
+                name="extraction corpus (saved energies)",
+                marker_color="#1f77b4",
+                hovertemplate="direction %{x}<br>corpus %{y:.4g} nats<extra></extra>",
+            ),
+            go.Bar(
+                x=idx,
+                y=x,
+                name="this text",
+                marker_color="#d62728",
+                hovertemplate="direction %{x}<br>this text %{y:.4g} nats<extra></extra>",
+            ),
+        ]
+    )
     fig.update_layout(
-        title=title or f"Lens influence of each direction at layer {basis.layer}: corpus vs this text "
-                       f"({basis.lens} lens, {basis.mode} ablation)",
-        xaxis_title="direction (by corpus energy)", yaxis_title="E[KL(lens ‖ ablated lens)] (nats)",
-        barmode="group", template="plotly_white", legend=dict(orientation="h", y=-0.2),
+        title=title
+        or f"Lens influence of each direction at layer {basis.layer}: corpus vs this text "
+        f"({basis.lens} lens, {basis.mode} ablation)",
+        xaxis_title="direction (by corpus energy)",
+        yaxis_title="E[KL(lens ‖ ablated lens)] (nats)",
+        barmode="group",
+        template="plotly_white",
+        legend=dict(orientation="h", y=-0.2),
     )
     if log_y and (e > 0).all() and (x > 0).all():
         fig.update_yaxes(type="log")
@@ -111,23 +135,45 @@ def fidelity_scatter(result: Any, *, title: str | None = None):
 
     x = result.lens_influence.double().numpy()
     y = result.model_influence.double().numpy()
-    fig = go.Figure(go.Scatter(
-        x=x, y=y, mode="markers", marker=dict(size=9, color=np.arange(len(x)), colorscale="Viridis",
-                                              colorbar=dict(title=dict(text="direction", side="right"))),
-        text=[f"direction {i}" for i in range(len(x))],
-        hovertemplate="%{text}<br>lens %{x:.3g} nats<br>model %{y:.3g} nats<extra></extra>",
-    ))
+    fig = go.Figure(
+        go.Scatter(
+            x=x,
+            y=y,
+            mode="markers",
+            marker=dict(
+                size=9,
+                color=np.arange(len(x)),
+                colorscale="Viridis",
+                colorbar=dict(title=dict(text="direction", side="right")),
+            ),
+            text=[f"direction {i}" for i in range(len(x))],
+            hovertemplate="%{text}<br>lens %{x:.3g} nats<br>model %{y:.3g} nats<extra></extra>",
+        )
+    )
     positive = np.concatenate([x, y])
     positive = positive[positive > 0]
     if positive.size:
         lo, hi = positive.min(), positive.max()
-        fig.add_trace(go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", line=dict(dash="dot", color="grey"),
-                                 name="y = x", hoverinfo="skip"))
+        fig.add_trace(
+            go.Scatter(
+                x=[lo, hi],
+                y=[lo, hi],
+                mode="lines",
+                line=dict(dash="dot", color="grey"),
+                name="y = x",
+                hoverinfo="skip",
+            )
+        )
     fig.update_layout(
-        title=title or (f"Causal fidelity at layer {result.layer} ({result.lens} lens, {result.mode} ablation): "
-                        f"Spearman ρ = {result.spearman:.3f}"),
-        xaxis_title="influence on the lens (nats)", yaxis_title="influence on the model (nats)",
-        template="plotly_white", showlegend=False,
+        title=title
+        or (
+            f"Causal fidelity at layer {result.layer} ({result.lens} lens, {result.mode} ablation): "
+            f"Spearman ρ = {result.spearman:.3f}"
+        ),
+        xaxis_title="influence on the lens (nats)",
+        yaxis_title="influence on the model (nats)",
+        template="plotly_white",
+        showlegend=False,
     )
     if (x > 0).all() and (y > 0).all():
         fig.update_xaxes(type="log")
@@ -149,13 +195,23 @@ def stimulus_response_figure(*results: Any, title: str | None = None):
             mean = np.nanmean(a[li], -1)
             n = np.maximum((~np.isnan(a[li])).sum(-1), 1)
             se = np.nanstd(a[li], -1) / np.sqrt(n)
-            fig.add_trace(go.Scatter(
-                x=list(res.layers), y=mean, error_y=dict(type="data", array=se, visible=True),
-                mode="lines+markers", name=f"{name} lens", line=dict(color=_LENS_COLOURS.get(name)),
-                hovertemplate="layer %{x}<br>alignment %{y:.3f}<extra>" + name + "</extra>",
-            ))
-    fig.update_layout(title=title or "Stimulus-response alignment (Aitchison similarity)",
-                      xaxis_title="layer", yaxis_title="alignment", template="plotly_white")
+            fig.add_trace(
+                go.Scatter(
+                    x=list(res.layers),
+                    y=mean,
+                    error_y=dict(type="data", array=se, visible=True),
+                    mode="lines+markers",
+                    name=f"{name} lens",
+                    line=dict(color=_LENS_COLOURS.get(name)),
+                    hovertemplate="layer %{x}<br>alignment %{y:.3f}<extra>" + name + "</extra>",
+                )
+            )
+    fig.update_layout(
+        title=title or "Stimulus-response alignment (Aitchison similarity)",
+        xaxis_title="layer",
+        yaxis_title="alignment",
+        template="plotly_white",
+    )
     return fig
 
 
@@ -175,16 +231,22 @@ def injection_auroc_figure(result: Any, *, title: str | None = None):
     names = list(result.auroc)
     means = [float(np.mean(result.auroc[k])) for k in names]
     stds = [float(np.std(result.auroc[k])) for k in names]
-    fig = go.Figure(go.Bar(
-        x=names, y=means, error_y=dict(type="data", array=stds, visible=True),
-        marker_color=[_LENS_COLOURS.get(k, "#7f7f7f") for k in names],
-        hovertemplate="%{x}<br>AUROC %{y:.3f}<extra></extra>",
-    ))
+    fig = go.Figure(
+        go.Bar(
+            x=names,
+            y=means,
+            error_y=dict(type="data", array=stds, visible=True),
+            marker_color=[_LENS_COLOURS.get(k, "#7f7f7f") for k in names],
+            hovertemplate="%{x}<br>AUROC %{y:.3f}<extra></extra>",
+        )
+    )
     fig.add_hline(y=0.5, line_dash="dot", line_color="grey", annotation_text="chance")
     fig.update_layout(
-        title=title or f"Prompt-injection detection ({result.detector}, {result.n_items} items, "
-                       f"{len(next(iter(result.auroc.values())))} splits)",
-        yaxis=dict(title="AUROC", range=[0, 1.05]), template="plotly_white",
+        title=title
+        or f"Prompt-injection detection ({result.detector}, {result.n_items} items, "
+        f"{len(next(iter(result.auroc.values())))} splits)",
+        yaxis=dict(title="AUROC", range=[0, 1.05]),
+        template="plotly_white",
     )
     return fig
 
@@ -196,15 +258,21 @@ def prediction_depth_figure(result: Any, *, batch: int = 0, title: str | None = 
     depth = result.depth[batch].numpy()
     toks = [repr(t)[1:-1] or "∅" for t in result.str_tokens[batch]]
     nxt = [repr(str(t))[1:-1] for t in result.final_top1[batch]]
-    fig = go.Figure(go.Bar(
-        x=list(range(len(depth))), y=depth, customdata=np.stack([toks, nxt], -1),
-        marker=dict(color=depth, colorscale="Viridis", cmin=0, cmax=result.n_layers),
-        hovertemplate="%{customdata[0]} → %{customdata[1]}<br>depth %{y}<extra></extra>",
-    ))
+    fig = go.Figure(
+        go.Bar(
+            x=list(range(len(depth))),
+            y=depth,
+            customdata=np.stack([toks, nxt], -1),
+            marker=dict(color=depth, colorscale="Viridis", cmin=0, cmax=result.n_layers),
+            hovertemplate="%{customdata[0]} → %{customdata[1]}<br>depth %{y}<extra></extra>",
+        )
+    )
     fig.update_layout(
         title=title or f"Prediction depth per token ({result.provenance.lens} lens)",
         xaxis=dict(title="token", tickmode="array", tickvals=list(range(len(toks))), ticktext=toks),
-        yaxis=dict(title="first layer that keeps the final top-1", range=[0, result.n_layers + 0.5]),
+        yaxis=dict(
+            title="first layer that keeps the final top-1", range=[0, result.n_layers + 0.5]
+        ),
         template="plotly_white",
     )
     return fig
@@ -214,5 +282,9 @@ def prediction_depth_tokens(result: Any, *, batch: int = 0) -> CircuitsVisView:
     """The input tokens coloured by their prediction depth (circuitsvis, offline)."""
     from tlmicroscope.viz.lens import colored_tokens
 
-    return colored_tokens(result.str_tokens[batch], result.depth[batch].float(), min_value=0,
-                          max_value=result.n_layers)
+    return colored_tokens(
+        result.str_tokens[batch],
+        result.depth[batch].float(),
+        min_value=0,
+        max_value=result.n_layers,
+    )

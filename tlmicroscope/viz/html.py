@@ -15,7 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CircuitsVisView", "HtmlPage", "figure_fragment", "escape"]
+__all__ = ["CircuitsVisView", "HtmlPage", "escape", "figure_fragment"]
 
 
 def escape(text: Any) -> str:
@@ -36,7 +36,9 @@ def _circuitsvis_js() -> str:
     path = Path(circuitsvis.__file__).parent / "dist" / "cdn" / "iife.js"
     js = path.read_text(encoding="utf-8")
     js = js.replace("</script>", "<\\/script>")
-    return "\n".join(line for line in js.splitlines() if not line.startswith("//# sourceMappingURL"))
+    return "\n".join(
+        line for line in js.splitlines() if not line.startswith("//# sourceMappingURL")
+    )
 
 
 def figure_fragment(fig: Any, *, div_id: str | None = None) -> str:
@@ -122,7 +124,7 @@ class HtmlPage:
         """A section whose prerequisite is missing: say so in place, with the command that fixes it."""
         body = f'<p class="notice">{escape(message)}</p>'
         if fix:
-            body += f"<pre class=\"fix\"><code>{escape(fix)}</code></pre>"
+            body += f'<pre class="fix"><code>{escape(fix)}</code></pre>'
         self.add_section(title, body, status="missing")
 
     def render(self) -> str:

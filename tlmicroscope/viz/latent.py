@@ -77,8 +77,13 @@ def _subsample(n: int, max_points: int | None, seed: int) -> np.ndarray:
 def _hover(projection: Any, idx: np.ndarray) -> tuple[np.ndarray, str]:
     """customdata columns and a hovertemplate showing every label the projection has."""
     cols, lines = [], []
-    for key, title in (("token", "token"), ("position", "position"), ("component", "component"),
-                       ("layer_label", "layer"), ("sample", "sample")):
+    for key, title in (
+        ("token", "token"),
+        ("position", "position"),
+        ("component", "component"),
+        ("layer_label", "layer"),
+        ("sample", "sample"),
+    ):
         if key in projection.fields:
             vals = projection.fields[key][idx]
             if key == "token":
@@ -102,7 +107,9 @@ def _groups(projection: Any, color_by: str | None, idx: np.ndarray) -> list[_Gro
     if color_by is None:
         return [_Group(None, idx, "rgb(60,60,160)")]
     if color_by not in ("layer", "component", "position", "token"):
-        raise ValueError(f"color_by must be 'layer', 'component', 'position', 'token' or None, got {color_by!r}.")
+        raise ValueError(
+            f"color_by must be 'layer', 'component', 'position', 'token' or None, got {color_by!r}."
+        )
     if color_by == "component":
         comps = projection.field("component")[idx]
         depth = _depth(projection, idx)
@@ -110,7 +117,11 @@ def _groups(projection: Any, color_by: str | None, idx: np.ndarray) -> list[_Gro
         for comp in dict.fromkeys(comps):
             m = comps == comp
             colors = [component_color(comp, d) for d in depth[m]]
-            out.append(_Group(str(comp), idx[m], colors, symbol="circle" if comp in _PRE_ADD else "diamond"))
+            out.append(
+                _Group(
+                    str(comp), idx[m], colors, symbol="circle" if comp in _PRE_ADD else "diamond"
+                )
+            )
         return out
     if color_by == "layer":
         if "layer" in projection.fields:
@@ -136,8 +147,11 @@ def _marker(group: _Group, size: float, show_scale: bool) -> dict:
     if group.color is not None:
         marker["color"] = group.color
     if group.continuous:
-        marker.update(colorscale=group.continuous["colorscale"], showscale=show_scale,
-                      colorbar={"title": group.continuous["title"]})
+        marker.update(
+            colorscale=group.continuous["colorscale"],
+            showscale=show_scale,
+            colorbar={"title": group.continuous["title"]},
+        )
     return marker
 
 
@@ -179,8 +193,10 @@ def projection_scatter(
     if dims not in (2, 3):
         raise ValueError(f"dims must be 2 or 3, got {dims}.")
     if dims > projection.n_components:
-        raise ValueError(f"dims={dims} but the projection has {projection.n_components} components; "
-                         f"project with n_components={dims}.")
+        raise ValueError(
+            f"dims={dims} but the projection has {projection.n_components} components; "
+            f"project with n_components={dims}."
+        )
     idx = _subsample(len(projection), max_points, seed)
     groups = _groups(projection, color_by, idx)
     xyz = projection.coords.numpy()
@@ -188,21 +204,33 @@ def projection_scatter(
     fig = go.Figure()
     for gi, g in enumerate(groups):
         data, template = _hover(projection, g.idx)
-        common = dict(mode="markers", name=g.name, showlegend=g.name is not None, customdata=data,
-                      hovertemplate=template, marker=_marker(g, size, gi == 0))
+        common = dict(
+            mode="markers",
+            name=g.name,
+            showlegend=g.name is not None,
+            customdata=data,
+            hovertemplate=template,
+            marker=_marker(g, size, gi == 0),
+        )
         if dims == 2:
             fig.add_trace(go.Scattergl(x=xyz[g.idx, 0], y=xyz[g.idx, 1], **common))
         else:
             fig.add_trace(go.Scatter3d(x=xyz[g.idx, 0], y=xyz[g.idx, 1], z=xyz[g.idx, 2], **common))
     axes = projection.axis_titles()
     head = title or f"{projection.method.upper()} projection coloured by {color_by or 'nothing'}"
-    fig.update_layout(title=head + _shown_note(len(idx), len(projection)), template="plotly_white",
-                      legend={"itemsizing": "constant"}, height=600)
+    fig.update_layout(
+        title=head + _shown_note(len(idx), len(projection)),
+        template="plotly_white",
+        legend={"itemsizing": "constant"},
+        height=600,
+    )
     if dims == 2:
         fig.update_xaxes(title=axes[0])
         fig.update_yaxes(title=axes[1])
     else:
-        fig.update_layout(scene={"xaxis_title": axes[0], "yaxis_title": axes[1], "zaxis_title": axes[2]})
+        fig.update_layout(
+            scene={"xaxis_title": axes[0], "yaxis_title": axes[1], "zaxis_title": axes[2]}
+        )
     return fig
 
 
@@ -230,13 +258,20 @@ def pca_pair_grid(
 
     k = min(n_components, projection.n_components)
     if k < 2:
-        raise ValueError(f"A pair grid needs at least 2 components; the projection has {projection.n_components}.")
+        raise ValueError(
+            f"A pair grid needs at least 2 components; the projection has {projection.n_components}."
+        )
     pairs = list(combinations(range(k), 2))
     cols = min(3, len(pairs))
     rows = -(-len(pairs) // cols)
     axes = projection.axis_titles()
-    fig = make_subplots(rows=rows, cols=cols, horizontal_spacing=0.06, vertical_spacing=0.08,
-                        subplot_titles=[f"{axes[i].split(' ')[0]} vs {axes[j].split(' ')[0]}" for i, j in pairs])
+    fig = make_subplots(
+        rows=rows,
+        cols=cols,
+        horizontal_spacing=0.06,
+        vertical_spacing=0.08,
+        subplot_titles=[f"{axes[i].split(' ')[0]} vs {axes[j].split(' ')[0]}" for i, j in pairs],
+    )
     idx = _subsample(len(projection), max_points, seed)
     groups = _groups(projection, color_by, idx)
     xyz = projection.coords.numpy()
@@ -244,13 +279,28 @@ def pca_pair_grid(
         r, c = divmod(p, cols)
         for gi, g in enumerate(groups):
             data, template = _hover(projection, g.idx)
-            fig.add_trace(go.Scattergl(
-                x=xyz[g.idx, i], y=xyz[g.idx, j], mode="markers", name=g.name,
-                showlegend=p == 0 and g.name is not None, legendgroup=g.name, customdata=data,
-                hovertemplate=template, marker=_marker(g, 3, p == 0 and gi == 0)), row=r + 1, col=c + 1)
-    fig.update_layout(title=(title or f"First {k} principal components, pairwise")
-                      + _shown_note(len(idx), len(projection)),
-                      template="plotly_white", height=260 * rows + 80, showlegend=True)
+            fig.add_trace(
+                go.Scattergl(
+                    x=xyz[g.idx, i],
+                    y=xyz[g.idx, j],
+                    mode="markers",
+                    name=g.name,
+                    showlegend=p == 0 and g.name is not None,
+                    legendgroup=g.name,
+                    customdata=data,
+                    hovertemplate=template,
+                    marker=_marker(g, 3, p == 0 and gi == 0),
+                ),
+                row=r + 1,
+                col=c + 1,
+            )
+    fig.update_layout(
+        title=(title or f"First {k} principal components, pairwise")
+        + _shown_note(len(idx), len(projection)),
+        template="plotly_white",
+        height=260 * rows + 80,
+        showlegend=True,
+    )
     return fig
 
 
@@ -273,28 +323,56 @@ def separation_plot(result: Any, *, also: Any = None, title: str | None = None):
 
     fig = make_subplots(specs=[[{"secondary_y": True}]])
     layers = list(result.layers)
-    fig.add_trace(go.Scatter(x=layers, y=result.accuracy.numpy(), mode="lines+markers",
-                             name="linear-probe accuracy (CV)", line={"color": "rgb(80,0,160)"},
-                             error_y={"type": "data", "array": result.accuracy_std.numpy()}),
-                  secondary_y=False)
+    fig.add_trace(
+        go.Scatter(
+            x=layers,
+            y=result.accuracy.numpy(),
+            mode="lines+markers",
+            name="linear-probe accuracy (CV)",
+            line={"color": "rgb(80,0,160)"},
+            error_y={"type": "data", "array": result.accuracy_std.numpy()},
+        ),
+        secondary_y=False,
+    )
     if also is not None:
         k = also.provenance.settings.get("separation", {}).get("n_pca") if also.provenance else None
-        fig.add_trace(go.Scatter(x=list(also.layers), y=also.accuracy.numpy(), mode="lines+markers",
-                                 name=f"accuracy in the top {k} PCs" if k else "accuracy (second result)",
-                                 line={"color": "rgb(0,150,90)", "dash": "dash"},
-                                 error_y={"type": "data", "array": also.accuracy_std.numpy()}),
-                      secondary_y=False)
-    fig.add_trace(go.Scatter(x=layers, y=result.silhouette.numpy(), mode="lines+markers",
-                             name="silhouette", line={"color": "rgb(230,120,0)", "dash": "dot"}),
-                  secondary_y=True)
-    fig.add_hline(y=result.chance, line_dash="dash", line_color="grey",
-                  annotation_text=f"chance {result.chance:g}", secondary_y=False)
+        fig.add_trace(
+            go.Scatter(
+                x=list(also.layers),
+                y=also.accuracy.numpy(),
+                mode="lines+markers",
+                name=f"accuracy in the top {k} PCs" if k else "accuracy (second result)",
+                line={"color": "rgb(0,150,90)", "dash": "dash"},
+                error_y={"type": "data", "array": also.accuracy_std.numpy()},
+            ),
+            secondary_y=False,
+        )
+    fig.add_trace(
+        go.Scatter(
+            x=layers,
+            y=result.silhouette.numpy(),
+            mode="lines+markers",
+            name="silhouette",
+            line={"color": "rgb(230,120,0)", "dash": "dot"},
+        ),
+        secondary_y=True,
+    )
+    fig.add_hline(
+        y=result.chance,
+        line_dash="dash",
+        line_color="grey",
+        annotation_text=f"chance {result.chance:g}",
+        secondary_y=False,
+    )
     a, b = result.components
-    fig.update_layout(title=title or f"{a} vs {b}: separation by block", template="plotly_white",
-                      xaxis_title="block", height=420)
+    fig.update_layout(
+        title=title or f"{a} vs {b}: separation by block",
+        template="plotly_white",
+        xaxis_title="block",
+        height=420,
+    )
     low = min(float(r.accuracy.min()) for r in (result, also) if r is not None)
-    fig.update_yaxes(title="accuracy", range=[min(0.4, low - 0.05), 1.02],
-                     secondary_y=False)
+    fig.update_yaxes(title="accuracy", range=[min(0.4, low - 0.05), 1.02], secondary_y=False)
     fig.update_yaxes(title="silhouette", range=[-1, 1], secondary_y=True)
     return fig
 
@@ -306,8 +384,14 @@ def _profile_rows(profile: Any, states: Sequence[int] | None, limit: int) -> lis
     return sorted({int(round(x)) for x in np.linspace(0, n - 1, min(limit, n))})
 
 
-def norm_profile_plot(profile: Any, *, states: Sequence[int] | None = None, max_lines: int = 12,
-                      log: bool = True, title: str | None = None):
+def norm_profile_plot(
+    profile: Any,
+    *,
+    states: Sequence[int] | None = None,
+    max_lines: int = 12,
+    log: bool = True,
+    title: str | None = None,
+):
     """Mean norm over samples by position, one line per state (log scale by default).
 
     Examples:
@@ -327,14 +411,29 @@ def norm_profile_plot(profile: Any, *, states: Sequence[int] | None = None, max_
     fig = go.Figure()
     for k, r in enumerate(rows):
         depth = k / max(len(rows) - 1, 1)
-        hover = (None if tokens is None else
-                 [f"token (sample 0): {repr(str(t))[1:-1]}" for t in tokens])
-        fig.add_trace(go.Scatter(
-            x=pos, y=prof[r], mode="lines", name=labels[r], text=hover,
-            line={"color": component_color(profile.components[r], depth), "width": 1.5},
-            hovertemplate="position %{x}<br>norm %{y:.3g}<br>%{text}<extra>" + labels[r] + "</extra>"))
-    fig.update_layout(title=title or "Norm by position (mean over samples)", template="plotly_white",
-                      xaxis_title="position", yaxis_title="L2 norm", height=450)
+        hover = (
+            None if tokens is None else [f"token (sample 0): {repr(str(t))[1:-1]}" for t in tokens]
+        )
+        fig.add_trace(
+            go.Scatter(
+                x=pos,
+                y=prof[r],
+                mode="lines",
+                name=labels[r],
+                text=hover,
+                line={"color": component_color(profile.components[r], depth), "width": 1.5},
+                hovertemplate="position %{x}<br>norm %{y:.3g}<br>%{text}<extra>"
+                + labels[r]
+                + "</extra>",
+            )
+        )
+    fig.update_layout(
+        title=title or "Norm by position (mean over samples)",
+        template="plotly_white",
+        xaxis_title="position",
+        yaxis_title="L2 norm",
+        height=450,
+    )
     if log:
         fig.update_yaxes(type="log")
     return fig
@@ -357,18 +456,32 @@ def norm_heatmap(profile: Any, *, title: str | None = None):
     prof = profile.by_position.double().numpy()
     labels = profile.layer_labels()
     pos = profile.positions.numpy()
-    tokens = (np.array([repr(str(t))[1:-1] for t in profile.str_tokens[0]], dtype=object)
-              if profile.str_tokens is not None else np.array([""] * len(pos), dtype=object))
+    tokens = (
+        np.array([repr(str(t))[1:-1] for t in profile.str_tokens[0]], dtype=object)
+        if profile.str_tokens is not None
+        else np.array([""] * len(pos), dtype=object)
+    )
     custom = np.stack([prof, np.broadcast_to(tokens, prof.shape)], -1)
     log = np.log10(np.clip(prof, np.finfo(float).tiny, None))
-    fig = go.Figure(go.Heatmap(
-        z=log, x=pos, y=labels, customdata=custom, colorscale="Viridis",
-        colorbar={"title": "log10 norm"},
-        hovertemplate="layer %{y}, position %{x}<br>token %{customdata[1]}<br>"
-                      "norm %{customdata[0]:.4g}<extra></extra>"))
-    fig.update_layout(title=title or "Norm by layer and position (log10 colour scale)",
-                      template="plotly_white", xaxis_title="position", yaxis_title="layer",
-                      height=max(320, 16 * len(labels) + 140))
+    fig = go.Figure(
+        go.Heatmap(
+            z=log,
+            x=pos,
+            y=labels,
+            customdata=custom,
+            colorscale="Viridis",
+            colorbar={"title": "log10 norm"},
+            hovertemplate="layer %{y}, position %{x}<br>token %{customdata[1]}<br>"
+            "norm %{customdata[0]:.4g}<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        title=title or "Norm by layer and position (log10 colour scale)",
+        template="plotly_white",
+        xaxis_title="position",
+        yaxis_title="layer",
+        height=max(320, 16 * len(labels) + 140),
+    )
     return fig
 
 
@@ -379,26 +492,67 @@ def first_token_plot(profile: Any, *, title: str | None = None):
 
     labels = profile.layer_labels()
     prof = profile.by_position
-    first = int((profile.positions == 0).nonzero()[0]) if bool((profile.positions == 0).any()) else None
+    first = (
+        int((profile.positions == 0).nonzero()[0]) if bool((profile.positions == 0).any()) else None
+    )
     if first is None:
         raise ValueError("The profile has no position 0; measure all positions.")
     rest = (profile.positions != 0).nonzero().flatten()
-    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08,
-                        subplot_titles=["norms (log scale)", "position 0 / median of the others"])
-    fig.add_trace(go.Scatter(x=labels, y=prof[:, first].numpy(), mode="lines+markers",
-                             name="position 0", line={"color": "rgb(200,0,0)"}), row=1, col=1)
-    fig.add_trace(go.Scatter(x=labels, y=prof[:, rest].median(1).values.numpy(), mode="lines+markers",
-                             name="median of positions ≥ 1", line={"color": "rgb(0,0,200)"}), row=1, col=1)
-    fig.add_trace(go.Bar(x=labels, y=profile.first_token_ratio.numpy(), name="ratio",
-                         marker_color="rgb(120,120,120)"), row=2, col=1)
+    fig = make_subplots(
+        rows=2,
+        cols=1,
+        shared_xaxes=True,
+        vertical_spacing=0.08,
+        subplot_titles=["norms (log scale)", "position 0 / median of the others"],
+    )
+    fig.add_trace(
+        go.Scatter(
+            x=labels,
+            y=prof[:, first].numpy(),
+            mode="lines+markers",
+            name="position 0",
+            line={"color": "rgb(200,0,0)"},
+        ),
+        row=1,
+        col=1,
+    )
+    fig.add_trace(
+        go.Scatter(
+            x=labels,
+            y=prof[:, rest].median(1).values.numpy(),
+            mode="lines+markers",
+            name="median of positions ≥ 1",
+            line={"color": "rgb(0,0,200)"},
+        ),
+        row=1,
+        col=1,
+    )
+    fig.add_trace(
+        go.Bar(
+            x=labels,
+            y=profile.first_token_ratio.numpy(),
+            name="ratio",
+            marker_color="rgb(120,120,120)",
+        ),
+        row=2,
+        col=1,
+    )
     fig.update_yaxes(type="log", row=1, col=1)
     fig.update_yaxes(type="log", row=2, col=1)
-    fig.update_layout(title=title or "First-token norm spike by layer", template="plotly_white", height=600)
+    fig.update_layout(
+        title=title or "First-token norm spike by layer", template="plotly_white", height=600
+    )
     return fig
 
 
-def trajectory_plot(traj: Any, dims: int = 2, *, background: bool = True, max_background: int = 5_000,
-                    title: str | None = None):
+def trajectory_plot(
+    traj: Any,
+    dims: int = 2,
+    *,
+    background: bool = True,
+    max_background: int = 5_000,
+    title: str | None = None,
+):
     """Chosen tokens' paths through the layers, over the cloud of every projected state.
 
     Examples:
@@ -412,7 +566,9 @@ def trajectory_plot(traj: Any, dims: int = 2, *, background: bool = True, max_ba
     import plotly.graph_objects as go
 
     if dims not in (2, 3) or dims > traj.coords.shape[-1]:
-        raise ValueError(f"dims must be 2 or 3 and at most the {traj.coords.shape[-1]} projected components.")
+        raise ValueError(
+            f"dims must be 2 or 3 and at most the {traj.coords.shape[-1]} projected components."
+        )
     fig = go.Figure()
     scatter = go.Scatter if dims == 2 else go.Scatter3d
     if background:
@@ -420,26 +576,50 @@ def trajectory_plot(traj: Any, dims: int = 2, *, background: bool = True, max_ba
         idx = _subsample(len(proj), max_background, 0)
         xyz = proj.coords.numpy()[idx]
         data, template = _hover(proj, idx)
-        kw = dict(x=xyz[:, 0], y=xyz[:, 1]) if dims == 2 else dict(x=xyz[:, 0], y=xyz[:, 1], z=xyz[:, 2])
-        fig.add_trace(scatter(**kw, mode="markers", name="all states", customdata=data,
-                              hovertemplate=template, marker={"size": 3, "color": "rgba(150,150,150,0.35)"}))
+        kw = (
+            dict(x=xyz[:, 0], y=xyz[:, 1])
+            if dims == 2
+            else dict(x=xyz[:, 0], y=xyz[:, 1], z=xyz[:, 2])
+        )
+        fig.add_trace(
+            scatter(
+                **kw,
+                mode="markers",
+                name="all states",
+                customdata=data,
+                hovertemplate=template,
+                marker={"size": 3, "color": "rgba(150,150,150,0.35)"},
+            )
+        )
     palette = pc.qualitative.Dark24
     for t, (pos, tok) in enumerate(zip(traj.positions, traj.str_tokens)):
         c = traj.coords[t].numpy()
         kw = dict(x=c[:, 0], y=c[:, 1]) if dims == 2 else dict(x=c[:, 0], y=c[:, 1], z=c[:, 2])
         name = f"{repr(str(tok))[1:-1]} @{pos}"
-        fig.add_trace(scatter(**kw, mode="lines+markers", name=name, text=list(traj.layer_labels),
-                              line={"color": palette[t % len(palette)]},
-                              marker={"size": 5 if dims == 2 else 3},
-                              hovertemplate=f"{name}<br>layer %{{text}}<extra></extra>"))
+        fig.add_trace(
+            scatter(
+                **kw,
+                mode="lines+markers",
+                name=name,
+                text=list(traj.layer_labels),
+                line={"color": palette[t % len(palette)]},
+                marker={"size": 5 if dims == 2 else 3},
+                hovertemplate=f"{name}<br>layer %{{text}}<extra></extra>",
+            )
+        )
     axes = traj.projection.axis_titles()
-    fig.update_layout(title=title or "Token trajectories across layers (one shared projection)",
-                      template="plotly_white", height=600)
+    fig.update_layout(
+        title=title or "Token trajectories across layers (one shared projection)",
+        template="plotly_white",
+        height=600,
+    )
     if dims == 2:
         fig.update_xaxes(title=axes[0])
         fig.update_yaxes(title=axes[1])
     else:
-        fig.update_layout(scene={"xaxis_title": axes[0], "yaxis_title": axes[1], "zaxis_title": axes[2]})
+        fig.update_layout(
+            scene={"xaxis_title": axes[0], "yaxis_title": axes[1], "zaxis_title": axes[2]}
+        )
     return fig
 
 
@@ -447,24 +627,42 @@ def positional_cosine_heatmap(geometry: Any, *, title: str | None = None):
     """Cosine similarity between positions (a ``PositionalGeometry``)."""
     import plotly.graph_objects as go
 
-    fig = go.Figure(go.Heatmap(z=geometry.cosine.numpy(), colorscale="RdBu", zmin=-1, zmax=1,
-                               colorbar={"title": "cosine"},
-                               hovertemplate="positions %{y} and %{x}<br>cosine %{z:.3f}<extra></extra>"))
+    fig = go.Figure(
+        go.Heatmap(
+            z=geometry.cosine.numpy(),
+            colorscale="RdBu",
+            zmin=-1,
+            zmax=1,
+            colorbar={"title": "cosine"},
+            hovertemplate="positions %{y} and %{x}<br>cosine %{z:.3f}<extra></extra>",
+        )
+    )
     src = "W_pos" if geometry.source == "W_pos" else "mean residual"
-    fig.update_layout(title=title or f"Cosine similarity between positions ({src})", template="plotly_white",
-                      xaxis_title="position", yaxis_title="position", height=550,
-                      yaxis={"autorange": "reversed"})
+    fig.update_layout(
+        title=title or f"Cosine similarity between positions ({src})",
+        template="plotly_white",
+        xaxis_title="position",
+        yaxis_title="position",
+        height=550,
+        yaxis={"autorange": "reversed"},
+    )
     return fig
 
 
-def vocabulary_norm_histogram(vnorms: Any, *, layers: Sequence[int] | None = None, bins: int = 150,
-                              title: str | None = None):
+def vocabulary_norm_histogram(
+    vnorms: Any, *, layers: Sequence[int] | None = None, bins: int = 150, title: str | None = None
+):
     """Histogram over tokens of the mean norm when each token is fed alone (the reference's figure)."""
     import plotly.graph_objects as go
 
     m = vnorms.mean_norm(layers).numpy()
     fig = go.Figure(go.Histogram(x=m, nbinsx=bins, marker_color="rgb(90,90,200)"))
     where = "after a BOS" if vnorms.prepend_bos else "as the first token"
-    fig.update_layout(title=title or f"Mean intermediate-layer norm of {len(m):,} tokens fed alone ({where})",
-                      xaxis_title="mean norm", yaxis_title="tokens", template="plotly_white", height=420)
+    fig.update_layout(
+        title=title or f"Mean intermediate-layer norm of {len(m):,} tokens fed alone ({where})",
+        xaxis_title="mean norm",
+        yaxis_title="tokens",
+        template="plotly_white",
+        height=420,
+    )
     return fig

@@ -12,11 +12,11 @@ import torch
 from tlmicroscope.viz.html import CircuitsVisView
 
 __all__ = [
-    "trajectory_heatmap",
-    "logit_lens_table",
-    "colored_tokens",
-    "trajectory_tokens",
     "STAT_TITLES",
+    "colored_tokens",
+    "logit_lens_table",
+    "trajectory_heatmap",
+    "trajectory_tokens",
 ]
 
 STAT_TITLES = {
@@ -89,7 +89,10 @@ def trajectory_heatmap(
     text = np.vectorize(lambda s: repr(s)[1:-1])(top[..., 0]) if top.size else top[..., 0]
     k = min(hover_top_k, traj.top_probs.shape[-1])
     probs = traj.top_probs[:, batch][:, pos, :k].numpy()
-    stats = {s: _values(traj, s, batch)[:, pos] for s in ("entropy", "kl", "cross_entropy", "target_rank")}
+    stats = {
+        s: _values(traj, s, batch)[:, pos]
+        for s in ("entropy", "kl", "cross_entropy", "target_rank")
+    }
     hover = np.empty(z.shape, dtype=object)
     toks = traj.str_tokens[batch]
     for i, label in enumerate(traj.layer_labels):
@@ -127,8 +130,11 @@ def trajectory_heatmap(
             colorscale="Blues" if statistic == "max_prob" else "Viridis",
             zmin=0 if zmax is not None else None,
             zmax=zmax,
-            colorbar={"title": "log10(rank+1)" if statistic == "target_rank"
-                      else statistic + (" (clipped)" if zmax is not None else "")},
+            colorbar={
+                "title": "log10(rank+1)"
+                if statistic == "target_rank"
+                else statistic + (" (clipped)" if zmax is not None else "")
+            },
         )
     )
     fig.update_layout(
@@ -161,7 +167,8 @@ def logit_lens_table(traj: Any, *, batch: int = 0, positions: Any = None, title:
         batch=batch,
         positions=positions,
         show_text=True,
-        title=title or f"Logit lens (top-1 token, colour −log p(top-1)) — lens: {traj.provenance.lens}",
+        title=title
+        or f"Logit lens (top-1 token, colour −log p(top-1)) — lens: {traj.provenance.lens}",
     )
 
 
@@ -178,15 +185,20 @@ def colored_tokens(tokens: Sequence[str], values: Any, **kwargs: Any) -> Circuit
     if len(vals) != len(tokens):
         raise ValueError(f"Got {len(tokens)} tokens but {len(vals)} values.")
     props = {"tokens": tokens, "values": vals}
-    for key, prop in (("min_value", "minValue"), ("max_value", "maxValue"),
-                      ("negative_color", "negativeColor"), ("positive_color", "positiveColor")):
+    for key, prop in (
+        ("min_value", "minValue"),
+        ("max_value", "maxValue"),
+        ("negative_color", "negativeColor"),
+        ("positive_color", "positiveColor"),
+    ):
         if kwargs.get(key) is not None:
             props[prop] = kwargs[key]
     return CircuitsVisView("ColoredTokens", props)
 
 
-def trajectory_tokens(traj: Any, statistic: str = "cross_entropy", *, layer: int | None = None,
-                      batch: int = 0) -> CircuitsVisView:
+def trajectory_tokens(
+    traj: Any, statistic: str = "cross_entropy", *, layer: int | None = None, batch: int = 0
+) -> CircuitsVisView:
     """The input tokens coloured by one statistic at one layer (default: the model's output)."""
     li = len(traj.layers) - 1 if layer is None else traj.layer_index(layer)
     vals = _values(traj, statistic, batch)[li]

@@ -13,8 +13,11 @@ import numpy as np
 __all__ = ["head_logit_heatmap", "target_trajectory_figure"]
 
 _COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
-_Y = {"prob": "probability of the target", "logprob": "log-probability of the target (nats)",
-      "rank": "rank of the target (0 = top-1)"}
+_Y = {
+    "prob": "probability of the target",
+    "logprob": "log-probability of the target (nats)",
+    "rank": "rank of the target (0 = top-1)",
+}
 
 
 def _rgba(hex_color: str, alpha: float) -> str:
@@ -26,10 +29,12 @@ def _pick(names: Sequence[str], chosen: Any, what: str) -> list[int]:
     if chosen is None:
         return list(range(len(names)))
     out = []
-    for c in ([chosen] if isinstance(chosen, (str, int)) else chosen):
+    for c in [chosen] if isinstance(chosen, (str, int)) else chosen:
         if isinstance(c, int):
             if not 0 <= c < len(names):
-                raise ValueError(f"{what} {c} is out of range: valid {what}s are 0..{len(names) - 1}.")
+                raise ValueError(
+                    f"{what} {c} is out of range: valid {what}s are 0..{len(names) - 1}."
+                )
             out.append(c)
         elif c in names:
             out.append(list(names).index(c))
@@ -38,8 +43,14 @@ def _pick(names: Sequence[str], chosen: Any, what: str) -> list[int]:
     return out
 
 
-def target_trajectory_figure(tt: Any, statistic: str = "prob", *, lenses: Any = None, targets: Any = None,
-                             title: str | None = None):
+def target_trajectory_figure(
+    tt: Any,
+    statistic: str = "prob",
+    *,
+    lenses: Any = None,
+    targets: Any = None,
+    title: str | None = None,
+):
     """One line per (lens, target) over the layers, its bootstrap band shaded.
 
     Args:
@@ -68,33 +79,65 @@ def target_trajectory_figure(tt: Any, statistic: str = "prob", *, lenses: Any = 
             color = _COLORS[i % len(_COLORS)]
             i += 1
             name = f"{tt.lens_names[a]}: {tt.target_names[t]}"
-            fig.add_trace(go.Scatter(
-                x=x + x[::-1], y=np.concatenate([high[a, :, t], low[a, :, t][::-1]]), fill="toself",
-                fillcolor=_rgba(color, 0.18), line={"width": 0}, hoverinfo="skip", showlegend=False,
-                name=f"{name} band",
-            ))
-            fig.add_trace(go.Scatter(
-                x=x, y=mean[a, :, t], name=name, mode="lines+markers", line={"color": color},
-                customdata=np.stack([low[a, :, t], high[a, :, t]], -1),
-                hovertemplate=(f"{name}<br>layer %{{x}}<br>{statistic} %{{y:.4f}} "
-                               f"[%{{customdata[0]:.4f}}, %{{customdata[1]:.4f}}]<extra></extra>"),
-            ))
+            fig.add_trace(
+                go.Scatter(
+                    x=x + x[::-1],
+                    y=np.concatenate([high[a, :, t], low[a, :, t][::-1]]),
+                    fill="toself",
+                    fillcolor=_rgba(color, 0.18),
+                    line={"width": 0},
+                    hoverinfo="skip",
+                    showlegend=False,
+                    name=f"{name} band",
+                )
+            )
+            fig.add_trace(
+                go.Scatter(
+                    x=x,
+                    y=mean[a, :, t],
+                    name=name,
+                    mode="lines+markers",
+                    line={"color": color},
+                    customdata=np.stack([low[a, :, t], high[a, :, t]], -1),
+                    hovertemplate=(
+                        f"{name}<br>layer %{{x}}<br>{statistic} %{{y:.4f}} "
+                        f"[%{{customdata[0]:.4f}}, %{{customdata[1]:.4f}}]<extra></extra>"
+                    ),
+                )
+            )
     n = tt.prob.shape[2]
     pct = round(100 * tt.confidence)
     fig.update_layout(
         title=title or f"{_Y[statistic]} per layer: mean over {n} prompts, {pct}% bootstrap band",
         xaxis={"title": "layer (residual read; out = model output)", "type": "category"},
-        yaxis={"title": _Y[statistic]}, height=440, legend={"orientation": "h"},
+        yaxis={"title": _Y[statistic]},
+        height=440,
+        legend={"orientation": "h"},
         margin={"l": 70, "r": 20, "t": 60, "b": 60},
     )
     if tt.target_notes:
-        fig.add_annotation(text="; ".join(tt.target_notes), xref="paper", yref="paper", x=0, y=-0.25,
-                           showarrow=False, font={"size": 10}, align="left")
+        fig.add_annotation(
+            text="; ".join(tt.target_notes),
+            xref="paper",
+            yref="paper",
+            x=0,
+            y=-0.25,
+            showarrow=False,
+            font={"size": 10},
+            align="left",
+        )
     return fig
 
 
-def head_logit_heatmap(cl: Any, *, batch: int = 0, pos: int = -1, target: int = 0, title: str | None = None,
-                       with_mlp: bool = True):
+def head_logit_heatmap(
+    cl: Any,
+    *,
+    batch: int = 0,
+    pos: int = -1,
+    target: int = 0,
+    title: str | None = None,
+    with_mlp: bool = True,
+):
     """Layer x head heatmap of each head's share of one target's logit (an MLP column beside it).
 
     Examples:
@@ -113,18 +156,31 @@ def head_logit_heatmap(cl: Any, *, batch: int = 0, pos: int = -1, target: int = 
         cols.append("MLP")
     lim = float(np.nanmax(np.abs(z))) if np.isfinite(z).any() else 1.0
     token = cl.str_tokens[batch][pos]
-    name = cl.target_names[target] if len(cl.target_names) > 1 or cl.target_names[0] not in ("predicted", "next") \
+    name = (
+        cl.target_names[target]
+        if len(cl.target_names) > 1 or cl.target_names[0] not in ("predicted", "next")
         else repr(str(cl.target_strings[batch, pos, target]))
-    fig = go.Figure(go.Heatmap(
-        z=z, x=cols, y=[str(layer) for layer in range(cl.n_layers)], colorscale="RdBu", zmid=0.0,
-        zmin=-lim, zmax=lim, colorbar={"title": "logit share"},
-        hovertemplate="layer %{y} %{x}<br>share %{z:.4f}<extra></extra>",
-    ))
+    )
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=cols,
+            y=[str(layer) for layer in range(cl.n_layers)],
+            colorscale="RdBu",
+            zmid=0.0,
+            zmin=-lim,
+            zmax=lim,
+            colorbar={"title": "logit share"},
+            hovertemplate="layer %{y} %{x}<br>share %{z:.4f}<extra></extra>",
+        )
+    )
     total = float(cl.logit[batch, pos, target])
     fig.update_layout(
-        title=title or (f"Direct effect on the {cl.logit_space} of {name} after {token!r} "
-                        f"(total {total:.3g})"),
-        xaxis={"title": "head", "type": "category"}, yaxis={"title": "layer", "autorange": "reversed"},
-        height=max(320, 22 * cl.n_layers + 140), margin={"l": 70, "r": 20, "t": 60, "b": 50},
+        title=title
+        or (f"Direct effect on the {cl.logit_space} of {name} after {token!r} (total {total:.3g})"),
+        xaxis={"title": "head", "type": "category"},
+        yaxis={"title": "layer", "autorange": "reversed"},
+        height=max(320, 22 * cl.n_layers + 140),
+        margin={"l": 70, "r": 20, "t": 60, "b": 50},
     )
     return fig

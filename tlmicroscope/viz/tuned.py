@@ -11,8 +11,8 @@ import numpy as np
 __all__ = [
     "lens_comparison_figure",
     "training_curve_figure",
-    "transfer_heatmap",
     "trajectory_comparison",
+    "transfer_heatmap",
 ]
 
 _TITLES = {
@@ -24,8 +24,9 @@ _TITLES = {
 _COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
 
 
-def lens_comparison_figure(evaluations: Any, statistic: str = "kl", *, unit: str = "nats",
-                           title: str | None = None):
+def lens_comparison_figure(
+    evaluations: Any, statistic: str = "kl", *, unit: str = "nats", title: str | None = None
+):
     """Lines of one per-layer statistic for several lenses (tuned vs logit, for instance).
 
     Args:
@@ -51,18 +52,27 @@ def lens_comparison_figure(evaluations: Any, statistic: str = "kl", *, unit: str
     fig = go.Figure()
     for i, (label, ev) in enumerate(series.items()):
         values = ev.statistic(statistic, unit).double().numpy()
-        fig.add_trace(go.Scatter(
-            x=list(ev.layer_labels), y=values, name=label, mode="lines+markers",
-            line={"color": _COLORS[i % len(_COLORS)]},
-            hovertemplate=f"{label}<br>layer %{{x}}<br>{statistic} %{{y:.4f}} {unit}<extra></extra>",
-        ))
+        fig.add_trace(
+            go.Scatter(
+                x=list(ev.layer_labels),
+                y=values,
+                name=label,
+                mode="lines+markers",
+                line={"color": _COLORS[i % len(_COLORS)]},
+                hovertemplate=f"{label}<br>layer %{{x}}<br>{statistic} %{{y:.4f}} {unit}<extra></extra>",
+            )
+        )
     first = next(iter(series.values()))
     fig.update_layout(
         title=title or f"{_TITLES.get(statistic, statistic)} per layer ({first.n_tokens} tokens)",
         xaxis={"title": "layer (residual entering block; out = model output)", "type": "category"},
-        yaxis={"title": f"{statistic} ({'bits per byte' if unit == 'bpb' else 'nats'})",
-               "rangemode": "tozero"},
-        height=420, margin={"l": 70, "r": 20, "t": 60, "b": 60}, legend={"orientation": "h"},
+        yaxis={
+            "title": f"{statistic} ({'bits per byte' if unit == 'bpb' else 'nats'})",
+            "rangemode": "tozero",
+        },
+        height=420,
+        margin={"l": 70, "r": 20, "t": 60, "b": 60},
+        legend={"orientation": "h"},
     )
     return fig
 
@@ -78,8 +88,13 @@ def _as_series(evaluations: Any) -> dict[str, Any]:
     return out
 
 
-def training_curve_figure(results: Any, *, layers: Sequence[int] | None = None, mean: bool = True,
-                          title: str | None = None):
+def training_curve_figure(
+    results: Any,
+    *,
+    layers: Sequence[int] | None = None,
+    mean: bool = True,
+    title: str | None = None,
+):
     """Held-out KL against tokens seen, for one or several training runs.
 
     Args:
@@ -96,16 +111,32 @@ def training_curve_figure(results: Any, *, layers: Sequence[int] | None = None, 
         x = res.tokens_seen.numpy()
         kl = res.kl.numpy()
         if mean:
-            fig.add_trace(go.Scatter(x=x, y=kl.mean(1), name=f"{label}: mean over layers",
-                                     mode="lines", line={"color": color, "width": 3}))
+            fig.add_trace(
+                go.Scatter(
+                    x=x,
+                    y=kl.mean(1),
+                    name=f"{label}: mean over layers",
+                    mode="lines",
+                    line={"color": color, "width": 3},
+                )
+            )
         chosen = layers if layers is not None else ([] if mean else range(0, kl.shape[1], 5))
         for layer in chosen:
-            fig.add_trace(go.Scatter(x=x, y=kl[:, layer], name=f"{label}: layer {layer}",
-                                     mode="lines", line={"color": color, "dash": "dot", "width": 1}))
+            fig.add_trace(
+                go.Scatter(
+                    x=x,
+                    y=kl[:, layer],
+                    name=f"{label}: layer {layer}",
+                    mode="lines",
+                    line={"color": color, "dash": "dot", "width": 1},
+                )
+            )
     fig.update_layout(
         title=title or "KL(final ‖ lens) on unseen batches, against tokens seen",
-        xaxis={"title": "training tokens seen"}, yaxis={"title": "KL (nats)", "rangemode": "tozero"},
-        height=440, margin={"l": 70, "r": 20, "t": 60, "b": 60},
+        xaxis={"title": "training tokens seen"},
+        yaxis={"title": "KL (nats)", "rangemode": "tozero"},
+        height=440,
+        margin={"l": 70, "r": 20, "t": 60, "b": 60},
     )
     return fig
 
@@ -119,20 +150,28 @@ def transfer_heatmap(evaluation: Any, *, penalty: bool = True, title: str | None
     import plotly.graph_objects as go
 
     if evaluation.transfer_kl is None:
-        raise ValueError("This evaluation has no transfer matrix; run evaluate_lens(..., transfer=True).")
+        raise ValueError(
+            "This evaluation has no transfer matrix; run evaluate_lens(..., transfer=True)."
+        )
     m = evaluation.transfer_kl.double().numpy()
     z = m - np.diag(m)[None, :] if penalty else m
     labels = list(evaluation.layer_labels[: m.shape[0]])
-    fig = go.Figure(go.Heatmap(
-        z=z, x=labels, y=labels, colorscale="Viridis",
-        colorbar={"title": "penalty (nats)" if penalty else "KL (nats)"},
-        hovertemplate="translator %{y} on layer %{x}: %{z:.4f} nats<extra></extra>",
-    ))
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=labels,
+            y=labels,
+            colorscale="Viridis",
+            colorbar={"title": "penalty (nats)" if penalty else "KL (nats)"},
+            hovertemplate="translator %{y} on layer %{x}: %{z:.4f} nats<extra></extra>",
+        )
+    )
     fig.update_layout(
         title=title or ("Transfer penalty" if penalty else "Transfer KL"),
         xaxis={"title": "residual of layer", "type": "category"},
         yaxis={"title": "translator of layer", "type": "category"},
-        height=520, margin={"l": 70, "r": 20, "t": 60, "b": 60},
+        height=520,
+        margin={"l": 70, "r": 20, "t": 60, "b": 60},
     )
     return fig
 
