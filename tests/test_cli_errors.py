@@ -54,9 +54,9 @@ def _error_lines(err: str, command: str) -> list[str]:
 
 def _needs_tl4(line: str) -> bool:
     """fit-jlens on TransformerLens 3 refuses first (one line too), before reading its options."""
-    from tlmicroscope.models import _compat
+    from tlmicroscope.models import access
 
-    return _compat.TL_MAJOR < 4 and "needs TransformerLens 4.x" in line
+    return access.TL_MAJOR < 4 and "needs TransformerLens 4.x" in line
 
 
 def test_every_model_command_is_covered():

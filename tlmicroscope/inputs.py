@@ -14,7 +14,7 @@ from typing import Any, Union
 import torch
 from jaxtyping import Int
 
-from tlmicroscope.models import _compat
+from tlmicroscope.models import access
 
 __all__ = [
     "ResolvedInput",
@@ -151,7 +151,7 @@ def resolve_input(
     A cache carries its model, but not the tokens it was run on; analyses that need targets (the
     next token) ask for them with ``require_tokens``.
     """
-    if _compat.is_activation_cache(model_or_cache):
+    if access.is_activation_cache(model_or_cache):
         cache = model_or_cache
         model = getattr(cache, "model", None)
         if model is None:

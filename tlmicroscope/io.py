@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from tlmicroscope.models import _compat
+from tlmicroscope.models import access
 
 __all__ = [
     "FORMAT_VERSION",
@@ -397,11 +397,11 @@ def model_fingerprint(model: Any) -> dict[str, Any]:
     """
     cfg = model.cfg
     return {
-        "name": _compat.model_label(model),
+        "name": access.model_label(model),
         "d_model": int(cfg.d_model),
         "n_layers": int(cfg.n_layers),
         "d_vocab": int(cfg.d_vocab),
-        "weights_processed": _compat.weights_processed(model),
+        "weights_processed": access.weights_processed(model),
         "unembed_sha256": _unembed_hash(model.W_U),
     }
 

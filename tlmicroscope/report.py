@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tlmicroscope.inputs import to_tokens
-from tlmicroscope.models import _compat
+from tlmicroscope.models import access
 from tlmicroscope.viz.html import HtmlPage, escape
 
 __all__ = [
@@ -313,12 +313,10 @@ def report_steps(
     if needs:
         ctx.cache, ctx.logits = _shared_capture(model, tokens, needs)
     t_capture = time.perf_counter() - t_capture
-    processed = (
-        "processed (fold_ln/centring)" if _compat.weights_processed(model) else "unprocessed"
-    )
+    processed = "processed (fold_ln/centring)" if access.weights_processed(model) else "unprocessed"
     intro = (
-        f"Model <b>{escape(_compat.model_label(model))}</b> ({escape(type(model).__name__)}, "
-        f"weights {processed}, TransformerLens {escape(_compat.TL_VERSION)}); "
+        f"Model <b>{escape(access.model_label(model))}</b> ({escape(type(model).__name__)}, "
+        f"weights {processed}, TransformerLens {escape(access.TL_VERSION)}); "
         f"{tokens.shape[-1]} tokens of text."
     )
     page = HtmlPage(title=title or "tlmicroscope report", intro=intro)

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from tlmicroscope.models import _compat
+from tlmicroscope.models import access
 
 __all__ = ["Provenance"]
 
@@ -36,10 +36,10 @@ class Provenance:
     def from_model(cls, model: Any, lens: Any = None, **settings: Any) -> Provenance:
         lens_name = None if lens is None else (lens if isinstance(lens, str) else _lens_name(lens))
         return cls(
-            model=_compat.model_label(model),
+            model=access.model_label(model),
             model_class=type(model).__name__,
-            weights_processed=_compat.weights_processed(model),
-            transformer_lens=_compat.TL_VERSION,
+            weights_processed=access.weights_processed(model),
+            transformer_lens=access.TL_VERSION,
             lens=lens_name,
             settings=dict(settings),
         )

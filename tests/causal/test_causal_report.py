@@ -125,7 +125,7 @@ def test_missing_basis_names_the_command_that_extracts_it(tiny_llama, tmp_path, 
     """Without a saved basis the section gives the cbe command; running it makes the section render."""
     from tlmicroscope.cli import main
     from tlmicroscope.lenses.train import default_lens_dir
-    from tlmicroscope.models import _compat
+    from tlmicroscope.models import access
 
     monkeypatch.chdir(tmp_path)
     lens = _random_tuned_lens(tiny_llama, seed=2)
@@ -137,7 +137,7 @@ def test_missing_basis_names_the_command_that_extracts_it(tiny_llama, tmp_path, 
         "tlmicroscope cbe --model tiny-llama --lens out/tuned-lens-tiny-llama-l3-d32-s0 --k 10 "
         "--out-dir out/cbe-tiny-llama-l3-d32-s0-tuned"
     )
-    if _compat.is_bridge(tiny_llama) and _compat.has_hooked_transformer():
+    if access.is_bridge(tiny_llama) and access.has_hooked_transformer():
         fix += " --kind bridge"  # the command must load the same class of model again
     assert fix in html
 

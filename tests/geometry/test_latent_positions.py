@@ -38,11 +38,11 @@ def test_helix_recovered_from_w_pos(model_kind):
     )  # our own copy: W_pos is modified
     n_pos, d = model.cfg.n_ctx, model.cfg.d_model
     helix = _helix(n_pos, d)
-    from tlmicroscope.models import _compat
+    from tlmicroscope.models import access
 
     with torch.no_grad():
-        _compat.positional_embedding_weights(model).copy_(helix)
-    torch.testing.assert_close(_compat.positional_embedding_weights(model).detach(), helix)
+        access.positional_embedding_weights(model).copy_(helix)
+    torch.testing.assert_close(access.positional_embedding_weights(model).detach(), helix)
     geo = positional_geometry(model)
     assert geo.source == "W_pos" and "W_pos" in geo.description
     assert geo.pc_frequency.tolist() == [1.0, 1.0, 2.0, 2.0, 3.0, 3.0]

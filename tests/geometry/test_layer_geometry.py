@@ -14,7 +14,7 @@ from tlmicroscope.geometry import (
     layer_geometry,
     neighbourhood_overlap,
 )
-from tlmicroscope.models import _compat
+from tlmicroscope.models import access
 
 pytestmark = pytest.mark.models
 
@@ -24,7 +24,7 @@ def _tokens(n=120, seed=0):
 
 
 def _final_norm(model, h):
-    norm = _compat.final_norm(model)
+    norm = access.final_norm(model)
     h = h.double()
     if norm.kind == "LN":
         h = h - h.mean(-1, keepdim=True)

@@ -11,7 +11,7 @@ import torch
 from tlmicroscope.capture import residual_stream_names
 from tlmicroscope.geometry import cosine_similarity, intrinsic_dimension, neighbourhood_overlap
 from tlmicroscope.geometry._token_report import report_layer_geometry
-from tlmicroscope.models import _compat
+from tlmicroscope.models import access
 from tlmicroscope.report import _SECTIONS, ReportContext, _shared_capture, report
 
 pytestmark = pytest.mark.models
@@ -20,7 +20,7 @@ TEXT = "The quick brown fox jumps over the lazy dog; then it runs far away into 
 
 
 def _final_norm(model, h):
-    norm = _compat.final_norm(model)
+    norm = access.final_norm(model)
     h = h.double()
     if norm.kind == "LN":
         h = h - h.mean(-1, keepdim=True)

@@ -7,7 +7,7 @@ import torch
 
 from tlmicroscope.inputs import to_tokens
 from tlmicroscope.lenses.components import component_lens
-from tlmicroscope.models import _compat
+from tlmicroscope.models import access
 
 pytestmark = pytest.mark.models
 
@@ -80,8 +80,8 @@ def test_a_heads_share_is_its_direct_effect_in_a_patched_run(tiny, layer):
                 )
             )
         patched = tiny.run_with_hooks(toks, fwd_hooks=hooks)
-        norm = _compat.final_norm(tiny)
-        W_U, b_U = _compat.unembed_weights(tiny)
+        norm = access.final_norm(tiny)
+        W_U, b_U = access.unembed_weights(tiny)
         b = (b_U[tid] if b_U is not None else 0.0) + (
             norm.bias @ W_U[:, tid] if norm.bias is not None else 0.0
         )

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tlmicroscope.models import _compat
+from tlmicroscope.models import access
 
 PROMPTS = [
     "the cat sat on the mat today",
@@ -16,7 +16,7 @@ PROMPTS = [
     "the river ran past the mill",
 ]
 needs_tl4 = pytest.mark.skipif(
-    _compat.TL_MAJOR < 4, reason="the Jacobian lens needs TransformerLens 4.x"
+    access.TL_MAJOR < 4, reason="the Jacobian lens needs TransformerLens 4.x"
 )
 
 
@@ -30,7 +30,7 @@ def fitted(tiny):
 def test_tl3_entry_points_say_they_need_tl4(monkeypatch, tmp_path):
     from tlmicroscope.lenses import jacobian
 
-    if _compat.TL_MAJOR >= 4:  # simulate TransformerLens 3.9, where the module does not exist
+    if access.TL_MAJOR >= 4:  # simulate TransformerLens 3.9, where the module does not exist
         import builtins
 
         real_import = builtins.__import__
@@ -45,8 +45,8 @@ def test_tl3_entry_points_say_they_need_tl4(monkeypatch, tmp_path):
             return real_import(name, globals, locals, fromlist, level)
 
         monkeypatch.setattr(builtins, "__import__", no_jlens)
-        monkeypatch.setattr(_compat, "TL_VERSION", "3.9.0")
-        monkeypatch.setattr(_compat, "TL_MAJOR", 3)
+        monkeypatch.setattr(access, "TL_VERSION", "3.9.0")
+        monkeypatch.setattr(access, "TL_MAJOR", 3)
     for call in (
         lambda: jacobian.JacobianLens.fit(None, ["x"]),
         lambda: jacobian.JacobianLens.load(tmp_path),

@@ -21,14 +21,14 @@ from tlmicroscope.lenses import (
     check_readout_identity,
     prediction_trajectory,
 )
-from tlmicroscope.models import _compat
+from tlmicroscope.models import access
 from tlmicroscope.models.tiny import byte_tokenizer
 
 pytestmark = pytest.mark.models
 
 KIND = os.environ.get("TLMICROSCOPE_TEST_KIND", "auto")
 RUN_BRIDGE = KIND in ("auto", "bridge")
-RUN_HOOKED = KIND == "hooked" or (KIND == "auto" and _compat.has_hooked_transformer())
+RUN_HOOKED = KIND == "hooked" or (KIND == "auto" and access.has_hooked_transformer())
 V = 259  # the byte tokenizer's vocabulary
 TARGET_LOGIT = (
     40.0  # largest |logit| after scaling the unembedding: tens of nats, past any soft cap
@@ -308,7 +308,7 @@ def test_soft_cap_bites_and_bounds_the_logits(spec):
     ],
 )
 def test_output_transform_is_read_from_the_model(spec, expect):
-    t = _compat.output_transform(_model(spec))
+    t = access.output_transform(_model(spec))
     assert t.scale == pytest.approx(expect)
     assert (t.softcap is not None) == spec.endswith("gemma2")
 
@@ -333,9 +333,9 @@ def test_a_readout_without_the_transform_is_refused_naming_the_family(spec, attr
         readout.W = readout.W / readout.scale
         readout.b = None if readout.b is None else readout.b / readout.scale
     else:  # the norm's gain w instead of Gemma's 1 + w
-        w = _compat.final_norm(model).weight.detach()
+        w = access.final_norm(model).weight.detach()
         readout.W = readout.W / w[:, None] * (w[:, None] - 1.0)
-    with pytest.raises(ReadoutIdentityError, match=_compat.model_family(model)):
+    with pytest.raises(ReadoutIdentityError, match=access.model_family(model)):
         check_readout_identity(readout, h[0], logits[0])
 
 
@@ -618,14 +618,14 @@ def _fake_model(adapter=None, **hf_config):
 
 def test_output_transform_falls_back_to_the_hugging_face_config():
     """A bridge whose adapter declares no transform: the HF config's fields, in HF's order."""
-    t = _compat.output_transform(_fake_model(model_type="cohere", logit_scale=0.0625))
+    t = access.output_transform(_fake_model(model_type="cohere", logit_scale=0.0625))
     assert (t.scale, t.softcap) == (0.0625, None)
-    t = _compat.output_transform(_fake_model(model_type="granite", logits_scaling=8.0))
+    t = access.output_transform(_fake_model(model_type="granite", logits_scaling=8.0))
     assert (t.scale, t.softcap) == (0.125, None)
-    t = _compat.output_transform(_fake_model(model_type="gemma2", final_logit_softcapping=30.0))
+    t = access.output_transform(_fake_model(model_type="gemma2", final_logit_softcapping=30.0))
     assert (t.scale, t.softcap) == (1.0, 30.0)
     z = torch.linspace(-100, 100, 9)
-    torch.testing.assert_close(_compat._apply_output_transform(z, t), 30.0 * torch.tanh(z / 30.0))
+    torch.testing.assert_close(access.apply_output_transform(z, t), 30.0 * torch.tanh(z / 30.0))
 
 
 def test_an_inexpressible_adapter_transform_is_refused():
@@ -633,9 +633,9 @@ def test_an_inexpressible_adapter_transform_is_refused():
 
     adapter = SimpleNamespace(apply_output_logits_transform=lambda z: z + 0.1 * z.pow(3))
     with pytest.raises(ValueError, match="cannot express"):
-        _compat.output_transform(_fake_model(adapter=adapter))
+        access.output_transform(_fake_model(adapter=adapter))
     scaled = SimpleNamespace(
         apply_output_logits_transform=lambda z: 20.0 * torch.tanh(0.5 * z / 20.0)
     )
-    t = _compat.output_transform(_fake_model(adapter=scaled))
+    t = access.output_transform(_fake_model(adapter=scaled))
     assert t.scale == pytest.approx(0.5) and t.softcap == pytest.approx(20.0)

@@ -25,9 +25,12 @@ FAST = dict(
 
 def test_resume_into_a_new_folder_warns_and_logs_the_folder(tiny_llama, tmp_path, caplog):
     out = tmp_path / "typo-in-out"
-    with caplog.at_level(logging.WARNING, logger="tlmicroscope.lenses.train"), pytest.warns(
-        UserWarning, match=r"holds no checkpoint .*training starts from step 0"
-    ) as caught:
+    with (
+        caplog.at_level(logging.WARNING, logger="tlmicroscope.lenses.train"),
+        pytest.warns(
+            UserWarning, match=r"holds no checkpoint .*training starts from step 0"
+        ) as caught,
+    ):
         res = train_tuned_lens(tiny_llama, TEXT, out_dir=str(out), resume=True, **FAST)
     assert any(str(out.resolve()) in str(w.message) for w in caught)
     logged = [r for r in caplog.records if r.name == "tlmicroscope.lenses.train"]

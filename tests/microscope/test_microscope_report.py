@@ -15,7 +15,7 @@ from tlmicroscope.microscope import (
     contextualization,
     token_nonlinearity,
 )
-from tlmicroscope.models import _compat
+from tlmicroscope.models import access
 from tlmicroscope.report import report
 
 pytestmark = pytest.mark.models
@@ -85,7 +85,7 @@ def test_renders_without_saved_objects_and_names_the_training_command(
     ]
     assert list(rep.missing) == ["microscope_context"] and not rep.failed
     html = rep.html()
-    label = _compat.model_label(tiny_llama)
+    label = access.model_label(tiny_llama)
     assert f"tlmicroscope microscope-train-probe --model {label}" in html
     assert "maps fitted on this text" in html  # the caption says which non-linearity mode
     assert "Missing: contextualization: no probe" in html
@@ -103,7 +103,7 @@ def test_short_text_without_reference_shows_the_fit_command(tiny_llama, tmp_path
     }
     assert "needs at least 97" in rep.missing["microscope_nonlinearity"]
     html = rep.html()
-    label = _compat.model_label(tiny_llama)
+    label = access.model_label(tiny_llama)
     assert f"tlmicroscope microscope-fit --model {label}" in html
     # a reference asked for at a folder that holds none: the fix writes it there
     rep = report(
@@ -150,7 +150,7 @@ def test_contributions_heatmap_is_the_logit_lens_loss_by_hand(tiny_llama, tmp_pa
     names = residual_stream_names(tiny_llama.cfg.n_layers)
     with torch.no_grad():
         logits, cache = tiny_llama.run_with_cache(toks, names_filter=names)
-    norm = _compat.final_norm(tiny_llama)
+    norm = access.final_norm(tiny_llama)
     W_U, b_U = tiny_llama.W_U.detach().double(), tiny_llama.b_U.detach().double()
     for layer, name in enumerate(names):
         h = cache[name][0].double()

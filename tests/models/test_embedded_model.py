@@ -1,6 +1,6 @@
 import pytest
 
-from tlmicroscope.models import _compat
+from tlmicroscope.models import access
 from tlmicroscope.models.embedded import cache_dir, embedded_gguf_path, load_gguf_tokenizer
 
 pytestmark = [pytest.mark.embedded, pytest.mark.models]
@@ -12,7 +12,7 @@ def test_embedded_model_shape_and_policy(embedded_model):
     assert cfg.n_ctx == 2048
     assert cfg.rotary_base == 100000.0  # patched: transformers 5 hides it in rope_parameters
     assert cfg.default_prepend_bos is False  # SmolLM2's tokenizer adds no BOS
-    assert not _compat.weights_processed(embedded_model)
+    assert not access.weights_processed(embedded_model)
     assert not embedded_model.training
 
 

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from tlmicroscope.models import _compat, available_models, load_model
+from tlmicroscope.models import access, available_models, load_model
 from tlmicroscope.models.gemma import PIP_INSTALL_GEMMA
 
 pytestmark = [pytest.mark.gemma, pytest.mark.xdist_group("gemma")]
@@ -27,7 +27,7 @@ def test_gemma_loads_offline_with_its_own_shape(gemma_model):
     )
     assert cfg.rotary_base == 1e6  # the global layers' base, from rope_parameters
     assert cfg.default_prepend_bos is True  # Gemma's tokenizer adds <bos>
-    assert not _compat.weights_processed(gemma_model) and not gemma_model.training
+    assert not access.weights_processed(gemma_model) and not gemma_model.training
     # A tensor, not the string: HookedTransformer 3.9's to_str_tokens(str) breaks on any tokenizer
     # whose name contains "gemma" (it adds a dimension batch_decode cannot take).
     assert gemma_model.to_str_tokens(gemma_model.to_tokens("Hi"))[0] == "<bos>"
@@ -54,7 +54,7 @@ def test_gemma_logits_match_the_transformers_model(gemma_model):
     toks = gemma_model.to_tokens("def fib(n):\n    return n if n < 2 else fib(n - 1)")
     with torch.inference_mode():
         ours, ref = gemma_model(toks), hf(toks).logits
-    if _compat.is_bridge(gemma_model):
+    if access.is_bridge(gemma_model):
         assert torch.equal(ours, ref)  # the bridge runs transformers' own modules
     else:  # HookedTransformer recomputes attention and norms itself
         torch.testing.assert_close(ours.log_softmax(-1), ref.log_softmax(-1), atol=3e-4, rtol=0)
@@ -95,7 +95,7 @@ def _tiny_gemma3_folder(path):
 @pytest.mark.models
 def test_config_without_architectures_loads_from_the_model_class(tmp_path, model_kind):
     hf = _tiny_gemma3_folder(tmp_path)
-    if model_kind == "hooked" or (model_kind == "auto" and _compat.has_hooked_transformer()):
+    if model_kind == "hooked" or (model_kind == "auto" and access.has_hooked_transformer()):
         with pytest.raises(ValueError, match="Gemma 3 HookedTransformer only for the shapes"):
             load_model(str(tmp_path), kind="hooked", n_ctx=32)
         return

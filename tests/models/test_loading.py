@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from tlmicroscope.models import _compat, load_model, tiny_model
+from tlmicroscope.models import access, load_model, tiny_model
 from tlmicroscope.models.embedded import PIP_INSTALL_EMBEDDED
 
 pytestmark = pytest.mark.models
@@ -13,7 +13,7 @@ pytestmark = pytest.mark.models
 def test_kind_resolution_follows_the_transformerlens_line(model_kind):
     model = tiny_model("llama", kind=model_kind, n_layers=1)
     if model_kind == "auto":
-        expected = "HookedTransformer" if _compat.has_hooked_transformer() else "TransformerBridge"
+        expected = "HookedTransformer" if access.has_hooked_transformer() else "TransformerBridge"
     else:
         expected = {"bridge": "TransformerBridge", "hooked": "HookedTransformer"}[model_kind]
     assert type(model).__name__ == expected
@@ -21,7 +21,7 @@ def test_kind_resolution_follows_the_transformerlens_line(model_kind):
 
 
 def test_hooked_kind_refused_where_it_does_not_exist():
-    if _compat.has_hooked_transformer():
+    if access.has_hooked_transformer():
         pytest.skip("this TransformerLens line has HookedTransformer")
     with pytest.raises(
         ValueError, match="kind='hooked' needs HookedTransformer.*transformer-lens>=3.9,<4"
@@ -87,11 +87,11 @@ def test_local_hugging_face_folder_loads_with_identical_logits(tmp_path, model_k
         ref = torch.log_softmax(hf(toks).logits, -1)
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
     assert model.cfg.n_ctx == 64 and model.cfg.rotary_base == 50000.0
-    assert not _compat.weights_processed(model)
+    assert not access.weights_processed(model)
     assert json.loads((tmp_path / "config.json").read_text())["hidden_size"] == 32
 
 
 def test_tiny_names_and_processing_flag():
     model = load_model("tiny-gpt2")
     assert model.cfg.normalization_type == "LN" and model.cfg.n_layers == 3
-    assert _compat.weights_processed(model) is False
+    assert access.weights_processed(model) is False

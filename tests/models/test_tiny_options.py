@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tlmicroscope.models import _compat, load_model, tiny_model
+from tlmicroscope.models import access, load_model, tiny_model
 
 pytestmark = pytest.mark.models
 
@@ -46,7 +46,7 @@ def test_prepend_bos_is_honoured(name):
 def test_process_weights_is_honoured(model_kind):
     raw = load_model("tiny-gpt2", kind=model_kind)
     model = load_model("tiny-gpt2", kind=model_kind, process_weights=True)
-    assert _compat.weights_processed(model) is True and _compat.weights_processed(raw) is False
+    assert access.weights_processed(model) is True and access.weights_processed(raw) is False
     toks = raw.to_tokens(TEXT)
     # fold_ln and centring keep the output distribution (logits move by a constant per row) ...
     torch.testing.assert_close(

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from tlmicroscope.models import _compat
+from tlmicroscope.models import access
 
 __all__ = ["check_lens_layer", "hidden_states", "residual_hook"]
 
@@ -84,7 +84,7 @@ def hidden_states(
                 "they come from another model."
             )
         h = source.detach().reshape(-1, d).float()
-    elif _compat.is_activation_cache(source):
+    elif access.is_activation_cache(source):
         check_cache(source)
         if hook not in source:
             raise ValueError(
@@ -93,9 +93,11 @@ def hidden_states(
         h = source[hook].detach().reshape(-1, d).float()
     else:
         ensure_eval(model)
-        if isinstance(source, torch.Tensor) or (
-            isinstance(source, (list, tuple)) and source and isinstance(source[0], int)
-        ) or (isinstance(source, str) and not _is_corpus(source)):
+        if (
+            isinstance(source, torch.Tensor)
+            or (isinstance(source, (list, tuple)) and source and isinstance(source[0], int))
+            or (isinstance(source, str) and not _is_corpus(source))
+        ):
             toks = to_tokens(model, source)
         elif (
             isinstance(source, (list, tuple))

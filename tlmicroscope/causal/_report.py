@@ -45,12 +45,12 @@ def default_basis_path(model: Any, lens: Any, root: str | Path = "out") -> Path:
 def _model_arg(model: Any) -> str:
     """The ``--model`` value that loads this model again (the embedded and the default tiny models
     by their short names, others by their label)."""
-    from tlmicroscope.models import _compat
+    from tlmicroscope.models import access
     from tlmicroscope.models.embedded import EMBEDDED_HF_NAME, EMBEDDED_NAMES
     from tlmicroscope.models.gemma import GEMMA_HF_NAME, GEMMA_NAMES
     from tlmicroscope.models.loading import TINY_NAMES
 
-    label = _compat.model_label(model)
+    label = access.model_label(model)
     if label == EMBEDDED_HF_NAME or label.lower() in EMBEDDED_NAMES:
         return EMBEDDED_NAMES[0]
     if label == GEMMA_HF_NAME or label.lower() in GEMMA_NAMES:
@@ -65,7 +65,7 @@ def _extract_command(model: Any, lens_name: str, out_dir: Path) -> str:
     """The ``tlmicroscope cbe`` command that writes the basis this section looks for (a trained
     lens is assumed to be in the default ``train-lens`` folder)."""
     from tlmicroscope.lenses.train import default_lens_dir
-    from tlmicroscope.models import _compat
+    from tlmicroscope.models import access
 
     lens_arg = lens_name if lens_name in ("logit", "logit-paper") else str(default_lens_dir(model))
     parts = [
@@ -80,9 +80,9 @@ def _extract_command(model: Any, lens_name: str, out_dir: Path) -> str:
         "--out-dir",
         str(out_dir),
     ]
-    if _compat.weights_processed(model):
+    if access.weights_processed(model):
         parts.append("--process-weights")
-    parts += _compat.cli_kind_args(model)
+    parts += access.cli_kind_args(model)
     return " ".join(shlex.quote(p) for p in parts)
 
 

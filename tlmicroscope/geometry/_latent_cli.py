@@ -238,9 +238,9 @@ def _latent(args: argparse.Namespace) -> int:
 
 
 def _has_learned_positions(model) -> bool:
-    from tlmicroscope.models import _compat
+    from tlmicroscope.models import access
 
-    return _compat.positional_embedding_weights(model) is not None
+    return access.positional_embedding_weights(model) is not None
 
 
 def _table(df) -> str:

@@ -167,7 +167,7 @@ def _norm_affines(
     The gain includes Gemma's ``1 + weight`` offset where the model applies one (as
     ``lenses.readout`` reads the final norm).
     """
-    from tlmicroscope.models._compat import _named_param, _norm_uses_offset
+    from tlmicroscope.models.access import named_param, norm_uses_offset
 
     out: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
     for i, st in enumerate(plan):
@@ -184,11 +184,11 @@ def _norm_affines(
                 f"The model has no {st.component} norm module at layer {st.layer} to read its gain from; "
                 "pass norm_gain=False for the hook's pre-gain vectors."
             )
-        weight = _named_param(module, "weight", "w")
+        weight = named_param(module, "weight", "w")
         if weight is None:
             continue  # LNPre/RMSPre: the hook is already the module's output
-        bias = _named_param(module, "bias", "b")
-        gain = weight.detach().float() + (1.0 if _norm_uses_offset(module, model.cfg) else 0.0)
+        bias = named_param(module, "bias", "b")
+        gain = weight.detach().float() + (1.0 if norm_uses_offset(module, model.cfg) else 0.0)
         out[i] = (gain, None if bias is None else bias.detach().float())
     return out
 

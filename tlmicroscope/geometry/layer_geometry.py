@@ -40,7 +40,7 @@ from tlmicroscope.geometry.intrinsic_dimension import (
 from tlmicroscope.geometry.neighbours import as_points, nearest_neighbours, overlap_from_indices
 from tlmicroscope.inputs import TextOrTokens, resolve_input
 from tlmicroscope.lenses.readout import Readout
-from tlmicroscope.models import _compat
+from tlmicroscope.models import access
 from tlmicroscope.results import Provenance
 
 __all__ = ["LayerGeometry", "cloud_geometry", "layer_geometry", "min_tokens"]
@@ -252,7 +252,7 @@ def _logit_frame(model: Any, readout: Readout) -> torch.Tensor:
 
 def _final_normed(readout: Readout, model: Any, h: torch.Tensor) -> torch.Tensor:
     """The final norm with its weight and bias, as Hugging Face's last hidden state."""
-    norm = _compat.final_norm(model)
+    norm = access.final_norm(model)
     out = readout.normalize(h)
     if norm.weight is not None:
         out = out * norm.weight.to(out.dtype)

@@ -31,7 +31,7 @@ from tlmicroscope.geometry.components import (
     unit_length,
 )
 from tlmicroscope.geometry.projection import Projection, project
-from tlmicroscope.models import _compat
+from tlmicroscope.models import access
 from tlmicroscope.results import Provenance
 
 __all__ = ["PositionalGeometry", "fit_sinusoid", "positional_geometry"]
@@ -122,7 +122,7 @@ def fit_sinusoid(series: Any, *, oversample: int = 8) -> tuple[float, float]:
 
 
 def _learned_table(model: Any) -> torch.Tensor | None:
-    w = _compat.positional_embedding_weights(model)
+    w = access.positional_embedding_weights(model)
     return None if w is None else w.detach().float().cpu()
 
 

@@ -19,7 +19,7 @@ import torch
 
 from tlmicroscope.io import load_fitted, save_fitted
 from tlmicroscope.lenses._tuned_optim import flatten_state, unflatten_state
-from tlmicroscope.models import _compat
+from tlmicroscope.models import access
 
 __all__ = ["CHECKPOINT_DIR", "default_lens_dir"]
 
@@ -138,7 +138,7 @@ def default_lens_dir(model_or_name: Any, root: str | os.PathLike = "out") -> Pat
     from tlmicroscope.models.embedded import EMBEDDED_HF_NAME, EMBEDDED_NAMES
     from tlmicroscope.models.gemma import GEMMA_HF_NAME, GEMMA_NAMES
 
-    name = model_or_name if isinstance(model_or_name, str) else _compat.model_label(model_or_name)
+    name = model_or_name if isinstance(model_or_name, str) else access.model_label(model_or_name)
     if name == EMBEDDED_HF_NAME or name.lower() in EMBEDDED_NAMES:
         slug = EMBEDDED_NAMES[0]
     elif name == GEMMA_HF_NAME or name.lower() in GEMMA_NAMES:

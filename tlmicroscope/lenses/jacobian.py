@@ -46,7 +46,7 @@ from tlmicroscope.io import (
     check_model_shape,
     model_fingerprint,
 )
-from tlmicroscope.models import _compat
+from tlmicroscope.models import access
 
 __all__ = [
     "ARTIFACT",
@@ -83,7 +83,7 @@ def require_jacobian_lens(what: str = "The Jacobian lens") -> Any:
     """
     try:
         if (
-            _compat.TL_MAJOR < 4
+            access.TL_MAJOR < 4
         ):  # 3.9 has a JacobianLens too, but only for a bridge we do not load there
             raise ImportError
         from transformer_lens.tools.analysis import JacobianLens as _TLJacobianLens
@@ -91,7 +91,7 @@ def require_jacobian_lens(what: str = "The Jacobian lens") -> Any:
         raise TransformerLensVersionError(
             f"{what} needs TransformerLens 4.x (4.3 or newer ships "
             f"transformer_lens.tools.analysis.JacobianLens); this environment has TransformerLens "
-            f"{_compat.TL_VERSION}. Install it with: pip install 'transformer-lens>=4.3'."
+            f"{access.TL_VERSION}. Install it with: pip install 'transformer-lens>=4.3'."
         ) from None
     return _TLJacobianLens
 
@@ -215,7 +215,7 @@ class JacobianLens(torch.nn.Module):
             return
         if self.model_info:
             check_fingerprint(self.model_info, model, what="This Jacobian lens")
-        elif _compat.is_bridge(model):
+        elif access.is_bridge(model):
             try:  # a published artifact: TransformerLens's own provenance check
                 self.inner.validate_model(model)
             except (TypeError, ValueError) as exc:

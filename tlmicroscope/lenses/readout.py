@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from jaxtyping import Float
 
-from tlmicroscope.models import _compat
+from tlmicroscope.models import access
 
 __all__ = ["Readout", "ReadoutIdentityError", "check_readout_identity", "identity_tolerance"]
 
@@ -54,7 +54,7 @@ class Readout:
         W_raw, b_raw: The unembedding with only the logit scale folded in, for lenses that skip
             the final norm (LLM-Microscope's paper mode).
         softcap: The final-logit soft cap, or ``None``; ``finish`` applies it.
-        transform: The model's whole output transform (``_compat.OutputTransform``).
+        transform: The model's whole output transform (``access.OutputTransform``).
         family: The model's architecture name, for messages.
         dtype: The matrices' dtype: the model's on a GPU, float32 on the CPU (where half-precision
             products are slow). Logits come out in float32 either way.
@@ -77,11 +77,11 @@ class Readout:
             self._build(model)
 
     def _build(self, model: Any) -> None:
-        norm = _compat.final_norm(model)
-        W_U, b_U = _compat.unembed_weights(model)
-        transform = _compat.output_transform(model)
+        norm = access.final_norm(model)
+        W_U, b_U = access.unembed_weights(model)
+        transform = access.output_transform(model)
         self.transform = transform
-        self.family = _compat.model_family(model)
+        self.family = access.model_family(model)
         self.kind = norm.kind
         self.eps = norm.eps
         self.softcap = transform.softcap
@@ -150,14 +150,14 @@ class Readout:
 
     @staticmethod
     def _key(model: Any) -> tuple:
-        W_U, b_U = _compat.unembed_weights(model)
+        W_U, b_U = access.unembed_weights(model)
         ln_final = getattr(model, "ln_final", None)
         params = list(ln_final.parameters()) if isinstance(ln_final, torch.nn.Module) else []
         return (
             _tensor_key(W_U),
             _tensor_key(b_U),
             tuple(_tensor_key(p) for p in params),
-            _compat.output_transform(model),
+            access.output_transform(model),
             str(getattr(model.cfg, "normalization_type", None)),
         )
 

@@ -66,7 +66,7 @@ from tlmicroscope.microscope.nonlinearity import (
     token_nonlinearity,
 )
 from tlmicroscope.microscope.token_classes import token_class_summary
-from tlmicroscope.models import _compat
+from tlmicroscope.models import access
 from tlmicroscope.models.embedded import EMBEDDED_HF_NAME
 from tlmicroscope.report import (
     MissingPrerequisite,
@@ -95,10 +95,10 @@ CONTEXT_POSITIONS = 64
 # -- prerequisites -------------------------------------------------------------------------------
 def _model_flags(model: Any) -> str:
     """The ``--model``/``--process-weights`` options that load this model from the command line."""
-    label = _compat.model_label(model)
+    label = access.model_label(model)
     flags = "" if label == EMBEDDED_HF_NAME else f" --model {label}"
-    flags += "".join(f" {a}" for a in _compat.cli_kind_args(model))
-    return flags + (" --process-weights" if _compat.weights_processed(model) else "")
+    flags += "".join(f" {a}" for a in access.cli_kind_args(model))
+    return flags + (" --process-weights" if access.weights_processed(model) else "")
 
 
 def _fit_command(ctx: ReportContext) -> str:
@@ -228,9 +228,9 @@ def report_linearity(ctx: ReportContext) -> LinearityResult:
     res = _prompt_reference(ctx, path, "linearity scores").linearity_
     prov = dataclasses.replace(
         res.provenance,
-        model=_compat.model_label(ctx.model),
+        model=access.model_label(ctx.model),
         model_class=type(ctx.model).__name__,
-        weights_processed=_compat.weights_processed(ctx.model),
+        weights_processed=access.weights_processed(ctx.model),
     )
     return dataclasses.replace(res, provenance=prov.with_settings(source="this text's tokens"))
 

@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 import torch
 
-from tlmicroscope.models import _compat
+from tlmicroscope.models import access
 from tlmicroscope.models.embedded import (
     EMBEDDED_HF_NAME,
     EMBEDDED_NAMES,
@@ -66,10 +66,10 @@ def _resolve_kind(kind: Kind) -> str:
     if kind not in ("auto", "bridge", "hooked"):
         raise ValueError(f"kind must be 'auto', 'bridge' or 'hooked', got {kind!r}.")
     if kind == "auto":
-        return "hooked" if _compat.has_hooked_transformer() else "bridge"
-    if kind == "hooked" and not _compat.has_hooked_transformer():
+        return "hooked" if access.has_hooked_transformer() else "bridge"
+    if kind == "hooked" and not access.has_hooked_transformer():
         raise ValueError(
-            f"kind='hooked' needs HookedTransformer, which TransformerLens {_compat.TL_VERSION} does not "
+            f"kind='hooked' needs HookedTransformer, which TransformerLens {access.TL_VERSION} does not "
             "have (it was removed in 4.0). Use kind='bridge', or install 'transformer-lens>=3.9,<4'."
         )
     return kind
@@ -325,7 +325,7 @@ def _tiny(
     dev = torch.device(device)
     model = tiny_model(arch, kind=kind, n_ctx=n_ctx)
     if process_weights:
-        if _compat.is_bridge(model):
+        if access.is_bridge(model):
             model.enable_compatibility_mode(disable_warnings=True)
         else:
             model.process_weights_(fold_ln=True, center_writing_weights=True, center_unembed=True)
@@ -420,7 +420,7 @@ def load_model(
         model = _by_name(name, resolved, device, dtype, n_ctx, process_weights)
         tok = model.tokenizer
 
-    if process_weights and _compat.is_bridge(model):
+    if process_weights and access.is_bridge(model):
         model.enable_compatibility_mode(disable_warnings=True)
     model.cfg.n_ctx = n_ctx
     if prepend_bos == "tokenizer":

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import torch
 
-from tlmicroscope.models import _compat
+from tlmicroscope.models import access
 from tlmicroscope.models.embedded import cache_dir
 
 __all__ = ["TINY_VOCAB", "byte_tokenizer", "tiny_model"]
@@ -226,4 +226,4 @@ def tiny_model(
 
 def model_kind(model: Any) -> str:
     """``"bridge"`` or ``"hooked"``."""
-    return "bridge" if _compat.is_bridge(model) else "hooked"
+    return "bridge" if access.is_bridge(model) else "hooked"

@@ -1,4 +1,4 @@
-"""The few places where TransformerLens 3.x and 4.x, or HookedTransformer and TransformerBridge, differ.
+"""The model-access layer: the few places where TransformerLens 3.x and 4.x, or HookedTransformer and TransformerBridge, differ.
 
 Everything else in tlmicroscope relies only on the surface both model classes share: the standard
 hook names, ``run_with_cache``, ``run_with_hooks``, ``hooks()``, ``cfg``, ``W_U``, ``to_tokens``.
@@ -89,7 +89,7 @@ class FinalNorm:
     eps: float
 
 
-def _named_param(module: torch.nn.Module, *names: str) -> torch.Tensor | None:
+def named_param(module: torch.nn.Module, *names: str) -> torch.Tensor | None:
     for full, p in module.named_parameters():
         if full.split(".")[-1] in names:
             return p
@@ -109,20 +109,20 @@ def final_norm(model: Any) -> FinalNorm:
             "tlmicroscope cannot rebuild the final norm for a lens readout."
         )
     kind = "RMS" if str(norm_type).upper().startswith("RMS") else "LN"
-    weight = _named_param(ln_final, "weight", "w")
-    bias = _named_param(ln_final, "bias", "b")
+    weight = named_param(ln_final, "weight", "w")
+    bias = named_param(ln_final, "bias", "b")
     eps = float(getattr(cfg, "eps", 1e-5))
     inner = getattr(ln_final, "_original_component", None)
     for attr in ("variance_epsilon", "eps"):
         if inner is not None and isinstance(getattr(inner, attr, None), float):
             eps = float(getattr(inner, attr))
             break
-    if weight is not None and _norm_uses_offset(ln_final, cfg):
+    if weight is not None and norm_uses_offset(ln_final, cfg):
         weight = weight + 1.0
     return FinalNorm(kind, weight, bias, eps)
 
 
-def _norm_uses_offset(ln_final: torch.nn.Module, cfg: Any) -> bool:
+def norm_uses_offset(ln_final: torch.nn.Module, cfg: Any) -> bool:
     """Whether the norm multiplies by ``1 + weight`` (Gemma's RMSNorm) rather than ``weight``.
 
     TransformerLens 4's bridge says so per norm (``uses_weight_offset``, which also covers
@@ -216,7 +216,7 @@ def _probe_transform(fn: Any, source: str) -> OutputTransform:
     grid = torch.linspace(-60.0, 60.0, 241, dtype=torch.float64) / max(abs(scale), 1e-12)
     with torch.no_grad():
         expect = fn(grid.clone()).double()
-    ours = _apply_output_transform(grid, found)
+    ours = apply_output_transform(grid, found)
     if not torch.allclose(ours, expect, rtol=1e-6, atol=1e-9):
         raise ValueError(
             f"{source} applies an output transform tlmicroscope cannot express as "
@@ -227,7 +227,7 @@ def _probe_transform(fn: Any, source: str) -> OutputTransform:
     return found
 
 
-def _apply_output_transform(z: torch.Tensor, t: OutputTransform) -> torch.Tensor:
+def apply_output_transform(z: torch.Tensor, t: OutputTransform) -> torch.Tensor:
     if t.scale != 1.0:
         z = z * t.scale
     if t.softcap is not None:
