@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny seeded models of both architectures, and the embedded model once per session.
+"""Shared fixtures: tiny seeded models of both architectures, and the embedded model once per
+session.
 
 ``TLMICROSCOPE_TEST_KIND`` (auto/bridge/hooked) picks the model class, so CI can run the
 model-facing tests on TransformerLens 3.9 with HookedTransformer and with TransformerBridge.
@@ -25,6 +26,19 @@ _THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
 def _seed_and_threads():
     torch.manual_seed(0)
     torch.set_num_threads(min(_THREADS, torch.get_num_threads()))
+    yield
+
+
+@pytest.fixture(scope="session")
+def _store_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("tlmicroscope-home")
+
+
+@pytest.fixture(autouse=True)
+def _artifact_store(_store_root, monkeypatch):
+    """Tests never read or write the real artifact store (``$TLMICROSCOPE_HOME``); the weight and
+    tokenizer cache (``$TLMICROSCOPE_CACHE``) is left alone so cached conversions keep working."""
+    monkeypatch.setenv("TLMICROSCOPE_HOME", str(_store_root))
     yield
 
 
