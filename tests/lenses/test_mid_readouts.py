@@ -21,7 +21,9 @@ def test_pre_and_mid_rows_equal_brute_force(tiny):
     with torch.no_grad():
         logits, cache = tiny.run_with_cache(toks, names_filter=names)
     traj = prediction_trajectory(tiny, toks, sites="pre+mid", targets=["e", "t"], top_k=3)
-    expected_labels = tuple(lab for i in range(n) for lab in (f"{i} pre", f"{i} mid")) + ("out",)
+    expected_labels = tuple(lab for i in range(n) for lab in (f"h{i}", f"b{i}.resid_mid")) + (
+        f"h{n}",
+    )
     assert traj.layer_labels == expected_labels
     assert traj.sites == tuple(s for _ in range(n) for s in ("resid_pre", "resid_mid")) + (
         "resid_post",
@@ -46,7 +48,7 @@ def test_pre_and_mid_rows_equal_brute_force(tiny):
 
 def test_mid_only_and_a_layer_subset(tiny_llama):
     traj = prediction_trajectory(tiny_llama, "abcdef", sites="mid", layers=[0, 2, 3])
-    assert traj.layer_labels == ("0 mid", "2 mid", "out")
+    assert traj.layer_labels == ("b0.resid_mid", "b2.resid_mid", f"h{tiny_llama.cfg.n_layers}")
     both = prediction_trajectory(tiny_llama, "abcdef", sites="pre+mid")
     torch.testing.assert_close(
         traj.kl[1], both.kl[both.layer_index(2, "resid_mid")], atol=1e-6, rtol=1e-6

@@ -5,8 +5,7 @@ import json
 import pytest
 import torch
 
-import tlmicroscope.lenses._cli as lens_cli
-import tlmicroscope.lenses._tuned_cli as tuned_cli
+import tlmicroscope.app.commands.tuned as tuned_cli
 from tlmicroscope.cli import main
 from tlmicroscope.lenses import TunedLens, load_lens
 from tlmicroscope.lenses.train import default_lens_dir
@@ -91,7 +90,7 @@ def test_train_then_eval(use_tiny, corpus, tmp_path, capsys):
         == 0
     )
     rows = json.loads(js.read_text())
-    assert [r["label"] for r in rows] == ["0", "1", "2", "out"] and "logit_kl" in rows[0]
+    assert [r["label"] for r in rows] == ["h0", "h1", "h2", "h3"] and "logit_kl" in rows[0]
     assert html.stat().st_size > 10_000
 
 
@@ -117,7 +116,7 @@ def test_cli_errors_are_one_clear_line(use_tiny, corpus, tmp_path, capsys):
     assert "train-lens" in capsys.readouterr().err
 
 
-def test_default_location_and_demo_pickup(tiny_llama, tmp_path, monkeypatch):
+def test_default_location(tiny_llama):
     assert default_lens_dir("smollm2-135m") == default_lens_dir(
         "HuggingFaceTB/SmolLM2-135M-Instruct"
     )
@@ -127,13 +126,3 @@ def test_default_location_and_demo_pickup(tiny_llama, tmp_path, monkeypatch):
         str(default_lens_dir(n)) for n in ("gemma3-270m", "gemma-3-270m", "google/gemma-3-270m")
     } == {"out/tuned-lens-gemma3-270m"}
     assert default_lens_dir(tiny_llama).name == "tuned-lens-tiny-llama-l3-d32-s0"
-    monkeypatch.chdir(tmp_path)
-    seen = {}
-    monkeypatch.setattr(lens_cli, "_report", lambda args: seen.setdefault("lens", args.lens) and 0)
-    args = lens_cli.argparse.Namespace(model="smollm2-135m", lens=None)
-    lens_cli._demo(args)
-    assert seen["lens"] is None  # nothing trained yet: the logit lens only
-    TunedLens.for_model(tiny_llama).save(default_lens_dir("smollm2-135m"))
-    seen.clear()
-    lens_cli._demo(lens_cli.argparse.Namespace(model="smollm2-135m", lens=None))
-    assert seen["lens"] == "out/tuned-lens-smollm2-135m"

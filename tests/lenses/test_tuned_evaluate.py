@@ -76,7 +76,7 @@ def test_evaluate_matches_brute_force(tiny):
         torch.testing.assert_close(
             getattr(ev, stat), brute[stat].float(), rtol=1e-4, atol=1e-5, msg=stat
         )
-    assert ev.n_tokens == 96 and ev.layer_labels[-1] == "out"
+    assert ev.n_tokens == 96 and ev.layer_labels[-1] == f"h{len(ev.layer_labels) - 1}"
     # the transfer matrix's diagonal is each layer's own translator
     torch.testing.assert_close(torch.diagonal(ev.transfer_kl), ev.kl[:-1], rtol=1e-5, atol=1e-6)
     # the baseline is the logit lens on the same tokens
@@ -137,7 +137,7 @@ def test_untrained_lens_evaluates_like_the_logit_lens(tiny_gpt2):
     assert torch.equal(ev.kl, ev.baseline.kl)
     assert compare_layers(ev) == [False] * tiny_gpt2.cfg.n_layers
     df = ev.to_dataframe()
-    assert list(df["label"]) == ["0", "1", "2", "out"] and "kl_bpb" in df and "logit_kl" in df
+    assert list(df["label"]) == ["h0", "h1", "h2", "h3"] and "kl_bpb" in df and "logit_kl" in df
 
 
 def test_evaluation_refuses_another_models_lens(tiny_llama, tiny_gpt2):

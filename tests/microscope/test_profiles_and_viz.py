@@ -40,7 +40,7 @@ def test_profiles_apply_the_geometry_estimators_per_layer(tiny_llama):
     for layer in (1, 3):
         expected = intrinsic_dimension(flat[layer][:200], "twonn", variant="microscope").estimate
         assert float(prof.intrinsic_dimension[layer]) == pytest.approx(float(expected), rel=1e-6)
-    assert prof.layer_labels == ("0", "1", "2", "out") and prof.n_tokens == 512
+    assert prof.layer_labels == ("h0", "h1", "h2", "h3") and prof.n_tokens == 512
     assert list(prof.to_dataframe().columns) == [
         "layer",
         "label",

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from tlmicroscope.lenses.base import lens_logits
 from tlmicroscope.lenses.readout import Readout
 
 __all__ = ["LensAblationObjective", "affine_map"]
@@ -282,12 +283,12 @@ class LensAblationObjective:
             if not hasattr(self, "_clean_logp"):
                 self._clean_logp = torch.cat(
                     [
-                        torch.log_softmax(
-                            self.readout(
-                                self.lens.transform(self.h[lo : lo + self.chunk], self.layer),
-                                final_norm=self.final_norm,
-                            ),
-                            -1,
+                        lens_logits(
+                            self.lens,
+                            self.readout,
+                            self.h[lo : lo + self.chunk],
+                            self.layer,
+                            log_probs=True,
                         )
                         for lo in range(0, self.n, self.chunk)
                     ]
@@ -295,9 +296,7 @@ class LensAblationObjective:
         for lo in range(0, self.n, self.chunk):
             hi = min(lo + self.chunk, self.n)
             h2 = self.h[lo:hi] + c[lo:hi, None] * v
-            logq = torch.log_softmax(
-                self.readout(self.lens.transform(h2, self.layer), final_norm=self.final_norm), -1
-            )
+            logq = lens_logits(self.lens, self.readout, h2, self.layer, log_probs=True)
             logp = self._clean_logp[lo:hi]
             total = total + (logp.exp() * (logp - logq)).sum()
         return total / self.n

@@ -26,6 +26,7 @@ __all__ = [
     "Lens",
     "LogitLens",
     "check_lens_sites",
+    "lens_features",
     "lens_logits",
     "lens_sites",
     "lens_transform",
@@ -164,17 +165,94 @@ def resolve_lens(lens: Any) -> Lens:
     return lens
 
 
+def lens_features(
+    lens: Lens,
+    readout: Readout,
+    h: Float[torch.Tensor, "... d_model"],
+    layer: int,
+    *,
+    site: str = "resid_pre",
+) -> tuple[Float[torch.Tensor, "... d_model"], torch.Tensor, torch.Tensor | None]:
+    """The first half of ``lens_logits``: ``(x, W, b)`` with ``readout.finish(x @ W + b)`` its logits.
+
+    ``x`` is the lens's transform of ``h`` (``lens_transform``), normalised by the final norm's
+    statistics when the lens reads through the final norm, float32 at least; ``(W, b)`` the
+    readout's matching unembedding (``Readout.weights``). Kernels that reduce blocks of logits
+    without building them (trajectories) start here; everything else calls ``lens_logits``.
+
+    Examples:
+        >>> from tlmicroscope.models import tiny_model
+        >>> model = tiny_model(n_layers=2)
+        >>> readout, h = Readout.for_model(model), torch.randn(3, model.cfg.d_model)
+        >>> x, W, b = lens_features(LogitLens(), readout, h, 1)
+        >>> z = readout.finish(x @ W if b is None else x @ W + b)
+        >>> torch.allclose(z, lens_logits(LogitLens(), readout, h, 1), atol=1e-5)
+        True
+    """
+    if h.shape[-1] != readout.d_model:
+        raise ValueError(
+            f"Expected residual vectors of width d_model={readout.d_model}, got {h.shape[-1]} "
+            f"(shape {tuple(h.shape)}): pass [..., d_model] rows of h^{layer}."
+        )
+    x = lens_transform(lens, h, layer, site)
+    final_norm = bool(getattr(lens, "final_norm", True))
+    x = readout.normalize(x) if final_norm else (x if x.dtype == torch.float64 else x.float())
+    W, b = readout.weights(final_norm)
+    return x, W, b
+
+
 def lens_logits(
     lens: Lens,
     readout: Readout,
     h: Float[torch.Tensor, "... d_model"],
     layer: int,
-    n_layers: int,
+    n_layers: int | None = None,
+    *,
+    site: str = "resid_pre",
+    log_probs: bool = False,
 ) -> Float[torch.Tensor, "... d_vocab"]:
-    """Logits of ``lens`` at residual index ``layer`` (0..n_layers); index n_layers is the output."""
-    if layer == n_layers:
-        return readout(h)
-    return readout(lens.transform(h, layer), final_norm=lens.final_norm)
+    """The one way from (lens, layer, residual) to logits: what ``lens`` reads from h at ``layer``.
+
+    Every lens readout in tlmicroscope goes through here (trajectories through its first half,
+    ``lens_features``): the lens's transform for ``site``, the final norm's statistics recomputed
+    from the result when the lens reads through the final norm, the unembedding with the norm's
+    gain folded in, then the model's output transform (soft cap, logit scale). Index
+    ``n_layers`` (the last block's ``resid_post``, h^L) is the model's own output and is never
+    lensed. Differentiable in ``h``; float32 (float64 input stays float64).
+
+    Args:
+        lens: A ``Lens`` (``resolve_lens`` turns ``None``/``"logit"`` into one).
+        readout: The model's ``Readout.for_model(model)``.
+        h: Residual vectors ``[... d_model]`` at residual index ``layer`` (h^layer).
+        layer: The residual index, 0..n_layers.
+        n_layers: The model's number of blocks; with ``layer == n_layers`` the plain readout.
+        site: ``"resid_pre"`` (h^layer) or ``"resid_mid"`` (block ``layer``'s mid residual).
+        log_probs: Return log-probabilities (``log_softmax`` of the logits) instead.
+
+    Examples:
+        >>> from tlmicroscope.models import tiny_model
+        >>> model = tiny_model(n_layers=2)
+        >>> logits, cache = model.run_with_cache(model.to_tokens("hi"))
+        >>> readout = Readout.for_model(model)
+        >>> out = lens_logits(LogitLens(), readout, cache["blocks.1.hook_resid_post"], 2, 2)
+        >>> torch.allclose(out, logits, atol=1e-4)
+        True
+        >>> lp = lens_logits(LogitLens(), readout, cache["blocks.1.hook_resid_pre"], 1,
+        ...                  log_probs=True)
+        >>> torch.allclose(lp.exp().sum(-1), torch.ones(lp.shape[:-1]))
+        True
+    """
+    if n_layers is not None and layer == n_layers:
+        z = readout(h)
+    else:
+        x, W, b = lens_features(lens, readout, h, layer, site=site)
+        z = x.to(W.dtype) @ W
+        if z.dtype not in (torch.float32, torch.float64):
+            z = z.float()
+        if b is not None:
+            z = z + b.to(z.dtype)
+        z = readout.finish(z)
+    return torch.log_softmax(z, -1) if log_probs else z
 
 
 # Saved-lens loaders by the ``kind`` in their config.json; lens classes register themselves.

@@ -46,7 +46,7 @@ class LensBench:
 
     Attributes:
         lens_names: The lenses, in the order of every ``[lens ...]`` axis.
-        layer_labels: ``"0".."n_layers-1", "out"`` for the evaluation rows (``kl`` etc.).
+        layer_labels: ``"h0"``..``"h{n_layers}"`` (``tlmicroscope.layers``) for the evaluation rows (``kl`` etc.).
         kl, cross_entropy, entropy, bias_kl: ``[lens layer]`` means over the held-out tokens, nats
             (the last row is the model's own output).
         nats_to_bpb: Multiply nats per token by this for bits per byte.
@@ -68,7 +68,7 @@ class LensBench:
         >>> bench = lens_bench(model, ["logit"], ["some words to read " * 40], tokens=64, seq_len=32,
         ...                    holdout=0.5, cbe_k=2, cbe_max_iter=3, sra_samples=4, progress=False)
         >>> bench.lens_names, tuple(bench.kl.shape), bench.layer_labels
-        (('logit',), (1, 3), ('0', '1', 'out'))
+        (('logit',), (1, 3), ('h0', 'h1', 'h2'))
         >>> list(bench.table().columns[:3])
         ['lens', 'kl_nats', 'kl_bpb']
     """
@@ -298,10 +298,10 @@ def lens_bench(
         for j, layer in enumerate(cbe_list):
             basis = extract_causal_basis(
                 model,
-                lens,
-                first(cbe_tokens),
-                layer,
-                cbe_k,
+                lens=lens,
+                corpus=first(cbe_tokens),
+                layer=layer,
+                k=cbe_k,
                 n_tokens=cbe_tokens,
                 seq_len=seq_len,
                 max_iter=cbe_max_iter,
@@ -311,8 +311,8 @@ def lens_bench(
             )
             fid = causal_fidelity(
                 model,
-                lens,
-                basis,
+                lens=lens,
+                basis=basis,
                 layer=layer,
                 tokens=first(fidelity_tokens),
                 seed=seed,
@@ -343,9 +343,9 @@ def lens_bench(
             )
         res = stimulus_response_alignment(
             model,
-            [lens for _, lens in named],
-            sra_windows,
-            sra_list,
+            lens=[lens for _, lens in named],
+            tokens=sra_windows,
+            layer=sra_list,
             n_samples=sra_samples,
             seed=seed,
             progress=progress,

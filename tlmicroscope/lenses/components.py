@@ -27,6 +27,13 @@ from jaxtyping import Float, Int
 
 from tlmicroscope._vocab import token_strings
 from tlmicroscope.inputs import TextOrTokens, resolve_input
+from tlmicroscope.layers import (
+    LayerLabels,
+    block_label,
+    layer_labels,
+    site,
+    str_tokens,
+)
 from tlmicroscope.lenses._target_ids import resolve_targets
 from tlmicroscope.lenses.readout import Readout, check_readout_identity
 from tlmicroscope.results import Provenance
@@ -67,7 +74,7 @@ class ComponentLens:
     target_names: tuple[str, ...]
     target_strings: np.ndarray
     tokens: Int[torch.Tensor, "batch pos"]
-    str_tokens: list[list[str]]
+    str_tokens: tuple[tuple[str, ...], ...]
     n_layers: int
     n_heads: int
     logit_space: str
@@ -75,6 +82,11 @@ class ComponentLens:
     max_residual_error: float
     max_logit_error: float | None
     provenance: Provenance
+
+    @property
+    def layer_labels(self) -> LayerLabels:
+        """One label per block of the ``layer`` axis: ``"b0"``..``"b{n_layers-1}"``."""
+        return layer_labels(block_label(i) for i in range(self.n_layers))
 
     def _check_head(self, layer: int, head: int) -> None:
         if not 0 <= int(layer) < self.n_layers:
@@ -134,18 +146,16 @@ class ComponentLens:
                 if self.per_head:
                     for h in range(self.n_heads):
                         add(f"L{layer}H{h}", layer, h, self.heads[layer, h])
-                    add(f"L{layer} attn bias", layer, None, self.attn_bias[layer])
+                    add(f"{block_label(layer)}.attn_bias", layer, None, self.attn_bias[layer])
                 else:
-                    add(f"L{layer} attn", layer, None, self.attn[layer])
-                add(f"L{layer} mlp", layer, None, self.mlp[layer])
+                    add(site("attn_out", layer).label, layer, None, self.attn[layer])
+                add(site("mlp_out", layer).label, layer, None, self.mlp[layer])
             add("unembed bias", None, None, self.bias)
         return pd.DataFrame(rows)
 
 
-def _str_tokens(model: Any, toks: torch.Tensor) -> list[list[str]]:
-    if getattr(model, "tokenizer", None) is None:
-        return [[str(int(t)) for t in row] for row in toks]
-    return [model.to_str_tokens(row) for row in toks]
+def _str_tokens(model: Any, toks: torch.Tensor) -> tuple[tuple[str, ...], ...]:
+    return str_tokens(model, toks)
 
 
 def _hook_names(model: Any, per_head: bool, has_pos: bool) -> list[str]:

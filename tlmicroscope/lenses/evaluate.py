@@ -27,7 +27,7 @@ from jaxtyping import Float
 
 from tlmicroscope.corpus import CorpusSource
 from tlmicroscope.inputs import ensure_eval
-from tlmicroscope.lenses.base import resolve_lens
+from tlmicroscope.lenses.base import lens_logits, resolve_lens
 from tlmicroscope.lenses.readout import Readout, check_readout_identity
 from tlmicroscope.lenses.train import _forward, lens_token_windows
 from tlmicroscope.lenses.trajectory import layer_label
@@ -58,7 +58,7 @@ class LensEvaluation:
     Attributes:
         lens_name: The lens's name ("tuned", "logit", ...).
         layers: Residual indices 0..n_layers (n_layers is the model's output, read without a lens).
-        layer_labels: "0".."n_layers-1", "out".
+        layer_labels: ``"h0"``..``"h{n_layers}"`` (``tlmicroscope.layers``).
         kl, cross_entropy, entropy: ``[layer]`` means, nats.
         bias_kl: KL(marginal final || marginal lens) ``[layer]`` (nats), when requested.
         transfer_kl: ``[translator residual]`` mean KL(final || readout(translator_i(h_j))), nats,
@@ -207,7 +207,7 @@ def evaluate_lens(
         >>> ev = evaluate_lens(model, TunedLens.for_model(model), ["some text to read " * 20],
         ...                    tokens=64, seq_len=32, holdout=0.3, progress=False)
         >>> ev.layer_labels, torch.allclose(ev.kl, ev.baseline.kl)  # untrained == logit lens
-        (('0', '1', 'out'), True)
+        (('h0', 'h1', 'h2'), True)
         >>> float(ev.kl[-1]) < 1e-5  # the output row is the model itself
         True
     """
@@ -262,8 +262,7 @@ def evaluate_lens(
                         if layer == L:
                             z = zf.clone()
                         else:
-                            h = lens_i.transform(resid[layer, sl], layer)
-                            z = readout(h, final_norm=lens_i.final_norm).float()
+                            z = lens_logits(lens_i, readout, resid[layer, sl], layer)
                         m = acc.marginal[layer] if acc.marginal is not None else None
                         kl, ce, ent = _row_stats(z, p, neg_h_p, tgt[sl], has[sl], m)
                         acc.kl[layer] += float(kl)
@@ -272,9 +271,8 @@ def evaluate_lens(
                 if transfer_sum is not None:
                     for i in range(L):
                         for j in range(L):
-                            z = readout(
-                                main.transform(resid[j, sl], i), final_norm=main.final_norm
-                            ).float()
+                            # translator i applied to h^j: the transfer matrix's cell
+                            z = lens_logits(main, readout, resid[j, sl], i)
                             transfer_sum[i, j] += float(
                                 _row_stats(z, p, neg_h_p, tgt[sl], has[sl], None)[0]
                             )

@@ -42,8 +42,9 @@ class TargetTrajectories:
 
     Attributes:
         lens_names: One per lens read (the figure draws one line per lens and target).
-        layers, sites, layer_labels: The rows read (``"out"`` is the model's own output; with
-            mid readouts the labels say ``"3 pre"``/``"3 mid"``).
+        layers, sites, layer_labels: The rows read (``tlmicroscope.layers`` labels: ``"h0"``..
+            ``"h{n_layers}"``, the last being the model's own output; ``"b3.resid_mid"`` for mid
+            readouts).
         target_names: One label per target; ``target_read`` the text of the token(s) read (one
             row when shared, one per prompt with ``per_prompt``); ``target_notes`` says which
             token of a multi-token string is read.
@@ -218,7 +219,7 @@ def target_trajectories(
         >>> model = tiny_model(n_layers=2)
         >>> tt = target_trajectories(model, ["ab", "a longer one"], ["x", {"y", "z"}], progress=False)
         >>> tt.layer_labels, tt.target_names, tuple(tt.prob.shape)
-        (('0', '1', 'out'), ("'x'", "{'y' | 'z'}"), (1, 3, 2, 1, 2))
+        (('h0', 'h1', 'h2'), ("'x'", "{'y' | 'z'}"), (1, 3, 2, 1, 2))
         >>> mean, low, high = tt.band("prob")
         >>> bool(((low <= mean + 1e-12) & (mean <= high + 1e-12)).all())
         True

@@ -33,12 +33,14 @@ import numpy as np
 import torch
 from jaxtyping import Float, Int
 
+from tlmicroscope import layers as layers_vocab
 from tlmicroscope._vocab import token_strings
 from tlmicroscope.capture import capture
 from tlmicroscope.inputs import TextOrTokens, check_layers, resolve_input
+from tlmicroscope.layers import residual_label
 from tlmicroscope.lenses import _readout_stats
 from tlmicroscope.lenses._target_ids import TargetIds, resolve_targets
-from tlmicroscope.lenses.base import check_lens_sites, lens_transform, resolve_lens
+from tlmicroscope.lenses.base import check_lens_sites, lens_features, resolve_lens
 from tlmicroscope.lenses.readout import Readout, check_readout_identity
 from tlmicroscope.results import Provenance
 
@@ -62,22 +64,32 @@ SITE_CHOICES = {"pre": ("resid_pre",), "mid": ("resid_mid",), "pre+mid": ("resid
 
 
 def layer_label(layer: int, n_layers: int) -> str:
-    """``"0"``..``"n_layers-1"`` for the residual entering each block, ``"out"`` for the output."""
-    return "out" if layer == n_layers else str(layer)
+    """The label of residual index ``layer``: ``"h0"``..``"h{n_layers}"`` (``layers.residual_label``).
 
-
-def site_label(layer: int, site: str, n_layers: int, *, named: bool) -> str:
-    """The label of one trajectory row; with ``named`` (mid readouts present) the site is spelled out.
+    Index ``n_layers`` (h^L, the last block's output) is what the model itself reads out; it was
+    labelled ``"out"`` before the layer vocabulary (``tlmicroscope.layers``).
 
     Examples:
-        >>> [site_label(1, s, 4, named=True) for s in ("resid_pre", "resid_mid")]
-        ['1 pre', '1 mid']
-        >>> site_label(4, "resid_post", 4, named=True), site_label(2, "resid_pre", 4, named=False)
-        ('out', '2')
+        >>> layer_label(0, 4), layer_label(4, 4)
+        ('h0', 'h4')
     """
-    if layer == n_layers or not named:
+    return residual_label(layer, n_layers)
+
+
+def site_label(layer: int, site: str, n_layers: int, *, named: bool = True) -> str:
+    """The label of one trajectory row: ``"h3"`` for h^3, ``"b3.resid_mid"`` for block 3's mid residual.
+
+    ``named`` is kept for older callers; the labels are unambiguous either way.
+
+    Examples:
+        >>> [site_label(1, s, 4) for s in ("resid_pre", "resid_mid")]
+        ['h1', 'b1.resid_mid']
+        >>> site_label(4, "resid_post", 4), site_label(2, "resid_pre", 4, named=False)
+        ('h4', 'h2')
+    """
+    if layer == n_layers or site in ("resid_pre", "resid_post"):
         return layer_label(layer, n_layers)
-    return f"{layer} {site.removeprefix('resid_')}"
+    return layers_vocab.site(site, layer, n_layers=n_layers).label
 
 
 def resolve_sites(sites: Any) -> tuple[str, ...]:
@@ -102,7 +114,8 @@ class PredictionTrajectory:
 
     Attributes:
         layers: Residual indices read (0..n_layers; n_layers is the model's output).
-        layer_labels: Labels for plots ("0", "1", ..., "out").
+        layer_labels: One label per row from the layer vocabulary (``tlmicroscope.layers``):
+            ``"h0"`` .. ``"h{n_layers}"``, and ``"b3.resid_mid"`` for mid readouts.
         tokens: The input ``[batch pos]``; ``str_tokens`` their text.
         targets: The next token at each position; -1 at the last position (no target).
         entropy: Entropy of the lens distribution, nats.
@@ -117,7 +130,7 @@ class PredictionTrajectory:
             was checked against the model's logits.
         sites: The residual each row reads (``resid_pre``, ``resid_mid``, or ``resid_post`` for
             the output); with mid readouts ``layers`` repeats a block and the labels say
-            ``"3 pre"``/``"3 mid"``.
+            ``"h3"``/``"b3.resid_mid"``.
         tracked_prob, tracked_logprob, tracked_rank: With ``targets=``, the probability,
             log-probability (nats) and rank (0 = top-1) of each tracked target
             ``[layer batch pos target]``; ``None`` otherwise. (``target_rank`` above is the rank
@@ -130,7 +143,7 @@ class PredictionTrajectory:
     layers: tuple[int, ...]
     layer_labels: tuple[str, ...]
     tokens: Int[torch.Tensor, "batch pos"]
-    str_tokens: list[list[str]]
+    str_tokens: tuple[tuple[str, ...], ...]
     targets: Int[torch.Tensor, "batch pos"]
     entropy: Float[torch.Tensor, "layer batch pos"]
     kl: Float[torch.Tensor, "layer batch pos"]
@@ -286,10 +299,11 @@ def read_rows(
             _store(out, n_in, rows, fin, torch.zeros_like(fin.lse))
             if not n_in:
                 continue
-            hs = []
-            for layer, site, h in sources:
-                h = lens_transform(lens, h[rows], layer, site)
-                hs.append(readout.normalize(h) if lens.final_norm else h.float())
+            # The first half of lens_logits, the one readout path; blocked_stats is its second.
+            hs = [
+                lens_features(lens, readout, h[rows], layer, site=site)[0]
+                for layer, site, h in sources
+            ]
             x = torch.stack(hs, 1).reshape(-1, hs[0].shape[-1])  # position-major rows
             del hs
             st = _readout_stats.blocked_stats(
@@ -367,13 +381,13 @@ def prediction_trajectory(
         >>> from tlmicroscope.models import tiny_model
         >>> traj = prediction_trajectory(tiny_model(n_layers=2), "hello", top_k=3)
         >>> traj.layer_labels, tuple(traj.kl.shape), tuple(traj.top_tokens.shape)
-        (('0', '1', 'out'), (3, 1, 5), (3, 1, 5, 3))
+        (('h0', 'h1', 'h2'), (3, 1, 5), (3, 1, 5, 3))
         >>> float(traj.kl[-1].abs().max()) < 1e-4  # the output row is the model itself
         True
         >>> traj = prediction_trajectory(tiny_model(n_layers=2), "hello", targets=["o", {"l", "p"}],
         ...                              sites="pre+mid")
         >>> traj.layer_labels, traj.tracked_names, tuple(traj.tracked_prob.shape)
-        (('0 pre', '0 mid', '1 pre', '1 mid', 'out'), ("'o'", "{'l' | 'p'}"), (5, 1, 5, 2))
+        (('h0', 'b0.resid_mid', 'h1', 'b1.resid_mid', 'h2'), ("'o'", "{'l' | 'p'}"), (5, 1, 5, 2))
     """
     resolved = resolve_input(model_or_cache, tokens, prepend_bos=prepend_bos, truncate=truncate)
     model, cache, toks = resolved.model, resolved.cache, resolved.tokens
@@ -471,7 +485,7 @@ def prediction_trajectory(
     rank[:, ~has_target] = -1
     n_l = len(plan)
     shape = (n_l, batch, n_pos)
-    str_tokens = cap.str_tokens or [[str(int(t)) for t in row] for row in toks]
+    str_tokens = layers_vocab.as_str_tokens(cap.str_tokens) or layers_vocab.str_tokens(None, toks)
     top_tokens = top_i.reshape(*shape, k)
     tracked_fields: dict[str, Any] = {}
     if tracked is not None:

@@ -42,7 +42,7 @@ class LayerContributions:
     """Per-layer next-token loss through a lens.
 
     Attributes:
-        layers, layer_labels: Residual indices 0..n_layers (``"out"`` is the model's own output).
+        layers, layer_labels: Residual indices 0..n_layers (``"h{n_layers}"`` is what the model itself reads out).
         loss: ``−log q_l(w_{i+1})`` in nats ``[layer batch pos]``; NaN at the last position.
         delta: ``loss[l] − loss[l+1]`` ``[layer−1 batch pos]``: how much block l lowered the loss
             (an extension of the paper's figure).
@@ -100,7 +100,7 @@ def layer_contributions(
         >>> from tlmicroscope.models import tiny_model
         >>> lc = layer_contributions(tiny_model(n_layers=2), "hello")
         >>> lc.layer_labels, tuple(lc.loss.shape), tuple(lc.delta.shape)
-        (('0', '1', 'out'), (3, 1, 5), (2, 1, 5))
+        (('h0', 'h1', 'h2'), (3, 1, 5), (2, 1, 5))
     """
     traj = prediction_trajectory(
         model_or_cache, tokens, lens=lens, top_k=top_k, prepend_bos=prepend_bos, truncate=truncate

@@ -92,7 +92,7 @@ def layer_profiles(
         >>> prof = layer_profiles(tiny_model(n_layers=2), [text], n_tokens=256, id_points=128, seq_len=64,
         ...                       progress=False)
         >>> prof.layer_labels, bool(((prof.anisotropy > 0) & (prof.anisotropy <= 1)).all())
-        (('0', '1', 'out'), True)
+        (('h0', 'h1', 'h2'), True)
     """
     ensure_eval(model)
     n_layers, d = int(model.cfg.n_layers), int(model.cfg.d_model)
