@@ -32,7 +32,7 @@ import json
 import os
 import re
 import shlex
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -50,8 +50,10 @@ __all__ = [
     "is_quick",
     "list_artifacts",
     "load_artifact",
+    "load_path",
     "make_command",
     "model_key",
+    "save_path",
 ]
 
 _CONFIG = "config.json"
@@ -176,8 +178,9 @@ def model_key(model: Any, *, processed: bool | None = None) -> str:
     processed (``fold_ln`` and centring change what a fitted object learns).
 
     Args:
-        model: A loaded model, or a model name as ``load_model`` takes it (then ``processed`` says
-            how it would be loaded; default: unprocessed, ``load_model``'s default).
+        model: A loaded model; a model name as ``load_model`` takes it (then ``processed`` says
+            how it would be loaded; default: unprocessed, ``load_model``'s default); or the
+            fingerprint a fitted object saved (``tlmicroscope.io.model_fingerprint``).
         processed: Override whether the weights count as processed.
 
     Examples:
@@ -187,15 +190,20 @@ def model_key(model: Any, *, processed: bool | None = None) -> str:
         >>> model_key("HuggingFaceTB/SmolLM2-135M-Instruct"), model_key("smollm2", processed=True)
         ('smollm2-135m', 'smollm2-135m-processed')
     """
-    if isinstance(model, (str, os.PathLike)):
-        name, was_processed = os.fspath(model), False
-    else:
-        from tlmicroscope.models import access
-
-        name, was_processed = access.model_label(model), access.weights_processed(model)
+    name, was_processed = _name_and_processing(model)
     if processed is not None:
         was_processed = bool(processed)
     return _short_name(name) + ("-processed" if was_processed else "")
+
+
+def _name_and_processing(model: Any) -> tuple[str, bool]:
+    if isinstance(model, (str, os.PathLike)):
+        return os.fspath(model), False
+    if isinstance(model, Mapping):  # a saved fingerprint
+        return str(model.get("name") or "model"), bool(model.get("weights_processed"))
+    from tlmicroscope.models import access
+
+    return access.model_label(model), access.weights_processed(model)
 
 
 def _folder(kind: str, variant: str | None) -> str:
@@ -243,12 +251,7 @@ def _is_reference_lens(path: Path) -> bool:
 
 def _model_arg(model: Any) -> str:
     """The ``--model`` argument of the commands that make an artifact for ``model``."""
-    if isinstance(model, (str, os.PathLike)):
-        name, processed = os.fspath(model), False
-    else:
-        from tlmicroscope.models import access
-
-        name, processed = access.model_label(model), access.weights_processed(model)
+    name, processed = _name_and_processing(model)
     short = _short_name(name)
     from tlmicroscope.models.embedded import EMBEDDED_NAMES
     from tlmicroscope.models.gemma import GEMMA_NAMES
@@ -302,6 +305,48 @@ def load_artifact(kind: str, model: Any, *, variant: str | None = None) -> Any:
             kind, artifact_path(kind, model, variant=variant), make_command(kind, model)
         )
     return artifact_class(kind).load(path, model)
+
+
+def save_path(kind: str, path: str | os.PathLike | None, fingerprint: Any) -> Path:
+    """Where ``save(path)`` writes: ``path``, or for ``None`` the store's place for the model that
+    ``fingerprint`` (a saved ``model_fingerprint``) names. Used by every fitted class's ``save``.
+
+    Examples:
+        >>> save_path("latent-pca", "here/pca", None).as_posix()
+        'here/pca'
+        >>> fp = {"name": "smollm2-135m", "weights_processed": True}
+        >>> save_path("latent-pca", None, fp).relative_to(home()).as_posix()
+        'smollm2-135m-processed/latent-pca'
+    """
+    if path is not None:
+        return Path(path)
+    if not fingerprint:
+        raise ValueError(
+            f"This {kind} is tied to no model (it was fitted on arrays, not on a model), so it has "
+            "no default place in the store; pass a path: save(path)."
+        )
+    return artifact_path(kind, fingerprint)
+
+
+def load_path(kind: str, path: str | os.PathLike | None, model: Any) -> Path:
+    """Where ``Cls.load(path, model)`` reads: ``path``, or for ``None`` the store's place for
+    ``model`` (``MissingArtifactError`` when nothing is saved there).
+
+    Examples:
+        >>> load_path("latent-pca", "there/pca", None).as_posix()
+        'there/pca'
+    """
+    if path is not None:
+        return Path(path)
+    if model is None:
+        raise ValueError(
+            f"Cannot find a {kind} without a path or a model: pass load(path, model) or "
+            "load(None, model) to read it from the artifact store."
+        )
+    found = find_artifact(kind, model)
+    if found is None:
+        raise MissingArtifactError(kind, artifact_path(kind, model), make_command(kind, model))
+    return found
 
 
 # ----------------------------------------------------------------------------------- quick
@@ -461,7 +506,7 @@ def fit_artifact(
         >>> import tempfile
         >>> pca = fit_artifact("latent-pca", tiny_model(n_layers=2), quick=True,
         ...                    path=tempfile.mkdtemp() + "/pca", progress=False)
-        >>> pca.quick, pca.components.shape[0]
+        >>> pca.quick, pca.components_.shape[0]
         (True, 2)
     """
     obj = artifact_class(kind)(**(settings or {}))

@@ -17,7 +17,8 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -56,14 +57,21 @@ def _chunks(x: torch.Tensor, size: int = _CHUNK) -> Iterable[torch.Tensor]:
 class LatentPCA:
     """PCA fitted with centring and applied without it, from streamed moments.
 
-    Follows scikit-learn's estimator contract: settings in ``__init__``, fitted state (attributes
-    ending in ``_``) from ``fit``. Signs follow scikit-learn's convention (each component's
-    largest-magnitude loading is positive).
+    Follows the fitted-object contract (``tlmicroscope.artifacts.Fitted``): settings in
+    ``__init__``, fitted state (attributes ending in ``_``) from ``fit``. Fit it on activations you
+    have (``fit(X)``), or on a model's residual stream h^0..h^L over a corpus
+    (``fit(model, corpus)``, e.g. one shared basis for token trajectories); then ``save()`` puts
+    it in the artifact store as ``"latent-pca"``. Signs follow scikit-learn's convention (each
+    component's largest-magnitude loading is positive).
 
     Args:
         n_components: Number of components kept.
         center: Subtract the fitted mean in ``transform`` (scikit-learn's behaviour). The
             reference's default, and ours, is ``False``: ``transform(X) = X @ components_.T``.
+        n_tokens: Corpus tokens read when fitting on a model (every layer of each is a row).
+        seq_len: Window length of those tokens.
+        batch_size: Windows per forward pass.
+        seed: Which windows are drawn.
 
     Attributes:
         components_: ``[n_components d_model]``, float32.
@@ -74,67 +82,145 @@ class LatentPCA:
     Examples:
         >>> x = torch.randn(200, 8) * torch.arange(1.0, 9.0)
         >>> pca = LatentPCA(2).fit(x)
-        >>> pca.components_.shape, bool(pca.explained_variance_ratio_[0] > pca.explained_variance_ratio_[1])
+        >>> ratio = pca.explained_variance_ratio_
+        >>> pca.components_.shape, bool(ratio[0] > ratio[1])
         (torch.Size([2, 8]), True)
         >>> torch.allclose(pca.transform(x), x @ pca.components_.T)
         True
+        >>> from tlmicroscope.models import tiny_model
+        >>> pca = LatentPCA(2).fit(tiny_model(n_layers=2), ["some text " * 40], progress=False)
+        >>> pca.n_samples_seen_  # h^0, h^1, h^2 of 384 tokens (the 400-token text in windows of 64)
+        1152
     """
 
-    def __init__(self, n_components: int = 2, *, center: bool = False) -> None:
+    kind: ClassVar[str] = "latent-pca"
+    #: Settings ``fit(..., quick=True)`` uses (a rough basis in seconds).
+    QUICK: ClassVar[dict[str, Any]] = {"n_tokens": 1024}
+
+    def __init__(
+        self,
+        n_components: int = 2,
+        *,
+        center: bool = False,
+        n_tokens: int = 8192,
+        seq_len: int = 64,
+        batch_size: int = 8,
+        seed: int = 0,
+    ) -> None:
         self.n_components = n_components
         self.center = center
+        self.n_tokens = n_tokens
+        self.seq_len = seq_len
+        self.batch_size = batch_size
+        self.seed = seed
+        self.quick = False
+        self.model_: dict[str, Any] | None = None
 
-    def fit(self, X: Any) -> LatentPCA:
-        """Fit on ``X`` (``[..., d_model]`` tensor or array, or a ``ComponentStates``)."""
-        x = _as_2d_float(X)
-        n, d = x.shape
+    def settings(self) -> dict[str, Any]:
+        return {
+            "n_components": self.n_components,
+            "center": self.center,
+            "n_tokens": self.n_tokens,
+            "seq_len": self.seq_len,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+        }
+
+    def fit(
+        self,
+        X: Any,
+        corpus: Any = None,
+        *,
+        n_tokens: int | None = None,
+        batch_size: int | None = None,
+        seed: int | None = None,
+        progress: bool = True,
+        quick: bool = False,
+    ) -> LatentPCA:
+        """Fit on ``X`` (``[..., d_model]`` tensor or array, or a ``ComponentStates``), or, when
+        ``X`` is a model, on its residual stream h^0..h^L over ``corpus`` (default: embedded).
+
+        ``n_tokens``, ``batch_size`` and ``seed`` override the settings of the same names for
+        this fit (and are saved); ``quick=True`` takes ``QUICK`` for those not given and records
+        the fit as quick.
+        """
+        self.quick = bool(quick)
+        if not hasattr(X, "cfg"):
+            self.model_ = None
+            return self._fit_rows(_as_2d_float(X))
+        from tlmicroscope.io import model_fingerprint
+
+        for name, value in (("n_tokens", n_tokens), ("batch_size", batch_size), ("seed", seed)):
+            if value is not None:
+                setattr(self, name, value)
+            elif quick and name in self.QUICK:
+                setattr(self, name, self.QUICK[name])
+        self._check_n_components(int(X.cfg.d_model))
+        self._fit_model(X, corpus, progress)
+        self.model_ = model_fingerprint(X)
+        return self
+
+    def _fit_model(self, model: Any, corpus: Any, progress: bool) -> None:
+        from tqdm.auto import tqdm
+
+        from tlmicroscope.capture import capture
+        from tlmicroscope.corpus import token_windows
+        from tlmicroscope.inputs import ensure_eval
+
+        ensure_eval(model)
+        seq_len = int(min(self.seq_len, model.cfg.n_ctx))
+        windows = token_windows(model, corpus, seq_len=seq_len, shuffle=True, seed=self.seed)
+        windows = windows[: max(1, -(-int(self.n_tokens) // seq_len))]
+        moments = _Moments(int(model.cfg.d_model))
+        dev = model.W_U.device
+        for start in tqdm(
+            range(0, windows.shape[0], int(self.batch_size)),
+            desc="latent PCA",
+            unit="batch",
+            disable=not progress,
+        ):
+            batch = windows[start : start + int(self.batch_size)].to(dev)
+            resid = capture(model, batch, sites=("resid",), prepend_bos=False)["resid"]
+            moments.add(resid.reshape(-1, resid.shape[-1]).detach().float().cpu())
+        self._finish(moments)
+
+    def _check_n_components(self, d: int) -> None:
         if not isinstance(self.n_components, int) or self.n_components < 1:
             raise ValueError(f"n_components must be a positive integer, got {self.n_components!r}.")
         if self.n_components > d:
             raise ValueError(
                 f"n_components={self.n_components} exceeds the {d} dimensions of the data."
             )
+
+    def _fit_rows(self, x: torch.Tensor) -> LatentPCA:
+        n, d = x.shape
+        self._check_n_components(d)
         if n < max(2, self.n_components):
             raise ValueError(
-                f"PCA with {self.n_components} components needs at least {max(2, self.n_components)} "
-                f"vectors, got {n}. Capture more positions or samples (or average over fewer axes), "
-                "or ask for fewer components."
+                f"PCA with {self.n_components} components needs at least "
+                f"{max(2, self.n_components)} vectors, got {n}. Capture more positions or samples "
+                "(or average over fewer axes), or ask for fewer components."
             )
-        count, mean, scatter = (
-            0,
-            torch.zeros(d, dtype=torch.float64),
-            torch.zeros(d, d, dtype=torch.float64),
-        )
-        # One reused float32 buffer for the centred chunk: fresh large allocations page-fault.
-        scratch = torch.empty(min(_CHUNK, n), d)
-        for start in range(0, n, _CHUNK):
-            chunk = x[start : start + _CHUNK]
-            m = chunk.shape[0]
-            c_mean32 = chunk.float().mean(0) if chunk.dtype != torch.float32 else chunk.mean(0)
-            if not torch.isfinite(c_mean32).all():  # any NaN or inf in the chunk reaches its mean
-                raise ValueError(
-                    "The activations contain NaN or infinite values; PCA cannot fit them."
-                )
-            centred = torch.sub(chunk, c_mean32, out=scratch[:m])
-            # The float32 mean is slightly off for large offsets; take what it missed from the
-            # (now small) centred values and move the scatter to the exact chunk mean.
-            missed = centred.mean(0).double()
-            c_mean = c_mean32.double() + missed
-            c_scatter = torch.mm(centred.T, centred).double() - m * torch.outer(missed, missed)
-            # Chan et al.'s pairwise update: combines centred moments without cancellation.
-            delta = c_mean - mean
-            total = count + m
-            scatter += c_scatter + torch.outer(delta, delta) * (count * m / total)
-            mean += delta * (m / total)
-            count = total
-        cov = scatter / (count - 1)
+        moments = _Moments(d)
+        moments.add(x)
+        self._finish(moments)
+        return self
+
+    def _finish(self, moments: _Moments) -> None:
+        count, mean = moments.count, moments.mean
+        if count < max(2, self.n_components):
+            raise ValueError(
+                f"PCA with {self.n_components} components needs at least "
+                f"{max(2, self.n_components)} vectors, got {count}."
+            )
+        cov = moments.scatter / (count - 1)
         total_var = float(torch.trace(cov))
         scale = float(mean.pow(2).sum()) + 1.0
         if not total_var > 1e-12 * scale:
             raise ValueError(
-                "The activations are constant (zero variance): every vector is the same, so there is "
-                "no direction to project on. Check the capture (e.g. unit length of all-zero vectors, "
-                "or averaging over every axis)."
+                "The activations are constant (zero variance): every vector is the same, so there "
+                "is no direction to project on. Check the capture (e.g. unit length of all-zero "
+                "vectors, or averaging over every axis)."
             )
         evals, evecs = torch.linalg.eigh(cov)
         order = torch.argsort(evals, descending=True)[: self.n_components]
@@ -147,8 +233,7 @@ class LatentPCA:
         self.explained_variance_ = ev
         self.explained_variance_ratio_ = ev / total_var
         self.n_samples_seen_ = count
-        self.n_features_in_ = d
-        return self
+        self.n_features_in_ = int(mean.shape[0])
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "components_"):
@@ -171,13 +256,16 @@ class LatentPCA:
     def fit_transform(self, X: Any) -> torch.Tensor:
         return self.fit(X).transform(X)
 
-    def save(self, path: Any, *, model: Any = None) -> Any:
-        """Save with ``tlmicroscope.io.save_fitted`` (tied to ``model`` when given)."""
-        from tlmicroscope.io import save_fitted
+    def save(self, path: Any = None, *, model: Any = None) -> Path:
+        """Save with ``tlmicroscope.io.save_fitted``, tied to the model it was fitted on (or to
+        ``model`` when given); ``path=None`` saves to the artifact store."""
+        from tlmicroscope.artifacts import save_path
+        from tlmicroscope.io import model_fingerprint, save_fitted
 
         self._check_fitted()
+        fp = model_fingerprint(model) if model is not None else self.model_
         return save_fitted(
-            path,
+            save_path(self.kind, path, fp),
             {
                 "components": self.components_,
                 "mean": self.mean_,
@@ -186,24 +274,31 @@ class LatentPCA:
             },
             kind="latent_pca",
             config={
-                "n_components": self.n_components,
-                "center": self.center,
+                **self.settings(),
                 "n_samples_seen": int(self.n_samples_seen_),
+                "quick": bool(self.quick),
             },
-            model=model,
+            fingerprint=fp,
         )
 
     @classmethod
-    def load(cls, path: Any, *, model: Any = None) -> LatentPCA:
-        """Load what ``save`` wrote; refuses a file saved for another model."""
+    def load(cls, path: Any = None, model: Any = None) -> LatentPCA:
+        """Load what ``save`` wrote (``path=None``: from the artifact store for ``model``);
+        refuses a file saved for another model."""
+        from tlmicroscope.artifacts import load_path
         from tlmicroscope.io import config_bool, config_int, load_fitted
 
+        path = load_path(cls.kind, path, model)
         tensors, meta = load_fitted(path, kind="latent_pca", model=model)
         cfg = meta["config"]
+        extra = {k: cfg[k] for k in ("n_tokens", "seq_len", "batch_size", "seed") if k in cfg}
         pca = cls(
             config_int(cfg, "n_components", path),
             center=config_bool(cfg, "center", path, default=False),
+            **extra,
         )
+        pca.quick = config_bool(cfg, "quick", path, default=False)
+        pca.model_ = meta.get("model")
         pca.components_ = tensors["components"]
         pca.mean_ = tensors["mean"]
         pca.explained_variance_ = tensors["explained_variance"]
@@ -211,6 +306,42 @@ class LatentPCA:
         pca.n_samples_seen_ = int(cfg["n_samples_seen"])
         pca.n_features_in_ = int(pca.components_.shape[1])
         return pca
+
+
+class _Moments:
+    """Count, mean and scatter matrix of rows added chunk by chunk (float64 sums)."""
+
+    def __init__(self, d: int) -> None:
+        self.count = 0
+        self.mean = torch.zeros(d, dtype=torch.float64)
+        self.scatter = torch.zeros(d, d, dtype=torch.float64)
+
+    def add(self, x: torch.Tensor) -> None:
+        n, d = x.shape
+        if not n:
+            return
+        # One reused float32 buffer for the centred chunk: fresh large allocations page-fault.
+        scratch = torch.empty(min(_CHUNK, n), d)
+        for start in range(0, n, _CHUNK):
+            chunk = x[start : start + _CHUNK]
+            m = chunk.shape[0]
+            c_mean32 = chunk.float().mean(0) if chunk.dtype != torch.float32 else chunk.mean(0)
+            if not torch.isfinite(c_mean32).all():  # any NaN or inf in the chunk reaches its mean
+                raise ValueError(
+                    "The activations contain NaN or infinite values; PCA cannot fit them."
+                )
+            centred = torch.sub(chunk, c_mean32, out=scratch[:m])
+            # The float32 mean is slightly off for large offsets; take what it missed from the
+            # (now small) centred values and move the scatter to the exact chunk mean.
+            missed = centred.mean(0).double()
+            c_mean = c_mean32.double() + missed
+            c_scatter = torch.mm(centred.T, centred).double() - m * torch.outer(missed, missed)
+            # Chan et al.'s pairwise update: combines centred moments without cancellation.
+            delta = c_mean - self.mean
+            total = self.count + m
+            self.scatter += c_scatter + torch.outer(delta, delta) * (self.count * m / total)
+            self.mean += delta * (m / total)
+            self.count = total
 
 
 def _import_umap() -> Any:
