@@ -123,7 +123,14 @@ def main() -> int:
 
     t0 = time.perf_counter()
     ours = extract_causal_basis(
-        model, "logit", hidden, args.layer, args.k, "mean", max_iter=args.max_iter, progress=False
+        model,
+        lens="logit",
+        corpus=hidden,
+        layer=args.layer,
+        k=args.k,
+        mode="mean",
+        max_iter=args.max_iter,
+        progress=False,
     )
     ours_s = time.perf_counter() - t0
     print(

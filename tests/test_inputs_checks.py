@@ -34,7 +34,7 @@ ANALYSES = {
     "token_nonlinearity": lambda c, t: token_nonlinearity(c, t, mode="paper"),
     "layer_contributions": lambda c, t: layer_contributions(c, t),
     "component_attribution": lambda c, t: component_attribution(c, t),
-    "contextualization": lambda c, t: contextualization(c, t, None),
+    "contextualization": lambda c, t: contextualization(c, t, probe=None),
 }
 
 

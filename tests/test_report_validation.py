@@ -54,8 +54,8 @@ def saved(tmp_path_factory, tiny_llama):
     toks = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
     extract_causal_basis(
         tiny_llama,
-        lens,
-        toks,
+        lens=lens,
+        corpus=toks,
         layer=1,
         k=3,
         max_iter=20,

@@ -110,7 +110,7 @@ def test_objective_and_gradient_match_brute_force(tiny, mode):
 @pytest.mark.models
 def test_first_direction_beats_random_directions_and_basis_is_orthonormal(tiny):
     toks = _tokens(8, 24)
-    basis = extract_causal_basis(tiny, "logit", toks, layer=1, k=4, progress=False)
+    basis = extract_causal_basis(tiny, lens="logit", corpus=toks, layer=1, k=4, progress=False)
     V = basis.vectors.double()
     torch.testing.assert_close(V.T @ V, torch.eye(4, dtype=torch.float64), atol=1e-5, rtol=0)
     assert (basis.energies[:-1] >= basis.energies[1:]).all()
@@ -146,7 +146,9 @@ def test_cbe_with_an_affine_lens_and_its_composed_initialisation(tiny_llama):
     U, _, _ = torch.linalg.svd(A.T @ readout.W_raw.double(), full_matrices=False)
     for j in range(3):
         assert abs(float(init[:, j].double() @ U[:, j])) == pytest.approx(1.0, abs=1e-5)
-    basis = extract_causal_basis(tiny_llama, lens, _tokens(), layer=1, k=3, progress=False)
+    basis = extract_causal_basis(
+        tiny_llama, lens=lens, corpus=_tokens(), layer=1, k=3, progress=False
+    )
     assert basis.lens == "affine-test" and basis.vectors.shape == (32, 3)
 
 
@@ -160,7 +162,9 @@ def test_cbe_with_the_tuned_lens_class(tiny_llama):
         g = torch.Generator().manual_seed(2)
         lens.weight.copy_(0.1 * torch.randn(lens.weight.shape, generator=g))
         lens.bias.copy_(0.1 * torch.randn(lens.bias.shape, generator=g))
-    basis = extract_causal_basis(tiny_llama, lens, _tokens(), layer=2, k=2, progress=False)
+    basis = extract_causal_basis(
+        tiny_llama, lens=lens, corpus=_tokens(), layer=2, k=2, progress=False
+    )
     assert basis.lens == "tuned" and basis.converged.all()
     assert all(p.grad is None for p in lens.parameters())  # the lens is only read
 
@@ -169,14 +173,18 @@ def test_cbe_with_the_tuned_lens_class(tiny_llama):
 def test_sources_agree_tokens_cache_and_hidden_states(tiny_llama):
     toks = _tokens(2, 12)
     kw = dict(layer=1, k=1, progress=False)
-    from_tokens = extract_causal_basis(tiny_llama, "logit", toks, **kw)
+    from_tokens = extract_causal_basis(tiny_llama, lens="logit", corpus=toks, **kw)
     _, cache = tiny_llama.run_with_cache(toks, names_filter=["blocks.1.hook_resid_pre"])
-    from_cache = extract_causal_basis(tiny_llama, "logit", cache, **kw)
-    from_hidden = extract_causal_basis(tiny_llama, "logit", cache["blocks.1.hook_resid_pre"], **kw)
+    from_cache = extract_causal_basis(tiny_llama, lens="logit", corpus=cache, **kw)
+    from_hidden = extract_causal_basis(
+        tiny_llama, lens="logit", corpus=cache["blocks.1.hook_resid_pre"], **kw
+    )
     for other in (from_cache, from_hidden):
         torch.testing.assert_close(other.energies, from_tokens.energies)
     texts = ["The quick brown fox jumps over the lazy dog. " * 8]
-    from_corpus = extract_causal_basis(tiny_llama, "logit", texts, n_tokens=128, seq_len=64, **kw)
+    from_corpus = extract_causal_basis(
+        tiny_llama, lens="logit", corpus=texts, n_tokens=128, seq_len=64, **kw
+    )
     assert from_corpus.n_tokens == 128
 
 
@@ -184,25 +192,27 @@ def test_sources_agree_tokens_cache_and_hidden_states(tiny_llama):
 def test_bad_input_is_refused(tiny_llama):
     toks = _tokens(2, 8)
     with pytest.raises(ValueError, match="k must be an integer in 1..d_model=32"):
-        extract_causal_basis(tiny_llama, "logit", toks, layer=1, k=33)
+        extract_causal_basis(tiny_llama, lens="logit", corpus=toks, layer=1, k=33)
     with pytest.raises(ValueError, match="k must be"):
-        extract_causal_basis(tiny_llama, "logit", toks, layer=1, k=0)
+        extract_causal_basis(tiny_llama, lens="logit", corpus=toks, layer=1, k=0)
     with pytest.raises(ValueError, match="no lens translator"):
-        extract_causal_basis(tiny_llama, "logit", toks, layer=3, k=1)
+        extract_causal_basis(tiny_llama, lens="logit", corpus=toks, layer=3, k=1)
     with pytest.raises(ValueError, match="out of range"):
-        extract_causal_basis(tiny_llama, "logit", toks, layer=7, k=1)
+        extract_causal_basis(tiny_llama, lens="logit", corpus=toks, layer=7, k=1)
     with pytest.raises(ValueError, match="has no translator for layer 2"):
-        extract_causal_basis(tiny_llama, FirstLayerOnlyLens(3, 32), toks, layer=2, k=1)
+        extract_causal_basis(tiny_llama, lens=FirstLayerOnlyLens(3, 32), corpus=toks, layer=2, k=1)
     with pytest.raises(ValueError, match="width 16"):
-        extract_causal_basis(tiny_llama, "logit", torch.randn(50, 16), layer=1, k=1)
+        extract_causal_basis(tiny_llama, lens="logit", corpus=torch.randn(50, 16), layer=1, k=1)
     with pytest.raises(ValueError, match="at least 2 hidden-state rows"):
-        extract_causal_basis(tiny_llama, "logit", "a", layer=1, k=1)
+        extract_causal_basis(tiny_llama, lens="logit", corpus="a", layer=1, k=1)
     with pytest.raises(ValueError, match="at least 2"):
-        extract_causal_basis(tiny_llama, "logit", [""], layer=1, k=1, mode="resample")
+        extract_causal_basis(tiny_llama, lens="logit", corpus=[""], layer=1, k=1, mode="resample")
     with pytest.raises(ValueError, match="NaN"):
-        extract_causal_basis(tiny_llama, "logit", torch.full((8, 32), float("nan")), layer=1, k=1)
+        extract_causal_basis(
+            tiny_llama, lens="logit", corpus=torch.full((8, 32), float("nan")), layer=1, k=1
+        )
     with pytest.raises(ValueError, match="mode"):
-        extract_causal_basis(tiny_llama, "logit", toks, layer=1, k=1, mode="median")
+        extract_causal_basis(tiny_llama, lens="logit", corpus=toks, layer=1, k=1, mode="median")
 
 
 @pytest.mark.models
@@ -210,14 +220,21 @@ def test_non_convergence_is_reported(tiny_llama):
     toks = _tokens(2, 16)
     with pytest.warns(CBEConvergenceWarning, match="without the relative energy change"):
         basis = extract_causal_basis(
-            tiny_llama, "logit", toks, layer=1, k=2, max_iter=2, tol=1e-12, progress=False
+            tiny_llama,
+            lens="logit",
+            corpus=toks,
+            layer=1,
+            k=2,
+            max_iter=2,
+            tol=1e-12,
+            progress=False,
         )
     assert not basis.converged.any() and (basis.n_evals <= 4).all()
     with pytest.raises(CBEConvergenceError):
         extract_causal_basis(
             tiny_llama,
-            "logit",
-            toks,
+            lens="logit",
+            corpus=toks,
             layer=1,
             k=1,
             max_iter=2,
@@ -229,8 +246,8 @@ def test_non_convergence_is_reported(tiny_llama):
         warnings.simplefilter("error", CBEConvergenceWarning)
         extract_causal_basis(
             tiny_llama,
-            "logit",
-            toks,
+            lens="logit",
+            corpus=toks,
             layer=1,
             k=1,
             max_iter=2,
@@ -244,7 +261,9 @@ def test_non_convergence_is_reported(tiny_llama):
 def test_save_load_roundtrip_and_refusal_for_another_model(tiny_llama, tiny_gpt2, tmp_path):
     from tlmicroscope.io import FittedFileError, ModelMismatchError
 
-    basis = extract_causal_basis(tiny_llama, "logit", _tokens(), layer=1, k=2, progress=False)
+    basis = extract_causal_basis(
+        tiny_llama, lens="logit", corpus=_tokens(), layer=1, k=2, progress=False
+    )
     basis.save(tmp_path / "b")
     back = CausalBasis.load(tmp_path / "b", tiny_llama)
     for f in ("energies", "vectors", "mean", "converged", "n_evals"):

@@ -79,8 +79,8 @@ def test_section_plots_the_saved_basis_and_its_influence_on_the_text(
     toks = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
     basis = extract_causal_basis(
         tiny_llama,
-        lens,
-        toks,
+        lens=lens,
+        corpus=toks,
         layer=1,
         k=4,
         max_iter=30,
@@ -168,8 +168,8 @@ def test_section_needs_a_lens_and_refuses_a_basis_of_another_lens(
     toks = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
     basis = extract_causal_basis(
         tiny_llama,
-        lens_a,
-        toks,
+        lens=lens_a,
+        corpus=toks,
         layer=2,
         k=2,
         max_iter=10,
@@ -185,8 +185,8 @@ def test_section_needs_a_lens_and_refuses_a_basis_of_another_lens(
 
     logit_basis = extract_causal_basis(
         tiny_llama,
-        "logit",
-        toks,
+        lens="logit",
+        corpus=toks,
         layer=2,
         k=2,
         max_iter=10,
@@ -211,8 +211,8 @@ def test_section_refuses_a_basis_saved_for_another_model(
     toks = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
     other = extract_causal_basis(
         tiny_gpt2,
-        "logit",
-        toks,
+        lens="logit",
+        corpus=toks,
         layer=1,
         k=2,
         max_iter=10,

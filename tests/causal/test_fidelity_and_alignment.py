@@ -33,7 +33,7 @@ def test_fidelity_influences_match_hand_computation(tiny_gpt2, mode):
     toks = _tokens()
     B = torch.linalg.qr(torch.randn(32, 3, generator=torch.Generator().manual_seed(2))).Q
     res = causal_fidelity(
-        model, "logit", B, layer=1, tokens=toks, mode=mode, seed=4, progress=False
+        model, lens="logit", basis=B, layer=1, tokens=toks, mode=mode, seed=4, progress=False
     )
     name = "blocks.1.hook_resid_pre"
     with torch.no_grad():
@@ -70,19 +70,21 @@ def test_fidelity_influences_match_hand_computation(tiny_gpt2, mode):
 @pytest.mark.models
 def test_fidelity_takes_the_basis_mode_layer_and_mean(tiny_llama):
     toks = _tokens(2, 16)
-    basis = extract_causal_basis(tiny_llama, "logit", toks, layer=2, k=3, progress=False)
-    res = causal_fidelity(tiny_llama, "logit", basis, tokens=toks, progress=False)
+    basis = extract_causal_basis(
+        tiny_llama, lens="logit", corpus=toks, layer=2, k=3, progress=False
+    )
+    res = causal_fidelity(tiny_llama, lens="logit", basis=basis, tokens=toks, progress=False)
     assert res.layer == 2 and res.mode == "mean"
     # On the extraction tokens with the extraction mean, the lens influence is the CBE energy.
     torch.testing.assert_close(res.lens_influence, basis.energies, rtol=1e-4, atol=1e-7)
     with pytest.raises(ValueError, match="extracted at layer 2"):
-        causal_fidelity(tiny_llama, "logit", basis, layer=1, tokens=toks)
+        causal_fidelity(tiny_llama, lens="logit", basis=basis, layer=1, tokens=toks)
     with pytest.raises(ValueError, match="Pass the layer"):
-        causal_fidelity(tiny_llama, "logit", basis.vectors, tokens=toks)
+        causal_fidelity(tiny_llama, lens="logit", basis=basis.vectors, tokens=toks)
     with pytest.raises(ValueError, match="d_model is 32"):
-        causal_fidelity(tiny_llama, "logit", torch.randn(16, 2), layer=1, tokens=toks)
+        causal_fidelity(tiny_llama, lens="logit", basis=torch.randn(16, 2), layer=1, tokens=toks)
     with pytest.raises(ValueError, match="no lens translator"):
-        causal_fidelity(tiny_llama, "logit", basis.vectors, layer=3, tokens=toks)
+        causal_fidelity(tiny_llama, lens="logit", basis=basis.vectors, layer=3, tokens=toks)
 
 
 def test_aitchison_similarity_against_the_dense_clr_formula():
@@ -110,7 +112,13 @@ def test_stimulus_response_sample_matches_a_hand_intervention(tiny_llama):
     model = tiny_llama
     toks = _tokens(2, 10, seed=3)
     res = stimulus_response_alignment(
-        model, ["logit", LogitLens.paper()], toks, layer=[0, 2], n_samples=5, seed=1, progress=False
+        model,
+        lens=["logit", LogitLens.paper()],
+        tokens=toks,
+        layer=[0, 2],
+        n_samples=5,
+        seed=1,
+        progress=False,
     )
     assert res.alignment.shape == (2, 2, 5) and res.lens_names == (
         "logit",
@@ -148,7 +156,7 @@ def test_stimulus_response_sample_matches_a_hand_intervention(tiny_llama):
     df = res.to_dataframe()
     assert list(df["layer"]) == [0, 2, 0, 2]
     with pytest.raises(ValueError, match="out of range"):
-        stimulus_response_alignment(model, "logit", toks, layer=3)
+        stimulus_response_alignment(model, lens="logit", tokens=toks, layer=3)
 
 
 @pytest.mark.models
@@ -160,7 +168,7 @@ def test_fidelity_interval_is_the_percentile_bootstrap_over_tokens(tiny_gpt2):
     toks = _tokens(2, 12)
     B = torch.linalg.qr(torch.randn(32, 5, generator=torch.Generator().manual_seed(3))).Q
     res = causal_fidelity(
-        tiny_gpt2, "logit", B, layer=1, tokens=toks, seed=2, n_boot=300, progress=False
+        tiny_gpt2, lens="logit", basis=B, layer=1, tokens=toks, seed=2, n_boot=300, progress=False
     )
     assert res.n_directions == 5 and res.lens_kl.shape == (5, 24) and res.model_kl.shape == (5, 24)
     torch.testing.assert_close(res.lens_kl.mean(1), res.lens_influence)
@@ -176,7 +184,7 @@ def test_fidelity_interval_is_the_percentile_bootstrap_over_tokens(tiny_gpt2):
     assert "k = 5 directions" in res.describe()
     assert np.isnan(
         causal_fidelity(
-            tiny_gpt2, "logit", B, layer=1, tokens=toks, n_boot=0, progress=False
+            tiny_gpt2, lens="logit", basis=B, layer=1, tokens=toks, n_boot=0, progress=False
         ).spearman_ci[0]
     )
 
@@ -217,7 +225,12 @@ def test_stimulus_response_same_position_donors_and_intervals(tiny_llama):
 
     toks = _tokens(3, 9, seed=5)
     res = stimulus_response_alignment(
-        tiny_llama, ["logit", LogitLens.paper()], toks, n_samples=12, seed=2, progress=False
+        tiny_llama,
+        lens=["logit", LogitLens.paper()],
+        tokens=toks,
+        n_samples=12,
+        seed=2,
+        progress=False,
     )
     assert res.donor_mode == "same_position"
     pos, don = res.positions, res.donors
@@ -242,9 +255,11 @@ def test_stimulus_response_same_position_donors_and_intervals(tiny_llama):
     df = res.to_dataframe(n_boot=500, seed=3)
     assert {"ci_low", "ci_high"} <= set(df.columns)
     with pytest.raises(ValueError, match="at least 2 sequences"):
-        stimulus_response_alignment(tiny_llama, "logit", toks[:1], progress=False)
+        stimulus_response_alignment(tiny_llama, lens="logit", tokens=toks[:1], progress=False)
     with pytest.raises(ValueError, match="donors must be one of"):
-        stimulus_response_alignment(tiny_llama, "logit", toks, donors="near", progress=False)
+        stimulus_response_alignment(
+            tiny_llama, lens="logit", tokens=toks, donors="near", progress=False
+        )
     with pytest.raises(ValueError, match="No lens named"):
         res.compare("tuned")
 
@@ -253,7 +268,7 @@ def test_stimulus_response_same_position_donors_and_intervals(tiny_llama):
 def test_stimulus_response_any_donors_keep_the_earlier_draws(tiny_llama):
     toks = _tokens(1, 10, seed=3)  # one sequence: only the 'any' mode has donors
     res = stimulus_response_alignment(
-        tiny_llama, "logit", toks, n_samples=6, seed=1, donors="any", progress=False
+        tiny_llama, lens="logit", tokens=toks, n_samples=6, seed=1, donors="any", progress=False
     )
     g = torch.Generator().manual_seed(1)
     treated = torch.randperm(10, generator=g)[:6]

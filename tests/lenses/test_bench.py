@@ -134,21 +134,23 @@ def test_fidelity_and_sra_are_those_of_the_causal_functions(tiny_llama, bench_an
     bench, windows, lenses = bench_and_windows
     basis = extract_causal_basis(
         tiny_llama,
-        lenses[1],
-        windows[:2],
-        1,
-        2,
+        lens=lenses[1],
+        corpus=windows[:2],
+        layer=1,
+        k=2,
         n_tokens=64,
         seq_len=SEQ,
         max_iter=4,
         progress=False,
         on_nonconvergence="ignore",
     )
-    fid = causal_fidelity(tiny_llama, lenses[1], basis, layer=1, tokens=windows[:2], progress=False)
+    fid = causal_fidelity(
+        tiny_llama, lens=lenses[1], basis=basis, layer=1, tokens=windows[:2], progress=False
+    )
     rho = spearmanr(fid.lens_influence.numpy(), fid.model_influence.numpy()).statistic
     assert math.isclose(float(bench.fidelity_rho[1, 0]), float(rho), abs_tol=1e-9)
     sra = stimulus_response_alignment(
-        tiny_llama, lenses, windows, list(range(3)), n_samples=6, progress=False
+        tiny_llama, lens=lenses, tokens=windows, layer=list(range(3)), n_samples=6, progress=False
     )
     assert torch.allclose(bench.sra, sra.alignment.nanmean(-1), equal_nan=True)
     assert bench.sra_layers == (0, 1, 2) and bool((bench.sra.abs() <= 1 + 1e-5).all())

@@ -286,9 +286,16 @@ def test_plugs_in_wherever_a_lens_is_accepted(tiny_llama):
     contrib = layer_contributions(model, text, lens=lens)
     assert contrib is not None
     basis = extract_causal_basis(
-        model, lens, toks.repeat(2, 1), 1, 2, max_iter=3, progress=False, on_nonconvergence="ignore"
+        model,
+        lens=lens,
+        corpus=toks.repeat(2, 1),
+        layer=1,
+        k=2,
+        max_iter=3,
+        progress=False,
+        on_nonconvergence="ignore",
     )
-    fid = causal_fidelity(model, lens, basis, layer=1, tokens=toks, progress=False)
+    fid = causal_fidelity(model, lens=lens, basis=basis, layer=1, tokens=toks, progress=False)
     assert fid.lens == "jacobian" and fid.lens_influence.shape == (2,)
     html = report(model, text, lens=lens)
     assert "jacobian" in str(html)

@@ -545,8 +545,8 @@ def test_bfloat16_model_runs_the_lens_and_causal_analyses():
         )
         basis = extract_causal_basis(
             model,
-            "logit",
-            TOKENS,
+            lens="logit",
+            corpus=TOKENS,
             layer=1,
             k=2,
             max_iter=8,

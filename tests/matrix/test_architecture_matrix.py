@@ -125,7 +125,7 @@ def fitted(fam, tmp_path_factory):
         positions_per_window=2,
     ).fit(model, CORPUS, progress=False)
     tuned_basis = extract_causal_basis(
-        model, lens, fam["tokens"], layer=1, k=2, max_iter=20, progress=False
+        model, lens=lens, corpus=fam["tokens"], layer=1, k=2, max_iter=20, progress=False
     )
     paths = {
         "microscope_reference": folder / "nonlinearity",
@@ -303,7 +303,7 @@ def test_contextualization_and_token_classes(fam, fitted):
         token_nonlinearity,
     )
 
-    res = contextualization(fam["model"], fam["tokens"], fitted["probe"])
+    res = contextualization(fam["model"], fam["tokens"], probe=fitted["probe"])
     C = res.C[~torch.isnan(res.C)]
     assert C.numel() > 0 and (C >= 0).all() and torch.isfinite(C).all()
     tn = token_nonlinearity(fam["model"], fam["tokens"], reference=fitted["reference"])
@@ -469,7 +469,7 @@ def basis(fam):
 
     torch.set_num_threads(1)
     return extract_causal_basis(
-        fam["model"], "logit", fam["tokens"], layer=1, k=2, max_iter=20, progress=False
+        fam["model"], lens="logit", corpus=fam["tokens"], layer=1, k=2, max_iter=20, progress=False
     )
 
 
@@ -483,7 +483,9 @@ def test_extract_causal_basis(fam, basis, fitted):
 def test_causal_fidelity(fam, basis):
     from tlmicroscope.causal import causal_fidelity
 
-    res = causal_fidelity(fam["model"], "logit", basis, tokens=fam["tokens"], progress=False)
+    res = causal_fidelity(
+        fam["model"], lens="logit", basis=basis, tokens=fam["tokens"], progress=False
+    )
     assert res.model_influence.shape == (2,) and (res.model_influence >= 0).all()
 
 
@@ -492,7 +494,7 @@ def test_stimulus_response_alignment(fam):
 
     # One short sequence: donors from any other position (the default wants another sequence).
     res = stimulus_response_alignment(
-        fam["model"], "logit", fam["tokens"], n_samples=4, donors="any", progress=False
+        fam["model"], lens="logit", tokens=fam["tokens"], n_samples=4, donors="any", progress=False
     )
     assert torch.isfinite(res.alignment).all()
 

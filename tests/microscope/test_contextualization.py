@@ -37,8 +37,8 @@ def test_training_lowers_C_below_the_untrained_probe(tiny_llama, decoder):
         tiny_llama, progress=False
     )
     held = _held_out(tiny_llama)
-    before = contextualization(tiny_llama, held, untrained).C.nanmean()
-    after = contextualization(tiny_llama, held, trained).C.nanmean()
+    before = contextualization(tiny_llama, held, probe=untrained).C.nanmean()
+    after = contextualization(tiny_llama, held, probe=trained).C.nanmean()
     assert after < before - 0.05
     assert len(trained.history_) == 40 and trained.steps_done_ == 40
 
@@ -48,7 +48,7 @@ def test_C_is_the_prefix_cross_entropy_from_the_soft_embedding(tiny_gpt2):
         tiny_gpt2, progress=False
     )
     text = "Rebuild the prefix."
-    ctx = contextualization(tiny_gpt2, text, probe)
+    ctx = contextualization(tiny_gpt2, text, probe=probe)
     toks = tiny_gpt2.to_tokens(text)[0]
     P = probe.prefix_length
     states = capture(
@@ -69,7 +69,7 @@ def test_C_is_the_prefix_cross_entropy_from_the_soft_embedding(tiny_gpt2):
         assert float(ctx.C[0, i]) == pytest.approx(float(ce), abs=1e-4)
         assert int(ctx.prefix_length[0, i]) == m
     assert torch.isnan(ctx.C[0, 0]) and ctx.prefix_length[0, 0] == 0
-    total = contextualization(tiny_gpt2, text, probe, reduction="sum")
+    total = contextualization(tiny_gpt2, text, probe=probe, reduction="sum")
     assert torch.allclose(total.C[0, 1:], ctx.C[0, 1:] * ctx.prefix_length[0, 1:], atol=1e-4)
 
 
@@ -83,13 +83,13 @@ def test_save_and_load_give_the_same_C(tiny_llama, tmp_path, decoder):
     assert back.settings() == probe.settings() and back.history_ == probe.history_
     text = "Saved probes measure the same."
     assert torch.allclose(
-        contextualization(tiny_llama, text, back).C,
-        contextualization(tiny_llama, text, tmp_path / "probe").C,
+        contextualization(tiny_llama, text, probe=back).C,
+        contextualization(tiny_llama, text, probe=tmp_path / "probe").C,
         equal_nan=True,
     )
     assert torch.allclose(
-        contextualization(tiny_llama, text, probe).C,
-        contextualization(tiny_llama, text, back).C,
+        contextualization(tiny_llama, text, probe=probe).C,
+        contextualization(tiny_llama, text, probe=back).C,
         equal_nan=True,
         atol=1e-6,
     )
@@ -109,7 +109,7 @@ def test_probe_for_another_model_is_refused(tiny_llama, tmp_path):
     with pytest.raises(ModelMismatchError, match="unembed_sha256"):
         ContextualizationProbe.load(tmp_path / "probe", other)
     with pytest.raises(ModelMismatchError):
-        contextualization(other, "x y", probe)
+        contextualization(other, "x y", probe=probe)
     (tmp_path / "probe" / "config.json").write_text("{not json")
     with pytest.raises(FittedFileError, match="not valid JSON"):
         ContextualizationProbe.load(tmp_path / "probe", tiny_llama)
@@ -160,14 +160,14 @@ def test_bad_settings_and_inputs(tiny_llama):
     with pytest.raises(ValueError, match="Pass a fitted ContextualizationProbe"):
         contextualization(tiny_llama, "hello")
     with pytest.raises(ValueError, match="not fitted"):
-        contextualization(tiny_llama, "hello", ContextualizationProbe())
+        contextualization(tiny_llama, "hello", probe=ContextualizationProbe())
     probe = ContextualizationProbe(decoder="frozen", steps=1, **SMALL).fit(
         tiny_llama, progress=False
     )
     with pytest.raises(ValueError, match="reduction"):
-        contextualization(tiny_llama, "hello", probe, reduction="max")
+        contextualization(tiny_llama, "hello", probe=probe, reduction="max")
     with pytest.raises(ValueError, match="empty"):
-        contextualization(tiny_llama, "", probe)
+        contextualization(tiny_llama, "", probe=probe)
 
 
 @pytest.mark.parametrize("decoder", ["frozen", "last_k"])

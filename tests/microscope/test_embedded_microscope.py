@@ -86,7 +86,7 @@ def test_contribution_and_logit_lens_panels(embedded_model):
 
 
 def test_contextualization_panel(embedded_model, probe):
-    ctx = contextualization(embedded_model, TEXT, probe)
+    ctx = contextualization(embedded_model, TEXT, probe=probe)
     n = embedded_model.to_tokens(TEXT).shape[1]
     assert math.isnan(float(ctx.C[0, 0])) and bool(torch.isfinite(ctx.C[0, 1:]).all())
     assert ctx.prefix_length[0].tolist()[:6] == [0, 1, 2, 3, 4, 4]

@@ -201,7 +201,7 @@ def test_saved_reference_and_probe_are_used(tiny_llama, saved):
     # contextualization: the last 8 positions, equal to the analysis run on the model itself
     heat = figs["LLM-Microscope: contextualization"][0].data[0].z
     shown = np.asarray(heat, dtype=float)[0]
-    full = contextualization(tiny_llama, SHORT, probe).C[0].numpy()
+    full = contextualization(tiny_llama, SHORT, probe=probe).C[0].numpy()
     assert shown.shape == (8,)
     np.testing.assert_allclose(shown, full[-8:], rtol=1e-4, atol=1e-5)
 
@@ -212,20 +212,20 @@ def test_contextualization_from_a_cache_and_on_chosen_positions(tiny_llama, save
     names = residual_stream_names(tiny_llama.cfg.n_layers)
     with torch.no_grad():
         _, cache = tiny_llama.run_with_cache(toks, names_filter=names)
-    full = contextualization(tiny_llama, toks, probe)
-    some = contextualization(cache, toks, probe, positions=[0, 3, -1])
+    full = contextualization(tiny_llama, toks, probe=probe)
+    some = contextualization(cache, toks, probe=probe, positions=[0, 3, -1])
     C = some.C[0]
     assert torch.isnan(C[0]) and not torch.isnan(C[3]) and not torch.isnan(C[-1])
     assert int((~torch.isnan(C)).sum()) == 2
     assert torch.allclose(C[[3, -1]], full.C[0, [3, -1]], atol=1e-5)
     with pytest.raises(ValueError, match="outside"):
-        contextualization(tiny_llama, toks, probe, positions=[toks.shape[1]])
+        contextualization(tiny_llama, toks, probe=probe, positions=[toks.shape[1]])
     partial = dict(cache.cache_dict)
     del partial[names[1]]
     from transformer_lens import ActivationCache
 
     with pytest.raises(ValueError, match="lacks"):
-        contextualization(ActivationCache(partial, tiny_llama), toks, probe)
+        contextualization(ActivationCache(partial, tiny_llama), toks, probe=probe)
 
 
 def test_token_nonlinearity_report_equals_analysis(tiny_llama, saved):

@@ -25,6 +25,7 @@ from jaxtyping import Bool, Float, Int
 from tlmicroscope.causal._hidden import check_lens_layer, hidden_states
 from tlmicroscope.causal._lens_ablation import LensAblationObjective, affine_map
 from tlmicroscope.causal.ablation import ABLATION_MODES, derangement, subspace_ablation_hooks
+from tlmicroscope.deprecation import renamed_arguments
 from tlmicroscope.lenses.base import resolve_lens
 from tlmicroscope.lenses.readout import Readout
 from tlmicroscope.results import Provenance
@@ -226,14 +227,18 @@ def _init_directions(readout: Readout, M: torch.Tensor | None, k: int) -> torch.
     return evecs[:, evals.argsort(descending=True)[:k]].float()
 
 
+@renamed_arguments(
+    renamed={"corpus_or_tokens": "corpus"},
+    old_positional=("model", "lens", "corpus", "layer", "k", "mode"),
+)
 def extract_causal_basis(
     model: Any,
+    corpus: Any = None,
+    *,
     lens: Any,
-    corpus_or_tokens: Any,
     layer: int,
     k: int,
     mode: Literal["mean", "zero", "resample"] = "mean",
-    *,
     max_iter: int = 100,
     tol: float = 1e-4,
     n_tokens: int = 2048,
@@ -246,11 +251,12 @@ def extract_causal_basis(
 
     Args:
         model: A TransformerLens model (only read; its weights get no gradients).
-        lens: ``None``/``"logit"``, ``"logit-paper"``, or any lens (a ``TunedLens``).
-        corpus_or_tokens: Token ids ``[batch pos]``; a corpus source (``"embedded"``, a file or
+        corpus: A corpus source (``None`` or ``"embedded"`` for the embedded corpus, a file or
             folder path, an iterable of texts) cut into ``seq_len`` windows up to ``n_tokens``;
-            a text; an ``ActivationCache`` holding ``blocks.{layer}.hook_resid_pre``; or hidden
-            states themselves, a float ``[N d_model]`` or ``[batch pos d_model]`` tensor.
+            token ids ``[batch pos]``; a text; an ``ActivationCache`` holding
+            ``blocks.{layer}.hook_resid_pre``; or hidden states themselves, a float
+            ``[N d_model]`` or ``[batch pos d_model]`` tensor.
+        lens: ``None``/``"logit"``, ``"logit-paper"``, or any lens (a ``TunedLens``).
         layer: Residual index 0..n_layers-1 (``blocks.{layer}.hook_resid_pre``); the model's
             output has no lens translator.
         k: Number of directions, 1..d_model.
@@ -266,6 +272,9 @@ def extract_causal_basis(
             settling: ``"warn"`` (a ``CBEConvergenceWarning`` naming them), ``"raise"``, or
             ``"ignore"``. The ``converged`` field records it in every case.
 
+    The old form ``extract_causal_basis(model, lens, corpus_or_tokens, layer, k, mode)`` still
+    works for one release, with a ``DeprecationWarning``.
+
     Returns:
         A ``CausalBasis``; ``basis.save(path)`` / ``CausalBasis.load(path, model)`` store it.
 
@@ -277,31 +286,21 @@ def extract_causal_basis(
         >>> from tlmicroscope.models import tiny_model
         >>> model = tiny_model(n_layers=2)
         >>> toks = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
-        >>> basis = extract_causal_basis(model, "logit", toks, layer=1, k=3, progress=False)
+        >>> basis = extract_causal_basis(model, toks, lens="logit", layer=1, k=3, progress=False)
         >>> tuple(basis.vectors.shape), bool((basis.energies[:-1] >= basis.energies[1:]).all())
         ((32, 3), True)
         >>> torch.allclose(basis.vectors.T @ basis.vectors, torch.eye(3), atol=1e-4)
         True
     """
-    from tqdm.auto import tqdm
-
     from tlmicroscope.io import model_fingerprint
 
     lens = resolve_lens(lens)
     lens.check_model(model)
-    d_model = int(model.cfg.d_model)
-    if mode not in ABLATION_MODES:
-        raise ValueError(f"mode must be one of {ABLATION_MODES}, got {mode!r}.")
-    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= d_model:
-        raise ValueError(f"k must be an integer in 1..d_model={d_model}, got {k!r}.")
-    if on_nonconvergence not in ("warn", "raise", "ignore"):
-        raise ValueError(
-            f"on_nonconvergence must be 'warn', 'raise' or 'ignore', got {on_nonconvergence!r}."
-        )
-    if max_iter < 1 or not tol > 0:
-        raise ValueError(f"max_iter must be >= 1 and tol > 0, got {max_iter} and {tol}.")
+    _check_cbe_settings(model, mode, k, max_iter, tol, on_nonconvergence)
     layer = check_lens_layer(model, lens, layer)
-    h = hidden_states(model, corpus_or_tokens, layer, n_tokens=n_tokens, seq_len=seq_len, seed=seed)
+    if corpus is None:
+        corpus = "embedded"
+    h = hidden_states(model, corpus, layer, n_tokens=n_tokens, seq_len=seq_len, seed=seed)
     n = h.shape[0]
     if mode != "zero" and n < 2:
         raise ValueError(
@@ -312,7 +311,7 @@ def extract_causal_basis(
         warnings.warn(
             f"CBE on only {n} tokens: the energies and directions will be noisy.",
             UserWarning,
-            stacklevel=2,
+            stacklevel=3,  # the caller, past renamed_arguments' wrapper
         )
 
     readout = Readout.for_model(model)
@@ -323,57 +322,13 @@ def extract_causal_basis(
             f"The lens {lens.name!r} is not affine at layer {layer}: CBE falls back to autograd "
             "through the lens, which is much slower.",
             UserWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
+    d_model = int(model.cfg.d_model)
     M = objective.M if objective.affine else (affine_map(lens, layer, d_model, h[:1]) or (None,))[0]
-    vectors = _init_directions(readout, M, k)
-    energies = torch.zeros(k)
-    converged = torch.zeros(k, dtype=torch.bool)
-    n_evals = torch.zeros(k, dtype=torch.long)
-    last_change = torch.full((k,), math.nan)
-
-    bar = tqdm(range(k), desc=f"CBE layer {layer}", disable=not progress, unit="dir")
-    for j in bar:
-        basis_so_far = vectors[:, :j]
-
-        def project(x: torch.Tensor, B: torch.Tensor = basis_so_far) -> torch.Tensor:
-            if B.shape[1]:
-                x = x - B @ (B.T @ x)
-            return x / (x.norm() + torch.finfo(x.dtype).eps)
-
-        v = torch.nn.Parameter(project(vectors[:, j].clone()))
-        opt = torch.optim.LBFGS([v], line_search_fn="strong_wolfe", max_iter=max_iter)
-        state = {"nfev": 0, "last": 0.0, "delta": math.inf, "finite": True}
-
-        def closure() -> torch.Tensor:
-            state["nfev"] += 1
-            opt.zero_grad(set_to_none=False)
-            energy = objective.energy(project(v))
-            loss = -energy
-            if not torch.isfinite(loss):
-                state["finite"] = False
-                v.grad.zero_()
-                return torch.zeros(())
-            loss.backward()
-            new = float(energy.detach())
-            state["delta"], state["last"] = new - state["last"], new
-            return loss.detach()
-
-        ok = False
-        while state["nfev"] < max_iter and state["finite"]:
-            opt.step(closure)
-            with torch.no_grad():
-                v.copy_(project(v))
-            if abs(state["delta"]) <= tol * abs(state["last"]):
-                ok = True
-                break
-        with torch.no_grad():
-            vectors[:, j] = project(v.detach())
-            energies[j] = float(objective.energy(vectors[:, j]))
-        converged[j], n_evals[j] = ok, state["nfev"]
-        last_change[j] = abs(state["delta"] / state["last"]) if state["last"] else math.nan
-        bar.set_postfix(energy=f"{float(energies[j]):.4g}", evals=state["nfev"])
-
+    vectors, energies, converged, n_evals, last_change = _solve_directions(
+        objective, _init_directions(readout, M, k), layer, max_iter, tol, progress
+    )
     order = energies.argsort(descending=True)
     result = CausalBasis(
         energies=energies[order],
@@ -405,10 +360,102 @@ def extract_causal_basis(
         msg = (
             f"CBE at layer {layer}: {len(bad)} of {k} directions (extraction order {bad}) used all "
             f"{max_iter} evaluations without the relative energy change falling below tol={tol} "
-            f"(last changes {[f'{float(last_change[i]):.2g}' for i in bad]}). Raise max_iter, loosen "
-            "tol, or treat these directions' energies as lower bounds; basis.converged records this."
+            f"(last changes {[f'{float(last_change[i]):.2g}' for i in bad]}). Raise max_iter, "
+            "loosen tol, or treat these directions' energies as lower bounds; basis.converged "
+            "records this."
         )
         if on_nonconvergence == "raise":
             raise CBEConvergenceError(msg)
-        warnings.warn(msg, CBEConvergenceWarning, stacklevel=2)
+        warnings.warn(msg, CBEConvergenceWarning, stacklevel=3)
     return result
+
+
+def _check_cbe_settings(
+    model: Any, mode: str, k: Any, max_iter: int, tol: float, on_nonconvergence: str
+) -> None:
+    """Refuse an unknown mode or policy, k outside 1..d_model, or a non-positive budget."""
+    d_model = int(model.cfg.d_model)
+    if mode not in ABLATION_MODES:
+        raise ValueError(f"mode must be one of {ABLATION_MODES}, got {mode!r}.")
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= d_model:
+        raise ValueError(f"k must be an integer in 1..d_model={d_model}, got {k!r}.")
+    if on_nonconvergence not in ("warn", "raise", "ignore"):
+        raise ValueError(
+            f"on_nonconvergence must be 'warn', 'raise' or 'ignore', got {on_nonconvergence!r}."
+        )
+    if max_iter < 1 or not tol > 0:
+        raise ValueError(f"max_iter must be >= 1 and tol > 0, got {max_iter} and {tol}.")
+
+
+def _solve_directions(
+    objective: LensAblationObjective,
+    vectors: torch.Tensor,
+    layer: int,
+    max_iter: int,
+    tol: float,
+    progress: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Maximise the energy of each direction in turn, orthogonal to those before it.
+
+    ``vectors`` ``[d_model k]`` holds the starting points and is overwritten with the solutions.
+    Returns ``(vectors, energies, converged, n_evals, last_change)`` in extraction order.
+    """
+    from tqdm.auto import tqdm
+
+    k = vectors.shape[1]
+    energies = torch.zeros(k)
+    converged = torch.zeros(k, dtype=torch.bool)
+    n_evals = torch.zeros(k, dtype=torch.long)
+    last_change = torch.full((k,), math.nan)
+    bar = tqdm(range(k), desc=f"CBE layer {layer}", disable=not progress, unit="dir")
+    for j in bar:
+        basis_so_far = vectors[:, :j]
+
+        def project(x: torch.Tensor, B: torch.Tensor = basis_so_far) -> torch.Tensor:
+            if B.shape[1]:
+                x = x - B @ (B.T @ x)
+            return x / (x.norm() + torch.finfo(x.dtype).eps)
+
+        v, ok, state = _lbfgs_direction(objective, project, vectors[:, j], max_iter, tol)
+        with torch.no_grad():
+            vectors[:, j] = project(v.detach())
+            energies[j] = float(objective.energy(vectors[:, j]))
+        converged[j], n_evals[j] = ok, state["nfev"]
+        last_change[j] = abs(state["delta"] / state["last"]) if state["last"] else math.nan
+        bar.set_postfix(energy=f"{float(energies[j]):.4g}", evals=state["nfev"])
+    return vectors, energies, converged, n_evals, last_change
+
+
+def _lbfgs_direction(
+    objective: LensAblationObjective,
+    project: Any,
+    start: torch.Tensor,
+    max_iter: int,
+    tol: float,
+) -> tuple[torch.Tensor, bool, dict[str, Any]]:
+    """One L-BFGS solve on the projected unit sphere; ``(v, converged, state)``."""
+    v = torch.nn.Parameter(project(start.clone()))
+    opt = torch.optim.LBFGS([v], line_search_fn="strong_wolfe", max_iter=max_iter)
+    state: dict[str, Any] = {"nfev": 0, "last": 0.0, "delta": math.inf, "finite": True}
+
+    def closure() -> torch.Tensor:
+        state["nfev"] += 1
+        opt.zero_grad(set_to_none=False)
+        energy = objective.energy(project(v))
+        loss = -energy
+        if not torch.isfinite(loss):
+            state["finite"] = False
+            v.grad.zero_()
+            return torch.zeros(())
+        loss.backward()
+        new = float(energy.detach())
+        state["delta"], state["last"] = new - state["last"], new
+        return loss.detach()
+
+    while state["nfev"] < max_iter and state["finite"]:
+        opt.step(closure)
+        with torch.no_grad():
+            v.copy_(project(v))
+        if abs(state["delta"]) <= tol * abs(state["last"]):
+            return v, True, state
+    return v, False, state

@@ -36,6 +36,7 @@ from tlmicroscope.causal.ablation import (
     derangement,
     subspace_ablation_hooks,
 )
+from tlmicroscope.deprecation import renamed_arguments
 from tlmicroscope.inputs import TextOrTokens, resolve_input
 from tlmicroscope.lenses.base import lens_logits, resolve_lens
 from tlmicroscope.lenses.readout import Readout
@@ -81,8 +82,9 @@ class CausalFidelityResult:
         """One line: ρ with its interval, the number of directions and of tokens."""
         lo, hi = self.spearman_ci
         return (
-            f"Spearman rho = {self.spearman:.2f} [{lo:.2f}, {hi:.2f}] ({self.ci_level:.0%} bootstrap over "
-            f"{self.n_tokens} tokens; k = {self.n_directions} directions, p = {self.p_value:.2g})"
+            f"Spearman rho = {self.spearman:.2f} [{lo:.2f}, {hi:.2f}] "
+            f"({self.ci_level:.0%} bootstrap over {self.n_tokens} tokens; "
+            f"k = {self.n_directions} directions, p = {self.p_value:.2g})"
         )
 
     def to_dataframe(self):
@@ -107,7 +109,7 @@ def _spearman(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
 
 
 def _spearman_columns(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Spearman's ρ between ``a[:, j]`` and ``b[:, j]`` for every column (average ranks for ties)."""
+    """Spearman's ρ between ``a[:, j]`` and ``b[:, j]`` for each column (ties get mean ranks)."""
     from scipy.stats import rankdata
 
     ra, rb = rankdata(a, axis=0), rankdata(b, axis=0)
@@ -141,7 +143,8 @@ def spearman_bootstrap(
     lens_kl, model_kl = np.asarray(lens_kl, np.float64), np.asarray(model_kl, np.float64)
     if lens_kl.shape != model_kl.shape or lens_kl.ndim != 2:
         raise ValueError(
-            f"Per-token influences must both be [k n_tokens], got {lens_kl.shape} and {model_kl.shape}."
+            "Per-token influences must both be [k n_tokens], got "
+            f"{lens_kl.shape} and {model_kl.shape}."
         )
     if lens_kl.shape[0] < 2:
         return float("nan"), float("nan")
@@ -158,13 +161,14 @@ def spearman_bootstrap(
     return float(low), float(high)
 
 
+@renamed_arguments(old_positional=("model", "lens", "basis", "layer", "tokens"))
 def causal_fidelity(
     model: Any,
+    tokens: TextOrTokens | None = None,
+    *,
     lens: Any,
     basis: Any,
     layer: int | None = None,
-    tokens: TextOrTokens | None = None,
-    *,
     mode: str | None = None,
     mean: torch.Tensor | None = None,
     seed: int = 0,
@@ -176,11 +180,11 @@ def causal_fidelity(
 
     Args:
         model: A TransformerLens model.
+        tokens: Text or token ids ``[batch pos]``; every position counts. They run as one batch,
+            so resample donors are shared by the lens and the model.
         lens: The lens the basis was extracted for (``"logit"``, a ``TunedLens``, ...).
         basis: A ``CausalBasis`` or ``[d_model k]`` directions (each is ablated on its own).
         layer: Residual index; defaults to the basis's layer (and must match it).
-        tokens: Text or token ids ``[batch pos]``; every position counts. They run as one batch,
-            so resample donors are shared by the lens and the model.
         mode: Ablation mode; defaults to the basis's mode (else ``"mean"``).
         mean: μ for mean ablation; defaults to the basis's mean (else these tokens' mean).
         seed: Seed of the resample donors and of the bootstrap.
@@ -188,104 +192,38 @@ def causal_fidelity(
         n_boot: Bootstrap resamples of the tokens for ``spearman_ci`` (0 skips the interval).
         ci_level: Coverage of the interval.
 
+    The old order ``causal_fidelity(model, lens, basis, layer, tokens)`` still works for one
+    release, with a ``DeprecationWarning``.
+
     Examples:
         >>> from tlmicroscope.models import tiny_model
         >>> model = tiny_model(n_layers=2)
         >>> toks = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
         >>> B = torch.linalg.qr(torch.randn(32, 4, generator=torch.Generator().manual_seed(1))).Q
-        >>> res = causal_fidelity(model, "logit", B, layer=1, tokens=toks, progress=False)
+        >>> res = causal_fidelity(model, toks, lens="logit", basis=B, layer=1, progress=False)
         >>> tuple(res.lens_influence.shape), bool((res.model_influence > 0).all()), res.n_directions
         ((4,), True, 4)
         >>> bool(res.spearman_ci[0] <= res.spearman_ci[1])
         True
     """
-    from tqdm.auto import tqdm
-
     if tokens is None:
         raise ValueError("Pass the tokens (or text) to measure the influences on.")
+    if n_boot < 0:
+        raise ValueError(f"n_boot must be 0 (no interval) or positive, got {n_boot}.")
     resolved = resolve_input(model, tokens)
     model, toks = resolved.model, resolved.tokens
     lens = resolve_lens(lens)
     lens.check_model(model)
-    is_fitted = not isinstance(
-        basis, torch.Tensor
-    )  # a CausalBasis (tensors have .mode, .mean methods)
-    basis_layer = getattr(basis, "layer", None) if is_fitted else None
-    if layer is None:
-        if basis_layer is None:
-            raise ValueError(
-                "Pass the layer the directions belong to (a plain tensor basis has none)."
-            )
-        layer = basis_layer
-    if basis_layer is not None and layer != basis_layer:
-        raise ValueError(
-            f"The basis was extracted at layer {basis_layer} but layer={layer} was given; fidelity "
-            "ablates at the basis's own hook. Omit layer or extract a basis at that layer."
-        )
-    layer = check_lens_layer(model, lens, layer)
-    mode = mode or (getattr(basis, "mode", None) if is_fitted else None) or "mean"
-    if mode not in ABLATION_MODES:
-        raise ValueError(f"mode must be one of {ABLATION_MODES}, got {mode!r}.")
+    layer, mode, B, mean = _fidelity_settings(model, lens, basis, layer, mode, mean)
     d = int(model.cfg.d_model)
-    B = as_orthonormal_basis(basis, d).float()
-    if mean is None and mode == "mean" and is_fitted:
-        mean = getattr(basis, "mean", None)
-
     hook = residual_hook(layer)
     with torch.inference_mode():
         logits, cache = model.run_with_cache(toks, names_filter=[hook])
         h = cache[hook].reshape(-1, d).float().clone()
         logp_clean = torch.log_softmax(logits.float(), -1).reshape(-1, logits.shape[-1])
-    n = h.shape[0]
-    if mode != "zero" and n < 2 and mean is None:
-        raise ValueError(f"{mode.capitalize()} ablation needs at least 2 token positions, got {n}.")
-    if n_boot < 0:
-        raise ValueError(f"n_boot must be 0 (no interval) or positive, got {n_boot}.")
-    mu = h.mean(0) if mean is None else torch.as_tensor(mean).to(h).reshape(-1)
-    if mu.shape != (d,):
-        raise ValueError(
-            f"mean must have d_model = {d} entries, got shape {tuple(torch.as_tensor(mean).shape)}."
-        )
-    if mode == "zero":
-        delta = -h
-    elif mode == "mean":
-        delta = mu - h
-    else:
-        delta = h[derangement(n, seed=seed)] - h
-    readout = Readout.for_model(model)
-    n_layers = int(model.cfg.n_layers)
-    chunk = max(
-        16, (1 << 26) // max(1, int(readout.W.shape[1]))
-    )  # [chunk d_vocab] float32 blocks of 256 MiB
-    with torch.no_grad():
-        lens_clean = [
-            torch.log_softmax(
-                lens_logits(lens, readout, h[lo : lo + chunk], layer, n_layers).float(), -1
-            )
-            for lo in range(0, n, chunk)
-        ]
-    k = B.shape[1]
-    lens_kl = torch.empty(k, n, dtype=torch.float64)
-    model_kl = torch.empty(k, n, dtype=torch.float64)
-    for j in tqdm(range(k), desc=f"fidelity layer {layer}", disable=not progress, unit="dir"):
-        v = B[:, j]
-        c = delta @ v
-        with torch.no_grad():
-            for ci, lo in enumerate(range(0, n, chunk)):
-                hi = min(lo + chunk, n)
-                logq = torch.log_softmax(
-                    lens_logits(
-                        lens, readout, h[lo:hi] + c[lo:hi, None] * v, layer, n_layers
-                    ).float(),
-                    -1,
-                )
-                logp = lens_clean[ci]
-                lens_kl[j, lo:hi] = (logp.exp() * (logp - logq)).sum(-1).double().cpu()
-        hooks = subspace_ablation_hooks(hook, v, mode, mean=mu, seed=seed, d_model=d)
-        with torch.inference_mode():
-            ablated = model.run_with_hooks(toks, fwd_hooks=hooks)
-            logq = torch.log_softmax(ablated.float(), -1).reshape(-1, ablated.shape[-1])
-            model_kl[j] = (logp_clean.exp() * (logp_clean - logq)).sum(-1).double().cpu()
+    mu, delta = _ablation_delta(h, mode, mean, seed)
+    lens_kl = _lens_kl(model, lens, layer, h, delta, B, progress)
+    model_kl = _model_kl(model, toks, hook, logp_clean, B, mode, mu, seed, progress)
     lens_infl, model_infl = lens_kl.mean(1).float(), model_kl.mean(1).float()
     rho, p = _spearman(lens_infl, model_infl)
     ci = (
@@ -295,6 +233,7 @@ def causal_fidelity(
         if n_boot > 0
         else (float("nan"), float("nan"))
     )
+    n, k = h.shape[0], B.shape[1]
     return CausalFidelityResult(
         lens_influence=lens_infl,
         model_influence=model_infl,
@@ -322,3 +261,119 @@ def causal_fidelity(
         lens_kl=lens_kl.float(),
         model_kl=model_kl.float(),
     )
+
+
+def _fidelity_settings(
+    model: Any, lens: Any, basis: Any, layer: int | None, mode: str | None, mean: Any
+) -> tuple[int, str, torch.Tensor, Any]:
+    """Layer, mode, orthonormal ``[d_model k]`` directions and mean, defaulting to the basis's."""
+    is_fitted = not isinstance(basis, torch.Tensor)  # a CausalBasis (tensors have .mode, .mean)
+    basis_layer = getattr(basis, "layer", None) if is_fitted else None
+    if layer is None:
+        if basis_layer is None:
+            raise ValueError(
+                "Pass the layer the directions belong to (a plain tensor basis has none)."
+            )
+        layer = basis_layer
+    if basis_layer is not None and layer != basis_layer:
+        raise ValueError(
+            f"The basis was extracted at layer {basis_layer} but layer={layer} was given; fidelity "
+            "ablates at the basis's own hook. Omit layer or extract a basis at that layer."
+        )
+    layer = check_lens_layer(model, lens, layer)
+    mode = mode or (getattr(basis, "mode", None) if is_fitted else None) or "mean"
+    if mode not in ABLATION_MODES:
+        raise ValueError(f"mode must be one of {ABLATION_MODES}, got {mode!r}.")
+    B = as_orthonormal_basis(basis, int(model.cfg.d_model)).float()
+    if mean is None and mode == "mean" and is_fitted:
+        mean = getattr(basis, "mean", None)
+    return layer, mode, B, mean
+
+
+def _ablation_delta(
+    h: torch.Tensor, mode: str, mean: Any, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean μ and ``ablated - h`` before projection onto a direction, per ``mode``."""
+    n, d = h.shape
+    if mode != "zero" and n < 2 and mean is None:
+        raise ValueError(f"{mode.capitalize()} ablation needs at least 2 token positions, got {n}.")
+    mu = h.mean(0) if mean is None else torch.as_tensor(mean).to(h).reshape(-1)
+    if mu.shape != (d,):
+        raise ValueError(
+            f"mean must have d_model = {d} entries, got shape {tuple(torch.as_tensor(mean).shape)}."
+        )
+    if mode == "zero":
+        return mu, -h
+    if mode == "mean":
+        return mu, mu - h
+    return mu, h[derangement(n, seed=seed)] - h
+
+
+def _lens_kl(
+    model: Any,
+    lens: Any,
+    layer: int,
+    h: torch.Tensor,
+    delta: torch.Tensor,
+    B: torch.Tensor,
+    progress: bool,
+) -> torch.Tensor:
+    """``[k n]`` KL of the lens's prediction from ablating each direction of ``B`` in ``h``."""
+    from tqdm.auto import tqdm
+
+    readout = Readout.for_model(model)
+    n_layers = int(model.cfg.n_layers)
+    n = h.shape[0]
+    # [chunk d_vocab] float32 blocks of 256 MiB
+    chunk = max(16, (1 << 26) // max(1, int(readout.W.shape[1])))
+    with torch.no_grad():
+        lens_clean = [
+            torch.log_softmax(
+                lens_logits(lens, readout, h[lo : lo + chunk], layer, n_layers).float(), -1
+            )
+            for lo in range(0, n, chunk)
+        ]
+    k = B.shape[1]
+    lens_kl = torch.empty(k, n, dtype=torch.float64)
+    bar = tqdm(range(k), desc=f"fidelity lens {layer}", disable=not progress, unit="dir")
+    for j in bar:
+        v = B[:, j]
+        c = delta @ v
+        with torch.no_grad():
+            for ci, lo in enumerate(range(0, n, chunk)):
+                hi = min(lo + chunk, n)
+                logq = torch.log_softmax(
+                    lens_logits(
+                        lens, readout, h[lo:hi] + c[lo:hi, None] * v, layer, n_layers
+                    ).float(),
+                    -1,
+                )
+                logp = lens_clean[ci]
+                lens_kl[j, lo:hi] = (logp.exp() * (logp - logq)).sum(-1).double().cpu()
+    return lens_kl
+
+
+def _model_kl(
+    model: Any,
+    toks: torch.Tensor,
+    hook: str,
+    logp_clean: torch.Tensor,
+    B: torch.Tensor,
+    mode: str,
+    mu: torch.Tensor,
+    seed: int,
+    progress: bool,
+) -> torch.Tensor:
+    """``[k n]`` KL of the model's output from ablating each direction of ``B`` at ``hook``."""
+    from tqdm.auto import tqdm
+
+    d, k = B.shape
+    model_kl = torch.empty(k, logp_clean.shape[0], dtype=torch.float64)
+    bar = tqdm(range(k), desc=f"fidelity model {hook}", disable=not progress, unit="dir")
+    for j in bar:
+        hooks = subspace_ablation_hooks(hook, B[:, j], mode, mean=mu, seed=seed, d_model=d)
+        with torch.inference_mode():
+            ablated = model.run_with_hooks(toks, fwd_hooks=hooks)
+            logq = torch.log_softmax(ablated.float(), -1).reshape(-1, ablated.shape[-1])
+            model_kl[j] = (logp_clean.exp() * (logp_clean - logq)).sum(-1).double().cpu()
+    return model_kl

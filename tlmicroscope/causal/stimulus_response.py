@@ -34,6 +34,7 @@ from jaxtyping import Float, Int
 from tlmicroscope.capture import capture
 from tlmicroscope.causal._bootstrap import bootstrap_mean_ci
 from tlmicroscope.causal._hidden import residual_hook
+from tlmicroscope.deprecation import renamed_arguments
 from tlmicroscope.inputs import TextOrTokens, check_layers, resolve_input
 from tlmicroscope.lenses.base import lens_logits, resolve_lens
 from tlmicroscope.lenses.readout import Readout
@@ -64,7 +65,8 @@ def aitchison_similarity(
 
     Examples:
         >>> x = torch.tensor([1.0, 2.0, 4.0]); w = torch.tensor([0.2, 0.3, 0.5])
-        >>> round(float(aitchison_similarity(x, x + 7.0, w)), 6), round(float(aitchison_similarity(x, -x, w)), 6)
+        >>> same, opposite = aitchison_similarity(x, x + 7.0, w), aitchison_similarity(x, -x, w)
+        >>> round(float(same), 6), round(float(opposite), 6)
         (1.0, -1.0)
     """
     w = weights / weights.sum(-1, keepdim=True)
@@ -104,13 +106,17 @@ class StimulusResponseResult:
     def confidence_intervals(
         self, *, level: float = 0.95, n_boot: int = 2000, seed: int = 0
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Percentile bootstrap interval of each lens's mean alignment per layer: ``(low, high)``, each
-        ``[lens layer]``, from ``n_boot`` resamples of the treated samples (``_bootstrap.bootstrap_indices``).
+        """Percentile bootstrap interval of each lens's mean alignment per layer.
+
+        Returns ``(low, high)``, each ``[lens layer]``, from ``n_boot`` resamples of the treated
+        samples (``_bootstrap.bootstrap_indices``).
 
         Examples:
             >>> from tlmicroscope.models import tiny_model
             >>> toks = torch.randint(0, 256, (3, 8), generator=torch.Generator().manual_seed(0))
-            >>> res = stimulus_response_alignment(tiny_model(n_layers=2), "logit", toks, n_samples=6, progress=False)
+            >>> res = stimulus_response_alignment(
+            ...     tiny_model(n_layers=2), toks, lens="logit", n_samples=6, progress=False
+            ... )
             >>> lo, hi = res.confidence_intervals()
             >>> lo.shape, bool((lo <= res.mean_alignment.numpy() + 1e-6).all())
             ((1, 2), True)
@@ -130,12 +136,13 @@ class StimulusResponseResult:
     ):
         """Per layer, lens ``a``'s alignment minus lens ``b``'s: mean and paired bootstrap interval.
 
-        Both lenses saw the same interventions, so the difference is taken per sample and the samples
-        are resampled together. ``higher`` is True where the interval lies above 0, ``lower`` where it
-        lies below; elsewhere the data do not say which lens is higher.
+        Both lenses saw the same interventions, so the difference is taken per sample and the
+        samples are resampled together. ``higher`` is True where the interval lies above 0,
+        ``lower`` where it lies below; elsewhere the data do not say which lens is higher.
 
         Returns:
-            A DataFrame with ``layer``, ``difference``, ``ci_low``, ``ci_high``, ``higher``, ``lower``.
+            A DataFrame with ``layer``, ``difference``, ``ci_low``, ``ci_high``, ``higher``,
+            ``lower``.
         """
         import pandas as pd
 
@@ -166,7 +173,7 @@ class StimulusResponseResult:
         return int(x) % len(self.lens_names)
 
     def to_dataframe(self, *, level: float = 0.95, n_boot: int = 2000, seed: int = 0):
-        """One row per (lens, layer): mean alignment, spread, sample count and bootstrap interval."""
+        """One row per (lens, layer): mean alignment, spread, sample count, bootstrap interval."""
         import pandas as pd
 
         lo, hi = self.confidence_intervals(level=level, n_boot=n_boot, seed=seed)
@@ -190,12 +197,13 @@ class StimulusResponseResult:
         return pd.DataFrame(rows)
 
 
+@renamed_arguments(old_positional=("model", "lens", "tokens", "layer"))
 def stimulus_response_alignment(
     model: Any,
-    lens: Any,
     tokens: TextOrTokens | None = None,
-    layer: int | Sequence[int] | None = None,
     *,
+    lens: Any,
+    layer: int | Sequence[int] | None = None,
     n_samples: int = 32,
     seed: int = 0,
     batch_size: int = 16,
@@ -206,9 +214,9 @@ def stimulus_response_alignment(
 
     Args:
         model: A TransformerLens model.
+        tokens: Text or token ids ``[batch pos]``.
         lens: A lens, or a sequence of lenses compared on the same interventions (e.g.
             ``["logit", tuned_lens]``).
-        tokens: Text or token ids ``[batch pos]``.
         layer: Residual index or indices in 0..n_layers-1 (default all).
         n_samples: Treated positions per layer (drawn once, seeded; the same for every layer).
         seed: Seed of the positions and donors.
@@ -218,11 +226,16 @@ def stimulus_response_alignment(
             another sequence, and position 0 is left out; needs at least 2 sequences of at least 2
             tokens) or ``"any"`` (any other (sequence, position), position 0 included).
 
+    The old order ``stimulus_response_alignment(model, lens, tokens, layer)`` still works for one
+    release, with a ``DeprecationWarning``.
+
     Examples:
         >>> from tlmicroscope.models import tiny_model
         >>> model = tiny_model(n_layers=2)
         >>> toks = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(0))
-        >>> res = stimulus_response_alignment(model, "logit", toks, n_samples=4, progress=False)
+        >>> res = stimulus_response_alignment(
+        ...     model, toks, lens="logit", n_samples=4, progress=False
+        ... )
         >>> tuple(res.alignment.shape), bool((res.alignment.abs() <= 1 + 1e-5).all())
         ((1, 2, 4), True)
     """
@@ -244,24 +257,7 @@ def stimulus_response_alignment(
     if n_samples < 1:
         raise ValueError(f"n_samples must be positive, got {n_samples}.")
     g = torch.Generator().manual_seed(seed)
-    if donors == "any":
-        if n_rows < 2:
-            raise ValueError(
-                "Resampling a residual update needs at least 2 token positions (a donor)."
-            )
-        candidates = torch.arange(n_rows)
-    else:
-        if batch < 2 or n_pos < 2:
-            raise ValueError(
-                f"Same-position donors need at least 2 sequences of at least 2 tokens, got {batch} of "
-                f"{n_pos}; pass a batch of texts or corpus windows, or donors='any'."
-            )
-        candidates = (
-            torch.arange(n_rows).reshape(batch, n_pos)[:, 1:].reshape(-1)
-        )  # position 0 left out
-    treated = candidates[
-        torch.randperm(len(candidates), generator=g)[: min(n_samples, len(candidates))]
-    ]
+    treated = _treated_rows(batch, n_pos, donors, n_samples, g)
     m = len(treated)
 
     needed = sorted(set(layers) | {max(x - 1, 0) for x in layers})
@@ -287,20 +283,9 @@ def stimulus_response_alignment(
         h = resid[row[lay]]
         update = h if lay == 0 else h - resid[row[lay - 1]]
         h_treated = h[treated] + update[donor_rows] - update[treated]
-        response_logits = torch.empty(m, final.shape[-1])
-        name = residual_hook(lay)
-        for lo in range(0, m, batch_size):
-            sl = slice(lo, min(lo + batch_size, m))
-            rows_b, rows_p, new = t_b[sl], t_p[sl], h_treated[sl]
-
-            def patch(act, hook, rows_p=rows_p, new=new):
-                act = act.clone()
-                act[torch.arange(act.shape[0]), rows_p] = new.to(act.dtype)
-                return act
-
-            with torch.inference_mode():
-                logits = model.run_with_hooks(toks[rows_b], fwd_hooks=[(name, patch)])
-            response_logits[sl] = logits[torch.arange(len(rows_b)), rows_p].float()
+        response_logits = _patched_logits(
+            model, toks, residual_hook(lay), t_b, t_p, h_treated, batch_size
+        )
         clean = final[treated]
         response = torch.log_softmax(response_logits - clean, -1)
         weights = 0.5 * (torch.softmax(clean, -1) + torch.softmax(response_logits, -1))
@@ -326,3 +311,57 @@ def stimulus_response_alignment(
         ),
         donor_mode=donors,
     )
+
+
+def _treated_rows(
+    batch: int, n_pos: int, donors: str, n_samples: int, g: torch.Generator
+) -> torch.Tensor:
+    """Up to ``n_samples`` flat (sequence, position) rows to treat, drawn with ``g``."""
+    n_rows = batch * n_pos
+    if donors == "any":
+        if n_rows < 2:
+            raise ValueError(
+                "Resampling a residual update needs at least 2 token positions (a donor)."
+            )
+        candidates = torch.arange(n_rows)
+    else:
+        if batch < 2 or n_pos < 2:
+            raise ValueError(
+                "Same-position donors need at least 2 sequences of at least 2 tokens, got "
+                f"{batch} of {n_pos}; pass a batch of texts or corpus windows, or donors='any'."
+            )
+        # position 0 left out
+        candidates = torch.arange(n_rows).reshape(batch, n_pos)[:, 1:].reshape(-1)
+    return candidates[
+        torch.randperm(len(candidates), generator=g)[: min(n_samples, len(candidates))]
+    ]
+
+
+def _patched_logits(
+    model: Any,
+    toks: torch.Tensor,
+    name: str,
+    t_b: torch.Tensor,
+    t_p: torch.Tensor,
+    h_treated: torch.Tensor,
+    batch_size: int,
+) -> torch.Tensor:
+    """``[m d_vocab]`` final logits at each treated position with its residual set at ``name``."""
+    m = len(t_b)
+    response_logits = None
+    for lo in range(0, m, batch_size):
+        sl = slice(lo, min(lo + batch_size, m))
+        rows_b, rows_p, new = t_b[sl], t_p[sl], h_treated[sl]
+
+        def patch(act, hook, rows_p=rows_p, new=new):
+            act = act.clone()
+            act[torch.arange(act.shape[0]), rows_p] = new.to(act.dtype)
+            return act
+
+        with torch.inference_mode():
+            logits = model.run_with_hooks(toks[rows_b], fwd_hooks=[(name, patch)])
+        if response_logits is None:
+            response_logits = torch.empty(m, logits.shape[-1])
+        response_logits[sl] = logits[torch.arange(len(rows_b)), rows_p].float()
+    assert response_logits is not None  # m >= 1 (n_samples >= 1 and candidates exist)
+    return response_logits

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from tlmicroscope import io
 from tlmicroscope.capture import residual_stream_names
 from tlmicroscope.corpus import CorpusSource, token_stream
+from tlmicroscope.deprecation import renamed_arguments
 from tlmicroscope.inputs import TextOrTokens, ensure_eval, resolve_input
 from tlmicroscope.microscope._forward import str_tokens_of
 from tlmicroscope.microscope._prefix_decoding import (
@@ -90,7 +91,7 @@ class ContextualizationProbe:
         >>> probe = ContextualizationProbe(prefix_length=4, mlp_hidden=16, decoder="frozen", steps=2,
         ...                                window_length=16)
         >>> probe = probe.fit(model, ["a small corpus of text " * 20], progress=False)
-        >>> ctx = contextualization(model, "hello world", probe)
+        >>> ctx = contextualization(model, "hello world", probe=probe)
         >>> tuple(ctx.C.shape), bool(ctx.C[0, 0].isnan()), bool(ctx.C[0, 1:].isfinite().all())
         ((1, 11), True, True)
     """
@@ -441,11 +442,12 @@ class Contextualization:
         )
 
 
+@renamed_arguments(old_positional=("model_or_cache", "tokens", "probe"))
 def contextualization(
     model_or_cache: Any,
     tokens: TextOrTokens | None = None,
-    probe: ContextualizationProbe | str | Path | None = None,
     *,
+    probe: ContextualizationProbe | str | Path | None = None,
     reduction: Literal["mean", "sum"] = "mean",
     positions: slice | Sequence[int] | None = None,
     batch_size: int = 64,
@@ -459,6 +461,11 @@ def contextualization(
     still runs the model on each prefix (one short forward pass per decoded token).
 
     Args:
+        model_or_cache: A TransformerLens model, or an ``ActivationCache`` of one.
+        tokens: Text or token ids ``[batch pos]``.
+        probe: A fitted ``ContextualizationProbe`` or the folder of a saved one (keyword-only;
+            passing it third by position still works for one release, with a
+            ``DeprecationWarning``).
         positions: Decode only these positions (a slice or indices; default every position ≥ 1);
             C is NaN elsewhere. Decoding costs about ``P`` tokens of forward pass per position,
             so a long text is cheaper on a window of it.
@@ -471,7 +478,7 @@ def contextualization(
         >>> model = tiny_model(n_layers=2)
         >>> probe = ContextualizationProbe(prefix_length=3, mlp_hidden=8, decoder="frozen", steps=1,
         ...                                window_length=8).fit(model, ["some text to train on " * 5], progress=False)
-        >>> ctx = contextualization(model, "abcde", probe, reduction="sum")
+        >>> ctx = contextualization(model, "abcde", probe=probe, reduction="sum")
         >>> ctx.prefix_length.tolist()
         [[0, 1, 2, 3, 3]]
     """

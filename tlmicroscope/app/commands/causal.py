@@ -147,11 +147,11 @@ def _cbe(args: argparse.Namespace) -> int:
     )
     basis = extract_causal_basis(
         model,
-        lens,
-        windows[:n_extract],
-        layer,
-        args.k,
-        args.mode,
+        lens=lens,
+        corpus=windows[:n_extract],
+        layer=layer,
+        k=args.k,
+        mode=args.mode,
         max_iter=args.max_iter,
         seed=args.seed,
     )
@@ -172,7 +172,9 @@ def _cbe(args: argparse.Namespace) -> int:
     page = HtmlPage(title=f"Causal basis extraction at layer {basis.layer}")
     page.add_section("CBE energies", cbe_energy_figure(basis), caption=basis.provenance.describe())
     if args.fidelity_windows > 0:
-        fid = causal_fidelity(model, lens, basis, tokens=windows[n_extract:], seed=args.seed)
+        fid = causal_fidelity(
+            model, lens=lens, basis=basis, tokens=windows[n_extract:], seed=args.seed
+        )
         log(f"causal fidelity at layer {layer}: {fid.describe()}")
         results["fidelity"] = {
             "spearman": fid.spearman,
@@ -203,8 +205,8 @@ def _cbe(args: argparse.Namespace) -> int:
         )
         sr = stimulus_response_alignment(
             model,
-            lenses,
-            sr_windows[:, :128],
+            lens=lenses,
+            tokens=sr_windows[:, :128],
             n_samples=args.stimulus_response,
             seed=args.seed,
             donors=args.sr_donors,

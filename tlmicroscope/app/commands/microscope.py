@@ -291,7 +291,7 @@ def _microscope(args: argparse.Namespace) -> int:
     )
     probe, probe_path = _probe(model, args.probe)
     if probe is not None:
-        ctx = contextualization(model, text, probe, truncate=args.truncate)
+        ctx = contextualization(model, text, probe=probe, truncate=args.truncate)
         page.add_section(
             "4. Contextualization",
             mv.contextualization_heatmap(ctx),
@@ -397,7 +397,7 @@ def _classes(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     for w in tqdm(windows, desc="texts"):
-        ctxs.append(contextualization(model, w, probe))
+        ctxs.append(contextualization(model, w, probe=probe))
         nls.append(token_nonlinearity(model, w, reference=ref))
     summary = token_class_summary(ctxs, nls)
     corr = contextuality_nonlinearity_correlation(ctxs, nls)

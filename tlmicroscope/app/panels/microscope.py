@@ -273,7 +273,9 @@ def report_contextualization(
                 "(400 steps by default; --steps 100 for a rough one):",
                 fix=_train_command(ctx),
             )
-        res = contextualization(_source(ctx), ctx.tokens, probe, positions=_context_positions(ctx))
+        res = contextualization(
+            _source(ctx), ctx.tokens, probe=probe, positions=_context_positions(ctx)
+        )
         return res, probe, path
 
     return ctx.memo("microscope:contextualization", compute)
