@@ -248,9 +248,9 @@ def main() -> int:
     for i, (label, lens) in enumerate(lenses.items()):
         evals[label] = evaluate_lens(
             model,
-            lens,
-            None,
-            tokens=args.eval_tokens,
+            lens=lens,
+            corpus=None,
+            n_tokens=args.eval_tokens,
             seq_len=args.seq_len,
             baseline=(i == 0),
             progress=False,

@@ -235,9 +235,9 @@ def family_claims(
     for name, lens in lenses.items():
         ev = evaluate_lens(
             model,
-            lens,
-            corpus,
-            tokens=kl_tokens,
+            lens=lens,
+            corpus=corpus,
+            n_tokens=kl_tokens,
             seq_len=seq_len,
             baseline=False,
             progress=progress,

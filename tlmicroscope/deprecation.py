@@ -18,7 +18,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
-__all__ = ["REMOVED_IN", "Renamed", "renamed_arguments"]
+__all__ = ["REMOVED_IN", "Renamed", "looks_like_lens", "renamed_arguments"]
 
 #: The release in which the old spellings stop working.
 REMOVED_IN = "0.2.0"
@@ -66,6 +66,7 @@ def renamed_arguments(
     *,
     renamed: Mapping[str, Renamed] | None = None,
     old_positional: Sequence[str] = (),
+    old_order_if: Callable[[tuple[Any, ...], dict[str, Any]], bool] | None = None,
 ) -> Callable[[F], F]:
     """Accept a function's old keyword names and old positional order, with a DeprecationWarning.
 
@@ -77,6 +78,9 @@ def renamed_arguments(
             old order when it passes more positional arguments than the new form takes, when a
             positional slot is also given by keyword, or when a required keyword-only argument that
             used to be positional is missing.
+        old_order_if: Also read the call in the old order when ``old_order_if(args, kwargs)`` is
+            true: for an optional argument that moved, recognised by its value (a lens where the
+            new form takes a corpus).
 
     Examples:
         >>> @renamed_arguments(renamed={"prompts": "tokens"}, old_positional=("model", "lens"))
@@ -119,7 +123,10 @@ def renamed_arguments(
                 value = kwargs.pop(old)
                 kwargs[new] = value if convert is None else convert(value, kwargs)
                 notes.append(f"{old}= is now {new}=")
-            if old_positional and _is_old_order(args, kwargs, new_pos, old_positional, required_kw):
+            if old_positional and (
+                _is_old_order(args, kwargs, new_pos, old_positional, required_kw)
+                or (old_order_if is not None and old_order_if(args, kwargs))
+            ):
                 if len(args) > len(old_positional):
                     raise TypeError(
                         f"{name}() takes at most {len(new_pos)} positional arguments "
@@ -148,3 +155,32 @@ def renamed_arguments(
         return wrapper  # type: ignore[return-value]
 
     return decorate
+
+
+def looks_like_lens(value: Any) -> bool:
+    """Whether ``value`` is a lens or names one (``"logit"``, ``"logit-paper"``, a lens folder).
+
+    Used to recognise the old positional order of functions that took a lens before a corpus.
+
+    Examples:
+        >>> looks_like_lens("logit"), looks_like_lens("some text"), looks_like_lens(None)
+        (True, False, False)
+    """
+    import os
+    from pathlib import Path
+
+    if value is None:
+        return False
+    if hasattr(value, "transform") and hasattr(value, "check_model"):
+        return True
+    if isinstance(value, str) and value in ("logit", "logit-paper"):
+        return True
+    if isinstance(value, (str, os.PathLike)) and len(str(value)) < 4096:
+        try:
+            path = Path(value)
+            return path.is_dir() and any(
+                (path / name).is_file() for name in ("config.json", "lens.json", "params.pt")
+            )
+        except OSError:
+            return False
+    return False

@@ -281,7 +281,9 @@ def test_plugs_in_wherever_a_lens_is_accepted(tiny_llama):
     p = torch.log_softmax(model(toks)[0].float(), -1)
     assert traj.provenance.lens == "jacobian"
     assert torch.allclose(traj.kl[2, 0], (p.exp() * (p - q)).sum(-1), atol=1e-4)
-    ev = evaluate_lens(model, lens, [text * 20], tokens=64, seq_len=32, holdout=0.3, progress=False)
+    ev = evaluate_lens(
+        model, lens=lens, corpus=[text * 20], n_tokens=64, seq_len=32, holdout=0.3, progress=False
+    )
     assert ev.lens_name == "jacobian" and float(ev.kl[-1]) < 1e-5
     contrib = layer_contributions(model, text, lens=lens)
     assert contrib is not None

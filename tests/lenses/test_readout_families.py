@@ -533,9 +533,9 @@ def test_bfloat16_model_runs_the_lens_and_causal_analyses():
         model, _ = _bridge("gemma2", dtype)
         ev = evaluate_lens(
             model,
-            TunedLens.for_model(model),
-            text,
-            tokens=64,
+            lens=TunedLens.for_model(model),
+            corpus=text,
+            n_tokens=64,
             seq_len=32,
             holdout=0.3,
             progress=False,

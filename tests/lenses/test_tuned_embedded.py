@@ -34,9 +34,9 @@ def test_short_training_beats_the_logit_lens_at_every_layer(embedded_model, tmp_
     )
     ev = evaluate_lens(
         embedded_model,
-        TunedLens.load(tmp_path, embedded_model),
-        None,
-        tokens=128,
+        lens=TunedLens.load(tmp_path, embedded_model),
+        corpus=None,
+        n_tokens=128,
         seq_len=128,
         progress=False,
     )

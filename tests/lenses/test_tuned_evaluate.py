@@ -60,15 +60,15 @@ def test_evaluate_matches_brute_force(tiny):
     lens = _random_lens(tiny)
     ev = evaluate_lens(
         tiny,
-        lens,
-        TEXT,
-        tokens=96,
+        lens=lens,
+        corpus=TEXT,
+        n_tokens=96,
         seq_len=32,
         split="all",
         bias=True,
         transfer=True,
         progress=False,
-        chunk_rows=20,
+        chunk_size=20,
     )
     windows = lens_token_windows(tiny, TEXT, seq_len=32, split="all")[:3]
     brute = _brute_force(tiny, lens, windows)
@@ -93,9 +93,9 @@ def test_bits_per_byte_hand_computation(tiny_llama):
     docs = ["abcdefghijklmnopqrstuvwxyz01234", "ABCDEFGHIJKLMNOPQRSTUVWXYZ56789"]
     ev = evaluate_lens(
         tiny_llama,
-        "logit",
-        docs,
-        tokens=64,
+        lens="logit",
+        corpus=docs,
+        n_tokens=64,
         seq_len=32,
         split="all",
         baseline=False,
@@ -109,9 +109,9 @@ def test_bits_per_byte_hand_computation(tiny_llama):
     # two-byte characters: 'é' is two byte tokens and two bytes
     ev2 = evaluate_lens(
         tiny_llama,
-        "logit",
-        ["é" * 40],
-        tokens=64,
+        lens="logit",
+        corpus=["é" * 40],
+        n_tokens=64,
         seq_len=32,
         split="all",
         baseline=False,
@@ -127,9 +127,9 @@ def test_bits_per_byte_hand_computation(tiny_llama):
 def test_untrained_lens_evaluates_like_the_logit_lens(tiny_gpt2):
     ev = evaluate_lens(
         tiny_gpt2,
-        TunedLens.for_model(tiny_gpt2),
-        TEXT,
-        tokens=64,
+        lens=TunedLens.for_model(tiny_gpt2),
+        corpus=TEXT,
+        n_tokens=64,
         seq_len=32,
         holdout=0.3,
         progress=False,
@@ -143,7 +143,12 @@ def test_untrained_lens_evaluates_like_the_logit_lens(tiny_gpt2):
 def test_evaluation_refuses_another_models_lens(tiny_llama, tiny_gpt2):
     with pytest.raises(ValueError, match="another model"):
         evaluate_lens(
-            tiny_gpt2, TunedLens.for_model(tiny_llama), TEXT, tokens=32, seq_len=32, progress=False
+            tiny_gpt2,
+            lens=TunedLens.for_model(tiny_llama),
+            corpus=TEXT,
+            n_tokens=32,
+            seq_len=32,
+            progress=False,
         )
 
 
@@ -160,9 +165,9 @@ def test_figures_from_results(tiny_llama):
     )
     ev = evaluate_lens(
         tiny_llama,
-        res.lens,
-        TEXT,
-        tokens=64,
+        lens=res.lens,
+        corpus=TEXT,
+        n_tokens=64,
         seq_len=32,
         holdout=0.3,
         bias=True,

@@ -70,7 +70,9 @@ def test_objective_gradients_match_autograd(tiny):
 @pytest.mark.parametrize("recipe", ["muon", "sgd"])
 def test_a_few_steps_lower_heldout_kl_at_every_layer(tiny, recipe):
     res = train_tuned_lens(tiny, TEXT, steps=12, init="zero", recipe=recipe, holdout=0.2, **FAST)
-    ev = evaluate_lens(tiny, res.lens, TEXT, tokens=256, seq_len=32, holdout=0.2, progress=False)
+    ev = evaluate_lens(
+        tiny, lens=res.lens, corpus=TEXT, n_tokens=256, seq_len=32, holdout=0.2, progress=False
+    )
     tuned, logit = ev.kl[:-1], ev.baseline.kl[:-1]
     assert (tuned < logit).all(), (tuned, logit)
     assert res.kl.shape == (12, tiny.cfg.n_layers)

@@ -241,9 +241,9 @@ def test_evaluate_lens(fam):
 
     ev = evaluate_lens(
         fam["model"],
-        "logit",
-        CORPUS,
-        tokens=128,
+        lens="logit",
+        corpus=CORPUS,
+        n_tokens=128,
         seq_len=32,
         holdout=0.5,
         baseline=False,

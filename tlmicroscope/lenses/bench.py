@@ -279,9 +279,9 @@ def lens_bench(
     for i, (name, lens) in enumerate(named):
         ev = evaluate_lens(
             model,
-            lens,
-            corpus,
-            tokens=n_win * seq_len,
+            lens=lens,
+            corpus=corpus,
+            n_tokens=n_win * seq_len,
             seq_len=seq_len,
             split="heldout",
             holdout=holdout,

@@ -572,9 +572,9 @@ def prompt_curve(
         lens = JacobianLens(merged, L, model_info=merged.metadata.get(_FP_KEY))
         ev = evaluate_lens(
             model,
-            lens,
-            corpus,
-            tokens=tokens,
+            lens=lens,
+            corpus=corpus,
+            n_tokens=tokens,
             seq_len=seq_len,
             holdout=holdout,
             baseline=False,

@@ -41,8 +41,8 @@ def lens_comparison_figure(
         >>> from tlmicroscope.lenses import TunedLens
         >>> from tlmicroscope.lenses.evaluate import evaluate_lens
         >>> model = tiny_model(n_layers=2)
-        >>> ev = evaluate_lens(model, TunedLens.for_model(model), ["a b c d e f " * 30],
-        ...                    tokens=64, seq_len=32, holdout=0.3, progress=False)
+        >>> ev = evaluate_lens(model, ["a b c d e f " * 30], lens=TunedLens.for_model(model),
+        ...                    n_tokens=64, seq_len=32, holdout=0.3, progress=False)
         >>> [trace.name for trace in lens_comparison_figure(ev).data]
         ['tuned', 'logit']
     """

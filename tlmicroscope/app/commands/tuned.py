@@ -168,9 +168,9 @@ def _evaluate(model, lens, corpus, tokens, seq_len, split, holdout, bias, transf
 
     return evaluate_lens(
         model,
-        lens,
-        corpus,
-        tokens=tokens,
+        lens=lens,
+        corpus=corpus,
+        n_tokens=tokens,
         seq_len=seq_len,
         split=split,
         holdout=holdout,
