@@ -1,4 +1,5 @@
-"""Run the architecture matrix on every TransformerLens line and class; print it, or write it to the README.
+"""Run the architecture matrix on every TransformerLens line and class; print it, or write it to the
+README.
 
 The matrix is ``tests/matrix/test_architecture_matrix.py``: every public analysis and report section
 on a tiny seeded random model of each family. This script runs it three times, each in its own
@@ -29,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tlmicroscope.models.families import FAMILIES
+from tlmicroscope.models.families import FAMILIES  # noqa: E402 (needs the sys.path entry above)
 
 TEST_FILE = "tests/matrix/test_architecture_matrix.py"
 CONFIGS = {  # name: (column title, python, TLMICROSCOPE_TEST_KIND)

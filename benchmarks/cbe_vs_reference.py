@@ -51,7 +51,8 @@ with th.no_grad():
     probe = lens(h[0, :8], 0).log_softmax(-1)
 t0 = time.perf_counter()
 # num_layers = len(hiddens) - 1: the second entry only makes the reference do one layer.
-basis = next(iter(extract_causal_bases(lens, [h, h], cfg["k"], max_iter=cfg["max_iter"], mode="mean")))
+bases = extract_causal_bases(lens, [h, h], cfg["k"], max_iter=cfg["max_iter"], mode="mean")
+basis = next(iter(bases))
 seconds = time.perf_counter() - t0
 th.save({"energies": basis.energies, "vectors": basis.vectors, "probe": probe, "seconds": seconds},
         cfg["out"])
@@ -117,8 +118,8 @@ def main() -> int:
         _, cache = model.run_with_cache(windows, names_filter=[name])
     hidden = cache[name].clone()  # [batch pos d_model]
     print(
-        f"layer {args.layer}, k={args.k}, {hidden.shape[0] * hidden.shape[1]} tokens, mean ablation, "
-        f"max_iter={args.max_iter}, {args.threads} threads"
+        f"layer {args.layer}, k={args.k}, {hidden.shape[0] * hidden.shape[1]} tokens, mean "
+        f"ablation, max_iter={args.max_iter}, {args.threads} threads"
     )
 
     t0 = time.perf_counter()

@@ -1,12 +1,12 @@
 """The papers' claims on both embedded models, side by side (issue 11, item 7).
 
-For each model: where " Paris" emerges through the logit and tuned lenses, held-out KL of both lenses
-per layer, the linearity profile, the intrinsic-dimension peak and the first-token norm spike, all
-measured by ``tlmicroscope.claims.family_claims``. Each model's numbers go to
+For each model: where " Paris" emerges through the logit and tuned lenses, held-out KL of both
+lenses per layer, the linearity profile, the intrinsic-dimension peak and the first-token norm
+spike, all measured by ``tlmicroscope.claims.family_claims``. Each model's numbers go to
 ``out/family-claims/<model>.json`` (so the two models can be run at different times); the table is
-built from those files and, with ``--write-readme``, written between the README's
-``family-claims`` markers. A tuned lens is taken from the default folder
-(``out/tuned-lens-<model>``, made by ``tlmicroscope train-lens --model <model>``) when it exists.
+built from those files and, with ``--write-readme``, written between the README's ``family-claims``
+markers. A tuned lens is taken from the default folder (``out/tuned-lens-<model>``, made by
+``tlmicroscope train-lens --model <model>``) when it exists.
 
 Usage:
     python benchmarks/family_claims.py --models smollm2-135m,gemma3-270m
@@ -40,9 +40,8 @@ def run_model(name: str, out: Path, args: argparse.Namespace) -> None:
     model = tlm.load_model(name)
     lens_dir = default_lens_dir(name)
     lens = load_lens(lens_dir, model) if (lens_dir / "config.json").is_file() else None
-    print(
-        f"{name}: tuned lens {'from ' + str(lens_dir) if lens is not None else 'not found (logit only)'}"
-    )
+    found = f"from {lens_dir}" if lens is not None else "not found (logit only)"
+    print(f"{name}: tuned lens {found}")
     t0 = time.perf_counter()
     claims = family_claims(
         model, tuned_lens=lens, kl_tokens=args.kl_tokens, id_points=args.id_points

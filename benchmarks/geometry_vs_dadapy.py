@@ -26,8 +26,8 @@ import time
 import venv
 from pathlib import Path
 
-# libgomp's threads spin after each parallel region; on a shared machine that steals the cores
-# from the next operation (measured 5x slower per layer with 2 threads). Must precede `import torch`.
+# libgomp's threads spin after each parallel region; on a shared machine that steals the cores from
+# the next operation (measured 5x slower per layer with 2 threads). Must precede `import torch`.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
@@ -77,7 +77,8 @@ if len(a) <= 5000:
     out["seconds_paper_path"] = time.perf_counter() - t0
     out["gride_paper_path"] = paper_ids.tolist()
 import dadapy, numpy
-out["versions"] = f"dadapy {dadapy.__version__ if hasattr(dadapy, '__version__') else '0.3.4'}, numpy {numpy.__version__}"
+dadapy_version = getattr(dadapy, "__version__", "0.3.4")
+out["versions"] = f"dadapy {dadapy_version}, numpy {numpy.__version__}"
 print(json.dumps(out))
 """
 
@@ -208,27 +209,31 @@ def main() -> int:
                 )
             worst = max(worst, *diff.values())
             print(
-                f"\nN = {n}, d = 576 (GRIDE 2..256 + TwoNN base/ml + overlap k=1..6; {args.threads} threads, "
+                f"\nN = {n}, d = 576 (GRIDE 2..256 + TwoNN base/ml + overlap k=1..6; "
+                f"{args.threads} threads, "
                 f"best of {reps}; {ref['versions']})"
             )
             print(
-                f"  dadapy       {ref['seconds']:8.3f} s   (efficient use: one Data object, B's neighbours once)"
+                f"  dadapy       {ref['seconds']:8.3f} s   (efficient use: one Data object, B's "
+                "neighbours once)"
             )
             if "seconds_paper_path" in ref:
                 print(
-                    f"  dadapy       {ref['seconds_paper_path']:8.3f} s   (the paper's call path: full distance "
-                    f"matrix, Data(distances=, maxk=300), overlap per k; ratio "
+                    f"  dadapy       {ref['seconds_paper_path']:8.3f} s   (the paper's call path: "
+                    "full distance matrix, Data(distances=, maxk=300), overlap per k; ratio "
                     f"{ref['seconds_paper_path'] / mine['seconds']:.1f}x)"
                 )
             print(
-                f"  tlmicroscope {mine['seconds']:8.3f} s   ratio {ref['seconds'] / mine['seconds']:6.1f}x"
+                f"  tlmicroscope {mine['seconds']:8.3f} s   ratio "
+                f"{ref['seconds'] / mine['seconds']:6.1f}x"
                 + (f"   (separate public calls: {sep:.3f} s)" if np.isfinite(sep) else "")
             )
             print("  max |difference|: " + ", ".join(f"{k} {v:.2e}" for k, v in diff.items()))
             print(f"  GRIDE ids: ours {np.round(mine['gride'], 4).tolist()}")
             print(f"             dadapy {np.round(ref['gride'], 4).tolist()}")
     print(
-        f"\nlargest difference over all estimates: {worst:.2e} ({'within' if worst <= 1e-6 else 'OVER'} 1e-6)"
+        f"\nlargest difference over all estimates: {worst:.2e} "
+        f"({'within' if worst <= 1e-6 else 'OVER'} 1e-6)"
     )
     return 0
 

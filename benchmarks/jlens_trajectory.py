@@ -1,4 +1,5 @@
-"""Cost of a Jacobian-lens trajectory against a tuned-lens trajectory on the same text (target <= 1.15x).
+"""Cost of a Jacobian-lens trajectory against a tuned-lens trajectory on the same text (target <=
+1.15x).
 
 Both lenses apply one ``d_model x d_model`` matrix per layer before the shared readout (the tuned
 lens adds its translator residually and a bias), so both trajectories should be dominated by the
@@ -12,7 +13,8 @@ unembedding of every layer and position. In one process, on a prompt from the em
 
 and prints best-of-``--repeat`` wall times and their ratio. TransformerLens 4.x only (the J-lens).
 
-Usage: python benchmarks/jlens_trajectory.py [--model smollm2-135m] [--tokens 256] [--repeat 3] [--threads 2]
+Usage: python benchmarks/jlens_trajectory.py [--model smollm2-135m] [--tokens 256] [--repeat 3]
+[--threads 2]
 """
 
 from __future__ import annotations
@@ -79,13 +81,15 @@ def main() -> int:
         t_j = min(t_j, best_time(lambda: prediction_trajectory(model, toks, lens=jlens), repeat=1))
     load = os.getloadavg()[0]
     print(
-        f"model {args.model}, {toks.shape[1]} tokens, {args.threads} threads, load average {load:.2f}"
+        f"model {args.model}, {toks.shape[1]} tokens, {args.threads} threads, load average "
+        f"{load:.2f}"
     )
     print(f"tuned-lens trajectory    {t_tuned:8.3f} s")
     print(f"Jacobian-lens trajectory {t_j:8.3f} s")
     ratio = t_j / t_tuned
     print(
-        f"ratio J-lens / tuned     {ratio:8.3f}x (target <= 1.15x): {'ok' if ratio <= 1.15 else 'MISSED'}"
+        f"ratio J-lens / tuned     {ratio:8.3f}x (target <= 1.15x): "
+        f"{'ok' if ratio <= 1.15 else 'MISSED'}"
     )
     return 0
 

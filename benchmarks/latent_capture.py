@@ -237,8 +237,9 @@ def main() -> None:
         return
 
     print(
-        f"capture + PCA({args.n_components}) of all attention and MLP outputs of the embedded model, "
-        f"{args.n_windows} windows x {args.seq_len} tokens, {args.threads} threads; each side in its own process"
+        f"capture + PCA({args.n_components}) of all attention and MLP outputs of the embedded "
+        f"model, {args.n_windows} windows x {args.seq_len} tokens, {args.threads} threads; each "
+        "side in its own process"
     )
     results: dict[str, dict] = {}
     for rep in range(
@@ -247,10 +248,9 @@ def main() -> None:
         for side in SIDES:
             r = _child(side, args)
             print(
-                f"  run {rep + 1} {side:>18}: capture {r['capture_s']:6.1f} s  PCA {r['pca_s']:5.1f} s "
-                f"(fit {r['fit_s']:4.1f})  "
-                f"total {r['total_s']:6.1f} s  RSS after load {r['rss_after_load_mb']:7.0f} MB  "
-                f"peak {r['peak_rss_mb']:7.0f} MB"
+                f"  run {rep + 1} {side:>18}: capture {r['capture_s']:6.1f} s  PCA "
+                f"{r['pca_s']:5.1f} s (fit {r['fit_s']:4.1f})  total {r['total_s']:6.1f} s  RSS "
+                f"after load {r['rss_after_load_mb']:7.0f} MB  peak {r['peak_rss_mb']:7.0f} MB"
                 + ("" if r["peak_reset"] else "  (peak includes loading: clear_refs unavailable)"),
                 flush=True,
             )
@@ -273,8 +273,8 @@ def main() -> None:
             print(
                 f"ours ({side} storage) / {ref_side}: time {r['total_s'] / ref['total_s']:.2f}x, "
                 f"peak RSS {r['peak_rss_mb'] / ref['peak_rss_mb']:.2f}x (above the loaded model: "
-                f"{extra_ours:.0f} vs {extra_ref:.0f} MB, {extra_ours / extra_ref:.2f}x); components agree "
-                f"|cos| >= {cos:.5f}, explained-variance ratios within {devr:.1e}"
+                f"{extra_ours:.0f} vs {extra_ref:.0f} MB, {extra_ours / extra_ref:.2f}x); "
+                f"components agree |cos| >= {cos:.5f}, explained-variance ratios within {devr:.1e}"
             )
     print("target (against the reference approach): time ratio <= 1 and peak RSS ratio <= 0.5")
 

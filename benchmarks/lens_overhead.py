@@ -1,6 +1,8 @@
-"""Cost of ``prediction_trajectory`` against its FLOP floor, a forward pass and TransformerLens's ``logit_lens``.
+"""Cost of ``prediction_trajectory`` against its FLOP floor, a forward pass and TransformerLens's
+``logit_lens``.
 
-In one process, on a prompt from the embedded corpus (``--tokens``, 512, and ``--short-tokens``, 32):
+In one process, on a prompt from the embedded corpus (``--tokens``, 512, and ``--short-tokens``,
+32):
 
 * one plain forward pass;
 * the FLOP floor: the bare readout products ``normalize(h^l) @ W`` of every residual
@@ -12,9 +14,9 @@ In one process, on a prompt from the embedded corpus (``--tokens``, 512, and ``-
   its ``[layer pos d_vocab]`` tensor fits in 2 GiB (not on a 262k vocabulary).
 
 Then peak memory at ``--memory-tokens`` (2048): each of a forward pass and a trajectory in a fresh
-process, as the kernel's resident-set high-water mark (``VmHWM``, reset after loading the model, just
-before a short first call and the measured one, so per-model caches built on first use count), which
-counts torch's CPU allocations as the OS sees them.
+process, as the kernel's resident-set high-water mark (``VmHWM``, reset after loading the model,
+just before a short first call and the measured one, so per-model caches built on first use count),
+which counts torch's CPU allocations as the OS sees them.
 
 Models (``--model``): ``smollm2-135m`` (the default embedded model), ``gemma3-270m`` (the second
 embedded model, 262,144-token vocabulary), or ``synthetic-large-vocab``: a random Llama-shaped
@@ -148,7 +150,8 @@ def report_times(n_tokens: int, t: dict[str, float], target: float) -> None:
     print(f"\n{n_tokens} tokens:")
     print(f"  forward pass:                          {t['forward']:8.3f} s")
     print(
-        f"  FLOP floor, one product per layer:     {f:8.3f} s   = {f / t['forward']:.1f}x a forward pass"
+        f"  FLOP floor, one product per layer:     {f:8.3f} s   = {f / t['forward']:.1f}x a "
+        "forward pass"
     )
     print(f"  the same products stacked in one:      {t['floor_stacked']:8.3f} s")
     print(
@@ -161,8 +164,8 @@ def report_times(n_tokens: int, t: dict[str, float], target: float) -> None:
             f"{t['tl'] / t['trajectory']:.2f}x the trajectory"
         )
     print(
-        f"  ratio trajectory / floor:              {t['trajectory'] / f:.2f}x (target <= {target}); "
-        f"/ stacked products {t['trajectory'] / t['floor_stacked']:.2f}x"
+        f"  ratio trajectory / floor:              {t['trajectory'] / f:.2f}x (target <= "
+        f"{target}); / stacked products {t['trajectory'] / t['floor_stacked']:.2f}x"
     )
 
 
@@ -191,8 +194,8 @@ def main() -> None:
     with open("/proc/loadavg") as f:
         load_avg = " ".join(f.read().split()[:3])
     print(
-        f"{args.model}: {cfg.n_layers} layers, d_model {cfg.d_model}, d_vocab {cfg.d_vocab}; loaded in "
-        f"{load_s:.0f} s; {torch.get_num_threads()} threads, torch {torch.__version__}; "
+        f"{args.model}: {cfg.n_layers} layers, d_model {cfg.d_model}, d_vocab {cfg.d_vocab}; "
+        f"loaded in {load_s:.0f} s; {torch.get_num_threads()} threads, torch {torch.__version__}; "
         f"load average {load_avg}"
     )
     prediction_trajectory(model, prompt(model, args.model, 8), top_k=10)  # warm-up: caches, kernels

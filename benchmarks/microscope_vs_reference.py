@@ -1,4 +1,5 @@
-"""tlmicroscope's LLM-Microscope linearity and token non-linearity against the reference computation.
+"""tlmicroscope's LLM-Microscope linearity and token non-linearity against the reference
+computation.
 
 The reference (AIRI-Institute/LLM-Microscope, ``LLM_microscope.ipynb``) is re-stated here: the
 transformers model with ``output_hidden_states=True`` one window at a time, every token vector
@@ -153,8 +154,8 @@ def main() -> None:
         hf(windows[:1, :32])
         model(windows[:1, :32])
     print(
-        f"embedded SmolLM2-135M, {args.n_windows} windows x {args.seq_len} = N={n_tok} tokens, d={d}, "
-        f"{torch.get_num_threads()} threads"
+        f"embedded SmolLM2-135M, {args.n_windows} windows x {args.seq_len} = N={n_tok} tokens, "
+        f"d={d}, {torch.get_num_threads()} threads"
     )
 
     with Timer() as t_collect:
@@ -179,30 +180,33 @@ def main() -> None:
     print(f"  reference: collect {t_collect} + per-pair SVD {t_ref_lin} = {ref_total:.1f} s")
     print(
         f"  tlmicroscope linearity_scores (streamed float64 moments, own forward): {t_ours}   "
-        f"ratio {ref_total / t_ours.wall:.2f}x (cpu {(t_collect.cpu + t_ref_lin.cpu) / t_ours.cpu:.2f}x)"
+        f"ratio {ref_total / t_ours.wall:.2f}x (cpu "
+        f"{(t_collect.cpu + t_ref_lin.cpu) / t_ours.cpu:.2f}x)"
     )
     print(
         f"  from the same hidden states: reference {t_ref_lin}, tlmicroscope {t_ours_states}   "
-        f"ratio {t_ref_lin.wall / t_ours_states.wall:.2f}x (cpu {t_ref_lin.cpu / t_ours_states.cpu:.2f}x)"
+        f"ratio {t_ref_lin.wall / t_ours_states.wall:.2f}x (cpu "
+        f"{t_ref_lin.cpu / t_ours_states.cpu:.2f}x)"
     )
     print(
         f"  max |Δ score| with residual: {diffs(ref_s, ours.score):.2e} (all pairs), "
         f"{diffs(ref_s, ours.score, good):.2e} ({sum(good)} pairs with σmax/σmin < {args.cond:g})"
     )
     print(
-        f"  max |Δ score| without residual: {diffs(ref_wo, ours.score_without_residual):.2e} (all), "
-        f"{diffs(ref_wo, ours.score_without_residual, good):.2e} (well conditioned)"
+        f"  max |Δ score| without residual: {diffs(ref_wo, ours.score_without_residual):.2e} "
+        f"(all), {diffs(ref_wo, ours.score_without_residual, good):.2e} (well conditioned)"
     )
     print(
         f"  same hidden states, max |Δ|: {diffs(ref_s, ours_states.score):.2e} / "
         f"{diffs(ref_wo, ours_states.score_without_residual):.2e}"
     )
     print(
-        f"  condition numbers σmax/σmin of X̃: min {min(conds):.3g}, median {sorted(conds)[len(conds) // 2]:.3g}, "
-        f"max {max(conds):.3g}"
+        f"  condition numbers σmax/σmin of X̃: min {min(conds):.3g}, median "
+        f"{sorted(conds)[len(conds) // 2]:.3g}, max {max(conds):.3g}"
     )
-    # The notebook computes in float32 (an fp32 model, its SVD and sums in float32). The same formula
-    # evaluated in float64 on a few pairs shows how much of the difference is the reference's rounding.
+    # The notebook computes in float32 (an fp32 model, its SVD and sums in float32). The same
+    # formula evaluated in float64 on a few pairs shows how much of the difference is the
+    # reference's rounding.
     check = sorted({0, len(pairs) // 4, len(pairs) // 2, 3 * len(pairs) // 4, len(pairs) - 1})
     exact = {
         i: (
@@ -220,8 +224,8 @@ def main() -> None:
     )
     worst_ref = max(max(abs(exact[i][0] - ref_s[i]), abs(exact[i][1] - ref_wo[i])) for i in check)
     print(
-        f"  the reference formula in float64 on pairs {check}: max |Δ| to tlmicroscope {worst_ours:.2e}, "
-        f"to the float32 reference run {worst_ref:.2e}"
+        f"  the reference formula in float64 on pairs {check}: max |Δ| to tlmicroscope "
+        f"{worst_ours:.2e}, to the float32 reference run {worst_ref:.2e}"
     )
     print("  pair  ref_score    ours_score   ref_wo     ours_wo    cond")
     for i in pairs:
@@ -230,7 +234,8 @@ def main() -> None:
             f"{float(ours.score_without_residual[i]):.6f}  {conds[i]:.3g}"
         )
 
-    # token non-linearity of one prompt: fit the maps (from the corpus hidden states above), then apply
+    # token non-linearity of one prompt: fit the maps (from the corpus hidden states above), then
+    # apply
     with Timer() as t_ref_fit:
         ref_maps = ref_fit_maps(embs, pairs)
     ref_err, t_ref_apply = best(lambda: ref_apply(hf, prompt, ref_maps), 3)
@@ -244,20 +249,22 @@ def main() -> None:
     d_abs = (ours_err.double() - ref_err.double()).abs()
     good_t = torch.tensor(good)
     print(
-        f"\ntoken non-linearity, {args.prompt_len}-token prompt, maps fitted on the N={n_tok} corpus tokens:"
+        f"\ntoken non-linearity, {args.prompt_len}-token prompt, maps fitted on the N={n_tok} "
+        "corpus tokens:"
     )
     print(
         f"  fit the maps from the corpus hidden states: reference (per-pair SVD A*) {t_ref_fit}, "
-        f"tlmicroscope (float64 moments) {t_fit}   ratio {t_ref_fit.wall / t_fit.wall:.2f}x "
-        f"(cpu {t_ref_fit.cpu / t_fit.cpu:.2f}x)"
+        f"tlmicroscope (float64 moments) {t_fit}   ratio {t_ref_fit.wall / t_fit.wall:.2f}x (cpu "
+        f"{t_ref_fit.cpu / t_fit.cpu:.2f}x)"
     )
     print(f"  tlmicroscope NonlinearityReference.fit with its own forward pass: {t_fit_model}")
     print(
-        f"  apply to the prompt: reference (HF output_hidden_states + maps) {t_ref_apply}, tlmicroscope "
-        f"token_nonlinearity (one hooked pass) {t_apply}   ratio {t_ref_apply.wall / t_apply.wall:.2f}x"
+        f"  apply to the prompt: reference (HF output_hidden_states + maps) {t_ref_apply}, "
+        f"tlmicroscope token_nonlinearity (one hooked pass) {t_apply}   ratio "
+        f"{t_ref_apply.wall / t_apply.wall:.2f}x"
     )
     print(
-        f"  fit from the same hidden states + apply: ratio "
+        "  fit from the same hidden states + apply: ratio "
         f"{(t_ref_fit.wall + t_ref_apply.wall) / (t_fit.wall + t_apply.wall):.2f}x"
     )
     d_states = (tn_states.paper_scale()[:, 0].double() - ref_err.double()).abs()
@@ -266,26 +273,29 @@ def main() -> None:
     )
     print(
         f"  max |Δ E| (paper scale, E·√N in brackets): all pairs {float(d_abs.max()):.2e} "
-        f"[{float(d_abs.max()) * scale:.2e}], well-conditioned pairs {float(d_abs[good_t].max()):.2e} "
-        f"[{float(d_abs[good_t].max()) * scale:.2e}]; typical E {float(ref_err.median()):.2e}"
+        f"[{float(d_abs.max()) * scale:.2e}], well-conditioned pairs "
+        f"{float(d_abs[good_t].max()):.2e} [{float(d_abs[good_t].max()) * scale:.2e}]; typical E "
+        f"{float(ref_err.median()):.2e}"
     )
     embs64 = {i: embs[i].double() for i in sorted({p for c in check for p in (c, c + 1)})}
     maps64 = ref_fit_maps(embs64, check)
     with torch.no_grad():
         hidden = hf(prompt, output_hidden_states=True).hidden_states
     worst = 0.0
-    for row, layer in enumerate(check):
+    for layer in check:
         A, mx, my, nx, ny = maps64[layer]
         e64 = (
             ((hidden[layer][0].double() - mx) / nx) @ A - (hidden[layer + 1][0].double() - my) / ny
         ).norm(dim=-1)
         worst = max(worst, float((e64 - ours_err[layer].double()).abs().max() / e64.abs().max()))
     print(
-        f"  the reference formula in float64 on pairs {check}: max |Δ E| / max E to tlmicroscope {worst:.2e}"
+        f"  the reference formula in float64 on pairs {check}: max |Δ E| / max E to tlmicroscope "
+        f"{worst:.2e}"
     )
     rel = d_abs / ref_err.double().abs().clamp_min(1e-30)
     print(
-        f"  median relative |Δ E| {float(rel.median()):.2e}, well-conditioned max {float(rel[good_t].max()):.2e}"
+        f"  median relative |Δ E| {float(rel.median()):.2e}, well-conditioned max "
+        f"{float(rel[good_t].max()):.2e}"
     )
 
 

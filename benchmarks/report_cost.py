@@ -1,4 +1,5 @@
-"""Cost of the full report against the sum of its sections, each run on its own by its public function.
+"""Cost of the full report against the sum of its sections, each run on its own by its public
+function.
 
 On the embedded SmolLM2-135M, for texts of 128, 512 and 1024 tokens from the embedded corpus, in
 one process:
@@ -17,7 +18,8 @@ is at or below that of the full ``run_with_cache``.
 ``--model gemma3-270m`` (or ``synthetic-large-vocab``, see ``lens_overhead.py``) runs the same on a
 262k-token vocabulary, where the target is a report at most 0.5x the sum (issue 11).
 
-Usage: python benchmarks/report_cost.py [--model smollm2-135m] [--tokens 128,512,1024] [--repeat 2] [--lens DIR]
+Usage: python benchmarks/report_cost.py [--model smollm2-135m] [--tokens 128,512,1024] [--repeat 2]
+[--lens DIR]
 """
 
 from __future__ import annotations
@@ -137,10 +139,12 @@ def memory_child(name: str, what: str, n_tokens: int, lens_dir: str | None) -> N
     tokens = token_windows(model, seq_len=n_tokens, n_windows=1)
     text = model.tokenizer.decode(tokens[0])
     lens = _load_lens(model, lens_dir)
-    if what == "report":
-        run = lambda t: tlmicroscope.report(model, t, lens=lens)
-    else:
-        run = lambda t: model.run_with_cache(to_tokens(model, t))
+
+    def run(t):
+        if what == "report":
+            return tlmicroscope.report(model, t, lens=lens)
+        return model.run_with_cache(to_tokens(model, t))
+
     with torch.inference_mode():
         # One warm-up on a short text first: imports (plotly, scikit-learn, numba for UMAP) and
         # one-off kernel set-up are code, not the activations this compares.
@@ -188,8 +192,8 @@ def main() -> None:
     with open("/proc/loadavg") as f:
         load_avg = " ".join(f.read().split()[:3])
     print(
-        f"{args.model}, {args.threads} threads, torch {torch.__version__}, lens: {args.lens or 'none'}, "
-        f"load average {load_avg}"
+        f"{args.model}, {args.threads} threads, torch {torch.__version__}, lens: "
+        f"{args.lens or 'none'}, load average {load_avg}"
     )
     summary = []
     for n in sizes:
@@ -218,7 +222,8 @@ def main() -> None:
             print(f"  {name:<22} in report {rep.seconds[name]:6.2f} s | on its own {t:6.2f} s")
         ratio = t_report / total if total else float("nan")
         print(
-            f"  sum of sections on their own: {total:.2f} s; report / sum = {ratio:.2f} (target <= {target})"
+            f"  sum of sections on their own: {total:.2f} s; report / sum = {ratio:.2f} (target <= "
+            f"{target})"
         )
         summary.append((int(toks.shape[-1]), t_report, total, ratio))
 

@@ -125,7 +125,8 @@ def main() -> None:
     t_ours, c_ours = min(w for w, _ in ow), min(c for _, c in ow)
     print(f"{'what':<62} {'wall s':>8} {'x forward':>10} {'CPU s':>8} {'x forward':>10}")
     print(
-        f"{'forward passes alone (same padded batches)':<62} {t_fwd:>8.3f} {1.0:>10.2f} {c_fwd:>8.3f} {1.0:>10.2f}"
+        f"{'forward passes alone (same padded batches)':<62} {t_fwd:>8.3f} {1.0:>10.2f} "
+        f"{c_fwd:>8.3f} {1.0:>10.2f}"
     )
     print(
         f"{'target_trajectories (last position, every layer, bootstrap)':<62} {t_ours:>8.3f} "
@@ -135,12 +136,13 @@ def main() -> None:
     if not args.no_reference:
         t_full = best_time(full, repeat=1, warmup=0)
         print(
-            f"{'full prediction_trajectory per prompt (reference)':<62} {t_full:>8.3f} {t_full / t_fwd:>10.2f}"
+            f"{'full prediction_trajectory per prompt (reference)':<62} {t_full:>8.3f} "
+            f"{t_full / t_fwd:>10.2f}"
         )
     load = os.getloadavg()[0]
     print(
-        f"ratio target_trajectories / forward = {t_ours / t_fwd:.2f} wall, {c_ours / c_fwd:.2f} CPU (target <= 1.5); "
-        f"load average {load:.2f} on {os.cpu_count()} CPUs"
+        f"ratio target_trajectories / forward = {t_ours / t_fwd:.2f} wall, {c_ours / c_fwd:.2f} "
+        f"CPU (target <= 1.5); load average {load:.2f} on {os.cpu_count()} CPUs"
     )
 
 

@@ -1,8 +1,10 @@
-"""The shipped multiple-choice task set: how it was built, and how well the embedded model answers it.
+"""The shipped multiple-choice task set: how it was built, and how well the embedded model answers
+it.
 
     .venv/bin/python benchmarks/task_set_accuracy.py            # accuracy of the shipped set
     .venv/bin/python benchmarks/task_set_accuracy.py --rebuild  # regenerate candidates, re-measure,
-                                                                # rewrite tlmicroscope/data/tasks.jsonl
+                                                                # rewrite
+                                                                tlmicroscope/data/tasks.jsonl
 
 The candidates come from the word lists below with seeded distractors (other capitals; words
 from other antonym pairs; wrong pluralisations; nearby numbers). ``--rebuild`` scores every
@@ -633,7 +635,8 @@ def main() -> int:
             keep = acc >= args.min_accuracy
             good_kinds |= {kind} if keep else set()
             print(
-                f"{kind}: {acc:.3f} of {len(idx)} candidates answered -> {'kept' if keep else 'dropped'}"
+                f"{kind}: {acc:.3f} of {len(idx)} candidates answered -> "
+                f"{'kept' if keep else 'dropped'}"
             )
         rng = random.Random(1)
         kept = []

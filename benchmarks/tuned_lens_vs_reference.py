@@ -6,10 +6,10 @@ order, the same token budget and the same thread count, one after the other:
 * **reference**: ``tuned_lens.TunedLens`` driven through its own training step (per-layer
   ``backward`` under bfloat16 autocast, KL to the final log-softmax, SGD-Nesterov lr 0.1, weight
   decay 1e-3, clip 1.0, linear decay), in its own virtual environment, which this script creates
-  under ``benchmarks/.venv-tuned-lens`` (it needs ``transformers<5`` and ``torchdata<0.10``). Its CLI
-  tokenizes its own dataset, so it cannot be fed the same batches; the module is driven directly.
-  The model is exported once as a local Hugging Face folder from the transformers model the GGUF
-  loads into, and the script checks that the reference sees the same logits as ours;
+  under ``benchmarks/.venv-tuned-lens`` (it needs ``transformers<5`` and ``torchdata<0.10``). Its
+  CLI tokenizes its own dataset, so it cannot be fed the same batches; the module is driven
+  directly. The model is exported once as a local Hugging Face folder from the transformers model
+  the GGUF loads into, and the script checks that the reference sees the same logits as ours;
 * **ours, reference recipe**: ``train_tuned_lens(recipe="sgd", init="zero")``, the same algorithm;
 * **ours, default**: Muon + AdamW after the least-squares initialisation.
 
@@ -89,8 +89,8 @@ for step in range(cfg["steps"]):
     sched.step()
     seconds.append(time.perf_counter() - t0)
     history.append(losses.tolist())
-    print(f"reference step {step + 1}/{cfg['steps']}: mean KL {losses.mean():.3f}, {seconds[-1]:.1f} s",
-          file=sys.stderr, flush=True)
+    print(f"reference step {step + 1}/{cfg['steps']}: mean KL {losses.mean():.3f}, "
+          f"{seconds[-1]:.1f} s", file=sys.stderr, flush=True)
 lens.save(cfg["lens_dir"])
 json.dump({"seconds": seconds, "kl": history, "probe_logits": probe_logits.tolist()},
           open(cfg["out"], "w"))
@@ -258,7 +258,8 @@ def main() -> int:
     logit = next(iter(evals.values())).baseline
 
     print(
-        f"\n== tuned-lens training on SmolLM2-135M, {args.steps} steps x {args.tokens_per_step} tokens "
+        f"\n== tuned-lens training on SmolLM2-135M, {args.steps} steps x {args.tokens_per_step} "
+        "tokens "
         f"(seq_len {args.seq_len}), {args.threads} threads =="
     )
     ref_tps = next(
@@ -272,11 +273,13 @@ def main() -> int:
         )
         init = f", least-squares init {r['init_seconds']:.0f} s" if r.get("init_seconds") else ""
         print(
-            f"{label:45s} {r['tokens_per_second']:7.1f} tokens/s ({r['train_seconds']:.0f} s of steps{init}){ratio}"
+            f"{label:45s} {r['tokens_per_second']:7.1f} tokens/s ({r['train_seconds']:.0f} s of "
+            f"steps{init}){ratio}"
         )
     labels = list(evals)
     print(
-        f"\nheld-out KL(final || lens) per layer, nats ({logit.n_tokens} tokens; x{logit.nats_to_bpb:.3f} for bits/byte)"
+        f"\nheld-out KL(final || lens) per layer, nats ({logit.n_tokens} tokens; "
+        f"x{logit.nats_to_bpb:.3f} for bits/byte)"
     )
     short = ["logit"] + [
         lab.split(",")[0] + ("-sgd" if "SGD, zero" in lab else "-muon" if "Muon" in lab else "")
@@ -300,7 +303,8 @@ def main() -> int:
             if lab != ref_label:
                 le = int((evals[lab].kl[:-1] <= evals[ref_label].kl[:-1]).sum())
                 print(
-                    f"{lab}: KL at or below the reference's at {le} of {len(logit.layers) - 1} layers"
+                    f"{lab}: KL at or below the reference's at {le} of {len(logit.layers) - 1} "
+                    "layers"
                 )
     if args.json:
         out = {

@@ -322,8 +322,9 @@ def capture(
         missing = [name for pairs in plan.values() for _, name in pairs if name not in cache]
         if missing:
             raise ValueError(
-                f"The ActivationCache lacks {len(missing)} requested hooks, e.g. {missing[:3]}. Run "
-                "model.run_with_cache(tokens, names_filter=[...]) with those names, or pass the model."
+                f"The ActivationCache lacks {len(missing)} requested hooks, e.g. {missing[:3]}. "
+                "Run model.run_with_cache(tokens, names_filter=[...]) with those names, or pass "
+                "the model."
             )
         for site, pairs in plan.items():
             first = cache[pairs[0][1]]

@@ -2,17 +2,18 @@
 
 Five measurements, each computed by the analysis that owns it (nothing is re-implemented here):
 
-* **Where " Paris" emerges** (logit lens; Tuned Lens paper, nostalgebraist): the rank of " Paris" after
-  "The capital of France is" at every residual state, read through each lens, via
+* **Where " Paris" emerges** (logit lens; Tuned Lens paper, nostalgebraist): the rank of " Paris"
+  after "The capital of France is" at every residual state, read through each lens, via
   ``prediction_trajectory`` on the text followed by " Paris" (the next-token rank at the last prompt
   position *is* the rank of " Paris").
-* **Tuned vs logit lens KL per layer** (Tuned Lens): ``evaluate_lens`` on the held-out tail of a corpus.
+* **Tuned vs logit lens KL per layer** (Tuned Lens): ``evaluate_lens`` on the held-out tail of a
+  corpus.
 * **The linearity profile** (LLM-Microscope): ``linearity_scores`` without the residual, whose
   curve the paper finds lowest in the middle layers (a U-shape).
-* **The intrinsic-dimension peak** (Geometry of Tokens, LLM-Microscope): ``layer_profiles``' TwoNN per
-  residual state; the paper finds a peak in the early-to-middle layers.
-* **The first-token norm spike** (latent-space geometry): ``norm_profile``'s position-0 norm over the
-  median of the other positions, per block output.
+* **The intrinsic-dimension peak** (Geometry of Tokens, LLM-Microscope): ``layer_profiles``' TwoNN
+  per residual state; the paper finds a peak in the early-to-middle layers.
+* **The first-token norm spike** (latent-space geometry): ``norm_profile``'s position-0 norm over
+  the median of the other positions, per block output.
 
 ``claims_table([a, b])`` renders several models' claims as one Markdown table;
 ``benchmarks/family_claims.py --write-readme`` puts it in the README.
@@ -108,12 +109,14 @@ class FamilyClaims:
 
     @property
     def spike_layer(self) -> int:
-        """The first block whose output has its first-token ratio above half of the largest ratio."""
+        """The first block whose output has its first-token ratio above half of the largest
+        ratio."""
         top = max(self.first_token_ratio)
         return next(i for i, r in enumerate(self.first_token_ratio) if r >= top / 2)
 
     def tuned_beats_logit(self) -> int | None:
-        """At how many of the layers the tuned lens's KL is below the logit lens's (``None`` without one)."""
+        """At how many of the layers the tuned lens's KL is below the logit lens's (``None``
+        without one)."""
         if "tuned" not in self.kl:
             return None
         return sum(t < g for t, g in zip(self.kl["tuned"], self.kl["logit"]))
@@ -175,10 +178,10 @@ def _stays_from(ranks: Sequence[int], best: int) -> int | None:
     """First index from which every rank is at most ``best``."""
     first = None
     for i, r in enumerate(ranks):
-        if r <= best:
-            first = i if first is None else first
-        else:
+        if r > best:
             first = None
+        elif first is None:
+            first = i
     return first
 
 
@@ -208,8 +211,8 @@ def family_claims(
             ``max(8192, 32·d_model)``); must exceed ``d_model + 1``.
         id_points: Tokens for the intrinsic dimension.
         norm_tokens: Length of the one corpus window whose norms give the first-token ratio.
-        prompt, answer: The emergence probe; ``prompt + answer`` must tokenize as the prompt's tokens
-            plus the single token of ``answer``.
+        prompt, answer: The emergence probe; ``prompt + answer`` must tokenize as the prompt's
+            tokens plus the single token of ``answer``.
 
     Examples:
         >>> from tlmicroscope.models import tiny_model
@@ -341,7 +344,8 @@ def claims_table(claims: Sequence[FamilyClaims]) -> str:
             return logit + f" (no tuned lens; {c.kl_tokens} tokens)"
         return (
             f"tuned {c.kl['tuned'][0]:.1f} / {c.kl['tuned'][mid]:.1f} / {c.kl['tuned'][-1]:.2f}; "
-            f"{logit}; tuned lower at {c.tuned_beats_logit()} of {c.n_layers} ({c.kl_tokens} tokens)"
+            f"{logit}; tuned lower at {c.tuned_beats_logit()} of {c.n_layers} ({c.kl_tokens} "
+            "tokens)"
         )
 
     lines.append(
@@ -372,8 +376,8 @@ def claims_table(claims: Sequence[FamilyClaims]) -> str:
             "no finite ID"
             if p is None
             else (
-                f"peak {c.intrinsic_dimension[p]:.1f} at h^{p} of {c.n_layers} ({p / c.n_layers:.0%} deep); "
-                f"{c.intrinsic_dimension[-1]:.1f} at the last"
+                f"peak {c.intrinsic_dimension[p]:.1f} at h^{p} of {c.n_layers} "
+                f"({p / c.n_layers:.0%} deep); {c.intrinsic_dimension[-1]:.1f} at the last"
             )
         )
 

@@ -1,4 +1,5 @@
-"""Text for fitting and sweeps: the embedded corpus, text and JSONL files, datasets, fixed-length tokens.
+"""Text for fitting and sweeps: the embedded corpus, text and JSONL files, datasets, fixed-length
+tokens.
 
 The embedded corpus is the standard library's ``pydoc_data.topics``: about 750 kB of Python
 documentation prose (roughly 180k SmolLM2 tokens), present in every Python install, so lens
@@ -12,7 +13,7 @@ import os
 from collections.abc import Iterable, Iterator
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 from jaxtyping import Int
@@ -26,7 +27,7 @@ __all__ = [
     "token_windows",
 ]
 
-CorpusSource = Union[None, str, os.PathLike, Iterable[str], Iterable[dict]]
+CorpusSource = None | str | os.PathLike | Iterable[str] | Iterable[dict]
 
 
 def embedded_documents() -> list[str]:
@@ -96,7 +97,8 @@ def read_texts(source: CorpusSource = None, *, text_field: str = "text") -> Iter
             yield from _read_file(path, text_field)
             return
         raise FileNotFoundError(
-            f"No corpus at {source!r}. Pass 'embedded', a .txt/.jsonl file, a folder, or an iterable of strings."
+            f"No corpus at {source!r}. Pass 'embedded', a .txt/.jsonl file, a folder, or an "
+            "iterable of strings."
         )
     for item in source:
         if isinstance(item, str):
@@ -183,7 +185,8 @@ def token_windows(
     cfg = getattr(model_or_tokenizer, "cfg", None)
     if cfg is not None and seq_len > cfg.n_ctx:
         raise ValueError(
-            f"seq_len={seq_len} is longer than the model's context of {cfg.n_ctx} tokens; use at most {cfg.n_ctx}."
+            f"seq_len={seq_len} is longer than the model's context of {cfg.n_ctx} tokens; use at "
+            f"most {cfg.n_ctx}."
         )
     stream = token_stream(model_or_tokenizer, source, text_field=text_field)
     stride = stride or seq_len

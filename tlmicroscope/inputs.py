@@ -1,4 +1,5 @@
-"""Turning what a user passes (text, token tensors, a model or an ActivationCache) into checked tokens.
+"""Turning what a user passes (text, token tensors, a model or an ActivationCache) into checked
+tokens.
 
 Cheap checks run before any forward pass, and each error names the fix.
 """
@@ -9,7 +10,7 @@ import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import torch
 from jaxtyping import Int
@@ -26,7 +27,7 @@ __all__ = [
     "to_tokens",
 ]
 
-TextOrTokens = Union[str, Sequence[str], torch.Tensor, Sequence[int]]
+TextOrTokens = str | Sequence[str] | torch.Tensor | Sequence[int]
 
 
 def ensure_eval(model: Any) -> None:
@@ -48,7 +49,8 @@ def to_tokens(
     prepend_bos: bool | None = None,
     truncate: bool = False,
 ) -> Int[torch.Tensor, "batch pos"]:
-    """Tokenize and validate: no empty input, no token ids outside the vocabulary, nothing over n_ctx.
+    """Tokenize and validate: no empty input, no token ids outside the vocabulary, nothing over
+    n_ctx.
 
     Args:
         model: A TransformerLens model.
@@ -113,7 +115,8 @@ def to_tokens(
         tokens = torch.stack(rows)
     else:
         raise TypeError(
-            f"Expected a string, a list of strings or token ids, got {type(text_or_tokens).__name__}."
+            "Expected a string, a list of strings or token ids, got "
+            f"{type(text_or_tokens).__name__}."
         )
     if tokens.shape[-1] == 0:
         raise ValueError("The input has no tokens: there is nothing to analyse.")
@@ -218,7 +221,8 @@ def check_cache(cache: Any, tokens: torch.Tensor | None = None) -> None:
         >>> check_cache(cache, model.to_tokens("abcd"))  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        ValueError: The ActivationCache was computed on 1 x 3 tokens ... they belong to another text...
+        ValueError: The ActivationCache was computed on 1 x 3 tokens ... they belong to another
+        text...
     """
     has_batch = bool(getattr(cache, "has_batch_dim", True))
     items = list(cache.cache_dict.items() if hasattr(cache, "cache_dict") else cache.items())
@@ -261,8 +265,9 @@ def check_cache(cache: Any, tokens: torch.Tensor | None = None) -> None:
         if shape != (batch, n_pos):
             raise ValueError(
                 f"The ActivationCache was computed on {shape[0]} x {shape[1]} tokens (batch x "
-                f"positions; {name} has shape {tuple(t.shape)}), but the tokens passed are {batch} x "
-                f"{n_pos}: they belong to another text. Pass the tokens the cache was computed on."
+                f"positions; {name} has shape {tuple(t.shape)}), but the tokens passed are {batch} "
+                f"x {n_pos}: they belong to another text. Pass the tokens the cache was computed "
+                "on."
             )
     _check_embeddings_match(cache, tokens, has_batch)
 
@@ -286,9 +291,9 @@ def _check_embeddings_match(cache: Any, tokens: torch.Tensor, has_batch: bool) -
     if off.numel():
         where = ", ".join(f"(batch {int(b)}, position {int(p)})" for b, p in off[:3])
         raise ValueError(
-            f"The ActivationCache's embeddings (hook_embed) differ from those of the tokens passed at "
-            f"{off.shape[0]} of {tokens.numel()} positions, first at {where}: the tokens belong to "
-            "another text of the same length. Pass the tokens the cache was computed on."
+            "The ActivationCache's embeddings (hook_embed) differ from those of the tokens passed "
+            f"at {off.shape[0]} of {tokens.numel()} positions, first at {where}: the tokens belong "
+            "to another text of the same length. Pass the tokens the cache was computed on."
         )
 
 

@@ -1,4 +1,5 @@
-"""Subspace ablation: formulas against dense projections, hooks on models, composition with patching."""
+"""Subspace ablation: formulas against dense projections, hooks on models, composition with
+patching."""
 
 from __future__ import annotations
 
@@ -168,7 +169,8 @@ def test_ablation_hooks_compose_with_transformer_lens_patching(tiny_gpt2):
                 act[:, pos] = clean_cache[name][:, pos]
                 return act
 
-            # Context hooks run before the hooks of the call itself, as in patching's run_with_hooks.
+            # Context hooks run before the hooks of the call itself, as in patching's
+            # run_with_hooks.
             logits = model.run_with_hooks(corrupted, fwd_hooks=ablations + [(name, patch)])
             by_hand[layer, pos] = metric(logits)
     torch.testing.assert_close(patched.float(), by_hand, atol=1e-4, rtol=1e-4)
@@ -185,21 +187,29 @@ def test_context_manager_removes_hooks_after_an_exception_and_checks_up_front(ti
     toks = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(3))
     clean = model(toks)
     B = _orthonormal(model.cfg.d_model, 2).float()
-    with pytest.raises(RuntimeError, match="boom"):
-        with ablate_subspace(model, "blocks.0.hook_resid_post", B, mode="zero"):
-            assert not torch.allclose(model(toks), clean)
-            raise RuntimeError("boom")
+    with (
+        pytest.raises(RuntimeError, match="boom"),
+        ablate_subspace(model, "blocks.0.hook_resid_post", B, mode="zero"),
+    ):
+        assert not torch.allclose(model(toks), clean)
+        raise RuntimeError("boom")
     torch.testing.assert_close(model(toks), clean)
-    with pytest.raises(ValueError, match="d_model is 32"):
-        with ablate_subspace(model, "blocks.0.hook_resid_post", torch.randn(16, 2)):
-            pass
-    with pytest.raises(ValueError, match="no hook point"):
-        with ablate_subspace(model, "blocks.0.hook_nonsense", B):
-            pass
+    with (
+        pytest.raises(ValueError, match="d_model is 32"),
+        ablate_subspace(model, "blocks.0.hook_resid_post", torch.randn(16, 2)),
+    ):
+        pass
+    with (
+        pytest.raises(ValueError, match="no hook point"),
+        ablate_subspace(model, "blocks.0.hook_nonsense", B),
+    ):
+        pass
     # A width mismatch at a non-residual site is caught when the hook runs, and the hook is removed.
-    with pytest.raises(ValueError, match="width"):
-        with ablate_subspace(model, "blocks.0.attn.hook_z", B):
-            model(toks)
+    with (
+        pytest.raises(ValueError, match="width"),
+        ablate_subspace(model, "blocks.0.attn.hook_z", B),
+    ):
+        model(toks)
     torch.testing.assert_close(model(toks), clean)
     with pytest.raises(ValueError, match="only one"):
         model.run_with_hooks(

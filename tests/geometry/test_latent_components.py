@@ -1,4 +1,5 @@
-"""Component capture: equality with run_with_cache, streaming, averaging, preprocessing, bad input."""
+"""Component capture: equality with run_with_cache, streaming, averaging, preprocessing, bad
+input."""
 
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ def _n_hooks(model) -> int:
 
 def test_capture_matches_run_with_cache(tiny):
     toks = _windows()
-    # The hooks' own vectors (norm states before the gain; test_latent_norm_gain covers the default).
+    # The hooks' own vectors (norm states before the gain; test_latent_norm_gain covers the
+    # default).
     st = capture_components(tiny, toks, batch_size=2, progress=False, norm_gain=False)
     ref, plan = _reference(tiny, toks, COMPONENTS)
     assert st.components == tuple(s.component for s in plan)
@@ -50,7 +52,8 @@ def test_capture_matches_run_with_cache(tiny):
 
 
 def test_residual_pieces_add_up(tiny):
-    """The reference's faithfulness check: resid_pre + attn_out = resid_mid, + mlp_out = resid_post."""
+    """The reference's faithfulness check: resid_pre + attn_out = resid_mid, + mlp_out =
+    resid_post."""
     st = capture_components(
         tiny,
         _windows(2),
@@ -111,7 +114,7 @@ def test_streamed_averages_equal_means_of_the_full_capture(tiny_llama):
         lay.activations, torch.stack([ref[0::2].mean(0), ref[1::2].mean(0)]), rtol=1e-5, atol=1e-5
     )
     assert lay.components == ("attn_out", "mlp_out") and lay.layers == (None, None)
-    assert lay.layer_labels() == ["mean", "mean"]
+    assert lay.layer_labels() == ("mean", "mean") == lay.layer_labels
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -234,7 +237,7 @@ def test_selection_and_fields(tiny_gpt2):
     st = capture_components(
         tiny_gpt2, "hello", components=("embed", "attn_out", "ln_final"), progress=False
     )
-    assert st.state_labels() == ["embed", "attn_out 0", "attn_out 1", "attn_out 2", "final"]
+    assert st.state_labels() == ("h0", "b0.attn_out", "b1.attn_out", "b2.attn_out", "h3·norm")
     f = st.point_fields()
     n = st.n_points
     assert all(len(v) == n for v in f.values())

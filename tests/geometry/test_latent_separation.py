@@ -9,7 +9,8 @@ from tlmicroscope.geometry import ComponentStates, component_separation
 
 
 def _states(attn: torch.Tensor, mlp: torch.Tensor, n_layers: int = 1) -> ComponentStates:
-    """Two components for one block, as ``[state batch pos d]`` with positions 1.. (no position 0)."""
+    """Two components for one block, as ``[state batch pos d]`` with positions 1.. (no position
+    0)."""
     acts = torch.stack([attn, mlp]).unsqueeze(1)  # [2 1 pos d]
     return ComponentStates(
         activations=acts,
@@ -66,7 +67,8 @@ def test_separable_clouds_score_one_and_mixed_clouds_score_chance():
 def test_top_pca_components_only():
     g = torch.Generator().manual_seed(2)
     n, d = 200, 10
-    # The classes differ only along a low-variance direction: separable in full, not in the top 2 PCs.
+    # The classes differ only along a low-variance direction: separable in full, not in the top 2
+    # PCs.
     scale = torch.ones(d)
     scale[:2] = 20.0
     a = torch.randn(n, d, generator=g) * scale

@@ -20,7 +20,8 @@ pytestmark = pytest.mark.models
 
 
 def _reference_folder(path, model, **overrides):
-    """A reference-format folder (params.pt + config.json) for ``model``, config fields overridden."""
+    """A reference-format folder (params.pt + config.json) for ``model``, config fields
+    overridden."""
     d, n = model.cfg.d_model, model.cfg.n_layers
     torch.manual_seed(0)
     state = {}

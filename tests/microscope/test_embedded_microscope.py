@@ -1,4 +1,5 @@
-"""Each LLM-Microscope panel on the embedded SmolLM2-135M, with quick settings (about two minutes)."""
+"""Each LLM-Microscope panel on the embedded SmolLM2-135M, with quick settings (about two
+minutes)."""
 
 import math
 

@@ -1,4 +1,5 @@
-"""``load_model("tiny-...")`` honours every option, or refuses it with a clear error (issue 14, item 8)."""
+"""``load_model("tiny-...")`` honours every option, or refuses it with a clear error (issue 14,
+item 8)."""
 
 import pytest
 import torch

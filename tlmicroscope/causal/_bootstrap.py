@@ -1,4 +1,5 @@
-"""Percentile bootstrap intervals shared by the causal analyses (fidelity, stimulus-response, injection).
+"""Percentile bootstrap intervals shared by the causal analyses (fidelity, stimulus-response,
+injection).
 
 Every interval is drawn from ``bootstrap_indices(n, n_boot, seed)``: ``n_boot`` resamples of ``n``
 indices with replacement from ``numpy.random.default_rng(seed)``, so a caller (or a test) can
@@ -27,7 +28,8 @@ def bootstrap_indices(n: int, n_boot: int, seed: int) -> np.ndarray:
 
 
 def percentile_interval(stats: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
-    """The ``(1-level)/2`` and ``(1+level)/2`` quantiles of bootstrap statistics along axis 0 (NaNs ignored).
+    """The ``(1-level)/2`` and ``(1+level)/2`` quantiles of bootstrap statistics along axis 0 (NaNs
+    ignored).
 
     Examples:
         >>> lo, hi = percentile_interval(np.arange(101.0), 0.9)
@@ -45,7 +47,8 @@ def percentile_interval(stats: np.ndarray, level: float) -> tuple[np.ndarray, np
 def bootstrap_mean_ci(
     x: np.ndarray, *, n_boot: int = 2000, level: float = 0.95, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Percentile interval of the mean over the last axis of ``x`` (NaN entries left out of each mean).
+    """Percentile interval of the mean over the last axis of ``x`` (NaN entries left out of each
+    mean).
 
     All leading entries share the same resamples, so differences stay paired.
 

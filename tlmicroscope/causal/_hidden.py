@@ -35,12 +35,13 @@ def check_lens_layer(model: Any, lens: Any, layer: Any) -> int:
         out = lens.transform(torch.zeros(1, d), layer)
     except (IndexError, KeyError) as exc:
         raise ValueError(
-            f"The lens {getattr(lens, 'name', lens)!r} has no translator for layer {layer} ({exc}); "
-            "train or load a lens covering that layer."
+            f"The lens {getattr(lens, 'name', lens)!r} has no translator for layer {layer} "
+            f"({exc}); train or load a lens covering that layer."
         ) from None
     if tuple(out.shape) != (1, d):
         raise ValueError(
-            f"The lens maps width {d} to {tuple(out.shape)[-1]} at layer {layer}; it is for another model."
+            f"The lens maps width {d} to {tuple(out.shape)[-1]} at layer {layer}; it is for "
+            "another model."
         )
     return layer
 
@@ -50,9 +51,7 @@ def _is_corpus(obj: Any) -> bool:
         return True
     if isinstance(obj, str):
         return obj == "embedded" or os.path.exists(os.path.expanduser(obj))
-    if isinstance(obj, os.PathLike):
-        return True
-    return False
+    return isinstance(obj, os.PathLike)
 
 
 def hidden_states(
@@ -65,7 +64,8 @@ def hidden_states(
     seed: int = 0,
     batch_size: int = 8,
 ) -> torch.Tensor:
-    """``[N d_model]`` float32 rows of ``blocks.{layer}.hook_resid_pre``, from whatever ``source`` is.
+    """``[N d_model]`` float32 rows of ``blocks.{layer}.hook_resid_pre``, from whatever ``source``
+    is.
 
     ``source`` may be hidden states (a float tensor), token ids, a text, an ``ActivationCache``,
     or a corpus (``"embedded"``, a path, a list of texts: cut into ``seq_len`` windows, shuffled
@@ -88,7 +88,8 @@ def hidden_states(
         check_cache(source)
         if hook not in source:
             raise ValueError(
-                f"The ActivationCache lacks {hook}; run model.run_with_cache(tokens, names_filter=[{hook!r}])."
+                f"The ActivationCache lacks {hook}; run model.run_with_cache(tokens, "
+                f"names_filter=[{hook!r}])."
             )
         h = source[hook].detach().reshape(-1, d).float()
     else:

@@ -74,7 +74,8 @@ def as_orthonormal_basis(
         >>> as_orthonormal_basis(torch.ones(4), d_model=8)
         Traceback (most recent call last):
         ...
-        ValueError: The basis has width 4 but the model's d_model is 8: it was made for another model (or another site). Extract it again for this model.
+        ValueError: The basis has width 4 but the model's d_model is 8: it was made for another
+        model (or another site). Extract it again for this model.
     """
     vectors = getattr(basis, "vectors", basis)
     B = torch.as_tensor(vectors)
@@ -89,8 +90,8 @@ def as_orthonormal_basis(
     d, k = B.shape
     if d_model is not None and d != int(d_model):
         raise ValueError(
-            f"The basis has width {d} but the model's d_model is {d_model}: it was made for another "
-            "model (or another site). Extract it again for this model."
+            f"The basis has width {d} but the model's d_model is {d_model}: it was made for "
+            "another model (or another site). Extract it again for this model."
         )
     if k == 0:
         raise ValueError("The basis has no vectors.")
@@ -117,7 +118,8 @@ def as_orthonormal_basis(
     rank = int((diag > 1e-6 * float(diag.max())).sum())
     if rank < k:
         raise ValueError(
-            f"The {k} basis columns are linearly dependent (rank {rank}); pass independent directions."
+            f"The {k} basis columns are linearly dependent (rank {rank}); pass independent "
+            "directions."
         )
     return Q.to(B.dtype)
 
@@ -229,7 +231,9 @@ def subspace_ablation_hooks(
         >>> v = torch.zeros(model.cfg.d_model); v[0] = 1.0
         >>> hooks = subspace_ablation_hooks("blocks.1.hook_resid_pre", v, mode="zero")
         >>> seen = []
-        >>> spy = ("blocks.1.hook_resid_pre", lambda act, hook: seen.append(act[..., 0].abs().max().item()))
+        >>> def spy_fn(act, hook):
+        ...     seen.append(act[..., 0].abs().max().item())
+        >>> spy = ("blocks.1.hook_resid_pre", spy_fn)
         >>> _ = model.run_with_hooks(toks, fwd_hooks=hooks + [spy])
         >>> seen[0]
         0.0
@@ -254,8 +258,8 @@ def subspace_ablation_hooks(
     def hook_fn(act: torch.Tensor, hook: Any = None) -> torch.Tensor:
         if act.shape[-1] != d:
             raise ValueError(
-                f"The activation at {hook_name} has width {act.shape[-1]} but the basis has width {d}: "
-                "the basis was made for another model or another site."
+                f"The activation at {hook_name} has width {act.shape[-1]} but the basis has width "
+                f"{d}: the basis was made for another model or another site."
             )
         key = (act.device, act.dtype)
         if key not in on_device:
@@ -268,8 +272,8 @@ def subspace_ablation_hooks(
         if mode == "mean" and mu is None:
             if flat_all.shape[0] < 2:
                 raise ValueError(
-                    f"Mean ablation at {hook_name} without a given mean averages the activation's rows, "
-                    "but it has only one; pass mean= (e.g. a CausalBasis's mean)."
+                    f"Mean ablation at {hook_name} without a given mean averages the activation's "
+                    "rows, but it has only one; pass mean= (e.g. a CausalBasis's mean)."
                 )
             mu = flat_all.mean(0)
         if act.ndim < 3:  # no position axis: ablate every row

@@ -410,8 +410,8 @@ def injection_experiment(
     Examples:
         >>> from tlmicroscope.models import tiny_model
         >>> from tlmicroscope.tasks import load_tasks
-        >>> res = injection_experiment(tiny_model(n_layers=1, n_ctx=512), load_tasks("arithmetic"), n_items=16,
-        ...                            n_shots=1, n_splits=3, progress=False)
+        >>> res = injection_experiment(tiny_model(n_layers=1, n_ctx=512), load_tasks("arithmetic"),
+        ...                            n_items=16, n_shots=1, n_splits=3, n_boot=50, progress=False)
         >>> sorted(res.auroc), len(res.auroc["logit"])
         (['logit', 'mahalanobis', 'output'], 3)
     """

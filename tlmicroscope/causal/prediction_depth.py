@@ -71,7 +71,8 @@ def prediction_depth(trajectory: PredictionTrajectory) -> PredictionDepthResult:
     if n_layers not in trajectory.layers:
         raise ValueError(
             "Prediction depth compares each layer with the model's own top-1, but this trajectory "
-            f"lacks the output row (layer {n_layers}). Compute it with layers=None or include {n_layers}."
+            f"lacks the output row (layer {n_layers}). Compute it with layers=None or include "
+            f"{n_layers}."
         )
     out_row = trajectory.layer_index(n_layers)
     order = sorted((lay, i) for i, lay in enumerate(trajectory.layers) if lay != n_layers)

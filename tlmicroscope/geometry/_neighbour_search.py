@@ -240,7 +240,8 @@ def _sort_by_distance(e: torch.Tensor, i: torch.Tensor) -> tuple[torch.Tensor, t
 def _direct(
     x: torch.Tensor, rows: torch.Tensor, positions: list[int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact squared distances at ``positions`` from coordinate differences (ties by lower index)."""
+    """Exact squared distances at ``positions`` from coordinate differences (ties by lower
+    index)."""
     n, d = x.shape
     pos = torch.tensor(positions, dtype=torch.long, device=x.device)
     out_e = torch.empty((rows.numel(), len(positions)), dtype=torch.float64, device=x.device)

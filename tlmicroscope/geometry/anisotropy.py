@@ -1,10 +1,10 @@
 """Anisotropy of a point cloud (LLM-Microscope): the share of variance on the top principal axis.
 
-anisotropy = lambda_max / sum(lambda) of the centred covariance = sigma_1^2 / |E_c|_F^2, where E_c is
-the centred ``[n d]`` matrix. 1 means every point lies on one line through the mean; 1/d means
-isotropic. The reference computes a full SVD in the input dtype (or 100 power iterations); here
-the top eigenvalue of the smaller Gram matrix (``n x n`` or ``d x d``) is computed in float64,
-which is exact to rounding and cheaper than the SVD.
+anisotropy = lambda_max / sum(lambda) of the centred covariance = sigma_1^2 / |E_c|_F^2, where E_c
+is the centred ``[n d]`` matrix. 1 means every point lies on one line through the mean; 1/d means
+isotropic. The reference computes a full SVD in the input dtype (or 100 power iterations); here the
+top eigenvalue of the smaller Gram matrix (``n x n`` or ``d x d``) is computed in float64, which is
+exact to rounding and cheaper than the SVD.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Capture of every sub-block's output (Ning and Rangaraju's latent states) on TransformerLens hooks.
+"""Capture of every sub-block's output (Ning and Rangaraju's latent states) on TransformerLens
+hooks.
 
 The paper records, per block, the attention input norm, the attention output, the residual after
 attention, the MLP input norm, the MLP output and the residual after the MLP, plus the embedding and
@@ -179,10 +180,11 @@ def _norm_affines(
             module = getattr(model.blocks[st.layer], st.component, None)
         if not isinstance(module, torch.nn.Module):
             if st.hook not in getattr(model, "hook_dict", {}):
-                continue  # the block has no such norm at all: the capture refuses the site, saying why
+                # The block has no such norm at all: the capture refuses the site, saying why.
+                continue
             raise ValueError(
-                f"The model has no {st.component} norm module at layer {st.layer} to read its gain from; "
-                "pass norm_gain=False for the hook's pre-gain vectors."
+                f"The model has no {st.component} norm module at layer {st.layer} to read its gain "
+                "from; pass norm_gain=False for the hook's pre-gain vectors."
             )
         weight = named_param(module, "weight", "w")
         if weight is None:
@@ -202,7 +204,8 @@ def _apply_affine(
 
 
 class _StopForward(Exception):
-    """Raised from the last needed hook so the rest of the model (and the unembedding) never runs."""
+    """Raised from the last needed hook so the rest of the model (and the unembedding) never
+    runs."""
 
 
 def stream_states(
@@ -213,7 +216,8 @@ def stream_states(
     *,
     positions: torch.Tensor | None = None,
 ) -> None:
-    """Run one batch and call ``callback(state_index, act[batch pos d_model])`` once per planned state.
+    """Run one batch and call ``callback(state_index, act[batch pos d_model])`` once per planned
+    state.
 
     Built on ``tlmicroscope.capture.stream``; the forward pass stops after the last planned hook,
     and hooks are removed however it ends.
@@ -351,7 +355,8 @@ def capture_components(
 
     Examples:
         >>> from tlmicroscope.models import tiny_model
-        >>> st = capture_components(tiny_model(n_layers=2), "hello", components=("attn_out", "mlp_out"))
+        >>> comps = ("attn_out", "mlp_out")
+        >>> st = capture_components(tiny_model(n_layers=2), "hello", components=comps)
         >>> tuple(st.activations.shape), st.state_labels()
         ((4, 1, 5, 32), ['attn_out 0', 'mlp_out 0', 'attn_out 1', 'mlp_out 1'])
         >>> capture_components(tiny_model(n_layers=2), "hello", average="samples", unit=True,
@@ -464,7 +469,8 @@ def _from_cache(cache: Any, plan: Sequence[_State]) -> torch.Tensor:
     if missing:
         raise ValueError(
             f"The ActivationCache lacks {len(missing)} of the requested hooks, e.g. {missing[:3]}. "
-            "Run model.run_with_cache(tokens, names_filter=[...]) with those names, or pass the model."
+            "Run model.run_with_cache(tokens, names_filter=[...]) with those names, or pass the "
+            "model."
         )
     return torch.stack([cache[n].detach() for n in names]).float().cpu()
 

@@ -129,7 +129,8 @@ def remove_duplicates(points) -> tuple[Float[torch.Tensor, "m d"], torch.Tensor,
     """
     x = as_points(points) + 0.0  # + 0.0 turns -0.0 into 0.0
     n = x.shape[0]
-    # equal rows have equal hashes of their bit patterns; distinct hashes prove there is no duplicate
+    # equal rows have equal hashes of their bit patterns; distinct hashes prove there is no
+    # duplicate
     weights = torch.randint(1, 2**62, (x.shape[1],), generator=torch.Generator().manual_seed(0)) | 1
     hashes = (x.view(torch.int64) * weights.to(x.device)).sum(1)
     if torch.unique(hashes).numel() == n:
@@ -170,7 +171,8 @@ def _check_scales(scales: Sequence[int]) -> tuple[int, ...]:
     bad = [s for s in out if s < 2 or s & (s - 1)]
     if not out or bad:
         raise ValueError(
-            f"GRIDE scales are range scalings n2 = 2, 4, 8, ... (powers of two); got {tuple(scales)}."
+            "GRIDE scales are range scalings n2 = 2, 4, 8, ... (powers of two); got "
+            f"{tuple(scales)}."
         )
     return out
 
@@ -184,7 +186,8 @@ def _need_points(n_unique: int, need: int, what: str, n_input: int, n_dup: int, 
     if n_unique < need:
         dup = f" after removing {n_dup} duplicates" if n_dup else ""
         raise ValueError(
-            f"{what} needs at least {need} distinct points, but the cloud has {n_unique}{dup}. {fix}"
+            f"{what} needs at least {need} distinct points, but the cloud has {n_unique}{dup}. "
+            f"{fix}"
         )
 
 

@@ -1,4 +1,5 @@
-"""``component_separation``: how well attention and MLP outputs separate, layer by layer, as numbers.
+"""``component_separation``: how well attention and MLP outputs separate, layer by layer, as
+numbers.
 
 Ning and Rangaraju show that the attention and MLP outputs of the intermediate blocks occupy
 different regions of PCA and UMAP plots, but give no number. Here each block gets two:
@@ -140,7 +141,8 @@ def component_separation(
             whether the separation shows in a 2-D PCA picture like the paper's.
 
     Raises:
-        ValueError: fewer vectors than folds, a component missing from the states, or a constant layer.
+        ValueError: fewer vectors than folds, a component missing from the states, or a
+            constant layer.
 
     Examples:
         >>> from tlmicroscope.models import tiny_model
@@ -195,8 +197,8 @@ def component_separation(
         n = min(len(pair[0]), len(pair[1]))
         if n < n_folds:
             raise ValueError(
-                f"Block {layer} has {n} vectors per component, fewer than n_folds={n_folds}. Capture "
-                "more positions or windows, or lower n_folds."
+                f"Block {layer} has {n} vectors per component, fewer than n_folds={n_folds}. "
+                "Capture more positions or windows, or lower n_folds."
             )
         take = min(n, max_points)
         pick = [rng.choice(len(p), size=take, replace=False) for p in pair]

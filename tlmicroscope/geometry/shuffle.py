@@ -64,8 +64,8 @@ def block_permutation(
     size, rest = divmod(n_tokens, k)
     if rest and remainder == "error":
         raise ValueError(
-            f"{k} blocks do not divide {n_tokens} tokens (remainder {rest}). Use a length that is a "
-            f"multiple of {k}, or remainder='truncate' to drop the last {rest} tokens."
+            f"{k} blocks do not divide {n_tokens} tokens (remainder {rest}). Use a length that is "
+            f"a multiple of {k}, or remainder='truncate' to drop the last {rest} tokens."
         )
     if remainder not in ("truncate", "error"):
         raise ValueError(f"remainder must be 'truncate' or 'error', got {remainder!r}.")

@@ -55,18 +55,21 @@ def lens_token_windows(
         >>> # 10 bytes + EOS (257) = 11 tokens; the last 20% (2 tokens) are held out
         >>> lens_token_windows(model, ["abcdefghij"], seq_len=3, holdout=0.2).tolist()
         [[97, 98, 99], [100, 101, 102], [103, 104, 105]]
-        >>> lens_token_windows(model, ["abcdefghij"], seq_len=2, split="heldout", holdout=0.2).tolist()
+        >>> texts = ["abcdefghij"]
+        >>> held = lens_token_windows(model, texts, seq_len=2, split="heldout", holdout=0.2)
+        >>> held.tolist()
         [[106, 257]]
     """
     n_ctx = int(model.cfg.n_ctx)
     if seq_len > n_ctx:
         raise ValueError(
-            f"seq_len={seq_len} is longer than the model's context of {n_ctx} tokens; use at most {n_ctx}."
+            f"seq_len={seq_len} is longer than the model's context of {n_ctx} tokens; use at most "
+            f"{n_ctx}."
         )
     if split not in ("train", "heldout", "all"):
         raise ValueError(f"split must be 'train', 'heldout' or 'all', got {split!r}.")
     stream = token_stream(model, corpus, text_field=text_field)
-    n_hold = 0 if split == "all" else int(round(stream.numel() * holdout))
+    n_hold = 0 if split == "all" else round(stream.numel() * holdout)
     part = {
         "train": stream[: stream.numel() - n_hold],
         "heldout": stream[stream.numel() - n_hold :],
@@ -81,8 +84,8 @@ def lens_token_windows(
     body = seq_len - (bos is not None)
     if body <= 0 or part.numel() < body:
         raise ValueError(
-            f"The {split} split of the corpus ({_corpus_label(corpus)}) has {part.numel()} tokens, fewer "
-            f"than one window of {seq_len}. Use a larger corpus, a shorter seq_len"
+            f"The {split} split of the corpus ({_corpus_label(corpus)}) has {part.numel()} tokens, "
+            f"fewer than one window of {seq_len}. Use a larger corpus, a shorter seq_len"
             + (" or a smaller holdout." if split != "all" else ".")
         )
     windows = part[: part.numel() // body * body].view(-1, body)

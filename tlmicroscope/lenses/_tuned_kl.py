@@ -58,7 +58,8 @@ class LensObjective:
     Args:
         readout: The model's ``Readout`` (norm kind, epsilon, folded unembedding).
         compute_dtype: dtype of the two vocabulary GEMMs (float32 or bfloat16).
-        chunk_rows: Rows per vocabulary-sized buffer (bounds memory: ``chunk_rows * d_vocab`` floats).
+        chunk_rows: Rows per vocabulary-sized buffer (bounds memory: ``chunk_rows * d_vocab``
+            floats).
     """
 
     def __init__(
@@ -76,7 +77,8 @@ class LensObjective:
 
     # ------------------------------------------------------------------------------ the norm
     def normalize(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``x = norm(y)`` without the affine part, and the per-row scale ``r`` the backward needs."""
+        """``x = norm(y)`` without the affine part, and the per-row scale ``r`` the backward
+        needs."""
         if self.kind is None:
             return y, None
         if self.kind == "LN":

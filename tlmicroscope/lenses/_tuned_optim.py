@@ -25,7 +25,8 @@ _NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
 def orthogonalize(G: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
-    """Approximately ``U V^T`` for ``G = U S V^T``, per matrix over the last two dims (Newton-Schulz)."""
+    """Approximately ``U V^T`` for ``G = U S V^T``, per matrix over the last two dims
+    (Newton-Schulz)."""
     a, b, c = _NS_COEFFS
     X = G / (torch.linalg.matrix_norm(G, keepdim=True) + eps)
     tall = G.shape[-2] > G.shape[-1]

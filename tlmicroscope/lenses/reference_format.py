@@ -49,7 +49,8 @@ _KEY = re.compile(r"^(?:layer_translators\.)?(\d+)\.(weight|bias)$")
 
 
 def is_reference_folder(path: str | Path) -> bool:
-    """True for a folder holding the reference package's ``params.pt`` (and no tlmicroscope tensors)."""
+    """True for a folder holding the reference package's ``params.pt`` (and no tlmicroscope
+    tensors)."""
     path = Path(path)
     return (path / _PARAMS).is_file() and not (path / "tensors.safetensors").is_file()
 
@@ -67,7 +68,8 @@ def reference_unembed_hash(model: Any) -> str:
 
 
 def _read_config(path: Path, model: Any) -> tuple[dict[str, Any], int, int, bool]:
-    """The folder's ``config.json``, every field checked for type and value (and against ``model``)."""
+    """The folder's ``config.json``, every field checked for type and value (and against
+    ``model``)."""
     cfg_path = path / _CONFIG
     if not cfg_path.is_file():
         raise FittedFileError(
@@ -81,8 +83,8 @@ def _read_config(path: Path, model: Any) -> tuple[dict[str, Any], int, int, bool
         ) from exc
     if not isinstance(cfg, dict):
         raise FittedFileError(
-            f"{cfg_path} holds a JSON {_json_type(cfg)}, not an object; a reference lens config is an "
-            "object with d_model, num_hidden_layers, bias, ..."
+            f"{cfg_path} holds a JSON {_json_type(cfg)}, not an object; a reference lens config is "
+            "an object with d_model, num_hidden_layers, bias, ..."
         )
     lens_type = cfg.get("lens_type", "linear_tuned_lens")
     if lens_type != "linear_tuned_lens":
@@ -104,9 +106,10 @@ def _read_config(path: Path, model: Any) -> tuple[dict[str, Any], int, int, bool
         ):
             if ours != theirs:
                 raise ModelMismatchError(
-                    f"The reference lens at {path} was saved for another model: field {field!r} is {ours} "
-                    f"in {cfg_path} but {theirs} for this model ({cfg.get('base_model_name_or_path')!r}; "
-                    "load the lens with the model it was trained for)."
+                    f"The reference lens at {path} was saved for another model: field {field!r} is "
+                    f"{ours} in {cfg_path} but {theirs} for this model "
+                    f"({cfg.get('base_model_name_or_path')!r}; load the lens with the model it was "
+                    "trained for)."
                 )
     return cfg, d_model, n_layers, has_bias
 
@@ -128,8 +131,10 @@ def read_reference_lens(
     Examples:
         >>> import json, tempfile, pathlib
         >>> folder = pathlib.Path(tempfile.mkdtemp())
-        >>> torch.save({"0.weight": torch.zeros(4, 4), "0.bias": torch.ones(4)}, folder / "params.pt")
-        >>> _ = (folder / "config.json").write_text(json.dumps({"d_model": 4, "num_hidden_layers": 1}))
+        >>> params = {"0.weight": torch.zeros(4, 4), "0.bias": torch.ones(4)}
+        >>> torch.save(params, folder / "params.pt")
+        >>> config = json.dumps({"d_model": 4, "num_hidden_layers": 1})
+        >>> _ = (folder / "config.json").write_text(config)
         >>> weight, bias, cfg = read_reference_lens(folder)
         >>> tuple(weight.shape), bias.tolist()
         ((1, 4, 4), [[1.0, 1.0, 1.0, 1.0]])
@@ -155,8 +160,8 @@ def read_reference_lens(
         m = _KEY.match(str(key))
         if m is None or not isinstance(value, torch.Tensor):
             raise FittedFileError(
-                f"{params} has an entry {key!r} that is not a translator '{{i}}.weight' or '{{i}}.bias'; "
-                "this lens type (low-rank, extra layers, ...) is not supported."
+                f"{params} has an entry {key!r} that is not a translator '{{i}}.weight' or "
+                "'{i}.bias'; this lens type (low-rank, extra layers, ...) is not supported."
             )
         i, what = int(m.group(1)), m.group(2)
         want = (d_model, d_model) if what == "weight" else (d_model,)
@@ -176,8 +181,8 @@ def read_reference_lens(
         raise FittedFileError(f"{params} lacks some biases although config.json says bias=true.")
     if not has_bias and any(what == "bias" for _, what in found):
         raise FittedFileError(
-            f"{params} holds biases although config.json says bias=false; the two files do not belong "
-            "together (the reference package refuses this folder too)."
+            f"{params} holds biases although config.json says bias=false; the two files do not "
+            "belong together (the reference package refuses this folder too)."
         )
     # Every layer's weight is in the file with the config's shape, so this is the file's own size.
     weight = torch.stack([found[(i, "weight")].float() for i in range(n_layers)])
@@ -205,9 +210,9 @@ def load_reference_lens(path: str | Path, model: Any = None):
         if saved_hash and saved_hash != reference_unembed_hash(model):
             warnings.warn(
                 f"The reference lens at {path} records another unembedding hash than this model's. "
-                "The reference's hash changed between its versions, so this may be harmless; check "
-                f"that the lens was trained for {cfg.get('base_model_name_or_path')!r} without weight "
-                "processing (load the model with process_weights=False).",
+                "The reference's hash changed between its versions, so this may be harmless; "
+                f"check that the lens was trained for {cfg.get('base_model_name_or_path')!r} "
+                "without weight processing (load the model with process_weights=False).",
                 UserWarning,
                 stacklevel=2,
             )

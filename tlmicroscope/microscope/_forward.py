@@ -56,7 +56,8 @@ def corpus_windows(
             )
         if toks.shape[1] > model.cfg.n_ctx:
             raise ValueError(
-                f"Corpus windows of {toks.shape[1]} tokens exceed the model's context of {model.cfg.n_ctx}."
+                f"Corpus windows of {toks.shape[1]} tokens exceed the model's context of "
+                f"{model.cfg.n_ctx}."
             )
         if min_tokens is not None and toks.numel() < min_tokens:
             raise ValueError(
@@ -97,7 +98,7 @@ def stream_residual(
     ``h`` is ``[batch pos d_model]``, arriving in increasing layer order within a batch; the
     forward pass stops after the last requested state.
     """
-    layers = sorted(set(int(x) for x in layers))
+    layers = sorted({int(x) for x in layers})
     last = layers[-1]
 
     def callback(site: str, layer: int | None, act: torch.Tensor) -> None:

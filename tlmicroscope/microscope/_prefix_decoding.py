@@ -77,7 +77,8 @@ def prefix_examples(
     prefix_length: int,
     pad_id: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Decoder inputs and targets for reconstructing the prefix of token ``positions`` of ``windows``.
+    """Decoder inputs and targets for reconstructing the prefix of token ``positions`` of
+    ``windows``.
 
     The prefix of token i is the ``m = min(i, P)`` tokens right before it, ``w_{i−m}..w_{i−1}``.
     The decoder reads ``[e_i, w_{i−m}, .., w_{i−2}]`` (slot 0 is overwritten by the soft embedding)

@@ -266,7 +266,8 @@ def classify_tokens(str_tokens: Sequence[str]) -> list[str]:
 
     Examples:
         >>> classify_tokens(["The", " cat", ",", " a", " c", "a", "t", " sat", " on", " 42", "."])
-        ['article', 'other', 'punctuation', 'article', 'other', 'other', 'other', 'other', 'stop_word', 'number', 'punctuation']
+        ['article', 'other', 'punctuation', 'article', 'other', 'other', 'other', 'other',
+        'stop_word', 'number', 'punctuation']
     """
     toks = list(str_tokens)
     out = []
@@ -324,7 +325,8 @@ def token_table(
             and not (c.tokens.shape == n.tokens.shape and bool((c.tokens == n.tokens).all()))
         ):
             raise ValueError(
-                f"Text {t}: the contextualization and non-linearity results are for different tokens."
+                f"Text {t}: the contextualization and non-linearity results are for different "
+                "tokens."
             )
         nl_tok = n.token_mean() if n is not None else None
         for b, strs in enumerate(base.str_tokens):
@@ -400,8 +402,10 @@ def token_class_summary(
         >>> from tlmicroscope.microscope.contextualization import Contextualization
         >>> from tlmicroscope.results import Provenance
         >>> ctx = Contextualization(C=torch.tensor([[float("nan"), 1.0, 3.0, 2.0]]),
-        ...     prefix_length=torch.tensor([[0, 1, 2, 3]]), tokens=torch.zeros(1, 4, dtype=torch.long),
-        ...     str_tokens=[["Hi", ",", " cat", " the"]], reduction="mean", provenance=Provenance("m", "M", False, ""))
+        ...     prefix_length=torch.tensor([[0, 1, 2, 3]]),
+        ...     tokens=torch.zeros(1, 4, dtype=torch.long),
+        ...     str_tokens=[["Hi", ",", " cat", " the"]], reduction="mean",
+        ...     provenance=Provenance("m", "M", False, ""))
         >>> s = token_class_summary(ctx)
         >>> s.lowest_C()
         ['punctuation', 'article', 'other']
@@ -460,10 +464,10 @@ def contextuality_nonlinearity_correlation(
         >>> from tlmicroscope.microscope.nonlinearity import TokenNonlinearity
         >>> from tlmicroscope.results import Provenance
         >>> prov, toks = Provenance("m", "M", False, ""), [["a", " b", " c", " d", " e"]]
-        >>> ctx = Contextualization(torch.tensor([[float("nan"), 1.0, 2.0, 3.0, 5.0]]), torch.arange(5)[None],
-        ...                         torch.arange(5)[None], toks, "mean", prov)
+        >>> C, pos = torch.tensor([[float("nan"), 1.0, 2.0, 3.0, 5.0]]), torch.arange(5)[None]
+        >>> ctx = Contextualization(C, pos, pos, toks, "mean", prov)
         >>> e = torch.tensor([[[0.0, 1.0, 2.0, 4.0, 4.0]]])
-        >>> nl = TokenNonlinearity((0,), ("0→1",), e, e, torch.arange(5)[None], toks, 100, "reference", prov)
+        >>> nl = TokenNonlinearity((0,), ("0→1",), e, e, pos, toks, 100, "reference", prov)
         >>> corr = contextuality_nonlinearity_correlation(ctx, nl)
         >>> corr.n, round(corr.pearson_r, 3)
         (4, 0.878)

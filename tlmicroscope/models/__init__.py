@@ -1,4 +1,5 @@
-"""Loading models: the embedded SmolLM2-135M and Gemma 3 270M, local files, TransformerLens names, tiny test models."""
+"""Loading models: the embedded SmolLM2-135M and Gemma 3 270M, local files, TransformerLens
+names, tiny test models."""
 
 from tlmicroscope.models.access import TL_MAJOR, TL_VERSION, is_bridge, weights_processed
 from tlmicroscope.models.embedded import PIP_INSTALL_EMBEDDED, embedded_gguf_path

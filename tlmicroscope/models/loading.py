@@ -1,4 +1,5 @@
-"""``load_model``: the embedded model, a local GGUF or Hugging Face folder, or any TransformerLens name."""
+"""``load_model``: the embedded model, a local GGUF or Hugging Face folder, or any
+TransformerLens name."""
 
 from __future__ import annotations
 
@@ -69,8 +70,9 @@ def _resolve_kind(kind: Kind) -> str:
         return "hooked" if access.has_hooked_transformer() else "bridge"
     if kind == "hooked" and not access.has_hooked_transformer():
         raise ValueError(
-            f"kind='hooked' needs HookedTransformer, which TransformerLens {access.TL_VERSION} does not "
-            "have (it was removed in 4.0). Use kind='bridge', or install 'transformer-lens>=3.9,<4'."
+            f"kind='hooked' needs HookedTransformer, which TransformerLens {access.TL_VERSION} "
+            "does not have (it was removed in 4.0). Use kind='bridge', or install "
+            "'transformer-lens>=3.9,<4'."
         )
     return kind
 
@@ -140,9 +142,9 @@ def _hooked_from_hf(hf: Any, tok: Any, device: str, dtype: torch.dtype, n_ctx: i
         return _hooked_gemma3(hf, tok, device, dtype, n_ctx, process)
     if arch not in _HOOKED_LLAMA_LIKE:
         raise ValueError(
-            f"kind='hooked' can build a HookedTransformer from local files only for Llama-architecture "
-            f"models and Gemma 3 text models ({', '.join(_HOOKED_GEMMA3)}), and this one is {arch}. "
-            "Use kind='bridge' for it."
+            "kind='hooked' can build a HookedTransformer from local files only for "
+            f"Llama-architecture models and Gemma 3 text models ({', '.join(_HOOKED_GEMMA3)}), and "
+            f"this one is {arch}. Use kind='bridge' for it."
         )
     d_head = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     cfg = HookedTransformerConfig(
@@ -221,7 +223,8 @@ def _local_hf_folder(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     if not (path / "config.json").is_file():
         raise ValueError(
             f"{path} is a folder but has no config.json, so it is not a Hugging Face model folder. "
-            "Pass a folder saved with `model.save_pretrained(...)` and `tokenizer.save_pretrained(...)`."
+            "Pass a folder saved with `model.save_pretrained(...)` and "
+            "`tokenizer.save_pretrained(...)`."
         )
     tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     hf = AutoModelForCausalLM.from_pretrained(
@@ -235,9 +238,10 @@ def _require_supported_gguf(path: Path) -> None:
     supported = supported_gguf_architectures()
     if arch not in supported:
         raise ValueError(
-            f"{path} holds a GGUF model of architecture {arch!r}, which transformers "
-            f"cannot dequantize into a causal language model. Supported GGUF architectures: "
-            f"{', '.join(supported)}. Convert the model to a Hugging Face folder and pass that folder."
+            f"{path} holds a GGUF model of architecture {arch!r}, which transformers cannot "
+            "dequantize into a causal language model. Supported GGUF architectures: "
+            f"{', '.join(supported)}. Convert the model to a Hugging Face folder and pass that "
+            "folder."
         )
 
 
@@ -260,8 +264,8 @@ def _check_local_path(name: str, path: Path) -> None:
         )
     if name.startswith(("/", ".", "~")) and not path.exists():
         raise FileNotFoundError(
-            f"No model file or folder at {path}. Pass an existing .gguf file or Hugging Face folder, "
-            f"or one of {', '.join(available_models())}."
+            f"No model file or folder at {path}. Pass an existing .gguf file or Hugging Face "
+            f"folder, or one of {', '.join(available_models())}."
         )
 
 
@@ -362,14 +366,15 @@ def load_model(
             (TransformerLens 3 only); ``"auto"`` picks ``HookedTransformer`` where it exists.
         device: Torch device for the weights.
         dtype: Weight dtype; analyses are written for float32.
-        n_ctx: Context length the model accepts; longer prompts are refused (or truncated on request).
+        n_ctx: Context length the model accepts; longer prompts are refused (or truncated on
+            request).
+        prepend_bos: ``"tokenizer"`` makes ``to_tokens`` add a BOS token exactly when the
+            model's own tokenizer does (SmolLM2's does not); ``True``/``False`` force it.
+        process_weights: Apply TransformerLens's ``fold_ln`` and centring. Off by default,
+            because they change the residual stream's geometry; every result records the choice.
 
     The tiny models honour every option here too (``dtype``, ``device``, ``n_ctx``,
     ``prepend_bos``, ``process_weights``), as a real model would.
-        prepend_bos: ``"tokenizer"`` makes ``to_tokens`` add a BOS token exactly when the model's own
-            tokenizer does (SmolLM2's does not); ``True``/``False`` force it.
-        process_weights: Apply TransformerLens's ``fold_ln`` and centring. Off by default, because they
-            change the residual stream's geometry; every result records the choice.
 
     Returns:
         A model in ``.eval()`` mode with the standard hook names.
@@ -383,7 +388,8 @@ def load_model(
 
     Examples:
         >>> model = load_model()  # doctest: +SKIP
-        >>> model.to_string(model(model.to_tokens("The capital of France is"))[0, -1].argmax())  # doctest: +SKIP
+        >>> logits = model(model.to_tokens("The capital of France is"))  # doctest: +SKIP
+        >>> model.to_string(logits[0, -1].argmax())  # doctest: +SKIP
         ' Paris'
     """
     resolved = _resolve_kind(kind)
