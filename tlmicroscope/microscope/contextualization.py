@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from jaxtyping import Float, Int
@@ -85,11 +85,15 @@ class ContextualizationProbe:
         warmup: Linear warm-up steps; the rate then follows a cosine to 10 %.
         seed: Seeds the encoder's initialisation and the data order.
 
+    Follows the fitted-object contract (``tlmicroscope.artifacts.Fitted``, kind
+    ``"contextualization-probe"``): ``fit(model, corpus)``, then ``save()`` puts it in the artifact
+    store and ``ContextualizationProbe.load(None, model)`` reads it back.
+
     Examples:
         >>> from tlmicroscope.models import tiny_model
         >>> model = tiny_model(n_layers=2)
-        >>> probe = ContextualizationProbe(prefix_length=4, mlp_hidden=16, decoder="frozen", steps=2,
-        ...                                window_length=16)
+        >>> probe = ContextualizationProbe(prefix_length=4, mlp_hidden=16, decoder="frozen",
+        ...                                steps=2, window_length=16)
         >>> probe = probe.fit(model, ["a small corpus of text " * 20], progress=False)
         >>> ctx = contextualization(model, "hello world", probe=probe)
         >>> tuple(ctx.C.shape), bool(ctx.C[0, 0].isnan()), bool(ctx.C[0, 1:].isfinite().all())
@@ -112,6 +116,7 @@ class ContextualizationProbe:
         warmup: int = 20,
         seed: int = 0,
     ):
+        self.quick = False
         self.prefix_length = prefix_length
         self.mlp_hidden = mlp_hidden
         self.decoder = decoder
@@ -125,6 +130,10 @@ class ContextualizationProbe:
         self.warmup = warmup
         self.seed = seed
 
+    kind: ClassVar[str] = "contextualization-probe"
+    #: Settings ``fit(..., quick=True)`` uses (a rough probe in about a minute on SmolLM2).
+    QUICK: ClassVar[dict[str, Any]] = {"steps": 40, "warmup": 4}
+
     def settings(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in _SETTINGS}
 
@@ -134,13 +143,15 @@ class ContextualizationProbe:
         n_layers = int(model.cfg.n_layers)
         if self.decoder == "last_k" and not 1 <= self.trainable_blocks <= n_layers:
             raise ValueError(
-                f"trainable_blocks must be in 1..{n_layers} for decoder='last_k', got {self.trainable_blocks}."
+                f"trainable_blocks must be in 1..{n_layers} for decoder='last_k', got "
+                f"{self.trainable_blocks}."
             )
         if self.prefix_length < 1 or self.window_length < 2:
             raise ValueError("prefix_length must be ≥ 1 and window_length ≥ 2.")
         if self.window_length > model.cfg.n_ctx or self.prefix_length > model.cfg.n_ctx:
             raise ValueError(
-                f"window_length and prefix_length must fit the model's context of {model.cfg.n_ctx}."
+                "window_length and prefix_length must fit the model's context of "
+                f"{model.cfg.n_ctx}."
             )
 
     # -- building ------------------------------------------------------------------------------
@@ -183,20 +194,28 @@ class ContextualizationProbe:
         model: Any,
         corpus: CorpusSource = None,
         *,
+        n_tokens: int | None = None,
+        batch_size: int | None = None,
+        seed: int | None = None,
+        progress: bool = True,
+        quick: bool = False,
         checkpoint_dir: str | Path | None = None,
         checkpoint_every: int = 50,
         resume: bool = True,
-        progress: bool = True,
     ) -> ContextualizationProbe:
         """Train the encoder (and the decoder's trainable blocks) on ``corpus`` (default: embedded).
 
         With ``checkpoint_dir``, the state is saved every ``checkpoint_every`` steps and at the end;
         calling ``fit`` again with the same settings resumes from the last checkpoint.
+        ``batch_size`` (windows per step) and ``seed`` override ``windows_per_step`` and ``seed``;
+        ``n_tokens`` sets ``steps`` so that about that many window tokens are read; ``quick=True``
+        takes ``QUICK`` for what is not given and records the fit as quick.
 
         Raises:
             ValueError: bad settings, a corpus shorter than one window, or a checkpoint made with
                 other settings or for another model.
         """
+        self._apply_fit_settings(n_tokens, batch_size, seed, quick)
         ensure_eval(model)
         self._validate(model)
         stream = token_stream(model, corpus)
@@ -258,6 +277,22 @@ class ContextualizationProbe:
         self.train_seconds_ = elapsed + time.perf_counter() - t0
         return self
 
+    def _apply_fit_settings(
+        self, n_tokens: int | None, batch_size: int | None, seed: int | None, quick: bool
+    ) -> None:
+        self.quick = bool(quick)
+        if quick:
+            for name, value in self.QUICK.items():
+                setattr(self, name, value)
+        if batch_size is not None:
+            self.windows_per_step = int(batch_size)
+        if seed is not None:
+            self.seed = int(seed)
+        if n_tokens is not None:
+            per_step = int(self.windows_per_step) * int(self.window_length)
+            self.steps = max(1, -(-int(n_tokens) // per_step))
+            self.warmup = min(int(self.warmup), max(0, self.steps - 1))
+
     def _batch_loss(self, model, decoder, windows, b_idx, pos, states) -> torch.Tensor:
         H = examined_states(model, windows, states)[b_idx, pos]  # [n layer d]
         soft = self.encoder_(H)
@@ -283,21 +318,34 @@ class ContextualizationProbe:
             "history": list(getattr(self, "history_", [])),
             "steps_done": int(getattr(self, "steps_done_", 0)),
             "train_seconds": float(getattr(self, "train_seconds_", 0.0)),
+            "quick": bool(self.quick),
         }
 
-    def save(self, path: str | Path) -> Path:
-        """Save the encoder, the decoder's trained parameters and every setting, tied to the model."""
+    def save(self, path: str | Path | None = None) -> Path:
+        """Save the encoder, the decoder's trained parameters and every setting, tied to the model
+        (``path=None``: the artifact store's place for that model)."""
+        from tlmicroscope.artifacts import save_path
+
         if not hasattr(self, "encoder_"):
             raise ValueError("This probe is not fitted: call .fit(model, corpus) first.")
         return io.save_fitted(
-            path, self._tensors(), kind=KIND, config=self._config(), fingerprint=self.model_
+            save_path(self.kind, path, self.model_),
+            self._tensors(),
+            kind=KIND,
+            config=self._config(),
+            fingerprint=self.model_,
         )
 
     @classmethod
-    def load(cls, path: str | Path, model: Any) -> ContextualizationProbe:
-        """Load a saved probe for ``model`` (refused for another model or model class)."""
+    def load(cls, path: str | Path | None, model: Any) -> ContextualizationProbe:
+        """Load a saved probe for ``model`` (refused for another model or model class);
+        ``path=None`` reads the artifact store's probe for ``model``."""
+        from tlmicroscope.artifacts import load_path
+
+        path = load_path(cls.kind, path, model)
         tensors, meta = io.load_fitted(path, kind=KIND, model=model)
         probe = cls(**meta["config"]["settings"])
+        probe.quick = io.config_bool(meta["config"], "quick", path, default=False)
         probe._restore(tensors, meta["config"], model, path)
         probe.history_ = list(meta["config"].get("history", []))
         probe.steps_done_ = io.config_int(meta["config"], "steps_done", path, minimum=0, default=0)
@@ -318,7 +366,8 @@ class ContextualizationProbe:
         if self.decoder != "frozen" and saved_class and saved_class != type(model).__name__:
             raise io.ModelMismatchError(
                 f"The probe at {path} trained decoder blocks of a {saved_class}; this model is a "
-                f"{type(model).__name__}, whose parameters are named differently. Load the model with the same kind."
+                f"{type(model).__name__}, whose parameters are named differently. Load the model "
+                "with the same kind."
             )
         if build:
             self._validate(model)
@@ -369,7 +418,8 @@ class ContextualizationProbe:
             if getattr(self, key) != value:
                 raise ValueError(
                     f"The checkpoint at {path} was made with {key}={value!r}, but this probe has "
-                    f"{key}={getattr(self, key)!r}. Use the same settings, another checkpoint_dir, or resume=False."
+                    f"{key}={getattr(self, key)!r}. Use the same settings, another checkpoint_dir, "
+                    "or resume=False."
                 )
         self._restore(tensors, cfg, model, path, build=False)
         state = opt.state_dict()
@@ -387,7 +437,8 @@ class ContextualizationProbe:
     def __repr__(self) -> str:
         state = f"fitted {self.steps_done_} steps" if hasattr(self, "steps_done_") else "unfitted"
         return (
-            f"ContextualizationProbe(prefix_length={self.prefix_length}, mlp_hidden={self.mlp_hidden}, "
+            f"ContextualizationProbe(prefix_length={self.prefix_length}, "
+            f"mlp_hidden={self.mlp_hidden}, "
             f"decoder={self.decoder!r}, trainable_blocks={self.trainable_blocks}; {state})"
         )
 

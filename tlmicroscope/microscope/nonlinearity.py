@@ -20,7 +20,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from jaxtyping import Float, Int
@@ -47,12 +47,14 @@ KIND = "nonlinearity_reference"
 class NonlinearityReference:
     """Per-pair affine maps A*_l fitted once on a corpus, applied to any prompt.
 
-    Follows scikit-learn's contract: settings in ``__init__``, learned state (trailing ``_``) set
-    by ``fit``. Saved as safetensors + JSON tied to its model; loading it for another model is
-    refused, naming the field that differs.
+    Follows the fitted-object contract (``tlmicroscope.artifacts.Fitted``, kind
+    ``"nonlinearity-reference"``): settings in ``__init__``, learned state (trailing ``_``) set by
+    ``fit``. Saved as safetensors + JSON tied to its model (``save()`` puts it in the artifact
+    store); loading it for another model is refused, naming the field that differs.
 
     Args:
-        n_tokens: Corpus token rows to fit on (default ``max(8192, 32·d_model)``); must exceed d_model.
+        n_tokens: Corpus token rows to fit on (default ``max(8192, 32·d_model)``); must exceed
+            d_model.
         seq_len: Window length when cutting the corpus.
         batch_size: Windows per forward pass.
         skip_positions: Drop the first positions of each window from the fit.
@@ -62,7 +64,8 @@ class NonlinearityReference:
 
     Attributes:
         maps_: ``[pair d_model d_model]`` float32, ``z^{l+1} ≈ z^l @ maps_[l]``.
-        mean_, scale_: Per-state corpus mean ``[state d_model]`` and RMS scale ``[state]`` (float64).
+        mean_, scale_: Per-state corpus mean ``[state d_model]`` and RMS scale ``[state]``
+            (float64).
         pairs_: First residual index of each fitted pair.
         linearity_: The corpus's ``LinearityResult`` (both scores, rank, chance floor, N, d).
         n_tokens_: N, the rows the maps were fitted on.
@@ -70,11 +73,16 @@ class NonlinearityReference:
     Examples:
         >>> from tlmicroscope.models import tiny_model
         >>> model = tiny_model(n_layers=2)
-        >>> TEXT = "The quick brown fox jumps over the lazy dog; PACK MY BOX WITH FIVE DOZEN JUGS! 0123456789 " * 6
+        >>> TEXT = ("The quick brown fox jumps over the lazy dog; "
+        ...         "PACK MY BOX WITH FIVE DOZEN JUGS! 0123456789 ") * 6
         >>> ref = NonlinearityReference(n_tokens=512, seq_len=64).fit(model, [TEXT], progress=False)
         >>> tuple(ref.maps_.shape), ref.n_tokens_
         ((2, 32, 32), 512)
     """
+
+    kind: ClassVar[str] = "nonlinearity-reference"
+    #: Settings ``fit(..., quick=True)`` uses (about 7 tokens per dimension on SmolLM2).
+    QUICK: ClassVar[dict[str, Any]] = {"n_tokens": 4096}
 
     def __init__(
         self,
@@ -94,6 +102,7 @@ class NonlinearityReference:
         self.rtol = rtol
         self.ridge = ridge
         self.seed = seed
+        self.quick = False
 
     # -- fitting -------------------------------------------------------------------------------
     def fit(
@@ -101,17 +110,29 @@ class NonlinearityReference:
         model: Any,
         corpus: CorpusSource | torch.Tensor = None,
         *,
-        layers: Sequence[int] | None = None,
+        n_tokens: int | None = None,
+        batch_size: int | None = None,
+        seed: int | None = None,
         progress: bool = True,
+        quick: bool = False,
+        layers: Sequence[int] | None = None,
     ) -> NonlinearityReference:
         """Fit A*_l for each pair on ``corpus`` (default: the embedded corpus) in one streamed pass.
 
         ``model`` may also be residual states you already have, a ``[state N d_model]`` tensor of
-        h^0..h^S rows; the reference is then tied to no model.
+        h^0..h^S rows; the reference is then tied to no model. ``n_tokens``, ``batch_size`` and
+        ``seed`` override the settings of the same names (and are saved); ``quick=True`` takes
+        ``QUICK`` for those not given and records the fit as quick.
 
         Raises:
             ValueError: the corpus gives no more token rows than d_model (every fit would be exact).
         """
+        self.quick = bool(quick)
+        for name, value in (("n_tokens", n_tokens), ("batch_size", batch_size), ("seed", seed)):
+            if value is not None:
+                setattr(self, name, value)
+            elif quick and name in self.QUICK:
+                setattr(self, name, self.QUICK[name])
         if isinstance(model, torch.Tensor):
             return self._fit_states(model, layers)
         ensure_eval(model)
@@ -165,7 +186,8 @@ class NonlinearityReference:
     ) -> NonlinearityReference:
         if states_t.ndim != 3 or states_t.shape[0] < 2:
             raise ValueError(
-                f"Residual states must be [state N d_model] with at least 2 states, got {tuple(states_t.shape)}."
+                "Residual states must be [state N d_model] with at least 2 states, got "
+                f"{tuple(states_t.shape)}."
             )
         n_states, n, d = states_t.shape
         pairs = check_layers(layers, n_states - 1, "pair")
@@ -222,7 +244,7 @@ class NonlinearityReference:
             )
 
     def check_model(self, model: Any) -> None:
-        """Refuse a model other than the one the maps were fitted on (naming the field that differs)."""
+        """Refuse another model than the one the maps were fitted on (naming the field)."""
         self._check_fitted()
         if self.model_ is not None:
             io.check_fingerprint(self.model_, model, what="This non-linearity reference")
@@ -242,9 +264,13 @@ class NonlinearityReference:
         return (h.float() - mean) / float(self.scale_[i])
 
     # -- persistence ---------------------------------------------------------------------------
-    def save(self, path: str | Path) -> Path:
-        """Write ``path/tensors.safetensors`` and ``path/config.json`` atomically."""
+    def save(self, path: str | Path | None = None) -> Path:
+        """Write ``path/tensors.safetensors`` and ``path/config.json`` atomically (``path=None``:
+        the artifact store's place for its model)."""
+        from tlmicroscope.artifacts import save_path
+
         self._check_fitted()
+        path = save_path(self.kind, path, self.model_)
         lin = self.linearity_
         tensors = {
             "maps": self.maps_,
@@ -274,15 +300,23 @@ class NonlinearityReference:
             "model_class": self.model_class_,
             "corpus": self.corpus_,
             "provenance": lin.provenance.to_dict(),
+            "quick": bool(self.quick),
         }
         return io.save_fitted(path, tensors, kind=KIND, config=config, fingerprint=self.model_)
 
     @classmethod
-    def load(cls, path: str | Path, model: Any | None = None) -> NonlinearityReference:
-        """Load a saved reference; with ``model``, refuse it if it was fitted for another model."""
+    def load(
+        cls, path: str | Path | None = None, model: Any | None = None
+    ) -> NonlinearityReference:
+        """Load a saved reference (``path=None``: the artifact store's for ``model``); with
+        ``model``, refuse it if it was fitted for another model."""
+        from tlmicroscope.artifacts import load_path
+
+        path = load_path(cls.kind, path, model)
         tensors, meta = io.load_fitted(path, kind=KIND, model=model)
         cfg = meta["config"]
         ref = cls(**cfg["settings"])
+        ref.quick = io.config_bool(cfg, "quick", path, default=False)
         ref.pairs_ = tuple(cfg["pairs"])
         ref.states_ = tuple(cfg["states"])
         ref.maps_ = tensors["maps"]
@@ -316,7 +350,8 @@ class NonlinearityReference:
         )
         if tuple(ref.maps_.shape) != (len(ref.pairs_), ref.d_model_, ref.d_model_):
             raise io.FittedFileError(
-                f"{path}: maps have shape {tuple(ref.maps_.shape)}, which does not match its config."
+                f"{path}: maps have shape {tuple(ref.maps_.shape)}, which does not match its "
+                "config."
             )
         return ref
 
