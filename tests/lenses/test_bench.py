@@ -79,18 +79,18 @@ def bench_and_windows(tiny_llama):
     lenses = ["logit", RandomLinearLens(model.cfg.n_layers, model.cfg.d_model)]
     bench = lens_bench(
         model,
-        lenses,
-        CORPUS,
-        tokens=96,
+        lenses=lenses,
+        corpus=CORPUS,
+        n_tokens=96,
         seq_len=SEQ,
         holdout=0.5,
-        depth_tokens=96,
+        depth_n_tokens=96,
         cbe_layers=[1],
         cbe_k=2,
-        cbe_tokens=64,
+        cbe_n_tokens=64,
         cbe_max_iter=4,
-        fidelity_tokens=64,
-        sra_samples=6,
+        fidelity_n_tokens=64,
+        sra_n_samples=6,
         progress=False,
     )
     windows = lens_token_windows(model, CORPUS, seq_len=SEQ, split="heldout", holdout=0.5)[:3]
@@ -192,11 +192,11 @@ def test_bad_input_names_the_fix(tiny_llama):
     from tlmicroscope.lenses.bench import lens_bench
 
     with pytest.raises(ValueError, match="names repeat.*mapping"):
-        lens_bench(tiny_llama, ["logit", "logit"], CORPUS, progress=False)
+        lens_bench(tiny_llama, lenses=["logit", "logit"], corpus=CORPUS, progress=False)
     with pytest.raises(ValueError, match=r"residual indices 0\.\.2"):
-        lens_bench(tiny_llama, ["logit"], CORPUS, cbe_layers=[3], progress=False)
+        lens_bench(tiny_llama, lenses=["logit"], corpus=CORPUS, cbe_layers=[3], progress=False)
     with pytest.raises(ValueError, match="another model"):
-        lens_bench(tiny_llama, [RandomLinearLens(5, 32)], CORPUS, progress=False)
+        lens_bench(tiny_llama, lenses=[RandomLinearLens(5, 32)], corpus=CORPUS, progress=False)
 
 
 def test_one_window_bench_falls_back_to_any_donors_and_says_so(tiny_llama):
@@ -205,18 +205,18 @@ def test_one_window_bench_falls_back_to_any_donors_and_says_so(tiny_llama):
     """Same-position donors need two sequences; one window uses donors anywhere in it (a note says so)."""
     bench = lens_bench(
         tiny_llama,
-        ["logit"],
-        CORPUS,
-        tokens=SEQ,
+        lenses=["logit"],
+        corpus=CORPUS,
+        n_tokens=SEQ,
         seq_len=SEQ,
         holdout=0.5,
-        depth_tokens=SEQ,
+        depth_n_tokens=SEQ,
         cbe_layers=[1],
         cbe_k=2,
-        cbe_tokens=SEQ,
+        cbe_n_tokens=SEQ,
         cbe_max_iter=2,
-        fidelity_tokens=SEQ,
-        sra_samples=4,
+        fidelity_n_tokens=SEQ,
+        sra_n_samples=4,
         progress=False,
     )
     assert "same-position" in bench.notes["stimulus-response"]

@@ -30,6 +30,7 @@ import torch
 from jaxtyping import Float
 
 from tlmicroscope.corpus import CorpusSource
+from tlmicroscope.deprecation import looks_like_lens, renamed_arguments
 from tlmicroscope.io import atomic_write_text
 from tlmicroscope.lenses.base import resolve_lens
 from tlmicroscope.results import Provenance
@@ -65,8 +66,9 @@ class LensBench:
     Examples:
         >>> from tlmicroscope.models import tiny_model
         >>> model = tiny_model(n_layers=2)
-        >>> bench = lens_bench(model, ["logit"], ["some words to read " * 40], tokens=64, seq_len=32,
-        ...                    holdout=0.5, cbe_k=2, cbe_max_iter=3, sra_samples=4, progress=False)
+        >>> bench = lens_bench(model, ["some words to read " * 40], lenses=["logit"], n_tokens=64,
+        ...                    seq_len=32, holdout=0.5, cbe_k=2, cbe_max_iter=3, sra_n_samples=4,
+        ...                    progress=False)
         >>> bench.lens_names, tuple(bench.kl.shape), bench.layer_labels
         (('logit',), (1, 3), ('h0', 'h1', 'h2'))
         >>> list(bench.table().columns[:3])
@@ -200,22 +202,45 @@ def _getattr_float(obj: Any, *names: str) -> float:
     return math.nan
 
 
+def _lenses_first(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """``lens_bench(model, lenses, ...)``: the old order, recognised by lenses in second place."""
+    if len(args) < 2 or "lenses" in kwargs:
+        return False
+    x = args[1]
+    if isinstance(x, Mapping):
+        return bool(x) and all(looks_like_lens(v) for v in x.values())
+    if isinstance(x, (list, tuple)):
+        return bool(x) and all(looks_like_lens(v) for v in x)
+    return looks_like_lens(x)
+
+
+@renamed_arguments(
+    renamed={
+        "tokens": "n_tokens",
+        "depth_tokens": "depth_n_tokens",
+        "cbe_tokens": "cbe_n_tokens",
+        "fidelity_tokens": "fidelity_n_tokens",
+        "sra_samples": "sra_n_samples",
+    },
+    old_positional=("model", "lenses", "corpus"),
+    old_order_if=_lenses_first,
+)
 def lens_bench(
     model: Any,
-    lenses: Any = ("logit",),
     corpus: CorpusSource = None,
     *,
-    tokens: int = 2048,
+    lenses: Any = ("logit",),
+    n_tokens: int = 2048,
     seq_len: int = 128,
     holdout: float = 0.1,
-    depth_tokens: int = 512,
+    depth_n_tokens: int = 512,
     cbe_layers: Sequence[int] | None = None,
     cbe_k: int = 4,
-    cbe_tokens: int = 256,
+    cbe_n_tokens: int = 256,
     cbe_max_iter: int = 30,
-    fidelity_tokens: int = 256,
+    fidelity_n_tokens: int = 256,
     sra_layers: Sequence[int] | None = None,
-    sra_samples: int = 16,
+    sra_n_samples: int = 16,
     seed: int = 0,
     progress: bool = True,
 ) -> LensBench:
@@ -223,18 +248,23 @@ def lens_bench(
 
     Args:
         model: A TransformerLens model.
-        lenses: Lenses (``"logit"``, a ``TunedLens``, a ``JacobianLens``, any ``Lens``), or a
-            mapping ``{label: lens}``.
         corpus: ``None``/``"embedded"``, a text file or folder, or an iterable of strings; the
             held-out tail (``holdout``) is read, which lens training and J-lens fits never see.
-        tokens, seq_len: Held-out tokens for KL, CE and bias (whole windows of ``seq_len``).
-        depth_tokens: Of these, how many go into the prediction depth (the first windows).
+        lenses: Lenses (``"logit"``, a ``TunedLens``, a ``JacobianLens``, any ``Lens``), or a
+            mapping ``{label: lens}``.
+        n_tokens, seq_len: Held-out tokens for KL, CE and bias (whole windows of ``seq_len``).
+        depth_n_tokens: Of these, how many go into the prediction depth (the first windows).
         cbe_layers: Residual indices where each lens's causal basis is extracted and its fidelity
             measured (default: the middle layer; ``[]`` skips it).
-        cbe_k, cbe_tokens, cbe_max_iter: Directions per basis, hidden-state rows, L-BFGS budget.
-        fidelity_tokens: Tokens (the first windows) on which lens and model influences are measured.
+        cbe_k, cbe_n_tokens, cbe_max_iter: Directions per basis, hidden-state rows, L-BFGS budget.
+        fidelity_n_tokens: Tokens (the first windows) on which lens and model influences are
+            measured.
         sra_layers: Layers of the stimulus-response alignment (default all; ``[]`` skips it).
-        sra_samples: Treated positions per layer.
+        sra_n_samples: Treated positions per layer.
+
+    The old spellings (``lens_bench(model, lenses, corpus)``, ``tokens=``, ``depth_tokens=``,
+    ``cbe_tokens=``, ``fidelity_tokens=``, ``sra_samples=``) still work for one release, with a
+    ``DeprecationWarning``.
 
     Raises:
         ValueError: no lens, repeated lens names, a lens for another model, a corpus too small.
@@ -261,7 +291,7 @@ def lens_bench(
                 f"Bench layers are residual indices 0..{L - 1} (the output has no lens); got {x}."
             )
     windows = lens_token_windows(model, corpus, seq_len=seq_len, split="heldout", holdout=holdout)
-    n_win = max(1, min(windows.shape[0], -(-int(tokens) // seq_len)))
+    n_win = max(1, min(windows.shape[0], -(-int(n_tokens) // seq_len)))
     windows = windows[:n_win]
 
     def first(n: int) -> torch.Tensor:
@@ -291,7 +321,7 @@ def lens_bench(
         )
         kl[i], ce[i], ent[i], bias[i] = ev.kl, ev.cross_entropy, ev.entropy, ev.bias_kl
         n_tok, n_bytes, factor = ev.n_tokens, ev.n_bytes, ev.nats_to_bpb
-        traj = prediction_trajectory(model, first(depth_tokens), lens=lens, top_k=1)
+        traj = prediction_trajectory(model, first(depth_n_tokens), lens=lens, top_k=1)
         d = prediction_depth(traj).depth.reshape(-1)
         depth[i] = d.double().mean()
         depth_fraction[i] = torch.bincount(d.long(), minlength=L + 1)[: L + 1].double() / d.numel()
@@ -299,10 +329,10 @@ def lens_bench(
             basis = extract_causal_basis(
                 model,
                 lens=lens,
-                corpus=first(cbe_tokens),
+                corpus=first(cbe_n_tokens),
                 layer=layer,
                 k=cbe_k,
-                n_tokens=cbe_tokens,
+                n_tokens=cbe_n_tokens,
                 seq_len=seq_len,
                 max_iter=cbe_max_iter,
                 seed=seed,
@@ -314,7 +344,7 @@ def lens_bench(
                 lens=lens,
                 basis=basis,
                 layer=layer,
-                tokens=first(fidelity_tokens),
+                tokens=first(fidelity_n_tokens),
                 seed=seed,
                 progress=progress,
             )
@@ -332,21 +362,21 @@ def lens_bench(
     sra_std = torch.full((n, len(sra_list)), math.nan)
     sra_ci = None
     if sra_list:
-        sra_windows = first(tokens)
+        sra_windows = first(n_tokens)
         # The reference's donors (same position, another sequence) need two sequences; a bench on
         # one window falls back to donors anywhere in it and says so.
         donors = "same_position" if sra_windows.shape[0] >= 2 else "any"
         if donors == "any":
             notes["stimulus-response"] = (
                 "one held-out window only: donors drawn from any position of it "
-                "(pass tokens >= 2 * seq_len for the reference's same-position donors)"
+                "(pass n_tokens >= 2 * seq_len for the reference's same-position donors)"
             )
         res = stimulus_response_alignment(
             model,
             lens=[lens for _, lens in named],
             tokens=sra_windows,
             layer=sra_list,
-            n_samples=sra_samples,
+            n_samples=sra_n_samples,
             seed=seed,
             progress=progress,
             donors=donors,
@@ -389,12 +419,12 @@ def lens_bench(
             seq_len=seq_len,
             holdout=holdout,
             split="heldout",
-            depth_tokens=int(first(depth_tokens).numel()),
+            depth_tokens=int(first(depth_n_tokens).numel()),
             cbe_k=cbe_k,
-            cbe_tokens=cbe_tokens,
+            cbe_tokens=cbe_n_tokens,
             cbe_max_iter=cbe_max_iter,
-            fidelity_tokens=int(first(fidelity_tokens).numel()),
-            sra_samples=sra_samples,
+            fidelity_tokens=int(first(fidelity_n_tokens).numel()),
+            sra_samples=sra_n_samples,
             seed=seed,
         ),
     )

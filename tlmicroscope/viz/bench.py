@@ -39,8 +39,9 @@ def lens_bench_figure(bench: Any, metric: str = "kl"):
         >>> from tlmicroscope.models import tiny_model
         >>> from tlmicroscope.lenses.bench import lens_bench
         >>> model = tiny_model(n_layers=2)
-        >>> bench = lens_bench(model, ["logit", "logit-paper"], ["words to read " * 40], tokens=64,
-        ...                    seq_len=32, holdout=0.5, cbe_layers=[], sra_samples=4, progress=False)
+        >>> bench = lens_bench(model, ["words to read " * 40], lenses=["logit", "logit-paper"],
+        ...                    n_tokens=64, seq_len=32, holdout=0.5, cbe_layers=[], sra_n_samples=4,
+        ...                    progress=False)
         >>> [t.name for t in lens_bench_figure(bench, "kl").data]
         ['logit', 'logit (paper: no final norm)']
     """
@@ -123,8 +124,9 @@ def lens_bench_page(bench: Any, *, title: str | None = None):
         >>> from tlmicroscope.models import tiny_model
         >>> from tlmicroscope.lenses.bench import lens_bench
         >>> model = tiny_model(n_layers=2)
-        >>> bench = lens_bench(model, ["logit"], ["words to read " * 40], tokens=64, seq_len=32,
-        ...                    holdout=0.5, cbe_k=2, cbe_max_iter=3, sra_samples=4, progress=False)
+        >>> bench = lens_bench(model, ["words to read " * 40], lenses=["logit"], n_tokens=64,
+        ...                    seq_len=32, holdout=0.5, cbe_k=2, cbe_max_iter=3, sra_n_samples=4,
+        ...                    progress=False)
         >>> html = lens_bench_page(bench).render()
         >>> 'data-section="summary"' in html, html.count("Plotly.newPlot")
         (True, 8)

@@ -150,18 +150,18 @@ def _bench(args: argparse.Namespace) -> int:
     L = int(model.cfg.n_layers)
     bench = lens_bench(
         model,
-        lenses,
-        args.corpus,
-        tokens=args.tokens,
+        lenses=lenses,
+        corpus=args.corpus,
+        n_tokens=args.tokens,
         seq_len=args.seq_len,
         holdout=args.holdout,
-        depth_tokens=args.depth_tokens,
+        depth_n_tokens=args.depth_tokens,
         cbe_layers=args.cbe_layer,
         cbe_k=args.cbe_k,
-        cbe_tokens=args.cbe_tokens,
+        cbe_n_tokens=args.cbe_tokens,
         cbe_max_iter=args.cbe_max_iter,
         sra_layers=list(range(0, L, max(1, args.sra_every))),
-        sra_samples=args.sra_samples,
+        sra_n_samples=args.sra_samples,
     )
     from tlmicroscope.io import atomic_write_text
     from tlmicroscope.lenses.train import default_lens_dir
