@@ -17,7 +17,7 @@ import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -86,48 +86,137 @@ class CBEConvergenceError(RuntimeError):
     """Raised instead of the warning with ``on_nonconvergence="raise"``."""
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class CausalBasis:
     """An ordered orthonormal basis of the directions a lens uses at one layer.
 
+    ``extract_causal_basis`` returns one. It also follows the fitted-object contract
+    (``tlmicroscope.artifacts.Fitted``, kind ``"causal-basis"``): construct it with settings only
+    (``CausalBasis(layer=15, k=8, lens="logit")``), ``fit(model, corpus)`` fills the fitted
+    fields, ``save()`` puts it in the artifact store and ``CausalBasis.load(None, model)`` reads
+    it back.
+
     Attributes:
         energies: ``[k]`` expected KL (nats) of the lens's prediction when each direction is
-            ablated, in decreasing order.
+            ablated, in decreasing order (``None`` until fitted).
         vectors: ``[d_model k]`` orthonormal columns, in the same order.
         mean: ``[d_model]`` mean of the hidden states (the target of mean ablation).
-        layer: Residual index (``blocks.{layer}.hook_resid_pre``).
+        layer: Residual index (``blocks.{layer}.hook_resid_pre``); as a setting ``None`` takes the
+            middle block at ``fit``.
         mode: Ablation mode the energies were computed with.
         converged: ``[k]`` whether each direction's energy settled within the tolerance.
         n_evals: ``[k]`` objective evaluations spent on each direction.
-        n_tokens: Hidden-state rows the basis was extracted on.
-        lens: Name of the lens.
+        n_tokens: Hidden-state rows the basis was extracted on (as a setting: rows to use).
+        lens: Name of the lens (as a setting: the lens to fit through, a name; ``fit(lens=obj)``
+            takes a lens object).
         model_fingerprint: The model it belongs to (see ``tlmicroscope.io.model_fingerprint``).
         provenance: Model, lens and settings.
+        k: Number of directions.
+        seq_len, max_iter, tol, seed: Settings of ``extract_causal_basis`` used by ``fit``.
+        quick: Fitted with quick settings (``QUICK``).
+
+    Examples:
+        >>> from tlmicroscope.models import tiny_model
+        >>> model = tiny_model(n_layers=2)
+        >>> toks = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
+        >>> basis = CausalBasis(layer=1, k=2).fit(model, toks, progress=False)
+        >>> tuple(basis.vectors.shape), basis.k
+        ((32, 2), 2)
     """
 
-    energies: Float[torch.Tensor, " k"]
-    vectors: Float[torch.Tensor, "d_model k"]
-    mean: Float[torch.Tensor, " d_model"]
-    layer: int
-    mode: str
-    converged: Bool[torch.Tensor, " k"]
-    n_evals: Int[torch.Tensor, " k"]
-    n_tokens: int
-    lens: str
+    energies: Float[torch.Tensor, " k"] | None = None
+    vectors: Float[torch.Tensor, "d_model k"] | None = None
+    mean: Float[torch.Tensor, " d_model"] | None = None
+    layer: int | None = None
+    mode: str = "mean"
+    converged: Bool[torch.Tensor, " k"] | None = None
+    n_evals: Int[torch.Tensor, " k"] | None = None
+    n_tokens: int = 2048
+    lens: str = "logit"
     model_fingerprint: dict[str, Any] = field(default_factory=dict, repr=False)
     provenance: Provenance | None = None
+    k: int = 8
+    seq_len: int = 256
+    max_iter: int = 100
+    tol: float = 1e-4
+    seed: int = 0
+    quick: bool = False
+
+    kind: ClassVar[str] = "causal-basis"
+    #: Settings ``fit(..., quick=True)`` uses.
+    QUICK: ClassVar[dict[str, Any]] = {"k": 4, "n_tokens": 512, "max_iter": 30}
+
+    def __post_init__(self) -> None:
+        if self.vectors is not None:
+            self.k = int(self.vectors.shape[1])
 
     @property
-    def k(self) -> int:
-        return int(self.vectors.shape[1])
+    def fitted(self) -> bool:
+        return self.vectors is not None
+
+    def _check_fitted(self) -> None:
+        if self.vectors is None:
+            raise ValueError(
+                "This CausalBasis is not fitted: call .fit(model, corpus), "
+                "extract_causal_basis(...) or CausalBasis.load(path, model)."
+            )
 
     @property
     def d_model(self) -> int:
+        self._check_fitted()
         return int(self.vectors.shape[0])
 
     @property
     def hook_name(self) -> str:
         return f"blocks.{self.layer}.hook_resid_pre"
+
+    def fit(
+        self,
+        model: Any,
+        corpus: Any = None,
+        *,
+        n_tokens: int | None = None,
+        seed: int | None = None,
+        progress: bool = True,
+        quick: bool = False,
+        lens: Any = None,
+        on_nonconvergence: Literal["warn", "raise", "ignore"] = "warn",
+    ) -> CausalBasis:
+        """Extract the basis for ``model`` on ``corpus`` (default: the embedded corpus) with this
+        object's settings (``extract_causal_basis``) and fill in the fitted fields; returns self.
+
+        ``n_tokens`` and ``seed`` override the settings; ``lens`` (a lens object or name)
+        overrides the ``lens`` setting; ``quick=True`` takes ``QUICK`` for what is not given.
+        """
+        self.quick = bool(quick)
+        for name, value in self.QUICK.items() if quick else ():
+            setattr(self, name, value)
+        if n_tokens is not None:
+            self.n_tokens = int(n_tokens)
+        if seed is not None:
+            self.seed = int(seed)
+        layer = self.layer if self.layer is not None else int(model.cfg.n_layers) // 2
+        got = extract_causal_basis(
+            model,
+            corpus,
+            lens=lens if lens is not None else self.lens,
+            layer=layer,
+            k=int(self.k),
+            mode=self.mode,
+            max_iter=int(self.max_iter),
+            tol=float(self.tol),
+            n_tokens=int(self.n_tokens),
+            seq_len=int(self.seq_len),
+            seed=int(self.seed),
+            progress=progress,
+            on_nonconvergence=on_nonconvergence,
+        )
+        for f in ("energies", "vectors", "mean", "layer", "mode", "converged", "n_evals"):
+            setattr(self, f, getattr(got, f))
+        self.n_tokens, self.lens = got.n_tokens, got.lens
+        self.model_fingerprint, self.provenance = got.model_fingerprint, got.provenance
+        self.k = int(got.vectors.shape[1])
+        return self
 
     def ablation_hooks(
         self,
@@ -137,7 +226,8 @@ class CausalBasis:
         positions: Any = None,
         seed: int = 0,
     ) -> list[tuple[str, Any]]:
-        """Hooks ablating some of these directions (default all) at this basis's layer in the model."""
+        """Hooks ablating some of these directions (default all) at this basis's layer."""
+        self._check_fitted()
         vecs = self.vectors if directions is None else self.vectors[:, directions]
         return subspace_ablation_hooks(
             self.hook_name,
@@ -161,10 +251,13 @@ class CausalBasis:
             }
         )
 
-    def save(self, path: str | Path) -> Path:
-        """Save as ``path/tensors.safetensors`` + ``path/config.json`` (atomically)."""
+    def save(self, path: str | Path | None = None) -> Path:
+        """Save as ``path/tensors.safetensors`` + ``path/config.json`` (atomically); ``path=None``
+        saves to the artifact store's place for its model."""
+        from tlmicroscope.artifacts import save_path
         from tlmicroscope.io import save_fitted
 
+        self._check_fitted()
         tensors = {
             "energies": self.energies,
             "vectors": self.vectors,
@@ -177,17 +270,26 @@ class CausalBasis:
             "mode": self.mode,
             "n_tokens": self.n_tokens,
             "lens": self.lens,
+            "seq_len": self.seq_len,
+            "max_iter": self.max_iter,
+            "tol": self.tol,
+            "seed": self.seed,
+            "quick": bool(self.quick),
             "provenance": None if self.provenance is None else self.provenance.to_dict(),
         }
+        fp = self.model_fingerprint or None
         return save_fitted(
-            path, tensors, kind=_KIND, config=config, fingerprint=self.model_fingerprint or None
+            save_path(self.kind, path, fp), tensors, kind=_KIND, config=config, fingerprint=fp
         )
 
     @classmethod
-    def load(cls, path: str | Path, model: Any = None) -> CausalBasis:
-        """Load a saved basis; with ``model``, refuse one saved for another model."""
-        from tlmicroscope.io import FittedFileError, config_int, load_fitted
+    def load(cls, path: str | Path | None = None, model: Any = None) -> CausalBasis:
+        """Load a saved basis (``path=None``: the artifact store's for ``model``); with ``model``,
+        refuse one saved for another model."""
+        from tlmicroscope.artifacts import load_path
+        from tlmicroscope.io import FittedFileError, config_bool, config_int, load_fitted
 
+        path = load_path(cls.kind, path, model)
         tensors, meta = load_fitted(path, kind=_KIND, model=model)
         cfg = meta["config"]
         missing = {"energies", "vectors", "mean", "converged", "n_evals"} - set(tensors)
@@ -196,6 +298,7 @@ class CausalBasis:
                 f"{path} lacks the tensors {sorted(missing)}; the file is corrupt."
             )
         prov = cfg.get("provenance")
+        settings = {k: cfg[k] for k in ("seq_len", "max_iter", "tol", "seed") if k in cfg}
         return cls(
             energies=tensors["energies"],
             vectors=tensors["vectors"],
@@ -208,6 +311,8 @@ class CausalBasis:
             lens=str(cfg["lens"]),
             model_fingerprint=meta.get("model") or {},
             provenance=None if prov is None else Provenance(**prov),
+            quick=config_bool(cfg, "quick", path, default=False),
+            **settings,
         )
 
 
