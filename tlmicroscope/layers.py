@@ -64,6 +64,7 @@ __all__ = [
     "residual_html",
     "residual_index",
     "residual_label",
+    "residual_labels",
     "site",
     "str_tokens",
     "token_text",
@@ -178,6 +179,22 @@ def residual_label(index: int, n_layers: int | None = None, *, normed: bool = Fa
         ('h0', 'h4·norm')
     """
     return f"h{_check_index(index, n_layers)}" + (NORM_SUFFIX if normed else "")
+
+
+def residual_labels(
+    n_layers: int, *, final_norm: bool = False, indices: Iterable[int] | None = None
+) -> LayerLabels:
+    """Labels of the residuals ``indices`` (default h^0..h^L); the last one ``"hL·norm"`` with
+    ``final_norm`` (when the analysis read h^L after the final norm).
+
+    Examples:
+        >>> residual_labels(2), residual_labels(2, final_norm=True)
+        (('h0', 'h1', 'h2'), ('h0', 'h1', 'h2·norm'))
+    """
+    chosen = range(n_layers + 1) if indices is None else indices
+    return layer_labels(
+        residual_label(i, n_layers, normed=final_norm and int(i) == n_layers) for i in chosen
+    )
 
 
 def residual_html(index: int, n_layers: int | None = None, *, normed: bool = False) -> str:

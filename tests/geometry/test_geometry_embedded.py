@@ -15,7 +15,7 @@ def test_layer_geometry_on_the_embedded_model(embedded_model):
     tokens = token_windows(embedded_model, seq_len=512, n_windows=1, shuffle=True, seed=3)
     geo = layer_geometry(embedded_model, tokens, max_scale=64)
     n_layers = embedded_model.cfg.n_layers
-    assert geo.layers == tuple(range(n_layers + 1)) and geo.layer_labels[-1] == f"{n_layers}+norm"
+    assert geo.layers == tuple(range(n_layers + 1)) and geo.layer_labels[-1] == f"h{n_layers}·norm"
     # layer 0 is the embedding: one distinct vector per distinct token id
     assert int(geo.n_unique[0]) == len(set(tokens[0].tolist()))
     assert torch.all(geo.n_unique[1:] == 512)  # positions make every later vector distinct

@@ -60,7 +60,7 @@ def test_streamed_norms_equal_run_with_cache(tiny):
     _, cache = tiny.run_with_cache(toks, names_filter=lambda n: n in names)
     ref = torch.stack([cache[n].norm(dim=-1) for n in names])
     torch.testing.assert_close(prof.norms, ref, rtol=1e-5, atol=1e-5)
-    assert prof.layer_labels()[:2] == ["resid_mid 0", "resid_post 0"]
+    assert prof.layer_labels[:2] == ("b0.resid_mid", "h1") == prof.layer_labels()[:2]
     assert prof.str_tokens.shape == (5, 11)
     states = capture_components(tiny, toks, components=("resid_post",), progress=False)
     from_states = norm_profile(states)

@@ -12,7 +12,9 @@ import torch
 
 from tlmicroscope.capture import residual_stream_names
 from tlmicroscope.geometry.components import capture_components
-from tlmicroscope.report import _SECTIONS, ReportContext, _shared_capture, report
+from tlmicroscope.app.report import ReportContext, shared_capture
+from tlmicroscope.app.sections import SECTIONS
+from tlmicroscope.report import report
 
 pytestmark = pytest.mark.models
 
@@ -24,8 +26,8 @@ def _build(model, text, name, sites=("attn_out", "mlp_out", "resid"), **settings
     report(model, "warm up", sections=[])  # loads the section modules
     tokens = model.to_tokens(text)
     ctx = ReportContext(model=model, text=text, tokens=tokens, settings=settings)
-    ctx.cache, ctx.logits = _shared_capture(model, tokens, list(sites))
-    return ctx, _SECTIONS[name].build(ctx)
+    ctx.cache, ctx.logits = shared_capture(model, tokens, list(sites))
+    return ctx, SECTIONS[name].build(ctx)
 
 
 def _figures(section):
@@ -62,7 +64,7 @@ def test_sections_need_no_forward_pass_of_their_own(tiny_llama, monkeypatch):
             tiny_llama, attr, lambda *a, _o=orig, _n=attr, **k: calls.append(_n) or _o(*a, **k)
         )
     for name in ("latent_projections", "norm_profile"):
-        _SECTIONS[name].build(ctx)
+        SECTIONS[name].build(ctx)
     assert calls == []
 
 
@@ -77,7 +79,7 @@ def test_norm_values_equal_run_with_cache(tiny):
     ratio = ref[:, 0] / ref[:, 1:].median(dim=1).values
     bars = next(t for t in spike.data if t.name == "ratio")
     np.testing.assert_allclose(np.asarray(bars.y, dtype=float), ratio.numpy(), rtol=1e-4)
-    assert list(heat.data[0].y) == ["embed"] + [f"resid_post {i}" for i in range(tiny.cfg.n_layers)]
+    assert list(heat.data[0].y) == [f"h{i}" for i in range(tiny.cfg.n_layers + 1)]
 
 
 def test_resid_post_read_from_resid_pre_of_the_next_block(tiny_llama):

@@ -25,7 +25,7 @@ def test_paths_equal_a_direct_pca(tiny):
     pca = LatentPCA(2).fit(h.reshape(-1, h.shape[-1]))
     expected = (h @ pca.components_.T)[:, [0, 4, 10]].transpose(0, 1)
     torch.testing.assert_close(tr.coords.abs(), expected.abs(), rtol=1e-4, atol=1e-4)
-    assert tr.layer_labels == ("embed", *map(str, range(n_layers)))
+    assert tr.layer_labels == tuple(f"h{i}" for i in range(n_layers + 1))
     assert tr.str_tokens == ("t", "c", "t") and tr.positions == (0, 4, 10)
     assert tr.step_length.shape == (3, n_layers)
     df = tr.to_dataframe()
@@ -43,7 +43,7 @@ def test_options(tiny_gpt2):
         unit=False,
     )
     assert tr.coords.shape == (2, 1 + 2 * 3, 3)
-    assert tr.layer_labels[:3] == ("embed", "resid_mid 0", "resid_post 0")
+    assert tr.layer_labels[:3] == ("h0", "b0.resid_mid", "h1")
     assert len(tr.projection) == (1 + 2 * 3) * 11
     default = token_trajectories(tiny_gpt2, "x" * 40)
     assert (

@@ -85,7 +85,7 @@ def test_raw_last_layer_and_records(tiny_llama):
     geo = layer_geometry(
         tiny_llama, toks, final_norm=False, logits=False, overlap_k=(1, 2), max_scale=16
     )
-    assert geo.layer_labels[-1] == str(tiny_llama.cfg.n_layers) and geo.logits_gride is None
+    assert geo.layer_labels[-1] == f"h{tiny_llama.cfg.n_layers}" and geo.logits_gride is None
     with torch.no_grad():
         last = tiny_llama.run_with_cache(toks)[1][
             f"blocks.{tiny_llama.cfg.n_layers - 1}.hook_resid_post"

@@ -10,9 +10,11 @@ import torch
 
 from tlmicroscope.capture import residual_stream_names
 from tlmicroscope.geometry import cosine_similarity, intrinsic_dimension, neighbourhood_overlap
-from tlmicroscope.geometry._token_report import report_layer_geometry
+from tlmicroscope.app.panels.token_geometry import report_layer_geometry
 from tlmicroscope.models import access
-from tlmicroscope.report import _SECTIONS, ReportContext, _shared_capture, report
+from tlmicroscope.app.report import ReportContext, shared_capture
+from tlmicroscope.app.sections import SECTIONS
+from tlmicroscope.report import report
 
 pytestmark = pytest.mark.models
 
@@ -33,8 +35,8 @@ def _build(model, text, **settings):
     report(model, "warm up", sections=[])  # loads the section modules
     tokens = model.to_tokens(text)
     ctx = ReportContext(model=model, text=text, tokens=tokens, settings=settings)
-    ctx.cache, ctx.logits = _shared_capture(model, tokens, ["resid"])
-    return ctx, _SECTIONS["token_geometry"].build(ctx)
+    ctx.cache, ctx.logits = shared_capture(model, tokens, ["resid"])
+    return ctx, SECTIONS["token_geometry"].build(ctx)
 
 
 def _traces(section):
@@ -112,7 +114,7 @@ def test_settings_reach_the_estimators_and_the_caption(tiny_llama):
     )
     geo = report_layer_geometry(ctx)  # memoised: the one the section drew
     assert geo.gride_scales == (2, 4, 8, 16) and geo.overlap_k == (1, 2)
-    assert geo.layer_labels[-1] == str(tiny_llama.cfg.n_layers)  # no "+norm"
+    assert geo.layer_labels[-1] == f"h{tiny_llama.cfg.n_layers}"  # no "·norm"
     assert "twonn_variant=ml" in section.caption and "is the raw residual" in section.caption
     assert "TwoNN ml" in _traces(section)
 

@@ -15,6 +15,13 @@ import numpy as np
 import torch
 from jaxtyping import Float, Int
 
+from tlmicroscope.layers import (
+    LayerLabels,
+    block_label,
+    component_label,
+    layer_labels,
+    residual_label,
+)
 from tlmicroscope.results import Provenance
 
 __all__ = ["AVERAGE_AXES", "ComponentStates", "layer_norm_parameter_free", "unit_length"]
@@ -107,16 +114,21 @@ class ComponentStates:
     def d_model(self) -> int:
         return int(self.activations.shape[-1])
 
-    def layer_labels(self) -> list[str]:
-        """``"embed"``, ``"0"``..``"L-1"``, ``"final"``, or ``"mean"`` after averaging layers."""
-        return [_layer_label(layer, self.n_layers) for layer in self.layers]
+    @property
+    def layer_labels(self) -> LayerLabels:
+        """The block of each state: ``"h0"`` (the embedding), ``"b0"``..``"b{L-1}"``,
+        ``"hL·norm"`` (the final norm), or ``"mean"`` after averaging layers.
 
-    def state_labels(self) -> list[str]:
-        """``"embed"``, ``"attn_out 3"``, ..., ``"final"``: one readable label per state."""
-        return [
-            c if c == "embed" else "final" if c == "ln_final" else f"{c} {lab}"
-            for c, lab in zip(self.components, self.layer_labels())
-        ]
+        A property (``tlmicroscope.layers``); calling it, ``layer_labels()``, still works.
+        """
+        return layer_labels(_layer_label(layer, self.n_layers) for layer in self.layers)
+
+    def state_labels(self) -> LayerLabels:
+        """One label per state from the layer vocabulary: ``"h0"``, ``"b3.attn_out"``, ``"h4"``
+        (block 3's ``resid_post``), ..., ``"hL·norm"``; ``"attn_out mean"`` after averaging layers."""
+        return layer_labels(
+            component_label(c, lay, self.n_layers) for c, lay in zip(self.components, self.layers)
+        )
 
     def select(
         self, components: Sequence[str] | None = None, layers: Sequence[int] | None = None
@@ -226,7 +238,7 @@ class ComponentStates:
         fields: dict[str, np.ndarray] = {
             "state": st,
             "component": comps[st],
-            "layer_label": np.asarray(self.layer_labels(), dtype=object)[st],
+            "layer_label": np.asarray(self.layer_labels, dtype=object)[st],
         }
         if all(layer is not None for layer in self.layers):
             fields["layer"] = np.asarray(self.layers, dtype=np.int32)[st]
@@ -244,13 +256,14 @@ class ComponentStates:
 
 
 def _layer_label(layer: int | None, n_layers: int) -> str:
+    """The block label of a state's layer (-1 the embedding, ``n_layers`` the final norm)."""
     if layer is None:
         return "mean"
     if layer < 0:
-        return "embed"
+        return residual_label(0)
     if layer >= n_layers:
-        return "final"
-    return str(layer)
+        return residual_label(n_layers, normed=True)
+    return block_label(layer)
 
 
 def _check_axes(over: str | Sequence[str]) -> tuple[str, ...]:

@@ -41,6 +41,7 @@ from tlmicroscope.geometry.neighbours import as_points, nearest_neighbours, over
 from tlmicroscope.inputs import TextOrTokens, resolve_input
 from tlmicroscope.lenses.readout import Readout
 from tlmicroscope.models import access
+from tlmicroscope.layers import residual_labels
 from tlmicroscope.results import Provenance
 
 __all__ = ["LayerGeometry", "cloud_geometry", "layer_geometry", "min_tokens"]
@@ -54,7 +55,8 @@ class LayerGeometry:
 
     Attributes:
         layers: Residual indices 0..L (0 = embeddings, L = the output residual).
-        layer_labels: ``"embed"``, ``"1"``, ..., and ``"L+norm"`` when the final norm was applied.
+        layer_labels: ``"h0"`` (the embeddings), ``"h1"``, ..., and ``"hL·norm"`` when the final
+            norm was applied (``tlmicroscope.layers``).
         gride: ``[layer scale]`` GRIDE intrinsic dimension at each range scaling (NaN where a
             layer has too few distinct token vectors for that scale).
         gride_error: ``[layer scale]`` its Cramér-Rao error.
@@ -338,7 +340,7 @@ def layer_geometry(
         >>> from tlmicroscope.models import tiny_model
         >>> geo = layer_geometry(tiny_model(n_layers=2), "The cat sat on the mat. " * 4)
         >>> geo.layer_labels, geo.gride_scales
-        (('embed', '1', '2+norm'), (2, 4, 8, 16, 32, 64))
+        (('h0', 'h1', 'h2·norm'), (2, 4, 8, 16, 32, 64))
         >>> tuple(geo.overlap.shape), tuple(geo.gride.shape)
         ((2, 6), (3, 6))
     """
@@ -440,10 +442,7 @@ def layer_geometry(
         entropy, loss = _entropy_and_loss(z, None if toks is None else toks[0])
         entropy = entropy if logits else _NAN
     layers = tuple(range(n_layers + 1))
-    labels = tuple(
-        "embed" if l == 0 else (f"{l}+norm" if l == n_layers and final_norm else str(l))
-        for l in layers
-    )
+    labels = residual_labels(n_layers, final_norm=final_norm)
     nan_pairs = torch.full((len(ks),), _NAN, dtype=torch.float64)
     prov = Provenance.from_model(
         model,

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from jaxtyping import Float
 
-from tlmicroscope.geometry.component_states import _layer_label
+from tlmicroscope.layers import LayerLabels, component_label, layer_labels
 from tlmicroscope.geometry.components import (
     ComponentStates,
     _from_cache,
@@ -52,16 +52,15 @@ class NormProfile:
     n_layers: int
     provenance: Provenance | None = None
 
-    def layer_labels(self) -> list[str]:
-        """One label per state: the layer, prefixed by the component when there are several
-        (the embedding and final norm are ``"embed"`` and ``"final"`` either way)."""
-        several = len(set(self.components)) > 1
-        return [
-            _layer_label(lay, self.n_layers)
-            if not several or c in ("embed", "ln_final")
-            else f"{c} {_layer_label(lay, self.n_layers)}"
-            for c, lay in zip(self.components, self.layers)
-        ]
+    @property
+    def layer_labels(self) -> LayerLabels:
+        """One label per state from the layer vocabulary (``tlmicroscope.layers``): ``"h0"`` the
+        embedding, ``"h4"`` block 3's ``resid_post``, ``"b3.attn_out"``, ..., ``"hL·norm"``.
+
+        A property; calling it, ``layer_labels()``, still works."""
+        return layer_labels(
+            component_label(c, lay, self.n_layers) for c, lay in zip(self.components, self.layers)
+        )
 
     @property
     def by_position(self) -> Float[torch.Tensor, "state pos"]:

@@ -21,7 +21,7 @@ import torch
 from jaxtyping import Float, Int
 
 from tlmicroscope._vocab import token_strings
-from tlmicroscope.geometry.component_states import _layer_label
+from tlmicroscope.layers import LayerLabels, component_label, layer_labels
 from tlmicroscope.geometry.components import (
     ComponentStates,
     capture_components,
@@ -135,8 +135,13 @@ class VocabularyNorms:
     prepend_bos: bool
     provenance: Provenance | None = None
 
-    def layer_labels(self) -> list[str]:
-        return [_layer_label(lay, self.n_layers) for lay in self.layers]
+    @property
+    def layer_labels(self) -> LayerLabels:
+        """One label per state (``tlmicroscope.layers``): ``"h4"`` for block 3's ``resid_post``,
+        ``"b3.attn_out"``, ...; calling it, ``layer_labels()``, still works."""
+        return layer_labels(
+            component_label(c, lay, self.n_layers) for c, lay in zip(self.components, self.layers)
+        )
 
     def mean_norm(self, layers: Sequence[int] | None = None) -> Float[torch.Tensor, " token"]:
         """Mean norm per token over these blocks (default the intermediate ones, as the reference)."""
@@ -144,7 +149,7 @@ class VocabularyNorms:
         rows = [i for i, lay in enumerate(self.layers) if lay in chosen]
         if not rows:
             raise ValueError(
-                f"None of the blocks {sorted(chosen)} were measured ({self.layer_labels()})."
+                f"None of the blocks {sorted(chosen)} were measured ({list(self.layer_labels)})."
             )
         return self.norms[rows].mean(0)
 

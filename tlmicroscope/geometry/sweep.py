@@ -32,6 +32,7 @@ from tlmicroscope.distributed import dist_context
 from tlmicroscope.geometry.layer_geometry import layer_geometry
 from tlmicroscope.geometry.shuffle import max_shuffle_level, shuffle_tokens
 from tlmicroscope.io import atomic_write_text, check_fingerprint, model_fingerprint
+from tlmicroscope.layers import residual_labels
 
 __all__ = ["SWEEP_FORMAT", "GeometrySweep", "geometry_sweep", "load_geometry_sweep"]
 
@@ -72,11 +73,10 @@ class GeometrySweep:
 
     @property
     def layer_labels(self) -> tuple[str, ...]:
+        """``"h0"``..``"hL"`` (``"hL·norm"`` when the final norm was applied), one per layer."""
         n = len(self.layers) - 1
         norm = self.header.get("settings", {}).get("final_norm", True)
-        return tuple(
-            "embed" if l == 0 else (f"{l}+norm" if l == n and norm else str(l)) for l in self.layers
-        )
+        return residual_labels(n, final_norm=bool(norm), indices=self.layers)
 
     def select(self, shuffle: int = 0) -> list[dict[str, Any]]:
         """The records at one shuffle level (all seeds), in prompt order."""

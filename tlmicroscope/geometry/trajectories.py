@@ -32,7 +32,8 @@ class TokenTrajectories:
         coords: ``[token layer component]`` coordinates.
         positions: Position of each chosen token.
         str_tokens: Text of each chosen token.
-        layer_labels: One label per step ("embed", "0", ..., "final" or per component).
+        layer_labels: One label per step from the layer vocabulary (``tlmicroscope.layers``):
+            ``"h0"``, ``"h1"``, ... for residuals, ``"b3.resid_mid"``, ``"hL·norm"``.
         step_length: ``[token layer-1]`` distance between consecutive steps in the projection.
         projection: The fitted projection (every projected point, with labels).
         provenance: Model and settings.
@@ -102,7 +103,7 @@ def token_trajectories(
         >>> from tlmicroscope.models import tiny_model
         >>> tr = token_trajectories(tiny_model(n_layers=2), "hello", positions=[0, 4])
         >>> tuple(tr.coords.shape), tr.layer_labels, tr.str_tokens
-        ((2, 3, 2), ('embed', '0', '1'), ('h', 'o'))
+        ((2, 3, 2), ('h0', 'h1', 'h2'), ('h', 'o'))
     """
     if isinstance(model_or_states, ComponentStates):
         states = model_or_states
@@ -180,6 +181,5 @@ def token_trajectories(
 
 
 def _step_labels(states: ComponentStates) -> list[str]:
-    """Layer numbers when each block gives one step; component and layer when it gives several."""
-    per_block = {c for c in states.components if c not in ("embed", "ln_final")}
-    return states.state_labels() if len(per_block) > 1 else states.layer_labels()
+    """One layer-vocabulary label per step: ``"h0"``, ``"b0.resid_mid"``, ``"h1"``, ..."""
+    return list(states.state_labels())

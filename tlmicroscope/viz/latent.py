@@ -404,7 +404,7 @@ def norm_profile_plot(
     import plotly.graph_objects as go
 
     prof = profile.by_position.numpy()
-    labels = profile.layer_labels()
+    labels = list(profile.layer_labels)
     pos = profile.positions.numpy()
     tokens = profile.str_tokens[0] if profile.str_tokens is not None else None
     rows = _profile_rows(profile, states, max_lines)
@@ -454,7 +454,7 @@ def norm_heatmap(profile: Any, *, title: str | None = None):
     import plotly.graph_objects as go
 
     prof = profile.by_position.double().numpy()
-    labels = profile.layer_labels()
+    labels = list(profile.layer_labels)
     pos = profile.positions.numpy()
     tokens = (
         np.array([repr(str(t))[1:-1] for t in profile.str_tokens[0]], dtype=object)
@@ -490,7 +490,7 @@ def first_token_plot(profile: Any, *, title: str | None = None):
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    labels = profile.layer_labels()
+    labels = list(profile.layer_labels)
     prof = profile.by_position
     first = (
         int((profile.positions == 0).nonzero()[0]) if bool((profile.positions == 0).any()) else None

@@ -24,7 +24,7 @@ Settings (``tlmicroscope.report(model, text, **settings)``):
 
 Examples:
     >>> from tlmicroscope.models import tiny_model
-    >>> from tlmicroscope.report import report
+    >>> from tlmicroscope.app import report
     >>> model = tiny_model(n_layers=2)
     >>> report(model, "The cat sat on the mat.", sections=["latent_projections", "norm_profile"]).rendered
     ['latent_projections', 'norm_profile']
@@ -40,12 +40,12 @@ from typing import Any
 
 import numpy as np
 
+from tlmicroscope.app.sections import MissingPrerequisite, ReportContext, Section, register_section
 from tlmicroscope.geometry.component_states import ComponentStates
 from tlmicroscope.geometry.components import ATTN_VS_MLP, capture_components, intermediate_layers
 from tlmicroscope.geometry.norms import NormProfile, norm_profile
 from tlmicroscope.geometry.projection import UMAP_DEFAULTS, Projection, project
 from tlmicroscope.geometry.separation import SeparationResult, component_separation
-from tlmicroscope.report import MissingPrerequisite, ReportContext, Section, register_section
 from tlmicroscope.viz.html import escape
 from tlmicroscope.viz.latent import (
     first_token_plot,
@@ -252,10 +252,10 @@ def _latent_projections(ctx: ReportContext) -> Section:
     settings=("latent_layers", "latent_max_points", "latent_umap_fit_size"),
 )
 def _latent_umap(ctx: ReportContext) -> Section:
-    from tlmicroscope.geometry.projection import _import_umap
+    from tlmicroscope.app.prerequisites import require_umap
 
     try:
-        _import_umap()
+        require_umap()
     except ImportError as exc:
         raise MissingPrerequisite(
             "The UMAP projection needs the optional umap-learn package, which is not installed.",
@@ -312,7 +312,7 @@ def report_norm_profile(ctx: ReportContext) -> NormProfile:
 
 def _spike_table(prof: NormProfile) -> str:
     df = prof.to_dataframe()
-    labels = prof.layer_labels()
+    labels = prof.layer_labels
     ratio = prof.first_token_ratio.numpy()
     peak = int(np.argmax(ratio))
     head = (

@@ -15,7 +15,7 @@ Settings (``tlmicroscope.report(model, text, **settings)``):
 
 Examples:
     >>> from tlmicroscope.models import tiny_model
-    >>> from tlmicroscope.report import report
+    >>> from tlmicroscope.app import report
     >>> model = tiny_model(n_layers=2)
     >>> report(model, "The cat sat on the mat. " * 3, sections=["token_geometry"]).rendered
     ['token_geometry']
@@ -29,8 +29,9 @@ import dataclasses
 import math
 from typing import Any
 
+from tlmicroscope.app.sections import MissingPrerequisite, ReportContext, Section, register_section
 from tlmicroscope.geometry.layer_geometry import LayerGeometry, layer_geometry, min_tokens
-from tlmicroscope.report import MissingPrerequisite, ReportContext, Section, register_section
+from tlmicroscope.layers import NORM_SUFFIX
 from tlmicroscope.viz.html import escape
 from tlmicroscope.viz.token_geometry import layer_geometry_figure
 
@@ -131,7 +132,7 @@ def _summary_table(geo: LayerGeometry) -> str:
         ),
         (
             "ID of the last layer"
-            + (" (after the final norm)" if "+norm" in geo.layer_labels[-1] else ""),
+            + (" (after the final norm)" if geo.layer_labels[-1].endswith(NORM_SUFFIX) else ""),
             _fmt(float(ids[-1])),
         ),
     ]
@@ -192,7 +193,7 @@ def _token_geometry(ctx: ReportContext) -> Section:
         "diagonal (the paper includes it). The last layer "
         + (
             "goes through the final norm (Hugging Face's last hidden state)."
-            if "+norm" in geo.layer_labels[-1]
+            if geo.layer_labels[-1].endswith(NORM_SUFFIX)
             else "is the raw residual."
         )
     )
