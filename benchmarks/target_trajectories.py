@@ -102,7 +102,7 @@ def main() -> None:
 
     def ours() -> None:
         target_trajectories(
-            model, prompts, targets, progress=False, batch_size=args.batch_size, sites=sites
+            model, prompts, targets=targets, progress=False, batch_size=args.batch_size, sites=sites
         )
 
     def full() -> None:

@@ -123,10 +123,10 @@ def test_target_trajectories_padding_changes_nothing_and_matches_brute_force(tin
     prompts = ["a", "the longest prompt of all", "mid size", "xy", "another one here", "q"]
     targets = ["e", {"s", "t"}]
     batched = target_trajectories(
-        tiny, prompts, targets, batch_size=4, positions=[-1, 0], progress=False, n_bootstrap=200
+        tiny, prompts, targets=targets, batch_size=4, positions=[-1, 0], progress=False, n_boot=200
     )
     alone = target_trajectories(
-        tiny, prompts, targets, batch_size=1, positions=[-1, 0], progress=False, n_bootstrap=200
+        tiny, prompts, targets=targets, batch_size=1, positions=[-1, 0], progress=False, n_boot=200
     )
     torch.testing.assert_close(batched.prob, alone.prob, atol=1e-6, rtol=1e-5)
     assert torch.equal(batched.rank, alone.rank)
@@ -154,7 +154,7 @@ def test_target_trajectories_padding_changes_nothing_and_matches_brute_force(tin
 def test_bootstrap_band_is_a_band_around_the_mean_over_prompts(tiny_llama):
     prompts = [f"prompt number {i} " * (1 + i % 3) for i in range(24)]
     tt = target_trajectories(
-        tiny_llama, prompts, ["a", 9], progress=False, n_bootstrap=2000, seed=1
+        tiny_llama, prompts, targets=["a", 9], progress=False, n_boot=2000, seed=1
     )
     mean, low, high = tt.band("prob")
     torch.testing.assert_close(mean, tt.prob.mean((2, 3)), atol=1e-6, rtol=1e-5)
@@ -173,11 +173,11 @@ def test_per_prompt_targets_and_several_lenses(tiny_gpt2):
     tt = target_trajectories(
         tiny_gpt2,
         prompts,
-        ["e", "o", {"e", "x"}],
+        targets=["e", "o", {"e", "x"}],
         per_prompt=True,
         lens=[None, "logit-paper"],
         progress=False,
-        n_bootstrap=50,
+        n_boot=50,
     )
     assert tt.lens_names == ("logit", "logit (paper: no final norm)") and tt.target_names == (
         "target",
@@ -197,18 +197,20 @@ def test_per_prompt_targets_and_several_lenses(tiny_gpt2):
 
 def test_target_trajectories_bad_input(tiny_llama):
     with pytest.raises(ValueError, match="prompts is empty"):
-        target_trajectories(tiny_llama, [], "a", progress=False)
+        target_trajectories(tiny_llama, [], targets="a", progress=False)
     with pytest.raises(ValueError, match="targets is empty"):
-        target_trajectories(tiny_llama, ["abc"], [], progress=False)
+        target_trajectories(tiny_llama, ["abc"], targets=[], progress=False)
     with pytest.raises(ValueError, match="Position 5 is outside prompt 1, which has 2 tokens"):
-        target_trajectories(tiny_llama, ["abcdefg", "ab"], "a", positions=5, progress=False)
+        target_trajectories(tiny_llama, ["abcdefg", "ab"], targets="a", positions=5, progress=False)
     with pytest.raises(ValueError, match="one entry per row: got 1 for 2 rows"):
-        target_trajectories(tiny_llama, ["abc", "de"], ["a"], per_prompt=True, progress=False)
+        target_trajectories(
+            tiny_llama, ["abc", "de"], targets=["a"], per_prompt=True, progress=False
+        )
     with pytest.raises(ValueError, match="no readout for resid_mid.*lens='logit'"):
         target_trajectories(
             tiny_llama,
             ["abc"],
-            "a",
+            targets="a",
             lens=TunedLens.for_model(tiny_llama),
             sites="pre+mid",
             progress=False,

@@ -20,18 +20,18 @@ def test_padding_changes_nothing_on_the_real_tokenizer_and_paris_rises_late(embe
     batched = target_trajectories(
         embedded_model,
         PROMPTS,
-        [" Paris", " France"],
+        targets=[" Paris", " France"],
         batch_size=4,
         progress=False,
-        n_bootstrap=200,
+        n_boot=200,
     )
     alone = target_trajectories(
         embedded_model,
         PROMPTS,
-        [" Paris", " France"],
+        targets=[" Paris", " France"],
         batch_size=1,
         progress=False,
-        n_bootstrap=200,
+        n_boot=200,
     )
     torch.testing.assert_close(batched.logprob, alone.logprob, atol=2e-3, rtol=1e-3)
     with torch.inference_mode():

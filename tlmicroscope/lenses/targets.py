@@ -23,6 +23,7 @@ from jaxtyping import Float, Int
 from tqdm.auto import tqdm
 
 from tlmicroscope.capture import stream
+from tlmicroscope.deprecation import renamed_arguments
 from tlmicroscope.inputs import ensure_eval, to_tokens
 from tlmicroscope.lenses._target_ids import resolve_targets
 from tlmicroscope.lenses.base import check_lens_sites, resolve_lens
@@ -172,19 +173,23 @@ def _positions(positions: Any, lengths: list[int]) -> torch.Tensor:
     return out
 
 
+@renamed_arguments(
+    renamed={"prompts": "tokens", "n_bootstrap": "n_boot", "confidence": "ci_level"},
+    old_positional=("model", "tokens", "targets"),
+)
 def target_trajectories(
     model: Any,
-    prompts: Any,
-    targets: Any,
+    tokens: Any = None,
     *,
+    targets: Any,
     lens: Any = None,
     positions: int | Sequence[int] = -1,
     per_prompt: bool = False,
     target_names: Sequence[str] | None = None,
     sites: Any = "pre",
     batch_size: int = 16,
-    n_bootstrap: int = 1000,
-    confidence: float = 0.95,
+    n_boot: int = 1000,
+    ci_level: float = 0.95,
     seed: int = 0,
     prepend_bos: bool | None = None,
     chunk_size: int | None = None,
@@ -194,7 +199,8 @@ def target_trajectories(
 
     Args:
         model: A TransformerLens model.
-        prompts: Texts or token-id lists (or a ``[prompt pos]`` tensor), of any lengths.
+        tokens: The prompts: texts or token-id lists (or a ``[prompt pos]`` tensor), of any
+            lengths.
         targets: A string (read at its first token, with a warning, when it is several), a token
             id, a set of them whose probabilities add up, or a list of those; with
             ``per_prompt=True`` one such entry (or one list, of equal length) per prompt.
@@ -204,11 +210,14 @@ def target_trajectories(
         target_names: Labels for the targets (default: their text; ``"target"`` per prompt).
         sites: ``"pre"`` (block inputs), ``"pre+mid"`` (also ``resid_mid``) or ``"mid"``.
         batch_size: Prompts per forward pass (right-padded; padding changes no number read).
-        n_bootstrap, confidence, seed: The percentile bootstrap over prompts.
+        n_boot, ci_level, seed: The percentile bootstrap over prompts (resamples, coverage).
         chunk_size: Rows read out together (see ``prediction_trajectory``).
 
     Returns:
         A ``TargetTrajectories``.
+
+    The old spellings ``target_trajectories(model, prompts, targets)``, ``prompts=``,
+    ``n_bootstrap=`` and ``confidence=`` still work for one release, with a ``DeprecationWarning``.
 
     Raises:
         ValueError: no prompts, an empty target list, a target outside the vocabulary, a position
@@ -217,7 +226,9 @@ def target_trajectories(
     Examples:
         >>> from tlmicroscope.models import tiny_model
         >>> model = tiny_model(n_layers=2)
-        >>> tt = target_trajectories(model, ["ab", "a longer one"], ["x", {"y", "z"}], progress=False)
+        >>> tt = target_trajectories(
+        ...     model, ["ab", "a longer one"], targets=["x", {"y", "z"}], progress=False
+        ... )
         >>> tt.layer_labels, tt.target_names, tuple(tt.prob.shape)
         (('h0', 'h1', 'h2'), ("'x'", "{'y' | 'z'}"), (1, 3, 2, 1, 2))
         >>> mean, low, high = tt.band("prob")
@@ -239,9 +250,11 @@ def target_trajectories(
         names.append(name if name not in names else f"{name} #{i}")
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    if not 0.0 < float(confidence) < 1.0:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}.")
-    rows = _prompt_tokens(model, prompts, prepend_bos)
+    if not 0.0 < float(ci_level) < 1.0:
+        raise ValueError(f"ci_level must be in (0, 1), got {ci_level}.")
+    if tokens is None:
+        raise ValueError("Pass the prompts: target_trajectories(model, prompts, targets=...).")
+    rows = _prompt_tokens(model, tokens, prepend_bos)
     n_prompts = len(rows)
     lengths = [int(r.shape[0]) for r in rows]
     pos = _positions(positions, lengths)
@@ -358,7 +371,7 @@ def target_trajectories(
     mean, low, high = {}, {}, {}
     for s, v in stats.items():
         per_prompt_v = v.mean(3).permute(2, 0, 1, 3)  # [prompt lens layer target]
-        m, lo, hi = _bootstrap(per_prompt_v, int(n_bootstrap), float(confidence), seed)
+        m, lo, hi = _bootstrap(per_prompt_v, int(n_boot), float(ci_level), seed)
         shape = (A, n_plan, T)
         mean[s], low[s], high[s] = (t.reshape(shape).float() for t in (m, lo, hi))
     prov = Provenance.from_model(
@@ -369,8 +382,8 @@ def target_trajectories(
         positions=positions if isinstance(positions, int) else list(positions),
         per_prompt=per_prompt,
         n_prompts=n_prompts,
-        n_bootstrap=int(n_bootstrap),
-        confidence=float(confidence),
+        n_bootstrap=int(n_boot),
+        confidence=float(ci_level),
         seed=seed,
         readout_identity_max_abs_diff=identity_diff,
         readout_identity_checked=True,
@@ -396,7 +409,7 @@ def target_trajectories(
         mean=mean,
         low=low,
         high=high,
-        confidence=float(confidence),
-        n_bootstrap=int(n_bootstrap),
+        confidence=float(ci_level),
+        n_bootstrap=int(n_boot),
         provenance=prov,
     )

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from tlmicroscope.layers import RESIDUAL_AXIS
 
 __all__ = ["head_logit_heatmap", "target_trajectory_figure"]
 
@@ -61,7 +62,9 @@ def target_trajectory_figure(
     Examples:
         >>> from tlmicroscope.models import tiny_model
         >>> from tlmicroscope.lenses import target_trajectories
-        >>> tt = target_trajectories(tiny_model(n_layers=2), ["ab", "cde"], ["x", "y"], progress=False)
+        >>> tt = target_trajectories(
+        ...     tiny_model(n_layers=2), ["ab", "cde"], targets=["x", "y"], progress=False
+        ... )
         >>> fig = target_trajectory_figure(tt)
         >>> [t.name for t in fig.data if t.showlegend is not False]
         ["logit: 'x'", "logit: 'y'"]
@@ -109,7 +112,7 @@ def target_trajectory_figure(
     pct = round(100 * tt.confidence)
     fig.update_layout(
         title=title or f"{_Y[statistic]} per layer: mean over {n} prompts, {pct}% bootstrap band",
-        xaxis={"title": "layer (residual read; out = model output)", "type": "category"},
+        xaxis={"title": RESIDUAL_AXIS, "type": "category"},
         yaxis={"title": _Y[statistic]},
         height=440,
         legend={"orientation": "h"},
@@ -179,7 +182,7 @@ def head_logit_heatmap(
         title=title
         or (f"Direct effect on the {cl.logit_space} of {name} after {token!r} (total {total:.3g})"),
         xaxis={"title": "head", "type": "category"},
-        yaxis={"title": "layer", "autorange": "reversed"},
+        yaxis={"title": RESIDUAL_AXIS, "autorange": "reversed"},
         height=max(320, 22 * cl.n_layers + 140),
         margin={"l": 70, "r": 20, "t": 60, "b": 50},
     )
