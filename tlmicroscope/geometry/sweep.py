@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from tlmicroscope.corpus import token_windows
+from tlmicroscope.deprecation import renamed_arguments
 from tlmicroscope.distributed import dist_context
 from tlmicroscope.geometry.layer_geometry import layer_geometry
 from tlmicroscope.geometry.shuffle import max_shuffle_level, shuffle_tokens
@@ -243,9 +244,10 @@ def _append(path: Path, obj: dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
+@renamed_arguments(renamed={"prompts": "corpus"})
 def geometry_sweep(
     model: Any,
-    prompts: Any = None,
+    corpus: Any = None,
     *,
     out: str | os.PathLike,
     seq_len: int = 1024,
@@ -264,9 +266,10 @@ def geometry_sweep(
 
     Args:
         model: A TransformerLens model.
-        prompts: Token ids ``[n pos]`` (or a list of equal-length id tensors), or a corpus source
-            for ``token_windows`` (``None`` = the embedded corpus), cut into ``n_windows`` windows
-            of ``seq_len`` tokens chosen with ``window_seed``.
+        corpus: A corpus source for ``token_windows`` (``None`` = the embedded corpus), cut into
+            ``n_windows`` windows of ``seq_len`` tokens chosen with ``window_seed``; or the prompts
+            themselves, token ids ``[n pos]`` (or a list of equal-length id tensors). The old
+            keyword ``prompts=`` still works for one release, with a ``DeprecationWarning``.
         out: The JSONL file (created, or resumed).
         seq_len: Window length; the paper uses 1024 and notes IDs need about 500 tokens or more.
         shuffle_levels: Shuffle indices S (default 0..the largest with 4^S <= seq_len).
@@ -291,7 +294,7 @@ def geometry_sweep(
     """
     out = Path(out)
     ctx = dist_context()
-    toks = _prompts(model, prompts, seq_len, n_windows, window_seed)
+    toks = _prompts(model, corpus, seq_len, n_windows, window_seed)
     n_pos = toks.shape[1]
     levels = (
         tuple(range(max_shuffle_level(n_pos) + 1))
