@@ -290,6 +290,62 @@ def _fmt_layer(i: int | None, n: int) -> str:
     return "never" if i is None else f"{i} of {n}"
 
 
+def _row(claim: str, paper: str, cells: list[str]) -> str:
+    return "| " + " | ".join([claim, paper, *cells]) + " |"
+
+
+def _kl_cell(c: FamilyClaims) -> str:
+    mid = c.n_layers // 2
+    logit = f"logit {c.kl['logit'][0]:.1f} / {c.kl['logit'][mid]:.1f} / {c.kl['logit'][-1]:.2f}"
+    if "tuned" not in c.kl:
+        return logit + f" (no tuned lens; {c.kl_tokens} tokens)"
+    return (
+        f"tuned {c.kl['tuned'][0]:.1f} / {c.kl['tuned'][mid]:.1f} / {c.kl['tuned'][-1]:.2f}; "
+        f"{logit}; tuned lower at {c.tuned_beats_logit()} of {c.n_layers} ({c.kl_tokens} "
+        "tokens)"
+    )
+
+
+def _lin_cell(c: FamilyClaims) -> str:
+    v, i = c.linearity_without_residual, c.linearity_min_pair
+    a, b, z = c.linearity_thirds
+    shape = "U-shaped" if c.linearity_u_shape else "not U-shaped"
+    return f"{a:.2f} / {b:.2f} / {z:.2f} ({shape}); lowest pair {i}→{i + 1}: {v[i]:.2f}"
+
+
+def _id_cell(c: FamilyClaims) -> str:
+    p = c.id_peak_layer
+    if p is None:
+        return "no finite ID"
+    return (
+        f"peak {c.intrinsic_dimension[p]:.1f} at h^{p} of {c.n_layers} "
+        f"({p / c.n_layers:.0%} deep); {c.intrinsic_dimension[-1]:.1f} at the last"
+    )
+
+
+def _spike_cell(c: FamilyClaims) -> str:
+    top = max(c.first_token_ratio)
+    return f"×{top:.0f} (from block {c.spike_layer}); ×{c.first_token_ratio[0]:.1f} after block 0"
+
+
+def _paris_rows(claims: Sequence[FamilyClaims]) -> list[str]:
+    """Where " Paris" becomes top-1 (each lens the models have) and stays in the top-5."""
+    rows = []
+    for lens in ("logit", "tuned"):
+        if not any(lens in c.paris_rank for c in claims):
+            continue
+        cells = [
+            _fmt_layer(c.paris_top1_from.get(lens), c.n_layers)
+            if lens in c.paris_rank
+            else "no tuned lens"
+            for c in claims
+        ]
+        rows.append(_row(f'" Paris" stays top-1 from layer ({lens} lens)', "late layers", cells))
+    cells = [_fmt_layer(c.paris_top5_from["logit"], c.n_layers) for c in claims]
+    rows.append(_row('" Paris" stays in the top-5 from layer (logit lens)', "late layers", cells))
+    return rows
+
+
 def claims_table(claims: Sequence[FamilyClaims]) -> str:
     """A Markdown table with one row per claim, one column per model, and the papers' finding.
 
@@ -301,105 +357,28 @@ def claims_table(claims: Sequence[FamilyClaims]) -> str:
         >>> claims_table([c]).splitlines()[0].startswith("| claim | paper |")
         True
     """
-
-    def row(claim: str, paper: str, cells: list[str]) -> str:
-        return "| " + " | ".join([claim, paper, *cells]) + " |"
-
-    head = row(
-        "claim",
-        "paper",
-        [
-            f"{c.model_name} ({c.n_layers} layers, d={c.d_model}, vocab {c.d_vocab:,})"
-            for c in claims
-        ],
-    )
-    lines = [head, "|" + "---|" * (2 + len(claims))]
-    for lens in ("logit", "tuned"):
-        if not any(lens in c.paris_rank for c in claims):
-            continue
-        lines.append(
-            row(
-                f'" Paris" stays top-1 from layer ({lens} lens)',
-                "late layers",
-                [
-                    _fmt_layer(c.paris_top1_from.get(lens), c.n_layers)
-                    if lens in c.paris_rank
-                    else "no tuned lens"
-                    for c in claims
-                ],
-            )
-        )
-    lines.append(
-        row(
-            '" Paris" stays in the top-5 from layer (logit lens)',
-            "late layers",
-            [_fmt_layer(c.paris_top5_from["logit"], c.n_layers) for c in claims],
-        )
-    )
-
-    def kl_cell(c: FamilyClaims) -> str:
-        mid = c.n_layers // 2
-        logit = f"logit {c.kl['logit'][0]:.1f} / {c.kl['logit'][mid]:.1f} / {c.kl['logit'][-1]:.2f}"
-        if "tuned" not in c.kl:
-            return logit + f" (no tuned lens; {c.kl_tokens} tokens)"
-        return (
-            f"tuned {c.kl['tuned'][0]:.1f} / {c.kl['tuned'][mid]:.1f} / {c.kl['tuned'][-1]:.2f}; "
-            f"{logit}; tuned lower at {c.tuned_beats_logit()} of {c.n_layers} ({c.kl_tokens} "
-            "tokens)"
-        )
-
-    lines.append(
-        row(
+    models = [
+        f"{c.model_name} ({c.n_layers} layers, d={c.d_model}, vocab {c.d_vocab:,})" for c in claims
+    ]
+    lines = [_row("claim", "paper", models), "|" + "---|" * (2 + len(claims))]
+    lines += _paris_rows(claims)
+    for claim, paper, cell in (
+        (
             "held-out KL(final ‖ lens), nats, at layers 0 / L/2 / L−1",
             "tuned below logit at every layer",
-            [kl_cell(c) for c in claims],
-        )
-    )
-
-    def lin_cell(c: FamilyClaims) -> str:
-        v, i = c.linearity_without_residual, c.linearity_min_pair
-        a, b, z = c.linearity_thirds
-        shape = "U-shaped" if c.linearity_u_shape else "not U-shaped"
-        return f"{a:.2f} / {b:.2f} / {z:.2f} ({shape}); lowest pair {i}→{i + 1}: {v[i]:.2f}"
-
-    lines.append(
-        row(
+            _kl_cell,
+        ),
+        (
             "linearity without residual, mean over the first / middle / last third of the pairs",
             "lowest in the middle",
-            [lin_cell(c) for c in claims],
-        )
-    )
-
-    def id_cell(c: FamilyClaims) -> str:
-        p = c.id_peak_layer
-        return (
-            "no finite ID"
-            if p is None
-            else (
-                f"peak {c.intrinsic_dimension[p]:.1f} at h^{p} of {c.n_layers} "
-                f"({p / c.n_layers:.0%} deep); {c.intrinsic_dimension[-1]:.1f} at the last"
-            )
-        )
-
-    lines.append(
-        row(
-            "intrinsic-dimension peak over h^1..h^L (TwoNN)",
-            "early-to-middle layers",
-            [id_cell(c) for c in claims],
-        )
-    )
-
-    def spike_cell(c: FamilyClaims) -> str:
-        top = max(c.first_token_ratio)
-        return (
-            f"×{top:.0f} (from block {c.spike_layer}); ×{c.first_token_ratio[0]:.1f} after block 0"
-        )
-
-    lines.append(
-        row(
+            _lin_cell,
+        ),
+        ("intrinsic-dimension peak over h^1..h^L (TwoNN)", "early-to-middle layers", _id_cell),
+        (
             "first-token norm / median of the rest (block outputs)",
             "a large spike after the first layers",
-            [spike_cell(c) for c in claims],
-        )
-    )
+            _spike_cell,
+        ),
+    ):
+        lines.append(_row(claim, paper, [cell(c) for c in claims]))
     return "\n".join(lines)

@@ -364,65 +364,87 @@ def intrinsic_dimension(
     if method == "twonn" and variant not in TWONN_VARIANTS:
         raise ValueError(f"Unknown TwoNN variant {variant!r}; choose from {TWONN_VARIANTS}.")
     x = as_points(points)
-    n_input = x.shape[0]
-    settings: dict[str, Any] = {"method": method}
     if method == "twonn" and variant == "microscope":
-        _, _, n_dup = remove_duplicates(x)
-        centred = x - x.mean(0, keepdim=True)
-        mean_norm = float(torch.linalg.vector_norm(centred, dim=1).mean())
-        if mean_norm == 0:
-            _need_points(1, 3, "TwoNN", n_input, n_input - 1, "")
-        if n_input < 3:
-            raise ValueError(f"TwoNN needs at least 3 points, but the cloud has {n_input}.")
-        nn = nearest_neighbours(x, ranks=(1, 2), need_indices=False)
-        d, err, n_disc = twonn_from_distances(
-            nn.at(1),
-            nn.at(2),
-            variant="microscope",
-            reduction_factor=reduction_factor,
-            scale=mean_norm,
-        )
-        settings.update(variant="microscope", reduction_factor=reduction_factor)
-        return IntrinsicDimensionResult(
-            "twonn",
-            "microscope",
-            torch.tensor([d], dtype=torch.float64),
-            torch.tensor([err], dtype=torch.float64),
-            (2,),
-            ((nn.at(1) + nn.at(2)) / 2).mean().reshape(1),
-            n_input,
-            n_input,
-            n_dup,
-            (n_disc,),
-            settings,
-        )
+        return _twonn_microscope(x, reduction_factor)
+    n_input = x.shape[0]
     if deduplicate:
         x, _, n_dup = remove_duplicates(x)
     else:
         n_dup = 0
-    n = x.shape[0]
     if method == "twonn":
-        _need_points(n, 3, "TwoNN", n_input, n_dup, "Pass more points (tokens).")
-        nn = nearest_neighbours(x, ranks=(1, 2), need_indices=False)
-        _check_nonzero(nn.at(1))
-        d, err, n_disc = twonn_from_distances(
-            nn.at(1), nn.at(2), variant=variant, fraction=fraction
-        )
-        used = "ml" if variant == "base" and math.isclose(fraction, 1.0) else variant
-        settings.update(variant=used, fraction=fraction)
-        return IntrinsicDimensionResult(
-            "twonn",
-            used,
-            torch.tensor([d], dtype=torch.float64),
-            torch.tensor([err], dtype=torch.float64),
-            (2,),
-            ((nn.at(1) + nn.at(2)) / 2).mean().reshape(1),
-            n,
-            n_input,
-            n_dup,
-            (n_disc,),
-            settings,
-        )
+        return _twonn(x, n_input, n_dup, variant, fraction)
+    return _gride(x, n_input, n_dup, scales, max_scale)
+
+
+def _twonn_microscope(x: torch.Tensor, reduction_factor: int) -> IntrinsicDimensionResult:
+    """The LLM-Microscope TwoNN: duplicates stay in the ranks, the fit drops them and ties."""
+    n_input = x.shape[0]
+    _, _, n_dup = remove_duplicates(x)
+    centred = x - x.mean(0, keepdim=True)
+    mean_norm = float(torch.linalg.vector_norm(centred, dim=1).mean())
+    if mean_norm == 0:
+        _need_points(1, 3, "TwoNN", n_input, n_input - 1, "")
+    if n_input < 3:
+        raise ValueError(f"TwoNN needs at least 3 points, but the cloud has {n_input}.")
+    nn = nearest_neighbours(x, ranks=(1, 2), need_indices=False)
+    d, err, n_disc = twonn_from_distances(
+        nn.at(1),
+        nn.at(2),
+        variant="microscope",
+        reduction_factor=reduction_factor,
+        scale=mean_norm,
+    )
+    settings = {"method": "twonn", "variant": "microscope", "reduction_factor": reduction_factor}
+    return IntrinsicDimensionResult(
+        "twonn",
+        "microscope",
+        torch.tensor([d], dtype=torch.float64),
+        torch.tensor([err], dtype=torch.float64),
+        (2,),
+        ((nn.at(1) + nn.at(2)) / 2).mean().reshape(1),
+        n_input,
+        n_input,
+        n_dup,
+        (n_disc,),
+        settings,
+    )
+
+
+def _twonn(
+    x: torch.Tensor, n_input: int, n_dup: int, variant: str, fraction: float
+) -> IntrinsicDimensionResult:
+    """TwoNN ("base" or "ml") on the (deduplicated) cloud ``x``."""
+    n = x.shape[0]
+    _need_points(n, 3, "TwoNN", n_input, n_dup, "Pass more points (tokens).")
+    nn = nearest_neighbours(x, ranks=(1, 2), need_indices=False)
+    _check_nonzero(nn.at(1))
+    d, err, n_disc = twonn_from_distances(nn.at(1), nn.at(2), variant=variant, fraction=fraction)
+    used = "ml" if variant == "base" and math.isclose(fraction, 1.0) else variant
+    settings = {"method": "twonn", "variant": used, "fraction": fraction}
+    return IntrinsicDimensionResult(
+        "twonn",
+        used,
+        torch.tensor([d], dtype=torch.float64),
+        torch.tensor([err], dtype=torch.float64),
+        (2,),
+        ((nn.at(1) + nn.at(2)) / 2).mean().reshape(1),
+        n,
+        n_input,
+        n_dup,
+        (n_disc,),
+        settings,
+    )
+
+
+def _gride(
+    x: torch.Tensor,
+    n_input: int,
+    n_dup: int,
+    scales: Sequence[int] | None,
+    max_scale: int | None,
+) -> IntrinsicDimensionResult:
+    """GRIDE at the requested range scalings on the (deduplicated) cloud ``x``."""
+    n = x.shape[0]
     if scales is not None:
         sc = _check_scales(scales)
     elif max_scale is not None:
@@ -444,7 +466,7 @@ def intrinsic_dimension(
     nn = nearest_neighbours(x, ranks=ranks, need_indices=False)
     _check_nonzero(nn.at(1))
     ids, errors, radii, n_disc = gride_from_distances(nn.distances, nn.ranks, sc)
-    settings.update(scales=list(sc))
+    settings = {"method": "gride", "scales": list(sc)}
     return IntrinsicDimensionResult(
         "gride", None, ids, errors, sc, radii, n, n_input, n_dup, n_disc, settings
     )

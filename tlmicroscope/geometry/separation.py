@@ -105,6 +105,38 @@ def _top_components(a: np.ndarray, b: np.ndarray, k: int) -> tuple[np.ndarray, n
     return z[: len(a)], z[len(a) :]
 
 
+def _layer_vectors(states: ComponentStates, i: int, unit: bool) -> np.ndarray:
+    """State ``i``'s vectors as ``[n d_model]`` float32 rows, unit length if asked."""
+    v = states.activations[i].reshape(-1, states.d_model).float()
+    return (unit_length(v) if unit else v).numpy()
+
+
+def _sample_pair(
+    pair: list[np.ndarray],
+    layer: int,
+    components: tuple[str, str],
+    n_folds: int,
+    max_points: int,
+    n_pca: int | None,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The same number of rows (at most ``max_points``) from each component, checked."""
+    n = min(len(pair[0]), len(pair[1]))
+    if n < n_folds:
+        raise ValueError(
+            f"Block {layer} has {n} vectors per component, fewer than n_folds={n_folds}. "
+            "Capture more positions or windows, or lower n_folds."
+        )
+    take = min(n, max_points)
+    pick = [rng.choice(len(p), size=take, replace=False) for p in pair]
+    a, b = pair[0][pick[0]], pair[1][pick[1]]
+    if n_pca is not None:
+        a, b = _top_components(a, b, n_pca)
+    if np.ptp(np.concatenate([a, b]), axis=0).max() == 0:
+        raise ValueError(f"Block {layer}'s {components} outputs are constant: nothing to separate.")
+    return a, b
+
+
 def component_separation(
     model_or_states: Any,
     tokens: TextOrTokens | None = None,
@@ -188,27 +220,9 @@ def component_separation(
         )
     acc, acc_std, sil, counts = [], [], [], []
     for layer in score_layers:
-        pair = []
-        for comp in components:
-            v = states.activations[index[(comp, layer)]].reshape(-1, states.d_model).float()
-            if unit:
-                v = unit_length(v)
-            pair.append(v.numpy())
-        n = min(len(pair[0]), len(pair[1]))
-        if n < n_folds:
-            raise ValueError(
-                f"Block {layer} has {n} vectors per component, fewer than n_folds={n_folds}. "
-                "Capture more positions or windows, or lower n_folds."
-            )
-        take = min(n, max_points)
-        pick = [rng.choice(len(p), size=take, replace=False) for p in pair]
-        a, b = pair[0][pick[0]], pair[1][pick[1]]
-        if n_pca is not None:
-            a, b = _top_components(a, b, n_pca)
-        if np.ptp(np.concatenate([a, b]), axis=0).max() == 0:
-            raise ValueError(
-                f"Block {layer}'s {components} outputs are constant: nothing to separate."
-            )
+        pair = [_layer_vectors(states, index[(comp, layer)], unit) for comp in components]
+        a, b = _sample_pair(pair, layer, components, n_folds, max_points, n_pca, rng)
+        take = len(a)
         m, s, h = _score_layer(a, b, n_folds, metric, silhouette_size, seed)
         acc.append(m)
         acc_std.append(s)

@@ -148,7 +148,7 @@ def final_stats(
 
 def _group_layout(
     V: int, col: int, g: int
-) -> tuple[list[tuple[int, int, int, int]], torch.Tensor, ...]:
+) -> tuple[list[tuple[int, int, int, int]], torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per block ``(lo, width, padded width, group offset)``, and per group its first column,
     column stride and end (one past the block's last column)."""
     blocks, base, stride, end = [], [], [], []

@@ -306,9 +306,79 @@ def tiny_family_model(
     return model.eval()
 
 
+def _olmo2_config(c: Any) -> dict[str, Any]:
+    """TransformerLens 3.9 knows OLMo-2 only by name, and fetches its config: build it here."""
+    d_head = c.hidden_size // c.num_attention_heads
+    return dict(
+        d_model=c.hidden_size,
+        d_head=d_head,
+        n_heads=c.num_attention_heads,
+        d_mlp=c.intermediate_size,
+        n_layers=c.num_hidden_layers,
+        eps=c.rms_norm_eps,
+        d_vocab=c.vocab_size,
+        act_fn=c.hidden_act,
+        normalization_type="RMS",
+        positional_embedding_type="rotary",
+        rotary_dim=d_head,
+        gated_mlp=True,
+        rotary_base=(c.rope_parameters or {}).get("rope_theta", 10000.0),
+        attn_types=["global"] * c.num_hidden_layers,
+    )
+
+
+def _config_by_name(family: str, c: Any) -> dict[str, Any]:
+    """The official model's TransformerLens config (name-based: no download), resized to ``c``."""
+    from transformer_lens import loading_from_pretrained as lfp
+
+    cfg_dict = lfp.convert_hf_model_config(_HOOKED_BY_NAME[family])
+    d_head = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    cfg_dict.update(
+        d_model=c.hidden_size,
+        d_head=d_head,
+        n_heads=c.num_attention_heads,
+        d_mlp=c.intermediate_size,
+        n_layers=c.num_hidden_layers,
+        d_vocab=c.vocab_size,
+        eps=c.rms_norm_eps,
+        n_key_value_heads=c.num_key_value_heads,
+    )
+    types = getattr(c, "layer_types", None)
+    if "attn_types" in cfg_dict:
+        cfg_dict["attn_types"] = (
+            ["local" if t == "sliding_attention" else "global" for t in types]
+            if types and cfg_dict.get("use_local_attn")
+            else ["global"] * c.num_hidden_layers
+        )
+    if cfg_dict.get("use_local_attn"):
+        cfg_dict["window_size"] = c.sliding_window
+    if family == "gemma2":
+        cfg_dict.update(
+            attn_scores_soft_cap=c.attn_logit_softcapping,
+            output_logits_soft_cap=c.final_logit_softcapping,
+        )
+    if family == "gemma3":
+        params = c.rope_parameters or {}
+        full, local = params.get("full_attention", {}), params.get("sliding_attention", {})
+        cfg_dict["rotary_base"] = full.get("rope_theta", cfg_dict["rotary_base"])
+        cfg_dict["rotary_base_local"] = local.get("rope_theta", cfg_dict["rotary_base_local"])
+    cfg_dict["rotary_dim"] = d_head
+    return cfg_dict
+
+
+def _config_from_folder(c: Any) -> dict[str, Any]:
+    """TransformerLens's config for ``c``, mapped from a saved config.json by architecture."""
+    from transformer_lens import loading_from_pretrained as lfp
+
+    # A neutral folder name keeps TransformerLens's name-based branches ("llama", "gemma" in the
+    # path) out of the way.
+    with tempfile.TemporaryDirectory(prefix="tlm-cfg-") as folder:
+        c.save_pretrained(folder)
+        return lfp.convert_hf_model_config(str(Path(folder)))
+
+
 def _hooked(family: str, hf: Any, tok: Any, n_ctx: int) -> Any:
     from transformer_lens import HookedTransformer, HookedTransformerConfig
-    from transformer_lens import loading_from_pretrained as lfp
     from transformer_lens.pretrained import weight_conversions
 
     fam = FAMILIES[family]
@@ -316,65 +386,12 @@ def _hooked(family: str, hf: Any, tok: Any, n_ctx: int) -> Any:
         raise ValueError(
             f"{fam.title} cannot be a HookedTransformer: {fam.hooked_note}. Use kind='bridge'."
         )
-    c = hf.config
-    if family == "olmo2":  # TransformerLens 3.9 knows OLMo-2 only by name, and fetches its config
-        d_head = c.hidden_size // c.num_attention_heads
-        cfg_dict = dict(
-            d_model=c.hidden_size,
-            d_head=d_head,
-            n_heads=c.num_attention_heads,
-            d_mlp=c.intermediate_size,
-            n_layers=c.num_hidden_layers,
-            eps=c.rms_norm_eps,
-            d_vocab=c.vocab_size,
-            act_fn=c.hidden_act,
-            normalization_type="RMS",
-            positional_embedding_type="rotary",
-            rotary_dim=d_head,
-            gated_mlp=True,
-            rotary_base=(c.rope_parameters or {}).get("rope_theta", 10000.0),
-            attn_types=["global"] * c.num_hidden_layers,
-        )
+    if family == "olmo2":
+        cfg_dict = _olmo2_config(hf.config)
     elif family in _HOOKED_BY_NAME:
-        official = _HOOKED_BY_NAME[family]
-        cfg_dict = lfp.convert_hf_model_config(official)  # name-based: no download
-        d_head = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        cfg_dict.update(
-            d_model=c.hidden_size,
-            d_head=d_head,
-            n_heads=c.num_attention_heads,
-            d_mlp=c.intermediate_size,
-            n_layers=c.num_hidden_layers,
-            d_vocab=c.vocab_size,
-            eps=c.rms_norm_eps,
-            n_key_value_heads=c.num_key_value_heads,
-        )
-        types = getattr(c, "layer_types", None)
-        if "attn_types" in cfg_dict:
-            cfg_dict["attn_types"] = (
-                ["local" if t == "sliding_attention" else "global" for t in types]
-                if types and cfg_dict.get("use_local_attn")
-                else ["global"] * c.num_hidden_layers
-            )
-        if cfg_dict.get("use_local_attn"):
-            cfg_dict["window_size"] = c.sliding_window
-        if family == "gemma2":
-            cfg_dict.update(
-                attn_scores_soft_cap=c.attn_logit_softcapping,
-                output_logits_soft_cap=c.final_logit_softcapping,
-            )
-        if family == "gemma3":
-            params = c.rope_parameters or {}
-            full, local = params.get("full_attention", {}), params.get("sliding_attention", {})
-            cfg_dict["rotary_base"] = full.get("rope_theta", cfg_dict["rotary_base"])
-            cfg_dict["rotary_base_local"] = local.get("rope_theta", cfg_dict["rotary_base_local"])
-        cfg_dict["rotary_dim"] = d_head
+        cfg_dict = _config_by_name(family, hf.config)
     else:
-        # TransformerLens maps these from a config.json by architecture; a neutral folder name
-        # keeps its name-based branches ("llama", "gemma" in the path) out of the way.
-        with tempfile.TemporaryDirectory(prefix="tlm-cfg-") as folder:
-            c.save_pretrained(folder)
-            cfg_dict = lfp.convert_hf_model_config(str(Path(folder)))
+        cfg_dict = _config_from_folder(hf.config)
     cfg_dict.update(
         n_ctx=n_ctx,
         original_architecture=fam.model_class,
