@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tlmicroscope import cli
+from tlmicroscope.app import cli
 
 pytestmark = pytest.mark.models
 

@@ -11,8 +11,8 @@ import os
 
 import pytest
 
-from tlmicroscope import cli, dashboard
-from tlmicroscope.dashboard import check_lens_path, check_model_choice, host_warning, make_analyse
+from tlmicroscope.app import cli, dashboard
+from tlmicroscope.app.dashboard import check_lens_path, check_model_choice, host_warning, make_analyse
 
 pytestmark = pytest.mark.models
 
@@ -115,9 +115,9 @@ def test_empty_text_and_no_sections_are_reported(tiny_llama):
 def _serve_args(tmp_path, *extra):
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="command")
-    from tlmicroscope import _serve_cli
+    from tlmicroscope.app import serve as serve_command
 
-    _serve_cli.register(sub)
+    serve_command.register(sub)
     return parser.parse_args(["serve", *extra])
 
 

@@ -1,16 +1,17 @@
 import pytest
 
-from tlmicroscope.report import _SECTIONS, MissingPrerequisite, Section, register_section, report
+from tlmicroscope.app.sections import SECTIONS, MissingPrerequisite, Section, register_section
+from tlmicroscope.report import report
 
 pytestmark = pytest.mark.models
 
 
 @pytest.fixture
 def temp_sections():
-    saved = dict(_SECTIONS)
+    saved = dict(SECTIONS)
     yield
-    _SECTIONS.clear()
-    _SECTIONS.update(saved)
+    SECTIONS.clear()
+    SECTIONS.update(saved)
 
 
 def test_report_renders_lens_sections(tiny_llama, tmp_path):
@@ -77,14 +78,14 @@ def test_logit_lens_table_reads_out_only_the_shown_positions(tiny_llama):
 
     from tlmicroscope.inputs import to_tokens
     from tlmicroscope.lenses import prediction_trajectory
-    from tlmicroscope.lenses._report import _logit_lens_table
-    from tlmicroscope.report import ReportContext, _shared_capture
+    from tlmicroscope.app.panels.lens import _logit_lens_table
+    from tlmicroscope.app.report import ReportContext, shared_capture
     from tlmicroscope.viz import logit_lens_table
 
     text = "A long text: the table shows only its tail. " * 2
     toks = to_tokens(tiny_llama, text)
     assert toks.shape[-1] > 64
-    cache, logits = _shared_capture(tiny_llama, toks, ["resid"])
+    cache, logits = shared_capture(tiny_llama, toks, ["resid"])
     ctx = ReportContext(model=tiny_llama, text=text, tokens=toks, cache=cache, logits=logits)
     fig = _logit_lens_table(ctx).items[0]
     full = prediction_trajectory(tiny_llama, toks, lens="logit-paper", top_k=1)

@@ -4,7 +4,8 @@ import pytest
 
 from tlmicroscope.corpus import text_windows
 from tlmicroscope.lenses import TunedLens
-from tlmicroscope.report import _SECTIONS, available_sections, report
+from tlmicroscope.app.sections import default_sections
+from tlmicroscope.report import report
 
 pytestmark = [pytest.mark.embedded, pytest.mark.models]
 
@@ -16,7 +17,7 @@ def test_full_report_has_every_section(embedded_model, tmp_path):
     lens = TunedLens.for_model(embedded_model)
     rep = report(embedded_model, text, lens=lens)
     assert rep.failed == {}, rep.failed
-    defaults = [name for name in available_sections() if _SECTIONS[name].default]
+    defaults = default_sections()
     assert sorted(rep.rendered + list(rep.missing)) == sorted(defaults)
     # What needs nothing but the text renders; what is missing names the command that fixes it.
     for name in ("trajectory", "logit_lens_table", "token_geometry"):

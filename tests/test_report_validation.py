@@ -13,7 +13,8 @@ import tlmicroscope
 from tlmicroscope.causal import extract_causal_basis
 from tlmicroscope.lenses import TunedLens
 from tlmicroscope.microscope import ContextualizationProbe, NonlinearityReference
-from tlmicroscope.report import _SECTION_MODULES, available_sections, available_settings, report
+from tlmicroscope.app.sections import SECTION_MODULES
+from tlmicroscope.report import available_sections, available_settings, report
 
 pytestmark = [
     pytest.mark.models,
@@ -86,7 +87,7 @@ def test_unknown_setting_lists_the_valid_ones(tiny_llama):
 def test_declared_settings_are_the_ones_sections_read():
     # Independent of the declarations: every ctx.settings key a section module reads, from its source.
     read = set()
-    for mod in _SECTION_MODULES:
+    for mod in SECTION_MODULES:
         src = Path(__import__(mod, fromlist=["_"]).__file__).read_text()
         read |= set(re.findall(r"settings\.get\(\"(\w+)\"", src))
         read |= set(re.findall(r"\bs\.get\(\"(\w+)\"", src))
@@ -140,7 +141,7 @@ def test_lens_path_that_does_not_load_says_why(tiny_llama, tiny_gpt2, saved, tmp
 
 
 def test_missing_artifact_says_where_it_looked_and_the_command(tiny_llama, tmp_path, monkeypatch):
-    monkeypatch.setenv("TLMICROSCOPE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TLMICROSCOPE_HOME", str(tmp_path / "home"))
     rep = report(
         tiny_llama,
         "The cat sat on the mat.",
@@ -149,7 +150,7 @@ def test_missing_artifact_says_where_it_looked_and_the_command(tiny_llama, tmp_p
     )
     assert (
         "looked in" in rep.missing["microscope_context"]
-        and str(tmp_path / "cache") in rep.missing["microscope_context"]
+        and str(tmp_path / "home") in rep.missing["microscope_context"]
     )
     assert rep.fixes["microscope_context"].startswith("tlmicroscope microscope-train-probe")
     rep = report(
@@ -200,7 +201,7 @@ def test_one_token_report_through_the_public_name(tiny_llama):
 @pytest.mark.embedded
 def test_paris_on_the_embedded_model(embedded_model, tmp_path, monkeypatch):
     # The case: tlmicroscope.report(model, "Paris") on SmolLM2, one token; no saved artifacts.
-    monkeypatch.setenv("TLMICROSCOPE_CACHE", str(tmp_path))
+    monkeypatch.setenv("TLMICROSCOPE_HOME", str(tmp_path))
     assert embedded_model.to_tokens("Paris").shape[-1] == 1
     rep = tlmicroscope.report(embedded_model, "Paris")
     assert rep.failed == {}, rep.failed

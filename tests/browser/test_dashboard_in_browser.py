@@ -19,7 +19,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def dashboard_url():
     from tlmicroscope.dashboard import serve
-    from tlmicroscope.report import _SECTIONS, Section, register_section
+    from tlmicroscope.app.sections import SECTIONS, Section, register_section
 
     @register_section("slow_test_section", "Slow test section", default=False)
     def _slow(ctx):  # long enough to press Stop while it runs
@@ -30,7 +30,7 @@ def dashboard_url():
     app = serve("127.0.0.1", port, models=["tiny-llama", "tiny-gpt2"], block=False)
     yield f"http://127.0.0.1:{port}"
     app.close()
-    _SECTIONS.pop("slow_test_section", None)
+    SECTIONS.pop("slow_test_section", None)
 
 
 def _run(page, text, model=None):

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from tlmicroscope.causal import extract_causal_basis
-from tlmicroscope.causal._report import default_basis_path
+from tlmicroscope.app.panels.causal import default_basis_path
 from tlmicroscope.inputs import to_tokens
 from tlmicroscope.lenses import Readout, TunedLens
 from tlmicroscope.lenses.base import lens_logits
@@ -134,8 +134,8 @@ def test_missing_basis_names_the_command_that_extracts_it(tiny_llama, tmp_path, 
     assert rep.rendered == [] and "No causal basis is saved" in rep.missing["causal_basis"]
     html = rep.html()
     fix = (
-        "tlmicroscope cbe --model tiny-llama --lens out/tuned-lens-tiny-llama-l3-d32-s0 --k 10 "
-        "--out-dir out/cbe-tiny-llama-l3-d32-s0-tuned"
+        f"tlmicroscope cbe --model tiny-llama --lens {default_lens_dir(tiny_llama)} --k 10 "
+        "--out-dir out/cbe-tiny-llama-l3-d32-s0-tuned"  # the lens in the artifact store
     )
     if access.is_bridge(tiny_llama) and access.has_hooked_transformer():
         fix += " --kind bridge"  # the command must load the same class of model again

@@ -116,13 +116,17 @@ def test_cli_errors_are_one_clear_line(use_tiny, corpus, tmp_path, capsys):
     assert "train-lens" in capsys.readouterr().err
 
 
-def test_default_location(tiny_llama):
+def test_default_location(tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.setenv("TLMICROSCOPE_HOME", str(tmp_path / "store"))
     assert default_lens_dir("smollm2-135m") == default_lens_dir(
         "HuggingFaceTB/SmolLM2-135M-Instruct"
     )
-    assert str(default_lens_dir("smollm2-135m")) == "out/tuned-lens-smollm2-135m"
+    assert default_lens_dir("smollm2-135m") == tmp_path / "store" / "smollm2-135m" / "tuned-lens"
     # The second embedded model: its short names and the label a loaded Gemma carries agree.
     assert {
-        str(default_lens_dir(n)) for n in ("gemma3-270m", "gemma-3-270m", "google/gemma-3-270m")
-    } == {"out/tuned-lens-gemma3-270m"}
-    assert default_lens_dir(tiny_llama).name == "tuned-lens-tiny-llama-l3-d32-s0"
+        default_lens_dir(n) for n in ("gemma3-270m", "gemma-3-270m", "google/gemma-3-270m")
+    } == {tmp_path / "store" / "gemma3-270m" / "tuned-lens"}
+    assert default_lens_dir(tiny_llama).parent.name == "tiny-llama-l3-d32-s0"
+    # the layout of earlier versions, under a given root
+    assert str(default_lens_dir("smollm2-135m", root="out")) == "out/tuned-lens-smollm2-135m"
+    assert default_lens_dir(tiny_llama, root="o").name == "tuned-lens-tiny-llama-l3-d32-s0"

@@ -6,10 +6,18 @@ from tlmicroscope.cli import main
 
 pytestmark = pytest.mark.models
 
+# The page is the report's ``microscope`` preset: its sections carry the report's titles.
+NONLIN = "llm-microscope-token-wise-non-linearity"
+LINEARITY = "llm-microscope-linearity-per-layer"
+CONTRIB = "llm-microscope-layer-contributions"
+ATTRIBUTION = "llm-microscope-component-attribution"
+CONTEXT = "llm-microscope-contextualization"
+TABLE = "logit-lens-llm-microscope-style"
+
 
 @pytest.fixture(autouse=True)
 def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("TLMICROSCOPE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TLMICROSCOPE_HOME", str(tmp_path / "home"))
 
 
 def _sections(html: str) -> dict[str, str]:
@@ -18,7 +26,7 @@ def _sections(html: str) -> dict[str, str]:
     return dict(re.findall(r'data-section="([^"]+)" data-status="([^"]+)"', html))
 
 
-def test_microscope_writes_the_five_panels(tmp_path, capsys):
+def test_microscope_writes_the_panels(tmp_path, capsys):
     out = tmp_path / "m.html"
     # no probe yet: the contextualization panel is a notice with the command that trains one
     assert (
@@ -37,8 +45,8 @@ def test_microscope_writes_the_five_panels(tmp_path, capsys):
         == 0
     )
     sections = _sections(out.read_text())
-    assert sections["1-token-wise-non-linearity"] == "ok" and sections["5-logit-lens"] == "ok"
-    assert sections["4-contextualization"] == "missing"
+    assert sections[NONLIN] == "ok" and sections[TABLE] == "ok"
+    assert sections[CONTEXT] == "missing"
     assert "microscope-train-probe" in out.read_text()
     assert (
         main(
@@ -61,13 +69,7 @@ def test_microscope_writes_the_five_panels(tmp_path, capsys):
         == 0
     )
     sections = _sections(out.read_text())
-    assert set(sections) >= {
-        "1-token-wise-non-linearity",
-        "2-average-linearity-per-layer",
-        "3-layer-contributions",
-        "4-contextualization",
-        "5-logit-lens",
-    }
+    assert set(sections) == {NONLIN, LINEARITY, CONTRIB, ATTRIBUTION, CONTEXT, TABLE}
     assert all(v == "ok" for v in sections.values())
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(out.resolve())
 
@@ -79,7 +81,7 @@ def test_no_fit_shows_notices_and_bad_input_exits_2(tmp_path, capsys):
     )
     sections = _sections(out.read_text())
     assert (
-        sections["1-token-wise-non-linearity"] == "missing" and "microscope-fit" in out.read_text()
+        sections[NONLIN] == "missing" and "microscope-fit" in out.read_text()
     )
     assert (
         main(

@@ -75,7 +75,7 @@ def saved(tmp_path_factory, tiny_llama):
 def test_renders_without_saved_objects_and_names_the_training_command(
     tiny_llama, tmp_path, monkeypatch
 ):
-    monkeypatch.setenv("TLMICROSCOPE_CACHE", str(tmp_path))  # no reference or probe there
+    monkeypatch.setenv("TLMICROSCOPE_HOME", str(tmp_path))  # no reference or probe there
     rep = report(tiny_llama, TEXT, sections=SECTIONS)
     assert rep.rendered == [
         "microscope_nonlinearity",
@@ -92,7 +92,7 @@ def test_renders_without_saved_objects_and_names_the_training_command(
 
 
 def test_short_text_without_reference_shows_the_fit_command(tiny_llama, tmp_path, monkeypatch):
-    monkeypatch.setenv("TLMICROSCOPE_CACHE", str(tmp_path))
+    monkeypatch.setenv("TLMICROSCOPE_HOME", str(tmp_path))
     rep = report(tiny_llama, SHORT, sections=SECTIONS)
     assert rep.rendered == ["microscope_contributions"] and not rep.failed
     assert set(rep.missing) == {
@@ -117,7 +117,7 @@ def test_short_text_without_reference_shows_the_fit_command(tiny_llama, tmp_path
 
 
 def test_per_prompt_heatmap_equals_numpy_least_squares(tiny_llama, tmp_path, monkeypatch):
-    monkeypatch.setenv("TLMICROSCOPE_CACHE", str(tmp_path))
+    monkeypatch.setenv("TLMICROSCOPE_HOME", str(tmp_path))
     _, figs = _run(tiny_llama, TEXT, microscope_normalization="none")
     z = np.asarray(figs["LLM-Microscope: token-wise non-linearity"][0].data[0].z, dtype=float)
     toks = tiny_llama.to_tokens(TEXT)
@@ -143,7 +143,7 @@ def test_per_prompt_heatmap_equals_numpy_least_squares(tiny_llama, tmp_path, mon
 
 
 def test_contributions_heatmap_is_the_logit_lens_loss_by_hand(tiny_llama, tmp_path, monkeypatch):
-    monkeypatch.setenv("TLMICROSCOPE_CACHE", str(tmp_path))
+    monkeypatch.setenv("TLMICROSCOPE_HOME", str(tmp_path))
     _, figs = _run(tiny_llama, TEXT)
     z = np.asarray(figs["LLM-Microscope: layer contributions"][0].data[0].z, dtype=float)
     toks = tiny_llama.to_tokens(TEXT)

@@ -1,7 +1,7 @@
 """The ``tlmicroscope`` command.
 
-Each analysis package contributes its subcommands through a module with
-``register(subparsers)`` listed in ``_COMMAND_MODULES``; ``main`` checks the output path before
+Each family's subcommands live in a module of ``tlmicroscope.app.commands`` with
+``register(subparsers)``, listed in ``COMMAND_MODULES``; ``main`` checks the output path before
 any work, and turns every error (bad input, unreadable or unwritable files, a model that does not
 load) into one clear line and exit status 2; ``TLMICROSCOPE_DEBUG=1`` keeps the traceback.
 """
@@ -18,21 +18,32 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_model_args", "check_output_path", "load_from_args", "log", "main", "read_text_arg"]
+__all__ = [
+    "COMMAND_MODULES",
+    "add_model_args",
+    "check_output_path",
+    "load_from_args",
+    "log",
+    "main",
+    "read_text_arg",
+    "render_preset",
+    "write_report",
+]
 
 DEFAULT_TEXT = "The capital of France is"
 
-# Modules with ``register(subparsers)``; each analysis package adds its own line.
-_COMMAND_MODULES = [
-    "tlmicroscope.lenses._cli",
-    "tlmicroscope._serve_cli",
-    "tlmicroscope.geometry._latent_cli",
-    "tlmicroscope.lenses._tuned_cli",
-]
-_COMMAND_MODULES.append("tlmicroscope.geometry._cli")
-_COMMAND_MODULES.append("tlmicroscope.causal._cli")
-_COMMAND_MODULES.append("tlmicroscope.microscope._cli")
-_COMMAND_MODULES.append("tlmicroscope.lenses._bench_cli")
+# Modules with ``register(subparsers)``, in the order of the help text.
+COMMAND_MODULES: tuple[str, ...] = (
+    "tlmicroscope.app.commands.lens",
+    "tlmicroscope.app.commands.report",
+    "tlmicroscope.app.serve",
+    "tlmicroscope.app.commands.latent",
+    "tlmicroscope.app.commands.tuned",
+    "tlmicroscope.app.commands.geometry",
+    "tlmicroscope.app.commands.causal",
+    "tlmicroscope.app.commands.microscope",
+    "tlmicroscope.app.commands.bench",
+)
 
 
 def log(msg: str) -> None:
@@ -83,7 +94,8 @@ def load_from_args(args: argparse.Namespace) -> Any:
         process_weights=args.process_weights,
     )
     log(
-        f"loaded {type(model).__name__} with {model.cfg.n_layers} layers in {time.perf_counter() - t0:.1f} s"
+        f"loaded {type(model).__name__} with {model.cfg.n_layers} layers in "
+        f"{time.perf_counter() - t0:.1f} s"
     )
     return model
 
@@ -99,6 +111,61 @@ def read_text_arg(text: str | None, text_file: str | None) -> str:
             "The text is empty: there is nothing to analyse. Pass at least one token of text."
         )
     return text
+
+
+def write_report(rep: Any, out: str | os.PathLike) -> int:
+    """Log each section's state and time, save the page, print its path; the exit status (0).
+
+    Examples:
+        >>> import tempfile
+        >>> from tlmicroscope.app import report
+        >>> from tlmicroscope.models import tiny_model
+        >>> rep = report(tiny_model(n_layers=1), "hello", sections="trajectory")
+        >>> write_report(rep, tempfile.mkdtemp() + "/r.html")  # doctest: +ELLIPSIS
+        /.../r.html
+        0
+    """
+    for name, secs in rep.seconds.items():
+        state = "missing" if name in rep.missing else "failed" if name in rep.failed else "ok"
+        log(f"section {name}: {state} ({secs:.1f} s)")
+    print(Path(rep.save(out)).resolve())
+    return 0
+
+
+def render_preset(
+    name: str,
+    model: Any,
+    text: str,
+    *,
+    out: str | os.PathLike,
+    lens: Any = None,
+    intro: str | None = None,
+    **settings: Any,
+) -> int:
+    """A family command's page: the preset ``name`` rendered by the report engine and saved.
+
+    Examples:
+        >>> import tempfile
+        >>> from tlmicroscope.models import tiny_model
+        >>> render_preset("lens", tiny_model(n_layers=1), "hello there",
+        ...               out=tempfile.mkdtemp() + "/lens.html")  # doctest: +ELLIPSIS
+        /.../lens.html
+        0
+    """
+    from tlmicroscope.app.report import report
+    from tlmicroscope.app.sections import PRESETS
+
+    preset = PRESETS[name]
+    rep = report(
+        model,
+        text,
+        lens=lens,
+        sections=list(preset.sections),
+        title=preset.title,
+        intro=intro,
+        **{**preset.settings, **settings},
+    )
+    return write_report(rep, out)
 
 
 # A command's ``--out`` names a folder when its help says "folder" (a fitted object: train-lens,
@@ -190,7 +257,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"tlmicroscope {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for mod in _COMMAND_MODULES:
+    for mod in COMMAND_MODULES:
         importlib.import_module(mod).register(sub)
     for name, command in sub.choices.items():
         for action in command._actions:

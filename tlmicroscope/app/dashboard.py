@@ -97,7 +97,8 @@ def _under(path: str, folders: Sequence[Path]) -> Path | None:
 
 
 def check_model_choice(name: str, choices: Sequence[str], model_dirs: Sequence[Path] = ()) -> str:
-    """The model ``name`` if the dashboard offers it: one of ``choices``, or a path under ``model_dirs``.
+    """The model ``name`` if the dashboard offers it: one of ``choices`` or a path under
+    ``model_dirs``.
 
     Raises:
         ValueError: anything else, with what is offered and how to offer more.
@@ -108,7 +109,7 @@ def check_model_choice(name: str, choices: Sequence[str], model_dirs: Sequence[P
         >>> check_model_choice("/etc/passwd", ["tiny-llama"])
         Traceback (most recent call last):
         ...
-        ValueError: This dashboard offers the models tiny-llama, and no model folders; '/etc/passwd' is neither. Start it with --models NAME,... or --model-dir FOLDER to offer more.
+        ValueError: This dashboard offers the models tiny-llama, and no model folders; ...
     """
     name = (name or "").strip()
     if name in choices:
@@ -120,7 +121,8 @@ def check_model_choice(name: str, choices: Sequence[str], model_dirs: Sequence[P
         f"paths under {', '.join(str(f) for f in model_dirs)}" if model_dirs else "no model folders"
     )
     raise ValueError(
-        f"This dashboard offers the models {', '.join(choices)}, and {folders}; {name!r} is neither. "
+        f"This dashboard offers the models {', '.join(choices)}, and {folders}; {name!r} is "
+        "neither. "
         "Start it with --models NAME,... or --model-dir FOLDER to offer more."
     )
 
@@ -137,7 +139,7 @@ def check_lens_path(path: str, lens_dirs: Sequence[Path] = ()) -> Path | None:
         >>> check_lens_path("/etc")
         Traceback (most recent call last):
         ...
-        ValueError: Lens folders are limited to those the dashboard was started with (none); '/etc' is not under one. Start it with --lens-dir FOLDER.
+        ValueError: Lens folders are limited to those the dashboard was started with (none); ...
     """
     path = (path or "").strip()
     if not path:
@@ -146,7 +148,8 @@ def check_lens_path(path: str, lens_dirs: Sequence[Path] = ()) -> Path | None:
     if real is None:
         given = ", ".join(str(f) for f in lens_dirs) or "none"
         raise ValueError(
-            f"Lens folders are limited to those the dashboard was started with ({given}); {path!r} is "
+            f"Lens folders are limited to those the dashboard was started with ({given}); "
+            f"{path!r} is "
             "not under one. Start it with --lens-dir FOLDER."
         )
     return real
@@ -156,8 +159,8 @@ def host_warning(host: str) -> str | None:
     """A warning when ``host`` is not a loopback address (others could reach the dashboard).
 
     Examples:
-        >>> host_warning("127.0.0.1") is None, host_warning("localhost") is None, host_warning("::1") is None
-        (True, True, True)
+        >>> [host_warning(h) is None for h in ("127.0.0.1", "localhost", "::1")]
+        [True, True, True]
         >>> host_warning("0.0.0.0")[:46]
         'The dashboard listens on 0.0.0.0, which is not'
     """
@@ -170,7 +173,8 @@ def host_warning(host: str) -> str | None:
     except ValueError:
         pass  # a host name: it may be reachable from elsewhere
     return (
-        f"The dashboard listens on {host}, which is not a loopback address: anyone who can reach this "
+        f"The dashboard listens on {host}, which is not a loopback address: anyone who can reach "
+        "this "
         "machine can run models on it and read the model and lens folders it was given, without a "
         "password. Use --host 127.0.0.1 unless that is what you want."
     )
@@ -183,7 +187,7 @@ def make_analyse(
     lens_dirs: Sequence[Path] = (),
     cache: _Models | None = None,
 ) -> Callable[..., Iterator[tuple[str, str]]]:
-    """The dashboard's run: a generator of ``(status_html, report_html)`` pairs (usable without Gradio).
+    """The dashboard's run: a generator of ``(status_html, report_html)`` pairs (no Gradio needed).
 
     ``cache`` is anything with ``get(name) -> model`` (default: keeps the last two models loaded).
 
@@ -199,8 +203,8 @@ def make_analyse(
         >>> list(run("/etc/passwd", "hello", ["trajectory"], ""))[-1][0][:60]
         '<div class="tlm-error" role="alert"><b>Error:</b> Could not '
     """
+    from tlmicroscope.app.report import report_steps
     from tlmicroscope.lenses import load_lens
-    from tlmicroscope.report import report_steps
 
     cache = cache or _Models()
 
@@ -238,7 +242,7 @@ def make_analyse(
             steps = report_steps(
                 model, text, lens=lens, sections=chosen, title=f"tlmicroscope: {model_name}"
             )
-            for done, total, section, rep in steps:
+            for done, total, section, rep in steps:  # noqa: B007 (rep: the last one is used)
                 progress((done, total), desc=f"section {section}" if section else "done")
                 if section:
                     yield f"Running section {done + 1} of {total}: {html.escape(section)} …", ""
@@ -268,17 +272,21 @@ def build_app(
     is loaded only under ``model_dirs``, and a lens folder only under ``lens_dirs``.
     """
     gr = _gradio()
+    from tlmicroscope.app.sections import available_sections, default_sections
     from tlmicroscope.models import available_models
-    from tlmicroscope.report import _SECTIONS, available_sections
 
     choices = list(models) if models else available_models()
     model_folders, lens_folders = _folders(model_dirs, "model"), _folders(lens_dirs, "lens")
     sections = available_sections()
-    defaults = [n for n in sections if _SECTIONS[n].default]
+    defaults = default_sections()
     run_report = make_analyse(choices, model_dirs=model_folders, lens_dirs=lens_folders)
 
     def analyse(
-        model_name: str, text: str, chosen: list[str], lens_path: str, progress=gr.Progress()
+        model_name: str,
+        text: str,
+        chosen: list[str],
+        lens_path: str,
+        progress=gr.Progress(),  # noqa: B008 (Gradio reads this default to inject progress)
     ) -> Iterator[tuple[str, str]]:
         yield from run_report(model_name, text, chosen, lens_path, progress=progress)
 

@@ -1,6 +1,7 @@
-"""``report``: one offline HTML page of many analyses of one text.
+"""The report engine: one offline HTML page of many analyses of one text.
 
-Sections are registered builders. Each gets a shared ``ReportContext`` whose ``memo`` lets
+Sections are registered builders (``tlmicroscope.app.sections``). Each gets a shared
+``ReportContext`` whose ``memo`` lets
 sections reuse one another's forward passes and results, and returns a ``Section`` (figures,
 views, a caption saying which settings produced it). A builder whose prerequisite is missing
 raises ``MissingPrerequisite`` with the command that fixes it; the report shows that message in
@@ -12,11 +13,23 @@ from __future__ import annotations
 
 import time
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tlmicroscope.app.sections import (
+    SECTIONS,
+    MissingPrerequisite,
+    ReportContext,
+    Section,
+    available_sections,
+    available_settings,
+    default_sections,
+    load_builtin_sections,
+    register_section,
+    require_tokens,
+)
 from tlmicroscope.inputs import to_tokens
 from tlmicroscope.models import access
 from tlmicroscope.viz.html import HtmlPage, escape
@@ -32,73 +45,20 @@ __all__ = [
     "report",
     "report_steps",
     "require_tokens",
+    "shared_capture",
 ]
 
 
-class MissingPrerequisite(Exception):
-    """A section cannot be built here; ``fix`` is the command that makes it possible."""
-
-    def __init__(self, message: str, fix: str | None = None):
-        super().__init__(message)
-        self.message = message
-        self.fix = fix
-
-
-def require_tokens(ctx: ReportContext, n_min: int, what: str) -> None:
-    """A section's minimum text length, as a missing prerequisite naming the number of tokens needed.
+def shared_capture(model: Any, tokens: Any, sites: Sequence[str]) -> tuple[Any, Any]:
+    """One forward pass capturing ``sites`` for every layer, as an ``ActivationCache`` and logits.
 
     Examples:
-        >>> from types import SimpleNamespace
-        >>> import torch
-        >>> require_tokens(SimpleNamespace(tokens=torch.zeros(1, 1)), 2, "the loss")  # doctest: +ELLIPSIS
-        Traceback (most recent call last):
-        ...
-        tlmicroscope.report.MissingPrerequisite: The text has 1 token; the loss needs at least 2...
+        >>> from tlmicroscope.models import tiny_model
+        >>> model = tiny_model(n_layers=1)
+        >>> cache, logits = shared_capture(model, model.to_tokens("hi"), ["resid"])
+        >>> "blocks.0.hook_resid_pre" in cache, logits.shape[-1] == model.cfg.d_vocab
+        (True, True)
     """
-    n = int(ctx.tokens.shape[-1])
-    if n < n_min:
-        raise MissingPrerequisite(
-            f"The text has {n} token{'s' if n != 1 else ''}; {what} needs at least {n_min}. "
-            "Pass a longer text."
-        )
-
-
-@dataclass
-class Section:
-    """What a section builder returns: figures, ``CircuitsVisView``s or HTML strings."""
-
-    items: list[Any]
-    caption: str = ""
-
-
-@dataclass
-class ReportContext:
-    """Shared state for section builders: the model, the text, one shared capture, memoised results.
-
-    Before any section runs, the report makes **one** forward pass that captures the union of the
-    sites every chosen section declared in ``needs`` (plus the logits). Sections read it as
-    ``ctx.cache``, an ``ActivationCache`` with the standard hook names, so any analysis that takes
-    ``model_or_cache`` runs on it without another forward pass; ``ctx.logits`` holds the output.
-    """
-
-    model: Any
-    text: str
-    tokens: Any
-    lens: Any = None
-    settings: dict[str, Any] = field(default_factory=dict)
-    cache: Any = None
-    logits: Any = None
-    _memo: dict[str, Any] = field(default_factory=dict)
-
-    def memo(self, key: str, compute: Callable[[], Any]) -> Any:
-        """Compute once per report and share: e.g. the logit-lens trajectory used by two sections."""
-        if key not in self._memo:
-            self._memo[key] = compute()
-        return self._memo[key]
-
-
-def _shared_capture(model: Any, tokens: Any, sites: Sequence[str]) -> tuple[Any, Any]:
-    """One forward pass capturing ``sites`` for every layer, as an ``ActivationCache`` and logits."""
     from transformer_lens import ActivationCache
 
     from tlmicroscope.capture import capture
@@ -109,71 +69,6 @@ def _shared_capture(model: Any, tokens: Any, sites: Sequence[str]) -> tuple[Any,
         for i, name in enumerate(cap.hook_names[site]):
             entries[name] = cap.activations[site][i]
     return ActivationCache(entries, model), cap.logits
-
-
-@dataclass(frozen=True)
-class _Spec:
-    name: str
-    title: str
-    build: Callable[[ReportContext], Section]
-    default: bool
-    needs: tuple[str, ...] = ()
-    settings: tuple[str, ...] = ()
-
-
-_SECTIONS: dict[str, _Spec] = {}
-
-# Settings the report itself reads (every section's own are declared with register_section).
-_REPORT_SETTINGS = ("truncate",)
-
-
-def register_section(
-    name: str,
-    title: str,
-    *,
-    default: bool = True,
-    needs: Sequence[str] = (),
-    settings: Sequence[str] = (),
-):
-    """Register a section builder ``f(ctx) -> Section`` under ``name``; registration order is page order.
-
-    ``needs`` names the capture sites (``tlmicroscope.capture`` names: ``"resid"``, ``"attn_out"``,
-    ``"mlp_out"``, ...) the section reads from ``ctx.cache``; the report captures the union of
-    all chosen sections' needs in one forward pass. ``settings`` names the ``ctx.settings`` keys
-    the section reads: ``report`` refuses any other setting name (a typo such as ``top_kk``).
-    """
-
-    def deco(fn: Callable[[ReportContext], Section]) -> Callable[[ReportContext], Section]:
-        _SECTIONS[name] = _Spec(name, title, fn, default, tuple(needs), tuple(settings))
-        return fn
-
-    return deco
-
-
-def available_sections() -> list[str]:
-    """Every registered section name, in page order.
-
-    Examples:
-        >>> "trajectory" in available_sections()
-        True
-    """
-    _load_builtin_sections()
-    return list(_SECTIONS)
-
-
-def available_settings() -> dict[str, list[str]]:
-    """Each setting ``report`` accepts, with the sections that read it (``[]``: the report itself).
-
-    Examples:
-        >>> available_settings()["geometry_overlap_k"]
-        ['token_geometry']
-    """
-    _load_builtin_sections()
-    out: dict[str, list[str]] = {name: [] for name in _REPORT_SETTINGS}
-    for spec in _SECTIONS.values():
-        for name in spec.settings:
-            out.setdefault(name, []).append(spec.name)
-    return out
 
 
 def _unknown(kind: str, given: Sequence[str], valid: Sequence[str]) -> str:
@@ -189,7 +84,7 @@ def _unknown(kind: str, given: Sequence[str], valid: Sequence[str]) -> str:
 def _check_arguments(
     model: Any, text: Any, lens: Any, sections: Any, settings: dict[str, Any]
 ) -> tuple[Any, list[str]]:
-    """Validate ``report``'s arguments before any work; returns the lens (loaded) and the section names."""
+    """Validate ``report``'s arguments before any work; returns the (loaded) lens and sections."""
     if not isinstance(text, str):
         raise TypeError(
             f"text must be a string, got {type(text).__name__}; pass the text to analyse."
@@ -199,7 +94,7 @@ def _check_arguments(
     if unknown:
         raise ValueError(_unknown("setting", unknown, list(valid)))
     if sections is None:
-        names = [n for n, s in _SECTIONS.items() if s.default]
+        names = default_sections()
     else:
         if isinstance(sections, str):  # one section, not its letters
             sections = [sections]
@@ -214,14 +109,14 @@ def _check_arguments(
             raise TypeError(
                 f"sections must be names (strings), got {bad[:3]}; see available_sections()."
             )
-        unknown = [n for n in names if n not in _SECTIONS]
+        unknown = [n for n in names if n not in SECTIONS]
         if unknown:
-            raise ValueError(_unknown("section", unknown, list(_SECTIONS)))
+            raise ValueError(_unknown("section", unknown, list(SECTIONS)))
     return _resolve_report_lens(lens, model), names
 
 
 def _resolve_report_lens(lens: Any, model: Any) -> Any:
-    """``None``, ``"logit"``, ``"logit-paper"`` as given; a path: load it (or say why not); a lens: check it."""
+    """``None``, ``"logit"``, ``"logit-paper"`` as given; a path loaded (or why not); a lens checked."""
     import os
 
     from tlmicroscope.lenses.base import load_lens, resolve_lens
@@ -235,7 +130,8 @@ def _resolve_report_lens(lens: Any, model: Any) -> Any:
         if not path.exists():
             raise FileNotFoundError(
                 f"lens={str(lens)!r}: nothing there. Pass the folder of a saved lens (tlmicroscope "
-                "train-lens --out FOLDER makes one), a lens object, or None for the logit lens alone."
+                "train-lens --out FOLDER makes one), a lens object, or None for the logit lens "
+                "alone."
             )
         try:
             return load_lens(path, model)
@@ -244,25 +140,6 @@ def _resolve_report_lens(lens: Any, model: Any) -> Any:
     lens = resolve_lens(lens)  # TypeError for what is no lens
     lens.check_model(model)
     return lens
-
-
-# Modules that register report sections when imported; each analysis package adds its own.
-# Page order: trajectories, LLM-Microscope panels, token geometry, latent projections and norm
-# profile, causal basis energies.
-_SECTION_MODULES = [
-    "tlmicroscope.lenses._report",
-    "tlmicroscope.microscope._report",
-    "tlmicroscope.geometry._token_report",
-    "tlmicroscope.geometry._latent_report",
-    "tlmicroscope.causal._report",
-]
-
-
-def _load_builtin_sections() -> None:
-    import importlib
-
-    for mod in _SECTION_MODULES:
-        importlib.import_module(mod)
 
 
 @dataclass
@@ -297,6 +174,7 @@ def report_steps(
     lens: Any = None,
     sections: Sequence[str] | None = None,
     title: str | None = None,
+    intro: str | None = None,
     **settings: Any,
 ) -> Iterator[tuple[int, int, str, Report]]:
     """Build a report section by section, yielding ``(done, total, next_section, report_so_far)``.
@@ -304,28 +182,28 @@ def report_steps(
     The first yield comes before any section runs; the last has ``done == total``. A caller that
     stops iterating (a cancelled dashboard run) stops the work between sections.
     """
-    _load_builtin_sections()
+    load_builtin_sections()
     lens, names = _check_arguments(model, text, lens, sections, settings)
     tokens = to_tokens(model, text, truncate=bool(settings.get("truncate", False)))
     ctx = ReportContext(model=model, text=text, tokens=tokens, lens=lens, settings=dict(settings))
-    needs = sorted({site for n in names for site in _SECTIONS[n].needs})
+    needs = sorted({site for n in names for site in SECTIONS[n].needs})
     t_capture = time.perf_counter()
     if needs:
-        ctx.cache, ctx.logits = _shared_capture(model, tokens, needs)
+        ctx.cache, ctx.logits = shared_capture(model, tokens, needs)
     t_capture = time.perf_counter() - t_capture
     processed = "processed (fold_ln/centring)" if access.weights_processed(model) else "unprocessed"
-    intro = (
+    opening = (
         f"Model <b>{escape(access.model_label(model))}</b> ({escape(type(model).__name__)}, "
         f"weights {processed}, TransformerLens {escape(access.TL_VERSION)}); "
-        f"{tokens.shape[-1]} tokens of text."
+        f"{tokens.shape[-1]} tokens of text." + (f" {escape(intro)}" if intro else "")
     )
-    page = HtmlPage(title=title or "tlmicroscope report", intro=intro)
+    page = HtmlPage(title=title or "tlmicroscope report", intro=opening)
     rep = Report(
         page=page, rendered=[], missing={}, failed={}, seconds={}, capture_seconds=t_capture
     )
     for i, name in enumerate(names):
         yield i, len(names), name, rep
-        spec = _SECTIONS[name]
+        spec = SECTIONS[name]
         t0 = time.perf_counter()
         try:
             sec = spec.build(ctx)
@@ -351,6 +229,7 @@ def report(
     lens: Any = None,
     sections: Sequence[str] | None = None,
     title: str | None = None,
+    intro: str | None = None,
     **settings: Any,
 ) -> Report:
     """Build one offline HTML report of ``text`` on ``model``.
@@ -363,6 +242,7 @@ def report(
         sections: Section names to include (default: every default section), or one name; see
             ``available_sections()``.
         title: The page title.
+        intro: A sentence added to the page's opening line (which names the model and text).
         **settings: Passed to the sections through ``ctx.settings`` (e.g. ``top_k``); see
             ``available_settings()``. Any other name is an error listing the valid ones.
 
@@ -379,8 +259,8 @@ def report(
         ['trajectory']
     """
     rep = None
-    for _, _, _, rep in report_steps(
-        model, text, lens=lens, sections=sections, title=title, **settings
+    for _, _, _, rep in report_steps(  # noqa: B007 (the last report is the result)
+        model, text, lens=lens, sections=sections, title=title, intro=intro, **settings
     ):
         pass
     return rep

@@ -37,8 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from tlmicroscope.cli import log
-    from tlmicroscope.dashboard import _folders, host_warning, serve
+    from tlmicroscope.app.cli import log
+    from tlmicroscope.app.dashboard import _folders, host_warning, serve
 
     models = [m for m in args.models.split(",") if m] if args.models else None
     model_dirs, lens_dirs = _folders(args.model_dir, "model"), _folders(args.lens_dir, "lens")

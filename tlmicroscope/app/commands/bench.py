@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from tlmicroscope.cli import add_model_args, load_from_args, log
+from tlmicroscope.app.cli import add_model_args, load_from_args, log
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,7 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     f = sub.add_parser(
         "fit-jlens",
         help="fit a Jacobian lens (TransformerLens 4.x; resumable, over prompt slices)",
-        description="Fit a Jacobian lens with TransformerLens's JacobianLens estimator: one forward and "
+        description="Fit a Jacobian lens with TransformerLens's JacobianLens estimator: one "
+        "forward and "
         "d_model/dim-batch backward passes per prompt. Slices of prompts are saved as they finish "
         "and merged; run the command again to resume.",
     )
@@ -99,7 +100,8 @@ def _fit_jlens(args: argparse.Namespace) -> int:
     model = load_from_args(args)
     out = Path(args.out) if args.out else default_jlens_dir(args.model)
     log(
-        f"fitting a Jacobian lens on {args.prompts} prompts of {args.prompt_tokens} tokens into {out}"
+        f"fitting a Jacobian lens on {args.prompts} prompts of {args.prompt_tokens} tokens into "
+        f"{out}"
     )
     lens = fit_jacobian_lens(
         model,

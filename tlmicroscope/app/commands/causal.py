@@ -1,15 +1,22 @@
-"""Subcommands ``cbe`` (causal basis, fidelity, stimulus-response) and ``injection`` (detection AUROCs)."""
+"""Subcommands ``cbe`` (causal basis, fidelity, stimulus-response) and ``injection`` (AUROCs)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
-from tlmicroscope.cli import add_model_args, load_from_args, log
+from tlmicroscope.app.cli import add_model_args, load_from_args, log
+from tlmicroscope.app.prerequisites import load_lens_arg
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    _register_cbe(sub)
+    _register_injection(sub)
+
+
+def _register_cbe(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "cbe",
         help="causal basis extraction at a layer, its causal fidelity, and "
@@ -67,6 +74,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_args(p)
     p.set_defaults(func=_cbe)
 
+
+def _register_injection(sub: argparse._SubParsersAction) -> None:
     q = sub.add_parser(
         "injection", help="prompt-injection detection from lens trajectories: AUROCs as JSON + HTML"
     )
@@ -107,44 +116,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.set_defaults(func=_injection)
 
 
-def _lens(spec: str | None, model):
-    if spec in (None, "logit", "logit-paper"):
-        return spec or "logit"
-    from tlmicroscope.lenses import load_lens
-
-    return load_lens(spec, model)
-
-
 def _cbe(args: argparse.Namespace) -> int:
-    from tlmicroscope.causal import (
-        causal_fidelity,
-        extract_causal_basis,
-        stimulus_response_alignment,
-    )
+    from tlmicroscope.causal import extract_causal_basis
     from tlmicroscope.causal.basis import default_cbe_dir
-    from tlmicroscope.corpus import token_windows
+    from tlmicroscope.io import atomic_write_text
     from tlmicroscope.lenses import resolve_lens
     from tlmicroscope.viz import HtmlPage
-    from tlmicroscope.viz.causal import (
-        cbe_energy_figure,
-        fidelity_scatter,
-        stimulus_response_figure,
-    )
+    from tlmicroscope.viz.causal import cbe_energy_figure
 
     model = load_from_args(args)
-    lens = resolve_lens(_lens(args.lens, model))
+    lens = resolve_lens(load_lens_arg(args.lens or "logit", model))
     out = Path(args.out_dir) if args.out_dir else default_cbe_dir(model, lens)
     layer = model.cfg.n_layers // 2 if args.layer is None else args.layer
-    seq_len = min(args.seq_len, model.cfg.n_ctx)
-    n_extract = max(1, -(-args.n_tokens // seq_len))
-    windows = token_windows(
-        model,
-        args.corpus,
-        seq_len=seq_len,
-        n_windows=n_extract + args.fidelity_windows,
-        shuffle=True,
-        seed=args.seed,
-    )
+    windows, n_extract = _cbe_windows(model, args)
     basis = extract_causal_basis(
         model,
         lens=lens,
@@ -172,65 +156,98 @@ def _cbe(args: argparse.Namespace) -> int:
     page = HtmlPage(title=f"Causal basis extraction at layer {basis.layer}")
     page.add_section("CBE energies", cbe_energy_figure(basis), caption=basis.provenance.describe())
     if args.fidelity_windows > 0:
-        fid = causal_fidelity(
-            model, lens=lens, basis=basis, tokens=windows[n_extract:], seed=args.seed
-        )
-        log(f"causal fidelity at layer {layer}: {fid.describe()}")
-        results["fidelity"] = {
-            "spearman": fid.spearman,
-            "p_value": fid.p_value,
-            "n_tokens": fid.n_tokens,
-            "spearman_ci": list(fid.spearman_ci),
-            "ci_level": fid.ci_level,
-            "n_directions": fid.n_directions,
-            "lens_influence": fid.lens_influence.tolist(),
-            "model_influence": fid.model_influence.tolist(),
-        }
-        page.add_section(
-            "Causal fidelity", fidelity_scatter(fid), caption=fid.provenance.describe()
-        )
+        results["fidelity"] = _fidelity_section(page, model, lens, basis, windows[n_extract:], args)
     if args.stimulus_response > 0:
-        lenses = [lens] if lens.name == "logit" else [lens, "logit"]
-        sr_windows = (
-            windows[n_extract:]
-            if args.sr_windows is None
-            else token_windows(
-                model,
-                args.corpus,
-                seq_len=seq_len,
-                n_windows=n_extract + args.sr_windows,
-                shuffle=True,
-                seed=args.seed,
-            )[n_extract:]
-        )
-        sr = stimulus_response_alignment(
-            model,
-            lens=lenses,
-            tokens=sr_windows[:, :128],
-            n_samples=args.stimulus_response,
-            seed=args.seed,
-            donors=args.sr_donors,
-        )
-        results["stimulus_response"] = sr.to_dataframe().to_dict(orient="records")
-        if len(lenses) == 2:
-            cmp = sr.compare(0, 1)
-            results["stimulus_response_compare"] = cmp.to_dict(orient="records")
-            log(
-                f"stimulus-response: {sr.lens_names[0]} higher than {sr.lens_names[1]} at {int(cmp.higher.sum())}, "
-                f"lower at {int(cmp.lower.sum())} of {len(cmp)} layers (95% bootstrap intervals)"
-            )
-        page.add_section(
-            "Stimulus-response alignment",
-            stimulus_response_figure(sr),
-            caption=sr.provenance.describe(),
-        )
+        results.update(_stimulus_response_section(page, model, lens, windows[n_extract:], args))
     out.mkdir(parents=True, exist_ok=True)
-    from tlmicroscope.io import atomic_write_text
-
     atomic_write_text(out / "results.json", json.dumps(results, indent=2))
     html = page.save(out / "cbe.html")
     print(Path(html).resolve())
     return 0
+
+
+def _cbe_windows(model: Any, args: argparse.Namespace) -> tuple[Any, int]:
+    """Corpus windows: the first ``n_extract`` for the extraction, the rest held out."""
+    from tlmicroscope.corpus import token_windows
+
+    seq_len = min(args.seq_len, model.cfg.n_ctx)
+    n_extract = max(1, -(-args.n_tokens // seq_len))
+    windows = token_windows(
+        model,
+        args.corpus,
+        seq_len=seq_len,
+        n_windows=n_extract + args.fidelity_windows,
+        shuffle=True,
+        seed=args.seed,
+    )
+    return windows, n_extract
+
+
+def _fidelity_section(
+    page: Any, model: Any, lens: Any, basis: Any, held_out: Any, args: argparse.Namespace
+) -> dict[str, Any]:
+    """Causal fidelity of the basis on held-out windows: a figure and its numbers."""
+    from tlmicroscope.causal import causal_fidelity
+    from tlmicroscope.viz.causal import fidelity_scatter
+
+    fid = causal_fidelity(model, lens=lens, basis=basis, tokens=held_out, seed=args.seed)
+    log(f"causal fidelity at layer {basis.layer}: {fid.describe()}")
+    page.add_section("Causal fidelity", fidelity_scatter(fid), caption=fid.provenance.describe())
+    return {
+        "spearman": fid.spearman,
+        "p_value": fid.p_value,
+        "n_tokens": fid.n_tokens,
+        "spearman_ci": list(fid.spearman_ci),
+        "ci_level": fid.ci_level,
+        "n_directions": fid.n_directions,
+        "lens_influence": fid.lens_influence.tolist(),
+        "model_influence": fid.model_influence.tolist(),
+    }
+
+
+def _stimulus_response_section(
+    page: Any, model: Any, lens: Any, held_out: Any, args: argparse.Namespace
+) -> dict[str, Any]:
+    """Stimulus-response alignment of the lens (and of the logit lens beside a trained one)."""
+    from tlmicroscope.causal import stimulus_response_alignment
+    from tlmicroscope.corpus import token_windows
+    from tlmicroscope.viz.causal import stimulus_response_figure
+
+    lenses = [lens] if lens.name == "logit" else [lens, "logit"]
+    if args.sr_windows is not None:
+        seq_len = min(args.seq_len, model.cfg.n_ctx)
+        n_extract = max(1, -(-args.n_tokens // seq_len))
+        held_out = token_windows(
+            model,
+            args.corpus,
+            seq_len=seq_len,
+            n_windows=n_extract + args.sr_windows,
+            shuffle=True,
+            seed=args.seed,
+        )[n_extract:]
+    sr = stimulus_response_alignment(
+        model,
+        lens=lenses,
+        tokens=held_out[:, :128],
+        n_samples=args.stimulus_response,
+        seed=args.seed,
+        donors=args.sr_donors,
+    )
+    results: dict[str, Any] = {"stimulus_response": sr.to_dataframe().to_dict(orient="records")}
+    if len(lenses) == 2:
+        cmp = sr.compare(0, 1)
+        results["stimulus_response_compare"] = cmp.to_dict(orient="records")
+        log(
+            f"stimulus-response: {sr.lens_names[0]} higher than {sr.lens_names[1]} at "
+            f"{int(cmp.higher.sum())}, lower at {int(cmp.lower.sum())} of {len(cmp)} layers "
+            "(95% bootstrap intervals)"
+        )
+    page.add_section(
+        "Stimulus-response alignment",
+        stimulus_response_figure(sr),
+        caption=sr.provenance.describe(),
+    )
+    return results
 
 
 def _injection(args: argparse.Namespace) -> int:
@@ -241,7 +258,11 @@ def _injection(args: argparse.Namespace) -> int:
     from tlmicroscope.viz.causal import injection_auroc_figure
 
     model = load_from_args(args)
-    lenses = ["logit"] if args.lens in (None, "logit") else [_lens(args.lens, model), "logit"]
+    lenses = (
+        ["logit"]
+        if args.lens in (None, "logit")
+        else [load_lens_arg(args.lens or "logit", model), "logit"]
+    )
     if args.by_task:
         return _injection_by_task(args, model, lenses)
     items = read_mmlu(args.tasks) if args.tasks else load_tasks()
@@ -310,7 +331,8 @@ def _injection_by_task(args: argparse.Namespace, model, lenses) -> int:
     )
     for row in table.itertuples():
         log(
-            f"{row.task} ({row.task_type}, accuracy {row.accuracy_clean:.2f}): AUROC {row.features} "
+            f"{row.task} ({row.task_type}, accuracy {row.accuracy_clean:.2f}): AUROC "
+            f"{row.features} "
             f"{row.auroc_mean:.3f} (95% CI {row.ci_low:.2f}-{row.ci_high:.2f}); paper "
             f"{row.paper_low:.2f}-{row.paper_high:.2f}"
         )

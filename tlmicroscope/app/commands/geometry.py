@@ -1,11 +1,11 @@
-"""Subcommands: ``geometry`` (token geometry of one text) and ``geometry-sweep`` (a corpus sweep)."""
+"""Subcommands ``geometry`` (token geometry of one text) and ``geometry-sweep`` (of a corpus)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from tlmicroscope.cli import add_model_args, load_from_args, log, read_text_arg
+from tlmicroscope.app.cli import add_model_args, load_from_args, log, read_text_arg
 
 
 def _ints(text: str | None):
@@ -97,7 +97,8 @@ def _geometry(args: argparse.Namespace) -> int:
         )
     out = page.save(args.out)
     log(
-        f"{geo.n_tokens} tokens; ID (GRIDE n2=2) peaks at layer {geo.peak_layer()}; loss {geo.loss:.3f} nats"
+        f"{geo.n_tokens} tokens; ID (GRIDE n2=2) peaks at layer {geo.peak_layer()}; loss "
+        f"{geo.loss:.3f} nats"
     )
     print(Path(out).resolve())
     return 0

@@ -5,34 +5,35 @@
   attribution, in one offline HTML file;
 * ``microscope-fit``: fit and save the non-linearity reference maps of a model;
 * ``microscope-train-probe``: train (checkpointed, resumable) and save a contextualization probe;
-* ``microscope-classes``: C and non-linearity per token class and their correlation over corpus texts;
+* ``microscope-classes``: C and non-linearity per token class and their correlation over corpus
+  texts;
 * ``microscope-removal``: the filler-token removal experiment;
 * ``microscope-linearity``: linearity scores (and anisotropy/ID profiles) of a model over a corpus.
 
-The reference and the probe default to a per-model folder under the tlmicroscope cache, so
-``microscope`` finds what ``microscope-fit`` and ``microscope-train-probe`` saved.
+The reference and the probe default to the artifact store (``tlmicroscope.artifacts``), so
+``microscope`` finds what ``microscope-fit`` and ``microscope-train-probe`` saved. The
+``microscope`` page is the ``microscope`` preset of the report (``tlmicroscope.app.sections``):
+the same sections ``tlmicroscope report`` draws, built once in ``tlmicroscope.app.panels``.
 """
 
 from __future__ import annotations
 
 import argparse
-import re
 import time
 from pathlib import Path
 from typing import Any
 
-from tlmicroscope.cli import DEFAULT_TEXT, add_model_args, load_from_args, log, read_text_arg
+from tlmicroscope.app.cli import (
+    DEFAULT_TEXT,
+    add_model_args,
+    load_from_args,
+    log,
+    read_text_arg,
+    render_preset,
+)
+from tlmicroscope.app.prerequisites import fitted_path, load_fitted
 
-
-def default_artifact_path(model: Any, what: str) -> Path:
-    """``<cache>/microscope/<model>-<hash>/<what>``: where fitted microscope objects live by default."""
-    from tlmicroscope.io import model_fingerprint
-    from tlmicroscope.models.embedded import cache_dir
-
-    fp = model_fingerprint(model)
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", fp["name"]).strip("-")[:60] or "model"
-    tag = "processed" if fp["weights_processed"] else "raw"
-    return cache_dir() / "microscope" / f"{slug}-{tag}-{fp['unembed_sha256'][:12]}" / what
+REFERENCE, PROBE = "nonlinearity-reference", "contextualization-probe"
 
 
 def _corpus_arg(p: argparse.ArgumentParser) -> None:
@@ -42,6 +43,15 @@ def _corpus_arg(p: argparse.ArgumentParser) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    _register_page(sub)
+    _register_fit(sub)
+    _register_train(sub)
+    _register_classes(sub)
+    _register_removal(sub)
+    _register_linearity(sub)
+
+
+def _register_page(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "microscope", help="the five LLM-Microscope panels of a text in one HTML file"
     )
@@ -51,7 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--reference",
         default=None,
-        help="saved non-linearity reference (default: the model's cached one)",
+        help="saved non-linearity reference folder (default: the artifact store's)",
     )
     p.add_argument(
         "--no-fit",
@@ -67,7 +77,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--probe",
         default=None,
-        help="saved contextualization probe (default: the model's cached one)",
+        help="saved contextualization probe folder (default: the artifact store's)",
     )
     p.add_argument(
         "--lens",
@@ -83,7 +93,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--paper-nonlinearity",
         action="store_true",
-        help="fit the maps on the prompt itself (the paper's reading; noise when the prompt is short)",
+        help="fit the maps on the prompt itself (the paper's reading; noise when the prompt is "
+        "short)",
     )
     p.add_argument(
         "--truncate", action="store_true", help="keep the first n_ctx tokens of a long text"
@@ -91,13 +102,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_args(p)
     p.set_defaults(func=_microscope)
 
+
+def _register_fit(sub: argparse._SubParsersAction) -> None:
     f = sub.add_parser(
         "microscope-fit", help="fit and save the non-linearity reference maps of a model"
     )
     _corpus_arg(f)
-    f.add_argument(
-        "--out", default=None, help="folder to write (default: the model's cache folder)"
-    )
+    f.add_argument("--out", default=None, help="folder to write (default: the artifact store)")
     f.add_argument(
         "--n-tokens", type=int, default=None, help="corpus tokens (default max(8192, 32·d_model))"
     )
@@ -111,13 +122,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_args(f)
     f.set_defaults(func=_fit)
 
+
+def _register_train(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser(
         "microscope-train-probe", help="train a contextualization probe (checkpointed, resumable)"
     )
     _corpus_arg(t)
-    t.add_argument(
-        "--out", default=None, help="folder to write (default: the model's cache folder)"
-    )
+    t.add_argument("--out", default=None, help="folder to write (default: the artifact store)")
     t.add_argument(
         "--checkpoint-dir", default=None, help="checkpoints (default: OUT.ckpt); rerun to resume"
     )
@@ -130,6 +141,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_args(t)
     t.set_defaults(func=_train)
 
+
+def _register_classes(sub: argparse._SubParsersAction) -> None:
     c = sub.add_parser(
         "microscope-classes", help="C and non-linearity per token class, and their correlation"
     )
@@ -143,6 +156,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_args(c)
     c.set_defaults(func=_classes)
 
+
+def _register_removal(sub: argparse._SubParsersAction) -> None:
     r = sub.add_parser(
         "microscope-removal", help="filler-token removal: accuracy and LM-loss deltas"
     )
@@ -168,6 +183,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_args(r)
     r.set_defaults(func=_removal)
 
+
+def _register_linearity(sub: argparse._SubParsersAction) -> None:
     lin = sub.add_parser(
         "microscope-linearity",
         help="layer linearity scores (and anisotropy/ID profiles) over a corpus",
@@ -191,17 +208,15 @@ def _corpus(value: str) -> Any:
 
 
 def _reference(model: Any, path: str | None, *, fit: bool, n_tokens: int | None):
+    """The saved reference (``path`` or the store's); fitted and saved now if missing (``fit``)."""
     from tlmicroscope.microscope.nonlinearity import NonlinearityReference
 
-    target = Path(path) if path else default_artifact_path(model, "nonlinearity")
-    if (target / "config.json").is_file():
-        return NonlinearityReference.load(target, model), target
-    if path:
-        raise FileNotFoundError(f"No non-linearity reference at {target}.")
-    if not fit:
-        return None, target
+    ref, target = load_fitted(REFERENCE, model, path)
+    if ref is not None or not fit:
+        return ref, target
     log(
-        f"no non-linearity reference for this model yet: fitting one on the embedded corpus (saved to {target})"
+        "no non-linearity reference for this model yet: fitting one on the embedded corpus "
+        f"(saved to {target})"
     )
     t0 = time.perf_counter()
     ref = NonlinearityReference(n_tokens=n_tokens).fit(model)
@@ -210,116 +225,42 @@ def _reference(model: Any, path: str | None, *, fit: bool, n_tokens: int | None)
     return ref, target
 
 
-def _probe(model: Any, path: str | None):
-    from tlmicroscope.microscope.contextualization import ContextualizationProbe
-
-    target = Path(path) if path else default_artifact_path(model, "context-probe")
-    if (target / "config.json").is_file():
-        return ContextualizationProbe.load(target, model), target
-    if path:
-        raise FileNotFoundError(f"No contextualization probe at {target}.")
-    return None, target
-
-
 def _microscope(args: argparse.Namespace) -> int:
-    from tlmicroscope.lenses import prediction_trajectory
-    from tlmicroscope.lenses._cli import _load_lens
-    from tlmicroscope.microscope import (
-        component_attribution,
-        contextualization,
-        layer_contributions,
-        token_nonlinearity,
-    )
-    from tlmicroscope.viz import HtmlPage, logit_lens_table
-    from tlmicroscope.viz import microscope as mv
+    from tlmicroscope.app.prerequisites import load_lens_arg
 
     text = read_text_arg(args.text if args.text is not None else DEFAULT_TEXT, args.text_file)
     model = load_from_args(args)
-    lens = _load_lens(args.lens, model)
-    page = HtmlPage(
-        title="LLM-Microscope",
-        intro=f"Model {model.cfg.model_name}; text of "
-        f"{len(text)} characters. Panels follow Razzhigaev et al., arXiv 2502.15007.",
-    )
-    ref, ref_path = (
-        (None, None)
-        if args.paper_nonlinearity
-        else _reference(model, args.reference, fit=not args.no_fit, n_tokens=args.fit_tokens)
-    )
-    fit_cmd = f"tlmicroscope microscope-fit --model {args.model}"
+    lens = load_lens_arg(args.lens, model)
+    settings: dict[str, Any] = {
+        "microscope_normalization": args.normalization,
+        "truncate": args.truncate,
+    }
     if args.paper_nonlinearity:
-        tn = token_nonlinearity(model, text, mode="paper", truncate=args.truncate)
-    elif ref is not None:
-        tn = token_nonlinearity(model, text, reference=ref, truncate=args.truncate)
+        settings["microscope_nonlinearity_mode"] = "paper"
     else:
-        tn = None
-    if tn is not None:
-        page.add_section(
-            "1. Token-wise non-linearity",
-            mv.nonlinearity_heatmap(tn, normalization=args.normalization),
-            caption=f"E = ‖A*_l z^l − z^l+1‖ per token and layer pair; {tn.provenance.describe()}",
+        _, ref_path = _reference(
+            model, args.reference, fit=not args.no_fit, n_tokens=args.fit_tokens
         )
-    else:
-        page.add_notice(
-            "1. Token-wise non-linearity", "No non-linearity reference for this model.", fit_cmd
-        )
-    if ref is not None:
-        page.add_section(
-            "2. Average linearity per layer",
-            mv.linearity_plot(ref.linearity_, prompt=tn),
-            caption=f"Corpus scores from the reference at {ref_path}; red: this prompt's mean E.",
-        )
-    else:
-        page.add_notice(
-            "2. Average linearity per layer",
-            "Needs the non-linearity reference (corpus scores).",
-            fit_cmd,
-        )
-    lc = layer_contributions(model, text, lens=lens, truncate=args.truncate)
-    page.add_section(
-        "3. Layer contributions",
-        mv.layer_contributions_heatmap(lc),
-        mv.layer_contributions_heatmap(lc, delta=True),
-        caption=lc.provenance.describe(),
+        settings["microscope_reference"] = str(ref_path) if args.reference else None
+    _, probe_path = load_fitted(PROBE, model, args.probe)
+    settings["microscope_probe"] = str(probe_path) if args.probe else None
+    intro = "Panels follow Razzhigaev et al., arXiv 2502.15007."
+    return render_preset(
+        "microscope",
+        model,
+        text,
+        out=args.out,
+        lens=lens if lens not in ("logit", "logit-paper") else None,
+        intro=intro,
+        **{k: v for k, v in settings.items() if v is not None},
     )
-    attr = component_attribution(model, text, truncate=args.truncate)
-    page.add_section(
-        "3b. Component attribution",
-        mv.component_attribution_heatmap(attr),
-        caption="Direct logit attribution of each block's attention and MLP output to the model's "
-        f"top-1 prediction; pieces sum to the logit within {attr.max_identity_error:.1e}.",
-    )
-    probe, probe_path = _probe(model, args.probe)
-    if probe is not None:
-        ctx = contextualization(model, text, probe=probe, truncate=args.truncate)
-        page.add_section(
-            "4. Contextualization",
-            mv.contextualization_heatmap(ctx),
-            mv.contextualization_tokens(ctx),
-            caption=f"Probe {probe_path}: {probe!r}. C is NaN at position 0 (no prefix).",
-        )
-    else:
-        page.add_notice(
-            "4. Contextualization",
-            "No contextualization probe for this model (training takes minutes).",
-            f"tlmicroscope microscope-train-probe --model {args.model}",
-        )
-    traj = (
-        lc.trajectory
-        if args.lens == "logit"
-        else prediction_trajectory(model, text, truncate=args.truncate)
-    )
-    page.add_section("5. Logit lens", logit_lens_table(traj), caption=traj.provenance.describe())
-    out = page.save(args.out)
-    print(Path(out).resolve())
-    return 0
 
 
 def _fit(args: argparse.Namespace) -> int:
     from tlmicroscope.microscope.nonlinearity import NonlinearityReference
 
     model = load_from_args(args)
-    out = Path(args.out) if args.out else default_artifact_path(model, "nonlinearity")
+    out = fitted_path(REFERENCE, model, args.out)
     t0 = time.perf_counter()
     ref = NonlinearityReference(
         n_tokens=args.n_tokens,
@@ -338,7 +279,7 @@ def _train(args: argparse.Namespace) -> int:
     from tlmicroscope.microscope.contextualization import ContextualizationProbe
 
     model = load_from_args(args)
-    out = Path(args.out) if args.out else default_artifact_path(model, "context-probe")
+    out = fitted_path(PROBE, model, args.out)
     ckpt = Path(args.checkpoint_dir) if args.checkpoint_dir else out.with_name(out.name + ".ckpt")
     overrides = {
         k: v
@@ -359,7 +300,8 @@ def _train(args: argparse.Namespace) -> int:
     h = probe.history_
     k = max(1, len(h) // 10)
     log(
-        f"trained in {time.perf_counter() - t0:.0f} s this run ({probe.train_seconds_:.0f} s in all); "
+        f"trained in {time.perf_counter() - t0:.0f} s this run ({probe.train_seconds_:.0f} s in "
+        "all); "
         f"loss {sum(h[:k]) / k:.3f} (first {k} steps) -> {sum(h[-k:]) / k:.3f} (last {k})"
     )
     print(out.resolve())
@@ -379,7 +321,7 @@ def _classes(args: argparse.Namespace) -> int:
 
     model = load_from_args(args)
     ref, _ = _reference(model, args.reference, fit=True, n_tokens=None)
-    probe, probe_path = _probe(model, args.probe)
+    probe, probe_path = load_fitted(PROBE, model, args.probe)
     if probe is None:
         raise ValueError(
             f"No contextualization probe at {probe_path}; train one with "
@@ -404,7 +346,8 @@ def _classes(args: argparse.Namespace) -> int:
     print(summary.to_dataframe().to_string(index=False))
     print(f"lowest C: {summary.lowest_C()}")
     print(
-        f"Pearson r(C, non-linearity) = {corr.pearson_r:.4f} (p = {corr.p_value:.3g}, n = {corr.n}); "
+        f"Pearson r(C, non-linearity) = {corr.pearson_r:.4f} (p = {corr.p_value:.3g}, n = "
+        f"{corr.n}); "
         f"Spearman {corr.spearman_r:.4f}"
     )
     page = HtmlPage(title="LLM-Microscope: token classes")

@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from tlmicroscope.cli import add_model_args, load_from_args, log
+from tlmicroscope.app.cli import add_model_args, load_from_args, log
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -131,7 +131,8 @@ def _train(args: argparse.Namespace) -> int:
         return 0
     steps_done = int(res.kl.shape[0])
     log(
-        f"{steps_done} steps, {res.tokens_per_second:.0f} tokens/s (all {res.lens.n_layers} layers), "
+        f"{steps_done} steps, {res.tokens_per_second:.0f} tokens/s (all {res.lens.n_layers} "
+        "layers), "
         f"least-squares init {res.init_seconds:.0f} s"
     )
     if steps_done:

@@ -17,7 +17,7 @@ is shown as missing with the command that extracts the right one.
 
 Examples:
     >>> from tlmicroscope.models import tiny_model
-    >>> from tlmicroscope.report import report
+    >>> from tlmicroscope.app import report
     >>> rep = report(tiny_model(n_layers=2), "hello there", sections=["causal_basis"])
     >>> rep.missing["causal_basis"][:44]
     'The causal basis energies are shown for the '
@@ -31,8 +31,9 @@ from typing import Any
 
 import torch
 
+from tlmicroscope.app.prerequisites import model_cli_args
+from tlmicroscope.app.sections import MissingPrerequisite, ReportContext, Section, register_section
 from tlmicroscope.causal.basis import CausalBasis, default_cbe_dir, lens_digest
-from tlmicroscope.report import MissingPrerequisite, ReportContext, Section, register_section
 
 __all__ = ["default_basis_path", "text_lens_influence"]
 
@@ -42,47 +43,15 @@ def default_basis_path(model: Any, lens: Any, root: str | Path = "out") -> Path:
     return default_cbe_dir(model, lens, root=root) / "basis"
 
 
-def _model_arg(model: Any) -> str:
-    """The ``--model`` value that loads this model again (the embedded and the default tiny models
-    by their short names, others by their label)."""
-    from tlmicroscope.models import access
-    from tlmicroscope.models.embedded import EMBEDDED_HF_NAME, EMBEDDED_NAMES
-    from tlmicroscope.models.gemma import GEMMA_HF_NAME, GEMMA_NAMES
-    from tlmicroscope.models.loading import TINY_NAMES
-
-    label = access.model_label(model)
-    if label == EMBEDDED_HF_NAME or label.lower() in EMBEDDED_NAMES:
-        return EMBEDDED_NAMES[0]
-    if label == GEMMA_HF_NAME or label.lower() in GEMMA_NAMES:
-        return GEMMA_NAMES[0]  # the hub name would try to download; the embedded copy is offline
-    for name in TINY_NAMES:
-        if label == f"{name}-L3-d32-s0":  # what load_model(name) builds
-            return name
-    return label
-
-
 def _extract_command(model: Any, lens_name: str, out_dir: Path) -> str:
     """The ``tlmicroscope cbe`` command that writes the basis this section looks for (a trained
     lens is assumed to be in the default ``train-lens`` folder)."""
     from tlmicroscope.lenses.train import default_lens_dir
-    from tlmicroscope.models import access
 
     lens_arg = lens_name if lens_name in ("logit", "logit-paper") else str(default_lens_dir(model))
-    parts = [
-        "tlmicroscope",
-        "cbe",
-        "--model",
-        _model_arg(model),
-        "--lens",
-        lens_arg,
-        "--k",
-        "10",
-        "--out-dir",
-        str(out_dir),
-    ]
-    if access.weights_processed(model):
-        parts.append("--process-weights")
-    parts += access.cli_kind_args(model)
+    model_args = model_cli_args(model)
+    parts = ["tlmicroscope", "cbe", *model_args[:2], "--lens", lens_arg, "--k", "10"]
+    parts += ["--out-dir", str(out_dir), *model_args[2:]]
     return " ".join(shlex.quote(p) for p in parts)
 
 
@@ -107,7 +76,8 @@ def _load_basis(ctx: ReportContext, lens: Any) -> tuple[CausalBasis, Path]:
         ) from None
     if basis.lens != lens.name:
         raise MissingPrerequisite(
-            f"The causal basis at {path} was extracted through the {basis.lens} lens, but this report's "
+            f"The causal basis at {path} was extracted through the {basis.lens} lens, but this "
+            "report's "
             f"lens is {lens.name}.",
             fix=fix,
         )
@@ -115,7 +85,8 @@ def _load_basis(ctx: ReportContext, lens: Any) -> tuple[CausalBasis, Path]:
     if saved_digest is not None and saved_digest != lens_digest(lens):
         raise MissingPrerequisite(
             f"The causal basis at {path} was extracted through another {lens.name} lens (its "
-            f"fingerprint {saved_digest} differs from this lens's {lens_digest(lens)}); re-extract it.",
+            f"fingerprint {saved_digest} differs from this lens's {lens_digest(lens)}); "
+            "re-extract it.",
             fix=fix,
         )
     return basis, path
@@ -163,7 +134,7 @@ def _causal_basis(ctx: ReportContext) -> Section:
             "The causal basis energies are shown for the report's lens, and this report has none. "
             "Train a tuned lens, extract its causal basis, and pass the lens to the report.",
             fix=(
-                f"tlmicroscope train-lens --model {shlex.quote(_model_arg(ctx.model))} && "
+                f"tlmicroscope train-lens --model {shlex.quote(model_cli_args(ctx.model)[1])} && "
                 f"{_extract_command(ctx.model, 'tuned', default_cbe_dir(ctx.model, 'tuned'))} && "
                 f"tlmicroscope report --lens {shlex.quote(str(lens_dir))} --text-file TEXT.txt"
             ),
@@ -176,7 +147,8 @@ def _causal_basis(ctx: ReportContext) -> Section:
     caption = (
         (basis.provenance.describe() if basis.provenance else f"lens {basis.lens}")
         + f" | Loaded from {path}: {basis.k} directions at blocks.{basis.layer}.hook_resid_pre, "
-        f"{basis.mode} ablation, extracted on {basis.n_tokens} tokens; {n_conv}/{basis.k} converged "
+        f"{basis.mode} ablation, extracted on {basis.n_tokens} tokens; {n_conv}/{basis.k} "
+        "converged "
         "(orange bars did not, their energies are lower bounds)."
     )
     hook = basis.hook_name

@@ -1,9 +1,10 @@
-"""Report sections for latent-space geometry: projections of the sub-block outputs, and the norm profile.
+"""The latent-geometry panel: projections of the sub-block outputs, and the norm profile.
 
 Both read the report's shared capture (``needs=("attn_out", "mlp_out", "resid")``) and cost no
 forward pass of their own: ``capture_components`` and ``norm_profile`` take ``ctx.cache``. The
 residual stream h^0..h^L comes from the same ``"resid"`` capture the trajectory and token-geometry
-sections use (``blocks.{l}.hook_resid_post`` is read as the identical ``blocks.{l+1}.hook_resid_pre``).
+sections use (``blocks.{l}.hook_resid_post`` is read as the identical
+``blocks.{l+1}.hook_resid_pre``).
 
 * ``latent_projections``: PCA of the attention and MLP outputs of the intermediate blocks (raw
   vectors, position 0 dropped, fitted centred and applied uncentred as the reference does), PCA of
@@ -26,7 +27,8 @@ Examples:
     >>> from tlmicroscope.models import tiny_model
     >>> from tlmicroscope.app import report
     >>> model = tiny_model(n_layers=2)
-    >>> report(model, "The cat sat on the mat.", sections=["latent_projections", "norm_profile"]).rendered
+    >>> text = "The cat sat on the mat."
+    >>> report(model, text, sections=["latent_projections", "norm_profile"]).rendered
     ['latent_projections', 'norm_profile']
     >>> report(model, "a", sections=["norm_profile"]).missing["norm_profile"][:38]
     'The text has 1 token; the norm profile'
@@ -106,7 +108,7 @@ def _position0(ctx: ReportContext) -> str:
 
 
 def report_component_states(ctx: ReportContext) -> ComponentStates:
-    """Every block's attention and MLP outputs of the report's text (all positions), computed once."""
+    """Every block's attention and MLP outputs of the text (all positions), computed once."""
     return ctx.memo(
         "latent:attn_mlp",
         lambda: capture_components(
@@ -119,7 +121,7 @@ def report_component_states(ctx: ReportContext) -> ComponentStates:
 
 
 def report_residual_states(ctx: ReportContext) -> ComponentStates:
-    """The residual stream h^0..h^L of the report's text as ``ComponentStates`` (embed + resid_post)."""
+    """The residual stream h^0..h^L of the text as ``ComponentStates`` (embed + resid_post)."""
     return ctx.memo(
         "latent:resid",
         lambda: capture_components(
@@ -319,7 +321,8 @@ def _spike_table(prof: NormProfile) -> str:
         f"<p>First-token spike: position 0's norm is <b>{_fmt(float(ratio[peak]), 1)}×</b> the "
         f"median of the other positions at layer {escape(labels[peak])} (the largest ratio); "
         f"{_fmt(float(ratio[-1]), 1)}× at the last layer. Mean norm without position 0 grows from "
-        f"{_fmt(float(df['mean_norm'].iloc[0]), 2)} (h^0) to {_fmt(float(df['mean_norm'].iloc[-1]), 2)}"
+        f"{_fmt(float(df['mean_norm'].iloc[0]), 2)} (h^0) to "
+        f"{_fmt(float(df['mean_norm'].iloc[-1]), 2)}"
         " (h^L).</p>"
     )
     rows = "".join(

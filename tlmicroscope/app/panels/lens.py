@@ -1,11 +1,16 @@
-"""Report sections for lenses: prediction trajectories and the LLM-Microscope logit-lens table."""
+"""The lens panel: prediction trajectories and the LLM-Microscope logit-lens table.
+
+Its two sections are the ``lens`` preset (``tlmicroscope lens TEXT``) and the first two of the
+report. ``trajectory`` shows the logit lens and, beside it, the report's own lens (a trained
+lens, or ``"logit-paper"``); ``logit_lens_table`` reads out only the positions it shows.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+from tlmicroscope.app.sections import ReportContext, Section, register_section
 from tlmicroscope.lenses.trajectory import prediction_trajectory
-from tlmicroscope.report import ReportContext, Section, register_section
 from tlmicroscope.viz.lens import logit_lens_table, trajectory_heatmap, trajectory_tokens
 
 
@@ -26,11 +31,13 @@ def logit_trajectory(ctx: ReportContext) -> Any:
 
 
 def lens_trajectory(ctx: ReportContext) -> Any:
-    """The trajectory through the report's trained lens (``None`` when there is none)."""
-    if ctx.lens is None:
+    """The trajectory through the report's own lens (``None`` for none or the plain logit lens).
+
+    The lens is a trained lens or the name ``"logit-paper"`` (the LLM-Microscope variant)."""
+    if ctx.lens is None or ctx.lens == "logit":
         return None
     return ctx.memo(
-        f"trajectory:{ctx.lens.name}",
+        f"trajectory:{getattr(ctx.lens, 'name', ctx.lens)}",
         lambda: _trajectory_of(ctx, ctx.lens, int(ctx.settings.get("top_k", 10))),
     )
 

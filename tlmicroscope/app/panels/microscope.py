@@ -28,11 +28,16 @@ h^0..h^L and the logits), so none makes a forward pass of the examined model of 
 Settings (``tlmicroscope.report(model, text, **settings)``): ``microscope_reference``,
 ``microscope_probe`` (folders), ``microscope_normalization`` (``"global"``, ``"layer"``,
 ``"token"``, ``"none"``: the heatmap's min-max scaling, as in the paper's demo),
-``microscope_context_positions`` (an int or ``"all"``).
+``microscope_context_positions`` (an int or ``"all"``), ``microscope_nonlinearity_mode``
+(``"reference"``, the default, or ``"paper"``: maps fitted on the text with the paper's
+pseudo-inverse, whatever its length).
+
+A sixth section, ``microscope_attribution`` (not a default one), is the direct logit attribution
+of each block's attention and MLP output; the ``tlmicroscope microscope`` command shows it.
 
 Examples:
     >>> from tlmicroscope.models import tiny_model
-    >>> from tlmicroscope.report import report
+    >>> from tlmicroscope.app import report
     >>> rep = report(tiny_model(n_layers=2), "The cat sat on the mat. " * 5,
     ...              sections=["microscope_nonlinearity", "microscope_context"])
     >>> rep.rendered, sorted(rep.missing)
@@ -49,16 +54,23 @@ from typing import Any
 import numpy as np
 import torch
 
+from tlmicroscope.app.panels.lens import lens_trajectory, logit_trajectory
+from tlmicroscope.app.prerequisites import fit_command, fitted_path, quick_note
+from tlmicroscope.app.sections import (
+    MissingPrerequisite,
+    ReportContext,
+    Section,
+    register_section,
+    require_tokens,
+)
 from tlmicroscope.capture import residual_stream_names
 from tlmicroscope.io import FittedFileError, ModelMismatchError
-from tlmicroscope.lenses._report import lens_trajectory, logit_trajectory
-from tlmicroscope.microscope._cli import default_artifact_path
 from tlmicroscope.microscope.contextualization import (
     Contextualization,
     ContextualizationProbe,
     contextualization,
 )
-from tlmicroscope.microscope.contributions import LayerContributions
+from tlmicroscope.microscope.contributions import LayerContributions, component_attribution
 from tlmicroscope.microscope.linearity import LinearityResult
 from tlmicroscope.microscope.nonlinearity import (
     NonlinearityReference,
@@ -67,14 +79,6 @@ from tlmicroscope.microscope.nonlinearity import (
 )
 from tlmicroscope.microscope.token_classes import token_class_summary
 from tlmicroscope.models import access
-from tlmicroscope.models.embedded import EMBEDDED_HF_NAME
-from tlmicroscope.report import (
-    MissingPrerequisite,
-    ReportContext,
-    Section,
-    register_section,
-    require_tokens,
-)
 from tlmicroscope.viz import microscope as mv
 
 __all__ = [
@@ -86,43 +90,33 @@ __all__ = [
     "report_nonlinearity",
 ]
 
-#: A per-prompt fit is shown only with at least ``PER_PROMPT_FACTOR·d_model + 1`` tokens (chance floor ≤ 1/3).
+#: A per-prompt fit is shown only with at least ``PER_PROMPT_FACTOR·d_model + 1`` tokens
+#: (chance floor ≤ 1/3).
 PER_PROMPT_FACTOR = 3
+REFERENCE, PROBE = "nonlinearity-reference", "contextualization-probe"
 #: Positions whose context is decoded by default (the last ones of the text).
 CONTEXT_POSITIONS = 64
 
 
 # -- prerequisites -------------------------------------------------------------------------------
-def _model_flags(model: Any) -> str:
-    """The ``--model``/``--process-weights`` options that load this model from the command line."""
-    label = access.model_label(model)
-    flags = "" if label == EMBEDDED_HF_NAME else f" --model {label}"
-    flags += "".join(f" {a}" for a in access.cli_kind_args(model))
-    return flags + (" --process-weights" if access.weights_processed(model) else "")
-
-
 def _fit_command(ctx: ReportContext) -> str:
-    out = ctx.settings.get("microscope_reference")
-    return f"tlmicroscope microscope-fit{_model_flags(ctx.model)}" + (
-        f" --out {out}" if out else ""
+    return fit_command(
+        "nonlinearity-reference", ctx.model, ctx.settings.get("microscope_reference")
     )
 
 
 def _train_command(ctx: ReportContext) -> str:
-    out = ctx.settings.get("microscope_probe")
-    return f"tlmicroscope microscope-train-probe{_model_flags(ctx.model)}" + (
-        f" --out {out}" if out else ""
-    )
+    return fit_command("contextualization-probe", ctx.model, ctx.settings.get("microscope_probe"))
 
 
-def _load(
-    ctx: ReportContext, key: str, what: str, folder: str, cls: Any, fix: str
-) -> tuple[Any, Path]:
-    """A saved fitted object from ``ctx.settings[key]`` or the model's default folder (once per report)."""
+def _load(ctx: ReportContext, key: str, kind: str, cls: Any, fix: str) -> tuple[Any, Path]:
+    """A saved fitted object from ``ctx.settings[key]`` or the artifact store (once per report)."""
+
+    what = {REFERENCE: "non-linearity reference", PROBE: "contextualization probe"}[kind]
 
     def load() -> tuple[Any, Path]:
         given = ctx.settings.get(key)
-        target = Path(given) if given else default_artifact_path(ctx.model, folder)
+        target = fitted_path(kind, ctx.model, given)
         if not (target / "config.json").is_file():
             if given:
                 raise MissingPrerequisite(f"No saved {what} at {target}.", fix=fix)
@@ -134,15 +128,14 @@ def _load(
                 f"The {what} at {target} cannot be used: {exc}", fix=fix
             ) from exc
 
-    return ctx.memo(f"microscope:saved:{folder}", load)
+    return ctx.memo(f"microscope:saved:{kind}", load)
 
 
 def _reference(ctx: ReportContext) -> tuple[NonlinearityReference | None, Path]:
     return _load(
         ctx,
         "microscope_reference",
-        "non-linearity reference",
-        "nonlinearity",
+        "nonlinearity-reference",
         NonlinearityReference,
         _fit_command(ctx),
     )
@@ -152,15 +145,14 @@ def _probe(ctx: ReportContext) -> tuple[ContextualizationProbe | None, Path]:
     return _load(
         ctx,
         "microscope_probe",
-        "contextualization probe",
-        "context-probe",
+        "contextualization-probe",
         ContextualizationProbe,
         _train_command(ctx),
     )
 
 
 def _source(ctx: ReportContext) -> Any:
-    """The shared capture when it holds the residual stream, else the model (one pass of its own)."""
+    """The shared capture when it holds the residual stream, else the model (a pass of its own)."""
     has_resid = ctx.cache is not None and "blocks.0.hook_resid_pre" in ctx.cache
     return ctx.cache if has_resid else ctx.model
 
@@ -171,9 +163,12 @@ def _per_prompt_or_missing(ctx: ReportContext, ref_path: Path, panel: str) -> No
     need = PER_PROMPT_FACTOR * d + 1
     if n < need:
         raise MissingPrerequisite(
-            f"No non-linearity reference for this model (looked in {ref_path}), and the text has {n} tokens: a "
-            f"per-prompt affine fit of d_model={d} states needs at least {need} for the {panel} to mean anything "
-            f"(with N ≤ d tokens the fit is exact and E is rounding noise; unrelated data scores d/(N−1)). Fit "
+            f"No non-linearity reference for this model (looked in {ref_path}), and the text has "
+            f"{n} tokens: a "
+            f"per-prompt affine fit of d_model={d} states needs at least {need} for the {panel} "
+            "to mean anything "
+            "(with N ≤ d tokens the fit is exact and E is rounding noise; unrelated data scores "
+            "d/(N−1)). Fit "
             "the reference once on a corpus (about a minute for a 135M model on a CPU):",
             fix=_fit_command(ctx),
         )
@@ -181,7 +176,7 @@ def _per_prompt_or_missing(ctx: ReportContext, ref_path: Path, panel: str) -> No
 
 # -- shared results ------------------------------------------------------------------------------
 def _prompt_reference(ctx: ReportContext, ref_path: Path, panel: str) -> NonlinearityReference:
-    """Maps fitted on the text's own residual states (the paper's per-prompt reading), once per report.
+    """Maps fitted on the text's own residual states (the paper's per-prompt reading), once.
 
     The fit is the float64, rank-truncated least squares of ``NonlinearityReference``, not the
     paper's unguarded float32 pseudo-inverse: the embedding layer of a text has the rank of its
@@ -205,13 +200,15 @@ def _prompt_reference(ctx: ReportContext, ref_path: Path, panel: str) -> Nonline
 
 
 def report_nonlinearity(ctx: ReportContext) -> TokenNonlinearity:
-    """The text's ``TokenNonlinearity`` (saved reference maps, else maps fitted on the text), once per report.
+    """The text's ``TokenNonlinearity`` (saved reference maps, else maps fitted on the text), once.
 
     Raises:
         MissingPrerequisite: no reference and a text shorter than ``3·d_model + 1`` tokens.
     """
 
     def compute() -> TokenNonlinearity:
+        if ctx.settings.get("microscope_nonlinearity_mode", "reference") == "paper":
+            return token_nonlinearity(_source(ctx), ctx.tokens, mode="paper")
         ref, path = _reference(ctx)
         if ref is None:
             ref = _prompt_reference(ctx, path, "token-wise non-linearity")
@@ -237,7 +234,7 @@ def report_linearity(ctx: ReportContext) -> LinearityResult:
 
 def report_contributions(ctx: ReportContext) -> LayerContributions:
     """Layer contributions through the report's lens, read off the shared trajectory."""
-    traj = lens_trajectory(ctx) if ctx.lens is not None else logit_trajectory(ctx)
+    traj = lens_trajectory(ctx) or logit_trajectory(ctx)
     return LayerContributions.from_trajectory(traj)
 
 
@@ -269,7 +266,8 @@ def report_contextualization(
         probe, path = _probe(ctx)
         if probe is None:
             raise MissingPrerequisite(
-                f"No contextualization probe for this model (looked in {path}). Training one takes minutes "
+                f"No contextualization probe for this model (looked in {path}). Training one "
+                "takes minutes "
                 "(400 steps by default; --steps 100 for a rough one):",
                 fix=_train_command(ctx),
             )
@@ -300,21 +298,30 @@ def _window(res: Contextualization) -> Contextualization:
 # -- sections ------------------------------------------------------------------------------------
 def _nonlinearity_caption(tn: TokenNonlinearity, ctx: ReportContext, normalization: str) -> str:
     ref, path = _reference(ctx)
-    if ref is not None:
+    if tn.mode == "paper":
         how = (
-            f"Maps A*_l fitted once on a corpus of N={tn.n_fit} tokens ({ref.corpus_}), loaded from "
-            f"{path!s}, applied to this text."
+            "Maps fitted on this text itself with the paper's float32 pseudo-inverse "
+            "(microscope_nonlinearity_mode='paper'; noise when the text is short)."
+        )
+    elif ref is not None:
+        how = (
+            f"Maps A*_l fitted once on a corpus of N={tn.n_fit} tokens ({ref.corpus_}), loaded "
+            "from "
+            f"{path!s}, applied to this text. "
+            + quick_note(ref, "nonlinearity-reference", ctx.model)
         )
     else:
         n, d = int(ctx.tokens.numel()), int(ctx.model.cfg.d_model)
         how = (
-            f"No saved reference: maps fitted on this text's own N={n} tokens, the paper's per-prompt reading "
+            f"No saved reference: maps fitted on this text's own N={n} tokens, the paper's "
+            "per-prompt reading "
             f"(float64 rank-truncated least squares; d_model={d}, so unrelated data would score "
             f"{d / (n - 1):.2f} and E is biased low). For corpus-fitted maps run "
             f"`{_fit_command(ctx)}`."
         )
     return (
-        f"E_i^l = ‖A*_l z_i^l − z_i^l+1‖ on standardised states (RMS-token units; green = linear, red = "
+        "E_i^l = ‖A*_l z_i^l − z_i^l+1‖ on standardised states (RMS-token units; green = linear, "
+        "red = "
         f"non-linear); colours min-max scaled ({normalization}), the hover shows raw E. {how} | "
         f"{tn.provenance.describe()}"
     )
@@ -324,7 +331,11 @@ def _nonlinearity_caption(tn: TokenNonlinearity, ctx: ReportContext, normalizati
     "microscope_nonlinearity",
     "LLM-Microscope: token-wise non-linearity",
     needs=("resid",),
-    settings=("microscope_reference", "microscope_normalization"),
+    settings=(
+        "microscope_reference",
+        "microscope_normalization",
+        "microscope_nonlinearity_mode",
+    ),
 )
 def _nonlinearity_section(ctx: ReportContext) -> Section:
     tn = report_nonlinearity(ctx)
@@ -350,10 +361,14 @@ def _linearity_section(ctx: ReportContext) -> Section:
     )
     low, high = int(np.argmin(lin.score.numpy())), int(np.argmax(lin.score.numpy()))
     caption = (
-        f"Linearity 1 − ‖XA* − Y‖² of h^l → h^l+1 (centred, Frobenius-normalised), with and without the "
-        f"residual, {where}; N={lin.n_tokens}, d={lin.d_model}; the dotted line is the chance floor "
-        f"rank/(N−1). Least linear pair {lin.pair_labels[low]} ({float(lin.score[low]):.3f}), most linear "
-        f"{lin.pair_labels[high]} ({float(lin.score[high]):.3f}). Red: this text's mean E per pair. | "
+        "Linearity 1 − ‖XA* − Y‖² of h^l → h^l+1 (centred, Frobenius-normalised), with and "
+        "without the "
+        f"residual, {where}; N={lin.n_tokens}, d={lin.d_model}; the dotted line is the chance "
+        "floor "
+        f"rank/(N−1). Least linear pair {lin.pair_labels[low]} ({float(lin.score[low]):.3f}), "
+        "most linear "
+        f"{lin.pair_labels[high]} ({float(lin.score[high]):.3f}). Red: this text's mean E per "
+        "pair. | "
         f"{lin.provenance.describe()}"
     )
     return Section([mv.linearity_plot(lin, prompt=tn)], caption)
@@ -371,20 +386,37 @@ def _contributions_section(ctx: ReportContext) -> Section:
     mean = lc.mean_loss().numpy()
     best = int(np.nanargmax(-np.diff(mean))) if len(mean) > 1 else 0
     lens_note = (
-        "through the report's trained lens"
-        if ctx.lens is not None
+        f"through the report's lens ({getattr(ctx.lens, 'name', ctx.lens)})"
+        if lens_trajectory(ctx) is not None
         else "through the logit lens (final norm recomputed per layer; pass lens= for a tuned lens)"
     )
     caption = (
-        f"E_i^l = −log q_l(w_i+1): the next-token loss if the model stopped at layer l, {lens_note}. Mean "
-        f"loss {mean[0]:.2f} nats at the embeddings, {mean[-1]:.2f} at the output; the largest mean drop "
-        f"is in block {lc.layer_labels[best]}→{lc.layer_labels[best + 1]} ({mean[best] - mean[best + 1]:.2f} "
+        "E_i^l = −log q_l(w_i+1): the next-token loss if the model stopped at layer l, "
+        f"{lens_note}. Mean "
+        f"loss {mean[0]:.2f} nats at the embeddings, {mean[-1]:.2f} at the output; the largest "
+        "mean drop "
+        f"is in block {lc.layer_labels[best]}→{lc.layer_labels[best + 1]} "
+        f"({mean[best] - mean[best + 1]:.2f} "
         f"nats). | {lc.provenance.describe()}"
     )
     return Section(
         [mv.layer_contributions_heatmap(lc), mv.layer_contributions_heatmap(lc, delta=True)],
         caption,
     )
+
+
+@register_section(
+    "microscope_attribution",
+    "LLM-Microscope: component attribution",
+    default=False,
+)
+def _attribution_section(ctx: ReportContext) -> Section:
+    attr = component_attribution(ctx.model, ctx.tokens)
+    caption = (
+        "Direct logit attribution of each block's attention and MLP output to the model's top-1 "
+        f"prediction; pieces sum to the logit within {attr.max_identity_error:.1e}."
+    )
+    return Section([mv.component_attribution_heatmap(attr)], caption)
 
 
 @register_section(
@@ -400,7 +432,8 @@ def _context_section(ctx: ReportContext) -> Section:
     c = res.C[~torch.isnan(res.C)]
     caption = (
         f"C_i = −log P(prefix | e_i), the {res.reduction} cross-entropy of rebuilding the "
-        f"{probe.prefix_length} tokens before token i from its pooled hidden states (lower = more context "
+        f"{probe.prefix_length} tokens before token i from its pooled hidden states (lower = more "
+        "context "
         f"kept). {decoded} positions decoded"
         + (
             f" (the last {decoded}; microscope_context_positions='all' decodes every one)"
@@ -412,7 +445,9 @@ def _context_section(ctx: ReportContext) -> Section:
             if c.numel()
             else ""
         )
-        + f". Probe at {path!s}, trained {getattr(probe, 'steps_done_', 0)} steps. | "
+        + f". Probe at {path!s}, trained {getattr(probe, 'steps_done_', 0)} steps. "
+        + quick_note(probe, "contextualization-probe", ctx.model)
+        + "| "
         + res.provenance.describe()
     )
     return Section(
@@ -455,7 +490,8 @@ def _token_classes_section(ctx: ReportContext) -> Section:
     )
     order = summary.lowest_C()
     caption = (
-        "Mean (± standard error) per token class over this text, position 0 left out. The paper finds "
+        "Mean (± standard error) per token class over this text, position 0 left out. The paper "
+        "finds "
         "punctuation and articles carry the most context (lowest C). "
         + (f"Here, lowest C first: {', '.join(order)}. " if order else "")
         + (f"Missing: {'; '.join(notes)}." if notes else "")

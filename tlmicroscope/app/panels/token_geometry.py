@@ -68,7 +68,7 @@ def _fix_command(n_needed: int) -> str:
 
 
 def report_layer_geometry(ctx: ReportContext) -> LayerGeometry:
-    """The ``LayerGeometry`` of the report's text, from its shared capture, computed once per report.
+    """The ``LayerGeometry`` of the report's text, from its shared capture, computed once.
 
     Raises:
         MissingPrerequisite: the text has fewer tokens than the estimators need (the message
