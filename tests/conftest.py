@@ -29,16 +29,12 @@ def _seed_and_threads():
     yield
 
 
-@pytest.fixture(scope="session")
-def _store_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("tlmicroscope-home")
-
-
 @pytest.fixture(autouse=True)
-def _artifact_store(_store_root, monkeypatch):
-    """Tests never read or write the real artifact store (``$TLMICROSCOPE_HOME``); the weight and
+def _artifact_store(tmp_path_factory, monkeypatch):
+    """Tests never read or write the real artifact store (``$TLMICROSCOPE_HOME``): each test gets
+    an empty one of its own, so what one test saves there no other test finds. The weight and
     tokenizer cache (``$TLMICROSCOPE_CACHE``) is left alone so cached conversions keep working."""
-    monkeypatch.setenv("TLMICROSCOPE_HOME", str(_store_root))
+    monkeypatch.setenv("TLMICROSCOPE_HOME", str(tmp_path_factory.mktemp("tlmicroscope-home")))
     yield
 
 

@@ -122,7 +122,8 @@ def _load_checkpoint(out: Path, model: Any, lens, optimizers, cfg: Any, data_sig
         if saved["data"].get(key) != data_sig.get(key):
             raise ValueError(
                 f"Cannot resume from {out / CHECKPOINT_DIR}: the training data differ ({key}: "
-                f"{saved['data'].get(key)!r} then, {data_sig.get(key)!r} now). Pass the same corpus."
+                f"{saved['data'].get(key)!r} then, {data_sig.get(key)!r} now). Pass the same "
+                "corpus."
             )
     with torch.no_grad():
         lens.weight.copy_(tensors["lens.weight"])
@@ -131,10 +132,23 @@ def _load_checkpoint(out: Path, model: Any, lens, optimizers, cfg: Any, data_sig
     return int(saved["step"]), saved["history"]
 
 
-def default_lens_dir(model_or_name: Any, root: str | os.PathLike = "out") -> Path:
-    """Where ``train-lens`` writes by default: ``out/tuned-lens-<model>/`` (``smollm2-135m`` and
-    ``gemma3-270m`` for the two embedded models, whichever of their names or hub labels is given),
-    which ``tlmicroscope demo`` and ``report`` also look at."""
+def default_lens_dir(model_or_name: Any, root: str | os.PathLike | None = None) -> Path:
+    """Where ``train-lens`` writes by default, and ``tlmicroscope demo`` and ``report`` look: the
+    artifact store's ``tuned-lens`` folder for the model (``artifacts.artifact_path("tuned-lens",
+    model)``: ``smollm2-135m`` and ``gemma3-270m`` for the two embedded models, whichever of their
+    names or hub labels is given, ``-processed`` for processed weights). With ``root``, the layout
+    of earlier versions: ``root/tuned-lens-<model>/`` (e.g. ``root="out"``).
+
+    Examples:
+        >>> default_lens_dir("HuggingFaceTB/SmolLM2-135M-Instruct").parts[-2:]
+        ('smollm2-135m', 'tuned-lens')
+        >>> default_lens_dir("gemma-3-270m", root="out").as_posix()
+        'out/tuned-lens-gemma3-270m'
+    """
+    if root is None:
+        from tlmicroscope.artifacts import artifact_path
+
+        return artifact_path("tuned-lens", model_or_name)
     from tlmicroscope.models.embedded import EMBEDDED_HF_NAME, EMBEDDED_NAMES
     from tlmicroscope.models.gemma import GEMMA_HF_NAME, GEMMA_NAMES
 

@@ -8,7 +8,8 @@ reference format, a ``.pt`` holding ``J``, ``n_prompts``, ``source_layers`` and 
 used as they are; this module only adapts the lens to tlmicroscope's protocol:
 
 * **Layers.** tlmicroscope indexes the residual *entering* block ``l`` (``hook_resid_pre``), which
-  is the output of block ``l - 1``; so ``transform(h, l) = h @ J_{l-1}.T`` for ``l = 1..n_layers-1``.
+  is the output of block ``l - 1``; so ``transform(h, l) = h @ J_{l-1}.T`` for
+  ``l = 1..n_layers-1``.
   The embeddings (``l = 0``) have no fitted matrix in TransformerLens's convention and are read
   with the identity, i.e. as the logit lens reads them (``identity_layers`` says so).
 * **Readout.** Through tlmicroscope's ``Readout`` (final norm, unembedding, soft caps, logit
@@ -32,7 +33,7 @@ import operator
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from jaxtyping import Float
@@ -75,7 +76,7 @@ class TransformerLensVersionError(ImportError):
 
 
 def require_jacobian_lens(what: str = "The Jacobian lens") -> Any:
-    """TransformerLens's ``JacobianLens`` class, or a ``TransformerLensVersionError`` naming the fix.
+    """TransformerLens's ``JacobianLens`` class, or a ``TransformerLensVersionError`` with the fix.
 
     Examples:
         >>> require_jacobian_lens().__name__
@@ -96,31 +97,62 @@ def require_jacobian_lens(what: str = "The Jacobian lens") -> Any:
     return _TLJacobianLens
 
 
-def default_jlens_dir(model_or_name: Any, root: str | os.PathLike = "out") -> Path:
-    """Where ``fit-jlens`` writes by default: ``out/jacobian-lens-<model>/``, beside the tuned lens.
+def default_jlens_dir(model_or_name: Any, root: str | os.PathLike | None = None) -> Path:
+    """Where ``fit-jlens`` writes by default: the artifact store's ``jacobian-lens`` folder for the
+    model (``artifacts.artifact_path("jacobian-lens", model)``); with ``root``, the older layout
+    ``root/jacobian-lens-<model>/``.
 
     Examples:
-        >>> default_jlens_dir("SmolLM2-135M-Instruct").as_posix()
+        >>> default_jlens_dir("SmolLM2-135M-Instruct").parts[-2:]
+        ('smollm2-135m', 'jacobian-lens')
+        >>> default_jlens_dir("SmolLM2-135M-Instruct", root="out").as_posix()
         'out/jacobian-lens-smollm2-135m'
     """
     from tlmicroscope.lenses._tuned_checkpoint import default_lens_dir
+
+    if root is None:
+        from tlmicroscope.artifacts import artifact_path
+
+        return artifact_path("jacobian-lens", model_or_name)
 
     slug = default_lens_dir(model_or_name, root=root).name.removeprefix("tuned-lens-")
     return Path(root) / f"jacobian-lens-{slug}"
 
 
+class _InstanceOrClassMethod:
+    """``obj.name(...)`` calls ``on_instance(obj, ...)``; ``Cls.name(...)`` calls
+    ``on_class(Cls, ...)`` (one name, two call forms that users rely on)."""
+
+    def __init__(self, on_instance: Any, on_class: Any) -> None:
+        self.on_instance, self.on_class = on_instance, on_class
+        self.__doc__ = on_instance.__doc__
+
+    def __get__(self, obj: Any, cls: Any = None) -> Any:
+        import types
+
+        if obj is None:
+            return types.MethodType(self.on_class, cls)
+        return types.MethodType(self.on_instance, obj)
+
+
 class JacobianLens(torch.nn.Module):
     """A fitted Jacobian lens, read through tlmicroscope's shared readout.
 
-    Build one with ``JacobianLens.fit(model, prompts)`` (one shot) or ``fit_jacobian_lens``
-    (resumable, over prompt slices), or load one with ``JacobianLens.load(path, model)``. The
-    TransformerLens object is kept as ``inner`` (for its interventions: ``lens_vectors``,
+    Follows the fitted-object contract (``tlmicroscope.artifacts.Fitted``, kind
+    ``"jacobian-lens"``): ``JacobianLens(**settings).fit(model, corpus)`` fits on corpus windows
+    (resumable, over prompt slices, with ``out_dir``), ``save()`` puts it in the artifact store and
+    ``JacobianLens.load(None, model)`` reads it back. ``JacobianLens.fit(model, prompts)`` called on
+    the class still fits one shot on given prompts, and ``fit_jacobian_lens`` is the resumable fit.
+    The TransformerLens object is kept as ``inner`` (for its interventions: ``lens_vectors``,
     ``steering_hooks``, ``swap_hooks``, ...).
 
     Args:
-        inner: A ``transformer_lens.tools.analysis.JacobianLens``.
+        inner: A ``transformer_lens.tools.analysis.JacobianLens`` (``None``: an unfitted lens
+            holding only settings).
         n_layers: The model's number of blocks.
         model_info: The fingerprint (``tlmicroscope.io.model_fingerprint``) of its model.
+        n_prompts, prompt_tokens, skip_first_positions, dim_batch, slice_size, holdout: Settings
+            of ``fit`` (see ``fit_jacobian_lens``).
 
     Attributes:
         jacobians: ``[n_layers d_model d_model]``: row ``l`` maps the residual entering block ``l``
@@ -144,34 +176,81 @@ class JacobianLens(torch.nn.Module):
 
     name = "jacobian"
     final_norm = True
+    kind: ClassVar[str] = "jacobian-lens"
+    #: Settings ``fit(..., quick=True)`` uses (8 prompts of 32 tokens).
+    QUICK: ClassVar[dict[str, Any]] = {"n_prompts": 8, "slice_size": 8}
 
-    def __init__(self, inner: Any, n_layers: int, *, model_info: Mapping[str, Any] | None = None):
+    def __init__(
+        self,
+        inner: Any = None,
+        n_layers: int | None = None,
+        *,
+        model_info: Mapping[str, Any] | None = None,
+        n_prompts: int = 32,
+        prompt_tokens: int = 32,
+        skip_first_positions: int = 4,
+        dim_batch: int = 32,
+        slice_size: int = 4,
+        holdout: float = 0.1,
+    ):
         super().__init__()
+        self.n_prompts_setting = int(n_prompts)
+        self.prompt_tokens = int(prompt_tokens)
+        self.skip_first_positions = int(skip_first_positions)
+        self.dim_batch = int(dim_batch)
+        self.slice_size = int(slice_size)
+        self.holdout = float(holdout)
+        self.quick = False
+        self.inner = None
+        self.n_layers, self.d_model = 0, 0
+        self.identity_layers: tuple[int, ...] = ()
+        self.model_info: dict[str, Any] | None = dict(model_info) if model_info else None
+        self._checked: tuple | None = None
+        if inner is not None:
+            if n_layers is None:
+                raise ValueError("Give n_layers with inner (the model's number of blocks).")
+            self._adopt(inner, n_layers, model_info)
+
+    def settings(self) -> dict[str, Any]:
+        """The fit settings (``JacobianLens(**lens.settings())`` makes an unfitted copy)."""
+        return {
+            "n_prompts": self.n_prompts_setting,
+            "prompt_tokens": self.prompt_tokens,
+            "skip_first_positions": self.skip_first_positions,
+            "dim_batch": self.dim_batch,
+            "slice_size": self.slice_size,
+            "holdout": self.holdout,
+        }
+
+    def _adopt(self, inner: Any, n_layers: int, model_info: Mapping[str, Any] | None) -> None:
+        """Hold ``inner`` (a TransformerLens lens) as this lens's fitted state."""
         require_jacobian_lens()
         n_layers = int(n_layers)
         d = int(inner.d_model)
         bad = [k for k in inner.source_layers if not 0 <= k < n_layers - 1]
         if bad:
             raise ModelMismatchError(
-                f"This Jacobian lens has matrices for block outputs {bad}, outside 0..{n_layers - 2} of a "
+                f"This Jacobian lens has matrices for block outputs {bad}, outside "
+                f"0..{n_layers - 2} of a "
                 f"{n_layers}-layer model: it belongs to another model (fit one for this model)."
             )
         stack = torch.eye(d).repeat(n_layers, 1, 1)
         for k, J in inner.jacobians.items():
             stack[k + 1] = J.float()
-        self.register_buffer("jacobians", stack)
+        self.register_buffer("jacobians", stack)  # replaces a previous fit's
         self.inner = inner
         self.n_layers = n_layers
         self.d_model = d
         self.identity_layers = tuple(
-            l for l in range(n_layers) if l == 0 or (l - 1) not in inner.jacobians
+            i for i in range(n_layers) if i == 0 or (i - 1) not in inner.jacobians
         )
         self.model_info: dict[str, Any] | None = dict(model_info) if model_info else None
         self._checked: tuple | None = None
 
     @property
     def n_prompts(self) -> int:
-        return int(self.inner.n_prompts)
+        """Prompts the lens was fitted on (the ``n_prompts`` setting until it is fitted)."""
+        return int(self.inner.n_prompts) if self.inner is not None else self.n_prompts_setting
 
     # ---------------------------------------------------------------------------- the protocol
     def transform(
@@ -183,8 +262,8 @@ class JacobianLens(torch.nn.Module):
         layer = operator.index(layer)
         if layer == self.n_layers:
             raise ValueError(
-                f"Layer {layer} is the model's output (residual index n_layers={self.n_layers}); it is "
-                "read without a lens. Jacobian-lens layers are 0..n_layers-1."
+                f"Layer {layer} is the model's output (residual index n_layers={self.n_layers}); "
+                "it is read without a lens. Jacobian-lens layers are 0..n_layers-1."
             )
         if not 0 <= layer < self.n_layers:
             raise ValueError(f"layer must be in 0..{self.n_layers - 1}, got {layer}.")
@@ -201,7 +280,8 @@ class JacobianLens(torch.nn.Module):
         return self.transform(h, layer)
 
     def check_model(self, model: Any) -> None:
-        """Raise ``ModelMismatchError`` (a ``ValueError``) naming how ``model`` differs from the lens's."""
+        """Raise ``ModelMismatchError`` (a ``ValueError``) naming how ``model`` differs."""
+        self._check_fitted()
         check_model_shape(
             model,
             "Jacobian lens",
@@ -225,9 +305,75 @@ class JacobianLens(torch.nn.Module):
                 ) from None
         self._checked = key
 
+    def _check_fitted(self) -> None:
+        if self.inner is None:
+            raise ValueError(
+                "This JacobianLens is not fitted: call .fit(model, corpus) or "
+                "JacobianLens.load(path, model)."
+            )
+
     # ----------------------------------------------------------------------------- fitting
+    def _fit(
+        self,
+        model: Any,
+        corpus: Any = None,
+        *,
+        n_tokens: int | None = None,
+        progress: bool = True,
+        quick: bool = False,
+        prompts: Sequence[str] | None = None,
+        out_dir: str | os.PathLike | None = None,
+        resume: bool = True,
+    ) -> JacobianLens:
+        """Fit on ``corpus`` (default: the embedded corpus): the first ``n_prompts`` windows of
+        ``prompt_tokens`` tokens of its training split, or ``prompts``; returns ``self``.
+
+        ``n_tokens`` sets ``n_prompts`` to ``n_tokens // prompt_tokens``; ``quick=True`` takes
+        ``QUICK`` for what is not given and records the fit as quick. With ``out_dir`` the fit is
+        resumable over prompt slices (``fit_jacobian_lens``); the lens is not saved otherwise
+        (``save()`` puts it in the artifact store).
+
+        Examples:
+            >>> from tlmicroscope.models import tiny_model
+            >>> model = tiny_model(n_layers=2)
+            >>> lens = JacobianLens(prompt_tokens=16, skip_first_positions=2)
+            >>> lens = lens.fit(model, ["some text to fit on " * 20], n_tokens=48, progress=False)
+            >>> lens.n_prompts, tuple(lens.jacobians.shape)
+            (3, (2, 32, 32))
+        """
+        if quick:
+            for name, value in self.QUICK.items():
+                setattr(self, "n_prompts_setting" if name == "n_prompts" else name, value)
+        if n_tokens is not None:
+            self.n_prompts_setting = max(1, int(n_tokens) // self.prompt_tokens)
+        self.quick = bool(quick)
+        kwargs = self.settings()
+        if out_dir is not None:
+            got = fit_jacobian_lens(
+                model,
+                corpus,
+                out_dir=out_dir,
+                prompts=prompts,
+                resume=resume,
+                progress=progress,
+                **kwargs,
+            )
+        else:
+            texts = _fit_texts(model, corpus, prompts, kwargs)
+            got = JacobianLens._fit_once(
+                model,
+                texts,
+                corpus=_corpus_id(corpus, prompts, self.prompt_tokens),
+                max_seq_len=self.prompt_tokens if prompts is None else 128,
+                skip_first_positions=self.skip_first_positions,
+                dim_batch=self.dim_batch,
+                progress=progress,
+            )
+        self._adopt(got.inner, got.n_layers, got.model_info)
+        return self
+
     @classmethod
-    def fit(
+    def _fit_once(
         cls,
         model: Any,
         prompts: Sequence[str],
@@ -239,13 +385,16 @@ class JacobianLens(torch.nn.Module):
         source_layers: Sequence[int] | None = None,
         progress: bool = True,
     ) -> JacobianLens:
-        """Fit on ``prompts`` with TransformerLens's estimator (one forward and ``d_model/dim_batch``
-        backward passes per prompt) and tie the lens to ``model``'s fingerprint.
+        """Fit on ``prompts`` with TransformerLens's estimator (one forward and
+        ``d_model/dim_batch`` backward passes per prompt) and tie the lens to ``model``'s
+        fingerprint.
 
         ``source_layers`` are block outputs (TransformerLens's indices, default all but the last);
         fitting only late ones is much cheaper (the backward passes start there), and the residual
         indices without a matrix are read with the identity (``identity_layers``)."""
         tl_cls = require_jacobian_lens("JacobianLens.fit")
+        if isinstance(prompts, str):
+            raise TypeError("prompts must be a list of texts, not one string.")
         fp = model_fingerprint(model)
         inner = tl_cls.fit(
             model,
@@ -260,14 +409,24 @@ class JacobianLens(torch.nn.Module):
         )
         return cls(inner, int(model.cfg.n_layers), model_info=fp)
 
+    #: ``lens.fit(model, corpus, ...)`` on an instance (the contract); ``JacobianLens.fit(model,
+    #: prompts, ...)`` on the class, the one-shot fit on given prompts (kept for old callers).
+    fit = _InstanceOrClassMethod(_fit, _fit_once.__func__)
+
     # ------------------------------------------------------------------------------- files
-    def save(self, path: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> Path:
-        """Save as ``path/jacobian_lens.pt`` (reference format) + ``path/config.json``, each atomically.
+    def save(
+        self, path: str | os.PathLike | None = None, *, dtype: torch.dtype = torch.float32
+    ) -> Path:
+        """Save as ``path/jacobian_lens.pt`` (reference format) + ``path/config.json``, each
+        atomically; ``path=None`` saves to the artifact store's place for its model.
 
         ``dtype`` is the storage dtype of the matrices; float32 (the default) keeps merges exact,
         float16 is the reference's choice for published artifacts.
         """
-        path = Path(path)
+        from tlmicroscope.artifacts import save_path
+
+        self._check_fitted()
+        path = save_path(self.kind, path, self.model_info)
         path.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path / ARTIFACT, _artifact_bytes(self.inner, dtype))
         meta = {
@@ -280,26 +439,33 @@ class JacobianLens(torch.nn.Module):
                 "d_model": self.d_model,
                 "n_prompts": self.n_prompts,
                 "source_layers": list(self.inner.source_layers),
-                "layer_convention": "transform(h, l) = h @ J[l-1].T for hook_resid_pre l >= 1; identity at l = 0",
+                "layer_convention": (
+                    "transform(h, l) = h @ J[l-1].T for hook_resid_pre l >= 1; identity at l = 0"
+                ),
                 "fit": {k: v for k, v in self.inner.metadata.items() if k != _FP_KEY},
+                "settings": self.settings(),
+                "quick": bool(self.quick),
             },
         }
         atomic_write_text(path / "config.json", json.dumps(meta, indent=2, sort_keys=True))
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike, model: Any = None) -> JacobianLens:
-        """Load a folder saved by ``save``/``fit-jlens``, or a bare reference-format ``.pt``.
+    def load(cls, path: str | os.PathLike | None = None, model: Any = None) -> JacobianLens:
+        """Load a folder saved by ``save``/``fit-jlens``, or a bare reference-format ``.pt``;
+        ``path=None`` reads the artifact store's lens for ``model``.
 
         Raises:
             TransformerLensVersionError: on TransformerLens 3.x.
             FittedFileError: a missing or corrupt file.
             ModelMismatchError: ``model`` is not the model the lens was fitted for.
         """
+        from tlmicroscope.artifacts import load_path
+
         require_jacobian_lens("JacobianLens.load")
-        path = Path(path)
+        path = load_path(cls.kind, path, model)
         artifact = path / ARTIFACT if path.is_dir() else path
-        model_info = None
+        model_info, cfg = None, {}
         if path.is_dir() and (path / "config.json").is_file():
             try:
                 meta = json.loads((path / "config.json").read_text())
@@ -310,6 +476,7 @@ class JacobianLens(torch.nn.Module):
             if meta.get("kind") != KIND:
                 raise FittedFileError(f"{path} holds a {meta.get('kind')!r}, not a {KIND!r}.")
             model_info = meta.get("model")
+            cfg = meta.get("config") if isinstance(meta.get("config"), dict) else {}
         inner = _load_inner(artifact)
         model_info = model_info or inner.metadata.get(_FP_KEY)
         if model is not None:
@@ -320,17 +487,23 @@ class JacobianLens(torch.nn.Module):
             n_layers = max(inner.source_layers) + 2
         if model is not None and int(model.cfg.d_model) != int(inner.d_model):
             raise ModelMismatchError(
-                f"The Jacobian lens at {path} was fitted for d_model={inner.d_model}, but this model has "
-                f"d_model={model.cfg.d_model}: it belongs to another model (fit one with `tlmicroscope fit-jlens`)."
+                f"The Jacobian lens at {path} was fitted for d_model={inner.d_model}, but this "
+                f"model has d_model={model.cfg.d_model}: it belongs to another model (fit one "
+                "with `tlmicroscope fit-jlens`)."
             )
-        lens = cls(inner, n_layers, model_info=model_info)
+        settings = cfg.get("settings") if isinstance(cfg.get("settings"), dict) else {}
+        lens = cls(inner, n_layers, model_info=model_info, **settings)
+        lens.quick = cfg.get("quick") is True
         if model is not None:
             lens.check_model(model)
         return lens
 
     def extra_repr(self) -> str:
         name = (self.model_info or {}).get("name") or self.inner.metadata.get("model_name")
-        return f"n_layers={self.n_layers}, d_model={self.d_model}, n_prompts={self.n_prompts}, model={name!r}"
+        return (
+            f"n_layers={self.n_layers}, d_model={self.d_model}, n_prompts={self.n_prompts}, "
+            f"model={name!r}"
+        )
 
     def describe(self) -> str:
         """One line: the model and how the lens was fitted."""
@@ -376,7 +549,8 @@ def _prompt_windows(
     )
     if windows.shape[0] < n_prompts:
         raise ValueError(
-            f"The training split has {windows.shape[0]} windows of {prompt_tokens} tokens, fewer than "
+            f"The training split has {windows.shape[0]} windows of {prompt_tokens} tokens, "
+            "fewer than "
             f"n_prompts={n_prompts}; use a larger corpus, fewer prompts or shorter prompts."
         )
     tok = model.tokenizer
@@ -438,35 +612,18 @@ def fit_jacobian_lens(
         ...     (lens.n_prompts, len(load_slices(d)))
         (3, 2)
     """
-    from tqdm.auto import tqdm
-
-    tl_cls = require_jacobian_lens("fit_jacobian_lens")
-    if slice_size < 1 or n_prompts < 1:
-        raise ValueError(
-            f"slice_size and n_prompts must be positive, got {slice_size} and {n_prompts}."
-        )
-    if skip_first_positions + 2 > prompt_tokens and prompts is None:
-        raise ValueError(
-            f"prompt_tokens={prompt_tokens} leaves no position after skip_first_positions="
-            f"{skip_first_positions} and the last one; use longer prompts or a smaller skip."
-        )
-    texts = (
-        list(prompts)
-        if prompts is not None
-        else _prompt_windows(model, corpus, n_prompts, prompt_tokens, holdout)
-    )
-    if not texts:
-        raise ValueError("No prompts to fit on; pass a corpus or a non-empty list of prompts.")
+    require_jacobian_lens("fit_jacobian_lens")
+    settings_in = {
+        "n_prompts": n_prompts,
+        "prompt_tokens": prompt_tokens,
+        "skip_first_positions": skip_first_positions,
+        "slice_size": slice_size,
+        "holdout": holdout,
+    }
+    texts = _fit_texts(model, corpus, prompts, settings_in)
     out = Path(out_dir) if out_dir is not None else default_jlens_dir(model)
     fp = model_fingerprint(model)
-    label = (
-        corpus
-        if isinstance(corpus, (str, os.PathLike))
-        else ("embedded" if corpus is None else "texts")
-    )
-    corpus_id = (
-        "explicit prompts" if prompts is not None else f"{os.fspath(label)}:train:{prompt_tokens}"
-    )
+    corpus_id = _corpus_id(corpus, prompts, prompt_tokens)
     settings = {
         "model": fp,
         "corpus": corpus_id,
@@ -475,6 +632,55 @@ def fit_jacobian_lens(
         "slice_size": int(slice_size),
     }
     slices = [texts[i : i + slice_size] for i in range(0, len(texts), slice_size)]
+    done = _slices_done(out, settings, slices, resume)
+    return _fit_slices(
+        model, out, slices, done, settings, dim_batch=int(dim_batch), progress=progress
+    )
+
+
+def _corpus_id(corpus: Any, prompts: Sequence[str] | None, prompt_tokens: int) -> str:
+    """What a fit's prompts came from, as its saved settings record it."""
+    if prompts is not None:
+        return "explicit prompts"
+    label = (
+        corpus
+        if isinstance(corpus, (str, os.PathLike))
+        else ("embedded" if corpus is None else "texts")
+    )
+    return f"{os.fspath(label)}:train:{prompt_tokens}"
+
+
+def _fit_texts(
+    model: Any, corpus: Any, prompts: Sequence[str] | None, settings: Mapping[str, Any]
+) -> list[str]:
+    """The prompts of a fit: ``prompts``, or the corpus's first ``n_prompts`` training windows."""
+    n_prompts, prompt_tokens = int(settings["n_prompts"]), int(settings["prompt_tokens"])
+    skip, slice_size = int(settings["skip_first_positions"]), int(settings["slice_size"])
+    if slice_size < 1 or n_prompts < 1:
+        raise ValueError(
+            f"slice_size and n_prompts must be positive, got {slice_size} and {n_prompts}."
+        )
+    if skip + 2 > prompt_tokens and prompts is None:
+        raise ValueError(
+            f"prompt_tokens={prompt_tokens} leaves no position after skip_first_positions="
+            f"{skip} and the last one; use longer prompts or a smaller skip."
+        )
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a list of texts, not one string.")
+    texts = (
+        list(prompts)
+        if prompts is not None
+        else _prompt_windows(model, corpus, n_prompts, prompt_tokens, float(settings["holdout"]))
+    )
+    if not texts:
+        raise ValueError("No prompts to fit on; pass a corpus or a non-empty list of prompts.")
+    return texts
+
+
+def _slices_done(
+    out: Path, settings: Mapping[str, Any], slices: list[list[str]], resume: bool
+) -> list[str]:
+    """Digests of the slices already fitted in ``out`` for these prompts and settings."""
     digests = [hashlib.sha256("\x00".join(s).encode()).hexdigest()[:16] for s in slices]
     state_path = out / _STATE
     done: list[str] = []
@@ -482,15 +688,35 @@ def fit_jacobian_lens(
         state = json.loads(state_path.read_text())
         if state.get("settings") != settings:
             raise ValueError(
-                f"{out} holds a Jacobian-lens fit with other settings or another model; pass resume=False "
-                "(--fresh) to start over, or choose another out_dir."
+                f"{out} holds a Jacobian-lens fit with other settings or another model; pass "
+                "resume=False (--fresh) to start over, or choose another out_dir."
             )
         done = [d for d, want in zip(state.get("slices", []), digests) if d == want]
     elif not resume and (out / _SLICES).is_dir():
         for p in (out / _SLICES).glob("slice-*.pt"):
             p.unlink()
+    return done
+
+
+def _fit_slices(
+    model: Any,
+    out: Path,
+    slices: list[list[str]],
+    done: list[str],
+    settings: Mapping[str, Any],
+    *,
+    dim_batch: int,
+    progress: bool,
+) -> JacobianLens:
+    """Fit the slices not ``done``, saving each and the merge so far; return the merged lens."""
+    from tqdm.auto import tqdm
+
+    tl_cls = require_jacobian_lens("fit_jacobian_lens")
+    fp, n_layers = settings["model"], int(model.cfg.n_layers)
+    digests = [hashlib.sha256("\x00".join(s).encode()).hexdigest()[:16] for s in slices]
     (out / _SLICES).mkdir(parents=True, exist_ok=True)
-    bar = tqdm(total=len(texts), desc="fitting Jacobian lens", unit="prompt", disable=not progress)
+    total = sum(len(s) for s in slices)
+    bar = tqdm(total=total, desc="fitting Jacobian lens", unit="prompt", disable=not progress)
     bar.update(sum(len(s) for s in slices[: len(done)]))
     lens = None
     try:
@@ -498,10 +724,10 @@ def fit_jacobian_lens(
             part = tl_cls.fit(
                 model,
                 slices[i],
-                corpus=corpus_id,
+                corpus=settings["corpus"],
                 max_seq_len=settings["max_seq_len"],
-                skip_first_positions=int(skip_first_positions),
-                dim_batch=int(dim_batch),
+                skip_first_positions=int(settings["skip_first_positions"]),
+                dim_batch=dim_batch,
                 show_progress=False,
                 metadata={_FP_KEY: fp},
             )
@@ -510,14 +736,14 @@ def fit_jacobian_lens(
             )
             done.append(digests[i])
             atomic_write_text(
-                state_path, json.dumps({"settings": settings, "slices": done}, indent=2)
+                out / _STATE, json.dumps({"settings": settings, "slices": done}, indent=2)
             )
             bar.update(len(slices[i]))
-            lens = _save_merged(out, n_slices=len(done), n_layers=int(model.cfg.n_layers), fp=fp)
+            lens = _save_merged(out, n_slices=len(done), n_layers=n_layers, fp=fp)
     finally:
         bar.close()
     if lens is None:  # everything was already fitted
-        lens = _save_merged(out, n_slices=len(done), n_layers=int(model.cfg.n_layers), fp=fp)
+        lens = _save_merged(out, n_slices=len(done), n_layers=n_layers, fp=fp)
     return lens
 
 

@@ -15,7 +15,7 @@ import operator
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from jaxtyping import Float
@@ -38,19 +38,25 @@ KIND = "tuned_lens"
 
 
 class TunedLens(torch.nn.Module):
-    """Per-layer affine translators ``h -> h + h @ weight[l].T + bias[l]`` (``nn.Linear`` convention).
+    """Per-layer affine translators ``h -> h + h @ weight[l].T + bias[l]`` (``nn.Linear`` style).
 
-    Build one for a model with ``TunedLens.for_model(model)`` (zero translators: the logit lens),
-    train it with ``fit`` (or ``tlmicroscope.lenses.train.train_tuned_lens``), and use it wherever
-    a lens is accepted (``prediction_trajectory``, the views, the CLI's ``--lens DIR``).
+    Follows the fitted-object contract (``tlmicroscope.artifacts.Fitted``, kind ``"tuned-lens"``):
+    ``TunedLens(**settings).fit(model, corpus)`` takes its shapes from the model and trains (the
+    settings are ``TrainConfig``'s fields, e.g. ``steps``, ``recipe``); ``save()`` puts it in the
+    artifact store and ``TunedLens.load(None, model)`` reads it back. ``TunedLens.for_model(model)``
+    builds a zero lens (the logit lens) tied to a model; ``TunedLens(n_layers, d_model)`` one of
+    given shapes. Use it wherever a lens is accepted (``prediction_trajectory``, the views, the
+    CLI's ``--lens DIR``).
 
     Args:
-        n_layers: Number of translators, one per block input.
-        d_model: Width of the residual stream.
-        bias: Learn the bias vectors (``False`` keeps them at zero, as the reference's ``bias=False``).
+        n_layers: Number of translators, one per block input (``None``: from the model at ``fit``).
+        d_model: Width of the residual stream (``None``: from the model at ``fit``).
+        bias: Learn the bias vectors (``False`` keeps them at zero, as the reference's
+            ``bias=False``).
         model_info: The fingerprint (``tlmicroscope.io.model_fingerprint``) of the model the lens
             belongs to; ``check_model`` compares against it.
         settings: Free-form record of how the lens was made (training settings, source format).
+        **train: Training settings for ``fit``: fields of ``tlmicroscope.lenses.train.TrainConfig``.
 
     Attributes:
         weight: ``[n_layers d_model d_model]`` translator matrices (zero = identity translator).
@@ -74,26 +80,53 @@ class TunedLens(torch.nn.Module):
 
     name = "tuned"
     final_norm = True
+    kind: ClassVar[str] = "tuned-lens"
+    #: Training settings ``fit(..., quick=True)`` uses (a rough lens in about a minute on
+    #: SmolLM2 with two cores; the full one is ``tlmicroscope train-lens``).
+    QUICK: ClassVar[dict[str, Any]] = {
+        "steps": 8,
+        "tokens_per_step": 512,
+        "seq_len": 128,
+        "init_tokens": 2048,
+    }
 
     def __init__(
         self,
-        n_layers: int,
-        d_model: int,
+        n_layers: int | None = None,
+        d_model: int | None = None,
         *,
         bias: bool = True,
         model_info: Mapping[str, Any] | None = None,
         settings: Mapping[str, Any] | None = None,
         dtype: torch.dtype = torch.float32,
         device: Any = None,
+        **train: Any,
     ):
         super().__init__()
+        self.train_settings: dict[str, Any] = _check_train_settings(train)
+        self.has_bias = bool(bias)
+        self.quick = False
+        self.model_info: dict[str, Any] | None = dict(model_info) if model_info else None
+        self.settings: dict[str, Any] = dict(settings or {})
+        self._checked: tuple | None = None
+        if (n_layers is None) != (d_model is None):
+            raise ValueError(
+                "Give both n_layers and d_model, or neither (then fit takes them from the model)."
+            )
+        self.n_layers, self.d_model = 0, 0
+        self.weight = torch.nn.Parameter(torch.zeros(0, 0, 0, dtype=dtype, device=device))
+        self.bias = torch.nn.Parameter(torch.zeros(0, 0, dtype=dtype, device=device))
+        if n_layers is not None:
+            self._allocate(n_layers, d_model, dtype=dtype, device=device)
+
+    def _allocate(self, n_layers: Any, d_model: Any, *, dtype: Any, device: Any) -> None:
+        """Zero translators of the given shapes (an untrained lens is the logit lens)."""
         if int(n_layers) <= 0 or int(d_model) <= 0:
             raise ValueError(
                 f"n_layers and d_model must be positive, got {n_layers} and {d_model}."
             )
         self.n_layers = int(n_layers)
         self.d_model = int(d_model)
-        self.has_bias = bool(bias)
         self.weight = torch.nn.Parameter(
             torch.zeros(self.n_layers, self.d_model, self.d_model, dtype=dtype, device=device)
         )
@@ -101,9 +134,6 @@ class TunedLens(torch.nn.Module):
             torch.zeros(self.n_layers, self.d_model, dtype=dtype, device=device),
             requires_grad=self.has_bias,
         )
-        self.model_info: dict[str, Any] | None = dict(model_info) if model_info else None
-        self.settings: dict[str, Any] = dict(settings or {})
-        self._checked: tuple | None = None
 
     # ----------------------------------------------------------------------------- construction
     @classmethod
@@ -138,9 +168,10 @@ class TunedLens(torch.nn.Module):
     def transform(
         self, h: Float[torch.Tensor, "... d_model"], layer: int
     ) -> Float[torch.Tensor, "... d_model"]:
-        """Translate the residual entering block ``layer``: ``h + h @ weight[layer].T + bias[layer]``.
+        """Translate the residual entering block ``layer``: ``h + h @ W[layer].T + b[layer]``.
 
-        Differentiable in ``h`` and in the parameters. The parameters follow ``h``'s dtype and device.
+        Differentiable in ``h`` and in the parameters. The parameters follow ``h``'s dtype and
+        device.
         """
         layer = self._check_layer(layer)
         if h.shape[-1] != self.d_model:
@@ -156,7 +187,12 @@ class TunedLens(torch.nn.Module):
         return self.transform(h, layer)
 
     def check_model(self, model: Any) -> None:
-        """Raise ``ModelMismatchError`` (a ``ValueError``) naming the field where ``model`` differs."""
+        """Raise ``ModelMismatchError`` (a ``ValueError``) naming the field that differs."""
+        if not self.n_layers:
+            raise ValueError(
+                "This TunedLens has no translators yet: call .fit(model, corpus), "
+                "TunedLens.for_model(model) or TunedLens.load(path, model)."
+            )
         check_model_shape(
             model,
             "tuned lens",
@@ -174,15 +210,62 @@ class TunedLens(torch.nn.Module):
         self._checked = key
 
     # ------------------------------------------------------------------------------- training
-    def fit(self, model: Any, corpus: Any = None, **settings: Any) -> TunedLens:
-        """Train this lens on ``corpus`` in place with the KL objective; returns ``self``.
+    def fit(
+        self,
+        model: Any,
+        corpus: Any = None,
+        *,
+        n_tokens: int | None = None,
+        batch_size: int | None = None,
+        seed: int | None = None,
+        progress: bool = True,
+        quick: bool = False,
+        **settings: Any,
+    ) -> TunedLens:
+        """Train this lens on ``corpus`` (default: the embedded corpus) in place with the KL
+        objective; returns ``self``. An unshaped lens (``TunedLens()``) takes its shapes from
+        ``model``.
 
-        Keyword arguments are the fields of ``tlmicroscope.lenses.train.TrainConfig`` (``steps``,
-        ``recipe``, ``init``, ``out_dir``, ``resume``, ...). See ``train_tuned_lens``.
+        Keyword ``settings`` are fields of ``tlmicroscope.lenses.train.TrainConfig`` (``steps``,
+        ``recipe``, ``init``, ``out_dir``, ``resume``, ...) and override those given to
+        ``__init__``. The shared names: ``n_tokens`` (training tokens: sets ``steps`` to
+        ``n_tokens // tokens_per_step``), ``batch_size`` (windows per forward pass: sets
+        ``micro_batch_tokens``), ``seed``, ``progress``; ``quick=True`` takes ``QUICK`` for what
+        is not given and records the lens as quick. See ``train_tuned_lens``.
+
+        Examples:
+            >>> from tlmicroscope.models import tiny_model
+            >>> model = tiny_model(n_layers=2)
+            >>> lens = TunedLens(steps=2, tokens_per_step=64, seq_len=32, init_tokens=64,
+            ...                  precision="fp32")
+            >>> lens = lens.fit(model, ["The tuned lens reads each layer. " * 40], progress=False)
+            >>> tuple(lens.weight.shape), lens.settings["steps"]
+            ((2, 32, 32), 2)
         """
         from tlmicroscope.lenses.train import TrainConfig, train_tuned_lens
 
-        train_tuned_lens(model, corpus, TrainConfig(**settings), lens=self)
+        cfg = {**self.train_settings, **_check_train_settings(settings)}
+        if quick:
+            cfg = {**self.QUICK, **cfg}
+        cfg["progress"] = bool(progress)
+        if seed is not None:
+            cfg["seed"] = int(seed)
+        seq_len = int(cfg.get("seq_len", TrainConfig.seq_len))
+        if batch_size is not None:
+            cfg["micro_batch_tokens"] = int(batch_size) * seq_len
+        if n_tokens is not None:
+            per_step = int(cfg.get("tokens_per_step", TrainConfig.tokens_per_step))
+            cfg["steps"] = max(1, int(n_tokens) // per_step)
+        if not self.n_layers:
+            self.has_bias = bool(cfg.get("bias", self.has_bias))
+            self._allocate(
+                model.cfg.n_layers,
+                model.cfg.d_model,
+                dtype=self.weight.dtype,
+                device=model.W_U.device,
+            )
+        self.quick = bool(quick)
+        train_tuned_lens(model, corpus, TrainConfig(**cfg), lens=self)
         return self
 
     # ---------------------------------------------------------------------------------- files
@@ -194,26 +277,39 @@ class TunedLens(torch.nn.Module):
             "parametrization": "h + h @ weight[l].T + bias[l], readout with the final norm",
             "hook": "blocks.{l}.hook_resid_pre",
             "settings": self.settings,
+            "quick": bool(self.quick),
         }
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Save as ``path/tensors.safetensors`` + ``path/config.json`` (atomically)."""
+    def save(self, path: str | os.PathLike | None = None) -> Path:
+        """Save as ``path/tensors.safetensors`` + ``path/config.json`` (atomically); ``path=None``
+        saves to the artifact store's place for its model (``artifacts.artifact_path``)."""
+        from tlmicroscope.artifacts import save_path
+
+        if not self.n_layers:
+            raise ValueError("This TunedLens has no translators yet: call .fit(model) first.")
         tensors = {"weight": self.weight.detach().float(), "bias": self.bias.detach().float()}
         return save_fitted(
-            path, tensors, kind=KIND, config=self.config(), fingerprint=self.model_info
+            save_path(self.kind, path, self.model_info),
+            tensors,
+            kind=KIND,
+            config=self.config(),
+            fingerprint=self.model_info,
         )
 
     @classmethod
-    def load(cls, path: str | os.PathLike, model: Any = None) -> TunedLens:
-        """Load a saved lens (ours, or the reference package's ``params.pt`` folder).
+    def load(cls, path: str | os.PathLike | None = None, model: Any = None) -> TunedLens:
+        """Load a saved lens (ours, or the reference package's ``params.pt`` folder);
+        ``path=None`` reads the artifact store's lens for ``model``.
 
         Raises:
             FittedFileError: a missing, truncated or corrupt file, or tensors of the wrong shape.
             ModelMismatchError: ``model`` is not the model the lens was saved for (names the field).
+            tlmicroscope.artifacts.MissingArtifactError: ``path=None`` and the store has none.
         """
+        from tlmicroscope.artifacts import load_path
         from tlmicroscope.lenses import reference_format
 
-        path = Path(path)
+        path = load_path(cls.kind, path, model)
         if reference_format.is_reference_folder(path):
             return reference_format.load_reference_lens(path, model)
         from tlmicroscope.lenses._tuned_checkpoint import _finish_lens_move
@@ -246,8 +342,8 @@ class TunedLens(torch.nn.Module):
             d_model,
         ):
             raise FittedFileError(
-                f"{path}: weight {tuple(weight.shape)} and bias {tuple(bias.shape)} do not match the "
-                f"config (n_layers={n_layers}, d_model={d_model}); the file is corrupt."
+                f"{path}: weight {tuple(weight.shape)} and bias {tuple(bias.shape)} do not match "
+                f"the config (n_layers={n_layers}, d_model={d_model}); the file is corrupt."
             )
         if not (torch.isfinite(weight).all() and torch.isfinite(bias).all()):
             raise FittedFileError(f"{path} holds NaN or infinite translator values; it is corrupt.")
@@ -259,6 +355,7 @@ class TunedLens(torch.nn.Module):
             settings=settings,
             device=device,
         )
+        lens.quick = _config_bool(cfg, "quick", cfg_file, default=False)
         with torch.no_grad():
             lens.weight.copy_(weight)
             lens.bias.copy_(bias)
@@ -269,7 +366,10 @@ class TunedLens(torch.nn.Module):
     # ------------------------------------------------------------------------------- display
     def extra_repr(self) -> str:
         model = (self.model_info or {}).get("name")
-        return f"n_layers={self.n_layers}, d_model={self.d_model}, bias={self.has_bias}, model={model!r}"
+        return (
+            f"n_layers={self.n_layers}, d_model={self.d_model}, bias={self.has_bias}, "
+            f"model={model!r}"
+        )
 
     def __len__(self) -> int:
         return self.n_layers
@@ -282,3 +382,19 @@ class TunedLens(torch.nn.Module):
             if key in s:
                 parts.append(f"{key}={s[key]}")
         return ", ".join(parts)
+
+
+def _check_train_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """``settings`` if every name is a ``TrainConfig`` field, else a ``TypeError`` listing them."""
+    import dataclasses
+
+    from tlmicroscope.lenses.train import TrainConfig
+
+    valid = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(settings) - valid)
+    if unknown:
+        raise TypeError(
+            f"Unknown tuned-lens training setting(s) {unknown}; the settings are the fields of "
+            f"TrainConfig: {', '.join(sorted(valid))}."
+        )
+    return dict(settings)
