@@ -1,4 +1,4 @@
-"""The demo: quick fits of what the store lacks, then a report on which every default section draws."""
+"""The demo: quick fits of what the store lacks, then a report where every default section draws."""
 
 from __future__ import annotations
 

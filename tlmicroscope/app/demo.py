@@ -271,15 +271,54 @@ def _fit_one(
     fit: DemoFit, model: Any, lens: Any, corpus: Any, seconds: float, progress: bool
 ) -> Any:
     """Fit the quick ``fit.kind`` for ``model`` into the store; returns the fitted object."""
+    import warnings
+
     settings = quick_settings(fit.kind, model)
-    if fit.kind == "causal-basis":
-        obj = _fit_basis(model, lens, corpus, settings, progress)
-    else:
-        if fit.kind == "tuned-lens":  # stops with what it has when its share of the budget is spent
-            settings["max_seconds"] = max(1.0, seconds)
-        obj = _fit_contract(artifacts.artifact_class(fit.kind), model, corpus, settings, progress)
+    with warnings.catch_warnings():  # the log line after the fit states N and the chance floor
+        warnings.filterwarnings("ignore", message=".*chance floor.*")
+        if fit.kind == "causal-basis":
+            obj = _fit_basis(model, lens, corpus, settings, progress)
+        else:
+            if fit.kind == "tuned-lens":  # stops with what it has once its share is spent
+                settings["max_seconds"] = max(1.0, seconds)
+            cls = artifacts.artifact_class(fit.kind)
+            obj = _fit_contract(cls, model, corpus, settings, progress)
     _save_quick(obj, fit.path(model))
     return obj
+
+
+def _summary(kind: str, obj: Any) -> str:
+    """What a quick fit reached, in a phrase: does the estimate still mean something?"""
+    try:
+        if kind == "nonlinearity-reference":
+            score, n = obj.linearity_.score, int(obj.n_tokens_)
+            d = int(obj.maps_.shape[-1])
+            return (
+                f"{n} tokens, linearity {float(score.min()):.3f}..{float(score.max()):.3f} "
+                f"(chance floor d/(N-1) = {d / (n - 1):.2f})"
+            )
+        if kind == "contextualization-probe":
+            h = list(obj.history_)
+            k = max(1, len(h) // 10)
+            return f"{len(h)} steps, loss {sum(h[:k]) / k:.2f} -> {sum(h[-k:]) / k:.2f} nats"
+        if kind == "tuned-lens":
+            kl = obj.settings.get("final_train_kl") or []
+            at = ", ".join(f"layer {i} {kl[i]:.2f}" for i in (0, len(kl) // 2, len(kl) - 1))
+            return f"{obj.settings.get('steps')} steps; held-out KL {at} nats" if kl else ""
+        if kind == "causal-basis":
+            e = obj.energies
+            return (
+                f"k={int(e.numel())} at layer {obj.layer}, energies {float(e.max()):.3f}.."
+                f"{float(e.min()):.3f} nats, {int(obj.converged.sum())} converged"
+            )
+    except (
+        AttributeError,
+        TypeError,
+        ValueError,
+        IndexError,
+    ):  # a summary is never worth a failure
+        return ""
+    return ""
 
 
 def _say(msg: str) -> None:
@@ -336,7 +375,11 @@ def ensure_demo_fits(
             obj = _fit_one(fit, model, lens, corpus, share * remaining, progress)
             if fit.kind == "tuned-lens":
                 lens = obj
-            _say(f"quick {fit.title} fitted in {time.perf_counter() - t0:.0f} s")
+            note = _summary(fit.kind, obj)
+            _say(
+                f"quick {fit.title} fitted in {time.perf_counter() - t0:.0f} s"
+                + (f": {note}" if note else "")
+            )
             bar.update()
     for fit, why in left_out:
         _say(
