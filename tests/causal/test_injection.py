@@ -38,7 +38,9 @@ def test_features_match_brute_force_lens_readout(tiny_gpt2):
     model = tiny_gpt2
     prompts = ["Q: 1+1?\nA:", "Q: hey\nA:"]
     choices = [[" 2", " 11", " 12"], [" yo", " hi", " h"]]
-    feats = injection_features(model, prompts, choices, ["logit", LogitLens.paper()], batch_size=2)
+    feats = injection_features(
+        model, prompts, choices=choices, lenses=["logit", LogitLens.paper()], batch_size=2
+    )
     L = model.cfg.n_layers
     assert feats.loglik["logit"].shape == (2, L + 1, 3) and feats.hidden.shape == (2, L + 1, 32)
     # The output row is the model's own answer log-likelihood.

@@ -533,7 +533,9 @@ def test_injection_features(fam):
 
     prompts = ["Q: 1+1?\nA:", "Q: hey\nA:"]
     choices = [[" 2", " 11"], [" yo", " hi"]]
-    feats = injection_features(fam["model"], prompts, choices, ["logit"], batch_size=2)
+    feats = injection_features(
+        fam["model"], prompts, choices=choices, lenses=["logit"], batch_size=2
+    )
     L = fam["L"]
     assert (
         feats.loglik["logit"].shape == (2, L + 1, 2) and torch.isfinite(feats.loglik["logit"]).all()

@@ -193,7 +193,12 @@ class InjectionDetector:
 
         ln = resolve_lens(lens if lens is not None else self.lens)
         feats = injection_features(
-            model, prompts, choices, [ln], batch_size=self.batch_size, progress=progress
+            model,
+            prompts,
+            choices=choices,
+            lenses=[ln],
+            batch_size=self.batch_size,
+            progress=progress,
         )
         ll = order_choices(feats.loglik[ln.name], self.choice_order)
         return ll.reshape(len(prompts), -1).numpy()

@@ -31,17 +31,18 @@ from jaxtyping import Float
 
 from tlmicroscope.capture import capture
 from tlmicroscope.causal.detector import InjectionDetector, MahalanobisDetector
+from tlmicroscope.deprecation import renamed_arguments
 from tlmicroscope.lenses.base import lens_logits, resolve_lens
 from tlmicroscope.lenses.readout import Readout
 from tlmicroscope.results import Provenance
 from tlmicroscope.tasks import (
     MultipleChoiceItem,
-    _pad_id,
-    _padded_batches,
-    _scoring_plan,
-    _targets_by_run,
     continuations,
     few_shot_prompts,
+    pad_token_id,
+    padded_batches,
+    scoring_plan,
+    targets_by_run,
 )
 
 __all__ = [
@@ -104,12 +105,15 @@ def injection_prompts(
     seed: int = 0,
     pool: Sequence[MultipleChoiceItem] | None = None,
 ) -> InjectionPrompts:
-    """Few-shot prompts (shots from the same category of ``pool``, default ``items``) and their injected twins.
+    """Few-shot prompts and their injected twins.
+
+    The shots come from the same category of ``pool`` (default ``items``).
 
     Examples:
         >>> from tlmicroscope.tasks import load_tasks
         >>> p = injection_prompts(load_tasks("capitals")[:4], n_shots=1)
-        >>> len(p.clean), p.injected[0].count("Ignore any previous"), p.wrong[0] != p.items[0].answer
+        >>> n_ignore = p.injected[0].count("Ignore any previous")
+        >>> len(p.clean), n_ignore, p.wrong[0] != p.items[0].answer
         (4, 1, True)
     """
     items = list(items)
@@ -136,12 +140,15 @@ class InjectionFeatures:
     hidden: Float[torch.Tensor, "n_prompts layer d_model"]
 
 
+@renamed_arguments(
+    renamed={"prompts": "tokens"}, old_positional=("model", "tokens", "choices", "lenses")
+)
 def injection_features(
     model: Any,
-    prompts: Sequence[str],
+    tokens: Sequence[str] | None = None,
+    *,
     choices: Sequence[Sequence[str]],
     lenses: Any = ("logit",),
-    *,
     batch_size: int = 8,
     progress: bool = False,
 ) -> InjectionFeatures:
@@ -149,8 +156,30 @@ def injection_features(
 
     One forward pass per (prompt, choice) captures the residual stream; each lens reads the
     positions that predict the continuation's tokens, and their log-probabilities are summed.
+
+    Args:
+        model: A TransformerLens model with a tokenizer.
+        tokens: The prompts, one text each.
+        choices: Per prompt, the answer continuations to score (texts).
+        lenses: A lens or a list of lenses with distinct names, all read from the same passes.
+        batch_size: (Prompt, choice) sequences per forward pass.
+        progress: Show a tqdm bar over batches.
+
+    The old form ``injection_features(model, prompts, choices, lenses)`` still works for one
+    release, with a ``DeprecationWarning``.
+
+    Examples:
+        >>> from tlmicroscope.models import tiny_model
+        >>> model = tiny_model(n_layers=1)
+        >>> feats = injection_features(model, ["Q: 1+1=", "Q: 2+2="], choices=[[" 2", " 3"]] * 2)
+        >>> tuple(feats.loglik["logit"].shape)  # [prompt layer choice]
+        (2, 2, 2)
     """
     from tqdm.auto import tqdm
+
+    if tokens is None:
+        raise ValueError("Pass the prompts: injection_features(model, prompts, choices=...).")
+    prompts = tokens
 
     lenses = [resolve_lens(x) for x in (lenses if isinstance(lenses, (list, tuple)) else [lenses])]
     for ln in lenses:
@@ -160,12 +189,12 @@ def injection_features(
         raise ValueError(f"The lenses need distinct names, got {names}.")
     L, d = int(model.cfg.n_layers), int(model.cfg.d_model)
     n_choices = max(len(c) for c in choices)
-    runs, targets = _scoring_plan(model, prompts, choices)
-    by_run = _targets_by_run(targets)
+    runs, targets = scoring_plan(model, prompts, choices)
+    by_run = targets_by_run(targets)
     readout = Readout.for_model(model)
     loglik = {n: torch.full((len(prompts), L + 1, n_choices), -torch.inf) for n in names}
     hidden = torch.empty(len(prompts), L + 1, d)
-    batches = list(_padded_batches(runs, batch_size, _pad_id(model)))
+    batches = list(padded_batches(runs, batch_size, pad_token_id(model)))
     for idx, toks in tqdm(batches, desc="answer trajectories", disable=not progress):
         cap = capture(model, toks.to(model.W_U.device), sites=("resid",))
         resid = cap["resid"].float()  # [L+1 batch pos d]
@@ -248,7 +277,7 @@ def _split_scores(
         raise ValueError(
             f"Got {n} clean but {len(injected)} injected examples; they must be paired."
         )
-    n_train = int(round(train_fraction * n))
+    n_train = round(train_fraction * n)
     if n_train < 3 or n - n_train < 2:
         raise ValueError(
             f"{n} items are too few for a {train_fraction:.0%} train split; use at least 12."
@@ -269,7 +298,7 @@ def _split_scores(
 def _auroc_interval(
     splits: list[tuple[np.ndarray, np.ndarray]], *, n_boot: int, level: float, seed: int
 ) -> tuple[float, float]:
-    """Percentile interval of the AUROC, pooling ``n_boot`` stratified resamples spread over the splits.
+    """Percentile interval of the AUROC from ``n_boot`` stratified resamples spread over the splits.
 
     Each resample redraws a split's clean and injected test scores with replacement (separately,
     so both classes stay present); pooling over splits adds the split-to-split spread.
@@ -338,7 +367,8 @@ class InjectionResult:
         auroc_ci: ``{feature set: (low, high)}`` percentile bootstrap interval of the AUROC (test
             prompts resampled within each split, pooled over the splits); empty when ``n_boot=0``.
         mode: ``"default"`` or ``"paper"`` (see the module docstring).
-        task_type: ``"fixed-label"`` when every item has the same answer labels, else ``"item-specific"``.
+        task_type: ``"fixed-label"`` when every item has the same answer labels, else
+            ``"item-specific"``.
     """
 
     auroc: dict[str, np.ndarray]
@@ -411,20 +441,14 @@ def injection_experiment(
         >>> from tlmicroscope.models import tiny_model
         >>> from tlmicroscope.tasks import load_tasks
         >>> res = injection_experiment(tiny_model(n_layers=1, n_ctx=512), load_tasks("arithmetic"),
-        ...                            n_items=16, n_shots=1, n_splits=3, n_boot=50, progress=False)
+        ...                            n_items=16, n_shots=1, n_splits=3, n_boot=50,
+        ...                            progress=False)
         >>> sorted(res.auroc), len(res.auroc["logit"])
         (['logit', 'mahalanobis', 'output'], 3)
     """
-    from tlmicroscope.tasks import load_tasks
-
     if mode not in ("default", "paper"):
         raise ValueError(f"mode must be 'default' or 'paper', got {mode!r}.")
-    pool = list(items) if items is not None else load_tasks()
-    if not pool:
-        raise ValueError("No items to run the experiment on.")
-    chosen = pool
-    if n_items is not None and n_items < len(pool):
-        chosen = random.Random(seed).sample(pool, n_items)
+    pool, chosen = _choose_items(items, n_items, seed)
     prompts = injection_prompts(chosen, n_shots=n_shots, seed=seed, pool=pool)
     conts = [continuations(it) for it in chosen]
     lens_list = [
@@ -434,8 +458,8 @@ def injection_experiment(
         kind: injection_features(
             model,
             getattr(prompts, kind),
-            conts,
-            lens_list,
+            choices=conts,
+            lenses=lens_list,
             batch_size=batch_size,
             progress=progress,
         )
@@ -452,52 +476,15 @@ def injection_experiment(
             "Paper mode needs every item to have the same number of choices (one task at a "
             "time); run injection_by_task, or pick items of one category."
         )
-
-    def detector_fit(train: np.ndarray):
-        det = InjectionDetector(detector, random_state=seed, standardize=not paper).fit(train)
-        return det.score
-
-    def lens_feats(kind: str, name: str, output_only: bool = False) -> np.ndarray:
-        ll = feats[kind].loglik[name]
-        if output_only:
-            ll = ll[:, L:]
-        if paper:
-            return paper_features(ll).numpy()
-        return (
-            order_choices(ll, choice_order).reshape(len(chosen), -1).numpy()
-            if not output_only
-            else order_choices(feats[kind].loglik[name], choice_order)[:, L].numpy()
-        )
-
-    test_injected = "all" if paper else "held_out"
-    splits: dict[str, list] = {}
-    for ln in lens_list:
-        splits[ln.name] = _split_scores(
-            detector_fit,
-            lens_feats("clean", ln.name),
-            lens_feats("injected", ln.name),
-            n_splits=n_splits,
-            train_fraction=0.75,
-            seed=seed,
-            test_injected=test_injected,
-        )
-    splits["output"] = _split_scores(
-        detector_fit,
-        lens_feats("clean", lens_list[0].name, True),
-        lens_feats("injected", lens_list[0].name, True),
+    splits = _detector_splits(
+        feats,
+        [ln.name for ln in lens_list],
+        L,
+        detector=detector,
+        paper=paper,
+        choice_order=choice_order,
         n_splits=n_splits,
-        train_fraction=0.75,
         seed=seed,
-        test_injected=test_injected,
-    )
-    splits["mahalanobis"] = _split_scores(
-        lambda tr: MahalanobisDetector().fit(tr).score,
-        feats["clean"].hidden.numpy(),
-        feats["injected"].hidden.numpy(),
-        n_splits=n_splits,
-        train_fraction=0.75,
-        seed=seed,
-        test_injected=test_injected,
     )
     from sklearn.metrics import roc_auc_score
 
@@ -548,6 +535,94 @@ def task_type(items: Sequence[MultipleChoiceItem]) -> str:
     return "fixed-label" if len({tuple(it.choices) for it in items}) == 1 else "item-specific"
 
 
+def _choose_items(
+    items: Sequence[MultipleChoiceItem] | None, n_items: int | None, seed: int
+) -> tuple[list[MultipleChoiceItem], list[MultipleChoiceItem]]:
+    """``(pool, chosen)``: the items (default: the shipped set), a seeded sample of ``n_items``."""
+    from tlmicroscope.tasks import load_tasks
+
+    pool = list(items) if items is not None else load_tasks()
+    if not pool:
+        raise ValueError("No items to run the experiment on.")
+    chosen = pool
+    if n_items is not None and n_items < len(pool):
+        chosen = random.Random(seed).sample(pool, n_items)
+    return pool, chosen
+
+
+def _feature_matrix(
+    features: InjectionFeatures,
+    name: str,
+    n_layers: int,
+    *,
+    paper: bool,
+    choice_order: str,
+    output_only: bool = False,
+) -> np.ndarray:
+    """One row per prompt: lens ``name``'s log-likelihoods (every layer, or only the output)."""
+    ll = features.loglik[name]
+    if paper:
+        return paper_features(ll[:, n_layers:] if output_only else ll).numpy()
+    ordered = order_choices(ll, choice_order)
+    if output_only:
+        return ordered[:, n_layers].numpy()
+    return ordered.reshape(ordered.shape[0], -1).numpy()
+
+
+def _detector_splits(
+    feats: dict[str, InjectionFeatures],
+    names: list[str],
+    n_layers: int,
+    *,
+    detector: str,
+    paper: bool,
+    choice_order: str,
+    n_splits: int,
+    seed: int,
+) -> dict[str, list]:
+    """Per feature set (each lens, the output alone, Mahalanobis on the hidden state), the
+    ``(labels, scores)`` of every train/test split."""
+
+    def detector_fit(train: np.ndarray):
+        det = InjectionDetector(detector, random_state=seed, standardize=not paper).fit(train)
+        return det.score
+
+    def matrix(kind: str, name: str, output_only: bool = False) -> np.ndarray:
+        return _feature_matrix(
+            feats[kind],
+            name,
+            n_layers,
+            paper=paper,
+            choice_order=choice_order,
+            output_only=output_only,
+        )
+
+    common = {
+        "n_splits": n_splits,
+        "train_fraction": 0.75,
+        "seed": seed,
+        "test_injected": "all" if paper else "held_out",
+    }
+    splits: dict[str, list] = {}
+    for name in names:
+        splits[name] = _split_scores(
+            detector_fit, matrix("clean", name), matrix("injected", name), **common
+        )
+    splits["output"] = _split_scores(
+        detector_fit,
+        matrix("clean", names[0], True),
+        matrix("injected", names[0], True),
+        **common,
+    )
+    splits["mahalanobis"] = _split_scores(
+        lambda tr: MahalanobisDetector().fit(tr).score,
+        feats["clean"].hidden.numpy(),
+        feats["injected"].hidden.numpy(),
+        **common,
+    )
+    return splits
+
+
 def injection_by_task(
     model: Any,
     items: Sequence[MultipleChoiceItem] | None = None,
@@ -577,8 +652,9 @@ def injection_by_task(
     Examples:
         >>> from tlmicroscope.models import tiny_model
         >>> from tlmicroscope.tasks import load_tasks
-        >>> table, _ = injection_by_task(tiny_model(n_layers=1, n_ctx=512), load_tasks(["arithmetic", "sentiment"]),
-        ...                              n_items=16, n_shots=1, n_splits=2, n_boot=50, progress=False)
+        >>> items = load_tasks(["arithmetic", "sentiment"])
+        >>> table, _ = injection_by_task(tiny_model(n_layers=1, n_ctx=512), items, n_items=16,
+        ...                              n_shots=1, n_splits=2, n_boot=50, progress=False)
         >>> sorted(set(zip(table.task, table.task_type)))
         [('arithmetic', 'item-specific'), ('sentiment', 'fixed-label')]
     """
