@@ -79,6 +79,11 @@ def test_demo_fits_what_is_missing_and_every_default_section_draws(tiny_llama, f
         records = {r.kind: r for r in artifacts.list_artifacts(model)}
         assert set(records) == {f.kind for f in demo.DEMO_FITS}
         assert all(r.quick for r in records.values())
+        # loaded back, each says it is quick (the captions read this) and has the demo's settings
+        for fit in demo.DEMO_FITS:
+            assert artifacts.is_quick(artifacts.load_artifact(fit.kind, model, variant=fit.variant))
+        probe = artifacts.load_artifact("contextualization-probe", model)
+        assert probe.steps_done_ == 4  # _small_settings, not the class's own quick steps
         # the store is complete: a second run fits nothing
         assert demo.plan_demo_fits(model, demo._store_lens(model)) == []
     # the stored reference is the fit the quick settings make, done here independently

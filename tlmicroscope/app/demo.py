@@ -203,9 +203,10 @@ def _accepts(fn: Callable[..., Any]) -> tuple[set[str], bool]:
 def _fit_contract(
     cls: type, model: Any, corpus: Any, settings: dict[str, Any], progress: bool
 ) -> Any:
-    """``cls(**init).fit(model, corpus, **rest, quick=True)``, the settings split between the two
-    by their signatures (the fitted-object contract of ``tlmicroscope.artifacts``). A setting
-    ``fit`` names goes to ``fit``, where it overrides the class's own quick settings."""
+    """``cls(**init).fit(model, corpus, **rest)``, the settings split between the two by their
+    signatures (the fitted-object contract of ``tlmicroscope.artifacts``: a setting ``fit`` names
+    goes to ``fit``). ``quick=True`` is not passed: it would fill in the class's own ``QUICK``
+    settings over the demo's; :func:`_save_quick` records the fit as quick instead."""
     init_names, _ = _accepts(cls.__init__)
     fit_names, fit_kwargs = _accepts(cls.fit)
     init = {k: v for k, v in settings.items() if k in init_names and k not in fit_names}
@@ -217,8 +218,6 @@ def _fit_contract(
         )
     if "progress" in fit_names or fit_kwargs:
         rest.setdefault("progress", progress)
-    if "quick" in fit_names:
-        rest["quick"] = True
     required = [
         p.name
         for p in list(inspect.signature(cls.__init__).parameters.values())[1:]
