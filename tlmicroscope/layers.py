@@ -50,6 +50,7 @@ __all__ = [
     "BLOCK_SITES",
     "BLOCK_SITE_ORDER",
     "NORM_SUFFIX",
+    "RESIDUAL_AXIS",
     "LayerLabels",
     "Site",
     "as_str_tokens",
@@ -72,6 +73,9 @@ __all__ = [
 
 #: Appended to a residual's label after the final norm: ``"h30·norm"``.
 NORM_SUFFIX = "·norm"
+
+#: Axis title for a figure whose axis is the residual h^l.
+RESIDUAL_AXIS = "residual h^l (h0 = embeddings, hL = last block's output)"
 
 #: Block sites: hook-name template (``{l}`` the block) and a one-line description.
 BLOCK_SITES: dict[str, tuple[str, str]] = {

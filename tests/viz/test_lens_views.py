@@ -28,7 +28,7 @@ def synthetic_trajectory(n_layers=2, n_pos=4, k=3):
     )
     return PredictionTrajectory(
         layers=tuple(range(n_layers + 1)),
-        layer_labels=tuple(str(i) for i in range(n_layers)) + ("out",),
+        layer_labels=tuple(f"h{i}" for i in range(n_layers + 1)),
         tokens=torch.arange(n_pos).unsqueeze(0),
         str_tokens=[[f"w{i}" for i in range(n_pos)]],
         targets=torch.tensor([[1, 2, 3, -1]]),
@@ -52,7 +52,7 @@ def test_heatmap_values_text_and_hover():
     np.testing.assert_allclose(heat.z, traj.kl[:, 0].numpy(), rtol=1e-6)
     assert heat.text[2][1] == "t210"
     assert "w1 → next w2" in heat.customdata[0][1] and "t011: " in heat.customdata[0][1]
-    assert list(fig.layout.yaxis.ticktext) == ["0", "1", "out"]
+    assert list(fig.layout.yaxis.ticktext) == ["h0", "h1", "h2"]
 
 
 def test_rank_is_coloured_on_a_log_scale_and_positions_select():

@@ -54,7 +54,8 @@ def affine_map(
 
 
 class _AblatedKL(torch.autograd.Function):
-    """mean_i KL(P_i || softmax(z_i)), z_i = r_i (Zc_i + c_i u) + b, u = w̃ W; gradient in (w̃, c, r).
+    """mean_i KL(P_i || softmax(z_i)), z_i = r_i (Zc_i + c_i u) + b, u = w̃ W; gradient in (w̃, c,
+    r).
 
     The gradient is accumulated during the forward pass (every L-BFGS evaluation wants both), a
     block of rows at a time in two preallocated buffers. With t = z - max(z),
@@ -75,7 +76,8 @@ class _AblatedKL(torch.autograd.Function):
     def forward(ctx, wc, c, r, obj: LensAblationObjective):  # type: ignore[override]
         n = obj.n
         u = wc @ obj.W
-        # The P-terms need no [N V] pass: P u = (P Wᵀ) w̃, and Wᵀ's share of dKL/dw̃ is -(P Wᵀ)ᵀ (r c).
+        # The P-terms need no [N V] pass: P u = (P Wᵀ) w̃, and Wᵀ's share of dKL/dw̃ is -(P Wᵀ)ᵀ (r
+        # c).
         Pu = obj.PW @ wc
         pz = r * (obj.pz + c * Pu) + obj.pb  # P·z for every row
         rc = r * c
@@ -130,7 +132,9 @@ def _capped_block(
     g_c: torch.Tensor,
     g_r: torch.Tensor,
 ) -> torch.Tensor:
-    """Rows lo:hi of the energy through a soft cap; accumulates the gradients, returns the KL sum."""
+    """Rows lo:hi of the energy through a soft cap; accumulates the gradients, returns the KL
+    sum.
+    """
     cap = obj.softcap
     d = obj.cap_buffer(hi - lo)
     P = obj.P[lo:hi]
@@ -211,7 +215,9 @@ class LensAblationObjective:
             self._precompute(h @ self.M + b0)
 
     def buffers(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Two reusable ``[rows d_vocab]`` work buffers (allocating them per call costs page faults)."""
+        """Two reusable ``[rows d_vocab]`` work buffers (allocating them per call costs page
+        faults).
+        """
         buf = getattr(self, "_buf", None)
         if buf is None or buf.shape[1] < rows:
             buf = self._buf = torch.empty(

@@ -1,4 +1,5 @@
-"""``ComponentStates``: captured latent states with their labels, and the preprocessing of the reference.
+"""``ComponentStates``: captured latent states with their labels, and the preprocessing of the
+reference.
 
 A state is one (component, layer) pair; the activations are ``[state batch pos d_model]``. The
 preprocessing options follow Vainateya/Feature_Geometry_Visualization, in its order: average over
@@ -125,7 +126,8 @@ class ComponentStates:
 
     def state_labels(self) -> LayerLabels:
         """One label per state from the layer vocabulary: ``"h0"``, ``"b3.attn_out"``, ``"h4"``
-        (block 3's ``resid_post``), ..., ``"hL·norm"``; ``"attn_out mean"`` after averaging layers."""
+        (block 3's ``resid_post``), ..., ``"hL·norm"``; ``"attn_out mean"`` after averaging
+        layers."""
         return layer_labels(
             component_label(c, lay, self.n_layers) for c, lay in zip(self.components, self.layers)
         )

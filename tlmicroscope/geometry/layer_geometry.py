@@ -39,9 +39,9 @@ from tlmicroscope.geometry.intrinsic_dimension import (
 )
 from tlmicroscope.geometry.neighbours import as_points, nearest_neighbours, overlap_from_indices
 from tlmicroscope.inputs import TextOrTokens, resolve_input
+from tlmicroscope.layers import residual_labels
 from tlmicroscope.lenses.readout import Readout
 from tlmicroscope.models import access
-from tlmicroscope.layers import residual_labels
 from tlmicroscope.results import Provenance
 
 __all__ = ["LayerGeometry", "cloud_geometry", "layer_geometry", "min_tokens"]
@@ -237,7 +237,9 @@ _LOGIT_FRAMES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _logit_frame(model: Any, readout: Readout) -> torch.Tensor:
-    """``C`` with ``C C^T = W W^T`` (float64), so ``|n_i C - n_j C| = |z_i - z_j|``; cached per model."""
+    """``C`` with ``C C^T = W W^T`` (float64), so ``|n_i C - n_j C| = |z_i - z_j|``; cached per
+    model.
+    """
     key = (readout.W.data_ptr(), tuple(readout.W.shape))
     hit = _LOGIT_FRAMES.get(model)
     if hit is not None and hit[0] == key:
@@ -291,6 +293,109 @@ def min_tokens(max_scale: int | None = None, overlap_k: Sequence[int] = (1, 2, 3
     """
     ks = [int(k) for k in overlap_k]
     return max(3, max(ks, default=0) + 1, 0 if max_scale is None else int(max_scale) + 1)
+
+
+def _stacked(
+    stats: dict[int, _CloudStats],
+    overlaps: dict[int, torch.Tensor],
+    layers: Sequence[int],
+    ks: Sequence[int],
+) -> dict[str, torch.Tensor]:
+    """The per-layer statistics as ``LayerGeometry``'s ``[layer ...]`` tensors."""
+    n_pairs = len(layers) - 1
+    nan_pairs = torch.full((len(ks),), _NAN, dtype=torch.float64)
+    return {
+        "gride": torch.stack([stats[l].gride for l in layers]),
+        "gride_error": torch.stack([stats[l].gride_error for l in layers]),
+        "twonn": torch.tensor([stats[l].twonn for l in layers], dtype=torch.float64),
+        "overlap": torch.stack([overlaps.get(l, nan_pairs) for l in range(n_pairs)])
+        if ks
+        else torch.empty((n_pairs, 0), dtype=torch.float64),
+        "cosine": torch.tensor([stats[l].cosine.mean for l in layers], dtype=torch.float64),
+        "cosine_with_diagonal": torch.tensor(
+            [stats[l].cosine.mean_with_diagonal for l in layers], dtype=torch.float64
+        ),
+        "n_unique": torch.tensor([stats[l].n_unique for l in layers]),
+    }
+
+
+def _prompt_length(
+    model: Any, cache: Any, toks: torch.Tensor | None, kmax: int, max_scale: int | None
+) -> int:
+    """The prompt's number of tokens, refused when too short for the estimators asked for."""
+    n_layers = model.cfg.n_layers
+    if toks is not None:
+        n_pos = int(toks.shape[1])
+    else:
+        if "blocks.0.hook_resid_pre" not in cache:
+            raise ValueError(
+                "The ActivationCache lacks blocks.0.hook_resid_pre. Run "
+                "model.run_with_cache(tokens, names_filter=lambda n: n.endswith('hook_resid_pre') "
+                f"or n == 'blocks.{n_layers - 1}.hook_resid_post') or pass the model."
+            )
+        n_pos = int(cache["blocks.0.hook_resid_pre"].shape[-2])
+    if max_scale is not None and n_pos < int(max_scale) + 1:
+        raise ValueError(
+            f"GRIDE at scale {max_scale} needs at least {int(max_scale) + 1} tokens, but the "
+            f"prompt has {n_pos}. Use a longer prompt (the paper uses 1024 tokens) or max_scale "
+            f"<= {gride_scales(None, max(3, n_pos))[-1]}."
+        )
+    if n_pos < 3:
+        raise ValueError(
+            f"The intrinsic dimension needs a prompt of at least 3 tokens, got {n_pos}."
+        )
+    if n_pos < kmax + 1:
+        raise ValueError(
+            f"The neighbourhood overlap at k={kmax} needs at least {kmax + 1} tokens, but the "
+            f"prompt has {n_pos}. Use a longer prompt or overlap_k up to {n_pos - 1}."
+        )
+    return n_pos
+
+
+def _cached_output_logits(
+    model: Any, cache: Any, output_logits: torch.Tensor | None, n_pos: int
+) -> torch.Tensor | None:
+    """With a cache, the cached run's ``[pos d_vocab]`` logits (checked), else ``None``."""
+    if output_logits is None or cache is None:
+        return None
+    z_out = output_logits.detach()
+    z_out = z_out[0] if z_out.ndim == 3 and z_out.shape[0] == 1 else z_out
+    if z_out.ndim != 2 or tuple(z_out.shape) != (n_pos, model.cfg.d_vocab):
+        raise ValueError(
+            f"output_logits must be the [1 {n_pos} {model.cfg.d_vocab}] logits of the cached "
+            f"run, got shape {tuple(output_logits.shape)}."
+        )
+    return z_out
+
+
+def _logit_statistics(
+    model: Any,
+    readout: Readout,
+    h_last: torch.Tensor,
+    scales: Sequence[int],
+    logits: bool,
+    toks: torch.Tensor | None,
+    model_logits: torch.Tensor | None,
+    z_out: torch.Tensor | None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, float, float]:
+    """GRIDE of the logits' cloud (with ``logits``), the contextual entropy and the loss."""
+    logits_ids = logits_err = None
+    entropy = loss = _NAN
+    if logits:
+        normed = readout.normalize(h_last.to(torch.float64))
+        coords = normed @ _logit_frame(model, readout).to(normed.device)
+        lst = cloud_geometry(coords, scales, overlap_k=0, with_cosine=False)
+        logits_ids, logits_err = lst.gride, lst.gride_error
+    if logits or (toks is not None and model_logits is not None):
+        if model_logits is not None:
+            z = model_logits[0]
+        elif z_out is not None:
+            z = z_out
+        else:  # a cache holds no logits: read them out of the last residual
+            z = readout(h_last.to(readout.W.dtype))
+        entropy, loss = _entropy_and_loss(z, None if toks is None else toks[0])
+        entropy = entropy if logits else _NAN
+    return logits_ids, logits_err, entropy, loss
 
 
 def layer_geometry(
@@ -358,41 +463,8 @@ def layer_geometry(
         raise ValueError(f"overlap_k must hold positive sizes, got {tuple(overlap_k)}.")
     kmax = max(ks) if ks else 0
     n_layers = model.cfg.n_layers
-    if toks is not None:
-        n_pos = int(toks.shape[1])
-    else:
-        if "blocks.0.hook_resid_pre" not in cache:
-            raise ValueError(
-                "The ActivationCache lacks blocks.0.hook_resid_pre. Run model.run_with_cache(tokens, "
-                "names_filter=lambda n: n.endswith('hook_resid_pre') or n == "
-                f"'blocks.{n_layers - 1}.hook_resid_post') or pass the model."
-            )
-        n_pos = int(cache["blocks.0.hook_resid_pre"].shape[-2])
-    if max_scale is not None and n_pos < int(max_scale) + 1:
-        raise ValueError(
-            f"GRIDE at scale {max_scale} needs at least {int(max_scale) + 1} tokens, but the prompt has "
-            f"{n_pos}. Use a longer prompt (the paper uses 1024 tokens) or max_scale <= "
-            f"{gride_scales(None, max(3, n_pos))[-1]}."
-        )
-    if n_pos < 3:
-        raise ValueError(
-            f"The intrinsic dimension needs a prompt of at least 3 tokens, got {n_pos}."
-        )
-    if n_pos < kmax + 1:
-        raise ValueError(
-            f"The neighbourhood overlap at k={kmax} needs at least {kmax + 1} tokens, but the prompt "
-            f"has {n_pos}. Use a longer prompt or overlap_k up to {n_pos - 1}."
-        )
-    if output_logits is not None and cache is not None:
-        z_out = output_logits.detach()
-        z_out = z_out[0] if z_out.ndim == 3 and z_out.shape[0] == 1 else z_out
-        if z_out.ndim != 2 or tuple(z_out.shape) != (n_pos, model.cfg.d_vocab):
-            raise ValueError(
-                f"output_logits must be the [1 {n_pos} {model.cfg.d_vocab}] logits of the cached "
-                f"run, got shape {tuple(output_logits.shape)}."
-            )
-    else:
-        z_out = None
+    n_pos = _prompt_length(model, cache, toks, kmax, max_scale)
+    z_out = _cached_output_logits(model, cache, output_logits, n_pos)
     scales = gride_scales(max_scale, n_pos)
     readout = Readout.for_model(model)
     stats: dict[int, _CloudStats] = {}
@@ -424,26 +496,11 @@ def layer_geometry(
             model, toks, lambda site, layer, act: measure(layer, act), sites=("resid",)
         )
     n_tokens = int(state["h_last"].shape[0])
-    logits_ids = logits_err = None
-    entropy = loss = _NAN
-    if logits:
-        h_last = state["h_last"].to(torch.float64)
-        normed = readout.normalize(h_last)
-        coords = normed @ _logit_frame(model, readout).to(normed.device)
-        lst = cloud_geometry(coords, scales, overlap_k=0, with_cosine=False)
-        logits_ids, logits_err = lst.gride, lst.gride_error
-    if logits or (toks is not None and model_logits is not None):
-        if model_logits is not None:
-            z = model_logits[0]
-        elif z_out is not None:
-            z = z_out
-        else:  # a cache holds no logits: read them out of the last residual
-            z = readout(state["h_last"].to(readout.W.dtype))
-        entropy, loss = _entropy_and_loss(z, None if toks is None else toks[0])
-        entropy = entropy if logits else _NAN
+    logits_ids, logits_err, entropy, loss = _logit_statistics(
+        model, readout, state["h_last"], scales, logits, toks, model_logits, z_out
+    )
     layers = tuple(range(n_layers + 1))
     labels = residual_labels(n_layers, final_norm=final_norm)
-    nan_pairs = torch.full((len(ks),), _NAN, dtype=torch.float64)
     prov = Provenance.from_model(
         model,
         geometry="token cloud",
@@ -456,20 +513,10 @@ def layer_geometry(
     return LayerGeometry(
         layers=layers,
         layer_labels=labels,
-        gride=torch.stack([stats[l].gride for l in layers]),
-        gride_error=torch.stack([stats[l].gride_error for l in layers]),
         gride_scales=tuple(scales),
-        twonn=torch.tensor([stats[l].twonn for l in layers], dtype=torch.float64),
         twonn_variant=twonn_variant,
-        overlap=torch.stack([overlaps.get(l, nan_pairs) for l in range(n_layers)])
-        if ks
-        else torch.empty((n_layers, 0), dtype=torch.float64),
         overlap_k=ks,
-        cosine=torch.tensor([stats[l].cosine.mean for l in layers], dtype=torch.float64),
-        cosine_with_diagonal=torch.tensor(
-            [stats[l].cosine.mean_with_diagonal for l in layers], dtype=torch.float64
-        ),
-        n_unique=torch.tensor([stats[l].n_unique for l in layers]),
+        **_stacked(stats, overlaps, layers, ks),
         logits_gride=logits_ids,
         logits_gride_error=logits_err,
         contextual_entropy=entropy,

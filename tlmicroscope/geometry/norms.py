@@ -18,7 +18,6 @@ import numpy as np
 import torch
 from jaxtyping import Float
 
-from tlmicroscope.layers import LayerLabels, component_label, layer_labels
 from tlmicroscope.geometry.components import (
     ComponentStates,
     _from_cache,
@@ -26,6 +25,7 @@ from tlmicroscope.geometry.components import (
     stream_states,
 )
 from tlmicroscope.inputs import TextOrTokens, resolve_input
+from tlmicroscope.layers import LayerLabels, component_label, layer_labels
 from tlmicroscope.results import Provenance
 
 __all__ = ["NormProfile", "norm_profile"]

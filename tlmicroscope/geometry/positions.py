@@ -48,8 +48,10 @@ class PositionalGeometry:
         vectors: ``[pos d_model]`` the vectors analysed (unit length if ``unit``).
         projection: PCA of ``vectors`` (field ``position``).
         cosine: ``[pos pos]`` cosine similarity between positions.
-        pc_frequency: Per component, the frequency of its best sinusoid in cycles over the positions.
-        pc_sinusoid_r2: Fraction of each component's variance that sinusoid (plus a constant) explains.
+        pc_frequency: Per component, the frequency of its best sinusoid in cycles over the
+            positions.
+        pc_sinusoid_r2: Fraction of each component's variance that sinusoid (plus a constant)
+            explains.
         convergence: Cosine of each position to the mean of the last tenth of positions.
         layers: Blocks averaged (``mean_residual`` only).
         n_windows: Windows averaged (``mean_residual`` only).
@@ -89,7 +91,8 @@ class PositionalGeometry:
 
 
 def fit_sinusoid(series: Any, *, oversample: int = 8) -> tuple[float, float]:
-    """Best single sinusoid (plus a constant) through a series, by least squares over a frequency grid.
+    """Best single sinusoid (plus a constant) through a series, by least squares over a frequency
+    grid.
 
     Returns:
         ``(frequency, r2)``: frequency in cycles over the series' length (0.5 to length/2), and the
@@ -164,7 +167,8 @@ def positional_geometry(
     """PCA of learned positional embeddings, or of the mean residual per position for rotary models.
 
     Args:
-        model_or_states: A model, or (rotary case) a ``ComponentStates`` already captured on windows.
+        model_or_states: A model, or (rotary case) a ``ComponentStates`` already captured on
+            windows.
         tokens: Rotary case: ``[batch pos]`` windows to average over (default: ``n_windows``
             windows of ``seq_len`` tokens from ``corpus``).
         n_components: Principal components kept (the reference shows 6, in 15 pairwise panels).

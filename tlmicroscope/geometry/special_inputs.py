@@ -21,13 +21,13 @@ import torch
 from jaxtyping import Float, Int
 
 from tlmicroscope._vocab import token_strings
-from tlmicroscope.layers import LayerLabels, component_label, layer_labels
 from tlmicroscope.geometry.components import (
     ComponentStates,
     capture_components,
     intermediate_layers,
 )
 from tlmicroscope.geometry.norms import norm_profile
+from tlmicroscope.layers import LayerLabels, component_label, layer_labels
 from tlmicroscope.results import Provenance
 
 __all__ = [
@@ -97,7 +97,9 @@ def repeated_token_sequence(
 def single_token_inputs(
     model: Any, token_ids: Sequence[int] | torch.Tensor | None = None, *, prepend_bos: bool = False
 ) -> Int[torch.Tensor, "batch pos"]:
-    """Each id as its own sequence: ``[n 1]``, or ``[n 2]`` behind a BOS (default: the whole vocabulary)."""
+    """Each id as its own sequence: ``[n 1]``, or ``[n 2]`` behind a BOS (default: the whole
+    vocabulary).
+    """
     d_vocab = int(model.cfg.d_vocab)
     ids = (
         torch.arange(d_vocab)
@@ -144,7 +146,9 @@ class VocabularyNorms:
         )
 
     def mean_norm(self, layers: Sequence[int] | None = None) -> Float[torch.Tensor, " token"]:
-        """Mean norm per token over these blocks (default the intermediate ones, as the reference)."""
+        """Mean norm per token over these blocks (default the intermediate ones, as the
+        reference).
+        """
         chosen = set(intermediate_layers(self.n_layers) if layers is None else layers)
         rows = [i for i, lay in enumerate(self.layers) if lay in chosen]
         if not rows:

@@ -92,7 +92,8 @@ class GeometrySweep:
         """A per-layer metric ``[record layer]`` at one shuffle level.
 
         ``name`` is ``"gride"`` (at ``scale``), ``"gride_error"``, ``"twonn"``, ``"overlap"`` (at
-        ``k``; one column per layer pair), ``"cosine"``, ``"cosine_with_diagonal"`` or ``"n_unique"``.
+        ``k``; one column per layer pair), ``"cosine"``, ``"cosine_with_diagonal"`` or
+        ``"n_unique"``.
         """
         rows = self.select(shuffle)
         if name in ("gride", "gride_error"):
@@ -245,6 +246,40 @@ def _append(path: Path, obj: dict[str, Any]) -> None:
 
 
 @renamed_arguments(renamed={"prompts": "corpus"})
+def _levels_and_seeds(
+    shuffle_levels: Sequence[int] | None, seeds: Sequence[int], n_pos: int
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The shuffle levels (default all for ``n_pos`` tokens) and seeds, checked."""
+    top = max_shuffle_level(n_pos)
+    levels = (
+        tuple(range(top + 1)) if shuffle_levels is None else tuple(int(s) for s in shuffle_levels)
+    )
+    if not levels or min(levels) < 0 or max(levels) > top:
+        raise ValueError(
+            f"Shuffle levels must lie in 0..{top} for {n_pos}-token prompts, got {levels}."
+        )
+    seeds = tuple(int(s) for s in seeds)
+    if not seeds:
+        raise ValueError("Pass at least one shuffle seed.")
+    return levels, seeds
+
+
+def _check_resumable(
+    existing: GeometrySweep, out: Path, settings: dict[str, Any], model: Any, resume: bool
+) -> None:
+    """Refuse to append to ``out`` unless resuming it with the same settings and model."""
+    if not resume:
+        raise ValueError(f"{out} already exists; pass resume=True to continue it, or another path.")
+    old = existing.header.get("settings", {})
+    for key, val in settings.items():
+        if old.get(key) != val:
+            raise ValueError(
+                f"{out} was written with {key}={old.get(key)!r}, not {val!r}; a resumed sweep "
+                "must use the same settings. Pass another --out path to start a new sweep."
+            )
+    check_fingerprint(existing.header.get("model", {}), model, what=f"The sweep {out}")
+
+
 def geometry_sweep(
     model: Any,
     corpus: Any = None,
@@ -296,18 +331,7 @@ def geometry_sweep(
     ctx = dist_context()
     toks = _prompts(model, corpus, seq_len, n_windows, window_seed)
     n_pos = toks.shape[1]
-    levels = (
-        tuple(range(max_shuffle_level(n_pos) + 1))
-        if shuffle_levels is None
-        else tuple(int(s) for s in shuffle_levels)
-    )
-    if not levels or min(levels) < 0 or max(levels) > max_shuffle_level(n_pos):
-        raise ValueError(
-            f"Shuffle levels must lie in 0..{max_shuffle_level(n_pos)} for {n_pos}-token prompts, got {levels}."
-        )
-    seeds = tuple(int(s) for s in seeds)
-    if not seeds:
-        raise ValueError("Pass at least one shuffle seed.")
+    levels, seeds = _levels_and_seeds(shuffle_levels, seeds, n_pos)
     settings = {
         "n_prompts": int(toks.shape[0]),
         "seq_len": int(n_pos),
@@ -326,18 +350,7 @@ def geometry_sweep(
         else None
     )
     if existing is not None:
-        if not resume:
-            raise ValueError(
-                f"{out} already exists; pass resume=True to continue it, or another path."
-            )
-        old = existing.header.get("settings", {})
-        for key, val in settings.items():
-            if old.get(key) != val:
-                raise ValueError(
-                    f"{out} was written with {key}={old.get(key)!r}, not {val!r}; a resumed sweep must use "
-                    "the same settings. Pass another --out path to start a new sweep."
-                )
-        check_fingerprint(existing.header.get("model", {}), model, what=f"The sweep {out}")
+        _check_resumable(existing, out, settings, model, resume)
     done = {_key(r) for r in existing.records} if existing is not None else set()
     todo = [w for w in _work(int(toks.shape[0]), levels, seeds) if w not in done]
     mine = todo[ctx.rank :: ctx.world_size]

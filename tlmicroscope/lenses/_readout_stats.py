@@ -1,4 +1,5 @@
-"""Per-row statistics of readout logits without a ``[rows d_vocab]`` tensor: the kernel of trajectories.
+"""Per-row statistics of readout logits without a ``[rows d_vocab]`` tensor: the kernel of
+trajectories.
 
 Reading out every layer costs one unembedding per layer; everything else must cost little next
 to it. For rows ``x`` (normalised residuals, many layers of a few positions stacked) the logits
@@ -97,7 +98,8 @@ def final_stats(
     extra: torch.Tensor | None = None,
     extra_group: int = 1,
 ) -> tuple[RowStats, torch.Tensor, torch.Tensor]:
-    """Statistics of the model's own logits ``zf`` ``[pos d_vocab]``, its distribution and block sums.
+    """Statistics of the model's own logits ``zf`` ``[pos d_vocab]``, its distribution and block
+    sums.
 
     Returns the statistics (``entropy`` is the final entropy, ``pz`` is ``sum p z``; with
     ``extra`` ids ``[pos m]``, their logits and the ranks of the best of each consecutive group
@@ -165,6 +167,9 @@ def _group_layout(
     return blocks, torch.cat(base), torch.cat(stride), torch.cat(end)
 
 
+# long-function: one streaming pass over the vocabulary blocks of every row's logits, whose
+# running sums (log-sum-exp, entropy, KL, ranks, top-k, extras) update in place per block while
+# the block is in cache; helpers per statistic would cost a call and a re-read per block each.
 def blocked_stats(
     x: torch.Tensor,
     WT: torch.Tensor,

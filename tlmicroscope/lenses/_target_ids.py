@@ -164,7 +164,8 @@ def resolve_targets(
 
     Raises:
         ValueError: an empty target list or set, an id outside the vocabulary, a string that is
-            not in it, per-row targets whose count differs from the rows', or names of the wrong length.
+            not in it, per-row targets whose count differs from the rows', or names of the wrong
+            length.
         TypeError: a target of another type.
     """
     notes: list[str] = []

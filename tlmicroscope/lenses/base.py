@@ -138,7 +138,8 @@ def check_lens_sites(lens: Any, sites: Any) -> None:
 def lens_transform(
     lens: Any, h: Float[torch.Tensor, "... d_model"], layer: int, site: str = "resid_pre"
 ) -> Float[torch.Tensor, "... d_model"]:
-    """``lens.transform(h, layer)`` for ``resid_pre``; ``lens.transform_site(h, layer, site)`` otherwise.
+    """``lens.transform(h, layer)`` for ``resid_pre``; ``lens.transform_site(h, layer, site)``
+    otherwise.
 
     Examples:
         >>> h = torch.randn(2, 8)
@@ -173,7 +174,8 @@ def lens_features(
     *,
     site: str = "resid_pre",
 ) -> tuple[Float[torch.Tensor, "... d_model"], torch.Tensor, torch.Tensor | None]:
-    """The first half of ``lens_logits``: ``(x, W, b)`` with ``readout.finish(x @ W + b)`` its logits.
+    """The first half of ``lens_logits``: ``(x, W, b)`` with ``readout.finish(x @ W + b)`` its
+    logits.
 
     ``x`` is the lens's transform of ``h`` (``lens_transform``), normalised by the final norm's
     statistics when the lens reads through the final norm, float32 at least; ``(W, b)`` the

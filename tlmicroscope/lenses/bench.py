@@ -1,4 +1,5 @@
-"""``lens_bench``: every lens compared on the same held-out tokens, the same metrics, the same model.
+"""``lens_bench``: every lens compared on the same held-out tokens, the same metrics, the same
+model.
 
 For each lens (the logit lens, a tuned lens, a Jacobian lens, any ``Lens``) it gathers, from the
 toolkit's own analyses run on one set of held-out windows:
@@ -18,6 +19,7 @@ Its page and figures live in ``tlmicroscope.viz.bench``.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -32,6 +34,7 @@ from jaxtyping import Float
 from tlmicroscope.corpus import CorpusSource
 from tlmicroscope.deprecation import looks_like_lens, renamed_arguments
 from tlmicroscope.io import atomic_write_text
+from tlmicroscope.layers import residual_label, residual_labels
 from tlmicroscope.lenses.base import resolve_lens
 from tlmicroscope.results import Provenance
 
@@ -47,18 +50,24 @@ class LensBench:
 
     Attributes:
         lens_names: The lenses, in the order of every ``[lens ...]`` axis.
-        layer_labels: ``"h0"``..``"h{n_layers}"`` (``tlmicroscope.layers``) for the evaluation rows (``kl`` etc.).
+        layer_labels: ``"h0"``..``"h{n_layers}"`` (``tlmicroscope.layers``) for the evaluation rows
+            (``kl`` etc.).
         kl, cross_entropy, entropy, bias_kl: ``[lens layer]`` means over the held-out tokens, nats
             (the last row is the model's own output).
         nats_to_bpb: Multiply nats per token by this for bits per byte.
         depth: ``[lens]`` mean prediction depth (residual index; n_layers = only at the output).
-        depth_fraction: ``[lens layer]`` fraction of tokens whose prediction depth is each residual index.
+        depth_fraction: ``[lens layer]`` fraction of tokens whose prediction depth is each residual
+            index.
         cbe_layers: Layers where each lens's causal basis was extracted and its fidelity measured.
-        fidelity_rho, fidelity_p: ``[lens cbe_layer]`` Spearman's rho (lens vs model influence) and its p-value.
-        fidelity_ci: ``[lens cbe_layer 2]`` confidence interval of rho where ``causal_fidelity`` gives one, else NaN.
+        fidelity_rho, fidelity_p: ``[lens cbe_layer]`` Spearman's rho (lens vs model influence) and
+            its p-value.
+        fidelity_ci: ``[lens cbe_layer 2]`` confidence interval of rho where ``causal_fidelity``
+            gives one, else NaN.
         sra_layers: Layers of the stimulus-response alignment.
-        sra: ``[lens sra_layer]`` mean Aitchison alignment; ``sra_std`` its standard deviation over samples;
-            ``sra_ci`` ``[lens sra_layer 2]`` its 95% bootstrap interval (where the result offers one).
+        sra: ``[lens sra_layer]`` mean Aitchison alignment; ``sra_std`` its standard deviation over
+            samples;
+            ``sra_ci`` ``[lens sra_layer 2]`` its 95% bootstrap interval (where the result offers
+            one).
         n_tokens, n_bytes: Held-out tokens evaluated and the bytes they decode to.
         notes: ``{lens or metric: note}``, e.g. the Jacobian lens's identity at the embeddings.
         provenance: Model and settings.
@@ -102,7 +111,9 @@ class LensBench:
         return len(self.layer_labels) - 1
 
     def table(self):
-        """One row per lens: each metric averaged over the lensed layers (the output row excluded)."""
+        """One row per lens: each metric averaged over the lensed layers (the output row
+        excluded).
+        """
         import pandas as pd
 
         rows = []
@@ -269,33 +280,20 @@ def lens_bench(
     Raises:
         ValueError: no lens, repeated lens names, a lens for another model, a corpus too small.
     """
-    from tlmicroscope.causal.basis import extract_causal_basis
-    from tlmicroscope.causal.fidelity import causal_fidelity
-    from tlmicroscope.causal.prediction_depth import prediction_depth
-    from tlmicroscope.causal.stimulus_response import stimulus_response_alignment
     from tlmicroscope.inputs import ensure_eval
-    from tlmicroscope.lenses._tuned_data import lens_token_windows
     from tlmicroscope.lenses.evaluate import evaluate_lens
-    from tlmicroscope.lenses.trajectory import prediction_trajectory
 
     ensure_eval(model)
-    named = _named_lenses(lenses)
-    for _, lens in named:
-        lens.check_model(model)
+    named = _checked_lenses(lenses, model)
     L = int(model.cfg.n_layers)
-    cbe_list = [L // 2] if cbe_layers is None else [int(x) for x in cbe_layers]
-    sra_list = list(range(L)) if sra_layers is None else [int(x) for x in sra_layers]
-    for x in (*cbe_list, *sra_list):
-        if not 0 <= x < L:
-            raise ValueError(
-                f"Bench layers are residual indices 0..{L - 1} (the output has no lens); got {x}."
-            )
-    windows = lens_token_windows(model, corpus, seq_len=seq_len, split="heldout", holdout=holdout)
-    n_win = max(1, min(windows.shape[0], -(-int(n_tokens) // seq_len)))
-    windows = windows[:n_win]
-
-    def first(n: int) -> torch.Tensor:
-        return windows[: max(1, min(n_win, -(-int(n) // seq_len)))]
+    cbe_list, sra_list = _bench_layers(cbe_layers, sra_layers, L)
+    settings = dict(
+        seq_len=seq_len, holdout=holdout, split="heldout", cbe_k=cbe_k, cbe_tokens=cbe_n_tokens,
+        cbe_max_iter=cbe_max_iter, sra_samples=sra_n_samples, seed=seed,
+    )  # fmt: skip
+    windows = _heldout_windows(model, corpus, n_tokens, seq_len, holdout)
+    n_win = windows.shape[0]
+    first = functools.partial(_first_windows, windows, seq_len)
 
     n = len(named)
     kl, ce, ent, bias = (torch.full((n, L + 1), math.nan) for _ in range(4))
@@ -303,97 +301,37 @@ def lens_bench(
     depth_fraction = torch.zeros(n, L + 1)
     rho, pval = torch.full((n, len(cbe_list)), math.nan), torch.full((n, len(cbe_list)), math.nan)
     ci = torch.full((n, len(cbe_list), 2), math.nan)
-    n_tok = n_bytes = 0
-    factor = math.nan
+    n_tok, n_bytes, factor = 0, 0, math.nan
     notes: dict[str, str] = {}
     for i, (name, lens) in enumerate(named):
         ev = evaluate_lens(
-            model,
-            lens=lens,
-            corpus=corpus,
-            n_tokens=n_win * seq_len,
-            seq_len=seq_len,
-            split="heldout",
-            holdout=holdout,
-            baseline=False,
-            bias=True,
-            progress=progress,
-        )
+            model, lens=lens, corpus=corpus, n_tokens=n_win * seq_len, seq_len=seq_len,
+            split="heldout", holdout=holdout, baseline=False, bias=True, progress=progress,
+        )  # fmt: skip
         kl[i], ce[i], ent[i], bias[i] = ev.kl, ev.cross_entropy, ev.entropy, ev.bias_kl
         n_tok, n_bytes, factor = ev.n_tokens, ev.n_bytes, ev.nats_to_bpb
-        traj = prediction_trajectory(model, first(depth_n_tokens), lens=lens, top_k=1)
-        d = prediction_depth(traj).depth.reshape(-1)
-        depth[i] = d.double().mean()
-        depth_fraction[i] = torch.bincount(d.long(), minlength=L + 1)[: L + 1].double() / d.numel()
+        depth[i], depth_fraction[i] = _depth(model, lens, first(depth_n_tokens))
         for j, layer in enumerate(cbe_list):
-            basis = extract_causal_basis(
+            rho[i, j], pval[i, j], ci[i, j] = _fidelity_at(
                 model,
-                lens=lens,
-                corpus=first(cbe_n_tokens),
-                layer=layer,
-                k=cbe_k,
-                n_tokens=cbe_n_tokens,
-                seq_len=seq_len,
-                max_iter=cbe_max_iter,
-                seed=seed,
-                progress=progress,
-                on_nonconvergence="ignore",
-            )
-            fid = causal_fidelity(
-                model,
-                lens=lens,
-                basis=basis,
-                layer=layer,
-                tokens=first(fidelity_n_tokens),
+                lens,
+                layer,
+                cbe_tokens=first(cbe_n_tokens),
+                fidelity_tokens=first(fidelity_n_tokens),
+                cbe=dict(k=cbe_k, n_tokens=cbe_n_tokens, seq_len=seq_len, max_iter=cbe_max_iter),
                 seed=seed,
                 progress=progress,
             )
-            rho[i, j], pval[i, j] = fid.spearman, fid.p_value
-            lo_hi = getattr(fid, "spearman_ci", None) or getattr(fid, "ci", None)
-            if lo_hi is not None:
-                ci[i, j] = torch.as_tensor([float(lo_hi[0]), float(lo_hi[1])])
         identity = getattr(lens, "identity_layers", ())
         if identity:
-            notes[name] = (
-                f"no fitted matrix at residual index {', '.join(map(str, identity))}: "
-                "read with the identity there (as the logit lens)"
-            )
-    sra = torch.full((n, len(sra_list)), math.nan)
-    sra_std = torch.full((n, len(sra_list)), math.nan)
-    sra_ci = None
-    if sra_list:
-        sra_windows = first(n_tokens)
-        # The reference's donors (same position, another sequence) need two sequences; a bench on
-        # one window falls back to donors anywhere in it and says so.
-        donors = "same_position" if sra_windows.shape[0] >= 2 else "any"
-        if donors == "any":
-            notes["stimulus-response"] = (
-                "one held-out window only: donors drawn from any position of it "
-                "(pass n_tokens >= 2 * seq_len for the reference's same-position donors)"
-            )
-        res = stimulus_response_alignment(
-            model,
-            lens=[lens for _, lens in named],
-            tokens=sra_windows,
-            layer=sra_list,
-            n_samples=sra_n_samples,
-            seed=seed,
-            progress=progress,
-            donors=donors,
-        )
-        sra = res.alignment.nanmean(-1)
-        a = res.alignment
-        valid = (~a.isnan()).sum(-1)
-        mean = a.nanmean(-1, keepdim=True)
-        sra_std = torch.sqrt(((a - mean) ** 2).nansum(-1) / (valid - 1).clamp_min(1))
-        if callable(getattr(res, "confidence_intervals", None)):
-            lo, hi = res.confidence_intervals(seed=seed)
-            sra_ci = torch.stack([torch.as_tensor(lo), torch.as_tensor(hi)], -1).float()
-    from tlmicroscope.lenses.trajectory import layer_label
-
+            where = ", ".join(residual_label(x) for x in identity)
+            notes[name] = f"no fitted matrix at {where}: read with the identity there (logit lens)"
+    sra, sra_std, sra_ci = _stimulus_response(
+        model, named, first(n_tokens), sra_list, sra_n_samples, seed, progress, notes
+    )
     return LensBench(
         lens_names=tuple(name for name, _ in named),
-        layer_labels=tuple(layer_label(x, L) for x in range(L + 1)),
+        layer_labels=residual_labels(L),
         kl=kl,
         cross_entropy=ce,
         entropy=ent,
@@ -416,15 +354,150 @@ def lens_bench(
             model,
             lens=",".join(name for name, _ in named),
             tokens=n_tok,
-            seq_len=seq_len,
-            holdout=holdout,
-            split="heldout",
             depth_tokens=int(first(depth_n_tokens).numel()),
-            cbe_k=cbe_k,
-            cbe_tokens=cbe_n_tokens,
-            cbe_max_iter=cbe_max_iter,
             fidelity_tokens=int(first(fidelity_n_tokens).numel()),
-            sra_samples=sra_n_samples,
-            seed=seed,
+            **settings,
         ),
     )
+
+
+def _checked_lenses(lenses: Any, model: Any) -> list[tuple[str, Any]]:
+    """``_named_lenses(lenses)``, each checked against ``model``."""
+    named = _named_lenses(lenses)
+    for _, lens in named:
+        lens.check_model(model)
+    return named
+
+
+def _heldout_windows(
+    model: Any, corpus: Any, n_tokens: int, seq_len: int, holdout: float
+) -> torch.Tensor:
+    """The first ``ceil(n_tokens / seq_len)`` held-out windows (at least one)."""
+    from tlmicroscope.lenses._tuned_data import lens_token_windows
+
+    windows = lens_token_windows(model, corpus, seq_len=seq_len, split="heldout", holdout=holdout)
+    return windows[: max(1, min(windows.shape[0], -(-int(n_tokens) // seq_len)))]
+
+
+def _depth(model: Any, lens: Any, windows: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """Mean prediction depth of ``lens`` over ``windows`` and the fraction of tokens at each."""
+    from tlmicroscope.causal.prediction_depth import prediction_depth
+    from tlmicroscope.lenses.trajectory import prediction_trajectory
+
+    L = int(model.cfg.n_layers)
+    traj = prediction_trajectory(model, windows, lens=lens, top_k=1)
+    d = prediction_depth(traj).depth.reshape(-1)
+    return float(d.double().mean()), torch.bincount(d.long(), minlength=L + 1)[
+        : L + 1
+    ].double() / d.numel()
+
+
+def _first_windows(windows: torch.Tensor, seq_len: int, n: int) -> torch.Tensor:
+    """The first windows holding ``n`` tokens (at least one)."""
+    return windows[: max(1, min(windows.shape[0], -(-int(n) // seq_len)))]
+
+
+def _bench_layers(
+    cbe_layers: Sequence[int] | None, sra_layers: Sequence[int] | None, n_layers: int
+) -> tuple[list[int], list[int]]:
+    """The CBE layers (default the middle one) and stimulus-response layers (default all)."""
+    cbe_list = [n_layers // 2] if cbe_layers is None else [int(x) for x in cbe_layers]
+    sra_list = list(range(n_layers)) if sra_layers is None else [int(x) for x in sra_layers]
+    _check_bench_layers((*cbe_list, *sra_list), n_layers)
+    return cbe_list, sra_list
+
+
+def _check_bench_layers(chosen: Sequence[int], n_layers: int) -> None:
+    for x in chosen:
+        if not 0 <= x < n_layers:
+            raise ValueError(
+                f"Bench layers are residual indices 0..{n_layers - 1} (h0..h{n_layers - 1}; the "
+                f"output has no lens); got {x}."
+            )
+
+
+def _fidelity_at(
+    model: Any,
+    lens: Any,
+    layer: int,
+    *,
+    cbe_tokens: torch.Tensor,
+    fidelity_tokens: torch.Tensor,
+    cbe: dict[str, Any],
+    seed: int,
+    progress: bool,
+) -> tuple[float, float, torch.Tensor]:
+    """Causal fidelity of ``lens`` at ``layer``: Spearman rho, its p-value and its interval
+    (NaN when the result has none), from a causal basis extracted on ``cbe_tokens``."""
+    from tlmicroscope.causal.basis import extract_causal_basis
+    from tlmicroscope.causal.fidelity import causal_fidelity
+
+    basis = extract_causal_basis(
+        model,
+        lens=lens,
+        corpus=cbe_tokens,
+        layer=layer,
+        seed=seed,
+        progress=progress,
+        on_nonconvergence="ignore",
+        **cbe,
+    )
+    fid = causal_fidelity(
+        model,
+        lens=lens,
+        basis=basis,
+        layer=layer,
+        tokens=fidelity_tokens,
+        seed=seed,
+        progress=progress,
+    )
+    ci = torch.full((2,), math.nan)
+    lo_hi = getattr(fid, "spearman_ci", None) or getattr(fid, "ci", None)
+    if lo_hi is not None:
+        ci = torch.as_tensor([float(lo_hi[0]), float(lo_hi[1])])
+    return float(fid.spearman), float(fid.p_value), ci
+
+
+def _stimulus_response(
+    model: Any,
+    named: list[tuple[str, Any]],
+    windows: torch.Tensor,
+    sra_list: list[int],
+    n_samples: int,
+    seed: int,
+    progress: bool,
+    notes: dict[str, str],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Stimulus-response alignment of every lens at ``sra_list``: mean, spread and interval."""
+    from tlmicroscope.causal.stimulus_response import stimulus_response_alignment
+
+    n = len(named)
+    if not sra_list:
+        return torch.full((n, 0), math.nan), torch.full((n, 0), math.nan), None
+    # The reference's donors (same position, another sequence) need two sequences; a bench on
+    # one window falls back to donors anywhere in it and says so.
+    donors = "same_position" if windows.shape[0] >= 2 else "any"
+    if donors == "any":
+        notes["stimulus-response"] = (
+            "one held-out window only: donors drawn from any position of it "
+            "(pass n_tokens >= 2 * seq_len for the reference's same-position donors)"
+        )
+    res = stimulus_response_alignment(
+        model,
+        lens=[lens for _, lens in named],
+        tokens=windows,
+        layer=sra_list,
+        n_samples=n_samples,
+        seed=seed,
+        progress=progress,
+        donors=donors,
+    )
+    a = res.alignment
+    valid = (~a.isnan()).sum(-1)
+    mean = a.nanmean(-1, keepdim=True)
+    sra_std = torch.sqrt(((a - mean) ** 2).nansum(-1) / (valid - 1).clamp_min(1))
+    sra_ci = None
+    if callable(getattr(res, "confidence_intervals", None)):
+        lo, hi = res.confidence_intervals(seed=seed)
+        sra_ci = torch.stack([torch.as_tensor(lo), torch.as_tensor(hi)], -1).float()
+    return a.nanmean(-1), sra_std, sra_ci

@@ -1,6 +1,8 @@
-"""``component_lens``: the direct effect of every attention head and every MLP on chosen tokens' logits.
+"""``component_lens``: the direct effect of every attention head and every MLP on chosen tokens'
+logits.
 
-The final residual is a sum: ``h_L = resid_pre_0 + sum_l (sum_h z_lh W_O[l,h] + b_O[l] + mlp_out_l)``.
+The final residual is a sum:
+``h_L = resid_pre_0 + sum_l (sum_h z_lh W_O[l,h] + b_O[l] + mlp_out_l)``.
 The readout is ``finish(scale(h_L) * centre(h_L) . W[:, t] + b[t])``, with ``W`` the unembedding
 with the final norm's gain (and any logit scale) folded in, ``centre`` the LayerNorm's mean
 removal (absent for RMSNorm) and ``scale`` its ``1/rms`` (Readout). Freezing ``scale`` at its value
@@ -198,6 +200,171 @@ def _target_ids(
     return ids.expand(B, P, -1).clone(), resolved.names
 
 
+def _component_cache(
+    model: Any, cache: Any, toks: torch.Tensor, names: list[str], logits: torch.Tensor | None
+) -> tuple[torch.Tensor | None, Any]:
+    """The model's logits and a cache of ``names``: run the model, or check the cache given."""
+    if cache is None:
+        return model.run_with_cache(toks, names_filter=names)
+    lacking = [x for x in names if x not in cache]
+    if lacking:
+        raise ValueError(
+            f"The ActivationCache lacks {lacking[:3]} (and {max(0, len(lacking) - 3)} more); "
+            f"run model.run_with_cache(tokens, names_filter=[...]) with all of {names[:4]}..., "
+            "or pass the model."
+        )
+    return logits, cache
+
+
+def _head_shares(
+    model: Any,
+    cache: Any,
+    layer: int,
+    attn_out: torch.Tensor,
+    u: torch.Tensor,
+    scale: torch.Tensor,
+    rtol: float,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Block ``layer``'s per-head shares ``[head B P T]``, its output bias and the split's gap.
+
+    The heads' sum must be ``hook_attn_out`` (no post-attention norm), or the split is not exact.
+    """
+    z = cache[f"blocks.{layer}.attn.hook_z"].float()  # [B P H d_head]
+    W_O = model.blocks[layer].attn.W_O.detach().float()  # [H d_head d_model]
+    b_O = getattr(model.blocks[layer].attn, "b_O", None)
+    b_vec = b_O.detach().float() if b_O is not None else torch.zeros(W_O.shape[-1], device=z.device)
+    rebuilt = torch.einsum("bphe,hed->bpd", z, W_O) + b_vec
+    gap = float((rebuilt - attn_out).abs().max()) / max(1.0, float(attn_out.abs().max()))
+    if not gap <= rtol:
+        raise ValueError(
+            f"Block {layer}'s heads do not add up to its hook_attn_out (relative gap {gap:.3g}): "
+            "its attention output is transformed after W_O (a post-attention norm, as Gemma 2/3 "
+            "have), so per-head direct effects are not linear shares of it. Use heads=False for "
+            "per-block shares."
+        )
+    v_t = torch.einsum("hed,bptd->bpthe", W_O, u)  # W_O[h] @ centre(w_t)
+    return torch.einsum("bphe,bpthe->hbpt", z * scale.unsqueeze(-1), v_t), b_vec, gap
+
+
+def _final_residual(
+    cache: Any, toks: torch.Tensor, logits: torch.Tensor | None, readout: Readout, n: int
+) -> tuple[torch.Tensor, float | None]:
+    """h^L (float32) from the cache, checked against the tokens, and the readout identity's
+    largest difference on the last rows (``None`` without logits)."""
+    h_final = cache[f"blocks.{n - 1}.hook_resid_post"].float()
+    B, P = toks.shape
+    if tuple(h_final.shape[:2]) != (B, P):
+        raise ValueError(
+            f"Cache activations {tuple(h_final.shape[:2])} do not match the tokens {(B, P)}."
+        )
+    if logits is None:
+        return h_final, None
+    diff = check_readout_identity(
+        readout, h_final.reshape(B * P, -1)[-8:], logits.reshape(B * P, -1)[-8:]
+    )
+    return h_final, diff
+
+
+def _frozen_readout(
+    readout: Readout, h_final: torch.Tensor, safe: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(scale, u, b)``: the final norm's scale of h^L ``[B P 1]`` (frozen for every piece), the
+    targets' unembedding columns ``[B P T d_model]`` (centred for a LayerNorm, since
+    ``centre(v) . w == v . centre(w)``) and the readout's bias."""
+    B, P, T = safe.shape
+    centred = readout.kind == "LN"
+
+    def centre(v: torch.Tensor) -> torch.Tensor:
+        return v - v.mean(-1, keepdim=True) if centred else v
+
+    hc = centre(h_final)
+    scale = (
+        torch.rsqrt(hc.pow(2).mean(-1, keepdim=True) + readout.eps)
+        if readout.kind is not None
+        else torch.ones_like(hc[..., :1])
+    )
+    W, b = readout.weights(readout.kind is not None)
+    W_t = W.float()[:, safe.reshape(-1)].T.reshape(B, P, T, -1)
+    return scale, centre(W_t), b
+
+
+def _block_shares(
+    model: Any,
+    cache: Any,
+    share: Any,
+    u: torch.Tensor,
+    scale: torch.Tensor,
+    heads: bool,
+    rtol: float,
+    shape: tuple[int, int, int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float, float]:
+    """Every block's attention, attention-bias, MLP and per-head shares ``[layer (head) B P T]``,
+    the worst head-split gap, and the check that the pieces rebuild h^L (its relative gap)."""
+    n, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
+    h_final = cache[f"blocks.{n - 1}.hook_resid_post"].float()
+    dev = h_final.device
+    total_vec = cache["blocks.0.hook_resid_pre"].float().clone()
+    attn = torch.empty(n, *shape, device=dev)
+    attn_bias = torch.zeros(n, *shape, device=dev)
+    mlp = torch.empty(n, *shape, device=dev)
+    head_sh = torch.full((n, n_heads, *shape), float("nan"), device=dev)
+    worst_attn = 0.0
+    for layer in range(n):
+        attn_out = cache[f"blocks.{layer}.hook_attn_out"].float()
+        mlp_out = cache[f"blocks.{layer}.hook_mlp_out"].float()
+        total_vec += attn_out + mlp_out
+        mlp[layer] = share(mlp_out)
+        attn[layer] = share(attn_out)
+        if not heads:
+            continue
+        head_sh[layer], b_vec, gap = _head_shares(model, cache, layer, attn_out, u, scale, rtol)
+        worst_attn = max(worst_attn, gap)
+        attn_bias[layer] = share(b_vec.expand(*shape[:2], -1))
+    res_gap = float((total_vec - h_final).abs().max()) / max(1.0, float(h_final.abs().max()))
+    if not res_gap <= rtol:
+        raise ValueError(
+            f"The embeddings and every attn_out/mlp_out miss the final residual by a relative "
+            f"{res_gap:.3g}: this model's residual stream has another term, so direct effects "
+            "do not decompose it."
+        )
+    return attn, attn_bias, mlp, head_sh, worst_attn, res_gap
+
+
+def _check_logit_sum(
+    readout: Readout,
+    total: torch.Tensor,
+    logits: torch.Tensor | None,
+    safe: torch.Tensor,
+    valid: torch.Tensor,
+    rtol: float,
+) -> tuple[torch.Tensor | None, float | None]:
+    """The model's logit of each target and how far the shares' sum is from it (``None``s
+    without logits); raises when the shares miss it."""
+    if logits is None:
+        return None, None
+    model_logit = logits.float().gather(-1, safe)
+    ours = readout.finish(total.clone())
+    logit_gap = float((ours - model_logit)[valid].abs().max()) if bool(valid.any()) else 0.0
+    if not logit_gap <= rtol * max(1.0, float(model_logit.abs().max())) + 1e-4:
+        raise ValueError(
+            f"The shares add up to a logit {logit_gap:.3g} away from the model's: the model "
+            f"computes something this decomposition lacks ({readout.describe()})."
+        )
+    return model_logit, logit_gap
+
+
+def _logit_space(readout: Readout) -> str:
+    """What the shares add up to: the logit, or the pre-soft-cap logit, with any scale in it."""
+    space = (
+        "pre-softcap logit (cap * tanh(logit / cap) is the model's)"
+        if readout.softcap is not None
+        else "logit"
+    )
+    if readout.scale != 1.0:
+        space += f", logit scale {readout.scale:g} included"
+    return space
+
+
 def component_lens(
     model_or_cache: Any,
     tokens: TextOrTokens | None = None,
@@ -253,46 +420,16 @@ def component_lens(
         resolve_targets(model, targets)  # bad targets fail before the forward pass
     names = _hook_names(model, bool(heads), has_pos)
     with torch.inference_mode():
-        if cache is None:
-            logits, cache = model.run_with_cache(toks, names_filter=names)
-        else:
-            lacking = [x for x in names if x not in cache]
-            if lacking:
-                raise ValueError(
-                    f"The ActivationCache lacks {lacking[:3]} (and {max(0, len(lacking) - 3)} more); run "
-                    f"model.run_with_cache(tokens, names_filter=[...]) with all of {names[:4]}..., or pass the model."
-                )
+        logits, cache = _component_cache(model, cache, toks, names, logits)
         readout = Readout.for_model(model)
-        h_final = cache[f"blocks.{n - 1}.hook_resid_post"].float()
+        h_final, identity_diff = _final_residual(cache, toks, logits, readout, n)
         B, P = toks.shape
-        if tuple(h_final.shape[:2]) != (B, P):
-            raise ValueError(
-                f"Cache activations {tuple(h_final.shape[:2])} do not match the tokens {(B, P)}."
-            )
-        identity_diff = None
-        if logits is not None:
-            identity_diff = check_readout_identity(
-                readout, h_final.reshape(B * P, -1)[-8:], logits.reshape(B * P, -1)[-8:]
-            )
         ids, target_names = _target_ids(model, targets, toks, logits, h_final, readout)
         valid = ids >= 0
         safe = ids.clamp_min(0)
         T = ids.shape[-1]
 
-        centred = readout.kind == "LN"
-
-        def centre(v: torch.Tensor) -> torch.Tensor:
-            return v - v.mean(-1, keepdim=True) if centred else v
-
-        hc = centre(h_final)
-        scale = (
-            torch.rsqrt(hc.pow(2).mean(-1, keepdim=True) + readout.eps)
-            if readout.kind is not None
-            else torch.ones_like(hc[..., :1])
-        )  # [B P 1], frozen for every piece
-        W, b = readout.weights(readout.kind is not None)
-        W_t = W.float()[:, safe.reshape(-1)].T.reshape(B, P, T, -1)  # [B P T d_model]
-        u = centre(W_t)  # centre(v) . w == v . centre(w)
+        scale, u, b = _frozen_readout(readout, h_final, safe)
 
         def share(v: torch.Tensor) -> torch.Tensor:  # [B P d_model] -> [B P T]
             return torch.einsum("bpd,bptd->bpt", v.float() * scale, u)
@@ -301,47 +438,9 @@ def component_lens(
         pos = cache["hook_pos_embed"].float() if has_pos else None
         embed = share(resid0 - pos) if pos is not None else share(resid0)
         pos_share = share(pos) if pos is not None else None
-        total_vec = resid0.clone()
-        attn = torch.empty(n, B, P, T, device=h_final.device)
-        attn_bias = torch.zeros(n, B, P, T, device=h_final.device)
-        mlp = torch.empty(n, B, P, T, device=h_final.device)
-        head_sh = torch.full((n, n_heads, B, P, T), float("nan"), device=h_final.device)
-        worst_attn = 0.0
-        for layer in range(n):
-            attn_out = cache[f"blocks.{layer}.hook_attn_out"].float()
-            mlp_out = cache[f"blocks.{layer}.hook_mlp_out"].float()
-            total_vec += attn_out + mlp_out
-            mlp[layer] = share(mlp_out)
-            attn[layer] = share(attn_out)
-            if not heads:
-                continue
-            z = cache[f"blocks.{layer}.attn.hook_z"].float()  # [B P H d_head]
-            W_O = model.blocks[layer].attn.W_O.detach().float()  # [H d_head d_model]
-            b_O = getattr(model.blocks[layer].attn, "b_O", None)
-            b_vec = (
-                b_O.detach().float()
-                if b_O is not None
-                else torch.zeros(W_O.shape[-1], device=z.device)
-            )
-            # The heads' sum must be hook_attn_out (no post-attention norm), or the split is not exact.
-            rebuilt = torch.einsum("bphe,hed->bpd", z, W_O) + b_vec
-            gap = float((rebuilt - attn_out).abs().max()) / max(1.0, float(attn_out.abs().max()))
-            worst_attn = max(worst_attn, gap)
-            if not gap <= rtol:
-                raise ValueError(
-                    f"Block {layer}'s heads do not add up to its hook_attn_out (relative gap {gap:.3g}): its attention "
-                    "output is transformed after W_O (a post-attention norm, as Gemma 2/3 have), so per-head direct "
-                    "effects are not linear shares of it. Use heads=False for per-block shares."
-                )
-            v_t = torch.einsum("hed,bptd->bpthe", W_O, u)  # W_O[h] @ centre(w_t)
-            head_sh[layer] = torch.einsum("bphe,bpthe->hbpt", z * scale.unsqueeze(-1), v_t)
-            attn_bias[layer] = share(b_vec.expand(B, P, -1))
-        res_gap = float((total_vec - h_final).abs().max()) / max(1.0, float(h_final.abs().max()))
-        if not res_gap <= rtol:
-            raise ValueError(
-                f"The embeddings and every attn_out/mlp_out miss the final residual by a relative {res_gap:.3g}: this "
-                "model's residual stream has another term, so direct effects do not decompose it."
-            )
+        attn, attn_bias, mlp, head_sh, worst_attn, res_gap = _block_shares(
+            model, cache, share, u, scale, bool(heads), rtol, (B, P, T)
+        )
         bias = b.float()[safe] if b is not None else torch.zeros(B, P, T, device=h_final.device)
         total = (
             embed + (pos_share if pos_share is not None else 0) + attn.sum(0) + mlp.sum(0) + bias
@@ -350,26 +449,10 @@ def component_lens(
             parts = head_sh.sum(1) + attn_bias
             gap = float((parts - attn).abs().max()) / max(1.0, float(attn.abs().max()))
             worst_attn = max(worst_attn, gap)
-        model_logit = None
-        logit_gap = None
-        if logits is not None:
-            model_logit = logits.float().gather(-1, safe)
-            ours = readout.finish(total.clone())
-            logit_gap = float((ours - model_logit)[valid].abs().max()) if bool(valid.any()) else 0.0
-            if not logit_gap <= rtol * max(1.0, float(model_logit.abs().max())) + 1e-4:
-                raise ValueError(
-                    f"The shares add up to a logit {logit_gap:.3g} away from the model's: the model computes "
-                    f"something this decomposition lacks ({readout.describe()})."
-                )
+        model_logit, logit_gap = _check_logit_sum(readout, total, logits, safe, valid, rtol)
     nan = float("nan")
     inv = ~valid
-    space = (
-        "pre-softcap logit (cap * tanh(logit / cap) is the model's)"
-        if readout.softcap is not None
-        else "logit"
-    )
-    if readout.scale != 1.0:
-        space += f", logit scale {readout.scale:g} included"
+    space = _logit_space(readout)
     prov = Provenance.from_model(
         model,
         targets=list(target_names),

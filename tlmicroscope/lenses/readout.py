@@ -1,4 +1,5 @@
-"""The shared readout: final norm recomputed from h, the unembedding, then the model's output transform.
+"""The shared readout: final norm recomputed from h, the unembedding, then the model's output
+transform.
 
 ``ln_final.hook_normalized`` fires before the norm's weight is applied and the model's own
 ``hook_scale`` belongs to the last layer's residual, so the readout takes the norm's parameters
@@ -46,7 +47,8 @@ def _tensor_key(t: torch.Tensor | None) -> tuple:
 
 
 class Readout:
-    """``readout(h) = transform(W_U · final_norm(h) + b_U)`` as plain tensors, differentiable in ``h``.
+    """``readout(h) = transform(W_U · final_norm(h) + b_U)`` as plain tensors, differentiable in
+    ``h``.
 
     Attributes:
         W, b: The unembedding with the final norm's weight and bias and the logit scale folded in
@@ -195,7 +197,9 @@ class Readout:
         return z.div_(self.softcap).tanh_().mul_(self.softcap)
 
     def finish_derivative(self, logits: torch.Tensor) -> torch.Tensor | None:
-        """``d logits / d z`` from the finished logits (``1 - (logits/cap)^2``), ``None`` without a cap."""
+        """``d logits / d z`` from the finished logits (``1 - (logits/cap)^2``), ``None`` without a
+        cap.
+        """
         if self.softcap is None:
             return None
         return 1.0 - (logits / self.softcap).pow(2)

@@ -1,4 +1,5 @@
-"""``target_trajectories``: how given tokens' probabilities build up over the layers, over many prompts.
+"""``target_trajectories``: how given tokens' probabilities build up over the layers, over many
+prompts.
 
 For each prompt, only the positions asked about are read out (by default the last of each
 prompt): the lens's softmax normaliser needs the whole vocabulary, but only at those rows, so
@@ -22,6 +23,7 @@ import torch
 from jaxtyping import Float, Int
 from tqdm.auto import tqdm
 
+from tlmicroscope import layers as layers_vocab
 from tlmicroscope.capture import stream
 from tlmicroscope.deprecation import renamed_arguments
 from tlmicroscope.inputs import ensure_eval, to_tokens
@@ -236,18 +238,8 @@ def target_trajectories(
         True
     """
     ensure_eval(model)
-    lenses = list(lens) if isinstance(lens, (list, tuple)) else [lens]
-    if not lenses:
-        raise ValueError("lens is an empty list; pass a lens, or None for the logit lens.")
-    lenses = [resolve_lens(x) for x in lenses]
     site_list = resolve_sites(sites)
-    for x in lenses:
-        x.check_model(model)
-        check_lens_sites(x, site_list)
-    names = []
-    for i, x in enumerate(lenses):
-        name = str(getattr(x, "name", type(x).__name__))
-        names.append(name if name not in names else f"{name} #{i}")
+    lenses, names = _resolve_lenses(model, lens, site_list)
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     if not 0.0 < float(ci_level) < 1.0:
@@ -258,122 +250,21 @@ def target_trajectories(
     n_prompts = len(rows)
     lengths = [int(r.shape[0]) for r in rows]
     pos = _positions(positions, lengths)
-    n_sel = pos.shape[1]
     tracked = resolve_targets(
         model, targets, per_row=per_prompt, n_rows=n_prompts, names=target_names
     )
 
     n_layers = int(model.cfg.n_layers)
-    with_mid = "resid_mid" in site_list
     plan = [(layer, site) for layer in range(n_layers) for site in site_list] + [
         (n_layers, "resid_post")
     ]
-    n_plan = len(plan)
-    readout = Readout.for_model(model)
-    T = tracked.n_targets
+    prob, logprob, rank, read_tokens, identity_diff = _read_batches(
+        model, lenses, rows, pos, plan, tracked, int(batch_size), chunk_size, progress
+    )
     A = len(lenses)
-    prob = torch.empty(A, n_plan, n_prompts, n_sel, T)
-    logprob = torch.empty_like(prob)
-    rank = torch.empty(A, n_plan, n_prompts, n_sel, T, dtype=torch.long)
-    read_tokens: list[list[str]] = [[] for _ in range(n_prompts)]
-    pad_id = getattr(getattr(model, "tokenizer", None), "pad_token_id", None)
-    pad_id = int(pad_id) if pad_id is not None and 0 <= int(pad_id) < int(model.cfg.d_vocab) else 0
-    order = sorted(range(n_prompts), key=lambda i: lengths[i])  # similar lengths share a batch
-    batches = [order[i : i + int(batch_size)] for i in range(0, n_prompts, int(batch_size))]
-    identity_diff = 0.0
-    cap_sites = ("resid", "resid_mid") if with_mid else ("resid",)
-    for bi, batch in enumerate(tqdm(batches, desc="target trajectories", disable=not progress)):
-        width = max(lengths[i] for i in batch)
-        toks = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        for b, i in enumerate(batch):
-            toks[b, : lengths[i]] = rows[i].cpu()
-        dev_toks = to_tokens(model, toks)
-        b_idx = torch.arange(len(batch)).repeat_interleave(n_sel).to(dev_toks.device)
-        p_idx = pos[batch].reshape(-1).to(dev_toks.device)
-        got: dict[tuple[str, int | None], torch.Tensor] = {}
-
-        # The first batch runs to the logits, which check the readout identity; the others stop at
-        # the last residual, so the model's unembedding of every position is not paid for.
-        check = bi == 0
-
-        def keep(
-            site: str,
-            layer: int | None,
-            act: torch.Tensor,
-            got=got,
-            b_idx=b_idx,
-            p_idx=p_idx,
-            check=check,
-        ) -> None:
-            got[(site, layer)] = act[b_idx.to(act.device), p_idx.to(act.device)].clone()
-            if not check and site == "resid" and layer == n_layers:
-                raise _StopForward
-
-        final_logits = None
-        try:
-            logits = stream(model, dev_toks, keep, sites=cap_sites, layers=None, return_logits=True)
-            final_logits = logits[b_idx.to(logits.device), p_idx.to(logits.device)]
-            del logits
-        except _StopForward:
-            pass
-        final_h = got[("resid", n_layers)]
-        with torch.inference_mode():
-            if final_logits is not None:
-                identity_diff = max(
-                    identity_diff, check_readout_identity(readout, final_h, final_logits)
-                )
-            else:
-                final_logits = readout(final_h)
-        sources = [
-            (layer, site, got[("resid_mid", layer) if site == "resid_mid" else ("resid", layer)])
-            for layer, site in plan[:-1]
-        ]
-        dev = final_h.device
-        extra = (
-            tracked.row_ids(n_prompts)[batch].to(dev).repeat_interleave(n_sel, 0)
-            if tracked.per_row
-            else tracked.row_ids(len(batch) * n_sel).to(dev)
-        )
-        mask = tracked.mask.to(dev)
-        mask = (
-            mask[batch].repeat_interleave(n_sel, 0)
-            if tracked.per_row
-            else mask.expand(len(batch) * n_sel, -1, -1)
-        )
-        tgt = torch.zeros(len(batch) * n_sel, dtype=torch.long, device=dev)
-        for a, x in enumerate(lenses):
-            out = read_rows(
-                x,
-                readout,
-                sources,
-                None,
-                final_logits,
-                tgt,
-                1,
-                extra=extra,
-                extra_group=tracked.group_size,
-                lean=True,
-                chunk_size=chunk_size,
-            )
-            p, lp, r = tracked.combine(out["ez"], out["lse"], out["erank"], mask)
-            prob[a][:, batch] = p.reshape(n_plan, len(batch), n_sel, T).cpu()
-            logprob[a][:, batch] = lp.reshape(n_plan, len(batch), n_sel, T).cpu()
-            rank[a][:, batch] = r.reshape(n_plan, len(batch), n_sel, T).cpu()
-        if getattr(model, "tokenizer", None) is not None:
-            for b, i in enumerate(batch):
-                strs = model.to_str_tokens(rows[i])
-                read_tokens[i] = [strs[int(q)] for q in pos[i]]
-        else:
-            for i in batch:
-                read_tokens[i] = [str(int(rows[i][int(q)])) for q in pos[i]]
-
-    stats = {"prob": prob, "logprob": logprob, "rank": rank.double()}
-    mean, low, high = {}, {}, {}
-    for s, v in stats.items():
-        per_prompt_v = v.mean(3).permute(2, 0, 1, 3)  # [prompt lens layer target]
-        m, lo, hi = _bootstrap(per_prompt_v, int(n_boot), float(ci_level), seed)
-        shape = (A, n_plan, T)
-        mean[s], low[s], high[s] = (t.reshape(shape).float() for t in (m, lo, hi))
+    mean, low, high = _bands(
+        {"prob": prob, "logprob": logprob, "rank": rank.double()}, n_boot, ci_level, seed
+    )
     prov = Provenance.from_model(
         model,
         lens=names[0] if A == 1 else " / ".join(names),
@@ -394,8 +285,8 @@ def target_trajectories(
         lens_names=tuple(names),
         layers=tuple(layer for layer, _ in plan),
         sites=tuple(site for _, site in plan),
-        layer_labels=tuple(
-            site_label(layer, site, n_layers, named=with_mid) for layer, site in plan
+        layer_labels=layers_vocab.layer_labels(
+            site_label(layer, site, n_layers) for layer, site in plan
         ),
         target_names=tracked.names,
         target_read=tracked.read,
@@ -413,3 +304,173 @@ def target_trajectories(
         n_bootstrap=int(n_boot),
         provenance=prov,
     )
+
+
+def _resolve_lenses(model: Any, lens: Any, site_list: Sequence[str]) -> tuple[list, list[str]]:
+    """The lenses to read (checked against the model and the sites) and a distinct name each."""
+    lenses = list(lens) if isinstance(lens, (list, tuple)) else [lens]
+    if not lenses:
+        raise ValueError("lens is an empty list; pass a lens, or None for the logit lens.")
+    lenses = [resolve_lens(x) for x in lenses]
+    for x in lenses:
+        x.check_model(model)
+        check_lens_sites(x, site_list)
+    names: list[str] = []
+    for i, x in enumerate(lenses):
+        name = str(getattr(x, "name", type(x).__name__))
+        names.append(name if name not in names else f"{name} #{i}")
+    return lenses, names
+
+
+def _batch_residuals(
+    model: Any,
+    rows: Sequence[torch.Tensor],
+    batch: Sequence[int],
+    pos: torch.Tensor,
+    site_list: Sequence[str],
+    *,
+    check: bool,
+) -> tuple[dict[tuple[str, int | None], torch.Tensor], torch.Tensor | None]:
+    """One right-padded forward pass over ``batch``, keeping only the read positions' residuals.
+
+    With ``check`` the pass runs to the logits (returned at the read positions); otherwise it
+    stops at the last residual and the logits are ``None``.
+    """
+    n_layers = int(model.cfg.n_layers)
+    n_sel = pos.shape[1]
+    pad_id = getattr(getattr(model, "tokenizer", None), "pad_token_id", None)
+    pad_id = int(pad_id) if pad_id is not None and 0 <= int(pad_id) < int(model.cfg.d_vocab) else 0
+    width = max(int(rows[i].shape[0]) for i in batch)
+    toks = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    for b, i in enumerate(batch):
+        toks[b, : int(rows[i].shape[0])] = rows[i].cpu()
+    dev_toks = to_tokens(model, toks)
+    b_idx = torch.arange(len(batch)).repeat_interleave(n_sel).to(dev_toks.device)
+    p_idx = pos[list(batch)].reshape(-1).to(dev_toks.device)
+    got: dict[tuple[str, int | None], torch.Tensor] = {}
+
+    def keep(site: str, layer: int | None, act: torch.Tensor) -> None:
+        got[(site, layer)] = act[b_idx.to(act.device), p_idx.to(act.device)].clone()
+        if not check and site == "resid" and layer == n_layers:
+            raise _StopForward
+
+    cap_sites = ("resid", "resid_mid") if "resid_mid" in site_list else ("resid",)
+    final_logits = None
+    try:
+        logits = stream(model, dev_toks, keep, sites=cap_sites, layers=None, return_logits=True)
+        final_logits = logits[b_idx.to(logits.device), p_idx.to(logits.device)]
+        del logits
+    except _StopForward:
+        pass
+    return got, final_logits
+
+
+def _read_targets(
+    lens: Any,
+    readout: Readout,
+    sources: list,
+    final_logits: torch.Tensor,
+    tracked: Any,
+    batch: Sequence[int],
+    n_sel: int,
+    n_prompts: int,
+    chunk_size: int | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The tracked targets' probability, log-probability and rank in every row, through ``lens``."""
+    dev = final_logits.device
+    extra = (
+        tracked.row_ids(n_prompts)[batch].to(dev).repeat_interleave(n_sel, 0)
+        if tracked.per_row
+        else tracked.row_ids(len(batch) * n_sel).to(dev)
+    )
+    mask = tracked.mask.to(dev)
+    mask = (
+        mask[batch].repeat_interleave(n_sel, 0)
+        if tracked.per_row
+        else mask.expand(len(batch) * n_sel, -1, -1)
+    )
+    tgt = torch.zeros(len(batch) * n_sel, dtype=torch.long, device=dev)
+    out = read_rows(
+        lens,
+        readout,
+        sources,
+        None,
+        final_logits,
+        tgt,
+        1,
+        extra=extra,
+        extra_group=tracked.group_size,
+        lean=True,
+        chunk_size=chunk_size,
+    )
+    return tracked.combine(out["ez"], out["lse"], out["erank"], mask)
+
+
+def _bands(
+    stats: dict[str, torch.Tensor], n_boot: int, ci_level: float, seed: int
+) -> tuple[dict[str, torch.Tensor], ...]:
+    """Bootstrap mean and band over prompts of each ``[lens layer prompt position target]`` stat."""
+    mean, low, high = {}, {}, {}
+    for s, v in stats.items():
+        A, n_plan, _, _, T = v.shape
+        per_prompt_v = v.mean(3).permute(2, 0, 1, 3)  # [prompt lens layer target]
+        m, lo, hi = _bootstrap(per_prompt_v, int(n_boot), float(ci_level), seed)
+        mean[s], low[s], high[s] = (t.reshape(A, n_plan, T).float() for t in (m, lo, hi))
+    return mean, low, high
+
+
+def _read_batches(
+    model: Any,
+    lenses: list,
+    rows: Sequence[torch.Tensor],
+    pos: torch.Tensor,
+    plan: list[tuple[int, str]],
+    tracked: Any,
+    batch_size: int,
+    chunk_size: int | None,
+    progress: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[list[str]], float]:
+    """Every lens's target statistics ``[lens layer prompt position target]`` over all prompts,
+    batch by batch, with the text read and the readout identity's largest difference."""
+    n_layers = int(model.cfg.n_layers)
+    n_prompts, n_sel = len(rows), pos.shape[1]
+    lengths = [int(r.shape[0]) for r in rows]
+    site_list = tuple(dict.fromkeys(site for _, site in plan[:-1]))
+    readout = Readout.for_model(model)
+    T = tracked.n_targets
+    A = len(lenses)
+    prob = torch.empty(A, len(plan), n_prompts, n_sel, T)
+    logprob = torch.empty_like(prob)
+    rank = torch.empty(A, len(plan), n_prompts, n_sel, T, dtype=torch.long)
+    read_tokens: list[list[str]] = [[] for _ in range(n_prompts)]
+    order = sorted(range(n_prompts), key=lambda i: lengths[i])  # similar lengths share a batch
+    batches = [order[i : i + batch_size] for i in range(0, n_prompts, batch_size)]
+    identity_diff = 0.0
+    for bi, batch in enumerate(tqdm(batches, desc="target trajectories", disable=not progress)):
+        # The first batch runs to the logits, which check the readout identity; the others stop at
+        # the last residual, so the model's unembedding of every position is not paid for.
+        got, final_logits = _batch_residuals(model, rows, batch, pos, site_list, check=bi == 0)
+        final_h = got[("resid", n_layers)]
+        with torch.inference_mode():
+            if final_logits is not None:
+                identity_diff = max(
+                    identity_diff, check_readout_identity(readout, final_h, final_logits)
+                )
+            else:
+                final_logits = readout(final_h)
+        sources = [
+            (layer, site, got[("resid_mid", layer) if site == "resid_mid" else ("resid", layer)])
+            for layer, site in plan[:-1]
+        ]
+        for a, x in enumerate(lenses):
+            p, lp, r = _read_targets(
+                x, readout, sources, final_logits, tracked, batch, n_sel, n_prompts, chunk_size
+            )
+            prob[a][:, batch] = p.reshape(len(plan), len(batch), n_sel, T).cpu()
+            logprob[a][:, batch] = lp.reshape(len(plan), len(batch), n_sel, T).cpu()
+            rank[a][:, batch] = r.reshape(len(plan), len(batch), n_sel, T).cpu()
+        for i in batch:
+            strs = layers_vocab.str_tokens(model, rows[i][None])[0]
+            read_tokens[i] = [strs[int(q)] for q in pos[i]]
+
+    return prob, logprob, rank, read_tokens, identity_diff

@@ -64,7 +64,8 @@ SITE_CHOICES = {"pre": ("resid_pre",), "mid": ("resid_mid",), "pre+mid": ("resid
 
 
 def layer_label(layer: int, n_layers: int) -> str:
-    """The label of residual index ``layer``: ``"h0"``..``"h{n_layers}"`` (``layers.residual_label``).
+    """The label of residual index ``layer``: ``"h0"``..``"h{n_layers}"``
+    (``layers.residual_label``).
 
     Index ``n_layers`` (h^L, the last block's output) is what the model itself reads out; it was
     labelled ``"out"`` before the layer vocabulary (``tlmicroscope.layers``).
@@ -77,7 +78,8 @@ def layer_label(layer: int, n_layers: int) -> str:
 
 
 def site_label(layer: int, site: str, n_layers: int, *, named: bool = True) -> str:
-    """The label of one trajectory row: ``"h3"`` for h^3, ``"b3.resid_mid"`` for block 3's mid residual.
+    """The label of one trajectory row: ``"h3"`` for h^3, ``"b3.resid_mid"`` for block 3's mid
+    residual.
 
     ``named`` is kept for older callers; the labels are unambiguous either way.
 
@@ -93,7 +95,9 @@ def site_label(layer: int, site: str, n_layers: int, *, named: bool = True) -> s
 
 
 def resolve_sites(sites: Any) -> tuple[str, ...]:
-    """``"pre"``, ``"mid"``, ``"pre+mid"`` or a tuple of ``resid_pre``/``resid_mid``, in block order."""
+    """``"pre"``, ``"mid"``, ``"pre+mid"`` or a tuple of ``resid_pre``/``resid_mid``, in block
+    order.
+    """
     if isinstance(sites, str):
         if sites in SITE_CHOICES:
             return SITE_CHOICES[sites]
@@ -397,22 +401,126 @@ def prediction_trajectory(
     check_lens_sites(lens, site_list)
     n_layers = int(model.cfg.n_layers)
     layer_list = check_layers(layers, n_layers + 1, "residual layer")
-    d_vocab = int(model.cfg.d_vocab)
     k = int(top_k)
-    if not 1 <= k <= d_vocab:
-        raise ValueError(f"top_k must be in 1..{d_vocab}, got {top_k}.")
+    if not 1 <= k <= int(model.cfg.d_vocab):
+        raise ValueError(f"top_k must be in 1..{int(model.cfg.d_vocab)}, got {top_k}.")
     batch, n_pos = toks.shape
     tracked: TargetIds | None = None
     if targets is not None:
         tracked = resolve_targets(model, targets, per_row=per_row, n_rows=batch, names=target_names)
 
+    res = _residual_rows(model, cache, toks, layer_list, site_list, logits)
+    dev = res.final_h.device
+    next_tok = torch.full((batch, n_pos), -1, dtype=torch.long, device=toks.device)
+    next_tok[:, :-1] = toks[:, 1:]
+    flat_targets = next_tok.reshape(-1).to(dev)
+
+    # One row per (layer, site): a block's input, then its mid residual; the output last read.
+    plan = _row_plan(layer_list, site_list, n_layers)
+    sources = [(layer, site, res.rows(layer, site)) for layer, site in plan if layer != n_layers]
+    extra = None
+    if tracked is not None:
+        extra = tracked.row_ids(batch).to(dev).repeat_interleave(n_pos, 0)
+    out = read_rows(
+        lens,
+        res.readout,
+        sources,
+        None if res.final_logits is not None else res.final_h,
+        res.final_logits,
+        flat_targets.clamp_min(0),
+        k,
+        extra=extra,
+        extra_group=1 if tracked is None else tracked.group_size,
+        chunk_size=chunk_size,
+    )
+    # read_rows puts the output row last; put it back where the plan has it.
+    order = iter(range(len(sources)))
+    idx = torch.tensor(
+        [len(sources) if layer == n_layers else next(order) for layer, _ in plan], device=dev
+    )
+    shape = (len(plan), batch, n_pos)
+    stats = _trajectory_stats(out, idx, flat_targets >= 0, shape, k)
+    tracked_fields = {} if tracked is None else _tracked_fields(tracked, out, idx, shape)
+    prov = Provenance.from_model(
+        model,
+        lens=lens,
+        top_k=k,
+        sites=list(site_list),
+        readout_identity_max_abs_diff=res.identity_diff,
+        readout_identity_checked=res.identity_diff is not None,
+        **(
+            {"tracked_targets": list(tracked.names), "tracked_notes": list(tracked.notes)}
+            if tracked
+            else {}
+        ),
+    )
+    str_tokens = layers_vocab.as_str_tokens(res.str_tokens) or layers_vocab.str_tokens(None, toks)
+    return PredictionTrajectory(
+        layers=tuple(layer for layer, _ in plan),
+        layer_labels=layers_vocab.layer_labels(
+            site_label(layer, site, n_layers) for layer, site in plan
+        ),
+        tokens=toks.detach().cpu(),
+        str_tokens=str_tokens,
+        targets=next_tok.cpu(),
+        top_strings=token_strings(model, stats["top_tokens"]),
+        n_layers=n_layers,
+        provenance=prov,
+        sites=tuple(site for _, site in plan),
+        **{key: v.cpu() for key, v in stats.items()},
+        **tracked_fields,
+    )
+
+
+def _row_plan(
+    layer_list: Sequence[int], site_list: Sequence[str], n_layers: int
+) -> list[tuple[int, str]]:
+    """``(layer, site)`` per trajectory row: each block's sites in order, the output as
+    resid_post.
+    """
+    plan: list[tuple[int, str]] = []
+    for layer in layer_list:
+        if layer == n_layers:
+            plan.append((layer, "resid_post"))
+        else:
+            plan.extend((layer, site) for site in site_list)
+    return plan
+
+
+@dataclass
+class _ResidualRows:
+    """The captured residuals of a trajectory as ``[rows d_model]`` per layer, and its output."""
+
+    flat: torch.Tensor  # [captured-layer rows d_model]
+    flat_mid: torch.Tensor | None  # [n_layers rows d_model] with mid readouts
+    row_of: dict[int, int]
+    final_h: torch.Tensor
+    final_logits: torch.Tensor | None
+    identity_diff: float | None
+    readout: Readout
+    str_tokens: Any
+
+    def rows(self, layer: int, site: str) -> torch.Tensor:
+        return self.flat_mid[layer] if site == "resid_mid" else self.flat[self.row_of[layer]]
+
+
+def _residual_rows(
+    model: Any,
+    cache: Any,
+    toks: torch.Tensor,
+    layer_list: Sequence[int],
+    site_list: Sequence[str],
+    logits: torch.Tensor | None,
+) -> _ResidualRows:
+    """Capture the residuals a trajectory reads and check the readout identity on the output."""
+    n_layers = int(model.cfg.n_layers)
+    batch, n_pos = toks.shape
     with_mid = "resid_mid" in site_list
     needed = sorted(set(layer_list) | {n_layers})
-    cap_sites = ("resid", "resid_mid") if with_mid else ("resid",)
     cap = capture(
         cache if cache is not None else model,
         toks,
-        sites=cap_sites,
+        sites=("resid", "resid_mid") if with_mid else ("resid",),
         layers=None if with_mid else needed,
         return_logits=cache is None,
     )
@@ -422,8 +530,6 @@ def prediction_trajectory(
     flat = resid.reshape(resid.shape[0], n_rows, -1)
     flat_mid = cap["resid_mid"].reshape(n_layers, n_rows, -1) if with_mid else None
     readout = Readout.for_model(model)
-    dev = resid.device
-
     given = cap.logits if cap.logits is not None else logits
     if given is not None and tuple(given.shape[:2]) != (batch, n_pos):
         raise ValueError(
@@ -436,109 +542,57 @@ def prediction_trajectory(
         probe = slice(max(0, n_rows - 8), n_rows)
         with torch.inference_mode():
             identity_diff = check_readout_identity(readout, final_h[probe], final_logits[probe])
-
-    next_tok = torch.full((batch, n_pos), -1, dtype=torch.long, device=toks.device)
-    next_tok[:, :-1] = toks[:, 1:]
-    flat_targets = next_tok.reshape(-1).to(dev)
-    has_target = flat_targets >= 0
-
-    # One row per (layer, site): a block's input, then its mid residual; the output last read.
-    plan = []
-    for layer in layer_list:
-        if layer == n_layers:
-            plan.append((layer, "resid_post"))
-        else:
-            plan.extend((layer, site) for site in site_list)
-    sources = []
-    for layer, site in plan:
-        if layer == n_layers:
-            continue
-        h = flat_mid[layer] if site == "resid_mid" else flat[row_of[layer]]
-        sources.append((layer, site, h))
-    extra = None
-    if tracked is not None:
-        extra = tracked.row_ids(batch).to(dev).repeat_interleave(n_pos, 0)
-    out = read_rows(
-        lens,
-        readout,
-        sources,
-        None if final_logits is not None else final_h,
-        final_logits,
-        flat_targets.clamp_min(0),
-        k,
-        extra=extra,
-        extra_group=1 if tracked is None else tracked.group_size,
-        chunk_size=chunk_size,
+    return _ResidualRows(
+        flat, flat_mid, row_of, final_h, final_logits, identity_diff, readout, cap.str_tokens
     )
-    order, j = [], 0
-    for layer, _ in plan:
-        if layer == n_layers:
-            order.append(len(sources))
-        else:
-            order.append(j)
-            j += 1
-    idx = torch.tensor(order, device=dev)
+
+
+def _trajectory_stats(
+    out: dict[str, torch.Tensor],
+    idx: torch.Tensor,
+    has_target: torch.Tensor,
+    shape: tuple[int, int, int],
+    k: int,
+) -> dict[str, torch.Tensor]:
+    """``read_rows``'s statistics in plan order as the trajectory's ``[layer batch pos]`` fields."""
     entropy, kl, ce, rank, top_p, top_i = (
         out[key].index_select(0, idx) for key in ("entropy", "kl", "ce", "rank", "top_p", "top_i")
     )
     ce[:, ~has_target] = math.nan
     rank[:, ~has_target] = -1
-    n_l = len(plan)
-    shape = (n_l, batch, n_pos)
-    str_tokens = layers_vocab.as_str_tokens(cap.str_tokens) or layers_vocab.str_tokens(None, toks)
-    top_tokens = top_i.reshape(*shape, k)
-    tracked_fields: dict[str, Any] = {}
-    if tracked is not None:
-        rows_mask = tracked.mask.to(dev)
-        rows_mask = rows_mask.expand(batch, -1, -1) if rows_mask.shape[0] == 1 else rows_mask
-        rows_mask = rows_mask.repeat_interleave(n_pos, 0)
-        prob, logprob, trank = tracked.combine(
-            out["ez"].index_select(0, idx),
-            out["lse"].index_select(0, idx),
-            out["erank"].index_select(0, idx),
-            rows_mask,
-        )
-        T = tracked.n_targets
-        tracked_fields = {
-            "tracked_prob": prob.reshape(*shape, T).cpu(),
-            "tracked_logprob": logprob.reshape(*shape, T).cpu(),
-            "tracked_rank": trank.reshape(*shape, T).cpu(),
-            "tracked_names": tracked.names,
-            "tracked_read": tracked.read,
-            "tracked_notes": tracked.notes,
-            "tracked_ids": tracked.ids.masked_fill(~tracked.mask, -1),
-        }
-    prov = Provenance.from_model(
-        model,
-        lens=lens,
-        top_k=k,
-        sites=list(site_list),
-        readout_identity_max_abs_diff=identity_diff,
-        readout_identity_checked=identity_diff is not None,
-        **(
-            {"tracked_targets": list(tracked.names), "tracked_notes": list(tracked.notes)}
-            if tracked
-            else {}
-        ),
+    return {
+        "entropy": entropy.reshape(shape),
+        "kl": kl.reshape(shape),
+        "cross_entropy": ce.reshape(shape),
+        "target_rank": rank.reshape(shape),
+        "max_prob": top_p[..., 0].reshape(shape),
+        "top_tokens": top_i.reshape(*shape, k),
+        "top_probs": top_p.reshape(*shape, k),
+    }
+
+
+def _tracked_fields(
+    tracked: TargetIds, out: dict[str, torch.Tensor], idx: torch.Tensor, shape: tuple[int, ...]
+) -> dict[str, Any]:
+    """The ``tracked_*`` fields of a trajectory from ``read_rows``'s extra logits and ranks."""
+    n_l, batch, n_pos = shape
+    dev = idx.device
+    rows_mask = tracked.mask.to(dev)
+    rows_mask = rows_mask.expand(batch, -1, -1) if rows_mask.shape[0] == 1 else rows_mask
+    rows_mask = rows_mask.repeat_interleave(n_pos, 0)
+    prob, logprob, trank = tracked.combine(
+        out["ez"].index_select(0, idx),
+        out["lse"].index_select(0, idx),
+        out["erank"].index_select(0, idx),
+        rows_mask,
     )
-    return PredictionTrajectory(
-        layers=tuple(layer for layer, _ in plan),
-        layer_labels=tuple(
-            site_label(layer, site, n_layers, named=with_mid) for layer, site in plan
-        ),
-        tokens=toks.detach().cpu(),
-        str_tokens=str_tokens,
-        targets=next_tok.cpu(),
-        entropy=entropy.reshape(shape).cpu(),
-        kl=kl.reshape(shape).cpu(),
-        cross_entropy=ce.reshape(shape).cpu(),
-        target_rank=rank.reshape(shape).cpu(),
-        max_prob=top_p[..., 0].reshape(shape).cpu(),
-        top_tokens=top_tokens.cpu(),
-        top_probs=top_p.reshape(*shape, k).cpu(),
-        top_strings=token_strings(model, top_tokens),
-        n_layers=n_layers,
-        provenance=prov,
-        sites=tuple(site for _, site in plan),
-        **tracked_fields,
-    )
+    T = tracked.n_targets
+    return {
+        "tracked_prob": prob.reshape(*shape, T).cpu(),
+        "tracked_logprob": logprob.reshape(*shape, T).cpu(),
+        "tracked_rank": trank.reshape(*shape, T).cpu(),
+        "tracked_names": tracked.names,
+        "tracked_read": tracked.read,
+        "tracked_notes": tracked.notes,
+        "tracked_ids": tracked.ids.masked_fill(~tracked.mask, -1),
+    }

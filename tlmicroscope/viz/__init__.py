@@ -1,4 +1,6 @@
-"""Figures built from result objects: plotly for charts, circuitsvis for token views, offline HTML."""
+"""Figures built from result objects: plotly for charts, circuitsvis for token views, offline
+HTML.
+"""
 
 from tlmicroscope.viz.bench import lens_bench_figure, lens_bench_page, lens_bench_table_html
 from tlmicroscope.viz.causal import (

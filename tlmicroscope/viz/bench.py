@@ -1,10 +1,13 @@
-"""Figures and the page of a ``LensBench``: one figure per metric (lenses as lines over layers) and a
+"""Figures and the page of a ``LensBench``: one figure per metric (lenses as lines over layers) and
+a
 table. They take the result object and run no model."""
 
 from __future__ import annotations
 
 from html import escape
 from typing import Any
+
+from tlmicroscope.layers import RESIDUAL_AXIS
 
 __all__ = ["lens_bench_figure", "lens_bench_page", "lens_bench_table_html"]
 
@@ -94,7 +97,7 @@ def lens_bench_figure(bench: Any, metric: str = "kl"):
         )
     fig.update_layout(
         title=title,
-        xaxis_title="layer (residual index)",
+        xaxis_title=RESIDUAL_AXIS,
         yaxis_title=unit,
         template="plotly_white",
         height=380,

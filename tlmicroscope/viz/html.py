@@ -121,7 +121,9 @@ class HtmlPage:
         self.sections.append(_Section(title, "\n".join(parts), caption, anchor, status))
 
     def add_notice(self, title: str, message: str, fix: str | None = None) -> None:
-        """A section whose prerequisite is missing: say so in place, with the command that fixes it."""
+        """A section whose prerequisite is missing: say so in place, with the command that fixes
+        it.
+        """
         body = f'<p class="notice">{escape(message)}</p>'
         if fix:
             body += f'<pre class="fix"><code>{escape(fix)}</code></pre>'

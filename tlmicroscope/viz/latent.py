@@ -1,4 +1,5 @@
-"""Figures of latent-space geometry: projections, PCA pair grids, separation, norms, positions, paths.
+"""Figures of latent-space geometry: projections, PCA pair grids, separation, norms, positions,
+paths.
 
 They take the result objects of ``tlmicroscope.geometry`` and never run a model. Colours follow
 the reference (Vainateya/Feature_Geometry_Visualization): attention blue, MLP red, embedding
@@ -652,7 +653,9 @@ def positional_cosine_heatmap(geometry: Any, *, title: str | None = None):
 def vocabulary_norm_histogram(
     vnorms: Any, *, layers: Sequence[int] | None = None, bins: int = 150, title: str | None = None
 ):
-    """Histogram over tokens of the mean norm when each token is fed alone (the reference's figure)."""
+    """Histogram over tokens of the mean norm when each token is fed alone (the reference's
+    figure).
+    """
     import plotly.graph_objects as go
 
     m = vnorms.mean_norm(layers).numpy()

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tlmicroscope.layers import RESIDUAL_AXIS
 from tlmicroscope.viz.html import CircuitsVisView
 
 __all__ = [
@@ -149,7 +150,7 @@ def trajectory_heatmap(
             "tickmode": "array",
             "tickvals": list(range(len(traj.layer_labels))),
             "ticktext": list(traj.layer_labels),
-            "title": "layer (residual entering block; out = model output)",
+            "title": RESIDUAL_AXIS,
         },
         height=max(420, 18 * len(traj.layer_labels) + 160),
         margin={"l": 70, "r": 20, "t": 60, "b": 80},

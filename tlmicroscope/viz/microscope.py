@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from tlmicroscope.layers import RESIDUAL_AXIS
 from tlmicroscope.viz.html import CircuitsVisView
 from tlmicroscope.viz.lens import colored_tokens, trajectory_heatmap
 
@@ -127,12 +128,14 @@ def nonlinearity_heatmap(
     normalization: str = "global",
     title: str | None = None,
 ):
-    """LLM-Microscope's heatmap: one row per layer pair, one column per token, green (linear) to red.
+    """LLM-Microscope's heatmap: one row per layer pair, one column per token, green (linear) to
+    red.
 
     Args:
         result: A ``TokenNonlinearity``.
         value: ``"error"`` (E in RMS-token units) or ``"relative_error"`` (E / ‖target‖).
-        normalization: ``"global"``, ``"layer"`` (each row min-max), ``"token"`` (each column) or ``"none"``.
+        normalization: ``"global"``, ``"layer"`` (each row min-max), ``"token"`` (each column) or
+            ``"none"``.
 
     Examples:
         >>> import torch
@@ -223,7 +226,9 @@ def linearity_plot(result: Any, *, prompt: Any = None, title: str | None = None)
 def layer_contributions_heatmap(
     result: Any, *, batch: int = 0, delta: bool = False, title: str | None = None
 ):
-    """Per-layer next-token loss (or its per-block drop with ``delta=True``) as a layer × token heatmap."""
+    """Per-layer next-token loss (or its per-block drop with ``delta=True``) as a layer × token
+    heatmap.
+    """
     if not delta:
         return trajectory_heatmap(
             result.trajectory,
@@ -398,7 +403,7 @@ def layer_profiles_plot(profiles: Any, *, title: str | None = None):
         title=title or f"Layer profiles ({profiles.n_tokens} tokens; ID on {profiles.id_points})",
         height=420,
     )
-    fig.update_xaxes(title_text="residual state h^l")
+    fig.update_xaxes(title_text=RESIDUAL_AXIS)
     return fig
 
 

@@ -1,4 +1,5 @@
-"""Figures of target-token readouts: trajectories with bootstrap bands, and layer x head logit shares.
+"""Figures of target-token readouts: trajectories with bootstrap bands, and layer x head logit
+shares.
 
 They take ``TargetTrajectories`` and ``ComponentLens`` results and run no model.
 """
@@ -9,6 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
 from tlmicroscope.layers import RESIDUAL_AXIS
 
 __all__ = ["head_logit_heatmap", "target_trajectory_figure"]

@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from tlmicroscope.layers import RESIDUAL_AXIS
+
 __all__ = [
     "SHUFFLE_COLOURS",
     "id_loss_correlation_figure",
@@ -114,7 +116,7 @@ def layer_geometry_figure(geo: Any, *, title: str | None = None):
         height=430,
         legend={"font": {"size": 10}},
     )
-    fig.update_xaxes(title_text="layer")
+    fig.update_xaxes(title_text=RESIDUAL_AXIS)
     return fig
 
 
@@ -206,7 +208,7 @@ def sweep_profile_figure(
         title=title
         or f"{what.get(metric, metric)} by layer, structured (S=0) vs shuffled; "
         f"bands: {'95% CI of the mean' if band == 'ci95' else '±1 std over prompts'}",
-        xaxis_title="layer" if metric != "overlap" else "layer pair",
+        xaxis_title=RESIDUAL_AXIS if metric != "overlap" else "residual pair (h^l, h^l+1)",
         yaxis_title=what.get(metric, metric),
         height=430,
     )
@@ -220,7 +222,7 @@ def id_loss_correlation_figure(corr: Any, *, title: str | None = None, alpha: fl
     Examples:
         >>> import numpy as np
         >>> from tlmicroscope.geometry.correlation import IdLossCorrelation
-        >>> c = IdLossCorrelation((0,), (0, 1), ("embed", "1"), "gride", 2, np.array([[0.1, 0.6]]),
+        >>> c = IdLossCorrelation((0,), (0, 1), ("h0", "h1"), "gride", 2, np.array([[0.1, 0.6]]),
         ...                       np.array([[0.5, 0.001]]), np.array([[0.2, 0.5]]), np.array([[0.3, 0.01]]), (50,))
         >>> len(id_loss_correlation_figure(c).data)
         2
@@ -253,7 +255,7 @@ def id_loss_correlation_figure(corr: Any, *, title: str | None = None, alpha: fl
         title=title
         or f"Correlation of intrinsic dimension ({corr.estimator}, n2={corr.scale}) with the "
         f"prompt's loss, per layer (filled: p < {alpha})",
-        xaxis_title="layer",
+        xaxis_title=RESIDUAL_AXIS,
         yaxis_title="correlation",
         yaxis_range=[-1, 1],
         height=430,

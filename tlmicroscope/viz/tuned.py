@@ -1,5 +1,6 @@
 """Figures of tuned-lens evaluation and training: tuned vs logit lens per layer, learning curves,
-the transfer matrix, and two trajectories side by side. They take result objects and run no model."""
+the transfer matrix, and two trajectories side by side. They take result objects and run no
+model."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from tlmicroscope.layers import RESIDUAL_AXIS
 
 __all__ = [
     "lens_comparison_figure",
@@ -65,7 +68,7 @@ def lens_comparison_figure(
     first = next(iter(series.values()))
     fig.update_layout(
         title=title or f"{_TITLES.get(statistic, statistic)} per layer ({first.n_tokens} tokens)",
-        xaxis={"title": "layer (residual entering block; out = model output)", "type": "category"},
+        xaxis={"title": RESIDUAL_AXIS, "type": "category"},
         yaxis={
             "title": f"{statistic} ({'bits per byte' if unit == 'bpb' else 'nats'})",
             "rangemode": "tozero",
@@ -168,8 +171,8 @@ def transfer_heatmap(evaluation: Any, *, penalty: bool = True, title: str | None
     )
     fig.update_layout(
         title=title or ("Transfer penalty" if penalty else "Transfer KL"),
-        xaxis={"title": "residual of layer", "type": "category"},
-        yaxis={"title": "translator of layer", "type": "category"},
+        xaxis={"title": "residual h^j read", "type": "category"},
+        yaxis={"title": "translator trained on h^i", "type": "category"},
         height=520,
         margin={"l": 70, "r": 20, "t": 60, "b": 60},
     )
