@@ -230,8 +230,9 @@ class TunedLens(torch.nn.Module):
         ``recipe``, ``init``, ``out_dir``, ``resume``, ...) and override those given to
         ``__init__``. The shared names: ``n_tokens`` (training tokens: sets ``steps`` to
         ``n_tokens // tokens_per_step``), ``batch_size`` (windows per forward pass: sets
-        ``micro_batch_tokens``), ``seed``, ``progress``; ``quick=True`` takes ``QUICK`` for what
-        is not given and records the lens as quick. See ``train_tuned_lens``.
+        ``micro_batch_tokens``), ``seed``, ``progress``; ``quick=True`` takes ``QUICK`` over the
+        settings given to ``__init__`` (keywords given to ``fit`` still win) and records the lens
+        as quick. See ``train_tuned_lens``.
 
         Examples:
             >>> from tlmicroscope.models import tiny_model
@@ -244,9 +245,8 @@ class TunedLens(torch.nn.Module):
         """
         from tlmicroscope.lenses.train import TrainConfig, train_tuned_lens
 
-        cfg = {**self.train_settings, **_check_train_settings(settings)}
-        if quick:
-            cfg = {**self.QUICK, **cfg}
+        cfg = {**self.train_settings, **(self.QUICK if quick else {})}
+        cfg.update(_check_train_settings(settings))
         cfg["progress"] = bool(progress)
         if seed is not None:
             cfg["seed"] = int(seed)
