@@ -39,13 +39,19 @@ __all__ = [
     "FIXED_LABEL_CATEGORIES",
     "LETTERS",
     "MultipleChoiceItem",
+    "ScoringRun",
+    "ScoringTarget",
     "accuracy",
     "choice_logprobs",
     "continuations",
     "few_shot_prompts",
     "format_prompt",
     "load_tasks",
+    "pad_token_id",
+    "padded_batches",
     "read_mmlu",
+    "scoring_plan",
+    "targets_by_run",
 ]
 
 #: Categories of the shipped task set whose answers differ per item (``load_tasks()``'s default).
@@ -151,7 +157,8 @@ def load_tasks(categories: str | Iterable[str] | None = None) -> list[MultipleCh
 
     Args:
         categories: One name or several from ``ALL_CATEGORIES`` (default: the four-choice
-            ``CATEGORIES``; the fixed-label ``FIXED_LABEL_CATEGORIES`` only when named), in file order.
+            ``CATEGORIES``; the fixed-label ``FIXED_LABEL_CATEGORIES`` only when named), in file
+            order.
 
     Examples:
         >>> items = load_tasks("capitals")
@@ -160,7 +167,7 @@ def load_tasks(categories: str | Iterable[str] | None = None) -> list[MultipleCh
         >>> load_tasks("poetry")
         Traceback (most recent call last):
         ...
-        ValueError: Unknown task categories ['poetry']; the shipped set has ('capitals', 'antonyms', 'plurals', 'arithmetic', 'sentiment', 'yes_no').
+        ValueError: Unknown task categories ['poetry']; the shipped set has ('capitals', ...).
         >>> load_tasks("yes_no")[0].choices
         ('No', 'Yes')
     """
@@ -282,7 +289,8 @@ def format_prompt(
 
     Examples:
         >>> q = MultipleChoiceItem("What is the capital of Peru?", ("Lima", "Quito"), 0, "capitals")
-        >>> shot = MultipleChoiceItem("What is the capital of Chile?", ("Lima", "Santiago"), 1, "capitals")
+        >>> chile = "What is the capital of Chile?"
+        >>> shot = MultipleChoiceItem(chile, ("Lima", "Santiago"), 1, "capitals")
         >>> print(format_prompt(q, [shot]))
         Question: What is the capital of Chile?
         Answer: Santiago
@@ -338,7 +346,8 @@ def few_shot_prompts(
         same = [p for p in pool if p.category == item.category and p.question != item.question]
         if len(same) < n_shots:
             raise ValueError(
-                f"Category {item.category!r} has {len(same)} other items, fewer than n_shots={n_shots}; "
+                f"Category {item.category!r} has {len(same)} other items, fewer than "
+                f"n_shots={n_shots}; "
                 "lower n_shots or pass a larger pool."
             )
         shots = rng.sample(same, n_shots)
@@ -347,8 +356,8 @@ def few_shot_prompts(
 
 
 @dataclass(frozen=True)
-class _Run:
-    """A token sequence to run once: a prompt, possibly followed by a continuation's first tokens."""
+class ScoringRun:
+    """A token sequence to run once: a prompt, maybe followed by a continuation's first tokens."""
 
     prompt: int
     ids: torch.Tensor
@@ -356,8 +365,8 @@ class _Run:
 
 
 @dataclass(frozen=True)
-class _Target:
-    """A continuation scored inside a run: its tokens are predicted at ``positions`` of run ``run``."""
+class ScoringTarget:
+    """A continuation scored inside a run: its tokens are predicted at ``positions`` of ``run``."""
 
     prompt: int
     choice: int
@@ -375,15 +384,22 @@ def _tokenizer(model: Any) -> Any:
     return tok
 
 
-def _scoring_plan(
+def scoring_plan(
     model: Any, prompts: Sequence[str], choices: Sequence[Sequence[str]]
-) -> tuple[list[_Run], list[_Target]]:
+) -> tuple[list[ScoringRun], list[ScoringTarget]]:
     """The fewest forward passes that score every continuation of every prompt.
 
     A continuation t_1..t_m needs the logits after ``prompt + t_1..t_{m-1}``. In a causal model any
     run that has that context as a prefix provides them, so per prompt only the contexts that are
     not a prefix of another are run: one run for all single-token answers, plus one per distinct
-    longer answer prefix.
+    longer answer prefix. Shared by ``choice_logprobs`` and the injection experiment
+    (``tlmicroscope.causal.injection``), which score answers the same way.
+
+    Examples:
+        >>> from tlmicroscope.models import tiny_model
+        >>> runs, targets = scoring_plan(tiny_model(n_layers=1), ["Q: 2+2="], [["4", "5", "45"]])
+        >>> len(runs), [t.run for t in targets]  # "4" is a prefix of "45": one run scores all
+        (1, [0, 0, 0])
     """
     from tlmicroscope.inputs import to_tokens
 
@@ -393,8 +409,8 @@ def _scoring_plan(
         raise ValueError("No prompts to score.")
     tok = _tokenizer(model)
     n_ctx = int(model.cfg.n_ctx)
-    runs: list[_Run] = []
-    targets: list[_Target] = []
+    runs: list[ScoringRun] = []
+    targets: list[ScoringTarget] = []
     for i, (prompt, opts) in enumerate(zip(prompts, choices)):
         if not opts:
             raise ValueError(f"Prompt {i} has no choices to score.")
@@ -419,19 +435,25 @@ def _scoring_plan(
             if not any(len(o) > len(n) and o[: len(n)] == n for o in needs)
         ]
         first = len(runs)
-        runs += [_Run(i, torch.tensor(m, dtype=torch.long), len(ctx)) for m in maximal]
+        runs += [ScoringRun(i, torch.tensor(m, dtype=torch.long), len(ctx)) for m in maximal]
         for j, (ids, need) in enumerate(zip(conts, needs)):
             r = next(first + k for k, m in enumerate(maximal) if m[: len(need)] == need)
             pos = torch.arange(len(ctx) - 1, len(ctx) - 1 + len(ids))
-            targets.append(_Target(i, j, r, pos, torch.tensor(ids, dtype=torch.long)))
+            targets.append(ScoringTarget(i, j, r, pos, torch.tensor(ids, dtype=torch.long)))
     return runs, targets
 
 
-def _padded_batches(runs: list[_Run], batch_size: int, pad_id: int):
+def padded_batches(runs: list[ScoringRun], batch_size: int, pad_id: int):
     """``(run indices, [batch pos] tokens)`` for runs of similar length, right-padded.
 
     Right padding needs no attention mask: in a causal model a token never sees the positions
     after it, so the padding cannot change the logits of the real tokens.
+
+    Examples:
+        >>> import torch
+        >>> runs = [ScoringRun(0, torch.tensor([5, 6, 7]), 2), ScoringRun(1, torch.tensor([8]), 1)]
+        >>> [(idx, toks.tolist()) for idx, toks in padded_batches(runs, 2, 0)]
+        [([1, 0], [[8, 0, 0], [5, 6, 7]])]
     """
     order = sorted(range(len(runs)), key=lambda k: len(runs[k].ids))
     for lo in range(0, len(order), batch_size):
@@ -443,7 +465,14 @@ def _padded_batches(runs: list[_Run], batch_size: int, pad_id: int):
         yield idx, toks
 
 
-def _pad_id(model: Any) -> int:
+def pad_token_id(model: Any) -> int:
+    """The id used for padding: the tokenizer's pad, else its end or start of text, else 0.
+
+    Examples:
+        >>> from types import SimpleNamespace
+        >>> pad_token_id(SimpleNamespace(tokenizer=None))
+        0
+    """
     tok = getattr(model, "tokenizer", None)
     for attr in ("pad_token_id", "eos_token_id", "bos_token_id"):
         v = getattr(tok, attr, None) if tok is not None else None
@@ -452,8 +481,17 @@ def _pad_id(model: Any) -> int:
     return 0
 
 
-def _targets_by_run(targets: list[_Target]) -> dict[int, list[_Target]]:
-    by_run: dict[int, list[_Target]] = {}
+def targets_by_run(targets: list[ScoringTarget]) -> dict[int, list[ScoringTarget]]:
+    """The targets of each run, by run index (in the order given).
+
+    Examples:
+        >>> import torch
+        >>> one = torch.tensor([0])
+        >>> t = [ScoringTarget(0, j, r, one, one) for j, r in [(0, 1), (1, 0)]]
+        >>> {run: [x.choice for x in ts] for run, ts in targets_by_run(t).items()}
+        {1: [0], 0: [1]}
+    """
+    by_run: dict[int, list[ScoringTarget]] = {}
     for t in targets:
         by_run.setdefault(t.run, []).append(t)
     return by_run
@@ -494,12 +532,12 @@ def choice_logprobs(
     from tlmicroscope.inputs import ensure_eval
 
     ensure_eval(model)
-    runs, targets = _scoring_plan(model, prompts, choices)
-    by_run = _targets_by_run(targets)
+    runs, targets = scoring_plan(model, prompts, choices)
+    by_run = targets_by_run(targets)
     n_choices = max(len(c) for c in choices)
     out = torch.full((len(prompts), n_choices), -torch.inf)
     device = getattr(model.cfg, "device", None)
-    batches = list(_padded_batches(runs, batch_size, _pad_id(model)))
+    batches = list(padded_batches(runs, batch_size, pad_token_id(model)))
     with torch.inference_mode():
         for idx, toks in tqdm(batches, desc="scoring answers", disable=not progress):
             logits = model(toks.to(device) if device is not None else toks)
@@ -523,7 +561,8 @@ def accuracy(
     batch_size: int = 16,
     progress: bool = False,
 ) -> dict[str, float]:
-    """Fraction of items whose correct answer gets the highest log-likelihood, per category and overall.
+    """Fraction of items whose correct answer gets the highest log-likelihood, per category and
+    overall.
 
     Returns:
         ``{category: accuracy, ..., "all": accuracy}``.
