@@ -106,7 +106,7 @@ def quick_settings(kind: str, model: Any) -> dict[str, Any]:
     Examples:
         >>> from tlmicroscope.models import tiny_model
         >>> quick_settings("nonlinearity-reference", tiny_model(n_layers=2))
-        {'n_tokens': 256, 'seq_len': 128}
+        {'n_tokens': 4096, 'seq_len': 128}
     """
     if kind not in QUICK_SETTINGS:
         raise ValueError(
