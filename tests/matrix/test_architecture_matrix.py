@@ -341,7 +341,7 @@ def test_filler_removal_experiment(fam):
         n_passages=2,
         context_words=10,
         continuation_words=3,
-        n_bootstrap=20,
+        n_boot=20,
         progress=False,
     )
     assert res.conditions == ("original", "articles")

@@ -83,7 +83,7 @@ def test_experiment_matches_direct_scoring(tiny_llama, tmp_path):
         n_passages=4,
         context_words=15,
         continuation_words=4,
-        n_bootstrap=200,
+        n_boot=200,
         progress=False,
     )
     assert (
@@ -118,7 +118,7 @@ def test_mmlu_files_and_skipping_parts(tiny_llama, tmp_path):
         "What orbits the Earth?,Mars,The Moon,Venus,The Sun,B\nWhat is a star?,A gas ball,A rock,A planet,A moon,A\n"
     )
     res = filler_removal_experiment(
-        tiny_llama, csv, corpus=False, removals=("stop_words",), n_bootstrap=50, progress=False
+        tiny_llama, csv, corpus=False, removals=("stop_words",), n_boot=50, progress=False
     )
     assert res.n_items == 2 and res.n_passages == 0 and np.isnan(res.loss).all()
     assert res.provenance.settings["dataset"] == "mmlu" and res.provenance.settings["n_shots"] == 0

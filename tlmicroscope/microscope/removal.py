@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from tlmicroscope.corpus import CorpusSource, read_texts
+from tlmicroscope.deprecation import renamed_arguments
 from tlmicroscope.inputs import ensure_eval
 from tlmicroscope.microscope.token_classes import ARTICLES, STOP_WORDS
 from tlmicroscope.results import Provenance
@@ -137,11 +138,13 @@ class FillerRemovalResult:
     Attributes:
         conditions: ``"original"`` then each removal.
         accuracy: Multiple-choice accuracy per condition (NaN when no task set was scored).
-        accuracy_delta, accuracy_ci: Removal − original, and its 95 % bootstrap interval ``[cond 2]``.
+        accuracy_delta, accuracy_ci: Removal − original, and its 95 % bootstrap interval
+            ``[cond 2]``.
         loss: Mean continuation cross-entropy per condition, nats (NaN when no corpus was scored).
         loss_delta, loss_ci: Removal − original (positive = the model got worse), and its interval.
         n_items, n_passages: How many questions and passages were scored.
-        correct: Per-item correctness ``[cond item]``; ``passage_loss`` per-passage loss ``[cond passage]``.
+        correct: Per-item correctness ``[cond item]``; ``passage_loss`` per-passage loss
+            ``[cond passage]``.
         removed_fraction: Share of characters removed from the filtered texts, per condition.
     """
 
@@ -248,9 +251,10 @@ def _passage_loss(model, passages, removal, batch_size, progress) -> np.ndarray:
     return -lp[:, 0].numpy() / n_tok
 
 
+@renamed_arguments(renamed={"dataset": "items", "n_bootstrap": "n_boot"})
 def filler_removal_experiment(
     model: Any,
-    dataset: Any = None,
+    items: Any = None,
     *,
     corpus: CorpusSource | bool = None,
     removals: Sequence[str] = REMOVALS,
@@ -260,7 +264,7 @@ def filler_removal_experiment(
     n_passages: int = 100,
     context_words: int = 120,
     continuation_words: int = 24,
-    n_bootstrap: int = 2000,
+    n_boot: int = 2000,
     batch_size: int = 16,
     seed: int = 0,
     progress: bool = True,
@@ -269,7 +273,7 @@ def filler_removal_experiment(
 
     Args:
         model: A TransformerLens model with a tokenizer.
-        dataset: ``None`` for the shipped task set, a path to MMLU-format CSV/JSONL files (a file
+        items: ``None`` for the shipped task set, a path to MMLU-format CSV/JSONL files (a file
             or a folder), a list of ``MultipleChoiceItem``, or ``False`` to skip the task score.
         corpus: Source of the LM-loss passages (``None``: the embedded corpus); ``False`` skips it.
         removals: Conditions from ``REMOVALS`` (or classes joined with ``+``).
@@ -279,14 +283,18 @@ def filler_removal_experiment(
             default for MMLU files).
         max_items: Score a seeded sample of at most this many questions.
         n_passages, context_words, continuation_words: The LM-loss passages.
-        n_bootstrap: Paired bootstrap resamples for the intervals.
+        n_boot: Paired bootstrap resamples for the intervals.
+
+    The old keywords ``dataset=`` (now ``items=``) and ``n_bootstrap=`` (now ``n_boot=``) still
+    work for one release, with a ``DeprecationWarning``.
 
     Examples:
         >>> from tlmicroscope.models import tiny_model
         >>> from tlmicroscope.tasks import MultipleChoiceItem
         >>> items = [MultipleChoiceItem("Is the sky blue?", ("yes", "no"), 0, "demo")] * 4
         >>> res = filler_removal_experiment(tiny_model(n_layers=1), items, corpus=["word " * 200],
-        ...     removals=("articles",), n_shots=0, n_passages=3, context_words=20, continuation_words=5, progress=False)
+        ...     removals=("articles",), n_shots=0, n_passages=3, context_words=20,
+        ...     continuation_words=5, progress=False)
         >>> res.conditions, res.n_items, res.n_passages
         (('original', 'articles'), 4, 3)
     """
@@ -297,20 +305,10 @@ def filler_removal_experiment(
     rng = np.random.default_rng(seed)
     n_cond = len(conditions)
     correct = np.zeros((n_cond, 0))
-    kind = "none"
-    if dataset is not False:
-        pool, kind = _load_items(dataset)
-        items = pool
-        if max_items is not None and len(items) > max_items:
-            keep = np.sort(np.random.default_rng(seed).permutation(len(items))[:max_items])
-            items = [pool[i] for i in keep]
-        shots = n_shots if n_shots is not None else (0 if kind == "mmlu" else 3)
-        sty = style or ("letter" if kind == "mmlu" else "text")
-        correct = np.stack(
-            [
-                _mc_correct(model, items, pool, c, shots, seed, sty, batch_size, progress)
-                for c in conditions
-            ]
+    kind, shots, chosen = "none", None, []
+    if items is not False:
+        correct, kind, shots, chosen = _task_scores(
+            model, items, conditions, n_shots, style, max_items, seed, batch_size, progress
         )
     losses = np.zeros((n_cond, 0))
     passages: list[tuple[str, str]] = []
@@ -327,32 +325,14 @@ def filler_removal_experiment(
         )
     acc = correct.mean(1) if correct.shape[1] else np.full(n_cond, np.nan)
     loss = losses.mean(1) if losses.shape[1] else np.full(n_cond, np.nan)
-    acc_d, acc_ci, loss_d, loss_ci = (
-        np.zeros(n_cond),
-        np.zeros((n_cond, 2)),
-        np.zeros(n_cond),
-        np.zeros((n_cond, 2)),
-    )
-    for k in range(n_cond):
-        acc_d[k], acc_ci[k] = (
-            _paired_bootstrap(correct[0], correct[k], n_bootstrap, rng)
-            if correct.shape[1]
-            else (np.nan, (np.nan, np.nan))
-        )
-        loss_d[k], loss_ci[k] = (
-            _paired_bootstrap(losses[0], losses[k], n_bootstrap, rng)
-            if losses.shape[1]
-            else (np.nan, (np.nan, np.nan))
-        )
-    texts = [c for c, _ in passages] or (
-        [i.question for i in items] if dataset is not False else []
-    )
+    acc_d, acc_ci, loss_d, loss_ci = _paired_differences(correct, losses, n_boot, rng)
+    texts = [c for c, _ in passages] or [i.question for i in chosen]
     removed = np.array([_removed_share(texts, c) for c in conditions])
     prov = Provenance.from_model(
         model,
         dataset=kind,
-        n_shots=None if dataset is False else shots,
-        n_bootstrap=n_bootstrap,
+        n_shots=shots,
+        n_bootstrap=n_boot,
         context_words=context_words,
         continuation_words=continuation_words,
         seed=seed,
@@ -372,6 +352,58 @@ def filler_removal_experiment(
         removed,
         prov,
     )
+
+
+def _task_scores(
+    model: Any,
+    items: Any,
+    conditions: Sequence[str],
+    n_shots: int | None,
+    style: str | None,
+    max_items: int | None,
+    seed: int,
+    batch_size: int,
+    progress: bool,
+) -> tuple[np.ndarray, str, int, list]:
+    """``(correct [condition item], kind, n_shots, items scored)`` on the multiple-choice items."""
+    pool, kind = _load_items(items)
+    chosen = pool
+    if max_items is not None and len(chosen) > max_items:
+        keep = np.sort(np.random.default_rng(seed).permutation(len(chosen))[:max_items])
+        chosen = [pool[i] for i in keep]
+    shots = n_shots if n_shots is not None else (0 if kind == "mmlu" else 3)
+    sty = style or ("letter" if kind == "mmlu" else "text")
+    correct = np.stack(
+        [
+            _mc_correct(model, chosen, pool, c, shots, seed, sty, batch_size, progress)
+            for c in conditions
+        ]
+    )
+    return correct, kind, shots, chosen
+
+
+def _paired_differences(
+    correct: np.ndarray, losses: np.ndarray, n_boot: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Each condition minus the original, with paired bootstrap intervals, for accuracy and loss.
+
+    NaN where that score was skipped (no items or no passages).
+    """
+    n_cond = correct.shape[0]
+    acc_d, acc_ci = np.zeros(n_cond), np.zeros((n_cond, 2))
+    loss_d, loss_ci = np.zeros(n_cond), np.zeros((n_cond, 2))
+    for k in range(n_cond):
+        acc_d[k], acc_ci[k] = (
+            _paired_bootstrap(correct[0], correct[k], n_boot, rng)
+            if correct.shape[1]
+            else (np.nan, (np.nan, np.nan))
+        )
+        loss_d[k], loss_ci[k] = (
+            _paired_bootstrap(losses[0], losses[k], n_boot, rng)
+            if losses.shape[1]
+            else (np.nan, (np.nan, np.nan))
+        )
+    return acc_d, acc_ci, loss_d, loss_ci
 
 
 def _removed_share(texts: list[str], removal: str) -> float:
