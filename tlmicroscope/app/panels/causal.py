@@ -34,6 +34,7 @@ import torch
 from tlmicroscope.app.prerequisites import model_cli_args
 from tlmicroscope.app.sections import MissingPrerequisite, ReportContext, Section, register_section
 from tlmicroscope.causal.basis import CausalBasis, default_cbe_dir, lens_digest
+from tlmicroscope.causal.lens_influence import lens_influence
 
 __all__ = ["default_basis_path", "text_lens_influence"]
 
@@ -95,27 +96,9 @@ def _load_basis(ctx: ReportContext, lens: Any) -> tuple[CausalBasis, Path]:
 def text_lens_influence(
     basis: CausalBasis, lens: Any, model: Any, hidden: torch.Tensor, *, seed: int = 0
 ) -> torch.Tensor:
-    """``[k]`` KL (nats) of the lens's prediction on ``hidden`` (``[N d_model]`` rows at the basis's
-    layer) when each direction is ablated with the basis's mode and mean."""
-    from tlmicroscope.causal._lens_ablation import LensAblationObjective
-    from tlmicroscope.causal.ablation import derangement
-    from tlmicroscope.lenses.readout import Readout
-
-    h = hidden.reshape(-1, basis.d_model).float()
-    donors = derangement(h.shape[0], seed=seed) if basis.mode == "resample" else None
-    objective = LensAblationObjective(
-        Readout.for_model(model),
-        lens,
-        basis.layer,
-        h,
-        basis.mode,
-        mean=basis.mean.float(),
-        donors=donors,
-    )
-    with torch.no_grad():
-        return torch.tensor(
-            [float(objective.energy(basis.vectors[:, j].float())) for j in range(basis.k)]
-        )
+    """``[k]`` KL (nats) of the lens on ``hidden`` with each direction ablated; see
+    ``tlmicroscope.causal.lens_influence.lens_influence`` (kept here under its old name)."""
+    return lens_influence(basis, lens, model, hidden, seed=seed)
 
 
 @register_section(
