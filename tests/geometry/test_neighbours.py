@@ -50,9 +50,7 @@ CLOUDS = {
 def test_nearest_neighbours_equal_brute_force(name, precision):
     x = CLOUDS[name](torch.Generator().manual_seed(0))
     ranks = [1, 2, 3, 4, 5, 6, 8, 16, 32, 64, 128, 256]
-    nn = nearest_neighbours(
-        x, ranks=ranks, chunk_bytes=64 * 1024, precision=precision
-    )  # many small chunks
+    nn = nearest_neighbours(x, ranks=ranks, chunk_size=16, precision=precision)  # many chunks
     d, i = _brute(x, ranks)
     # the documented guarantee: squared distances to 1e-8 relative (float64 GEMM, certified)
     torch.testing.assert_close(nn.distances, d, rtol=5e-9, atol=0)

@@ -9,7 +9,7 @@ all go through ``nearest_neighbours``:
    the rounding error of ``|x_i|^2 + |x_j|^2 - 2 x_i.x_j``.
 2. For a chunk of rows, one float64 GEMM gives every squared distance, with the rounding bound
    ``c (|x_i| + |x_j|)^2`` (``c ~ d * 2^-53``) of that formula. ``topk`` keeps the smallest.
-   Memory is bounded by ``chunk_bytes`` for any number of points.
+   Memory is bounded by ``chunk_size`` rows for any number of points.
 3. A row is accepted when, at every requested rank, the bound is below 1e-8 of the squared
    distance, and
    (when the neighbours' identities are wanted) the distance is separated from the previous and
@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from jaxtyping import Float, Int
 
+from tlmicroscope.deprecation import renamed_arguments
 from tlmicroscope.geometry._neighbour_search import (
     _MIXED_MIN_WORK,
     _direct,
@@ -52,6 +53,17 @@ __all__ = [
 
 #: Default memory for one chunk of the distance block, in bytes.
 _CHUNK_BYTES = 256 * 2**20
+
+
+def _chunk_bytes(chunk_size: int | None, n: int) -> int:
+    """The byte budget of one distance block: ``chunk_size`` rows of ``n`` float64 distances."""
+    if chunk_size is None:
+        return _CHUNK_BYTES
+    if isinstance(chunk_size, _ByteBudget):
+        return int(chunk_size)
+    if int(chunk_size) < 1:
+        raise ValueError(f"chunk_size must be a positive number of points, got {chunk_size}.")
+    return int(chunk_size) * max(1, n) * 8
 
 
 def as_points(points, *, what: str = "points") -> Float[torch.Tensor, "n d"]:
@@ -122,13 +134,22 @@ class NearestNeighbours:
         return self.indices[:, :k]
 
 
+class _ByteBudget(int):
+    """A chunk given the old way, as bytes (``chunk_bytes=``) rather than rows."""
+
+
+def _chunk_from_bytes(chunk_bytes: int, kwargs: dict) -> _ByteBudget:
+    return _ByteBudget(chunk_bytes)
+
+
+@renamed_arguments(renamed={"chunk_bytes": ("chunk_size", _chunk_from_bytes)})
 def nearest_neighbours(
     points,
     k: int | None = None,
     *,
     ranks: Sequence[int] | None = None,
     need_indices: bool | int = True,
-    chunk_bytes: int = _CHUNK_BYTES,
+    chunk_size: int | None = None,
     precision: str = "auto",
 ) -> NearestNeighbours:
     """Exact distances to each point's neighbours at ranks ``1..k`` (or at chosen ``ranks``).
@@ -140,7 +161,10 @@ def nearest_neighbours(
         need_indices: Certify the neighbours' identities too (the overlap needs them; ID
             estimators need only the distances, which are certified either way). An int k
             certifies the identities at ranks <= k only.
-        chunk_bytes: Memory for one chunk of the distance block; bounds peak memory.
+        chunk_size: Points whose distances to the whole cloud are computed together (bounds
+            peak memory at about ``chunk_size * n * 8`` bytes); default: as many as fit in
+            256 MiB. The old ``chunk_bytes=`` (a byte budget) still works for one release, with
+            a ``DeprecationWarning``.
         precision: How the search runs (the answer is the same): ``"mixed"`` (a float32 product
             with certified bounds, then exact float64 distances around each rank), ``"float64"``
             (a float64 product), or ``"auto"`` (mixed for large clouds on CPU, where the GEMM
@@ -158,6 +182,7 @@ def nearest_neighbours(
     """
     x = as_points(points)
     n, d = x.shape
+    chunk_bytes = _chunk_bytes(chunk_size, n)
     if ranks is None:
         if k is None:
             raise ValueError("Pass k (ranks 1..k) or ranks=.")
