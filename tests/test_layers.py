@@ -128,7 +128,7 @@ def test_each_residual_label_names_the_cache_entry(model):
 def test_results_label_rows_by_the_residual_they_read(model):
     """The row a trajectory, token geometry and latent capture call "h^l" holds what the hook of
     h^l holds."""
-    toks, logits, cache = _cache(model)
+    toks, _, cache = _cache(model)
     n = model.cfg.n_layers
     readout = Readout.for_model(model)
     traj = prediction_trajectory(model, toks, top_k=3)

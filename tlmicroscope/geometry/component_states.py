@@ -96,7 +96,8 @@ class ComponentStates:
         s = self.activations.shape[0] if self.activations.ndim == 4 else -1
         if self.activations.ndim != 4:
             raise ValueError(
-                f"activations must be [state batch pos d_model], got shape {tuple(self.activations.shape)}."
+                "activations must be [state batch pos d_model], got shape "
+                f"{tuple(self.activations.shape)}."
             )
         for name in ("components", "layers", "hook_names"):
             if len(getattr(self, name)) != s:
@@ -145,7 +146,8 @@ class ComponentStates:
         if not keep:
             raise ValueError(
                 f"No state matches components={components} layers={layers}; this object holds "
-                f"{sorted(set(self.components))} for layers {sorted({x for x in self.layers if x is not None})}."
+                f"{sorted(set(self.components))} for layers "
+                f"{sorted({x for x in self.layers if x is not None})}."
             )
         return self._subset_states(keep)
 

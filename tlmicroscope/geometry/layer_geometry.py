@@ -305,17 +305,17 @@ def _stacked(
     n_pairs = len(layers) - 1
     nan_pairs = torch.full((len(ks),), _NAN, dtype=torch.float64)
     return {
-        "gride": torch.stack([stats[l].gride for l in layers]),
-        "gride_error": torch.stack([stats[l].gride_error for l in layers]),
-        "twonn": torch.tensor([stats[l].twonn for l in layers], dtype=torch.float64),
-        "overlap": torch.stack([overlaps.get(l, nan_pairs) for l in range(n_pairs)])
+        "gride": torch.stack([stats[i].gride for i in layers]),
+        "gride_error": torch.stack([stats[i].gride_error for i in layers]),
+        "twonn": torch.tensor([stats[i].twonn for i in layers], dtype=torch.float64),
+        "overlap": torch.stack([overlaps.get(i, nan_pairs) for i in range(n_pairs)])
         if ks
         else torch.empty((n_pairs, 0), dtype=torch.float64),
-        "cosine": torch.tensor([stats[l].cosine.mean for l in layers], dtype=torch.float64),
+        "cosine": torch.tensor([stats[i].cosine.mean for i in layers], dtype=torch.float64),
         "cosine_with_diagonal": torch.tensor(
-            [stats[l].cosine.mean_with_diagonal for l in layers], dtype=torch.float64
+            [stats[i].cosine.mean_with_diagonal for i in layers], dtype=torch.float64
         ),
-        "n_unique": torch.tensor([stats[l].n_unique for l in layers]),
+        "n_unique": torch.tensor([stats[i].n_unique for i in layers]),
     }
 
 

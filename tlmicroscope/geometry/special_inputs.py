@@ -47,7 +47,8 @@ def _token_id(model: Any, token: int | str) -> int:
         ids = tok(token, add_special_tokens=False)["input_ids"]
         if len(ids) != 1:
             raise ValueError(
-                f"{token!r} is {len(ids)} tokens ({ids}) for this tokenizer, not one; pick a single "
+                f"{token!r} is {len(ids)} tokens ({ids}) for this tokenizer, not one; pick a "
+                "single "
                 "token, or pass its id."
             )
         return int(ids[0])

@@ -96,7 +96,8 @@ def _one_token(model: Any, item: Any, notes: list[str]) -> tuple[int, str]:
         i = int(item)
         if not 0 <= i < d_vocab:
             raise ValueError(
-                f"Target token id {i} is not in the vocabulary: ids run 0..{d_vocab - 1} for this model. "
+                f"Target token id {i} is not in the vocabulary: ids run 0..{d_vocab - 1} for this "
+                "model. "
                 "Pass an id below d_vocab, or the token's text."
             )
         return i, _decode(model, [i])[0]
@@ -114,12 +115,14 @@ def _one_token(model: Any, item: Any, notes: list[str]) -> tuple[int, str]:
         if not ids or (unk is not None and unk in ids):
             raise ValueError(
                 f"The target {item!r} is not in the vocabulary (it tokenizes to "
-                f"{'nothing' if not ids else 'the unknown token'}). Pass another spelling or a token id."
+                f"{'nothing' if not ids else 'the unknown token'}). Pass another spelling or a "
+                "token id."
             )
         pieces = _decode(model, ids)
         if len(ids) > 1:
             note = (
-                f"target {item!r} is {len(ids)} tokens {pieces}; reading its first token {pieces[0]!r} "
+                f"target {item!r} is {len(ids)} tokens {pieces}; reading its first token "
+                f"{pieces[0]!r} "
                 f"(id {ids[0]}). Pass a one-token string or an id to read another."
             )
             if note not in notes:

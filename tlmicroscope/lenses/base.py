@@ -127,8 +127,10 @@ def check_lens_sites(lens: Any, sites: Any) -> None:
         return
     name = getattr(lens, "name", type(lens).__name__)
     raise ValueError(
-        f"The {name!r} lens ({type(lens).__name__}) has no readout for {', '.join(missing)}: it reads only "
-        f"{lens_sites(lens)} (a tuned lens has one translator per block input, trained on hook_resid_pre). "
+        f"The {name!r} lens ({type(lens).__name__}) has no readout for {', '.join(missing)}: it "
+        "reads only "
+        f"{lens_sites(lens)} (a tuned lens has one translator per block input, trained on "
+        "hook_resid_pre). "
         "Read the mid-block residual through the logit lens (lens='logit'), leave resid_mid out "
         "(sites='pre'), or give the lens a readable_sites attribute that lists 'resid_mid' and a "
         "transform_site(h, layer, site) method (a translator trained on blocks.{l}.hook_resid_mid)."

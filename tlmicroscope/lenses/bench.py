@@ -200,7 +200,8 @@ def _named_lenses(lenses: Any) -> list[tuple[str, Any]]:
         raise ValueError("Pass at least one lens (e.g. ['logit', tuned_lens, jacobian_lens]).")
     if len(set(names)) != len(names):
         raise ValueError(
-            f"The lenses' names repeat ({names}); pass a mapping {{label: lens}} to tell them apart."
+            f"The lenses' names repeat ({names}); pass a mapping {{label: lens}} to tell them "
+            "apart."
         )
     return out
 

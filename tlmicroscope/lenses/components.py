@@ -119,7 +119,8 @@ class ComponentLens:
             raise ValueError(f"pos {pos} is out of range for {n_pos} positions.")
         if not 0 <= target < len(self.target_names):
             raise ValueError(
-                f"target {target} is out of range: valid targets are 0..{len(self.target_names) - 1}."
+                f"target {target} is out of range: valid targets are "
+                f"0..{len(self.target_names) - 1}."
             )
         return self.heads[:, :, batch, pos, target]
 
@@ -402,7 +403,8 @@ def component_lens(
         >>> cl = component_lens(model, "hello", targets=["o", "x"])
         >>> tuple(cl.heads.shape)  # layer head batch pos target
         (2, 4, 1, 5, 2)
-        >>> parts = (cl.embed + cl.pos_embed + cl.heads.sum(1).sum(0) + cl.attn_bias.sum(0) + cl.mlp.sum(0)
+        >>> parts = (cl.embed + cl.pos_embed + cl.heads.sum(1).sum(0) + cl.attn_bias.sum(0)
+        ...          + cl.mlp.sum(0)
         ...          + cl.bias)
         >>> bool(torch.allclose(parts, cl.model_logit, atol=1e-4))
         True

@@ -295,8 +295,10 @@ def check_readout_identity(
         row_ours = z.detach().float().reshape(-1, z.shape[-1])[flat]
         row_theirs = logits.detach().float().reshape(-1, logits.shape[-1])[flat]
         raise ReadoutIdentityError(
-            f"For this {readout.family} model, the lens readout of the last block's hook_resid_post "
-            f"differs from the model's own log-probabilities by up to {diff:.3g} (tolerance {atol:.3g}). "
+            f"For this {readout.family} model, the lens readout of the last block's "
+            "hook_resid_post "
+            f"differs from the model's own log-probabilities by up to {diff:.3g} (tolerance "
+            f"{atol:.3g}). "
             f"tlmicroscope rebuilt {readout.describe()}; on the worst row its logits span "
             f"[{float(row_ours.min()):.3g}, {float(row_ours.max()):.3g}] and the model's "
             f"[{float(row_theirs.min()):.3g}, {float(row_theirs.max()):.3g}]. The model computes "

@@ -575,7 +575,7 @@ def _tracked_fields(
     tracked: TargetIds, out: dict[str, torch.Tensor], idx: torch.Tensor, shape: tuple[int, ...]
 ) -> dict[str, Any]:
     """The ``tracked_*`` fields of a trajectory from ``read_rows``'s extra logits and ranks."""
-    n_l, batch, n_pos = shape
+    _, batch, n_pos = shape
     dev = idx.device
     rows_mask = tracked.mask.to(dev)
     rows_mask = rows_mask.expand(batch, -1, -1) if rows_mask.shape[0] == 1 else rows_mask

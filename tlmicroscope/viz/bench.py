@@ -145,18 +145,25 @@ def lens_bench_page(bench: Any, *, title: str | None = None):
         "Summary",
         lens_bench_table_html(bench) + (f"<ul>{notes}</ul>" if notes else ""),
         caption=(
-            f"Means over the lensed layers (the output row excluded) of {bench.n_tokens} held-out tokens "
-            f"({bench.n_bytes} bytes); fidelity at layers {list(bench.cbe_layers)}, SRA over layers "
-            f"{list(bench.sra_layers)[:1] + ['...'] + list(bench.sra_layers)[-1:] if len(bench.sra_layers) > 2 else list(bench.sra_layers)}."
+            f"Means over the lensed layers (the output row excluded) of {bench.n_tokens} held-out "
+            "tokens "
+            f"({bench.n_bytes} bytes); fidelity at layers {list(bench.cbe_layers)}, SRA over "
+            "layers "
+            f"{_span(list(bench.sra_layers))}."
         ),
     )
     captions = {
         "kl": "Lower is better: how far the lens's distribution is from the model's final one.",
-        "cross_entropy": "The lens used as a next-token predictor; the output row is the model's own loss.",
-        "bias_kl": "Systematic skew: the corpus-averaged distributions compared (Belrose et al.'s bias).",
-        "depth_fraction": "The first layer from which the lens's top-1 token agrees with the model at every later layer.",
-        "fidelity_rho": "Rank correlation between each CBE direction's influence on the lens and on the model.",
-        "sra": "How well the lens's change under a resampled residual update aligns with the model's (±1 std).",
+        "cross_entropy": "The lens used as a next-token predictor; the output row is the model's "
+        "own loss.",
+        "bias_kl": "Systematic skew: the corpus-averaged distributions compared (Belrose et al.'s "
+        "bias).",
+        "depth_fraction": "The first layer from which the lens's top-1 token agrees with the model "
+        "at every later layer.",
+        "fidelity_rho": "Rank correlation between each CBE direction's influence on the lens and "
+        "on the model.",
+        "sra": "How well the lens's change under a resampled residual update aligns with the "
+        "model's (±1 std).",
     }
     for metric in (
         "kl",
@@ -175,3 +182,8 @@ def lens_bench_page(bench: Any, *, title: str | None = None):
             caption=captions.get(metric, ""),
         )
     return page
+
+
+def _span(layers: list) -> list:
+    """The first and last of more than two layers, with ``"..."`` between."""
+    return layers[:1] + ["..."] + layers[-1:] if len(layers) > 2 else layers

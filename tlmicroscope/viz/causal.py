@@ -33,7 +33,8 @@ def cbe_energy_figure(basis: Any, *, log_y: bool = True, title: str | None = Non
     Examples:
         >>> import torch
         >>> from types import SimpleNamespace
-        >>> b = SimpleNamespace(energies=torch.tensor([0.3, 0.1]), converged=torch.tensor([True, False]),
+        >>> b = SimpleNamespace(energies=torch.tensor([0.3, 0.1]),
+        ...                     converged=torch.tensor([True, False]),
         ...                     layer=4, mode="mean", lens="logit", n_tokens=100, provenance=None)
         >>> fig = cbe_energy_figure(b)
         >>> [round(float(v), 3) for v in fig.data[0].y], fig.data[0].marker.color
@@ -77,7 +78,8 @@ def cbe_text_influence_figure(
     Examples:
         >>> import torch
         >>> from types import SimpleNamespace
-        >>> b = SimpleNamespace(energies=torch.tensor([0.3, 0.1]), layer=4, lens="logit", mode="mean")
+        >>> b = SimpleNamespace(energies=torch.tensor([0.3, 0.1]), layer=4, lens="logit",
+        ...                     mode="mean")
         >>> fig = cbe_text_influence_figure(b, torch.tensor([0.2, 0.15]))
         >>> [t.name for t in fig.data], [round(float(v), 2) for v in fig.data[1].y]
         (['extraction corpus (saved energies)', 'this text'], [0.2, 0.15])
@@ -126,7 +128,8 @@ def fidelity_scatter(result: Any, *, title: str | None = None):
     Examples:
         >>> import torch
         >>> from types import SimpleNamespace
-        >>> r = SimpleNamespace(lens_influence=torch.tensor([0.1, 0.01]), model_influence=torch.tensor([0.2, 0.05]),
+        >>> r = SimpleNamespace(lens_influence=torch.tensor([0.1, 0.01]),
+        ...                     model_influence=torch.tensor([0.2, 0.05]),
         ...                     spearman=1.0, layer=3, mode="mean", lens="logit", provenance=None)
         >>> fidelity_scatter(r).layout.xaxis.type
         'log'
@@ -167,7 +170,8 @@ def fidelity_scatter(result: Any, *, title: str | None = None):
     fig.update_layout(
         title=title
         or (
-            f"Causal fidelity at layer {result.layer} ({result.lens} lens, {result.mode} ablation): "
+            f"Causal fidelity at layer {result.layer} ({result.lens} lens, {result.mode} "
+            "ablation): "
             f"Spearman ρ = {result.spearman:.3f}"
         ),
         xaxis_title="influence on the lens (nats)",
@@ -221,7 +225,8 @@ def injection_auroc_figure(result: Any, *, title: str | None = None):
     Examples:
         >>> import numpy as np
         >>> from types import SimpleNamespace
-        >>> r = SimpleNamespace(auroc={"logit": np.array([0.7, 0.8]), "mahalanobis": np.array([0.6, 0.6])},
+        >>> r = SimpleNamespace(auroc={"logit": np.array([0.7, 0.8]),
+        ...                            "mahalanobis": np.array([0.6, 0.6])},
         ...                     detector="lof", n_items=20, provenance=None)
         >>> [round(v, 2) for v in injection_auroc_figure(r).data[0].y]
         [0.75, 0.6]

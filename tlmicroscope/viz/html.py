@@ -66,7 +66,8 @@ class CircuitsVisView:
         div = f"cv-{uuid.uuid4().hex[:12]}"
         style = f' style="min-height:{self.height}"' if self.height else ""
         return (
-            f'<div id="{div}" class="circuitsvis" data-component="{escape(self.component)}"{style}></div>'
+            f'<div id="{div}" class="circuitsvis" '
+            f'data-component="{escape(self.component)}"{style}></div>'
             f"<script>CircuitsVis.render({json.dumps(div)}, CircuitsVis.{self.component}, "
             f"{convert_props(self.props)});</script>"
         )
@@ -155,9 +156,11 @@ class HtmlPage:
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{escape(self.title)}</title>
 <style>
-body {{ font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0 auto; max-width: 1400px;
+body {{ font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0 auto;
+        max-width: 1400px;
         padding: 1rem 2rem; color: #222; }}
-h1 {{ margin-bottom: .2rem; }} h2 {{ border-bottom: 1px solid #ddd; padding-bottom: .2rem; margin-top: 2rem; }}
+h1 {{ margin-bottom: .2rem; }}
+h2 {{ border-bottom: 1px solid #ddd; padding-bottom: .2rem; margin-top: 2rem; }}
 .caption {{ color: #555; font-size: .9rem; margin-top: 0; }}
 .notice {{ background: #fff6e0; border-left: 4px solid #e0a800; padding: .6rem .8rem; }}
 pre.fix {{ background: #f4f4f4; padding: .5rem .8rem; }}

@@ -58,7 +58,7 @@ def component_color(component: str, depth: float) -> str:
     c = np.asarray(base)
     lo, hi = c * (1 - dark), c + (1 - c) * light
     rgb = lo + float(np.clip(depth, 0.0, 1.0)) * (hi - lo)
-    return "rgb({},{},{})".format(*(int(round(255 * v)) for v in rgb))
+    return "rgb({},{},{})".format(*(round(255 * v) for v in rgb))
 
 
 def _depth(projection: Any, idx: np.ndarray) -> np.ndarray:
@@ -185,7 +185,8 @@ def projection_scatter(
     Examples:
         >>> import torch
         >>> from tlmicroscope.geometry import project
-        >>> proj = project(torch.randn(50, 8), fields={"component": ["attn_out"] * 25 + ["mlp_out"] * 25})
+        >>> proj = project(torch.randn(50, 8),
+        ...                fields={"component": ["attn_out"] * 25 + ["mlp_out"] * 25})
         >>> [t.name for t in projection_scatter(proj, "component").data]
         ['attn_out', 'mlp_out']
     """
@@ -250,7 +251,8 @@ def pca_pair_grid(
     Examples:
         >>> import torch
         >>> from tlmicroscope.geometry import project
-        >>> proj = project(torch.randn(40, 10), n_components=6, fields={"position": list(range(40))})
+        >>> proj = project(torch.randn(40, 10), n_components=6,
+        ...                fields={"position": list(range(40))})
         >>> len(pca_pair_grid(proj).data)
         15
     """
@@ -260,7 +262,8 @@ def pca_pair_grid(
     k = min(n_components, projection.n_components)
     if k < 2:
         raise ValueError(
-            f"A pair grid needs at least 2 components; the projection has {projection.n_components}."
+            "A pair grid needs at least 2 components; the projection has "
+            f"{projection.n_components}."
         )
     pairs = list(combinations(range(k), 2))
     cols = min(3, len(pairs))
@@ -315,7 +318,8 @@ def separation_plot(result: Any, *, also: Any = None, title: str | None = None):
         >>> import torch
         >>> from tlmicroscope.geometry.separation import SeparationResult
         >>> r = SeparationResult((0, 1), torch.tensor([0.6, 0.9]), torch.tensor([0.05, 0.02]),
-        ...                      torch.tensor([0.1, 0.4]), torch.tensor([100, 100]), ("attn_out", "mlp_out"), 0.5)
+        ...                      torch.tensor([0.1, 0.4]), torch.tensor([100, 100]),
+        ...                      ("attn_out", "mlp_out"), 0.5)
         >>> [t.name for t in separation_plot(r).data]
         ['linear-probe accuracy (CV)', 'silhouette']
     """
@@ -382,7 +386,7 @@ def _profile_rows(profile: Any, states: Sequence[int] | None, limit: int) -> lis
     n = profile.norms.shape[0]
     if states is not None:
         return [int(s) % n for s in states]
-    return sorted({int(round(x)) for x in np.linspace(0, n - 1, min(limit, n))})
+    return sorted({round(x) for x in np.linspace(0, n - 1, min(limit, n))})
 
 
 def norm_profile_plot(
@@ -398,7 +402,8 @@ def norm_profile_plot(
     Examples:
         >>> import torch
         >>> from tlmicroscope.geometry.norms import NormProfile
-        >>> p = NormProfile(torch.rand(3, 2, 5) + 1, ("resid_post",) * 3, (0, 1, 2), torch.arange(5), None, 3)
+        >>> p = NormProfile(torch.rand(3, 2, 5) + 1, ("resid_post",) * 3, (0, 1, 2),
+        ...                 torch.arange(5), None, 3)
         >>> len(norm_profile_plot(p).data)
         3
     """
@@ -448,7 +453,8 @@ def norm_heatmap(profile: Any, *, title: str | None = None):
     Examples:
         >>> import torch
         >>> from tlmicroscope.geometry.norms import NormProfile
-        >>> p = NormProfile(torch.rand(3, 2, 5) + 1, ("resid_post",) * 3, (0, 1, 2), torch.arange(5), None, 3)
+        >>> p = NormProfile(torch.rand(3, 2, 5) + 1, ("resid_post",) * 3, (0, 1, 2),
+        ...                 torch.arange(5), None, 3)
         >>> norm_heatmap(p).data[0].z.shape
         (3, 5)
     """
@@ -559,7 +565,8 @@ def trajectory_plot(
     Examples:
         >>> from tlmicroscope.models import tiny_model
         >>> from tlmicroscope.geometry import token_trajectories
-        >>> fig = trajectory_plot(token_trajectories(tiny_model(n_layers=2), "hey", positions=[0, 2]))
+        >>> tr = token_trajectories(tiny_model(n_layers=2), "hey", positions=[0, 2])
+        >>> fig = trajectory_plot(tr)
         >>> [t.name for t in fig.data]
         ['all states', 'h @0', 'y @2']
     """

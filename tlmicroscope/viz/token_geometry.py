@@ -36,7 +36,8 @@ def layer_geometry_figure(geo: Any, *, title: str | None = None):
     Examples:
         >>> from tlmicroscope.models import tiny_model
         >>> from tlmicroscope.geometry import layer_geometry
-        >>> fig = layer_geometry_figure(layer_geometry(tiny_model(n_layers=2), "abcdefghijklmnop" * 3))
+        >>> geo = layer_geometry(tiny_model(n_layers=2), "abcdefghijklmnop" * 3)
+        >>> fig = layer_geometry_figure(geo)
         >>> len(fig.data) > 3
         True
     """
@@ -155,7 +156,8 @@ def sweep_profile_figure(
     Examples:
         >>> from tlmicroscope.geometry.sweep import GeometrySweep
         >>> recs = [{"prompt": p, "shuffle": s, "seed": 0, "layers": [0, 1, 2], "gride_scales": [2],
-        ...          "gride": [[3.0], [5.0 + s + p], [4.0]], "loss": 1.0} for p in range(3) for s in (0, 2)]
+        ...          "gride": [[3.0], [5.0 + s + p], [4.0]], "loss": 1.0}
+        ...         for p in range(3) for s in (0, 2)]
         >>> fig = sweep_profile_figure(GeometrySweep({"settings": {}}, recs))
         >>> [t.name for t in fig.data if t.showlegend is not False]
         ['S=0 (n=3)', 'S=2 (n=3)']
@@ -223,7 +225,8 @@ def id_loss_correlation_figure(corr: Any, *, title: str | None = None, alpha: fl
         >>> import numpy as np
         >>> from tlmicroscope.geometry.correlation import IdLossCorrelation
         >>> c = IdLossCorrelation((0,), (0, 1), ("h0", "h1"), "gride", 2, np.array([[0.1, 0.6]]),
-        ...                       np.array([[0.5, 0.001]]), np.array([[0.2, 0.5]]), np.array([[0.3, 0.01]]), (50,))
+        ...                       np.array([[0.5, 0.001]]), np.array([[0.2, 0.5]]),
+        ...                       np.array([[0.3, 0.01]]), (50,))
         >>> len(id_loss_correlation_figure(c).data)
         2
     """

@@ -62,7 +62,9 @@ def lens_comparison_figure(
                 name=label,
                 mode="lines+markers",
                 line={"color": _COLORS[i % len(_COLORS)]},
-                hovertemplate=f"{label}<br>layer %{{x}}<br>{statistic} %{{y:.4f}} {unit}<extra></extra>",
+                hovertemplate=(
+                    f"{label}<br>layer %{{x}}<br>{statistic} %{{y:.4f}} {unit}<extra></extra>"
+                ),
             )
         )
     first = next(iter(series.values()))
