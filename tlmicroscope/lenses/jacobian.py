@@ -38,6 +38,7 @@ from typing import Any, ClassVar
 import torch
 from jaxtyping import Float
 
+from tlmicroscope.deprecation import renamed_arguments
 from tlmicroscope.io import (
     FittedFileError,
     ModelMismatchError,
@@ -564,6 +565,7 @@ def load_slices(out_dir: str | os.PathLike) -> list[Any]:
     return [_load_inner(p) for p in sorted(folder.glob("slice-*.pt"))]
 
 
+@renamed_arguments(renamed={"prompt_tokens": "seq_len", "dim_batch": "chunk_size"})
 def fit_jacobian_lens(
     model: Any,
     corpus: Any = None,
@@ -571,9 +573,9 @@ def fit_jacobian_lens(
     out_dir: str | os.PathLike | None = None,
     prompts: Sequence[str] | None = None,
     n_prompts: int = 32,
-    prompt_tokens: int = 32,
+    seq_len: int = 32,
     skip_first_positions: int = 4,
-    dim_batch: int = 32,
+    chunk_size: int = 32,
     slice_size: int = 4,
     holdout: float = 0.1,
     resume: bool = True,
@@ -581,7 +583,7 @@ def fit_jacobian_lens(
 ) -> JacobianLens:
     """Fit a Jacobian lens slice by slice, saving each slice, and merge them (resumable).
 
-    Prompts are the first ``n_prompts`` windows of ``prompt_tokens`` tokens of the corpus's training
+    Prompts are the first ``n_prompts`` windows of ``seq_len`` tokens of the corpus's training
     split (the held-out tail that ``evaluate_lens`` reads is never used), unless ``prompts`` are
     given. Every ``slice_size`` prompts are fitted with TransformerLens's ``JacobianLens.fit`` and
     saved to ``out_dir/slices/``; the merged lens (``JacobianLens.merge``, weighted by prompts) is
@@ -594,7 +596,10 @@ def fit_jacobian_lens(
         out_dir: Folder for the lens and its slices (default ``default_jlens_dir(model)``).
         skip_first_positions: Leading positions left out of the source average (the reference
             uses 16 with 128-token prompts; short prompts need fewer).
-        dim_batch: Output dimensions per backward pass (memory vs. speed; same result).
+        chunk_size: Output dimensions per backward pass (memory vs. speed; same result).
+
+    The old keywords ``prompt_tokens=`` (now ``seq_len=``) and ``dim_batch=`` (now
+    ``chunk_size=``) still work for one release, with a ``DeprecationWarning``.
 
     Raises:
         TransformerLensVersionError: on TransformerLens 3.x.
@@ -613,6 +618,7 @@ def fit_jacobian_lens(
         (3, 2)
     """
     require_jacobian_lens("fit_jacobian_lens")
+    prompt_tokens = seq_len  # the name the saved fit settings use
     settings_in = {
         "n_prompts": n_prompts,
         "prompt_tokens": prompt_tokens,
@@ -634,7 +640,7 @@ def fit_jacobian_lens(
     slices = [texts[i : i + slice_size] for i in range(0, len(texts), slice_size)]
     done = _slices_done(out, settings, slices, resume)
     return _fit_slices(
-        model, out, slices, done, settings, dim_batch=int(dim_batch), progress=progress
+        model, out, slices, done, settings, dim_batch=int(chunk_size), progress=progress
     )
 
 
@@ -766,7 +772,8 @@ def prompt_curve(
     holdout: float = 0.1,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """Held-out KL of the merge of a fit's first 1, 2, ... slices: how the lens improves with prompts.
+    """Held-out KL of the merge of a fit's first 1, 2, ... slices: how the lens improves with
+    prompts.
 
     Each row has ``n_slices``, ``n_prompts``, ``mean_kl`` (nats, over the lensed layers the Jacobian
     transports, i.e. without the embeddings and the output) and ``kl`` (per residual index).
