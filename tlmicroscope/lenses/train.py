@@ -1,4 +1,4 @@
-"""Training a tuned lens: the reference KL objective, two recipes, least-squares init, DDP, checkpoints.
+"""Training a tuned lens: the reference KL objective, recipes, least-squares init, DDP, checkpoints.
 
 Each step reads ``tokens_per_step`` tokens of fixed-length windows, runs the frozen model once
 under ``torch.inference_mode`` (caching only the ``hook_resid_pre`` of each block and the logits),
@@ -78,13 +78,15 @@ class TrainConfig:
 
     Attributes:
         steps: Optimizer steps. The learning rate decays linearly to zero over them.
-        tokens_per_step: Global batch in tokens (a multiple of ``seq_len``; the reference uses 2^18).
+        tokens_per_step: Global batch in tokens (a multiple of ``seq_len``; the reference uses
+            2^18).
         seq_len: Tokens per window (at most the model's ``n_ctx``; the reference uses 2048).
         recipe: ``"muon"`` (Muon on matrices, AdamW on biases), ``"sgd"`` (the reference's
             SGD-Nesterov recipe, exactly) or ``"adam"``.
         lr, bias_lr, weight_decay, momentum: ``None`` takes the recipe's value (``RECIPES``).
         warmup_steps: Linear warmup before the decay (the reference uses none).
-        clip_grad_norm: Global gradient-norm clip over the lens (reference: 1.0); ``None`` disables it.
+        clip_grad_norm: Global gradient-norm clip over the lens (reference: 1.0); ``None``
+            disables it.
         init: ``"zero"`` (the logit lens) or ``"lstsq"`` (each translator fitted in closed form to
             the normalised last residual, Din et al.'s linear shortcut, then fine-tuned with KL).
         init_tokens: Tokens (forward passes only) for the least-squares fit.
@@ -97,7 +99,8 @@ class TrainConfig:
         holdout: Fraction of the corpus's tokens (its tail) kept out of training for evaluation.
         seed: Seeds the window order.
         bias: Learn the translators' biases.
-        out_dir: Folder for the lens, ``checkpoint/`` and ``training.json`` (``None``: keep in memory).
+        out_dir: Folder for the lens, ``checkpoint/`` and ``training.json`` (``None``: keep in
+            memory).
         checkpoint_every: Steps between checkpoints (and at the end).
         resume: Continue from ``out_dir/checkpoint`` (same settings required). A folder without a
             checkpoint starts from step 0 with a ``UserWarning`` (and a log line naming it); one
@@ -153,7 +156,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}.")
         if self.tokens_per_step % self.seq_len:
             raise ValueError(
-                f"tokens_per_step={self.tokens_per_step} is not a multiple of seq_len={self.seq_len}; "
+                f"tokens_per_step={self.tokens_per_step} is not a multiple of "
+                f"seq_len={self.seq_len}; "
                 f"use e.g. {max(1, round(self.tokens_per_step / self.seq_len)) * self.seq_len}."
             )
         if not 0.0 <= self.holdout < 1.0:
@@ -235,7 +239,7 @@ def lstsq_init(
     ridge: float,
     ctx: DistContext,
 ) -> None:
-    """Fit each translator in closed form so that ``translator_l(h_l)`` points along the final residual.
+    """Fit each translator in closed form so ``translator_l(h_l)`` points along the final residual.
 
     Minimises ``sum_n ||(A h_n + b) / s_n - norm(h_L,n)||^2`` with ``s_n`` the RMS of ``h_n``: the
     readout is scale-invariant, so each row counts by direction, and high-norm rows (the
@@ -319,11 +323,77 @@ def train_tuned_lens(
         ((3, 2), 128)
     """
     cfg = dataclasses.replace(config or TrainConfig(), **overrides).resolved()
+    run = _prepare_run(model, corpus, cfg, lens)
+    start, history = _start_state(model, run, cfg)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(
+        total=cfg.steps,
+        initial=start,
+        desc="tuned lens",
+        unit="step",
+        disable=not (cfg.progress and run.ctx.is_main),
+    )
+    t_run = time.perf_counter()
+    step = start
+    try:
+        while step < cfg.steps:
+            t0 = time.perf_counter()
+            kl_mean, grad_norm = _step_gradients(model, run, cfg, step)
+            _check_finite_loss(run, step, kl_mean, grad_norm)
+            factor = _apply_update(run, cfg, step, grad_norm)
+            step += 1
+            history["tokens_seen"].append((step - 1) * run.n_global)
+            history["kl"].append([float(v) for v in kl_mean])
+            history["lr"].append(cfg.lr * factor)
+            history["grad_norm"].append(grad_norm)
+            history["seconds"].append(time.perf_counter() - t0)
+            bar.update(1)
+            bar.set_postfix(kl=f"{float(kl_mean.mean()):.3f}", lr=f"{cfg.lr * factor:.2g}")
+            done = step >= cfg.steps
+            stopping = (cfg.stop_after is not None and step - start >= cfg.stop_after) or (
+                cfg.max_seconds is not None and time.perf_counter() - t_run > cfg.max_seconds
+            )
+            if run.out is not None and (done or stopping or step % cfg.checkpoint_every == 0):
+                _write_checkpoint(run, cfg, history, step)
+            if stopping:
+                break
+    finally:
+        bar.close()
+    _record(run.lens, cfg, history, run.ctx, step)
+    return _result(model, run.lens, cfg, history)
+
+
+@dataclass
+class _Run:
+    """What a training run holds between steps (built once by ``_prepare_run``)."""
+
+    lens: TunedLens
+    ctx: DistContext
+    readout: Readout
+    objective: LensObjective
+    windows: torch.Tensor
+    per_step: int
+    micro: int
+    n_global: int
+    data_sig: dict
+    optimizers: dict
+    base_lrs: dict
+    out: Path | None
+    weight_grad: torch.Tensor
+    bias_grad: torch.Tensor
+    order_cache: dict = dataclasses.field(default_factory=dict)
+    identity_checked: bool = False
+
+
+def _prepare_run(
+    model: Any, corpus: CorpusSource, cfg: TrainConfig, lens: TunedLens | None
+) -> _Run:
+    """Check the model and the lens, cut the corpus into windows, build the optimizers."""
     ctx = dist_context(model.W_U.device)
     from tlmicroscope.inputs import ensure_eval
 
     ensure_eval(model)
-    L, d = int(model.cfg.n_layers), int(model.cfg.d_model)
     lens = lens if lens is not None else TunedLens.for_model(model, bias=cfg.bias)
     lens.check_model(model)
     if lens.model_info is None:
@@ -333,7 +403,6 @@ def train_tuned_lens(
     readout = Readout.for_model(model)
     compute_dtype = resolve_compute_dtype(cfg.precision, model.W_U.device)
     objective = LensObjective(readout, compute_dtype=compute_dtype, chunk_rows=cfg.chunk_rows)
-
     windows = lens_token_windows(
         model,
         corpus,
@@ -345,13 +414,10 @@ def train_tuned_lens(
     per_step = cfg.tokens_per_step // cfg.seq_len
     if windows.shape[0] < per_step:
         raise ValueError(
-            f"The training split has {windows.shape[0]} windows of {cfg.seq_len} tokens, fewer than one "
-            f"step of {per_step} ({cfg.tokens_per_step} tokens). Use a larger corpus, or a smaller "
-            "tokens_per_step or seq_len."
+            f"The training split has {windows.shape[0]} windows of {cfg.seq_len} tokens, fewer "
+            f"than one step of {per_step} ({cfg.tokens_per_step} tokens). Use a larger corpus, or "
+            "a smaller tokens_per_step or seq_len."
         )
-    data_sig = _data_signature(corpus, windows)
-    micro = max(1, cfg.micro_batch_tokens // cfg.seq_len)
-
     optimizers = make_optimizers(
         cfg.recipe,
         lens.weight,
@@ -365,168 +431,166 @@ def train_tuned_lens(
         # (80 s against under 2 s a step for SmolLM2's 30 translators)
         ns_dtype=compute_dtype,
     )
-    base_lrs = {name: [g["lr"] for g in opt.param_groups] for name, opt in optimizers.items()}
-    out = Path(cfg.out_dir) if cfg.out_dir else None
+    return _Run(
+        lens=lens,
+        ctx=ctx,
+        readout=readout,
+        objective=objective,
+        windows=windows,
+        per_step=per_step,
+        micro=max(1, cfg.micro_batch_tokens // cfg.seq_len),
+        n_global=per_step * cfg.seq_len,
+        data_sig=_data_signature(corpus, windows),
+        optimizers=optimizers,
+        base_lrs={name: [g["lr"] for g in opt.param_groups] for name, opt in optimizers.items()},
+        out=Path(cfg.out_dir) if cfg.out_dir else None,
+        weight_grad=torch.zeros_like(lens.weight),
+        bias_grad=torch.zeros_like(lens.bias),
+    )
+
+
+def _start_state(model: Any, run: _Run, cfg: TrainConfig) -> tuple[int, dict]:
+    """The step to start from and the history so far: a checkpoint's, or a fresh run's (after
+    the least-squares initialisation when ``init="lstsq"``)."""
+    out, ctx, windows = run.out, run.ctx, run.windows
     start, history = 0, _empty_history()
     if out is not None:
-        recover_dir(
-            out / CHECKPOINT_DIR
-        )  # a checkpoint save killed half-way: put the previous one back
+        # a checkpoint save killed half-way: put the previous one back
+        recover_dir(out / CHECKPOINT_DIR)
         _finish_lens_move(out)  # and a lens save stopped between its two files: finish it
         if cfg.resume and not (out / CHECKPOINT_DIR).exists():
             _no_checkpoint_to_resume(out, ctx)
     if out is not None and (out / CHECKPOINT_DIR).exists():
         if not cfg.resume:
             raise ValueError(
-                f"{out} already holds a training checkpoint. Pass resume=True (--resume) to continue "
-                "it, or choose another output folder."
+                f"{out} already holds a training checkpoint. Pass resume=True (--resume) to "
+                "continue it, or choose another output folder."
             )
-        start, history = _load_checkpoint(out, model, lens, optimizers, cfg, data_sig)
-    elif cfg.init == "lstsq":
+        return _load_checkpoint(out, model, run.lens, run.optimizers, cfg, run.data_sig)
+    if cfg.init == "lstsq":
         t0 = time.perf_counter()
         n_init = max(1, min(windows.shape[0], cfg.init_tokens // cfg.seq_len))
         order = _window_order(windows.shape[0], cfg.seed, -1)[:n_init].tolist()
         lstsq_init(
             model,
-            lens,
+            run.lens,
             windows,
             order[ctx.rank :: ctx.world_size],
-            micro=micro,
+            micro=run.micro,
             ridge=cfg.ridge,
             ctx=ctx,
         )
         history["init_seconds"] = time.perf_counter() - t0
+    return start, history
 
-    weight_grad = torch.zeros_like(lens.weight)
-    bias_grad = torch.zeros_like(lens.bias)
-    n_global = per_step * cfg.seq_len
-    order_cache: dict = {}
-    from tqdm.auto import tqdm
 
-    bar = tqdm(
-        total=cfg.steps,
-        initial=start,
-        desc="tuned lens",
-        unit="step",
-        disable=not (cfg.progress and ctx.is_main),
+def _step_gradients(
+    model: Any, run: _Run, cfg: TrainConfig, step: int
+) -> tuple[torch.Tensor, float]:
+    """One step's translator gradients (summed over ranks into ``run.weight_grad`` and
+    ``run.bias_grad``), its per-layer mean KL before the update, and the gradient norm."""
+    ctx, lens, L = run.ctx, run.lens, run.lens.n_layers
+    d = lens.d_model
+    ids = _step_windows(run.windows.shape[0], run.per_step, step, cfg.seed, run.order_cache)
+    weight_grad, bias_grad = run.weight_grad, run.bias_grad
+    weight_grad.zero_()
+    bias_grad.zero_()
+    kl_sum = torch.zeros(L, dtype=torch.float64, device=lens.weight.device)
+    W, b = lens.weight.detach(), lens.bias.detach()
+    for batch in _micro_batches(ids[ctx.rank :: ctx.world_size], run.micro):
+        layers = list(range(L + (not run.identity_checked)))
+        resid, logits = _forward(model, run.windows[batch], layers, logits=True)
+        with torch.inference_mode():
+            logits = logits.reshape(-1, logits.shape[-1])
+            if not run.identity_checked:
+                # The readout of the last residual must give the model's own logits.
+                check_readout_identity(run.readout, resid[L].reshape(-1, d)[-8:], logits[-8:])
+                run.identity_checked = True
+            final = FinalDistribution.from_logits(logits)
+            del logits
+            for layer in range(L):
+                kl, gW, gb = run.objective.layer_loss_and_grads(
+                    resid[layer].reshape(-1, d),
+                    W[layer],
+                    b[layer],
+                    final,
+                    grad_scale=1.0 / run.n_global,
+                )
+                kl_sum[layer] += float(kl)
+                weight_grad[layer] += gW
+                bias_grad[layer] += gb
+        del resid, final
+    flat = ctx.all_reduce_sum(
+        torch.cat([weight_grad.flatten(), bias_grad.flatten(), kl_sum.float()])
     )
-    t_run = time.perf_counter()
-    step = start
-    identity_checked = False
-    try:
-        while step < cfg.steps:
-            t0 = time.perf_counter()
-            ids = _step_windows(windows.shape[0], per_step, step, cfg.seed, order_cache)
-            weight_grad.zero_()
-            bias_grad.zero_()
-            kl_sum = torch.zeros(L, dtype=torch.float64, device=lens.weight.device)
-            W, b = lens.weight.detach(), lens.bias.detach()
-            for batch in _micro_batches(ids[ctx.rank :: ctx.world_size], micro):
-                layers = list(range(L + (not identity_checked)))
-                resid, logits = _forward(model, windows[batch], layers, logits=True)
-                with torch.inference_mode():
-                    logits = logits.reshape(-1, logits.shape[-1])
-                    if not identity_checked:
-                        # The readout of the last residual must give the model's own logits.
-                        check_readout_identity(readout, resid[L].reshape(-1, d)[-8:], logits[-8:])
-                        identity_checked = True
-                    final = FinalDistribution.from_logits(logits)
-                    del logits
-                    for layer in range(L):
-                        kl, gW, gb = objective.layer_loss_and_grads(
-                            resid[layer].reshape(-1, d),
-                            W[layer],
-                            b[layer],
-                            final,
-                            grad_scale=1.0 / n_global,
-                        )
-                        kl_sum[layer] += float(kl)
-                        weight_grad[layer] += gW
-                        bias_grad[layer] += gb
-                del resid, final
-            flat = ctx.all_reduce_sum(
-                torch.cat([weight_grad.flatten(), bias_grad.flatten(), kl_sum.float()])
-            )
-            weight_grad.copy_(flat[: weight_grad.numel()].view_as(weight_grad))
-            bias_grad.copy_(
-                flat[weight_grad.numel() : weight_grad.numel() + bias_grad.numel()].view_as(
-                    bias_grad
-                )
-            )
-            kl_mean = flat[-L:].double() / n_global
-            if not lens.has_bias:
-                bias_grad.zero_()
-            grad_norm = float(torch.sqrt(weight_grad.pow(2).sum() + bias_grad.pow(2).sum()))
-            if not (torch.isfinite(kl_mean).all() and math.isfinite(grad_norm)):
-                bad = [i for i in range(L) if not math.isfinite(float(kl_mean[i]))]
-                raise TrainingDivergedError(
-                    f"Step {step}: the KL loss or its gradient is NaN or infinite"
-                    + (f" (layers {bad[:8]})" if bad else "")
-                    + ". Training stopped before applying the update"
-                    + (
-                        f"; the last good checkpoint in {out / CHECKPOINT_DIR} is kept"
-                        if out
-                        else ""
-                    )
-                    + ". Lower the learning rate (lr=...), or check the model's activations for NaN."
-                )
-            if cfg.clip_grad_norm is not None and grad_norm > cfg.clip_grad_norm:
-                scale = cfg.clip_grad_norm / (grad_norm + 1e-6)
-                weight_grad.mul_(scale)
-                bias_grad.mul_(scale)
-            lens.weight.grad = weight_grad
-            lens.bias.grad = bias_grad if lens.has_bias else None
-            factor = cfg.lr_factor(step)
-            for name, opt in optimizers.items():
-                for group, base in zip(opt.param_groups, base_lrs[name]):
-                    group["lr"] = base * factor
-                opt.step()
-            lens.weight.grad = lens.bias.grad = None
-            if not (torch.isfinite(lens.weight).all() and torch.isfinite(lens.bias).all()):
-                raise TrainingDivergedError(
-                    f"Step {step}: the update made the translators NaN or infinite. Lower the "
-                    "learning rate"
-                    + (
-                        f"; the last good checkpoint in {out / CHECKPOINT_DIR} is kept."
-                        if out
-                        else "."
-                    )
-                )
-            step += 1
-            history["tokens_seen"].append((step - 1) * n_global)
-            history["kl"].append([float(v) for v in kl_mean])
-            history["lr"].append(cfg.lr * factor)
-            history["grad_norm"].append(grad_norm)
-            history["seconds"].append(time.perf_counter() - t0)
-            bar.update(1)
-            bar.set_postfix(kl=f"{float(kl_mean.mean()):.3f}", lr=f"{cfg.lr * factor:.2g}")
-            done = step >= cfg.steps
-            stopping = (cfg.stop_after is not None and step - start >= cfg.stop_after) or (
-                cfg.max_seconds is not None and time.perf_counter() - t_run > cfg.max_seconds
-            )
-            if out is not None and (done or stopping or step % cfg.checkpoint_every == 0):
-                _record(lens, cfg, history, ctx, step)
-                if ctx.is_main:
-                    _save_checkpoint(out, lens, optimizers, step, history, cfg, data_sig)
-                    _save_lens_into(out, lens)
-                    atomic_write_text(
-                        out / "training.json",
-                        json.dumps(
-                            {"settings": _train_settings(cfg), "step": step, "history": history},
-                            indent=1,
-                        ),
-                    )
-                ctx.barrier()
-            if stopping:
-                break
-    finally:
-        bar.close()
-    _record(lens, cfg, history, ctx, step)
-    return _result(model, lens, cfg, history)
+    n_w, n_b = weight_grad.numel(), bias_grad.numel()
+    weight_grad.copy_(flat[:n_w].view_as(weight_grad))
+    bias_grad.copy_(flat[n_w : n_w + n_b].view_as(bias_grad))
+    if not lens.has_bias:
+        bias_grad.zero_()
+    grad_norm = float(torch.sqrt(weight_grad.pow(2).sum() + bias_grad.pow(2).sum()))
+    return flat[-L:].double() / run.n_global, grad_norm
+
+
+def _kept_checkpoint(run: _Run) -> str:
+    return f"; the last good checkpoint in {run.out / CHECKPOINT_DIR} is kept" if run.out else ""
+
+
+def _check_finite_loss(run: _Run, step: int, kl_mean: torch.Tensor, grad_norm: float) -> None:
+    if torch.isfinite(kl_mean).all() and math.isfinite(grad_norm):
+        return
+    bad = [i for i in range(len(kl_mean)) if not math.isfinite(float(kl_mean[i]))]
+    raise TrainingDivergedError(
+        f"Step {step}: the KL loss or its gradient is NaN or infinite"
+        + (f" (layers {bad[:8]})" if bad else "")
+        + ". Training stopped before applying the update"
+        + _kept_checkpoint(run)
+        + ". Lower the learning rate (lr=...), or check the model's activations for NaN."
+    )
+
+
+def _apply_update(run: _Run, cfg: TrainConfig, step: int, grad_norm: float) -> float:
+    """Clip, then step every optimizer at this step's learning rate; returns the lr factor."""
+    lens, weight_grad, bias_grad = run.lens, run.weight_grad, run.bias_grad
+    if cfg.clip_grad_norm is not None and grad_norm > cfg.clip_grad_norm:
+        scale = cfg.clip_grad_norm / (grad_norm + 1e-6)
+        weight_grad.mul_(scale)
+        bias_grad.mul_(scale)
+    lens.weight.grad = weight_grad
+    lens.bias.grad = bias_grad if lens.has_bias else None
+    factor = cfg.lr_factor(step)
+    for name, opt in run.optimizers.items():
+        for group, base in zip(opt.param_groups, run.base_lrs[name]):
+            group["lr"] = base * factor
+        opt.step()
+    lens.weight.grad = lens.bias.grad = None
+    if not (torch.isfinite(lens.weight).all() and torch.isfinite(lens.bias).all()):
+        raise TrainingDivergedError(
+            f"Step {step}: the update made the translators NaN or infinite. Lower the "
+            "learning rate" + (_kept_checkpoint(run) + "." if run.out else ".")
+        )
+    return factor
+
+
+def _write_checkpoint(run: _Run, cfg: TrainConfig, history: dict, step: int) -> None:
+    """Checkpoint, lens and learning curve into ``run.out`` (by the main rank), then a barrier."""
+    _record(run.lens, cfg, history, run.ctx, step)
+    if run.ctx.is_main:
+        out = run.out
+        _save_checkpoint(out, run.lens, run.optimizers, step, history, cfg, run.data_sig)
+        _save_lens_into(out, run.lens)
+        atomic_write_text(
+            out / "training.json",
+            json.dumps(
+                {"settings": _train_settings(cfg), "step": step, "history": history},
+                indent=1,
+            ),
+        )
+    run.ctx.barrier()
 
 
 def _no_checkpoint_to_resume(out: Path, ctx: DistContext) -> None:
-    """``resume=True`` but ``out`` has no checkpoint: refuse where a lens was trained there, else warn.
+    """``resume=True`` but ``out`` has no checkpoint: refuse where a lens was trained, else warn.
 
     A folder holding a trained lens or a learning curve but no ``checkpoint/`` lost its checkpoint
     (deleted, or moved by hand); starting over would overwrite that lens, so it is refused. A new
@@ -538,12 +602,14 @@ def _no_checkpoint_to_resume(out: Path, ctx: DistContext) -> None:
     if trained:
         raise ValueError(
             f"Cannot resume in {out}: it holds a trained lens ({', '.join(trained)}) but no "
-            f"{CHECKPOINT_DIR}/ folder to continue from. Pass resume=False (no --resume) to train it "
+            f"{CHECKPOINT_DIR}/ folder to continue from. Pass resume=False (no --resume) to train "
+            "it "
             "again from step 0, overwriting that lens, or choose another output folder."
         )
     if ctx.is_main:
         message = (
-            f"resume=True, but {out.resolve()} holds no checkpoint ({CHECKPOINT_DIR}/): training starts "
+            f"resume=True, but {out.resolve()} holds no checkpoint ({CHECKPOINT_DIR}/): training "
+            "starts "
             "from step 0. If you meant to continue an earlier run, check the output folder (--out)."
         )
         _log.warning(message)
