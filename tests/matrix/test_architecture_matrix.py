@@ -70,11 +70,11 @@ FAMILY_PARAMS = [_family_param(f) for f in FAMILIES]
 def fam(request):
     """The family's model, its tokens for TEXT, and one cache of the standard hooks."""
     from tlmicroscope.models import tiny_model
-    from tlmicroscope.models.loading import _resolve_kind
+    from tlmicroscope.models.access import resolve_kind
 
     torch.set_num_threads(1)
     name = request.param
-    kind = _resolve_kind(KIND)
+    kind = resolve_kind(KIND)
     family = FAMILIES[name]
     if kind == "hooked" and not family.hooked:
         pytest.skip(f"{family.title}: {family.hooked_note}")

@@ -1,4 +1,5 @@
-"""The model-access layer: the few places where TransformerLens 3.x and 4.x, or HookedTransformer and TransformerBridge, differ.
+"""The model-access layer: the few places where TransformerLens 3.x and 4.x, or HookedTransformer
+and TransformerBridge, differ.
 
 Everything else in tlmicroscope relies only on the surface both model classes share: the standard
 hook names, ``run_with_cache``, ``run_with_hooks``, ``hooks()``, ``cfg``, ``W_U``, ``to_tokens``.
@@ -55,6 +56,31 @@ def has_hooked_transformer() -> bool:
     return True
 
 
+def resolve_kind(kind: str) -> str:
+    """The model class ``load_model`` and ``tiny_model`` build for ``kind``: "hooked" or "bridge".
+
+    ``"auto"`` is HookedTransformer where TransformerLens still has it (3.x), else
+    TransformerBridge; ``"hooked"`` on TransformerLens 4 is refused with what to do.
+
+    Examples:
+        >>> resolve_kind("bridge")
+        'bridge'
+        >>> resolve_kind("auto") in ("hooked", "bridge")
+        True
+    """
+    if kind not in ("auto", "bridge", "hooked"):
+        raise ValueError(f"kind must be 'auto', 'bridge' or 'hooked', got {kind!r}.")
+    if kind == "auto":
+        return "hooked" if has_hooked_transformer() else "bridge"
+    if kind == "hooked" and not has_hooked_transformer():
+        raise ValueError(
+            f"kind='hooked' needs HookedTransformer, which TransformerLens {TL_VERSION} "
+            "does not have (it was removed in 4.0). Use kind='bridge', or install "
+            "'transformer-lens>=3.9,<4'."
+        )
+    return kind
+
+
 def cli_kind_args(model: Any) -> list[str]:
     """The ``--kind`` option a command line needs to load ``model``'s class again.
 
@@ -105,8 +131,8 @@ def final_norm(model: Any) -> FinalNorm:
     ln_final = getattr(model, "ln_final", None)
     if not isinstance(ln_final, torch.nn.Module):
         raise ValueError(
-            f"model.cfg.normalization_type={norm_type!r} but the model exposes no `ln_final` module; "
-            "tlmicroscope cannot rebuild the final norm for a lens readout."
+            f"model.cfg.normalization_type={norm_type!r} but the model exposes no `ln_final` "
+            "module; tlmicroscope cannot rebuild the final norm for a lens readout."
         )
     kind = "RMS" if str(norm_type).upper().startswith("RMS") else "LN"
     weight = named_param(ln_final, "weight", "w")
@@ -220,7 +246,8 @@ def _probe_transform(fn: Any, source: str) -> OutputTransform:
     if not torch.allclose(ours, expect, rtol=1e-6, atol=1e-9):
         raise ValueError(
             f"{source} applies an output transform tlmicroscope cannot express as "
-            "softcap * tanh(scale * logits / softcap), so no lens readout can reproduce this model's logits."
+            "softcap * tanh(scale * logits / softcap), so no lens readout can reproduce this "
+            "model's logits."
         )
     if abs(scale - 1.0) < 1e-9:
         found = OutputTransform(scale=1.0, softcap=cap, source=source)
@@ -282,7 +309,7 @@ def output_transform(model: Any) -> OutputTransform:
 
 
 def unembed_weights(model: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``W_U`` ``[d_model d_vocab]`` and ``b_U`` ``[d_vocab]`` (``None`` when absent or all zero)."""
+    """``W_U`` ``[d_model d_vocab]`` and ``b_U`` ``[d_vocab]`` (``None``: absent or all zero)."""
     W_U = model.W_U
     b_U = getattr(model, "b_U", None)
     if b_U is not None and not torch.count_nonzero(b_U):

@@ -145,7 +145,7 @@ _CONVERTERS = {
 
 
 def _config_kwargs(family: str, n_layers: int, d_model: int, n_ctx: int) -> dict[str, Any]:
-    from tlmicroscope.models.tiny import TINY_VOCAB
+    from tlmicroscope.models.byte_tokenizer import TINY_VOCAB
 
     n_heads, d_head = 4, d_model // 4
     special = dict(vocab_size=TINY_VOCAB, bos_token_id=256, eos_token_id=257, pad_token_id=258)
@@ -246,7 +246,7 @@ def tiny_hf_model(
 
 
 def _scale_embeddings(hf: Any) -> None:
-    from tlmicroscope.models.tiny import byte_tokenizer
+    from tlmicroscope.models.byte_tokenizer import byte_tokenizer
 
     ids = torch.tensor([byte_tokenizer()(_PROBE)["input_ids"]])
     emb, head = hf.get_input_embeddings().weight, hf.get_output_embeddings().weight
@@ -288,7 +288,7 @@ def tiny_family_model(
         >>> model.cfg.n_layers, 20 < float(logits.abs().max()) < 30
         (2, True)
     """
-    from tlmicroscope.models.tiny import byte_tokenizer
+    from tlmicroscope.models.byte_tokenizer import byte_tokenizer
 
     hf = tiny_hf_model(family, n_layers=n_layers, d_model=d_model, n_ctx=n_ctx, seed=seed)
     tok = byte_tokenizer()
@@ -296,7 +296,7 @@ def tiny_family_model(
     if kind == "hooked":
         model = _hooked(family, hf, tok, n_ctx)
     else:
-        from tlmicroscope.models.loading import _bridge_from_hf
+        from tlmicroscope.models.bridge import _bridge_from_hf
 
         model = _bridge_from_hf(label, hf, tok, "cpu", torch.float32)
     model.cfg.n_ctx = n_ctx
