@@ -138,7 +138,7 @@ def _pid_alive(pid: int) -> bool:
 def _leftovers(path: Path, *, want_dir: bool, own_stale: bool) -> tuple[list[Path], list[Path]]:
     """Leftovers of ``path`` from processes no longer running: ``(old copies, temporaries)``.
 
-    ``own_stale``: count this process's own leftovers as stale (no save of ``path`` is running here).
+    ``own_stale``: count this process's own leftovers as stale (no save of ``path`` runs here).
     """
     pattern = _leftover_pattern(path.name)
     old, tmp = [], []
@@ -178,8 +178,9 @@ def _recover(path: Path, *, own_stale: bool) -> bool:
             old.remove(newest)
             restored = True
             warnings.warn(
-                f"{path} was missing: a save was interrupted between moving the previous copy aside "
-                f"and moving the new one in. The previous copy was restored from {newest.name}.",
+                f"{path} was missing: a save was interrupted between moving the previous copy "
+                f"aside and moving the new one in. The previous copy was restored from "
+                f"{newest.name}.",
                 UserWarning,
                 stacklevel=3,
             )
@@ -195,7 +196,8 @@ def recover_dir(path: str | os.PathLike) -> bool:
 
     If ``path`` is missing and a previous copy was moved aside (``.NAME.old-PID...``) by a process
     that is no longer running, that copy is moved back. Temporaries of dead processes are deleted.
-    ``atomic_dir`` and ``load_fitted`` call this first; saves still running elsewhere are left alone.
+    ``atomic_dir`` and ``load_fitted`` call this first; saves still running elsewhere are left
+    alone.
 
     Returns:
         True when a previous copy was restored (a ``UserWarning`` says so too).
@@ -273,7 +275,7 @@ def _swap_in_two_steps(tmp: Path, path: Path) -> None:
 
 
 def _settle(folder: Path, umask: int) -> None:
-    """Give every file the umask's permissions (some writers make 0600 files) and flush it to disk."""
+    """Give every file the umask's permissions (some writers make 0600 files) and flush it."""
     for root, _dirs, files in os.walk(folder):
         for name in files:
             p = os.path.join(root, name)
@@ -413,7 +415,7 @@ _FIELD_HINTS = {
 
 
 def check_fingerprint(saved: Mapping[str, Any], model: Any, *, what: str = "This object") -> None:
-    """Raise ``ModelMismatchError`` naming the first field where ``model`` differs from ``saved``."""
+    """Raise ``ModelMismatchError`` naming the first field where ``model`` and ``saved`` differ."""
     current = model_fingerprint(model)
     for key in ("d_model", "n_layers", "d_vocab", "weights_processed", "unembed_sha256", "name"):
         if key not in saved:
@@ -464,7 +466,8 @@ def load_fitted(
     """Load what ``save_fitted`` wrote; check its kind, integrity and (given a model) its model.
 
     Returns:
-        ``(tensors, meta)`` where ``meta`` has ``kind``, ``format_version``, ``model`` and ``config``.
+        ``(tensors, meta)`` where ``meta`` has ``kind``, ``format_version``, ``model`` and
+        ``config``.
 
     Raises:
         FittedFileError: a missing folder or file, a truncated or corrupt file, another kind.
@@ -491,8 +494,8 @@ def load_fitted(
         ) from exc
     if not isinstance(meta, dict):
         raise FittedFileError(
-            f"{cfg_path} holds a JSON {_json_type(meta)}, not an object; the file is corrupt or not a "
-            "tlmicroscope config."
+            f"{cfg_path} holds a JSON {_json_type(meta)}, not an object; the file is corrupt or "
+            "not a tlmicroscope config."
         )
     if meta.get("kind") != kind:
         raise FittedFileError(f"{path} holds a {meta.get('kind')!r}, not a {kind!r}.")
@@ -504,8 +507,8 @@ def load_fitted(
     for key in ("model", "config"):
         if meta.get(key) is not None and not isinstance(meta[key], dict):
             raise FittedFileError(
-                f"{cfg_path}: field {key!r} must be a JSON object, got {_json_type(meta[key])}; the file "
-                "is corrupt."
+                f"{cfg_path}: field {key!r} must be a JSON object, got "
+                f"{_json_type(meta[key])}; the file is corrupt."
             )
     if model is not None and meta.get(
         "model"
@@ -553,8 +556,8 @@ def config_int(
     value = cfg[key]
     if isinstance(value, bool) or not isinstance(value, int):
         raise FittedFileError(
-            f"{file}: field {key!r} must be an integer, got {_json_type(value)} {value!r}; the file is "
-            "corrupt or was edited by hand."
+            f"{file}: field {key!r} must be an integer, got {_json_type(value)} {value!r}; the "
+            "file is corrupt or was edited by hand."
         )
     if value < minimum or (maximum is not None and value > maximum):
         bounds = f"{minimum}..{maximum}" if maximum is not None else f"at least {minimum}"
