@@ -668,7 +668,7 @@ def _fit_texts(
         )
     if skip + 2 > prompt_tokens and prompts is None:
         raise ValueError(
-            f"prompt_tokens={prompt_tokens} leaves no position after skip_first_positions="
+            f"seq_len={prompt_tokens} leaves no position after skip_first_positions="
             f"{skip} and the last one; use longer prompts or a smaller skip."
         )
     if isinstance(prompts, str):

@@ -30,6 +30,7 @@ import torch
 from jaxtyping import Float, Int
 
 from tlmicroscope.corpus import CorpusSource
+from tlmicroscope.deprecation import renamed_arguments
 from tlmicroscope.distributed import DistContext, dist_context
 from tlmicroscope.io import atomic_write_text, recover_dir
 from tlmicroscope.lenses._tuned_checkpoint import (
@@ -288,11 +289,12 @@ def _empty_history() -> dict[str, list]:
     }
 
 
+@renamed_arguments(old_positional=("model", "corpus", "config"))
 def train_tuned_lens(
     model: Any,
     corpus: CorpusSource = None,
-    config: TrainConfig | None = None,
     *,
+    config: TrainConfig | None = None,
     lens: TunedLens | None = None,
     **overrides: Any,
 ) -> TrainResult:
@@ -301,7 +303,8 @@ def train_tuned_lens(
     Args:
         model: A TransformerLens model (kept frozen; run under ``torch.inference_mode``).
         corpus: ``None``/``"embedded"``, a .txt/.jsonl file or folder, or an iterable of strings.
-        config: A ``TrainConfig``; keyword ``overrides`` replace its fields.
+        config: A ``TrainConfig``; keyword ``overrides`` replace its fields. Keyword-only (passing
+            it third by position still works for one release, with a ``DeprecationWarning``).
         lens: A lens to keep training (default: a new zero lens for ``model``).
 
     Returns:

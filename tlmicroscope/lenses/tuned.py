@@ -265,7 +265,7 @@ class TunedLens(torch.nn.Module):
                 device=model.W_U.device,
             )
         self.quick = bool(quick)
-        train_tuned_lens(model, corpus, TrainConfig(**cfg), lens=self)
+        train_tuned_lens(model, corpus, config=TrainConfig(**cfg), lens=self)
         return self
 
     # ---------------------------------------------------------------------------------- files
