@@ -8,6 +8,7 @@ tensor is read. Folders and files are written atomically (a temporary sibling, t
 swap), so an interrupted or failed save leaves the whole previous copy or the whole new one, and
 the next save or load cleans up what a killed save left behind (``recover_dir``). Saved files get
 the permissions the umask gives, so a lens saved in a shared folder can be read by the group.
+Where each kind lives by default (the artifact store) is ``tlmicroscope.artifacts``.
 """
 
 from __future__ import annotations
