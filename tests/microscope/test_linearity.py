@@ -82,7 +82,7 @@ def test_states_input_reports_n_d_rank_and_floor(rng):
     states = torch.tensor(rng.normal(size=(3, 600, 12)))
     states[1] = states[0] * 2 + 1
     res = linearity_scores(states)
-    assert res.pair_labels == ("0→1", "1→2")
+    assert res.pair_labels == ("h0→h1", "h1→h2")
     assert res.n_tokens == 600 and res.d_model == 12
     assert res.rank.tolist() == [12, 12]
     assert res.score[0] == pytest.approx(1.0, abs=1e-12)

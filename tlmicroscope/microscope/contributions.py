@@ -42,7 +42,8 @@ class LayerContributions:
     """Per-layer next-token loss through a lens.
 
     Attributes:
-        layers, layer_labels: Residual indices 0..n_layers (``"h{n_layers}"`` is what the model itself reads out).
+        layers, layer_labels: Residual indices 0..n_layers (``"h{n_layers}"`` is what the model
+            itself reads out).
         loss: ``−log q_l(w_{i+1})`` in nats ``[layer batch pos]``; NaN at the last position.
         delta: ``loss[l] − loss[l+1]`` ``[layer−1 batch pos]``: how much block l lowered the loss
             (an extension of the paper's figure).

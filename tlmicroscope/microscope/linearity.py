@@ -37,6 +37,7 @@ from tlmicroscope.microscope._moments import (
     paper_fit,
     paper_pair_score,
 )
+from tlmicroscope.layers import residual_label
 from tlmicroscope.results import Provenance
 
 __all__ = [
@@ -52,8 +53,8 @@ Mode = Literal["lstsq", "paper"]
 
 
 def pair_label(layer: int) -> str:
-    """``"3→4"`` for the pair (h^3, h^4)."""
-    return f"{layer}→{layer + 1}"
+    """``"h3→h4"`` for the pair (h^3, h^4), in the layer vocabulary (``tlmicroscope.layers``)."""
+    return f"{residual_label(layer)}→{residual_label(layer + 1)}"
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ class LinearityResult:
     Attributes:
         pairs: First residual index l of each pair (h^l, h^{l+1}); h^0 is the embedding and
             h^{n_layers} the last block's ``resid_post`` (no final norm).
-        pair_labels: ``"l→l+1"`` labels for plots.
+        pair_labels: ``"hl→hl+1"`` labels for plots (``"h3→h4"``).
         score: Linearity with the residual, R² of h^{l+1} on h^l.
         score_without_residual: R² of the block's update h^{l+1} − h^l on h^l.
         rank: Numerical rank of the centred h^l used in the solve.
@@ -208,7 +209,7 @@ def linearity_scores(
         >>> text = "The quick brown fox jumps over the lazy dog; PACK MY BOX WITH FIVE DOZEN JUGS! 0123456789 " * 6
         >>> res = linearity_scores(tiny_model(n_layers=2), [text], n_tokens=512, seq_len=64, progress=False)
         >>> res.pair_labels, res.n_tokens, res.d_model
-        (('0→1', '1→2'), 512, 32)
+        (('h0→h1', 'h1→h2'), 512, 32)
         >>> bool((res.score > res.chance_floor).all())
         True
     """

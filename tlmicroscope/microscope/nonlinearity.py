@@ -462,7 +462,7 @@ def token_nonlinearity(
         >>> ref = NonlinearityReference(n_tokens=512, seq_len=64).fit(model, [TEXT], progress=False)
         >>> res = token_nonlinearity(model, "plain text", reference=ref)
         >>> res.pair_labels, tuple(res.error.shape)
-        (('0→1', '1→2'), (2, 1, 10))
+        (('h0→h1', 'h1→h2'), (2, 1, 10))
     """
     resolved = resolve_input(model_or_cache, tokens, prepend_bos=prepend_bos, truncate=truncate)
     model, cache, toks = resolved.model, resolved.cache, resolved.tokens

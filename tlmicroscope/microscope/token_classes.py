@@ -467,7 +467,7 @@ def contextuality_nonlinearity_correlation(
         >>> C, pos = torch.tensor([[float("nan"), 1.0, 2.0, 3.0, 5.0]]), torch.arange(5)[None]
         >>> ctx = Contextualization(C, pos, pos, toks, "mean", prov)
         >>> e = torch.tensor([[[0.0, 1.0, 2.0, 4.0, 4.0]]])
-        >>> nl = TokenNonlinearity((0,), ("0→1",), e, e, pos, toks, 100, "reference", prov)
+        >>> nl = TokenNonlinearity((0,), ("h0→h1",), e, e, pos, toks, 100, "reference", prov)
         >>> corr = contextuality_nonlinearity_correlation(ctx, nl)
         >>> corr.n, round(corr.pearson_r, 3)
         (4, 0.878)

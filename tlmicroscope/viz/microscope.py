@@ -141,7 +141,7 @@ def nonlinearity_heatmap(
         >>> import torch
         >>> from types import SimpleNamespace
         >>> r = SimpleNamespace(error=torch.rand(3, 1, 4), relative_error=torch.rand(3, 1, 4),
-        ...     pair_labels=("0→1", "1→2", "2→3"), str_tokens=[["a", "b", "c", "d"]],
+        ...     pair_labels=("h0→h1", "h1→h2", "h2→h3"), str_tokens=[["a", "b", "c", "d"]],
         ...     mode="reference", n_fit=100)
         >>> nonlinearity_heatmap(r).data[0].z.shape
         (3, 4)
@@ -170,7 +170,7 @@ def linearity_plot(result: Any, *, prompt: Any = None, title: str | None = None)
     Examples:
         >>> import torch
         >>> from types import SimpleNamespace
-        >>> lin = SimpleNamespace(pair_labels=("0→1", "1→2"), score=torch.tensor([0.99, 0.98]),
+        >>> lin = SimpleNamespace(pair_labels=("h0→h1", "h1→h2"), score=torch.tensor([0.99, 0.98]),
         ...     score_without_residual=torch.tensor([0.6, 0.5]),
         ...     chance_floor=torch.tensor([0.03, 0.03]),
         ...     n_tokens=9000, d_model=576)
