@@ -116,7 +116,6 @@ class InjectionDetector:
         X_clean: Any,
         corpus: Any = None,
         *,
-        n_tokens: int | None = None,
         batch_size: int | None = None,
         seed: int | None = None,
         progress: bool = True,
@@ -127,9 +126,9 @@ class InjectionDetector:
         ``X_clean`` is a model, on the features of clean few-shot prompts built from ``corpus``
         (multiple-choice items; default: the shipped task set).
 
-        ``batch_size`` and ``seed`` override the settings (``seed`` is ``random_state`` and the
-        item sample's seed); ``n_tokens`` is accepted for the shared signature and unused (the
-        unit here is a prompt: ``n_items``); ``quick=True`` takes ``QUICK`` for what is not given.
+        ``batch_size`` (prompts per forward pass) and ``seed`` override the settings (``seed`` is
+        ``random_state`` and the item sample's seed; the count here is ``n_items``, prompts, not
+        tokens); ``quick=True`` applies ``QUICK`` first and records the fit as quick.
         """
         self.quick = bool(quick)
         if seed is not None:
