@@ -91,6 +91,9 @@ def test_model_key_is_name_plus_processing(tiny_llama):
 
 def test_paths_and_commands(tmp_path):
     assert artifact_path("tuned-lens", "smollm2-135m") == home() / "smollm2-135m" / "tuned-lens"
+    assert artifact_path("tuned-lens", "smollm2-135m", processed=True).parent.name == (
+        "smollm2-135m-processed"
+    )
     assert artifact_path("causal-basis", "smollm2", variant="Tuned Lens").name == (
         "causal-basis.tuned-lens"
     )

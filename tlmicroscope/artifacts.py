@@ -215,11 +215,14 @@ def _folder(kind: str, variant: str | None) -> str:
     return f"{kind}.{v}"
 
 
-def artifact_path(kind: str, model: Any, *, variant: str | None = None) -> Path:
+def artifact_path(
+    kind: str, model: Any, *, variant: str | None = None, processed: bool | None = None
+) -> Path:
     """Where ``kind`` for ``model`` lives: ``home() / model_key(model) / kind``.
 
     ``variant`` names one of several objects of a kind (e.g. the lens a causal basis was extracted
-    through): ``home() / model_key(model) / "kind.variant"``.
+    through): ``home() / model_key(model) / "kind.variant"``. ``processed`` is passed to
+    ``model_key`` (for a model given by name, e.g. a command's ``--process-weights``).
 
     Examples:
         >>> artifact_path("tuned-lens", "smollm2-135m").relative_to(home()).as_posix()
@@ -228,7 +231,7 @@ def artifact_path(kind: str, model: Any, *, variant: str | None = None) -> Path:
         'causal-basis.tuned'
     """
     _check_kind(kind)
-    return home() / model_key(model) / _folder(kind, variant)
+    return home() / model_key(model, processed=processed) / _folder(kind, variant)
 
 
 def find_artifact(kind: str, model: Any, *, variant: str | None = None) -> Path | None:

@@ -127,6 +127,7 @@ def test_default_location(tiny_llama, tmp_path, monkeypatch):
         default_lens_dir(n) for n in ("gemma3-270m", "gemma-3-270m", "google/gemma-3-270m")
     } == {tmp_path / "store" / "gemma3-270m" / "tuned-lens"}
     assert default_lens_dir(tiny_llama).parent.name == "tiny-llama-l3-d32-s0"
+    assert default_lens_dir("smollm2", processed=True).parent.name == "smollm2-135m-processed"
     # the layout of earlier versions, under a given root
     assert str(default_lens_dir("smollm2-135m", root="out")) == "out/tuned-lens-smollm2-135m"
     assert default_lens_dir(tiny_llama, root="o").name == "tuned-lens-tiny-llama-l3-d32-s0"

@@ -132,12 +132,15 @@ def _load_checkpoint(out: Path, model: Any, lens, optimizers, cfg: Any, data_sig
     return int(saved["step"]), saved["history"]
 
 
-def default_lens_dir(model_or_name: Any, root: str | os.PathLike | None = None) -> Path:
+def default_lens_dir(
+    model_or_name: Any, root: str | os.PathLike | None = None, *, processed: bool | None = None
+) -> Path:
     """Where ``train-lens`` writes by default, and ``tlmicroscope demo`` and ``report`` look: the
     artifact store's ``tuned-lens`` folder for the model (``artifacts.artifact_path("tuned-lens",
     model)``: ``smollm2-135m`` and ``gemma3-270m`` for the two embedded models, whichever of their
-    names or hub labels is given, ``-processed`` for processed weights). With ``root``, the layout
-    of earlier versions: ``root/tuned-lens-<model>/`` (e.g. ``root="out"``).
+    names or hub labels is given, ``-processed`` for processed weights: a loaded model says, for a
+    name pass ``processed``). With ``root``, the layout of earlier versions:
+    ``root/tuned-lens-<model>/`` (e.g. ``root="out"``).
 
     Examples:
         >>> default_lens_dir("HuggingFaceTB/SmolLM2-135M-Instruct").parts[-2:]
@@ -148,7 +151,7 @@ def default_lens_dir(model_or_name: Any, root: str | os.PathLike | None = None) 
     if root is None:
         from tlmicroscope.artifacts import artifact_path
 
-        return artifact_path("tuned-lens", model_or_name)
+        return artifact_path("tuned-lens", model_or_name, processed=processed)
     from tlmicroscope.models.embedded import EMBEDDED_HF_NAME, EMBEDDED_NAMES
     from tlmicroscope.models.gemma import GEMMA_HF_NAME, GEMMA_NAMES
 

@@ -98,10 +98,12 @@ def require_jacobian_lens(what: str = "The Jacobian lens") -> Any:
     return _TLJacobianLens
 
 
-def default_jlens_dir(model_or_name: Any, root: str | os.PathLike | None = None) -> Path:
+def default_jlens_dir(
+    model_or_name: Any, root: str | os.PathLike | None = None, *, processed: bool | None = None
+) -> Path:
     """Where ``fit-jlens`` writes by default: the artifact store's ``jacobian-lens`` folder for the
-    model (``artifacts.artifact_path("jacobian-lens", model)``); with ``root``, the older layout
-    ``root/jacobian-lens-<model>/``.
+    model (``artifacts.artifact_path("jacobian-lens", model)``; ``processed`` as for
+    ``default_lens_dir``); with ``root``, the older layout ``root/jacobian-lens-<model>/``.
 
     Examples:
         >>> default_jlens_dir("SmolLM2-135M-Instruct").parts[-2:]
@@ -114,7 +116,7 @@ def default_jlens_dir(model_or_name: Any, root: str | os.PathLike | None = None)
     if root is None:
         from tlmicroscope.artifacts import artifact_path
 
-        return artifact_path("jacobian-lens", model_or_name)
+        return artifact_path("jacobian-lens", model_or_name, processed=processed)
 
     slug = default_lens_dir(model_or_name, root=root).name.removeprefix("tuned-lens-")
     return Path(root) / f"jacobian-lens-{slug}"
