@@ -86,7 +86,7 @@ def test_every_figure_builds_from_real_results(tiny_llama):
         provenance=Provenance("m", "M", False, ""),
     )
     assert np.array(mv.contextualization_heatmap(ctx).data[0].z).shape == (1, n_tok)
-    assert mv.contextualization_tokens(ctx).props["tokens"] == tn.str_tokens[0]
+    assert mv.contextualization_tokens(ctx).props["tokens"] == list(tn.str_tokens[0])
     summary = token_class_summary(ctx, tn)
     assert len(mv.token_class_plot(summary).data) == 2
     corr = contextuality_nonlinearity_correlation(ctx, tn)

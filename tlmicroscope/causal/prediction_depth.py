@@ -15,6 +15,7 @@ import torch
 from jaxtyping import Int
 
 from tlmicroscope.lenses.trajectory import PredictionTrajectory
+from tlmicroscope.layers import as_str_tokens
 from tlmicroscope.results import Provenance
 
 __all__ = ["PredictionDepthResult", "prediction_depth"]
@@ -36,7 +37,7 @@ class PredictionDepthResult:
     depth: Int[torch.Tensor, "batch pos"]
     layers: tuple[int, ...]
     n_layers: int
-    str_tokens: list[list[str]]
+    str_tokens: tuple[tuple[str, ...], ...]
     final_top1: np.ndarray
     provenance: Provenance
 
@@ -96,7 +97,7 @@ def prediction_depth(trajectory: PredictionTrajectory) -> PredictionDepthResult:
         depth=depth,
         layers=tuple(lay for lay, _ in order),
         n_layers=n_layers,
-        str_tokens=trajectory.str_tokens,
+        str_tokens=as_str_tokens(trajectory.str_tokens),
         final_top1=trajectory.top_strings[out_row, ..., 0],
         provenance=trajectory.provenance.with_settings(statistic="prediction_depth"),
     )

@@ -46,6 +46,7 @@ from tlmicroscope.microscope._prefix_decoding import (
     prefix_examples,
     prefix_token_loss,
 )
+from tlmicroscope.layers import as_str_tokens
 from tlmicroscope.results import Provenance
 
 __all__ = ["Contextualization", "ContextualizationProbe", "contextualization"]
@@ -476,7 +477,7 @@ class Contextualization:
     C: Float[torch.Tensor, "batch pos"]
     prefix_length: Int[torch.Tensor, "batch pos"]
     tokens: Int[torch.Tensor, "batch pos"]
-    str_tokens: list[list[str]]
+    str_tokens: tuple[tuple[str, ...], ...]
     reduction: str
     provenance: Provenance
 
@@ -586,7 +587,7 @@ def contextualization(
         C=C,
         prefix_length=plen,
         tokens=cpu_toks,
-        str_tokens=str_tokens,
+        str_tokens=as_str_tokens(str_tokens),
         reduction=reduction,
         provenance=prov,
     )

@@ -27,6 +27,7 @@ from tlmicroscope._vocab import token_strings
 from tlmicroscope.inputs import TextOrTokens, resolve_input
 from tlmicroscope.lenses import PredictionTrajectory, Readout, prediction_trajectory
 from tlmicroscope.microscope._forward import str_tokens_of
+from tlmicroscope.layers import as_str_tokens
 from tlmicroscope.results import Provenance
 
 __all__ = [
@@ -55,7 +56,7 @@ class LayerContributions:
     loss: Float[torch.Tensor, "layer batch pos"]
     delta: Float[torch.Tensor, "layer_minus_1 batch pos"]
     tokens: Int[torch.Tensor, "batch pos"]
-    str_tokens: list[list[str]]
+    str_tokens: tuple[tuple[str, ...], ...]
     trajectory: PredictionTrajectory
     provenance: Provenance
 
@@ -70,7 +71,7 @@ class LayerContributions:
             loss=loss,
             delta=loss[:-1] - loss[1:],
             tokens=traj.tokens,
-            str_tokens=traj.str_tokens,
+            str_tokens=as_str_tokens(traj.str_tokens),
             trajectory=traj,
             provenance=prov,
         )
@@ -132,7 +133,7 @@ class ComponentAttribution:
     target_tokens: Int[torch.Tensor, "batch pos"]
     target_strings: np.ndarray
     tokens: Int[torch.Tensor, "batch pos"]
-    str_tokens: list[list[str]]
+    str_tokens: tuple[tuple[str, ...], ...]
     target: str
     centered: bool
     max_identity_error: float
@@ -275,7 +276,7 @@ def component_attribution(
         target_tokens=tgt.cpu(),
         target_strings=token_strings(model, safe.cpu()),
         tokens=toks.cpu(),
-        str_tokens=str_tokens,
+        str_tokens=as_str_tokens(str_tokens),
         target=kind,
         centered=center,
         max_identity_error=err,

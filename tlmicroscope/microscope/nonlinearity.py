@@ -37,6 +37,7 @@ from tlmicroscope.microscope.linearity import (
     _result,
     pair_label,
 )
+from tlmicroscope.layers import as_str_tokens
 from tlmicroscope.results import Provenance
 
 __all__ = ["NonlinearityReference", "TokenNonlinearity", "token_nonlinearity"]
@@ -391,7 +392,7 @@ class TokenNonlinearity:
     error: Float[torch.Tensor, "pair batch pos"]
     relative_error: Float[torch.Tensor, "pair batch pos"]
     tokens: Int[torch.Tensor, "batch pos"]
-    str_tokens: list[list[str]]
+    str_tokens: tuple[tuple[str, ...], ...]
     n_fit: int
     mode: str
     provenance: Provenance
@@ -555,7 +556,7 @@ def token_nonlinearity(
         error=error,
         relative_error=rel,
         tokens=toks.detach().cpu(),
-        str_tokens=str_tokens,
+        str_tokens=as_str_tokens(str_tokens),
         n_fit=n_fit,
         mode=mode,
         provenance=prov,
