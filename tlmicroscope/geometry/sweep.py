@@ -245,7 +245,6 @@ def _append(path: Path, obj: dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
-@renamed_arguments(renamed={"prompts": "corpus"})
 def _levels_and_seeds(
     shuffle_levels: Sequence[int] | None, seeds: Sequence[int], n_pos: int
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -280,6 +279,7 @@ def _check_resumable(
     check_fingerprint(existing.header.get("model", {}), model, what=f"The sweep {out}")
 
 
+@renamed_arguments(renamed={"prompts": "corpus"})
 def geometry_sweep(
     model: Any,
     corpus: Any = None,
