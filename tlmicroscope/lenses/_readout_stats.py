@@ -167,9 +167,10 @@ def _group_layout(
     return blocks, torch.cat(base), torch.cat(stride), torch.cat(end)
 
 
-# long-function: one streaming pass over the vocabulary blocks of every row's logits, whose
-# running sums (log-sum-exp, entropy, KL, ranks, top-k, extras) update in place per block while
-# the block is in cache; helpers per statistic would cost a call and a re-read per block each.
+# One streaming pass over the vocabulary blocks of every row's logits, whose running sums
+# (log-sum-exp, entropy, KL, ranks, top-k, extras) update in place per block while the block is
+# in cache; helpers per statistic would cost a call and a re-read of each block.
+# long-function: one fused pass over each vocabulary block (see above)
 def blocked_stats(
     x: torch.Tensor,
     WT: torch.Tensor,
