@@ -19,7 +19,6 @@ import torch
 
 from tlmicroscope.io import load_fitted, save_fitted
 from tlmicroscope.lenses._tuned_optim import flatten_state, unflatten_state
-from tlmicroscope.models import access
 
 __all__ = ["CHECKPOINT_DIR", "default_lens_dir"]
 
@@ -148,22 +147,9 @@ def default_lens_dir(
         >>> default_lens_dir("gemma-3-270m", root="out").as_posix()
         'out/tuned-lens-gemma3-270m'
     """
+    from tlmicroscope.artifacts import artifact_path, model_key
+
     if root is None:
-        from tlmicroscope.artifacts import artifact_path
-
         return artifact_path("tuned-lens", model_or_name, processed=processed)
-    from tlmicroscope.models.embedded import EMBEDDED_HF_NAME, EMBEDDED_NAMES
-    from tlmicroscope.models.gemma import GEMMA_HF_NAME, GEMMA_NAMES
-
-    name = model_or_name if isinstance(model_or_name, str) else access.model_label(model_or_name)
-    if name == EMBEDDED_HF_NAME or name.lower() in EMBEDDED_NAMES:
-        slug = EMBEDDED_NAMES[0]
-    elif name == GEMMA_HF_NAME or name.lower() in GEMMA_NAMES:
-        slug = GEMMA_NAMES[
-            0
-        ]  # --model gemma3-270m and a loaded Gemma (labelled by its hub name) agree
-    else:
-        slug = "".join(
-            c if c.isalnum() or c in "-_." else "-" for c in Path(str(name)).name.lower()
-        )
+    slug = model_key(model_or_name, processed=False)  # the store's naming, without the suffix
     return Path(root) / f"tuned-lens-{slug}"
