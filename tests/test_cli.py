@@ -51,3 +51,68 @@ def test_console_script_entry_point():
         [sys.executable, "-m", "tlmicroscope.cli", "--version"], capture_output=True, text=True
     )
     assert done.returncode == 0 and done.stdout.startswith("tlmicroscope ")
+
+
+def _statuses(html: str) -> dict[str, str]:
+    import re
+
+    return dict(re.findall(r'data-section="([^"]+)" data-status="([^"]+)"', html))
+
+
+def test_lens_command_is_the_lens_preset_of_the_report(tmp_path, capsys):
+    from tlmicroscope.app.sections import PRESETS
+
+    out = tmp_path / "lens.html"
+    argv = ["lens", "The cat sat on the mat.", "--model", "tiny-llama", "--out", str(out)]
+    assert main([*argv, "--lens", "logit-paper", "--top-k", "3"]) == 0
+    assert PRESETS["lens"].sections == ("trajectory", "logit_lens_table")
+    statuses = _statuses(out.read_text())
+    assert statuses == {
+        "prediction-trajectories": "ok",
+        "logit-lens-llm-microscope-style": "ok",
+    }
+    assert "logit (paper: no final norm)" in out.read_text()  # the chosen lens is drawn too
+    assert capsys.readouterr().out.strip() == str(out.resolve())
+
+
+def test_artifacts_lists_what_is_fitted_and_what_makes_the_rest(tmp_path, monkeypatch, capsys):
+    from tlmicroscope import artifacts
+    from tlmicroscope.microscope.nonlinearity import NonlinearityReference
+    from tlmicroscope.models import load_model
+
+    monkeypatch.setenv("TLMICROSCOPE_HOME", str(tmp_path / "home"))
+    assert main(["artifacts", "--model", "tiny-llama"]) == 0
+    out = capsys.readouterr().out
+    assert f"Artifact store: {tmp_path / 'home'}" in out
+    for kind in artifacts.KINDS:  # nothing fitted: every kind is missing, with its command
+        assert f"{kind} " in out
+    assert "tlmicroscope microscope-fit --model" in out
+    model = load_model("tiny-llama")
+    ref = NonlinearityReference().fit(model, quick=True, n_tokens=256)
+    path = ref.save()
+    assert path == artifacts.artifact_path("nonlinearity-reference", model)
+    assert main(["artifacts", "--model", "tiny-llama"]) == 0
+    out = capsys.readouterr().out
+    fitted, missing = out.split("Missing")
+    assert "nonlinearity-reference" in fitted and "quick" in fitted and str(path) in fitted
+    assert "nonlinearity-reference" not in missing and "tuned-lens" in missing
+    assert main(["artifacts"]) == 0  # every model in the store
+    assert str(path) in capsys.readouterr().out
+
+
+def test_demo_command_calls_run_demo_with_its_options(tmp_path, monkeypatch, capsys):
+    from tlmicroscope.app import demo
+
+    seen = {}
+
+    def fake(model, *, out, budget_s, progress):
+        seen.update(model=model, out=out, budget_s=budget_s, progress=progress)
+        return tmp_path / "d.html"
+
+    monkeypatch.setattr(demo, "run_demo", fake)
+    out = str(tmp_path / "d.html")
+    assert main(["demo", "--out", out, "--model", "tiny-llama", "--budget", "30"]) == 0
+    assert seen == {"model": "tiny-llama", "out": out, "budget_s": 30.0, "progress": True}
+    assert capsys.readouterr().out.strip() == str((tmp_path / "d.html").resolve())
+    assert main(["demo", "--out", out, "--budget", "0"]) == 2
+    assert "--budget must be a positive number of seconds" in capsys.readouterr().err

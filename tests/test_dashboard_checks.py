@@ -12,7 +12,12 @@ import os
 import pytest
 
 from tlmicroscope.app import cli, dashboard
-from tlmicroscope.app.dashboard import check_lens_path, check_model_choice, host_warning, make_analyse
+from tlmicroscope.app.dashboard import (
+    check_lens_path,
+    check_model_choice,
+    host_warning,
+    make_analyse,
+)
 
 pytestmark = pytest.mark.models
 

@@ -76,10 +76,10 @@ def test_logit_lens_table_reads_out_only_the_shown_positions(tiny_llama):
     """The table of a long text equals the full paper-mode trajectory's last 64 positions."""
     import torch
 
-    from tlmicroscope.inputs import to_tokens
-    from tlmicroscope.lenses import prediction_trajectory
     from tlmicroscope.app.panels.lens import _logit_lens_table
     from tlmicroscope.app.report import ReportContext, shared_capture
+    from tlmicroscope.inputs import to_tokens
+    from tlmicroscope.lenses import prediction_trajectory
     from tlmicroscope.viz import logit_lens_table
 
     text = "A long text: the table shows only its tail. " * 2

@@ -2,9 +2,9 @@
 
 import pytest
 
+from tlmicroscope.app.sections import default_sections
 from tlmicroscope.corpus import text_windows
 from tlmicroscope.lenses import TunedLens
-from tlmicroscope.app.sections import default_sections
 from tlmicroscope.report import report
 
 pytestmark = [pytest.mark.embedded, pytest.mark.models]

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import tlmicroscope
+from tlmicroscope.app.sections import SECTION_MODULES
 from tlmicroscope.causal import extract_causal_basis
 from tlmicroscope.lenses import TunedLens
 from tlmicroscope.microscope import ContextualizationProbe, NonlinearityReference
-from tlmicroscope.app.sections import SECTION_MODULES
 from tlmicroscope.report import available_sections, available_settings, report
 
 pytestmark = [
@@ -85,7 +85,7 @@ def test_unknown_setting_lists_the_valid_ones(tiny_llama):
 
 
 def test_declared_settings_are_the_ones_sections_read():
-    # Independent of the declarations: every ctx.settings key a section module reads, from its source.
+    # Independent of the declarations: every ctx.settings key a panel reads, from its source.
     read = set()
     for mod in SECTION_MODULES:
         src = Path(__import__(mod, fromlist=["_"]).__file__).read_text()
@@ -200,7 +200,7 @@ def test_one_token_report_through_the_public_name(tiny_llama):
 
 @pytest.mark.embedded
 def test_paris_on_the_embedded_model(embedded_model, tmp_path, monkeypatch):
-    # The case: tlmicroscope.report(model, "Paris") on SmolLM2, one token; no saved artifacts.
+    # The case: tlmicroscope.report(model, "Paris") on SmolLM2, one token, no artifacts.
     monkeypatch.setenv("TLMICROSCOPE_HOME", str(tmp_path))
     assert embedded_model.to_tokens("Paris").shape[-1] == 1
     rep = tlmicroscope.report(embedded_model, "Paris")

@@ -18,8 +18,8 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def dashboard_url():
-    from tlmicroscope.dashboard import serve
     from tlmicroscope.app.sections import SECTIONS, Section, register_section
+    from tlmicroscope.dashboard import serve
 
     @register_section("slow_test_section", "Slow test section", default=False)
     def _slow(ctx):  # long enough to press Stop while it runs

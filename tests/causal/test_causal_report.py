@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tlmicroscope.causal import extract_causal_basis
 from tlmicroscope.app.panels.causal import default_basis_path
+from tlmicroscope.causal import extract_causal_basis
 from tlmicroscope.inputs import to_tokens
 from tlmicroscope.lenses import Readout, TunedLens
 from tlmicroscope.lenses.base import lens_logits
@@ -50,7 +50,8 @@ def _spy(monkeypatch):
 
 
 def _brute_force_influence(model, lens, tokens, vectors, mean, layer):
-    """KL(lens(h) || lens(h with v mean-ablated)) per direction, via run_with_cache and the plain readout."""
+    """KL(lens(h) || lens(h with v mean-ablated)) per direction, via run_with_cache and the plain
+    readout."""
     hook = f"blocks.{layer}.hook_resid_pre"
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens, names_filter=[hook])
@@ -122,7 +123,7 @@ def test_section_plots_the_saved_basis_and_its_influence_on_the_text(
 
 
 def test_missing_basis_names_the_command_that_extracts_it(tiny_llama, tmp_path, monkeypatch):
-    """Without a saved basis the section gives the cbe command; running it makes the section render."""
+    """Without a saved basis the section gives the cbe command; running it makes it render."""
     from tlmicroscope.cli import main
     from tlmicroscope.lenses.train import default_lens_dir
     from tlmicroscope.models import access

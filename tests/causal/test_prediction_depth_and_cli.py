@@ -14,7 +14,8 @@ from tlmicroscope.lenses import prediction_trajectory
 
 
 def _brute_depth(top1: torch.Tensor, layers: list[int], n_layers: int) -> torch.Tensor:
-    """For each token, scan the lens layers from the last one down while they agree with the output."""
+    """For each token, scan the lens layers from the last one down while they agree with the
+    output."""
     final = top1[-1]
     out = torch.full(final.shape, n_layers, dtype=torch.long)
     for b in range(final.shape[0]):

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from tlmicroscope.capture import residual_stream_names
-from tlmicroscope.geometry.components import capture_components
 from tlmicroscope.app.report import ReportContext, shared_capture
 from tlmicroscope.app.sections import SECTIONS
+from tlmicroscope.capture import residual_stream_names
+from tlmicroscope.geometry.components import capture_components
 from tlmicroscope.report import report
 
 pytestmark = pytest.mark.models

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from tlmicroscope.capture import residual_stream_names
-from tlmicroscope.geometry import cosine_similarity, intrinsic_dimension, neighbourhood_overlap
 from tlmicroscope.app.panels.token_geometry import report_layer_geometry
-from tlmicroscope.models import access
 from tlmicroscope.app.report import ReportContext, shared_capture
 from tlmicroscope.app.sections import SECTIONS
+from tlmicroscope.capture import residual_stream_names
+from tlmicroscope.geometry import cosine_similarity, intrinsic_dimension, neighbourhood_overlap
+from tlmicroscope.models import access
 from tlmicroscope.report import report
 
 pytestmark = pytest.mark.models

@@ -80,9 +80,7 @@ def test_no_fit_shows_notices_and_bad_input_exits_2(tmp_path, capsys):
         main(["microscope", "hello", "--model", "tiny-llama", "--out", str(out), "--no-fit"]) == 0
     )
     sections = _sections(out.read_text())
-    assert (
-        sections[NONLIN] == "missing" and "microscope-fit" in out.read_text()
-    )
+    assert sections[NONLIN] == "missing" and "microscope-fit" in out.read_text()
     assert (
         main(
             [

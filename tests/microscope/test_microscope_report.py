@@ -28,7 +28,10 @@ SECTIONS = [
     "microscope_token_classes",
 ]
 # 113 byte tokens with the BOS: more than 3·d_model + 1 = 97, so the per-prompt fit is allowed.
-TEXT = "The cat sat on the mat, and the dog ate a bone. Then, the cat slept; a bird sang in the old tree by the wall."
+TEXT = (
+    "The cat sat on the mat, and the dog ate a bone. Then, the cat slept; a bird sang in the old "
+    "tree by the wall."
+)
 SHORT = "A short text, the end."
 CORPUS = [
     "The quick brown fox jumps over the lazy dog; PACK MY BOX WITH FIVE DOZEN JUGS! 0123456789 " * 8
@@ -236,3 +239,29 @@ def test_token_nonlinearity_report_equals_analysis(tiny_llama, saved):
     z = np.asarray(figs["LLM-Microscope: token-wise non-linearity"][0].data[0].z, dtype=float)
     direct = token_nonlinearity(tiny_llama, TEXT, reference=ref).error[:, 0].numpy()
     np.testing.assert_allclose(z, direct, rtol=1e-5, atol=1e-6)
+
+
+def test_a_quick_reference_in_the_store_is_used_and_said_to_be_quick(
+    tiny_llama, tmp_path, monkeypatch
+):
+    from tlmicroscope import artifacts
+
+    monkeypatch.setenv("TLMICROSCOPE_HOME", str(tmp_path))
+    ref = NonlinearityReference().fit(tiny_llama, CORPUS, quick=True)
+    saved = ref.save()  # into the store, where the section looks first
+    assert saved == artifacts.artifact_path("nonlinearity-reference", tiny_llama)
+    rep = report(tiny_llama, SHORT, sections=["microscope_nonlinearity"])
+    assert rep.rendered == ["microscope_nonlinearity"]  # the short text is fine with a reference
+    html = rep.html()
+    assert str(saved) in html and "is a quick fit" in html
+    assert artifacts.make_command("nonlinearity-reference", tiny_llama) in html
+    # the section's values are the saved maps applied to the text (not a per-prompt fit)
+    from tlmicroscope.app.panels.microscope import report_nonlinearity
+    from tlmicroscope.app.report import ReportContext, shared_capture
+    from tlmicroscope.inputs import to_tokens
+
+    tokens = to_tokens(tiny_llama, SHORT)
+    ctx = ReportContext(model=tiny_llama, text=SHORT, tokens=tokens)
+    ctx.cache, ctx.logits = shared_capture(tiny_llama, tokens, ["resid"])
+    expected = token_nonlinearity(tiny_llama, SHORT, reference=ref)
+    assert torch.allclose(report_nonlinearity(ctx).error, expected.error, atol=1e-5)
