@@ -1,10 +1,11 @@
 """Layer contributions to the next-token prediction, and the direct logit attribution of components.
 
-``layer_contributions`` is LLM-Microscope's §3.3 heatmap: ``E_i^l = −log softmax(readout(h_i^l))[w_{i+1}]``,
-the next-token loss each layer would have if the model stopped there, read through the logit lens
-(the paper's choice) or any ``Lens`` (a tuned lens, for instance). It is computed by the foundation's
-``prediction_trajectory``, so the readout, its identity check and its memory bounds are shared.
-The per-block drop ``E^l − E^{l+1}`` is added as an extension (the paper shows only E).
+``layer_contributions`` is LLM-Microscope's §3.3 heatmap:
+``E_i^l = −log softmax(readout(h_i^l))[w_{i+1}]``, the next-token loss each layer would have if the
+model stopped there, read through the logit lens (the paper's choice) or any ``Lens`` (a tuned
+lens, for instance). It is computed by the foundation's ``prediction_trajectory``, so the
+readout, its identity check and its memory bounds are shared. The per-block drop
+``E^l − E^{l+1}`` is added as an extension (the paper shows only E).
 
 ``component_attribution`` splits the final prediction into what each block's attention and MLP
 wrote, using TransformerLens's residual decomposition (``ActivationCache.decompose_resid``): the
@@ -25,9 +26,9 @@ from jaxtyping import Float, Int
 
 from tlmicroscope._vocab import token_strings
 from tlmicroscope.inputs import TextOrTokens, resolve_input
+from tlmicroscope.layers import as_str_tokens
 from tlmicroscope.lenses import PredictionTrajectory, Readout, prediction_trajectory
 from tlmicroscope.microscope._forward import str_tokens_of
-from tlmicroscope.layers import as_str_tokens
 from tlmicroscope.results import Provenance
 
 __all__ = [
@@ -62,7 +63,7 @@ class LayerContributions:
 
     @classmethod
     def from_trajectory(cls, traj: PredictionTrajectory) -> LayerContributions:
-        """The contributions read off a ``PredictionTrajectory`` already computed (no forward pass)."""
+        """The contributions read off a ``PredictionTrajectory`` already computed (no forward)."""
         loss = traj.cross_entropy
         prov = traj.provenance.with_settings(quantity="next-token cross-entropy per layer")
         return cls(
@@ -115,10 +116,12 @@ class ComponentAttribution:
     """Direct logit attribution of the embeddings and of each block's attention and MLP output.
 
     Attributes:
-        labels: ``"embed"``, (``"pos_embed"``), ``"0_attn_out"``, ``"0_mlp_out"``, ... (TransformerLens's).
+        labels: ``"embed"``, (``"pos_embed"``), ``"0_attn_out"``, ``"0_mlp_out"``, ...
+            (TransformerLens's).
         attribution: Each component's contribution to the target's logit ``[component batch pos]``.
         bias: The unembedding (and final-norm) bias's share ``[batch pos]``.
-        logit: The target's logit from the model ``[batch pos]``; ``attribution.sum(0) + bias`` equals it.
+        logit: The target's logit from the model ``[batch pos]``; ``attribution.sum(0) + bias``
+            equals it.
         target_tokens: The token each position's attribution is for; -1 where there is none.
         target_strings: Their text.
         target: ``"predicted"``, ``"next"`` or ``"given"``.
@@ -168,9 +171,9 @@ def component_attribution(
     """Direct logit attribution of every block's attention and MLP output, at every position.
 
     Args:
-        model_or_cache: A model, or an ``ActivationCache`` holding ``hook_embed`` (``hook_pos_embed``
-            for learned positions), every ``hook_attn_out`` and ``hook_mlp_out``, and the last
-            ``hook_resid_post``, with its tokens.
+        model_or_cache: A model, or an ``ActivationCache`` holding ``hook_embed``
+            (``hook_pos_embed`` for learned positions), every ``hook_attn_out`` and
+            ``hook_mlp_out``, and the last ``hook_resid_post``, with its tokens.
         target: ``"predicted"`` (the model's top-1 token at each position), ``"next"`` (the true
             next token; none at the last position) or token ids ``[batch pos]``.
         center: Measure each logit relative to the mean logit over the vocabulary (softmax ignores
@@ -190,19 +193,8 @@ def component_attribution(
         True
     """
     resolved = resolve_input(model_or_cache, tokens, prepend_bos=prepend_bos, truncate=truncate)
-    model, cache, toks = resolved.model, resolved.cache, resolved.tokens
-    names = _needed_hooks(model)
-    if cache is None:
-        with torch.inference_mode():
-            _, cache = model.run_with_cache(toks, names_filter=names)
-    else:
-        lacking = [n for n in names if n not in cache]
-        if lacking:
-            raise ValueError(
-                f"The ActivationCache lacks {lacking[:3]} (and {max(0, len(lacking) - 3)} more); "
-                f"run model.run_with_cache(tokens, names_filter={names[:3]}...) with all of them, "
-                "or pass the model."
-            )
+    model, toks = resolved.model, resolved.tokens
+    cache = _attribution_cache(model, resolved.cache, toks)
     with torch.inference_mode():
         stack, labels = cache.decompose_resid(
             layer=-1, mode="all", apply_ln=False, incl_embeds=True, return_labels=True
@@ -211,46 +203,15 @@ def component_attribution(
         act_dtype = stack.dtype
         if act_dtype in (torch.float16, torch.bfloat16):
             atol = max(atol, 4.0 * torch.finfo(act_dtype).eps)
-        stack = stack.float()
-        readout = Readout.for_model(model)
         h_final = cache[f"blocks.{int(model.cfg.n_layers) - 1}.hook_resid_post"].float()
         if tuple(stack.shape[1:]) != tuple(h_final.shape):
             raise ValueError(
-                f"Cache activations {tuple(h_final.shape)} do not match the tokens {tuple(toks.shape)}."
+                f"Cache activations {tuple(h_final.shape)} do not match the tokens "
+                f"{tuple(toks.shape)}."
             )
-        # The attribution is linear, so it explains the logits before any soft cap (a logit
-        # scale is folded into W); the cap is monotone, so the ranking of targets is the same.
-        # Only the target's column of W and W's mean over the vocabulary are needed: the full
-        # [batch pos d_vocab] logits are computed (in row chunks) only for target="predicted".
-        final_norm = readout.kind is not None
-        W, b = readout.weights(final_norm)
-        x = readout.normalize(h_final) if final_norm else h_final
-        kind, tgt = _targets(
-            target, toks, lambda: _argmax_logits(readout, x, final_norm), int(W.shape[1])
+        kind, tgt, attribution, bias, logit = _direct_attribution(
+            Readout.for_model(model), stack.float(), h_final, toks, target, center
         )
-        batch, n_pos = toks.shape
-        safe = tgt.clamp_min(0)
-        # Frozen final norm: the statistics of the whole residual applied to every (linear) piece.
-        if readout.kind == "LN":
-            stack = stack - stack.mean(-1, keepdim=True)
-            h_c = h_final - h_final.mean(-1, keepdim=True)
-        else:
-            h_c = h_final
-        scale = (
-            torch.rsqrt(h_c.pow(2).mean(-1, keepdim=True) + readout.eps)
-            if readout.kind
-            else torch.ones_like(h_c[..., :1])
-        )
-        w_t = W[:, safe.reshape(-1)].T.reshape(batch, n_pos, -1).float()  # [batch pos d_model]
-        b_t = b[safe].float() if b is not None else torch.zeros(batch, n_pos, device=x.device)
-        if center:
-            w_mean = W.float().mean(1) if W.dtype != torch.float32 else W.mean(1)
-            b_mean = b.float().mean() if b is not None else 0.0
-            w_t = w_t - w_mean
-            b_t = b_t - b_mean
-        attribution = ((stack * scale) * w_t).sum(-1)
-        bias = b_t
-        logit = (x.float() * w_t).sum(-1) + b_t
         err = (
             float((attribution.sum(0) + bias - logit)[tgt >= 0].abs().max())
             if (tgt >= 0).any()
@@ -258,9 +219,9 @@ def component_attribution(
         )
     if not err <= atol * max(1.0, float(logit.abs().max())):
         raise ValueError(
-            f"The attributed pieces miss the model's logit by up to {err:.3g}: the final residual is not the "
-            "sum of the embeddings and every attn_out/mlp_out for this model (parallel blocks or an extra "
-            "residual term), so direct logit attribution does not apply as is."
+            f"The attributed pieces miss the model's logit by up to {err:.3g}: the final residual "
+            "is not the sum of the embeddings and every attn_out/mlp_out for this model (parallel "
+            "blocks or an extra residual term), so direct logit attribution does not apply as is."
         )
     invalid = tgt < 0
     attribution = attribution.masked_fill(invalid, float("nan"))
@@ -274,7 +235,7 @@ def component_attribution(
         bias=bias.masked_fill(invalid, float("nan")).cpu(),
         logit=logit.masked_fill(invalid, float("nan")).cpu(),
         target_tokens=tgt.cpu(),
-        target_strings=token_strings(model, safe.cpu()),
+        target_strings=token_strings(model, tgt.clamp_min(0).cpu()),
         tokens=toks.cpu(),
         str_tokens=as_str_tokens(str_tokens),
         target=kind,
@@ -282,6 +243,69 @@ def component_attribution(
         max_identity_error=err,
         provenance=prov,
     )
+
+
+def _attribution_cache(model: Any, cache: Any, toks: torch.Tensor) -> Any:
+    """The cache of the pieces: ``cache`` checked for every hook, or a run of ``toks``."""
+    names = _needed_hooks(model)
+    if cache is None:
+        with torch.inference_mode():
+            _, cache = model.run_with_cache(toks, names_filter=names)
+        return cache
+    lacking = [n for n in names if n not in cache]
+    if lacking:
+        raise ValueError(
+            f"The ActivationCache lacks {lacking[:3]} (and {max(0, len(lacking) - 3)} more); "
+            f"run model.run_with_cache(tokens, names_filter={names[:3]}...) with all of them, "
+            "or pass the model."
+        )
+    return cache
+
+
+def _direct_attribution(
+    readout: Readout,
+    stack: torch.Tensor,
+    h_final: torch.Tensor,
+    toks: torch.Tensor,
+    target: Any,
+    center: bool,
+) -> tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(kind, targets, attribution [piece batch pos], bias, logit)`` of the target logits.
+
+    The attribution is linear, so it explains the logits before any soft cap (a logit scale is
+    folded into W); the cap is monotone, so the ranking of targets is the same. Only the target's
+    column of W and W's mean over the vocabulary are needed: the full ``[batch pos d_vocab]``
+    logits are computed (in row chunks) only for ``target="predicted"``.
+    """
+    final_norm = readout.kind is not None
+    W, b = readout.weights(final_norm)
+    x = readout.normalize(h_final) if final_norm else h_final
+    kind, tgt = _targets(
+        target, toks, lambda: _argmax_logits(readout, x, final_norm), int(W.shape[1])
+    )
+    batch, n_pos = toks.shape
+    safe = tgt.clamp_min(0)
+    # Frozen final norm: the statistics of the whole residual applied to every (linear) piece.
+    if readout.kind == "LN":
+        stack = stack - stack.mean(-1, keepdim=True)
+        h_c = h_final - h_final.mean(-1, keepdim=True)
+    else:
+        h_c = h_final
+    scale = (
+        torch.rsqrt(h_c.pow(2).mean(-1, keepdim=True) + readout.eps)
+        if readout.kind
+        else torch.ones_like(h_c[..., :1])
+    )
+    w_t = W[:, safe.reshape(-1)].T.reshape(batch, n_pos, -1).float()  # [batch pos d_model]
+    b_t = b[safe].float() if b is not None else torch.zeros(batch, n_pos, device=x.device)
+    if center:
+        w_mean = W.float().mean(1) if W.dtype != torch.float32 else W.mean(1)
+        b_mean = b.float().mean() if b is not None else 0.0
+        w_t = w_t - w_mean
+        b_t = b_t - b_mean
+    attribution = ((stack * scale) * w_t).sum(-1)
+    logit = (x.float() * w_t).sum(-1) + b_t
+    return kind, tgt, attribution, b_t, logit
 
 
 def _argmax_logits(
