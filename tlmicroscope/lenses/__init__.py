@@ -1,6 +1,13 @@
 """Lenses: the shared readout, the lens protocol, the logit lens, and prediction trajectories."""
 
-from tlmicroscope.lenses.base import Lens, LogitLens, lens_logits, load_lens, resolve_lens
+from tlmicroscope.lenses.base import (
+    Lens,
+    LogitLens,
+    lens_features,
+    lens_logits,
+    load_lens,
+    resolve_lens,
+)
 from tlmicroscope.lenses.bench import LensBench, lens_bench
 from tlmicroscope.lenses.components import ComponentLens, component_lens
 from tlmicroscope.lenses.evaluate import LensEvaluation, evaluate_lens
@@ -38,6 +45,7 @@ __all__ = [
     "fit_jacobian_lens",
     "layer_label",
     "lens_bench",
+    "lens_features",
     "lens_logits",
     "load_lens",
     "prediction_trajectory",
