@@ -43,6 +43,7 @@ __all__ = [
     "check_fingerprint",
     "config_bool",
     "config_int",
+    "json_type",
     "load_fitted",
     "model_fingerprint",
     "recover_dir",
@@ -495,7 +496,7 @@ def load_fitted(
         ) from exc
     if not isinstance(meta, dict):
         raise FittedFileError(
-            f"{cfg_path} holds a JSON {_json_type(meta)}, not an object; the file is corrupt or "
+            f"{cfg_path} holds a JSON {json_type(meta)}, not an object; the file is corrupt or "
             "not a tlmicroscope config."
         )
     if meta.get("kind") != kind:
@@ -509,7 +510,7 @@ def load_fitted(
         if meta.get(key) is not None and not isinstance(meta[key], dict):
             raise FittedFileError(
                 f"{cfg_path}: field {key!r} must be a JSON object, got "
-                f"{_json_type(meta[key])}; the file is corrupt."
+                f"{json_type(meta[key])}; the file is corrupt."
             )
     if model is not None and meta.get(
         "model"
@@ -523,7 +524,13 @@ def load_fitted(
 
 
 # ------------------------------------------------------------------------- config fields
-def _json_type(value: Any) -> str:
+def json_type(value: Any) -> str:
+    """The JSON name of a config value's type, for messages about a wrong field.
+
+    Examples:
+        >>> json_type({}), json_type(3), json_type(None)
+        ('object', 'integer', 'null')
+    """
     names = {
         dict: "object",
         list: "list",
@@ -557,7 +564,7 @@ def config_int(
     value = cfg[key]
     if isinstance(value, bool) or not isinstance(value, int):
         raise FittedFileError(
-            f"{file}: field {key!r} must be an integer, got {_json_type(value)} {value!r}; the "
+            f"{file}: field {key!r} must be an integer, got {json_type(value)} {value!r}; the "
             "file is corrupt or was edited by hand."
         )
     if value < minimum or (maximum is not None and value > maximum):
@@ -572,7 +579,7 @@ def config_bool(cfg: Mapping[str, Any], key: str, file: Any, *, default: bool) -
     value = cfg.get(key, default)
     if not isinstance(value, bool):
         raise FittedFileError(
-            f"{file}: field {key!r} must be true or false, got {_json_type(value)} {value!r}."
+            f"{file}: field {key!r} must be true or false, got {json_type(value)} {value!r}."
         )
     return value
 

@@ -31,9 +31,9 @@ import torch
 from tlmicroscope.io import (
     FittedFileError,
     ModelMismatchError,
-    _config_bool,
-    _config_int,
-    _json_type,
+    config_bool,
+    config_int,
+    json_type,
 )
 
 __all__ = [
@@ -83,7 +83,7 @@ def _read_config(path: Path, model: Any) -> tuple[dict[str, Any], int, int, bool
         ) from exc
     if not isinstance(cfg, dict):
         raise FittedFileError(
-            f"{cfg_path} holds a JSON {_json_type(cfg)}, not an object; a reference lens config is "
+            f"{cfg_path} holds a JSON {json_type(cfg)}, not an object; a reference lens config is "
             "an object with d_model, num_hidden_layers, bias, ..."
         )
     lens_type = cfg.get("lens_type", "linear_tuned_lens")
@@ -94,11 +94,11 @@ def _read_config(path: Path, model: Any) -> tuple[dict[str, Any], int, int, bool
     for key in ("base_model_name_or_path", "unembed_hash"):
         if cfg.get(key) is not None and not isinstance(cfg[key], str):
             raise FittedFileError(
-                f"{cfg_path}: field {key!r} must be a string, got {_json_type(cfg[key])}."
+                f"{cfg_path}: field {key!r} must be a string, got {json_type(cfg[key])}."
             )
-    d_model = _config_int(cfg, "d_model", cfg_path)
-    n_layers = _config_int(cfg, "num_hidden_layers", cfg_path)
-    has_bias = _config_bool(cfg, "bias", cfg_path, default=True)
+    d_model = config_int(cfg, "d_model", cfg_path)
+    n_layers = config_int(cfg, "num_hidden_layers", cfg_path)
+    has_bias = config_bool(cfg, "bias", cfg_path, default=True)
     if model is not None:  # before reading params.pt or allocating anything
         for field, ours, theirs in (
             ("d_model", d_model, int(model.cfg.d_model)),
@@ -224,7 +224,7 @@ def load_reference_lens(path: str | Path, model: Any = None):
     lens = TunedLens(
         n_layers,
         d_model,
-        bias=_config_bool(cfg, "bias", path / _CONFIG, default=True),
+        bias=config_bool(cfg, "bias", path / _CONFIG, default=True),
         model_info={"d_model": d_model, "n_layers": n_layers},
         settings=settings,
         device=model.W_U.device if model is not None else None,

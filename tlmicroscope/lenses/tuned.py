@@ -22,10 +22,10 @@ from jaxtyping import Float
 
 from tlmicroscope.io import (
     FittedFileError,
-    _config_bool,
-    _config_int,
     check_fingerprint,
     check_model_shape,
+    config_bool,
+    config_int,
     load_fitted,
     model_fingerprint,
     save_fitted,
@@ -323,10 +323,10 @@ class TunedLens(torch.nn.Module):
         cfg = meta.get("config") or {}
         cfg_file = path / "config.json"  # load_fitted made sure the config is an object
         n_layers, d_model = (
-            _config_int(cfg, "n_layers", cfg_file),
-            _config_int(cfg, "d_model", cfg_file),
+            config_int(cfg, "n_layers", cfg_file),
+            config_int(cfg, "d_model", cfg_file),
         )
-        has_bias = _config_bool(cfg, "bias", cfg_file, default=True)
+        has_bias = config_bool(cfg, "bias", cfg_file, default=True)
         settings = cfg.get("settings") or {}
         if not isinstance(settings, dict):
             raise FittedFileError(
@@ -355,7 +355,7 @@ class TunedLens(torch.nn.Module):
             settings=settings,
             device=device,
         )
-        lens.quick = _config_bool(cfg, "quick", cfg_file, default=False)
+        lens.quick = config_bool(cfg, "quick", cfg_file, default=False)
         with torch.no_grad():
             lens.weight.copy_(weight)
             lens.bias.copy_(bias)
