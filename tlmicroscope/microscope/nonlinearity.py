@@ -29,6 +29,7 @@ from tlmicroscope import io
 from tlmicroscope.capture import residual_stream_names, stream
 from tlmicroscope.corpus import CorpusSource
 from tlmicroscope.inputs import TextOrTokens, check_layers, ensure_eval, resolve_input
+from tlmicroscope.layers import as_str_tokens
 from tlmicroscope.microscope._forward import corpus_windows, str_tokens_of, stream_residual
 from tlmicroscope.microscope._moments import DEFAULT_RTOL, ResidualMoments, fit_pair, paper_fit
 from tlmicroscope.microscope.linearity import (
@@ -37,7 +38,6 @@ from tlmicroscope.microscope.linearity import (
     _result,
     pair_label,
 )
-from tlmicroscope.layers import as_str_tokens
 from tlmicroscope.results import Provenance
 
 __all__ = ["NonlinearityReference", "TokenNonlinearity", "token_nonlinearity"]
@@ -398,7 +398,7 @@ class TokenNonlinearity:
     provenance: Provenance
 
     def paper_scale(self) -> torch.Tensor:
-        """The paper's unscaled row norms, ``E/√N`` (they shrink with the number of fitting tokens)."""
+        """The paper's unscaled row norms, ``E/√N`` (they shrink with the number of fit tokens)."""
         return self.error / math.sqrt(self.n_fit)
 
     def token_mean(self) -> Float[torch.Tensor, "batch pos"]:
@@ -446,7 +446,8 @@ def token_nonlinearity(
         model_or_cache: A model, or an ``ActivationCache`` holding the residual hooks
             (``blocks.{l}.hook_resid_pre`` and the last ``hook_resid_post``) with its tokens.
         tokens: Text or token ids.
-        reference: A fitted ``NonlinearityReference`` or the folder of a saved one (``mode="reference"``).
+        reference: A fitted ``NonlinearityReference`` or the folder of a saved one
+            (``mode="reference"``).
         mode: ``"reference"`` applies the corpus-fitted maps; ``"paper"`` fits each pair on the
             prompt's own tokens with the reference's unguarded SVD pseudo-inverse. With fewer
             tokens than d_model that fit is exact and the errors are noise (a warning says so).
@@ -459,7 +460,10 @@ def token_nonlinearity(
     Examples:
         >>> from tlmicroscope.models import tiny_model
         >>> model = tiny_model(n_layers=2)
-        >>> TEXT = "The quick brown fox jumps over the lazy dog; PACK MY BOX WITH FIVE DOZEN JUGS! 0123456789 " * 6
+        >>> TEXT = (
+        ...     "The quick brown fox jumps over the lazy dog; PACK MY BOX WITH FIVE DOZEN JUGS! "
+        ...     "0123456789 "
+        ... ) * 6
         >>> ref = NonlinearityReference(n_tokens=512, seq_len=64).fit(model, [TEXT], progress=False)
         >>> res = token_nonlinearity(model, "plain text", reference=ref)
         >>> res.pair_labels, tuple(res.error.shape)
@@ -467,13 +471,44 @@ def token_nonlinearity(
     """
     resolved = resolve_input(model_or_cache, tokens, prepend_bos=prepend_bos, truncate=truncate)
     model, cache, toks = resolved.model, resolved.cache, resolved.tokens
+    reference, pairs, n_fit = _nonlinearity_plan(model, toks, reference, mode, layers)
+    error, rel = _pair_errors(model, cache, toks, reference, mode, pairs)
+    if mode == "paper":  # report RMS-token units like the reference mode: multiply row norms by √N
+        error *= math.sqrt(n_fit)
+    str_tokens = str_tokens_of(model, toks)
+    prov = Provenance.from_model(
+        model, mode=mode, n_fit=n_fit, reference=None if mode == "paper" else repr(reference)
+    )
+    return TokenNonlinearity(
+        pairs=tuple(pairs),
+        pair_labels=tuple(pair_label(p) for p in pairs),
+        error=error,
+        relative_error=rel,
+        tokens=toks.detach().cpu(),
+        str_tokens=as_str_tokens(str_tokens),
+        n_fit=n_fit,
+        mode=mode,
+        provenance=prov,
+    )
+
+
+def _nonlinearity_plan(
+    model: Any,
+    toks: torch.Tensor,
+    reference: Any,
+    mode: str,
+    layers: Sequence[int] | None,
+) -> tuple[NonlinearityReference | None, list[int], int]:
+    """``(reference, pairs, n_fit)``: the loaded reference (reference mode), the pairs to compute
+    and the number of tokens each pair's map was fitted on."""
     n_layers, d = int(model.cfg.n_layers), int(model.cfg.d_model)
     if mode == "reference":
         if reference is None:
             raise ValueError(
                 "mode='reference' needs a fitted NonlinearityReference: "
-                "NonlinearityReference().fit(model) (or its saved folder), or pass mode='paper' for the "
-                "per-prompt fit (exact, hence noise, when the prompt is shorter than d_model)."
+                "NonlinearityReference().fit(model) (or its saved folder), or pass mode='paper' "
+                "for the per-prompt fit (exact, hence noise, when the prompt is shorter than "
+                "d_model)."
             )
         if not isinstance(reference, NonlinearityReference):
             reference = NonlinearityReference.load(reference, model)
@@ -482,23 +517,34 @@ def token_nonlinearity(
         missing = [p for p in pairs if p not in reference.pairs_]
         if missing:
             raise ValueError(
-                f"The reference has no map for pairs {missing}; it was fitted on {list(reference.pairs_)}."
+                f"The reference has no map for pairs {missing}; it was fitted on "
+                f"{list(reference.pairs_)}."
             )
-        n_fit = reference.n_tokens_
-    elif mode == "paper":
-        pairs = check_layers(layers, n_layers, "pair")
+        return reference, pairs, reference.n_tokens_
+    if mode == "paper":
         n_fit = int(toks.numel())
         if n_fit <= d + 1:
             warnings.warn(
-                f"Paper mode fits each pair on this prompt's {n_fit} tokens, no more than d_model={d}: the "
-                "fit is exact, so the errors are numerical noise. Fit a NonlinearityReference on a corpus "
-                "and use mode='reference' for meaningful values.",
+                f"Paper mode fits each pair on this prompt's {n_fit} tokens, no more than "
+                f"d_model={d}: the fit is exact, so the errors are numerical noise. Fit a "
+                "NonlinearityReference on a corpus and use mode='reference' for meaningful values.",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=3,  # token_nonlinearity's caller
             )
-    else:
-        raise ValueError(f"mode must be 'reference' or 'paper', got {mode!r}.")
+        return None, check_layers(layers, n_layers, "pair"), n_fit
+    raise ValueError(f"mode must be 'reference' or 'paper', got {mode!r}.")
 
+
+def _pair_errors(
+    model: Any,
+    cache: Any,
+    toks: torch.Tensor,
+    reference: NonlinearityReference | None,
+    mode: str,
+    pairs: list[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(error, relative_error)`` ``[pair batch pos]``, one residual state held at a time."""
+    n_layers, d = int(model.cfg.n_layers), int(model.cfg.d_model)
     states = sorted(set(pairs) | {p + 1 for p in pairs})
     batch, n_pos = toks.shape
     row = {p: i for i, p in enumerate(pairs)}
@@ -543,21 +589,4 @@ def token_nonlinearity(
             layers=states,
             return_logits=False,
         )
-
-    if mode == "paper":  # report RMS-token units like the reference mode: multiply row norms by √N
-        error *= math.sqrt(n_fit)
-    str_tokens = str_tokens_of(model, toks)
-    prov = Provenance.from_model(
-        model, mode=mode, n_fit=n_fit, reference=None if mode == "paper" else repr(reference)
-    )
-    return TokenNonlinearity(
-        pairs=tuple(pairs),
-        pair_labels=tuple(pair_label(p) for p in pairs),
-        error=error,
-        relative_error=rel,
-        tokens=toks.detach().cpu(),
-        str_tokens=as_str_tokens(str_tokens),
-        n_fit=n_fit,
-        mode=mode,
-        provenance=prov,
-    )
+    return error, rel
