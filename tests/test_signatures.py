@@ -65,6 +65,7 @@ TABLE: dict[str, str] = {
     "tlmicroscope.lenses.fit_jacobian_lens": CORPUS,
     "tlmicroscope.lenses.check_readout_identity": PRIMITIVE,
     "tlmicroscope.lenses.lens_logits": PRIMITIVE,
+    "tlmicroscope.lenses.lens_features": PRIMITIVE,
     "tlmicroscope.lenses.layer_label": HELPER,
     "tlmicroscope.lenses.resolve_lens": HELPER,
     "tlmicroscope.lenses.load_lens": LOADER,
