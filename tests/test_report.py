@@ -94,3 +94,26 @@ def test_logit_lens_table_reads_out_only_the_shown_positions(tiny_llama):
         torch.as_tensor(fig.data[0].z), torch.as_tensor(want.data[0].z), rtol=1e-4, atol=1e-5
     )
     assert [list(r) for r in fig.data[0].text] == [list(r) for r in want.data[0].text]
+
+
+def test_page_order_follows_the_panel_list_whatever_was_imported_first():
+    import importlib
+    import subprocess
+    import sys
+
+    from tlmicroscope.app.sections import SECTION_MODULES
+
+    # A fresh interpreter that imports the causal panel (the last one) before anything else.
+    code = (
+        "import tlmicroscope.app.panels.causal\n"
+        "from tlmicroscope.app.sections import available_sections, SECTIONS\n"
+        "names = available_sections()\n"
+        "print(','.join(SECTIONS[n].build.__module__ for n in names))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    modules = done.stdout.strip().split(",")
+    ranks = [SECTION_MODULES.index(m) for m in modules]
+    assert ranks == sorted(ranks) and modules[0] == "tlmicroscope.app.panels.lens"
+    assert importlib.import_module("tlmicroscope.app.sections").available_sections()[0] == (
+        "trajectory"
+    )

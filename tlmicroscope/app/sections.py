@@ -128,9 +128,21 @@ REPORT_SETTINGS = ("truncate",)
 
 
 def load_builtin_sections() -> None:
-    """Import the built-in panels so their sections are registered (idempotent)."""
+    """Import the built-in panels so their sections are registered, in page order (idempotent).
+
+    The page follows ``SECTION_MODULES`` whichever panel was imported first; sections registered
+    by other modules follow, in registration order.
+    """
     for mod in SECTION_MODULES:
         importlib.import_module(mod)
+    rank = {mod: i for i, mod in enumerate(SECTION_MODULES)}
+    ordered = sorted(
+        SECTIONS.items(),
+        key=lambda item: rank.get(item[1].build.__module__, len(rank)),
+    )  # sorted() is stable: within a module, registration order
+    if list(SECTIONS) != [name for name, _ in ordered]:
+        SECTIONS.clear()
+        SECTIONS.update(ordered)
 
 
 def register_section(
