@@ -123,8 +123,10 @@ class Fitted(Protocol):
     """What every fitted class offers (checked for each kind by ``tests/test_artifacts.py``).
 
     - ``Cls(**settings)``: settings only; shapes come from the model at ``fit``.
-    - ``fit(model, corpus=None, *, n_tokens=..., batch_size=..., seed=..., progress=...,
-      quick=False) -> self``: the shared settings carry these names in every class.
+    - ``fit(model, corpus=None, *, n_tokens=..., batch_size=..., seed=..., progress=True,
+      quick=False) -> self``: the shared settings carry these names in every class that has them
+      (a given one overrides the setting of that name); ``quick=True`` applies ``Cls.QUICK``
+      first and records the fit as quick.
     - ``save(path=None) -> Path``: ``None`` saves to ``artifact_path(kind, model)``; atomic, with
       the model's fingerprint and ``quick`` in ``config.json``.
     - ``Cls.load(path, model) -> Cls``: ``path=None`` loads from the store; refuses another model
