@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from jaxtyping import Int
 
-from tlmicroscope.lenses.trajectory import PredictionTrajectory
 from tlmicroscope.layers import as_str_tokens
+from tlmicroscope.lenses.trajectory import PredictionTrajectory
 from tlmicroscope.results import Provenance
 
 __all__ = ["PredictionDepthResult", "prediction_depth"]

@@ -37,6 +37,7 @@ from tlmicroscope.capture import residual_stream_names
 from tlmicroscope.corpus import CorpusSource, token_stream
 from tlmicroscope.deprecation import renamed_arguments
 from tlmicroscope.inputs import TextOrTokens, ensure_eval, resolve_input
+from tlmicroscope.layers import as_str_tokens
 from tlmicroscope.microscope._forward import str_tokens_of
 from tlmicroscope.microscope._prefix_decoding import (
     PrefixEncoder,
@@ -46,7 +47,6 @@ from tlmicroscope.microscope._prefix_decoding import (
     prefix_examples,
     prefix_token_loss,
 )
-from tlmicroscope.layers import as_str_tokens
 from tlmicroscope.results import Provenance
 
 __all__ = ["Contextualization", "ContextualizationProbe", "contextualization"]
@@ -523,13 +523,15 @@ def contextualization(
             so a long text is cheaper on a window of it.
 
     Raises:
-        ValueError: no probe, a probe for another model, an unknown reduction, positions out of range.
+        ValueError: no probe, a probe for another model, an unknown reduction, positions out of
+            range.
 
     Examples:
         >>> from tlmicroscope.models import tiny_model
         >>> model = tiny_model(n_layers=2)
-        >>> probe = ContextualizationProbe(prefix_length=3, mlp_hidden=8, decoder="frozen", steps=1,
-        ...                                window_length=8).fit(model, ["some text to train on " * 5], progress=False)
+        >>> probe = ContextualizationProbe(
+        ...     prefix_length=3, mlp_hidden=8, decoder="frozen", steps=1, window_length=8
+        ... ).fit(model, ["some text to train on " * 5], progress=False)
         >>> ctx = contextualization(model, "abcde", probe=probe, reduction="sum")
         >>> ctx.prefix_length.tolist()
         [[0, 1, 2, 3, 3]]
@@ -578,7 +580,9 @@ def contextualization(
     decoded = (
         "all"
         if positions is None
-        else f"{len(wanted)} of {n_pos} ({wanted[0] if wanted else '-'}..{wanted[-1] if wanted else '-'})"
+        else f"{len(wanted)} of {n_pos} ({wanted[0]}..{wanted[-1]})"
+        if wanted
+        else f"0 of {n_pos} (-..-)"
     )
     prov = Provenance.from_model(
         model, reduction=reduction, probe=repr(probe), positions=decoded, **probe.settings()

@@ -1,9 +1,10 @@
 """Layer linearity: how well an affine map carries the residual stream from one layer to the next.
 
-For adjacent residual states X = h^l and Y = h^{l+1} (token rows pooled over a corpus), LLM-Microscope
-("Your Transformer is Secretly Linear") centres the columns, divides each matrix by its Frobenius
-norm, fits A* = X⁺Y and reports ``1 − ‖XA* − Y‖²_F``. That is the R² of an affine regression of
-layer l+1 on layer l. "Without residual" regresses the block's update ``h^{l+1} − h^l`` on h^l.
+For adjacent residual states X = h^l and Y = h^{l+1} (token rows pooled over a corpus),
+LLM-Microscope ("Your Transformer is Secretly Linear") centres the columns, divides each matrix by
+its Frobenius norm, fits A* = X⁺Y and reports ``1 − ‖XA* − Y‖²_F``. That is the R² of an affine
+regression of layer l+1 on layer l. "Without residual" regresses the block's update
+``h^{l+1} − h^l`` on h^l.
 
 The reference takes an unguarded SVD pseudo-inverse of the N×d token matrix per pair. Here the
 same numbers come from float64 moments gathered during one streamed forward pass: the centred
@@ -29,6 +30,7 @@ from jaxtyping import Float, Int
 
 from tlmicroscope.corpus import CorpusSource
 from tlmicroscope.inputs import check_layers, ensure_eval
+from tlmicroscope.layers import residual_label
 from tlmicroscope.microscope._forward import corpus_windows, stream_residual
 from tlmicroscope.microscope._moments import (
     DEFAULT_RTOL,
@@ -37,7 +39,6 @@ from tlmicroscope.microscope._moments import (
     paper_fit,
     paper_pair_score,
 )
-from tlmicroscope.layers import residual_label
 from tlmicroscope.results import Provenance
 
 __all__ = [
@@ -128,7 +129,8 @@ def linearity_score(
     yt = torch.as_tensor(np.asarray(y) if not isinstance(y, torch.Tensor) else y)
     if xt.ndim != 2 or yt.ndim != 2 or xt.shape[0] != yt.shape[0]:
         raise ValueError(
-            f"x and y must be [N d] matrices with the same N; got {tuple(xt.shape)} and {tuple(yt.shape)}."
+            "x and y must be [N d] matrices with the same N; got "
+            f"{tuple(xt.shape)} and {tuple(yt.shape)}."
         )
     if without_residual and xt.shape != yt.shape:
         raise ValueError(
@@ -157,7 +159,8 @@ def _check_token_count(n: int, d: int, allow_underdetermined: bool, mode: str) -
     elif d / (n - 1) > 0.1:
         warnings.warn(
             f"N={n} tokens for d_model={d}: unrelated data would already score about "
-            f"{d / (n - 1):.2f} (the chance floor d/(N−1)). Use more tokens for a meaningful score.",
+            f"{d / (n - 1):.2f} (the chance floor d/(N−1)). Use more tokens for a meaningful "
+            "score.",
             UserWarning,
             stacklevel=3,
         )
@@ -186,7 +189,8 @@ def linearity_scores(
             ``[layer N d_model]`` tensor of h^0..h^L rows (then ``corpus`` is unused).
         corpus: Text source (``None``/``"embedded"``, a file, a folder, an iterable of texts) or
             token ids ``[n seq]``.
-        layers: First indices l of the pairs (h^l, h^{l+1}) to score, in 0..n_layers−1 (default all).
+        layers: First indices l of the pairs (h^l, h^{l+1}) to score, in 0..n_layers−1 (default
+            all).
         n_tokens: Token rows to pool (default ``max(8192, 32·d_model)``: a chance floor near 0.03).
         seq_len: Window length when cutting the corpus.
         skip_positions: Drop the first positions of each window (attention-sink tokens with
@@ -196,7 +200,8 @@ def linearity_scores(
             state of every token in memory, ``(L+1)·N·d`` floats).
         rtol: Relative eigenvalue cut-off defining the rank (``"lstsq"``).
         ridge: Tikhonov term as a fraction of the mean eigenvalue (``"lstsq"``; 0 = none).
-        allow_underdetermined: Compute even with N ≤ d+1 tokens (with a warning) instead of refusing.
+        allow_underdetermined: Compute even with N ≤ d+1 tokens (with a warning) instead of
+            refusing.
 
     Returns:
         A ``LinearityResult`` with both scores, the rank, the chance floor, N and d per pair.
@@ -206,8 +211,13 @@ def linearity_scores(
 
     Examples:
         >>> from tlmicroscope.models import tiny_model
-        >>> text = "The quick brown fox jumps over the lazy dog; PACK MY BOX WITH FIVE DOZEN JUGS! 0123456789 " * 6
-        >>> res = linearity_scores(tiny_model(n_layers=2), [text], n_tokens=512, seq_len=64, progress=False)
+        >>> text = (
+        ...     "The quick brown fox jumps over the lazy dog; PACK MY BOX WITH FIVE DOZEN JUGS! "
+        ...     "0123456789 "
+        ... ) * 6
+        >>> res = linearity_scores(
+        ...     tiny_model(n_layers=2), [text], n_tokens=512, seq_len=64, progress=False
+        ... )
         >>> res.pair_labels, res.n_tokens, res.d_model
         (('h0→h1', 'h1→h2'), 512, 32)
         >>> bool((res.score > res.chance_floor).all())
@@ -230,7 +240,8 @@ def linearity_scores(
     )
     if skip_positions >= windows.shape[1]:
         raise ValueError(
-            f"skip_positions={skip_positions} drops every position of {windows.shape[1]}-token windows."
+            f"skip_positions={skip_positions} drops every position of "
+            f"{windows.shape[1]}-token windows."
         )
     n_rows = windows.shape[0] * (windows.shape[1] - skip_positions)
     _check_token_count(n_rows, d, allow_underdetermined, mode)
@@ -332,8 +343,8 @@ def _result(pairs, scores, scores_wo, ranks, n, d, mode, prov) -> LinearityResul
     for layer, r in zip(pairs, ranks):
         if r < d and mode == "lstsq":
             warnings.warn(
-                f"h^{layer} is rank-deficient over these tokens (rank {r} of d_model={d}); the pair "
-                f"{pair_label(layer)} was solved on its {r}-dimensional span (truncated "
+                f"h^{layer} is rank-deficient over these tokens (rank {r} of d_model={d}); the "
+                f"pair {pair_label(layer)} was solved on its {r}-dimensional span (truncated "
                 "pseudo-inverse). Pass ridge=... for a Tikhonov solve instead.",
                 UserWarning,
                 stacklevel=3,

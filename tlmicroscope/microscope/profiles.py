@@ -1,4 +1,6 @@
-"""Layer profiles of anisotropy and intrinsic dimension over a corpus (LLM-Microscope's notebook plots).
+"""Layer profiles of anisotropy and intrinsic dimension over a corpus.
+
+They are LLM-Microscope's notebook plots.
 
 The estimators are the geometry module's: ``tlmicroscope.geometry.anisotropy`` (λ_max/Σλ of the
 centred covariance) and ``tlmicroscope.geometry.intrinsic_dimension`` with the LLM-Microscope
@@ -80,7 +82,8 @@ def layer_profiles(
 
     Args:
         layers: Residual indices in 0..n_layers (default all).
-        n_tokens: Corpus tokens pooled for anisotropy (held in memory, ``len(layers)·n_tokens·d`` floats).
+        n_tokens: Corpus tokens pooled for anisotropy (held in memory, ``len(layers)·n_tokens·d``
+            floats).
         id_points: The first tokens used for the intrinsic dimension (the reference uses 4,096).
         skip_positions: Drop the first positions of each window (attention-sink tokens dominate
             the top principal axis; the reference keeps them).
@@ -88,9 +91,12 @@ def layer_profiles(
 
     Examples:
         >>> from tlmicroscope.models import tiny_model
-        >>> text = "The quick brown fox jumps over the lazy dog; PACK MY BOX WITH FIVE DOZEN JUGS! 0123456789 " * 6
-        >>> prof = layer_profiles(tiny_model(n_layers=2), [text], n_tokens=256, id_points=128, seq_len=64,
-        ...                       progress=False)
+        >>> text = (
+        ...     "The quick brown fox jumps over the lazy dog; PACK MY BOX WITH FIVE DOZEN JUGS! "
+        ...     "0123456789 "
+        ... ) * 6
+        >>> prof = layer_profiles(tiny_model(n_layers=2), [text], n_tokens=256, id_points=128,
+        ...                       seq_len=64, progress=False)
         >>> prof.layer_labels, bool(((prof.anisotropy > 0) & (prof.anisotropy <= 1)).all())
         (('h0', 'h1', 'h2'), True)
     """
@@ -108,7 +114,8 @@ def layer_profiles(
     )
     if skip_positions >= windows.shape[1]:
         raise ValueError(
-            f"skip_positions={skip_positions} drops every position of {windows.shape[1]}-token windows."
+            f"skip_positions={skip_positions} drops every position of "
+            f"{windows.shape[1]}-token windows."
         )
     held: dict[int, list[torch.Tensor]] = {s: [] for s in states}
     stream_residual(
