@@ -38,8 +38,8 @@ from tlmicroscope.io import (
 
 __all__ = [
     "is_reference_folder",
-    "load_reference_lens",
     "read_reference_lens",
+    "reference_lens_state",
     "reference_unembed_hash",
 ]
 
@@ -193,18 +193,28 @@ def read_reference_lens(
     return weight, bias, cfg
 
 
-def load_reference_lens(path: str | Path, model: Any = None):
-    """A ``TunedLens`` from a reference folder, checked against ``model`` when given.
+def reference_lens_state(
+    path: str | Path, model: Any = None
+) -> tuple[torch.Tensor, torch.Tensor, bool, dict[str, Any]]:
+    """What a ``TunedLens`` is built from: ``(weight, bias, has_bias, settings)`` of a reference
+    folder, checked against ``model`` when given (``TunedLens.load`` builds the lens; this module
+    never imports the class, so the two do not import each other).
 
     Raises:
         FittedFileError: see ``read_reference_lens``.
         ModelMismatchError: the lens's ``d_model`` or layer count differs from the model's.
-    """
-    from tlmicroscope.lenses.tuned import TunedLens
 
+    Examples:
+        >>> import tempfile
+        >>> from tlmicroscope.io import FittedFileError
+        >>> try:
+        ...     reference_lens_state(tempfile.mkdtemp())
+        ... except FittedFileError as exc:
+        ...     print("needs both" in str(exc))
+        True
+    """
     path = Path(path)
     weight, bias, cfg = read_reference_lens(path, model)
-    n_layers, d_model = weight.shape[0], weight.shape[1]
     if model is not None:
         saved_hash = cfg.get("unembed_hash")
         if saved_hash and saved_hash != reference_unembed_hash(model):
@@ -214,22 +224,11 @@ def load_reference_lens(path: str | Path, model: Any = None):
                 f"check that the lens was trained for {cfg.get('base_model_name_or_path')!r} "
                 "without weight processing (load the model with process_weights=False).",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
     settings = {
         "source": "tuned-lens reference format",
         "base_model_name_or_path": cfg.get("base_model_name_or_path"),
         "unembed_hash": cfg.get("unembed_hash"),
     }
-    lens = TunedLens(
-        n_layers,
-        d_model,
-        bias=config_bool(cfg, "bias", path / _CONFIG, default=True),
-        model_info={"d_model": d_model, "n_layers": n_layers},
-        settings=settings,
-        device=model.W_U.device if model is not None else None,
-    )
-    with torch.no_grad():
-        lens.weight.copy_(weight)
-        lens.bias.copy_(bias)
-    return lens
+    return weight, bias, config_bool(cfg, "bias", path / _CONFIG, default=True), settings

@@ -30,6 +30,7 @@ from tlmicroscope.io import (
     model_fingerprint,
     save_fitted,
 )
+from tlmicroscope.lenses import reference_format
 
 __all__ = ["KIND", "TunedLens"]
 
@@ -297,6 +298,24 @@ class TunedLens(torch.nn.Module):
         )
 
     @classmethod
+    def _from_reference(cls, path: Path, model: Any) -> TunedLens:
+        """A lens from the reference package's ``params.pt`` folder (read by ``TunedLens.load``)."""
+        weight, bias, has_bias, settings = reference_format.reference_lens_state(path, model)
+        n_layers, d_model = weight.shape[0], weight.shape[1]
+        lens = cls(
+            n_layers,
+            d_model,
+            bias=has_bias,
+            model_info={"d_model": d_model, "n_layers": n_layers},
+            settings=settings,
+            device=model.W_U.device if model is not None else None,
+        )
+        with torch.no_grad():
+            lens.weight.copy_(weight)
+            lens.bias.copy_(bias)
+        return lens
+
+    @classmethod
     def load(cls, path: str | os.PathLike | None = None, model: Any = None) -> TunedLens:
         """Load a saved lens (ours, or the reference package's ``params.pt`` folder);
         ``path=None`` reads the artifact store's lens for ``model``.
@@ -307,11 +326,10 @@ class TunedLens(torch.nn.Module):
             tlmicroscope.artifacts.MissingArtifactError: ``path=None`` and the store has none.
         """
         from tlmicroscope.artifacts import load_path
-        from tlmicroscope.lenses import reference_format
 
         path = load_path(cls.kind, path, model)
         if reference_format.is_reference_folder(path):
-            return reference_format.load_reference_lens(path, model)
+            return cls._from_reference(path, model)
         from tlmicroscope.lenses._tuned_checkpoint import _finish_lens_move
 
         try:  # a training run killed between writing the lens's two files: finish the move
