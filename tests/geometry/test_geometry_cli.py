@@ -33,6 +33,9 @@ def test_geometry_command(tmp_path, capsys):
         == 0
     )
     assert out.is_file() and "Token geometry per layer" in out.read_text()
+    # the report's token-geometry panel, built by the same code: summary table and notice
+    assert 'class="token-geometry-summary"' in out.read_text()
+    assert "token-cloud IDs are noisy" in out.read_text()
     header = csv.read_text().splitlines()[0].split(",")
     assert header[:4] == ["layer", "label", "n_unique", "gride_2"] and "overlap_6" in header
     assert str(out) in capsys.readouterr().out

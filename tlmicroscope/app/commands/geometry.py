@@ -66,9 +66,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _geometry(args: argparse.Namespace) -> int:
+    from tlmicroscope.app.panels.token_geometry import token_geometry_section
     from tlmicroscope.geometry import layer_geometry
     from tlmicroscope.viz import HtmlPage
-    from tlmicroscope.viz.token_geometry import layer_geometry_figure
 
     text = read_text_arg(args.text, args.text_file)
     model = load_from_args(args)
@@ -80,21 +80,11 @@ def _geometry(args: argparse.Namespace) -> int:
         final_norm=not args.no_final_norm,
         truncate=args.truncate,
     )
-    df = geo.to_dataframe()
     if args.csv:
-        df.to_csv(args.csv, index=False)
+        geo.to_dataframe().to_csv(args.csv, index=False)
     page = HtmlPage(title="Token geometry")
-    page.add_section(
-        "Token geometry per layer", layer_geometry_figure(geo), caption=geo.provenance.describe()
-    )
-    page.add_section("Table", df.round(4).to_html(index=False))
-    if geo.n_tokens < 500:
-        page.add_notice(
-            "Short prompt",
-            f"The text has {geo.n_tokens} tokens; token-cloud IDs are unreliable "
-            "below about 500 tokens.",
-            fix="Pass a longer text (the paper uses 1024 tokens).",
-        )
+    section = token_geometry_section(geo)  # the report's token_geometry panel, drawn once
+    page.add_section("Token geometry per layer", *section.items, caption=section.caption)
     out = page.save(args.out)
     log(
         f"{geo.n_tokens} tokens; ID (GRIDE n2=2) peaks at layer {geo.peak_layer()}; loss "

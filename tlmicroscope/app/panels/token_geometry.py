@@ -1,4 +1,4 @@
-"""Report section for token geometry: the layer profiles of the report's text.
+"""The token-geometry panel: the layer profiles of a text's token cloud.
 
 The section reads the report's shared capture (``needs=("resid",)``: h^0..h^L and the logits),
 so it costs no forward pass of its own: ``layer_geometry`` measures every layer's token cloud
@@ -35,7 +35,7 @@ from tlmicroscope.layers import NORM_SUFFIX
 from tlmicroscope.viz.html import escape
 from tlmicroscope.viz.token_geometry import layer_geometry_figure
 
-__all__ = ["report_layer_geometry"]
+__all__ = ["report_layer_geometry", "token_geometry_section"]
 
 #: Below this many tokens the paper's authors do not trust token-cloud IDs.
 _RELIABLE_TOKENS = 500
@@ -175,7 +175,22 @@ def _layer_table(geo: LayerGeometry) -> str:
     ),
 )
 def _token_geometry(ctx: ReportContext) -> Section:
-    geo = report_layer_geometry(ctx)
+    return token_geometry_section(report_layer_geometry(ctx))
+
+
+def token_geometry_section(geo: LayerGeometry) -> Section:
+    """The token-geometry panel of a ``LayerGeometry``: the figure, the summary and per-layer
+    tables, a notice under 500 tokens, and the caption. The report's ``token_geometry`` section and
+    the ``tlmicroscope geometry`` command both draw it.
+
+    Examples:
+        >>> from tlmicroscope.geometry import layer_geometry
+        >>> from tlmicroscope.models import tiny_model
+        >>> geo = layer_geometry(tiny_model(n_layers=1), "The cat sat on the mat. " * 3)
+        >>> sec = token_geometry_section(geo)
+        >>> len(sec.items), "GRIDE" in sec.caption
+        (4, True)
+    """
     items: list[Any] = [layer_geometry_figure(geo), _summary_table(geo), _layer_table(geo)]
     if geo.n_tokens < _RELIABLE_TOKENS:
         items.insert(
