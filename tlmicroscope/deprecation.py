@@ -8,6 +8,8 @@ onto the new form and raises a ``DeprecationWarning`` that shows the call to wri
 
 The decorated function keeps its new signature for :func:`inspect.signature` (through
 ``functools.wraps``), so documentation and ``tests/test_signatures.py`` see only the new form.
+Keep it the outermost decorator: a run-time type check (``@jaxtyped``, which jaxtyping's import
+hook places innermost) must see the call after it is mapped onto the new form.
 """
 
 from __future__ import annotations
