@@ -74,6 +74,10 @@ def test_demo_fits_what_is_missing_and_every_default_section_draws(tiny_llama, f
     assert first_run["path"] == first_run["out"]
     html = first_run["out"].read_text()
     assert "Causal basis energies" in html and "LLM-Microscope: contextualization" in html
+    # the captions say which fits are quick and name the command of the full one
+    for kind in ("tuned-lens", "nonlinearity-reference", "contextualization-probe"):
+        assert f"This {kind} is a quick fit" in html
+    assert "tlmicroscope train-lens --model" in html
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TLMICROSCOPE_HOME", str(first_run["home"]))
         records = {r.kind: r for r in artifacts.list_artifacts(model)}

@@ -77,22 +77,22 @@ QUICK_SETTINGS: dict[str, Callable[[int, int, int], dict[str, Any]]] = {
         "seq_len": min(256, n_ctx),
     },
     "contextualization-probe": lambda d, L, n_ctx: {
-        "steps": 60,
-        "warmup": 10,
+        "steps": 40,
+        "warmup": 4,
         "window_length": min(64, n_ctx),
         "prefix_length": min(16, n_ctx // 2),
     },
     "tuned-lens": lambda d, L, n_ctx: {
         "init_tokens": 2048,
-        "steps": 4,
+        "steps": 2,
         "seq_len": min(256, n_ctx),
         "tokens_per_step": 2 * min(256, n_ctx),
-        "checkpoint_every": 4,
+        "checkpoint_every": 2,
     },
     "causal-basis": lambda d, L, n_ctx: {
         "layer": L // 2,
-        "k": min(6, d),
-        "n_tokens": 1024,
+        "k": min(4, d),
+        "n_tokens": 512,
         "seq_len": min(256, n_ctx),
         "max_iter": 30,
         "on_nonconvergence": "ignore",
@@ -153,10 +153,10 @@ DEMO_FITS: tuple[DemoFit, ...] = (
         "contextualization-probe",
         "contextualization probe",
         ("microscope_context", "microscope_token_classes"),
-        share=0.35,
+        share=0.6,
     ),
-    DemoFit("tuned-lens", "tuned lens", ("trajectory", "causal_basis"), share=0.35),
-    DemoFit("causal-basis", "causal basis", ("causal_basis",), variant="tuned", share=0.2),
+    DemoFit("tuned-lens", "tuned lens", ("trajectory", "causal_basis"), share=0.2),
+    DemoFit("causal-basis", "causal basis", ("causal_basis",), variant="tuned", share=0.1),
 )
 
 
@@ -481,8 +481,11 @@ def run_demo(
         "missing": len(rep.missing),
         "failed": len(rep.failed),
     }
+    slow = sorted(rep.seconds.items(), key=lambda kv: -kv[1])[:3]
     _say(
         ", ".join(f"{n} {s}" for s, n in states.items() if n or s == "drawn")
-        + f" sections; {time.perf_counter() - t0:.0f} s in all"
+        + f" sections; {time.perf_counter() - t0:.0f} s in all; the report's capture "
+        + f"{rep.capture_seconds:.0f} s, slowest sections "
+        + ", ".join(f"{name} {secs:.0f} s" for name, secs in slow)
     )
     return path

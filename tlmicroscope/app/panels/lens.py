@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from tlmicroscope.app.prerequisites import quick_note
 from tlmicroscope.app.sections import ReportContext, Section, register_section
 from tlmicroscope.lenses.trajectory import prediction_trajectory
 from tlmicroscope.viz.lens import logit_lens_table, trajectory_heatmap, trajectory_tokens
@@ -56,6 +57,8 @@ def _trajectory(ctx: ReportContext) -> Section:
     caption = traj.provenance.describe()
     if tuned is not None:
         caption += " | " + tuned.provenance.describe()
+        note = quick_note(ctx.lens, "tuned-lens", ctx.model)  # e.g. the demo's quick lens
+        caption += f" | {note}" if note else ""
     else:
         caption += (
             " | No tuned lens was given: only the logit lens is shown. "
