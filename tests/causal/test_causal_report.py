@@ -230,3 +230,28 @@ def test_section_refuses_a_basis_saved_for_another_model(
     )
     assert "cannot be used here" in rep.missing["causal_basis"]
     assert "tlmicroscope cbe --model tiny-llama --lens logit" in rep.html()
+
+
+def test_a_basis_in_the_artifact_store_is_found_for_its_lens(tiny_llama, tmp_path, monkeypatch):
+    from tlmicroscope import artifacts
+
+    monkeypatch.setenv("TLMICROSCOPE_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)  # and nothing in the old out/ default
+    rep = report(tiny_llama, TEXT, lens="logit", sections=["causal_basis"])
+    store = artifacts.artifact_path("causal-basis", tiny_llama, variant="logit")
+    assert str(store) in rep.missing["causal_basis"]  # it says it looked in the store
+    toks = to_tokens(tiny_llama, TEXT)
+    basis = extract_causal_basis(
+        tiny_llama,
+        lens="logit",
+        corpus=toks,
+        layer=1,
+        k=2,
+        max_iter=10,
+        progress=False,
+        on_nonconvergence="ignore",
+    )
+    basis.save(store)
+    rep = report(tiny_llama, TEXT, lens="logit", sections=["causal_basis"])
+    assert rep.rendered == ["causal_basis"], (rep.missing, rep.failed)
+    assert f"Loaded from {store}" in rep.html()

@@ -1,10 +1,11 @@
-"""Report section: causal basis energies of the report's lens.
+"""The causal panel: causal basis energies of the report's lens.
 
 Causal basis extraction is training-like (L-BFGS over thousands of corpus tokens), so this section
-never extracts a basis. It loads the one ``tlmicroscope cbe`` saved at the default location,
-``default_cbe_dir(model, lens) / "basis"`` (``out/cbe-<model>-<lens>/basis``, beside the default
-tuned-lens folder ``out/tuned-lens-<model>/``), or the folder given by the report setting
-``causal_basis``. It shows
+never extracts a basis. It loads the folder given by the report setting ``causal_basis``, else the
+artifact store's basis for the lens (``artifacts.artifact_path("causal-basis", model,
+variant=lens.name)``, where the demo puts its quick one), else the one ``tlmicroscope cbe`` saved
+at its default location, ``default_cbe_dir(model, lens) / "basis"``
+(``out/cbe-<model>-<lens>/basis``). A quick basis is said to be one in the caption. It shows
 
 * the basis's energies (the expected KL of the lens when each direction is mean/zero/resample
   ablated, measured on the extraction corpus), and
@@ -31,7 +32,7 @@ from typing import Any
 
 import torch
 
-from tlmicroscope.app.prerequisites import model_cli_args
+from tlmicroscope.app.prerequisites import model_cli_args, quick_note
 from tlmicroscope.app.sections import MissingPrerequisite, ReportContext, Section, register_section
 from tlmicroscope.causal.basis import CausalBasis, default_cbe_dir, lens_digest
 from tlmicroscope.causal.lens_influence import lens_influence
@@ -57,15 +58,20 @@ def _extract_command(model: Any, lens_name: str, out_dir: Path) -> str:
 
 
 def _load_basis(ctx: ReportContext, lens: Any) -> tuple[CausalBasis, Path]:
+    from tlmicroscope import artifacts
     from tlmicroscope.io import FittedFileError
 
     given = ctx.settings.get("causal_basis")
+    store = artifacts.artifact_path("causal-basis", ctx.model, variant=lens.name)
     path = Path(given) if given else default_basis_path(ctx.model, lens)
+    if not given and (store / "config.json").is_file():
+        path = store  # the artifact store's basis for this lens (e.g. the demo's quick one)
     out_dir = path.parent if path.name == "basis" else path
     fix = _extract_command(ctx.model, lens.name, out_dir)
     if not (path / "config.json").is_file():
+        where = path if given else f"{store} (the artifact store) or {path}"
         raise MissingPrerequisite(
-            f"No causal basis is saved at {path} for the {lens.name} lens. Extracting one runs "
+            f"No causal basis is saved at {where} for the {lens.name} lens. Extracting one runs "
             "L-BFGS over a corpus (a few minutes), which a report never does.",
             fix=fix,
         )
@@ -131,8 +137,8 @@ def _causal_basis(ctx: ReportContext) -> Section:
         (basis.provenance.describe() if basis.provenance else f"lens {basis.lens}")
         + f" | Loaded from {path}: {basis.k} directions at blocks.{basis.layer}.hook_resid_pre, "
         f"{basis.mode} ablation, extracted on {basis.n_tokens} tokens; {n_conv}/{basis.k} "
-        "converged "
-        "(orange bars did not, their energies are lower bounds)."
+        "converged (orange bars did not, their energies are lower bounds). "
+        + quick_note(basis, "causal-basis", ctx.model)
     )
     hook = basis.hook_name
     resample_too_short = basis.mode == "resample" and int(ctx.tokens.numel()) < 2
