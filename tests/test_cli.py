@@ -116,3 +116,23 @@ def test_demo_command_calls_run_demo_with_its_options(tmp_path, monkeypatch, cap
     assert capsys.readouterr().out.strip() == str((tmp_path / "d.html").resolve())
     assert main(["demo", "--out", out, "--budget", "0"]) == 2
     assert "--budget must be a positive number of seconds" in capsys.readouterr().err
+
+
+def test_report_command_shows_the_stores_tuned_lens(tmp_path, monkeypatch, capsys):
+    from tlmicroscope import artifacts
+    from tlmicroscope.lenses import TunedLens
+    from tlmicroscope.models import load_model
+
+    monkeypatch.setenv("TLMICROSCOPE_HOME", str(tmp_path / "home"))
+    out = tmp_path / "r.html"
+    argv = ["report", "The cat sat.", "--model", "tiny-llama", "--sections", "trajectory"]
+    assert main([*argv, "--out", str(out)]) == 0
+    assert "lens tuned" not in out.read_text()  # nothing in the store: the logit lens alone
+    model = load_model("tiny-llama")
+    saved = TunedLens.for_model(model).save()
+    assert saved == artifacts.artifact_path("tuned-lens", model)
+    capsys.readouterr()
+    assert main([*argv, "--out", str(out)]) == 0
+    assert "lens tuned" in out.read_text() and str(saved) in capsys.readouterr().err
+    assert main([*argv, "--out", str(out), "--lens", "logit"]) == 0
+    assert "lens tuned" not in out.read_text()

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from tlmicroscope.app.cli import add_model_args, load_from_args, read_text_arg, write_report
+from tlmicroscope.app.cli import add_model_args, load_from_args, log, read_text_arg, write_report
 from tlmicroscope.app.prerequisites import load_lens_arg
 
 
@@ -16,7 +16,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--text-file", default=None)
     r.add_argument("--out", default="report.html")
     r.add_argument(
-        "--lens", default=None, help="a saved tuned-lens folder to show beside the logit lens"
+        "--lens",
+        default=None,
+        help="a saved lens folder to show beside the logit lens (default: the artifact store's "
+        "tuned lens, if one is fitted; 'logit' for none)",
     )
     r.add_argument("--sections", default=None, help="comma-separated section names (default: all)")
     r.add_argument("--truncate", action="store_true")
@@ -42,11 +45,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _report(args: argparse.Namespace) -> int:
+    from tlmicroscope import artifacts
     from tlmicroscope.app.report import report
 
     text = read_text_arg(args.text, args.text_file)
     model = load_from_args(args)
-    lens = load_lens_arg(args.lens, model)
+    spec = args.lens
+    if spec is None:  # a tuned lens fitted into the artifact store is shown by default
+        spec = artifacts.find_artifact("tuned-lens", model)
+        if spec is not None:
+            log(f"showing the tuned lens in {spec} beside the logit lens (--lens logit: none)")
+    lens = load_lens_arg(spec, model)
     sections = args.sections.split(",") if args.sections else None
     rep = report(
         model,

@@ -62,7 +62,8 @@ def _trajectory(ctx: ReportContext) -> Section:
     else:
         caption += (
             " | No tuned lens was given: only the logit lens is shown. "
-            "Train one with `tlmicroscope train-lens` and pass it with --lens."
+            "Train one with `tlmicroscope train-lens` (it goes to the artifact store, where "
+            "`tlmicroscope report` finds it) or pass a lens folder with --lens."
         )
     return Section(items, caption)
 
