@@ -180,3 +180,15 @@ def test_serve_warns_from_python_too(monkeypatch):
         warnings.simplefilter("error")  # a loopback host warns nothing
         with pytest.raises(Stop):
             dashboard.serve("127.0.0.1", 0, ["tiny-llama"], block=False)
+
+
+def test_an_empty_lens_box_uses_the_stores_tuned_lens(tiny_llama, tmp_path, monkeypatch):
+    from tlmicroscope.lenses import TunedLens
+
+    monkeypatch.setenv("TLMICROSCOPE_HOME", str(tmp_path))
+    analyse = make_analyse(["tiny-llama"], cache=_Spy(tiny_llama))
+    page = _run(analyse, "tiny-llama", sections=("trajectory",))[-1][1]
+    assert "lens tuned" not in page  # nothing fitted: the logit lens alone
+    TunedLens.for_model(tiny_llama).save()  # into the store
+    page = _run(analyse, "tiny-llama", sections=("trajectory",))[-1][1]
+    assert "lens tuned" in page

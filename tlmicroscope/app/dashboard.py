@@ -203,6 +203,7 @@ def make_analyse(
         >>> list(run("/etc/passwd", "hello", ["trajectory"], ""))[-1][0][:60]
         '<div class="tlm-error" role="alert"><b>Error:</b> Could not '
     """
+    from tlmicroscope import artifacts
     from tlmicroscope.app.report import report_steps
     from tlmicroscope.lenses import load_lens
 
@@ -238,6 +239,8 @@ def make_analyse(
             yield _error(f"Could not load the model {model_name!r}: {exc}"), ""
             return
         try:
+            if lens_dir is None:  # the artifact store's tuned lens for this model, if fitted
+                lens_dir = artifacts.find_artifact("tuned-lens", model)
             lens = load_lens(lens_dir, model) if lens_dir is not None else None
             steps = report_steps(
                 model, text, lens=lens, sections=chosen, title=f"tlmicroscope: {model_name}"
@@ -295,10 +298,10 @@ def build_app(
         if model_folders
         else ""
     )
-    lens_label = "Tuned lens folder (optional" + (
-        f", under {', '.join(map(str, lens_folders))})"
+    lens_label = "Tuned lens folder (optional; empty: the artifact store's, if fitted" + (
+        f"; or one under {', '.join(map(str, lens_folders))})"
         if lens_folders
-        else "; none offered: --lens-dir)"
+        else "; no other offered: --lens-dir)"
     )
     theme = gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["monospace"])
     with gr.Blocks(title="tlmicroscope") as app:
