@@ -116,7 +116,7 @@ def _check_arguments(
 
 
 def _resolve_report_lens(lens: Any, model: Any) -> Any:
-    """``None``, ``"logit"``, ``"logit-paper"`` as given; a path loaded (or why not); a lens checked."""
+    """``None``, ``"logit"``, ``"logit-paper"`` kept; a path loaded (or why not); a lens checked."""
     import os
 
     from tlmicroscope.lenses.base import load_lens, resolve_lens
