@@ -37,7 +37,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1] / "tlmicroscope"
 APP = "tlmicroscope.app"
 # Thin public re-exports of the app kept for old import paths (see the README's map of packages).
-APP_SHIMS = {"tlmicroscope", "tlmicroscope.report", "tlmicroscope.cli", "tlmicroscope.dashboard"}
+APP_SHIMS = {
+    "tlmicroscope",
+    "tlmicroscope.__main__",
+    "tlmicroscope.report",
+    "tlmicroscope.cli",
+    "tlmicroscope.dashboard",
+}
 
 
 @dataclass(frozen=True)

@@ -47,10 +47,11 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
 
 
 def test_console_script_entry_point():
-    done = subprocess.run(
-        [sys.executable, "-m", "tlmicroscope.cli", "--version"], capture_output=True, text=True
-    )
-    assert done.returncode == 0 and done.stdout.startswith("tlmicroscope ")
+    for module in ("tlmicroscope.cli", "tlmicroscope"):  # the old path and python -m tlmicroscope
+        done = subprocess.run(
+            [sys.executable, "-m", module, "--version"], capture_output=True, text=True
+        )
+        assert done.returncode == 0 and done.stdout.startswith("tlmicroscope "), done.stderr
 
 
 def _statuses(html: str) -> dict[str, str]:
