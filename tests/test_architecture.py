@@ -173,15 +173,6 @@ KNOWN_LAZY_CYCLES: dict[frozenset[str], str] = {
         "TunedLens.fit calls train_tuned_lens, which builds a TunedLens when given none (the "
         "reference format no longer imports TunedLens: TunedLens.load builds the lens itself)"
     ),
-    frozenset(
-        {
-            "tlmicroscope.lenses.base",
-            "tlmicroscope.lenses.evaluate",
-            "tlmicroscope.lenses.jacobian",
-            "tlmicroscope.lenses.trajectory",
-        }
-    ): "load_lens dispatches to JacobianLens.load; JacobianLens's fit report evaluates the lens "
-    "with evaluate_lens, which reads out through lenses.base",
     frozenset({"tlmicroscope.causal.detector", "tlmicroscope.causal.injection"}): (
         "InjectionDetector.fit calls injection_features, whose experiment builds an "
         "InjectionDetector"

@@ -276,11 +276,13 @@ def load_lens(path: Any, model: Any) -> Lens:
     import json
     from pathlib import Path
 
+    def registered(kind: str) -> Any:  # the class by name: base imports no lens module
+        module, cls_name = _LENS_LOADERS[kind].split(":")
+        return getattr(importlib.import_module(module), cls_name)
+
     path = Path(path)
     if path.is_file() and path.suffix == ".pt":  # a bare Jacobian-lens artifact (reference format)
-        from tlmicroscope.lenses.jacobian import JacobianLens
-
-        return JacobianLens.load(path, model)
+        return registered("jacobian_lens").load(path, model)
     from tlmicroscope.io import FittedFileError, recover_dir
 
     recover_dir(path)  # a save killed half-way: restore the previous copy first
@@ -303,6 +305,4 @@ def load_lens(path: Any, model: Any) -> Lens:
     )
     if kind not in _LENS_LOADERS:
         raise ValueError(f"{path} holds a {kind!r}, which is not a lens tlmicroscope can load.")
-    module, cls_name = _LENS_LOADERS[kind].split(":")
-    cls = getattr(importlib.import_module(module), cls_name)
-    return cls.load(path, model)
+    return registered(kind).load(path, model)
