@@ -128,6 +128,18 @@ def test_spent_budget_leaves_fits_out_and_says_which(tiny_llama, tmp_path, monke
     assert "tlmicroscope microscope-train-probe --model" in err  # the command that makes it
 
 
+def test_bad_out_and_budget_are_refused_before_any_work(tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.setenv("TLMICROSCOPE_HOME", str(tmp_path / "home"))
+    with pytest.raises(ValueError, match="is a folder"):
+        demo.run_demo(tiny_llama, out=tmp_path, progress=False)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        demo.run_demo(tiny_llama, out=tmp_path / "file" / "demo.html", progress=False)
+    with pytest.raises(ValueError, match="budget_s must be"):
+        demo.ensure_demo_fits(tiny_llama, budget_s=-1, progress=False)
+    assert not (tmp_path / "home").exists()  # nothing was fitted
+
+
 def test_unknown_kind_names_the_ones_it_makes(tiny_llama):
     with pytest.raises(ValueError, match="nonlinearity-reference"):
         demo.quick_settings("jacobian-lens", tiny_llama)

@@ -34,10 +34,12 @@ from tlmicroscope import artifacts
 
 __all__ = [
     "DEMO_FITS",
+    "DEMO_TEXT_FILE",
     "QUICK_SETTINGS",
     "DemoFit",
     "demo_report",
     "demo_text",
+    "ensure_demo_fits",
     "plan_demo_fits",
     "quick_settings",
     "run_demo",
@@ -353,6 +355,10 @@ def ensure_demo_fits(
     """
     from tqdm.auto import tqdm
 
+    if not budget_s >= 0:
+        raise ValueError(
+            f"budget_s must be a number of seconds >= 0 (0 fits nothing), got {budget_s!r}."
+        )
     lens = _store_lens(model)
     todo = plan_demo_fits(model, lens)
     start = time.perf_counter()
@@ -448,6 +454,15 @@ def demo_report(
     )
 
 
+def _check_out(out: Path) -> None:
+    """Refuse an output path that cannot take the page before minutes of fitting."""
+    if out.is_dir():
+        raise ValueError(f"out={str(out)!r} is a folder; give the HTML file to write in it.")
+    for parent in out.parents:
+        if parent.exists() and not parent.is_dir():
+            raise ValueError(f"out={str(out)!r}: {parent} is a file, not a folder.")
+
+
 def run_demo(
     model: Any = "smollm2-135m",
     *,
@@ -474,6 +489,7 @@ def run_demo(
         PosixPath('out/demo-report.html')
     """
     t0 = time.perf_counter()
+    _check_out(Path(out))
     rep = demo_report(model, budget_s=budget_s, progress=progress)
     path = Path(rep.save(out))
     states = {
