@@ -34,7 +34,6 @@ never computed). Memory is that buffer, plus one batch's forward pass.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -411,7 +410,10 @@ def capture_components(
         )
     if acts.dtype != dtype:
         acts = _to_storage(acts, dtype)
-    kept_tokens = None if toks is None else toks[:, pos_idx.to(toks.device)].cpu()
+    # Averaged samples or positions have no tokens of their own (and the states' shapes would no
+    # longer match the tokens').
+    pooled = "samples" in axes or "positions" in axes
+    kept_tokens = None if toks is None or pooled else toks[:, pos_idx.to(toks.device)].cpu()
     states = ComponentStates(
         activations=acts,
         components=tuple(s.component for s in plan),
@@ -419,18 +421,11 @@ def capture_components(
         hook_names=tuple(s.hook for s in plan),
         tokens=kept_tokens,
         str_tokens=None if kept_tokens is None else token_strings(model, kept_tokens),
-        positions=pos_idx.clone(),
+        positions=None if "positions" in axes else pos_idx.clone(),
         n_layers=n_layers,
+        averaged=tuple(a for a in axes if a != "layers"),
         provenance=Provenance.from_model(model, n_sequences=n_batch, **settings),
     )
-    if "samples" in axes or "positions" in axes:
-        states = dataclasses.replace(
-            states,
-            tokens=None,
-            str_tokens=None,
-            positions=None if "positions" in axes else states.positions,
-            averaged=tuple(a for a in axes if a != "layers"),
-        )
     if "layers" in axes:
         states = states.mean("layers")
     if layer_norm or unit:

@@ -451,7 +451,7 @@ def project(
     *,
     n_components: int = 2,
     fit_on: Any = None,
-    fields: Mapping[str, Sequence[Any]] | None = None,
+    fields: Mapping[str, Sequence[Any] | np.ndarray] | None = None,
     center: bool = False,
     n_neighbors: int = UMAP_DEFAULTS["n_neighbors"],
     min_dist: float = UMAP_DEFAULTS["min_dist"],
