@@ -46,12 +46,18 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     assert "600 tokens long" in capsys.readouterr().err
 
 
-def test_console_script_entry_point():
-    for module in ("tlmicroscope.cli", "tlmicroscope"):  # the old path and python -m tlmicroscope
-        done = subprocess.run(
-            [sys.executable, "-m", module, "--version"], capture_output=True, text=True
-        )
-        assert done.returncode == 0 and done.stdout.startswith("tlmicroscope "), done.stderr
+def test_console_script_entry_point(monkeypatch, capsys):
+    done = subprocess.run(
+        [sys.executable, "-m", "tlmicroscope.cli", "--version"], capture_output=True, text=True
+    )
+    assert done.returncode == 0 and done.stdout.startswith("tlmicroscope ")
+    # python -m tlmicroscope (what torchrun -m tlmicroscope runs), in-process
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", ["tlmicroscope", "--version"])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_module("tlmicroscope", run_name="__main__")
+    assert exit_.value.code == 0 and capsys.readouterr().out.startswith("tlmicroscope ")
 
 
 def _statuses(html: str) -> dict[str, str]:
