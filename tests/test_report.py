@@ -96,7 +96,7 @@ def test_logit_lens_table_reads_out_only_the_shown_positions(tiny_llama):
     assert [list(r) for r in fig.data[0].text] == [list(r) for r in want.data[0].text]
 
 
-def test_page_order_follows_the_panel_list_whatever_was_imported_first():
+def test_page_order_follows_the_panel_list_whatever_was_imported_first(temp_sections):
     from tlmicroscope.app.sections import SECTION_MODULES, available_sections
 
     names = available_sections()
