@@ -357,7 +357,7 @@ def capture_components(
         >>> comps = ("attn_out", "mlp_out")
         >>> st = capture_components(tiny_model(n_layers=2), "hello", components=comps)
         >>> tuple(st.activations.shape), st.state_labels()
-        ((4, 1, 5, 32), ['attn_out 0', 'mlp_out 0', 'attn_out 1', 'mlp_out 1'])
+        ((4, 1, 5, 32), ('b0.attn_out', 'b0.mlp_out', 'b1.attn_out', 'b1.mlp_out'))
         >>> capture_components(tiny_model(n_layers=2), "hello", average="samples", unit=True,
         ...                    components=("resid_post",)).activations.norm(dim=-1).round().unique()
         tensor([1.])
