@@ -35,3 +35,12 @@ def test_converted_tokenizer_is_read_from_the_cache(embedded_model, monkeypatch)
     assert len(calls) == 1 and "gguf_file" not in calls[0][1]  # no slow GGUF conversion
     assert str(calls[0][0][0]).startswith(str(cache_dir()))
     assert tok("The capital of France is")["input_ids"] == [504, 3575, 282, 4649, 314]
+
+
+def test_the_skipped_docstring_examples_hold(embedded_model):
+    """What the ``# doctest: +SKIP`` examples of ``load_model`` and the GGUF cache promise."""
+    from tlmicroscope.models.gguf_cache import gguf_architecture
+
+    logits = embedded_model(embedded_model.to_tokens("The capital of France is"))
+    assert embedded_model.to_string(logits[0, -1].argmax()) == " Paris"
+    assert gguf_architecture(embedded_gguf_path()) == "llama"
