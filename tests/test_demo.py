@@ -75,7 +75,7 @@ def test_demo_fits_what_is_missing_and_every_default_section_draws(tiny_llama, f
     html = first_run["out"].read_text()
     assert "Causal basis energies" in html and "LLM-Microscope: contextualization" in html
     # the captions say which fits are quick and name the command of the full one
-    for kind in ("tuned-lens", "nonlinearity-reference", "contextualization-probe"):
+    for kind in ("tuned-lens", "nonlinearity-reference", "contextualization-probe", "causal-basis"):
         assert f"This {kind} is a quick fit" in html
     assert "tlmicroscope train-lens --model" in html
     with pytest.MonkeyPatch.context() as mp:
