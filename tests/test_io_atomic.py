@@ -1,4 +1,5 @@
-"""Atomic folder saves: every failing step and SIGKILL at random points leave the old or the new copy.
+"""Atomic folder saves: every failing step and SIGKILL at random points leave the old or the new
+copy.
 
 A save of ``atomic_dir`` fills a temporary sibling, then swaps it in (one ``renameat2`` exchange
 on Linux; elsewhere two ``os.replace`` calls with a rollback). These tests fail each step in turn,

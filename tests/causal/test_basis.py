@@ -23,7 +23,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:CBE on only")
 
 
 class AffineLens:
-    """A tuned-lens-shaped lens (h + h Wᵀ + b) with random translators, independent of the library."""
+    """A tuned-lens-shaped lens (h + h Wᵀ + b) with random translators, independent of the
+    library."""
 
     name = "affine-test"
     final_norm = True

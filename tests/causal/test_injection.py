@@ -1,4 +1,5 @@
-"""Prompt-injection detection: prompts, features against brute force, detectors, AUROC, end to end."""
+"""Prompt-injection detection: prompts, features against brute force, detectors, AUROC, end to
+end."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""lens_bench: its numbers against brute-force computations on tiny models, its files and its page."""
+"""lens_bench: its numbers against brute-force computations on tiny models, its files and its
+page."""
 
 from __future__ import annotations
 
@@ -200,9 +201,10 @@ def test_bad_input_names_the_fix(tiny_llama):
 
 
 def test_one_window_bench_falls_back_to_any_donors_and_says_so(tiny_llama):
+    """Same-position donors need two sequences; one window uses donors anywhere in it (a note
+    says so)."""
     from tlmicroscope.lenses.bench import lens_bench
 
-    """Same-position donors need two sequences; one window uses donors anywhere in it (a note says so)."""
     bench = lens_bench(
         tiny_llama,
         lenses=["logit"],

@@ -1,6 +1,6 @@
-"""component_lens: shares add up to the model's logits; a head's share equals what removing that head
-from the final residual does to the logit, measured by a patched forward pass (independent of the
-W_O/W_U algebra the lens uses)."""
+"""component_lens: shares add up to the model's logits; a head's share equals what removing that
+head from the final residual does to the logit, measured by a patched forward pass (independent
+of the W_O/W_U algebra the lens uses)."""
 
 import pytest
 import torch

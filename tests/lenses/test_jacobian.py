@@ -1,5 +1,5 @@
-"""The Jacobian lens: TransformerLens's estimator wrapped as a tlmicroscope lens (TransformerLens 4 only;
-on 3.9 every entry point names the version it needs)."""
+"""The Jacobian lens: TransformerLens's estimator wrapped as a tlmicroscope lens (TransformerLens
+4 only; on 3.9 every entry point names the version it needs)."""
 
 from __future__ import annotations
 
@@ -106,8 +106,9 @@ def test_readout_matches_transformer_lens_readout(tiny, fitted):
 
 @needs_tl4
 def test_transport_matrix_is_the_averaged_jacobian(tiny_llama):
-    """Independent check of what the wrapped estimator fits: torch.autograd.functional.jacobian of the
-    last block's output w.r.t. one block output, summed over later targets, averaged over sources."""
+    """Independent check of what the wrapped estimator fits: torch.autograd.functional.jacobian of
+    the last block's output w.r.t. one block output, summed over later targets, averaged over
+    sources."""
     from tlmicroscope.lenses.jacobian import JacobianLens
 
     model, prompt, skip = tiny_llama, PROMPTS[0], 2

@@ -1,4 +1,5 @@
-"""resid_mid readouts interleaved with block inputs, against the model's own final norm and unembedding."""
+"""resid_mid readouts interleaved with block inputs, against the model's own final norm and
+unembedding."""
 
 import pytest
 import torch

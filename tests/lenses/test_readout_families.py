@@ -246,7 +246,8 @@ def _model(spec: str):
         return _bridge(family)[0]
     if not RUN_HOOKED:
         pytest.skip(
-            "HookedTransformer families need TransformerLens 3 and TLMICROSCOPE_TEST_KIND=hooked/auto"
+            "HookedTransformer families need TransformerLens 3 and "
+            "TLMICROSCOPE_TEST_KIND=hooked/auto"
         )
     return _hooked(family)
 

@@ -1,4 +1,5 @@
-"""The trajectory kernel on large-vocabulary shapes, and the per-model caches large vocabularies need."""
+"""The trajectory kernel on large-vocabulary shapes, and the per-model caches large vocabularies
+need."""
 
 import os
 import types

@@ -1,4 +1,5 @@
-"""Tracked target tokens and target_trajectories against brute force (full log-softmax over the vocabulary)."""
+"""Tracked target tokens and target_trajectories against brute force (full log-softmax over the
+vocabulary)."""
 
 import pytest
 import torch
@@ -11,7 +12,8 @@ pytestmark = pytest.mark.models
 
 
 def _log_probs(model, toks, *, final_norm=True):
-    """[layer batch pos d_vocab] log-probabilities of the logit lens at h^0..h^L, the obvious way."""
+    """[layer batch pos d_vocab] log-probabilities of the logit lens at h^0..h^L, the obvious
+    way."""
     n = model.cfg.n_layers
     names = [f"blocks.{i}.hook_resid_pre" for i in range(n)] + [f"blocks.{n - 1}.hook_resid_post"]
     with torch.no_grad():
@@ -29,7 +31,8 @@ def _log_probs(model, toks, *, final_norm=True):
 
 
 def _brute(lp, groups):
-    """prob, logprob, rank [layer batch pos target] for groups = [[ids of target 0], ...] (shared)."""
+    """prob, logprob, rank [layer batch pos target] for groups = [[ids of target 0], ...]
+    (shared)."""
     probs, ranks = [], []
     for ids in groups:
         probs.append(lp[..., ids].exp().sum(-1))

@@ -74,7 +74,10 @@ def test_statistics_equal_brute_force(tiny, col_block, monkeypatch):
     assert torch.equal(traj.target_rank, ref["target_rank"])
     assert torch.equal(traj.top_tokens, ref["top_i"])
     torch.testing.assert_close(traj.top_probs, ref["top_p"], atol=1e-6, rtol=1e-4)
-    assert traj.layer_labels[-1] == f"h{tiny.cfg.n_layers}" and len(traj.layers) == tiny.cfg.n_layers + 1
+    assert (
+        traj.layer_labels[-1] == f"h{tiny.cfg.n_layers}"
+        and len(traj.layers) == tiny.cfg.n_layers + 1
+    )
     assert traj.provenance.settings["readout_identity_checked"] is True
 
 

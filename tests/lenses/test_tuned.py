@@ -1,4 +1,5 @@
-"""TunedLens: the logit lens at init, the translator formula, save/load, and the reference format."""
+"""TunedLens: the logit lens at init, the translator formula, save/load, and the reference
+format."""
 
 import hashlib
 import json

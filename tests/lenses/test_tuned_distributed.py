@@ -1,4 +1,5 @@
-"""Two-process tuned-lens training (gloo) gives the lens of one process with the same global batch."""
+"""Two-process tuned-lens training (gloo) gives the lens of one process with the same global
+batch."""
 
 import os
 import socket

@@ -1,4 +1,5 @@
-"""Tuned-lens training on tiny models: the objective's gradients, learning, init, resume, bad input."""
+"""Tuned-lens training on tiny models: the objective's gradients, learning, init, resume, bad
+input."""
 
 import json
 

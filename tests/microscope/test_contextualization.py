@@ -1,4 +1,5 @@
-"""Contextualization by prefix decoding on tiny models: training, the value of C, persistence, resume."""
+"""Contextualization by prefix decoding on tiny models: training, the value of C, persistence,
+resume."""
 
 import pytest
 import torch

@@ -50,7 +50,9 @@ def test_logit_lens_losses_match_the_model_modules(tiny):
     assert torch.allclose(lc.loss[:, 0, :-1], expected, atol=1e-4)
     assert torch.isnan(lc.loss[:, 0, -1]).all()
     assert torch.allclose(lc.delta, lc.loss[:-1] - lc.loss[1:], equal_nan=True)
-    assert lc.layer_labels[-1] == f"h{tiny.cfg.n_layers}" and lc.mean_loss().shape == (tiny.cfg.n_layers + 1,)
+    assert lc.layer_labels[-1] == f"h{tiny.cfg.n_layers}" and lc.mean_loss().shape == (
+        tiny.cfg.n_layers + 1,
+    )
 
 
 def test_any_lens_can_be_used(tiny_llama):

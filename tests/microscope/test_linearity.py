@@ -1,4 +1,5 @@
-"""Layer linearity: against brute-force regression, the chance floor, the residual toy, paper mode."""
+"""Layer linearity: against brute-force regression, the chance floor, the residual toy, paper
+mode."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,5 @@
-"""Token-wise non-linearity: the corpus reference, its maps, paper mode, persistence and bad input."""
+"""Token-wise non-linearity: the corpus reference, its maps, paper mode, persistence and bad
+input."""
 
 import math
 
@@ -16,7 +17,8 @@ pytestmark = pytest.mark.models
 
 
 def _affine_model():
-    """A GPT-2-style tiny model whose blocks write only their biases: every step h -> h + b is affine."""
+    """A GPT-2-style tiny model whose blocks write only their biases: every step h -> h + b is
+    affine."""
     model = tiny_model("gpt2", n_layers=3, d_model=32, seed=4)
     with torch.no_grad():
         for name, p in model.named_parameters():

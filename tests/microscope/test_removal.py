@@ -115,7 +115,8 @@ def test_experiment_matches_direct_scoring(tiny_llama, tmp_path):
 def test_mmlu_files_and_skipping_parts(tiny_llama, tmp_path):
     csv = tmp_path / "astronomy_test.csv"
     csv.write_text(
-        "What orbits the Earth?,Mars,The Moon,Venus,The Sun,B\nWhat is a star?,A gas ball,A rock,A planet,A moon,A\n"
+        "What orbits the Earth?,Mars,The Moon,Venus,The Sun,B\n"
+        "What is a star?,A gas ball,A rock,A planet,A moon,A\n"
     )
     res = filler_removal_experiment(
         tiny_llama, csv, corpus=False, removals=("stop_words",), n_boot=50, progress=False

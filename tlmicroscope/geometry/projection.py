@@ -481,12 +481,14 @@ def project(
 
     Raises:
         ImportError: UMAP requested without umap-learn (the message gives the install command).
-        ValueError: too few points for ``n_components``, constant activations, NaNs, an unknown method.
+        ValueError: too few points for ``n_components``, constant activations, NaNs, an
+            unknown method.
 
     Examples:
         >>> from tlmicroscope.models import tiny_model
         >>> from tlmicroscope.geometry import capture_components
-        >>> st = capture_components(tiny_model(n_layers=2), "hello world", components=("attn_out", "mlp_out"))
+        >>> comps = ("attn_out", "mlp_out")
+        >>> st = capture_components(tiny_model(n_layers=2), "hello world", components=comps)
         >>> proj = project(st, n_components=3)
         >>> tuple(proj.coords.shape), sorted(set(proj.field("component")))
         ((44, 3), ['attn_out', 'mlp_out'])
