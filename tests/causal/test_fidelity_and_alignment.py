@@ -53,7 +53,10 @@ def test_fidelity_influences_match_hand_computation(tiny_gpt2, mode):
         assert float(res.lens_influence[j]) == pytest.approx(_kl_rows(lp, lq), rel=1e-3)
         with torch.no_grad():
             out = model.run_with_hooks(
-                toks, fwd_hooks=[(name, lambda a, hook: ablated.reshape(a.shape).to(a.dtype))]
+                toks,
+                fwd_hooks=[
+                    (name, lambda a, hook, ablated=ablated: ablated.reshape(a.shape).to(a.dtype))
+                ],
             )
         lq_model = torch.log_softmax(out.double(), -1).reshape(-1, out.shape[-1])
         assert float(res.model_influence[j]) == pytest.approx(

@@ -94,7 +94,7 @@ def test_paper_lens_skips_the_final_norm(tiny_gpt2):
 def test_cache_input_and_layer_subset_agree_with_model_input(tiny_llama):
     toks = to_tokens(tiny_llama, "Same numbers either way.")
     full = prediction_trajectory(tiny_llama, toks)
-    _, hs = _residuals(tiny_llama, toks)
+    _, _hs = _residuals(tiny_llama, toks)
     n = tiny_llama.cfg.n_layers
     names = [f"blocks.{i}.hook_resid_pre" for i in range(n)] + [f"blocks.{n - 1}.hook_resid_post"]
     _, cache = tiny_llama.run_with_cache(toks, names_filter=names)

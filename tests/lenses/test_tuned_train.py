@@ -268,9 +268,7 @@ def test_bad_input_is_refused_with_the_fix(tiny_llama):
     with pytest.raises(ValueError, match="multiple of seq_len"):
         train_tuned_lens(tiny_llama, TEXT, steps=2, tokens_per_step=100, seq_len=32, progress=False)
     with pytest.raises(ValueError, match="recipe"):
-        train_tuned_lens(
-            tiny_llama, TEXT, steps=2, recipe="lbfgs", **{k: v for k, v in FAST.items()}
-        )
+        train_tuned_lens(tiny_llama, TEXT, steps=2, recipe="lbfgs", **FAST)
     with pytest.raises(FileNotFoundError):
         train_tuned_lens(tiny_llama, "/no/such/corpus.jsonl", steps=2, **FAST)
 
