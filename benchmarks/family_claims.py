@@ -5,7 +5,8 @@ lenses per layer, the linearity profile, the intrinsic-dimension peak and the fi
 spike, all measured by ``tlmicroscope.claims.family_claims``. Each model's numbers go to
 ``out/family-claims/<model>.json`` (so the two models can be run at different times); the table is
 built from those files and, with ``--write-readme``, written between the README's ``family-claims``
-markers. A tuned lens is taken from the default folder (``out/tuned-lens-<model>``, made by
+markers. A tuned lens is taken from the artifact store's ``tuned-lens`` folder for the model
+(``default_lens_dir(model)``, ``<store>/<model>/tuned-lens``, made by
 ``tlmicroscope train-lens --model <model>``) when it exists.
 
 Usage:

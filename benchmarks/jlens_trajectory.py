@@ -6,10 +6,10 @@ lens adds its translator residually and a bias), so both trajectories should be 
 unembedding of every layer and position. In one process, on a prompt from the embedded corpus:
 
 * ``prediction_trajectory(model, tokens, lens=tuned)``, with the tuned lens from
-  ``--tuned`` (default ``out/tuned-lens-<model>``; an untrained lens of the right shape otherwise:
-  the cost does not depend on its values);
+  ``--tuned`` (default: the artifact store's ``tuned-lens`` folder for the model; an untrained
+  lens of the right shape otherwise: the cost does not depend on its values);
 * ``prediction_trajectory(model, tokens, lens=jlens)``, with the Jacobian lens from ``--jlens``
-  (default ``out/jacobian-lens-<model>``; random matrices of the right shape otherwise);
+  (default: the store's ``jacobian-lens`` folder; random matrices of the right shape otherwise);
 
 and prints best-of-``--repeat`` wall times and their ratio. TransformerLens 4.x only (the J-lens).
 

@@ -131,3 +131,28 @@ def test_default_location(tiny_llama, tmp_path, monkeypatch):
     # the layout of earlier versions, under a given root
     assert str(default_lens_dir("smollm2-135m", root="out")) == "out/tuned-lens-smollm2-135m"
     assert default_lens_dir(tiny_llama, root="o").name == "tuned-lens-tiny-llama-l3-d32-s0"
+
+
+def test_process_weights_fits_land_in_the_processed_folder(
+    use_tiny, corpus, tmp_path, monkeypatch, capsys
+):
+    """train-lens --process-weights (no --out) writes to <store>/<model>-processed/tuned-lens;
+    eval-lens and lens-bench look there with the flag, and in the unprocessed folder without it."""
+    from tlmicroscope.app.commands.bench import _default_lenses
+
+    store = tmp_path / "store"
+    monkeypatch.setenv("TLMICROSCOPE_HOME", str(store))
+    model_args = ["--model", "smollm2-135m", "--process-weights"]
+    train = ["train-lens", "--corpus", str(corpus), "--steps", "1", "--tokens-per-step", "64"]
+    train += ["--seq-len", "32", "--init-tokens", "64", "--precision", "fp32", *model_args]
+    assert main(train) == 0
+    processed = store / "smollm2-135m-processed" / "tuned-lens"
+    assert (processed / "config.json").is_file()
+    assert not (store / "smollm2-135m").exists()
+    evaluate = ["eval-lens", "--corpus", str(corpus), "--tokens", "32", "--seq-len", "32"]
+    assert main(evaluate + model_args) == 0
+    capsys.readouterr()
+    assert main(evaluate + ["--model", "smollm2-135m"]) == 2  # the unprocessed folder is empty
+    assert str(store / "smollm2-135m" / "tuned-lens") in capsys.readouterr().err
+    assert _default_lenses("smollm2-135m", processed=True) == ["logit", str(processed)]
+    assert _default_lenses("smollm2-135m") == ["logit"]

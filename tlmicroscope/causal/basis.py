@@ -44,7 +44,7 @@ _KIND = "causal_basis"
 
 def default_cbe_dir(model_or_name: Any, lens: Any = "logit", root: str | Path = "out") -> Path:
     """Where ``tlmicroscope cbe`` writes by default: ``out/cbe-<model>-<lens>/`` (the basis in its
-    ``basis/`` subfolder), beside the default tuned-lens folder ``out/tuned-lens-<model>/``.
+    ``basis/`` subfolder); ``<model>`` is the artifact store's name for it (``model_key``).
 
     The report's "causal basis energies" section looks for a saved basis there.
 

@@ -2,10 +2,11 @@
 
 ``tlmicroscope fit-jlens`` fits a Jacobian lens with TransformerLens's estimator over prompt
 slices (resumable: run it again to continue, or with more ``--prompts`` to extend the fit) into
-``out/jacobian-lens-<model>/``; ``--curve`` then evaluates the merge of the first 1, 2, ... slices
-on held-out tokens. ``tlmicroscope lens-bench`` compares the logit lens with every saved lens it
-is given (by default the tuned and Jacobian lenses in their default folders, where present) and
-writes an HTML page and a JSON file.
+the artifact store's ``jacobian-lens`` folder for the model (``<store>/<model>/jacobian-lens/``,
+``<model>-processed`` with ``--process-weights``); ``--curve`` then evaluates the merge of the
+first 1, 2, ... slices on held-out tokens. ``tlmicroscope lens-bench`` compares the logit lens
+with every saved lens it is given (by default the tuned and Jacobian lenses in the artifact store,
+where present) and writes an HTML page and a JSON file.
 """
 
 from __future__ import annotations
@@ -32,7 +33,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="embedded",
         help="'embedded' (pydoc topics), a .txt/.jsonl file or folder",
     )
-    f.add_argument("--out", default=None, help="output folder (default out/jacobian-lens-<model>)")
+    f.add_argument(
+        "--out",
+        default=None,
+        help="output folder (default: the artifact store's jacobian-lens folder for the model)",
+    )
     f.add_argument(
         "--prompts", type=int, default=32, help="number of prompts (windows of the training split)"
     )
@@ -61,7 +66,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="append",
         default=None,
         help="a saved lens folder or .pt, or 'logit'/'logit-paper' (repeatable; default: logit, "
-        "plus the tuned and Jacobian lenses in their default folders when present)",
+        "plus the tuned and Jacobian lenses in the artifact store when present)",
     )
     b.add_argument("--corpus", default="embedded")
     b.add_argument("--tokens", type=int, default=2048)
@@ -98,7 +103,11 @@ def _fit_jlens(args: argparse.Namespace) -> int:
 
     require_jacobian_lens("tlmicroscope fit-jlens")  # before loading a model for nothing
     model = load_from_args(args)
-    out = Path(args.out) if args.out else default_jlens_dir(args.model)
+    out = (
+        Path(args.out)
+        if args.out
+        else default_jlens_dir(args.model, processed=args.process_weights)
+    )
     log(
         f"fitting a Jacobian lens on {args.prompts} prompts of {args.prompt_tokens} tokens into "
         f"{out}"
@@ -130,12 +139,17 @@ def _fit_jlens(args: argparse.Namespace) -> int:
     return 0
 
 
-def _default_lenses(model_name: str) -> list[str]:
+def _default_lenses(model_name: str, processed: bool = False) -> list[str]:
+    """``logit``, plus the store's tuned and Jacobian lenses of the model where they exist."""
     from tlmicroscope.lenses.jacobian import default_jlens_dir
     from tlmicroscope.lenses.train import default_lens_dir
 
     specs = ["logit"]
-    for folder in (default_lens_dir(model_name), default_jlens_dir(model_name)):
+    folders = (
+        default_lens_dir(model_name, processed=processed),
+        default_jlens_dir(model_name, processed=processed),
+    )
+    for folder in folders:
         if (folder / "config.json").is_file():
             specs.append(str(folder))
     return specs
@@ -146,7 +160,7 @@ def _bench(args: argparse.Namespace) -> int:
     from tlmicroscope.lenses.bench import lens_bench
     from tlmicroscope.viz.bench import lens_bench_page
 
-    specs = args.lens or _default_lenses(args.model)
+    specs = args.lens or _default_lenses(args.model, args.process_weights)
     model = load_from_args(args)
     lenses = [s if s in ("logit", "logit-paper") else load_lens(s, model) for s in specs]
     L = int(model.cfg.n_layers)
@@ -165,10 +179,11 @@ def _bench(args: argparse.Namespace) -> int:
         sra_layers=list(range(0, L, max(1, args.sra_every))),
         sra_n_samples=args.sra_samples,
     )
+    from tlmicroscope.artifacts import model_key
     from tlmicroscope.io import atomic_write_text
-    from tlmicroscope.lenses.train import default_lens_dir
 
-    slug = default_lens_dir(args.model).name.removeprefix("tuned-lens-")
+    # the store's model name (default_lens_dir's folder is now <store>/<model>/tuned-lens)
+    slug = model_key(args.model, processed=args.process_weights)
     html = Path(args.out) if args.out else Path("out") / f"lens-bench-{slug}.html"
     atomic_write_text(html, lens_bench_page(bench).render())
     bench.save_json(html.with_suffix(".json"))

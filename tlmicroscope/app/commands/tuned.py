@@ -1,9 +1,11 @@
 """Subcommands ``train-lens`` and ``eval-lens``.
 
 ``tlmicroscope train-lens`` trains a tuned lens (resumable, and under ``torchrun`` on several
-processes) and writes it to ``out/tuned-lens-<model>/`` by default, where ``tlmicroscope demo``
-finds it. ``tlmicroscope eval-lens`` compares a saved lens with the logit lens layer by layer on
-held-out text.
+processes) and writes it by default to the artifact store's ``tuned-lens`` folder for the model
+(``tlmicroscope.artifacts``: ``<store>/<model>/tuned-lens/``, ``<model>-processed`` with
+``--process-weights``), where ``tlmicroscope demo`` and ``report`` find it.
+``tlmicroscope eval-lens`` compares a saved lens with the logit lens layer by layer on held-out
+text.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument(
         "--out",
         default=None,
-        help="output folder (default out/tuned-lens-<model>, which `demo` picks up)",
+        help="output folder (default: the artifact store's tuned-lens folder for the model, "
+        "which `demo` and `report` pick up)",
     )
     t.add_argument("--steps", type=int, default=d.steps)
     t.add_argument("--tokens-per-step", type=int, default=d.tokens_per_step)
@@ -80,7 +83,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     e = sub.add_parser("eval-lens", help="compare a saved lens with the logit lens, layer by layer")
     e.add_argument(
-        "--lens", default=None, help="saved lens folder (default out/tuned-lens-<model>)"
+        "--lens",
+        default=None,
+        help="saved lens folder (default: the artifact store's tuned-lens folder for the model)",
     )
     e.add_argument("--corpus", default="embedded")
     e.add_argument("--tokens", type=int, default=4096)
@@ -101,7 +106,9 @@ def _train(args: argparse.Namespace) -> int:
     from tlmicroscope.lenses.train import TrainingDivergedError, default_lens_dir, train_tuned_lens
 
     model = load_from_args(args)
-    out = Path(args.out) if args.out else default_lens_dir(args.model)
+    out = (
+        Path(args.out) if args.out else default_lens_dir(args.model, processed=args.process_weights)
+    )
     ctx = dist_context(args.device)
     if ctx.is_main:
         log(f"training a tuned lens ({args.recipe}, init {args.init}) into {out}")
@@ -201,7 +208,11 @@ def _eval(args: argparse.Namespace) -> int:
     from tlmicroscope.lenses.train import default_lens_dir
 
     model = load_from_args(args)
-    path = Path(args.lens) if args.lens else default_lens_dir(args.model)
+    path = (
+        Path(args.lens)
+        if args.lens
+        else default_lens_dir(args.model, processed=args.process_weights)
+    )
     if not path.exists():
         raise FileNotFoundError(
             f"No lens at {path}. Train one with `tlmicroscope train-lens` or pass --lens DIR."

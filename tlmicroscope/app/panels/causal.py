@@ -47,7 +47,8 @@ def default_basis_path(model: Any, lens: Any, root: str | Path = "out") -> Path:
 
 def _extract_command(model: Any, lens_name: str, out_dir: Path) -> str:
     """The ``tlmicroscope cbe`` command that writes the basis this section looks for (a trained
-    lens is assumed to be in the default ``train-lens`` folder)."""
+    lens is assumed to be where ``train-lens`` writes by default: the artifact store's
+    ``tuned-lens`` folder for the model, ``default_lens_dir(model)``)."""
     from tlmicroscope.lenses.train import default_lens_dir
 
     lens_arg = lens_name if lens_name in ("logit", "logit-paper") else str(default_lens_dir(model))
@@ -119,11 +120,13 @@ def _causal_basis(ctx: ReportContext) -> Section:
 
     if ctx.lens is None:
         lens_dir = default_lens_dir(ctx.model)
+        # all the model options: with --process-weights, train-lens writes to lens_dir too
+        model_args = " ".join(map(shlex.quote, model_cli_args(ctx.model)))
         raise MissingPrerequisite(
             "The causal basis energies are shown for the report's lens, and this report has none. "
             "Train a tuned lens, extract its causal basis, and pass the lens to the report.",
             fix=(
-                f"tlmicroscope train-lens --model {shlex.quote(model_cli_args(ctx.model)[1])} && "
+                f"tlmicroscope train-lens {model_args} && "
                 f"{_extract_command(ctx.model, 'tuned', default_cbe_dir(ctx.model, 'tuned'))} && "
                 f"tlmicroscope report --lens {shlex.quote(str(lens_dir))} --text-file TEXT.txt"
             ),
