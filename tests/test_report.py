@@ -96,6 +96,54 @@ def test_logit_lens_table_reads_out_only_the_shown_positions(tiny_llama):
     assert [list(r) for r in fig.data[0].text] == [list(r) for r in want.data[0].text]
 
 
+def test_trajectory_section_draws_the_last_positions_it_is_asked_for(tiny_llama):
+    """``trajectory_positions=n``: the heatmaps equal the full trajectory's last n columns (read
+    out from the window only), the hover numbers positions as in the text, the caption says
+    which are drawn; ``'all'`` draws every position; a bad value is refused."""
+    import torch
+
+    from tlmicroscope.app.panels.lens import _trajectory
+    from tlmicroscope.app.report import ReportContext, shared_capture
+    from tlmicroscope.inputs import to_tokens
+    from tlmicroscope.lenses import prediction_trajectory
+    from tlmicroscope.viz import trajectory_heatmap
+
+    text = "The trajectory shows only the tail of a long text. " * 2
+    toks = to_tokens(tiny_llama, text)
+    n_pos = int(toks.shape[-1])
+    cache, logits = shared_capture(tiny_llama, toks, ["resid"])
+
+    def section(value):
+        ctx = ReportContext(
+            model=tiny_llama,
+            text=text,
+            tokens=toks,
+            cache=cache,
+            logits=logits,
+            settings={"trajectory_positions": value},
+        )
+        return _trajectory(ctx)
+
+    full = prediction_trajectory(tiny_llama, toks, top_k=10)
+    sec = section(8)
+    for fig, stat in zip(sec.items[:4], ("cross_entropy", "kl", "entropy", "target_rank")):
+        want = trajectory_heatmap(full, stat, positions=slice(-8, None))
+        assert len(fig.data[0].z[0]) == 8
+        torch.testing.assert_close(
+            torch.as_tensor(fig.data[0].z),
+            torch.as_tensor(want.data[0].z),
+            rtol=1e-4,
+            atol=1e-4,
+            equal_nan=True,  # the last position has no next token
+        )
+    assert f"position {n_pos - 1}<br>" in sec.items[0].data[0].customdata[0][-1]
+    assert f"last 8 of {n_pos} positions (positions {n_pos - 8}-{n_pos - 1})" in sec.caption
+    every = section("all")
+    assert len(every.items[0].data[0].z[0]) == n_pos and "last 8" not in every.caption
+    with pytest.raises(ValueError, match="trajectory_positions must be a positive int or 'all'"):
+        section(0)
+
+
 def test_page_order_follows_the_panel_list_whatever_was_imported_first(temp_sections):
     from tlmicroscope.app.sections import SECTION_MODULES, available_sections
 

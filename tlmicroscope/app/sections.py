@@ -77,6 +77,10 @@ class ReportContext:
             self._memo[key] = compute()
         return self._memo[key]
 
+    def memoized(self, key: str) -> bool:
+        """Whether a section already computed ``key`` (so a cheaper variant need not be made)."""
+        return key in self._memo
+
 
 def require_tokens(ctx: ReportContext, n_min: int, what: str) -> None:
     """A section's minimum text length, as a missing prerequisite naming the tokens needed.

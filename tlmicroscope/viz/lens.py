@@ -59,6 +59,7 @@ def trajectory_heatmap(
     show_text: bool | str = "auto",
     hover_top_k: int = 5,
     title: str | None = None,
+    first_position: int = 0,
 ):
     """A layer × position heatmap of one statistic, with each cell's top-1 token written in it.
 
@@ -70,6 +71,8 @@ def trajectory_heatmap(
         statistic: One of ``STATISTICS`` or ``"neg_log_top1"``.
         positions: Positions to show (default all).
         show_text: Write the top-1 token in the cells; ``"auto"`` does so up to 48 positions.
+        first_position: The text position of the trajectory's first one (a trajectory of a
+            text's last positions: the hover text then numbers positions as in the text).
 
     Examples:
         >>> from tlmicroscope.models import tiny_model
@@ -103,7 +106,8 @@ def trajectory_heatmap(
             )
             nxt = repr(toks[p + 1])[1:-1] if p + 1 < n_pos else "—"
             hover[i, j] = (
-                f"layer {label}, position {p}<br>input {repr(toks[p])[1:-1]} → next {nxt}<br>"
+                f"layer {label}, position {p + first_position}<br>"
+                f"input {repr(toks[p])[1:-1]} → next {nxt}<br>"
                 f"entropy {stats['entropy'][i, j]:.3f}, KL {stats['kl'][i, j]:.3f}<br>"
                 f"CE {stats['cross_entropy'][i, j]:.3f}, rank {int(stats['target_rank'][i, j])}<br>"
                 f"<b>top {k}</b><br>{preds}"

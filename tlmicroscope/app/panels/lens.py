@@ -43,18 +43,68 @@ def lens_trajectory(ctx: ReportContext) -> Any:
     )
 
 
-@register_section("trajectory", "Prediction trajectories", needs=("resid",), settings=("top_k",))
+#: Positions the trajectory section draws by default: the text's last 64 (``trajectory_positions``).
+TRAJECTORY_POSITIONS = 64
+
+
+def _trajectory_window(ctx: ReportContext) -> int | None:
+    """How many of the text's last positions the trajectory section draws (``None``: all)."""
+    value = ctx.settings.get("trajectory_positions", TRAJECTORY_POSITIONS)
+    if value in (None, "all"):
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"trajectory_positions must be a positive int or 'all', got {value!r}.")
+    return value if value < int(ctx.tokens.shape[-1]) else None
+
+
+def _windowed(ctx: ReportContext, lens: Any, key: str, n: int | None) -> tuple[Any, Any, int]:
+    """The trajectory through ``lens``, the positions of it to draw and the text position of
+    its first one: the shared full trajectory when a section already computed it (or there is
+    no shared capture), else only the last ``n`` positions read out (every position is read out
+    on its own, so those cells equal the full trajectory's)."""
+    top_k = int(ctx.settings.get("top_k", 10))
+    shared = ctx.cache is not None and "blocks.0.hook_resid_pre" in ctx.cache
+    if n is None or ctx.memoized(key) or not shared or ctx.logits is None:
+        traj = ctx.memo(key, lambda: _trajectory_of(ctx, lens, top_k))
+        return traj, (None if n is None else slice(-n, None)), 0
+
+    def compute() -> Any:
+        cache, tokens, logits = _last_positions(ctx, n)
+        return prediction_trajectory(cache, tokens, lens=lens, top_k=top_k, logits=logits)
+
+    return ctx.memo(f"{key}:last{n}", compute), None, int(ctx.tokens.shape[-1]) - n
+
+
+@register_section(
+    "trajectory",
+    "Prediction trajectories",
+    needs=("resid",),
+    settings=("top_k", "trajectory_positions"),
+)
 def _trajectory(ctx: ReportContext) -> Section:
-    traj = logit_trajectory(ctx)
+    n_pos = int(ctx.tokens.shape[-1])
+    n = _trajectory_window(ctx)
+    traj, pos, first = _windowed(ctx, None, "trajectory:logit", n)
+    tuned, tuned_pos, tuned_first = None, None, 0
+    if ctx.lens is not None and ctx.lens != "logit":
+        key = f"trajectory:{getattr(ctx.lens, 'name', ctx.lens)}"
+        tuned, tuned_pos, tuned_first = _windowed(ctx, ctx.lens, key, n)
     items: list[Any] = []
-    tuned = lens_trajectory(ctx)
     for stat in ("cross_entropy", "kl", "entropy", "target_rank"):
-        items.append(trajectory_heatmap(traj, stat))
+        items.append(trajectory_heatmap(traj, stat, positions=pos, first_position=first))
         if tuned is not None:
-            items.append(trajectory_heatmap(tuned, stat))
+            items.append(
+                trajectory_heatmap(tuned, stat, positions=tuned_pos, first_position=tuned_first)
+            )
     items.append("<p>Input tokens coloured by the model's next-token cross-entropy (nats):</p>")
     items.append(trajectory_tokens(traj, "cross_entropy"))
     caption = traj.provenance.describe()
+    if n is not None:
+        caption += (
+            f" | The last {n} of {n_pos} positions (positions {n_pos - n}-{n_pos - 1}) are "
+            "drawn; "
+            "the setting trajectory_positions= changes it ('all' draws every position)."
+        )
     if tuned is not None:
         caption += " | " + tuned.provenance.describe()
         note = quick_note(ctx.lens, "tuned-lens", ctx.model)  # e.g. the demo's quick lens
