@@ -8,8 +8,8 @@ Rules:
 
 1. **Private stays home.** A private module (a dotted-path part starting with ``_``, e.g.
    ``tlmicroscope.lenses._tuned_data``) may be imported only from inside the package that holds it
-   (its parent package or a subpackage of it: ``tlmicroscope._vocab`` serves the whole library,
-   ``tlmicroscope.lenses._report`` only ``tlmicroscope.lenses``). A private *name*
+   (its parent package or a subpackage of it: ``tlmicroscope.lenses._tuned_data`` serves only
+   ``tlmicroscope.lenses``). A private *name*
    (``from tlmicroscope.tasks import _score``) may be imported only by a module of the same package
    (the same folder). What several packages need gets a public name.
 2. **Analyses never import the app.** Only ``tlmicroscope.app`` itself and the public shims that
@@ -127,6 +127,11 @@ def _private_module_owner(target: str) -> str | None:
 
 
 def _inside(package: str, owner: str) -> bool:
+    """Whether modules of ``package`` may import a private module that ``owner`` holds: its own
+    package and subpackages, except that a private module at the root (``tlmicroscope._x``)
+    serves only the root's own modules, never the whole library."""
+    if owner == "tlmicroscope":
+        return package == owner
     return package == owner or package.startswith(owner + ".")
 
 
@@ -271,6 +276,10 @@ def test_the_checks_see_a_known_edge_and_catch_a_planted_cycle():
     assert _cycles(planted) == [["a", "b", "c"]]
     assert _private_module_owner("tlmicroscope.lenses._tuned_data") == "tlmicroscope.lenses"
     assert _private_module_owner("tlmicroscope.lenses.tuned") is None
+    # a root-level private module is no exception: only root modules may import it
+    assert _inside("tlmicroscope.lenses.x", "tlmicroscope.lenses")
+    assert not _inside("tlmicroscope.lenses", _private_module_owner("tlmicroscope._vocab"))
+    assert _inside("tlmicroscope", _private_module_owner("tlmicroscope._vocab"))
     # the models cycle broken in this issue stays broken, function-level imports included
     models = {
         m for c in _cycles(_edges(lazy=True)) for m in c if m.startswith("tlmicroscope.models")

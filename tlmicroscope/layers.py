@@ -414,7 +414,7 @@ def token_text(token_id: int, tokenizer: Any = None) -> str:
     """
     if tokenizer is None:
         return f"<{int(token_id)}>"
-    from tlmicroscope._vocab import decode_ids
+    from tlmicroscope.vocab import decode_ids
 
     return decode_ids(tokenizer, [int(token_id)])[0]
 
@@ -441,7 +441,7 @@ def str_tokens(model_or_tokenizer: Any, tokens: Any) -> tuple[tuple[str, ...], .
         rows = [rows]
     if tok is None:
         return tuple(tuple(token_text(t) for t in row) for row in rows)
-    from tlmicroscope._vocab import decode_ids
+    from tlmicroscope.vocab import decode_ids
 
     return tuple(tuple(decode_ids(tok, row)) for row in rows)
 

@@ -1,5 +1,11 @@
 """Readable strings for token ids, decoded on demand and remembered per tokenizer.
 
+``tlmicroscope.vocab`` is the token vocabulary's public home (it was the private
+``tlmicroscope._vocab``, used by the lenses, the microscope, geometry and ``layers``):
+``decode_ids(tokenizer, ids)`` gives the text of each id, ``token_strings(model, ids)`` an object
+array of the text of an id tensor. ``layers.token_text`` and ``layers.str_tokens`` render tokens
+the results' way on top of it.
+
 Only the ids a result shows are decoded: a 262k-token vocabulary (Gemma 3) takes about 25 s to
 decode whole, while the few hundred ids of a trajectory's top-k take milliseconds. Each
 tokenizer keeps its own table of the ids decoded so far, held weakly (it goes with the
@@ -72,7 +78,15 @@ def decode_ids(tokenizer: Any, ids: Any) -> list[str]:
 
 
 def token_strings(model: Any, ids: torch.Tensor) -> np.ndarray:
-    """An object array of the same shape as ``ids`` holding each token's text."""
+    """An object array of the same shape as ``ids`` holding each token's text (``"<id>"`` for
+    every id when the model has no tokenizer).
+
+    Examples:
+        >>> import torch
+        >>> from tlmicroscope.models import tiny_model
+        >>> token_strings(tiny_model(n_layers=1), torch.tensor([[104, 105]])).tolist()
+        [['h', 'i']]
+    """
     tok = getattr(model, "tokenizer", None)
     arr = np.asarray(ids.detach().cpu() if isinstance(ids, torch.Tensor) else ids, dtype=np.int64)
     flat = arr.reshape(-1)

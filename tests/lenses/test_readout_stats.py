@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tlmicroscope import _vocab
+from tlmicroscope import vocab
 from tlmicroscope.inputs import to_tokens
 from tlmicroscope.lenses import prediction_trajectory
 from tlmicroscope.lenses._readout_stats import blocked_stats, final_stats, unembed_rows
@@ -135,7 +135,7 @@ def test_trajectory_decodes_only_the_ids_it_shows(monkeypatch):
                 depth[0] -= 1
 
         monkeypatch.setattr(tok, name, counted)  # on this instance only; undone after the test
-    monkeypatch.setattr(_vocab, "_TABLES", _vocab.weakref.WeakKeyDictionary())  # start empty
+    monkeypatch.setattr(vocab, "_TABLES", vocab.weakref.WeakKeyDictionary())  # start empty
     toks = to_tokens(model, "decode little")
     traj = prediction_trajectory(model, toks, top_k=3)
     shown = set(traj.top_tokens.reshape(-1).tolist())
@@ -160,13 +160,13 @@ def test_token_strings_of_a_large_vocabulary_decode_each_id_once():
     )[1]
     model = types.SimpleNamespace(tokenizer=tok)
     ids = torch.tensor([[5, 200_000, 5], [262_143, 300_000, 7]])
-    out = _vocab.token_strings(model, ids)
+    out = vocab.token_strings(model, ids)
     assert out.tolist() == [["t5", "t200000", "t5"], ["t262143", "<300000>", "t7"]]
     assert sorted(tok.decoded) == [5, 7, 200_000, 262_143]
-    _vocab.token_strings(model, ids[:, :2])
+    vocab.token_strings(model, ids[:, :2])
     assert len(tok.decoded) == 4  # nothing decoded twice
     tok._length = 262_145  # a token was added: the table starts again
-    _vocab.token_strings(model, torch.tensor([5]))
+    vocab.token_strings(model, torch.tensor([5]))
     assert tok.decoded[-1] == 5 and len(tok.decoded) == 5
 
 

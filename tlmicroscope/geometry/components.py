@@ -42,7 +42,6 @@ from typing import Any
 
 import torch
 
-from tlmicroscope._vocab import token_strings
 from tlmicroscope.capture import hook_name, stream
 from tlmicroscope.geometry.component_states import (
     ComponentStates,
@@ -52,6 +51,7 @@ from tlmicroscope.geometry.component_states import (
 )
 from tlmicroscope.inputs import TextOrTokens, check_layers, resolve_input
 from tlmicroscope.results import Provenance
+from tlmicroscope.vocab import token_strings
 
 __all__ = [
     "ATTN_VS_MLP",

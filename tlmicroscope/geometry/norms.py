@@ -152,7 +152,7 @@ def norm_profile(
         n_pos = toks.shape[-1]
     str_tokens = None
     if toks is not None:
-        from tlmicroscope._vocab import token_strings
+        from tlmicroscope.vocab import token_strings
 
         str_tokens = token_strings(model, toks.cpu())
     return NormProfile(

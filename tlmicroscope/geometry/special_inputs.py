@@ -20,7 +20,6 @@ import numpy as np
 import torch
 from jaxtyping import Float, Int
 
-from tlmicroscope._vocab import token_strings
 from tlmicroscope.geometry.components import (
     ComponentStates,
     capture_components,
@@ -29,6 +28,7 @@ from tlmicroscope.geometry.components import (
 from tlmicroscope.geometry.norms import norm_profile
 from tlmicroscope.layers import LayerLabels, component_label, layer_labels
 from tlmicroscope.results import Provenance
+from tlmicroscope.vocab import token_strings
 
 __all__ = [
     "VocabularyNorms",

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tlmicroscope._vocab import token_strings
+from tlmicroscope.vocab import token_strings
 
 _FORMS = (
     "a string, a token id, a set of them (probabilities summed), or a list of those; "

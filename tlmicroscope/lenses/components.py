@@ -27,7 +27,6 @@ import numpy as np
 import torch
 from jaxtyping import Float, Int
 
-from tlmicroscope._vocab import token_strings
 from tlmicroscope.inputs import TextOrTokens, resolve_input
 from tlmicroscope.layers import (
     LayerLabels,
@@ -39,6 +38,7 @@ from tlmicroscope.layers import (
 from tlmicroscope.lenses._target_ids import resolve_targets
 from tlmicroscope.lenses.readout import Readout, check_readout_identity
 from tlmicroscope.results import Provenance
+from tlmicroscope.vocab import token_strings
 
 __all__ = ["ComponentLens", "component_lens"]
 

@@ -34,7 +34,6 @@ import torch
 from jaxtyping import Float, Int
 
 from tlmicroscope import layers as layers_vocab
-from tlmicroscope._vocab import token_strings
 from tlmicroscope.capture import capture
 from tlmicroscope.inputs import TextOrTokens, check_layers, resolve_input
 from tlmicroscope.layers import residual_label
@@ -43,6 +42,7 @@ from tlmicroscope.lenses._target_ids import TargetIds, resolve_targets
 from tlmicroscope.lenses.base import check_lens_sites, lens_features, resolve_lens
 from tlmicroscope.lenses.readout import Readout, check_readout_identity
 from tlmicroscope.results import Provenance
+from tlmicroscope.vocab import token_strings
 
 __all__ = [
     "SITE_CHOICES",

@@ -24,12 +24,12 @@ import numpy as np
 import torch
 from jaxtyping import Float, Int
 
-from tlmicroscope._vocab import token_strings
 from tlmicroscope.inputs import TextOrTokens, resolve_input
 from tlmicroscope.layers import as_str_tokens
 from tlmicroscope.lenses import PredictionTrajectory, Readout, prediction_trajectory
 from tlmicroscope.microscope._forward import str_tokens_of
 from tlmicroscope.results import Provenance
+from tlmicroscope.vocab import token_strings
 
 __all__ = [
     "ComponentAttribution",
