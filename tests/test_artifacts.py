@@ -322,3 +322,26 @@ def test_old_call_forms_keep_working(tiny_llama, tmp_path):
         prompts = ["a short prompt to fit on"]
         jl = JacobianLens.fit(tiny_llama, prompts, skip_first_positions=2, progress=False)
         assert jl.n_prompts == 1 and not jl.quick
+
+
+def test_quick_fills_in_only_the_settings_not_given(tiny_llama):
+    """``fit(quick=True)`` takes ``QUICK`` for what the constructor left at its default: a
+    setting given to the constructor wins (so the demo's probe steps and a tuned lens's window
+    reach the fit), and a tuned lens's quick window is cut to a shorter context."""
+    from tlmicroscope.causal.basis import CausalBasis
+    from tlmicroscope.lenses.tuned import TunedLens
+    from tlmicroscope.microscope.contextualization import ContextualizationProbe
+
+    probe = ContextualizationProbe(steps=3)
+    probe._apply_fit_settings(None, None, None, True)
+    assert probe.quick and probe.steps == 3
+    assert probe.warmup == ContextualizationProbe.QUICK["warmup"]
+    assert TunedLens()._quick_for(tiny_llama)["seq_len"] == int(tiny_llama.cfg.n_ctx) == 128
+    assert TunedLens.QUICK["seq_len"] == 256 and TunedLens.QUICK["steps"] == 2
+    lens = _fit_quick("tuned-lens", tiny_llama)  # seq_len=32 etc. given to the constructor
+    assert lens.quick and lens.settings["seq_len"] == 32 and lens.settings["steps"] == 2
+    assert lens.settings["tokens_per_step"] == 64
+    basis = CausalBasis(layer=1, k=2)
+    toks = torch.randint(0, 256, (8, 16), generator=torch.Generator().manual_seed(0))
+    basis.fit(tiny_llama, toks, quick=True, progress=False, on_nonconvergence="ignore")
+    assert basis.quick and basis.k == 2 and basis.max_iter == CausalBasis.QUICK["max_iter"]

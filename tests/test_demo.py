@@ -12,12 +12,11 @@ from tlmicroscope.app import demo
 from tlmicroscope.app.sections import default_sections
 
 
-def _small_settings() -> dict:
-    """The demo's quick settings with a 4-step probe: the tiny models need the path, not the fit."""
-    small = dict(demo.QUICK_SETTINGS)
-    probe = small["contextualization-probe"]
-    small["contextualization-probe"] = lambda d, L, n: {**probe(d, L, n), "steps": 4, "warmup": 1}
-    return small
+def _small_probe(mp: pytest.MonkeyPatch) -> None:
+    """The probe's quick settings cut to 4 steps: the tiny models need the path, not the fit."""
+    from tlmicroscope.microscope.contextualization import ContextualizationProbe
+
+    mp.setattr(ContextualizationProbe, "QUICK", {"steps": 4, "warmup": 1})
 
 
 def _corpus() -> list[str]:
@@ -38,7 +37,7 @@ def first_run(tiny_llama, tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TLMICROSCOPE_HOME", str(home))
-        mp.setattr(demo, "QUICK_SETTINGS", _small_settings())
+        _small_probe(mp)
         plan = [f.kind for f in demo.plan_demo_fits(tiny_llama)]
         mp.setattr(demo, "demo_report", keep)
         path = demo.run_demo(tiny_llama, out=out, progress=False)
@@ -51,7 +50,7 @@ def store(first_run, tmp_path, monkeypatch):
     home = tmp_path / "home"
     shutil.copytree(first_run["home"], home)
     monkeypatch.setenv("TLMICROSCOPE_HOME", str(home))
-    monkeypatch.setattr(demo, "QUICK_SETTINGS", _small_settings())
+    _small_probe(monkeypatch)
     return home
 
 
@@ -87,7 +86,8 @@ def test_demo_fits_what_is_missing_and_every_default_section_draws(tiny_llama, f
         for fit in demo.DEMO_FITS:
             assert artifacts.is_quick(artifacts.load_artifact(fit.kind, model, variant=fit.variant))
         probe = artifacts.load_artifact("contextualization-probe", model)
-        assert probe.steps_done_ == 4  # _small_settings, not the class's own quick steps
+        assert probe.steps_done_ == 4  # the class's QUICK (cut by _small_probe), by fit(quick=True)
+        assert probe.quick and probe.window_length == 64  # the default, not changed by quick
         # the store is complete: a second run fits nothing
         assert demo.plan_demo_fits(model, demo._store_lens(model)) == []
     # the stored reference is the fit the quick settings make, done here independently

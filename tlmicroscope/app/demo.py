@@ -10,9 +10,10 @@ Four default sections draw from fitted objects: the non-linearity and linearity 
 non-linearity reference), contextualization and token classes (a contextualization probe), the
 second trajectory heatmaps (a tuned lens) and the causal basis energies (a causal basis extracted
 through that tuned lens). For each one the store lacks, the demo fits a *quick* version
-(:data:`QUICK_SETTINGS`: fewer tokens and steps than the full fit, chosen so that each estimate
-still means something) and saves it to the store marked ``quick``, so the report's captions say
-so and name the command that makes the full one. Whatever the store already holds is used as it
+(``fit(..., quick=True)`` with the class's own ``QUICK`` settings: fewer tokens and steps than
+the full fit, chosen so that each estimate still means something) and saves it to the store,
+where it is marked quick, so the report's captions say so and name the command that makes the
+full one. Whatever the store already holds is used as it
 is, and a full fit always wins: the demo never replaces a fitted object it finds.
 
 On SmolLM2-135M (README, "The demo"; measured on a shared two-core machine) the first run costs
@@ -36,7 +37,6 @@ from tlmicroscope import artifacts
 __all__ = [
     "DEMO_FITS",
     "DEMO_TEXT_FILE",
-    "QUICK_SETTINGS",
     "DemoFit",
     "demo_report",
     "demo_text",
@@ -62,62 +62,43 @@ def demo_text() -> str:
 
 
 # ----------------------------------------------------------------------------- quick settings
-#: Quick settings per artifact kind, for a model of ``d_model`` d, ``n_layers`` L and context
-#: ``n_ctx``: constructor and ``fit`` keywords (split between the two by their signatures).
-#: Chosen by measuring on SmolLM2-135M (README, demo section):
-#:
-#: * non-linearity reference: 4096 corpus tokens instead of ``max(8192, 32·d)`` (18432); chance
-#:   floor ``d/(N−1)`` 0.14, linearity scores within 0.018 of an 8192-token fit (0.050 at 2048);
-#: * contextualization probe: 40 steps instead of 400, the costliest fit (429 s under load, the
-#:   reference took 63 s); its loss falls from 5.33 to 5.00 nats, a rough probe;
-#: * tuned lens: least squares on 2048 tokens, then 2 Muon steps of 512 tokens instead of 8192 and
-#:   40; after one step its held-out KL (4.91 / 2.76 / 0.21 nats at layers 0 / 15 / 29) is near the
-#:   full lens's (3.59 / 2.18 / 0.15) and far below the logit lens's (106 / 17.1 / 2.55);
-#: * causal basis: 4 directions at the middle layer from 512 tokens, at most 30 L-BFGS
-#:   evaluations each (62 s under load; 3 of 4 converged).
-QUICK_SETTINGS: dict[str, Callable[[int, int, int], dict[str, Any]]] = {
-    "nonlinearity-reference": lambda d, L, n_ctx: {
-        "n_tokens": max(4096, 4 * d),
-        "seq_len": min(256, n_ctx),
-    },
-    "contextualization-probe": lambda d, L, n_ctx: {
-        "steps": 40,
-        "warmup": 4,
-        "window_length": min(64, n_ctx),
-        "prefix_length": min(16, n_ctx // 2),
-    },
-    "tuned-lens": lambda d, L, n_ctx: {
-        "init_tokens": 2048,
-        "steps": 2,
-        "seq_len": min(256, n_ctx),
-        "tokens_per_step": 2 * min(256, n_ctx),
-        "checkpoint_every": 2,
-    },
-    "causal-basis": lambda d, L, n_ctx: {
-        "layer": L // 2,
-        "k": min(4, d),
-        "n_tokens": 512,
-        "seq_len": min(256, n_ctx),
-        "max_iter": 30,
-        "on_nonconvergence": "ignore",
-    },
+# The quick settings are the fitted classes' own ``QUICK`` (one source: ``fit(..., quick=True)``
+# applies them and records the fit as quick). The demo adds only what sizes a fit to a model
+# with a context shorter than the classes' windows, and the causal basis's "ignore" for a
+# direction L-BFGS leaves unconverged (the log line after the fit counts them).
+_WINDOWS = {  # kind -> window setting -> its default length in tokens
+    "nonlinearity-reference": {"seq_len": 256},
+    "contextualization-probe": {"window_length": 64},
+    "causal-basis": {"seq_len": 256},
 }
+_FIT_OPTIONS: dict[str, dict[str, Any]] = {"causal-basis": {"on_nonconvergence": "ignore"}}
+
+
+def _sized(kind: str, model: Any) -> dict[str, Any]:
+    """Settings that fit ``kind``'s windows into ``model``'s context (empty when they fit)."""
+    n_ctx = int(model.cfg.n_ctx)
+    out = {name: n_ctx for name, size in _WINDOWS.get(kind, {}).items() if n_ctx < size}
+    if kind == "contextualization-probe" and out:
+        out["prefix_length"] = min(16, n_ctx // 2)
+    return out
 
 
 def quick_settings(kind: str, model: Any) -> dict[str, Any]:
-    """The demo's quick settings of ``kind`` for ``model`` (sized by its width, depth and context).
+    """What a quick ``kind`` fit for ``model`` takes: the class's ``QUICK`` (a tuned lens's sized
+    to the model's context), then the demo's sizing and fit options.
 
     Examples:
         >>> from tlmicroscope.models import tiny_model
         >>> quick_settings("nonlinearity-reference", tiny_model(n_layers=2))
         {'n_tokens': 4096, 'seq_len': 128}
     """
-    if kind not in QUICK_SETTINGS:
+    if kind not in {f.kind for f in DEMO_FITS}:
         raise ValueError(
-            f"The demo makes no quick {kind!r}; it makes: {', '.join(QUICK_SETTINGS)}."
+            f"The demo makes no quick {kind!r}; it makes: {', '.join(f.kind for f in DEMO_FITS)}."
         )
-    cfg = model.cfg
-    return QUICK_SETTINGS[kind](int(cfg.d_model), int(cfg.n_layers), int(cfg.n_ctx))
+    cls = artifacts.artifact_class(kind)
+    quick = cls._quick_for(model) if hasattr(cls, "_quick_for") else dict(cls.QUICK)
+    return {**quick, **_sized(kind, model), **_FIT_OPTIONS.get(kind, {})}
 
 
 # --------------------------------------------------------------------------------- the plan
@@ -209,8 +190,8 @@ def _fit_contract(
 ) -> Any:
     """``cls(**init).fit(model, corpus, **rest)``, the settings split between the two by their
     signatures (the fitted-object contract of ``tlmicroscope.artifacts``: a setting ``fit`` names
-    goes to ``fit``). ``quick=True`` is not passed: it would fill in the class's own ``QUICK``
-    settings over the demo's; :func:`_save_quick` records the fit as quick instead."""
+    goes to ``fit``), with ``quick=True``: the class fills in its ``QUICK`` for what is not given
+    and records the fit as quick."""
     init_names, _ = _accepts(cls.__init__)
     fit_names, fit_kwargs = _accepts(cls.fit)
     init = {k: v for k, v in settings.items() if k in init_names and k not in fit_names}
@@ -222,6 +203,8 @@ def _fit_contract(
         )
     if "progress" in fit_names or fit_kwargs:
         rest.setdefault("progress", progress)
+    if "quick" in fit_names or fit_kwargs:
+        rest["quick"] = True
     required = [
         p.name
         for p in list(inspect.signature(cls.__init__).parameters.values())[1:]
@@ -235,19 +218,7 @@ def _fit_basis(model: Any, lens: Any, corpus: Any, settings: dict[str, Any], pro
     """A quick causal basis through ``lens`` on ``corpus`` (``None``: the embedded one)."""
     from tlmicroscope.causal.basis import CausalBasis
 
-    if hasattr(CausalBasis, "fit"):
-        return _fit_contract(CausalBasis, model, corpus, {**settings, "lens": lens}, progress)
-    from tlmicroscope.causal.basis import extract_causal_basis
-
-    names, _ = _accepts(extract_causal_basis)
-    corpus_name = "corpus" if "corpus" in names else "corpus_or_tokens"
-    return extract_causal_basis(
-        model,
-        lens=lens,
-        **{corpus_name: "embedded" if corpus is None else corpus},
-        **settings,
-        progress=progress,
-    )
+    return _fit_contract(CausalBasis, model, corpus, {**settings, "lens": lens}, progress)
 
 
 def _save_quick(obj: Any, path: Path) -> Path:
@@ -276,7 +247,7 @@ def _fit_one(
     """Fit the quick ``fit.kind`` for ``model`` into the store; returns the fitted object."""
     import warnings
 
-    settings = quick_settings(fit.kind, model)
+    settings = {**_sized(fit.kind, model), **_FIT_OPTIONS.get(fit.kind, {})}
     with warnings.catch_warnings():  # the log line after the fit states N and the chance floor
         warnings.filterwarnings("ignore", message=".*chance floor.*")
         if fit.kind == "causal-basis":

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -143,7 +143,8 @@ class CausalBasis:
     quick: bool = False
 
     kind: ClassVar[str] = "causal-basis"
-    #: Settings ``fit(..., quick=True)`` uses.
+    #: Settings ``fit(..., quick=True)`` uses for those left at their defaults (the demo's basis:
+    #: 62 s on SmolLM2-135M under load, 3 of 4 directions converged; README, "The demo").
     QUICK: ClassVar[dict[str, Any]] = {"k": 4, "n_tokens": 512, "max_iter": 30}
 
     def __post_init__(self) -> None:
@@ -186,11 +187,14 @@ class CausalBasis:
         object's settings (``extract_causal_basis``) and fill in the fitted fields; returns self.
 
         ``n_tokens`` and ``seed`` override the settings; ``lens`` (a lens object or name)
-        overrides the ``lens`` setting; ``quick=True`` takes ``QUICK`` for what is not given.
+        overrides the ``lens`` setting; ``quick=True`` takes ``QUICK`` for the settings left at
+        their defaults.
         """
         self.quick = bool(quick)
+        defaults = {f.name: f.default for f in fields(self)}
         for name, value in self.QUICK.items() if quick else ():
-            setattr(self, name, value)
+            if getattr(self, name) == defaults[name]:  # those given win
+                setattr(self, name, value)
         if n_tokens is not None:
             self.n_tokens = int(n_tokens)
         if seed is not None:
