@@ -161,3 +161,33 @@ def test_page_order_follows_the_panel_list_whatever_was_imported_first(temp_sect
     assert available_sections() == names  # put back in the panels' order
     ranks = [SECTION_MODULES.index(SECTIONS[n].build.__module__) for n in names]
     assert ranks == sorted(ranks) and names[0] == "trajectory"
+
+
+def test_layer_contribution_heatmaps_draw_the_trajectory_window(tiny_llama):
+    """The contribution heatmaps draw the last ``trajectory_positions`` columns of the full
+    loss (the caption's means stay over every position)."""
+    import numpy as np
+
+    from tlmicroscope.app.panels.microscope import _contributions_section
+    from tlmicroscope.app.report import ReportContext, shared_capture
+    from tlmicroscope.inputs import to_tokens
+    from tlmicroscope.lenses import prediction_trajectory
+
+    text = "The layer contributions of a long text. " * 2
+    toks = to_tokens(tiny_llama, text)
+    cache, logits = shared_capture(tiny_llama, toks, ["resid"])
+    ctx = ReportContext(
+        model=tiny_llama,
+        text=text,
+        tokens=toks,
+        cache=cache,
+        logits=logits,
+        settings={"trajectory_positions": 8},
+    )
+    sec = _contributions_section(ctx)
+    fig, drop = sec.items
+    full = prediction_trajectory(tiny_llama, toks).statistic("cross_entropy")[:, 0].double().numpy()
+    np.testing.assert_allclose(np.asarray(fig.data[0].z, float), full[:, -8:], rtol=1e-4, atol=1e-4)
+    want_drop = (full[:-1] - full[1:])[:, -8:]
+    np.testing.assert_allclose(np.asarray(drop.data[0].z, float), want_drop, rtol=1e-4, atol=1e-4)
+    assert "the heatmaps draw the last 8" in sec.caption

@@ -226,26 +226,33 @@ def linearity_plot(result: Any, *, prompt: Any = None, title: str | None = None)
 
 
 def layer_contributions_heatmap(
-    result: Any, *, batch: int = 0, delta: bool = False, title: str | None = None
+    result: Any,
+    *,
+    batch: int = 0,
+    delta: bool = False,
+    title: str | None = None,
+    positions: slice | None = None,
 ):
     """Per-layer next-token loss (or its per-block drop with ``delta=True``) as a layer × token
-    heatmap.
+    heatmap; ``positions`` (a slice, default all) draws only those positions.
     """
     if not delta:
         return trajectory_heatmap(
             result.trajectory,
             "cross_entropy",
             batch=batch,
+            positions=positions,
             title=title
             or f"Layer contribution: next-token loss per layer — lens {result.provenance.lens}",
         )
-    raw = result.delta[:, batch].double().numpy()
+    cols = slice(None) if positions is None else positions
+    raw = result.delta[:, batch].double().numpy()[:, cols]
     rows = [f"{a}→{b}" for a, b in zip(result.layer_labels[:-1], result.layer_labels[1:])]
     return _layer_token_heatmap(
         raw,
         raw,
         rows,
-        result.str_tokens[batch],
+        list(result.str_tokens[batch])[cols],
         colorscale="RdBu",
         zmid=0.0,
         colorbar="loss drop (nats)",

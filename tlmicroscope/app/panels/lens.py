@@ -47,8 +47,9 @@ def lens_trajectory(ctx: ReportContext) -> Any:
 TRAJECTORY_POSITIONS = 64
 
 
-def _trajectory_window(ctx: ReportContext) -> int | None:
-    """How many of the text's last positions the trajectory section draws (``None``: all)."""
+def trajectory_window(ctx: ReportContext) -> int | None:
+    """How many of the text's last positions the trajectory and layer-contribution heatmaps
+    draw (the ``trajectory_positions`` setting; ``None``: all)."""
     value = ctx.settings.get("trajectory_positions", TRAJECTORY_POSITIONS)
     if value in (None, "all"):
         return None
@@ -83,7 +84,7 @@ def _windowed(ctx: ReportContext, lens: Any, key: str, n: int | None) -> tuple[A
 )
 def _trajectory(ctx: ReportContext) -> Section:
     n_pos = int(ctx.tokens.shape[-1])
-    n = _trajectory_window(ctx)
+    n = trajectory_window(ctx)
     traj, pos, first = _windowed(ctx, None, "trajectory:logit", n)
     tuned, tuned_pos, tuned_first = None, None, 0
     if ctx.lens is not None and ctx.lens != "logit":

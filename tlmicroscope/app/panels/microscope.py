@@ -54,7 +54,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tlmicroscope.app.panels.lens import lens_trajectory, logit_trajectory
+from tlmicroscope.app.panels.lens import lens_trajectory, logit_trajectory, trajectory_window
 from tlmicroscope.app.prerequisites import fit_command, fitted_path, quick_note
 from tlmicroscope.app.sections import (
     MissingPrerequisite,
@@ -378,7 +378,7 @@ def _linearity_section(ctx: ReportContext) -> Section:
     "microscope_contributions",
     "LLM-Microscope: layer contributions",
     needs=("resid",),
-    settings=("top_k",),
+    settings=("top_k", "trajectory_positions"),
 )
 def _contributions_section(ctx: ReportContext) -> Section:
     require_tokens(ctx, 2, "the layer contributions (each token's loss on the next one)")
@@ -399,8 +399,19 @@ def _contributions_section(ctx: ReportContext) -> Section:
         f"({mean[best] - mean[best + 1]:.2f} "
         f"nats). | {lc.provenance.describe()}"
     )
+    n = trajectory_window(ctx)  # the trajectory section's window: the same positions drawn
+    shown = None if n is None else slice(-n, None)
+    if n is not None:
+        n_pos = int(ctx.tokens.shape[-1])
+        caption += (
+            f" | The means are over all {n_pos} positions; the heatmaps draw the last {n} "
+            "(trajectory_positions=)."
+        )
     return Section(
-        [mv.layer_contributions_heatmap(lc), mv.layer_contributions_heatmap(lc, delta=True)],
+        [
+            mv.layer_contributions_heatmap(lc, positions=shown),
+            mv.layer_contributions_heatmap(lc, delta=True, positions=shown),
+        ],
         caption,
     )
 
