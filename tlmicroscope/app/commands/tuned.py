@@ -80,7 +80,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--text-field", default="text", help="JSONL field holding the text")
     add_model_args(t)
     t.set_defaults(func=_train)
+    _register_eval(sub)
 
+
+def _register_eval(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("eval-lens", help="compare a saved lens with the logit lens, layer by layer")
     e.add_argument(
         "--lens",
