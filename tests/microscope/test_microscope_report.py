@@ -147,7 +147,7 @@ def test_per_prompt_heatmap_equals_numpy_least_squares(tiny_llama, tmp_path, mon
 
 def test_contributions_heatmap_is_the_logit_lens_loss_by_hand(tiny_llama, tmp_path, monkeypatch):
     monkeypatch.setenv("TLMICROSCOPE_HOME", str(tmp_path))
-    _, figs = _run(tiny_llama, TEXT)
+    _, figs = _run(tiny_llama, TEXT, trajectory_positions="all")  # every position drawn
     z = np.asarray(figs["LLM-Microscope: layer contributions"][0].data[0].z, dtype=float)
     toks = tiny_llama.to_tokens(TEXT)
     names = residual_stream_names(tiny_llama.cfg.n_layers)
