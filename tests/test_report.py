@@ -164,8 +164,8 @@ def test_page_order_follows_the_panel_list_whatever_was_imported_first(temp_sect
 
 
 def test_layer_contribution_heatmaps_draw_the_trajectory_window(tiny_llama):
-    """The contribution heatmaps draw the last ``trajectory_positions`` columns of the full
-    loss (the caption's means stay over every position)."""
+    """The contributions read the last ``trajectory_positions`` positions, equal to the full
+    loss's last columns; the caption says which positions the means are over."""
     import numpy as np
 
     from tlmicroscope.app.panels.microscope import _contributions_section
@@ -191,3 +191,4 @@ def test_layer_contribution_heatmaps_draw_the_trajectory_window(tiny_llama):
     want_drop = (full[:-1] - full[1:])[:, -8:]
     np.testing.assert_allclose(np.asarray(drop.data[0].z, float), want_drop, rtol=1e-4, atol=1e-4)
     assert "the heatmaps draw the last 8" in sec.caption
+    assert f"means are over the last 8 of {toks.shape[-1]} positions" in sec.caption

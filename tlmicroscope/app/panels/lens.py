@@ -76,6 +76,16 @@ def _windowed(ctx: ReportContext, lens: Any, key: str, n: int | None) -> tuple[A
     return ctx.memo(f"{key}:last{n}", compute), None, int(ctx.tokens.shape[-1]) - n
 
 
+def report_lens_window(ctx: ReportContext) -> tuple[Any, Any, int]:
+    """The trajectory through the report's lens (the logit lens when it has none) as the
+    trajectory section draws it: ``(trajectory, positions to draw, first position)`` (see
+    ``trajectory_window``; computed once per report and shared)."""
+    n = trajectory_window(ctx)
+    if ctx.lens is None or ctx.lens == "logit":
+        return _windowed(ctx, None, "trajectory:logit", n)
+    return _windowed(ctx, ctx.lens, f"trajectory:{getattr(ctx.lens, 'name', ctx.lens)}", n)
+
+
 @register_section(
     "trajectory",
     "Prediction trajectories",

@@ -54,7 +54,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from tlmicroscope.app.panels.lens import lens_trajectory, logit_trajectory, trajectory_window
+from tlmicroscope.app.panels.lens import (
+    report_lens_window,
+    trajectory_window,
+)
 from tlmicroscope.app.prerequisites import fit_command, fitted_path, quick_note
 from tlmicroscope.app.sections import (
     MissingPrerequisite,
@@ -233,9 +236,10 @@ def report_linearity(ctx: ReportContext) -> LinearityResult:
 
 
 def report_contributions(ctx: ReportContext) -> LayerContributions:
-    """Layer contributions through the report's lens, read off the shared trajectory."""
-    traj = lens_trajectory(ctx) or logit_trajectory(ctx)
-    return LayerContributions.from_trajectory(traj)
+    """Layer contributions through the report's lens, read off the shared trajectory: the
+    positions the trajectory section draws (``trajectory_positions``, the last 64 by default;
+    ``"all"`` for the whole text)."""
+    return LayerContributions.from_trajectory(report_lens_window(ctx)[0])
 
 
 def _context_positions(ctx: ReportContext) -> slice | None:
@@ -387,7 +391,7 @@ def _contributions_section(ctx: ReportContext) -> Section:
     best = int(np.nanargmax(-np.diff(mean))) if len(mean) > 1 else 0
     lens_note = (
         f"through the report's lens ({getattr(ctx.lens, 'name', ctx.lens)})"
-        if lens_trajectory(ctx) is not None
+        if ctx.lens is not None and ctx.lens != "logit"
         else "through the logit lens (final norm recomputed per layer; pass lens= for a tuned lens)"
     )
     caption = (
@@ -399,13 +403,13 @@ def _contributions_section(ctx: ReportContext) -> Section:
         f"({mean[best] - mean[best + 1]:.2f} "
         f"nats). | {lc.provenance.describe()}"
     )
-    n = trajectory_window(ctx)  # the trajectory section's window: the same positions drawn
-    shown = None if n is None else slice(-n, None)
+    n, n_pos = trajectory_window(ctx), int(ctx.tokens.shape[-1])
+    shown = report_lens_window(ctx)[1]  # a full trajectory is drawn over the same window
     if n is not None:
-        n_pos = int(ctx.tokens.shape[-1])
+        over = f"all {n_pos}" if shown is not None else f"the last {n} of {n_pos}"
         caption += (
-            f" | The means are over all {n_pos} positions; the heatmaps draw the last {n} "
-            "(trajectory_positions=)."
+            f" | The means are over {over} positions; the heatmaps draw the last {n} "
+            "(trajectory_positions= changes it, 'all' for every position)."
         )
     return Section(
         [
