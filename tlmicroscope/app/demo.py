@@ -17,8 +17,9 @@ full one. Whatever the store already holds is used as it
 is, and a full fit always wins: the demo never replaces a fitted object it finds.
 
 On SmolLM2-135M (README, "The demo"; measured on a shared two-core machine) the first run costs
-about 5 CPU-minutes, most of it the probe; later runs fit nothing and cost about 1.5 CPU-minutes,
-most of it the report's two full-vocabulary trajectories of the 588-token text.
+about 5 CPU-minutes, most of it the probe; later runs fit nothing and take about a minute (the
+trajectory heatmaps and layer contributions read the text's last 64 positions), for a page of
+about 17 MB.
 """
 
 from __future__ import annotations
