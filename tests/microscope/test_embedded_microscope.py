@@ -99,12 +99,12 @@ def test_microscope_command_on_the_embedded_model(
 ):
     import re
 
+    from tlmicroscope.app.commands import microscope as microscope_command
     from tlmicroscope.cli import main
-    from tlmicroscope.microscope import _cli
 
     reference.save(tmp_path / "ref")
     probe.save(tmp_path / "probe")
-    monkeypatch.setattr(_cli, "load_from_args", lambda args: embedded_model)
+    monkeypatch.setattr(microscope_command, "load_from_args", lambda args: embedded_model)
     out = tmp_path / "m.html"
     assert (
         main(
@@ -123,10 +123,10 @@ def test_microscope_command_on_the_embedded_model(
     )
     sections = dict(re.findall(r'data-section="([^"]+)" data-status="([^"]+)"', out.read_text()))
     for name in (
-        "1-token-wise-non-linearity",
-        "2-average-linearity-per-layer",
-        "3-layer-contributions",
-        "4-contextualization",
-        "5-logit-lens",
+        "llm-microscope-token-wise-non-linearity",
+        "llm-microscope-linearity-per-layer",
+        "llm-microscope-layer-contributions",
+        "llm-microscope-contextualization",
+        "logit-lens-llm-microscope-style",
     ):
         assert sections[name] == "ok"
